@@ -1,0 +1,124 @@
+"""The one settings loader: environment variables over defaults, plus the catalog.
+
+Every variable starts with `SWITCHYARD_` except the standard ones (`REDIS_URL`,
+`DATABASE_URL`, `OTEL_EXPORTER_OTLP_ENDPOINT`). Peers are gRPC targets (`host:port`), so
+in a cluster they point at Envoy or at headless Services and locally at loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from switchyard.common.catalog import Catalog, load_catalog
+
+SERVICES: Final = ("edge", "router", "ledger", "health", "cache", "adapter")
+
+# Default local ports (DESIGN.md): adapters from 50061, one per vendor.
+DEFAULT_PORTS: Final = {"edge": 50051, "router": 50052, "ledger": 50053, "health": 50054, "cache": 50055}
+ADAPTER_PORTS: Final = {
+    "openai": 50061,
+    "anthropic": 50062,
+    "gemini": 50063,
+    "mistral": 50064,
+    "cohere": 50065,
+    "openai_compatible": 50066,
+}
+EDGE_HTTP_PORT: Final = 8000
+
+
+class SettingsError(Exception):
+    """A setting from the environment is unusable; the message names the variable."""
+
+
+class Settings(BaseModel):
+    """Process settings; build with `Settings.from_env()`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    # The port this process listens on; None: the service's default port.
+    port: int | None = Field(default=None, ge=0, le=65535)
+    catalog_path: str | None = None
+    router_target: str = f"127.0.0.1:{DEFAULT_PORTS['router']}"
+    ledger_target: str = f"127.0.0.1:{DEFAULT_PORTS['ledger']}"
+    health_target: str = f"127.0.0.1:{DEFAULT_PORTS['health']}"
+    cache_target: str = f"127.0.0.1:{DEFAULT_PORTS['cache']}"
+    # Adapter targets by vendor; unset vendors use 127.0.0.1 and the default port.
+    adapter_targets: dict[str, str] = Field(default_factory=dict)
+    redis_url: str | None = None
+    database_url: str | None = None
+    otel_endpoint: str | None = None
+    log_level: str = "INFO"
+    log_json: bool = True
+    # Seconds to drain in-flight calls on SIGTERM.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Default deadline for unary calls between services.
+    call_timeout_s: float = Field(default=5.0, gt=0)
+    # Deadline for a whole generation when the caller set none.
+    generate_timeout_s: float = Field(default=300.0, gt=0)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
+        """Read settings from the environment (or `environ`), then apply `overrides`."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        simple = {
+            "SWITCHYARD_HOST": "host",
+            "SWITCHYARD_PORT": "port",
+            "SWITCHYARD_CATALOG": "catalog_path",
+            "SWITCHYARD_ROUTER_TARGET": "router_target",
+            "SWITCHYARD_LEDGER_TARGET": "ledger_target",
+            "SWITCHYARD_HEALTH_TARGET": "health_target",
+            "SWITCHYARD_CACHE_TARGET": "cache_target",
+            "REDIS_URL": "redis_url",
+            "DATABASE_URL": "database_url",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "otel_endpoint",
+            "SWITCHYARD_LOG_LEVEL": "log_level",
+            "SWITCHYARD_SHUTDOWN_GRACE_S": "shutdown_grace_s",
+            "SWITCHYARD_CALL_TIMEOUT_S": "call_timeout_s",
+            "SWITCHYARD_GENERATE_TIMEOUT_S": "generate_timeout_s",
+        }
+        for var, field in simple.items():
+            raw = env.get(var)
+            if raw not in (None, ""):
+                values[field] = raw
+        log_format = env.get("SWITCHYARD_LOG_FORMAT")
+        if log_format:
+            if log_format not in ("json", "console"):
+                raise SettingsError(f"SWITCHYARD_LOG_FORMAT must be 'json' or 'console', not {log_format!r}")
+            values["log_json"] = log_format == "json"
+        values["adapter_targets"] = {
+            vendor: env[f"SWITCHYARD_ADAPTER_{vendor.upper()}_TARGET"]
+            for vendor in ADAPTER_PORTS
+            if env.get(f"SWITCHYARD_ADAPTER_{vendor.upper()}_TARGET")
+        }
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in first["loc"])
+            var = next((v for v, f in simple.items() if f == field), field)
+            raise SettingsError(f"{var}: {first['msg']}") from None
+
+    def port_for(self, service: str, vendor: str | None = None) -> int:
+        """The port `service` listens on: SWITCHYARD_PORT, else its default."""
+        if self.port is not None:
+            return self.port
+        if service == "adapter":
+            return ADAPTER_PORTS[vendor or "openai"]
+        return DEFAULT_PORTS[service]
+
+    def adapter_target(self, vendor: str) -> str:
+        """Where the adapter for `vendor` listens."""
+        return self.adapter_targets.get(vendor, f"127.0.0.1:{ADAPTER_PORTS.get(vendor, 50061)}")
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        """The validated catalog (loaded once; raises CatalogError)."""
+        return load_catalog(self.catalog_path)

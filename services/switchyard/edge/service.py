@@ -1,0 +1,110 @@
+"""The GatewayService servicer: proto in, pipeline call, proto out."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+import grpc
+
+from switchyard.common.catalog import Catalog
+from switchyard.common.catalog_proto import model_info
+from switchyard.common.channels import ChannelPool
+from switchyard.common.errors import invalid, unimplemented
+from switchyard.common.server import ServiceBinding, ServiceParts
+from switchyard.common.settings import Settings
+from switchyard.edge.pipeline import Caller, ChatPipeline, collect
+from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1_000
+
+# Until keys and tenants land (#4) every caller is the catalog's "default" tenant.
+_DEFAULT_CALLER = Caller(tenant_id="default")
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """The public API."""
+
+    def __init__(self, catalog: Catalog, pipeline: ChatPipeline) -> None:
+        self._catalog = catalog
+        self._pipeline = pipeline
+
+    async def Chat(  # noqa: N802 - gRPC method name
+        self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ChatResponse:
+        """One answer, whole."""
+        return await collect(self._pipeline.stream(request, _DEFAULT_CALLER, timeout_s=context.time_remaining()))
+
+    async def ChatStream(  # noqa: N802 - gRPC method name
+        self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.ChatChunk]:
+        """The answer as it is generated."""
+        chunks = self._pipeline.stream(request, _DEFAULT_CALLER, timeout_s=context.time_remaining())
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListModelsResponse:
+        """The catalog's models, paged, optionally filtered by capabilities."""
+        if request.page_size < 0:
+            raise invalid("page_size must not be negative", "page_size")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        start = _decode_page_token(request.page_token)
+        infos = [model_info(m, self._catalog) for m in self._catalog.models]
+        wanted = set(request.capabilities)
+        if wanted:
+            infos = [i for i in infos if wanted.issubset(set(i.capabilities))]
+        page = infos[start : start + size]
+        more = start + size < len(infos)
+        return gateway_pb2.ListModelsResponse(
+            models=page, next_page_token=_encode_page_token(start + size) if more else ""
+        )
+
+    async def CountTokens(  # noqa: N802 - gRPC method name
+        self, request: gateway_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CountTokensResponse:
+        """Prompt tokens of a request (issue #6 brings the tokenizers)."""
+        raise unimplemented("GatewayService.CountTokens", "#6")
+
+    async def EstimateCost(  # noqa: N802 - gRPC method name
+        self, request: gateway_pb2.EstimateCostRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.EstimateCostResponse:
+        """Expected and worst-case cost (issue #6)."""
+        raise unimplemented("GatewayService.EstimateCost", "#6")
+
+    async def GetUsage(  # noqa: N802 - gRPC method name
+        self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetUsageResponse:
+        """The caller's own usage (issues #4 and #6)."""
+        raise unimplemented("GatewayService.GetUsage", "#6")
+
+
+def _encode_page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        offset = int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("page_token is not one this server issued", "page_token") from None
+    if kind != "o" or offset < 0:
+        raise invalid("page_token is not one this server issued", "page_token")
+    return offset
+
+
+def build(settings: Settings) -> ServiceParts:
+    """The edge's bindings and the close function for its channels."""
+    channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
+    servicer = GatewayServicer(settings.catalog, ChatPipeline(settings, settings.catalog, channels))
+    binding = ServiceBinding(SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))
+    return ServiceParts([binding], channels.close)

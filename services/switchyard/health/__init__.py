@@ -1,0 +1,1 @@
+"""The health monitor: provider and model health, circuit breakers, headroom."""

@@ -1,0 +1,1 @@
+"""The cost ledger: prices, estimates, budgets, spend history, alerts and reports."""

@@ -1,0 +1,14 @@
+"""The CostLedgerService servicer. Issue #6 builds its methods; until then each answers
+UNIMPLEMENTED with an ErrorInfo naming the issue."""
+
+from __future__ import annotations
+
+from switchyard.common.server import ServiceParts
+from switchyard.common.settings import Settings
+from switchyard.common.unimplemented import unimplemented_bindings
+from switchyard.v1 import ledger_pb2, ledger_pb2_grpc
+
+
+def build(settings: Settings) -> ServiceParts:
+    """The service's bindings for the server bootstrap."""
+    return ServiceParts(unimplemented_bindings(ledger_pb2, ledger_pb2_grpc, "CostLedgerService", "#6"))

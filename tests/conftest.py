@@ -1,0 +1,148 @@
+"""Shared fixtures: the whole mesh as real processes on free ports, and the tools to drive it.
+
+The `mesh` fixture starts exactly what `switchyard run` starts (its plan, with free ports
+and simulated vendors), through the same supervisor, once per test session, with every
+process exporting spans to an OTLP receiver the session owns. Each test that changes a
+simulator's behaviour gets it reset afterwards by the `openai_sim` fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from switchyard.common.catalog import load_catalog
+from switchyard.local_mesh import MeshPlan, plan_mesh
+from switchyard.supervisor import Supervisor
+from switchyard.v1 import gateway_pb2_grpc
+from tests.support.otlp import OtlpReceiver
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Mesh:
+    """A running local mesh."""
+
+    plan: MeshPlan
+    supervisor: Supervisor
+    log_path: Path
+    channel: grpc.aio.Channel
+
+    @property
+    def edge_target(self) -> str:
+        return self.plan.edge_target
+
+    def target(self, child: str) -> str:
+        """The `host:port` a child serves on."""
+        spec = next(c for c in self.plan.children if c.name == child)
+        return f"127.0.0.1:{spec.env['SWITCHYARD_PORT']}"
+
+    def gateway(self) -> gateway_pb2_grpc.GatewayServiceStub:
+        return gateway_pb2_grpc.GatewayServiceStub(self.channel)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class SimControl:
+    """Drives a running simulator's control routes (`/_sim/...`)."""
+
+    def __init__(self, root_url: str) -> None:
+        self.root_url = root_url
+        self.base_url = f"{root_url}/v1"
+        self._http = httpx.AsyncClient(base_url=root_url, timeout=5.0)
+
+    async def knobs(self, **knobs: Any) -> None:
+        (await self._http.post("/_sim/knobs", json=knobs)).raise_for_status()
+
+    async def script(self, *steps: dict[str, Any]) -> None:
+        (await self._http.post("/_sim/script", json=list(steps))).raise_for_status()
+
+    async def stats(self) -> dict[str, Any]:
+        response = await self._http.get("/_sim/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    async def reset(self) -> None:
+        (await self._http.delete("/_sim/knobs")).raise_for_status()
+        (await self._http.post("/_sim/script", json=[])).raise_for_status()
+        (await self._http.post("/_sim/stats/reset")).raise_for_status()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+@pytest.fixture(scope="session")
+async def otlp() -> AsyncIterator[OtlpReceiver]:
+    """An OTLP/gRPC receiver every mesh process exports its spans to."""
+    async with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+async def mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    """The whole mesh as separate processes (simulated vendors, free ports)."""
+    extra_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "SWITCHYARD_LOG_FORMAT": "json",
+        "SWITCHYARD_SHUTDOWN_GRACE_S": "2",
+    }
+    environ = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    plan = plan_mesh(load_catalog(None), free_ports=True, simulate=True, environ=environ)
+    children = tuple(dataclasses.replace(c, env={**c.env, **extra_env}) for c in plan.children)
+    plan = dataclasses.replace(plan, children=children)
+    log_path = tmp_path_factory.mktemp("mesh") / "mesh.log"
+    with log_path.open("w") as out:
+        supervisor = Supervisor(children, out=out, color=False)
+        await supervisor.start()
+        try:
+            await supervisor.wait_ready(90)
+        except Exception:
+            await supervisor.stop()
+            raise
+        channel = grpc.aio.insecure_channel(plan.edge_target)
+        try:
+            yield Mesh(plan=plan, supervisor=supervisor, log_path=log_path, channel=channel)
+        finally:
+            await channel.close()
+            await supervisor.stop(grace_s=5)
+
+
+@pytest.fixture
+async def openai_sim(mesh: Mesh) -> AsyncIterator[SimControl]:
+    """The mesh's OpenAI simulator, reset after the test."""
+    control = SimControl(mesh.plan.simulator_urls["openai"])
+    await control.reset()
+    try:
+        yield control
+    finally:
+        await control.reset()
+        await control.close()
+
+
+@pytest.fixture
+def cli_env() -> Iterator[dict[str, str]]:
+    """An environment for running the `switchyard` CLI as a subprocess, with no provider keys."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    yield env

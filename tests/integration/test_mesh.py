@@ -1,0 +1,267 @@
+"""The first real request, end to end: real processes, real gRPC, the OpenAI simulator.
+
+client ─▶ edge.ChatStream ─▶ router.Plan ─▶ adapter-openai.Generate ─▶ OpenAI simulator
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from switchyard.common.catalog import load_catalog
+from switchyard.common.errors import Reason, from_rpc_error
+from switchyard.common.money import TokenCounts, cost_micros
+from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc, router_pb2, router_pb2_grpc
+from tests.conftest import Mesh, SimControl
+from tests.support.otlp import OtlpReceiver
+
+
+def chat_request(text: str = "Say hello to the mesh.", model: str = "openai/gpt-4o-mini") -> common_pb2.ChatRequest:
+    request = common_pb2.ChatRequest(model=model)
+    request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])
+    return request
+
+
+async def stream_all(mesh: Mesh, request: common_pb2.ChatRequest) -> list[common_pb2.ChatChunk]:
+    return [chunk async for chunk in mesh.gateway().ChatStream(request, timeout=30)]
+
+
+def kinds(chunks: list[common_pb2.ChatChunk]) -> list[str]:
+    return [str(c.WhichOneof("event")) for c in chunks]
+
+
+def expected_cost(model_id: str, usage: common_pb2.Usage) -> int:
+    model = load_catalog(None).model(model_id)
+    assert model is not None
+    tokens = TokenCounts(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+    )
+    return cost_micros(tokens, model.prices.unit_prices())
+
+
+async def test_stream_routing_then_deltas_then_usage_and_done(mesh: Mesh, openai_sim: SimControl) -> None:
+    await openai_sim.knobs(chunks=6, text="one two three four five six seven eight")
+    chunks = await stream_all(mesh, chat_request())
+    sequence = kinds(chunks)
+    assert sequence[0] == "routing"
+    assert sequence[-2:] == ["usage", "done"]
+    assert set(sequence[1:-2]) == {"delta"} and len(sequence[1:-2]) >= 2, "text must arrive in several deltas"
+    routing = chunks[0].routing
+    assert (routing.model, routing.provider, routing.attempt) == ("openai/gpt-4o-mini", "openai", 1)
+    assert routing.reason == "requested model"
+    text = "".join(c.delta.text for c in chunks if c.WhichOneof("event") == "delta")
+    assert text == "one two three four five six seven eight"
+    usage = chunks[-2].usage
+    assert usage.input_tokens > 0 and usage.output_tokens > 0 and not usage.estimated
+    done = chunks[-1].done
+    assert done.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert done.cost_micros == expected_cost("openai/gpt-4o-mini", usage) > 0
+    assert done.request_id
+    assert [(a.attempt, a.error_reason) for a in done.attempts] == [(1, "")]
+    # The simulator really received the vendor's wire format from the adapter.
+    last = (await openai_sim.stats())["last_request"]
+    assert last["model"] == "gpt-4o-mini"
+    assert last["stream"] is True and last["stream_options"] == {"include_usage": True}
+
+
+async def test_unary_chat_matches_stream(mesh: Mesh, openai_sim: SimControl) -> None:
+    request = chat_request("What is the capital of France?")
+    streamed = "".join(c.delta.text for c in await stream_all(mesh, request))
+    response: gateway_pb2.ChatResponse = await mesh.gateway().Chat(request, timeout=30)
+    assert "".join(p.text for p in response.message.parts) == streamed != ""
+    assert response.message.role == common_pb2.ROLE_ASSISTANT
+    assert response.routing.model == "openai/gpt-4o-mini"
+    assert response.cost_micros == expected_cost("openai/gpt-4o-mini", response.usage)
+
+
+async def test_alias_resolves_and_request_id_is_kept(mesh: Mesh, openai_sim: SimControl) -> None:
+    request = chat_request(model="smart")
+    request.request_id = "req-alias-1"
+    chunks = await stream_all(mesh, request)
+    assert chunks[0].routing.model == "openai/gpt-4o"
+    assert chunks[0].routing.reason == "alias 'smart'"
+    assert chunks[-1].done.request_id == "req-alias-1"
+    assert (await openai_sim.stats())["last_request"]["model"] == "gpt-4o"
+
+
+async def test_tool_call_streams_in_fragments_and_reassembles(mesh: Mesh, openai_sim: SimControl) -> None:
+    request = chat_request("What's the weather in Paris?")
+    request.tools.add(
+        name="get_weather",
+        description="Weather for a city",
+        parameters_json_schema='{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}',
+    )
+    request.tool_choice.mode = common_pb2.TOOL_CHOICE_MODE_REQUIRED
+    chunks = await stream_all(mesh, request)
+    fragments = [f for c in chunks if c.WhichOneof("event") == "delta" for f in c.delta.tool_calls]
+    assert len(fragments) >= 2, "arguments should arrive in several fragments"
+    response: gateway_pb2.ChatResponse = await mesh.gateway().Chat(request, timeout=30)
+    assert response.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+    [call] = response.message.tool_calls
+    assert call.name == "get_weather" and call.id
+    import json
+
+    assert "city" in json.loads(call.arguments_json)
+
+
+async def test_failover_to_fallback_before_first_token(mesh: Mesh, openai_sim: SimControl) -> None:
+    await openai_sim.script({"status": 503})
+    chunks = await stream_all(mesh, chat_request())
+    routings = [c.routing for c in chunks if c.WhichOneof("event") == "routing"]
+    assert [(r.model, r.attempt) for r in routings] == [("openai/gpt-4o-mini", 1), ("openai/gpt-4.1-mini", 2)]
+    assert routings[1].reason == "fallback of openai/gpt-4o-mini"
+    done = chunks[-1].done
+    assert [(a.model, a.error_reason) for a in done.attempts] == [
+        ("openai/gpt-4o-mini", "PROVIDER_OVERLOADED"),
+        ("openai/gpt-4.1-mini", ""),
+    ]
+    assert done.cost_micros == expected_cost("openai/gpt-4.1-mini", chunks[-2].usage)
+
+
+async def test_all_attempts_fail_with_one_error_listing_them(mesh: Mesh, openai_sim: SimControl) -> None:
+    await openai_sim.knobs(status=429, retry_after_s=7)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.gateway().Chat(chat_request(), timeout=30)
+    error = from_rpc_error(caught.value)
+    assert error.code is grpc.StatusCode.UNAVAILABLE
+    assert error.reason is Reason.ALL_ATTEMPTS_FAILED
+    assert error.metadata == {
+        "attempt_1": "openai/gpt-4o-mini@openai: RATE_LIMITED",
+        "attempt_2": "openai/gpt-4.1-mini@openai: RATE_LIMITED",
+    }
+    assert error.retry_after_s == pytest.approx(7)
+
+
+async def test_failure_after_first_token_ends_stream_without_repeating(mesh: Mesh, openai_sim: SimControl) -> None:
+    await openai_sim.knobs(chunks=6, error_after_chunks=2)
+    received: list[common_pb2.ChatChunk] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in mesh.gateway().ChatStream(chat_request(), timeout=30):
+            received.append(chunk)
+    error = from_rpc_error(caught.value)
+    assert error.reason is Reason.STREAM_INTERRUPTED
+    assert [c.routing.attempt for c in received if c.WhichOneof("event") == "routing"] == [1]
+    assert sum(1 for c in received if c.WhichOneof("event") == "delta") >= 1
+    assert (await openai_sim.stats())["requests"] == 1, "no second attempt after text was sent"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r.ClearField("messages"), "messages"),
+        (lambda r: r.messages[0].parts[0].__setattr__("text", "   "), "messages[0].parts"),
+        (lambda r: r.messages[0].__setattr__("role", common_pb2.ROLE_UNSPECIFIED), "messages[0].role"),
+        (lambda r: r.__setattr__("model", "nope/not-a-model"), "model"),
+        (lambda r: r.sampling.__setattr__("temperature", 3.5), "sampling.temperature"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    mesh: Mesh, openai_sim: SimControl, mutate: object, field: str
+) -> None:
+    request = chat_request()
+    mutate(request)  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.gateway().Chat(request, timeout=10)
+    error = from_rpc_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST)
+    assert error.metadata["field"] == field
+    assert (await openai_sim.stats())["requests"] == 0, "a bad request must cost nothing"
+
+
+async def test_list_models_pages_through_the_catalog(mesh: Mesh) -> None:
+    gateway = mesh.gateway()
+    first = await gateway.ListModels(gateway_pb2.ListModelsRequest(page_size=3), timeout=5)
+    second = await gateway.ListModels(
+        gateway_pb2.ListModelsRequest(page_size=3, page_token=first.next_page_token), timeout=5
+    )
+    ids = [m.id for m in first.models] + [m.id for m in second.models]
+    assert ids == [m.id for m in load_catalog(None).models]
+    assert second.next_page_token == ""
+    mini = first.models[0]
+    assert mini.pricing.input_micros_per_million == 150_000
+    assert common_pb2.CAPABILITY_TOOLS in mini.capabilities
+
+
+async def test_methods_of_later_issues_answer_unimplemented_with_reason(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.target("ledger")) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ledger_pb2_grpc.CostLedgerServiceStub(channel).Reserve(ledger_pb2.ReserveRequest(), timeout=5)
+    error = from_rpc_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, Reason.NOT_IMPLEMENTED)
+    assert error.metadata["issue"] == "#6"
+
+
+async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
+    expected = {
+        "edge": "switchyard.v1.GatewayService",
+        "router": "switchyard.v1.RouterService",
+        "ledger": "switchyard.v1.CostLedgerService",
+        "health": "switchyard.v1.HealthMonitorService",
+        "cache": "switchyard.v1.CacheService",
+        "adapter-openai": "switchyard.v1.ProviderAdapterService",
+    }
+    for child, service in expected.items():
+        async with grpc.aio.insecure_channel(mesh.target(child)) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, child
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            listed = [s.name async for r in responses for s in r.list_services_response.service]
+            assert service in listed, child
+
+
+async def test_router_plan_rpc_lists_model_then_fallbacks(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.target("router")) as channel:
+        plan = await router_pb2_grpc.RouterServiceStub(channel).Plan(
+            router_pb2.PlanRequest(request=chat_request(model="openai/o4-mini"), tenant_id="default"), timeout=5
+        )
+    assert [(c.model, c.upstream_model, c.vendor) for c in plan.candidates] == [
+        ("openai/o4-mini", "o4-mini", "openai"),
+        ("openai/gpt-4o", "gpt-4o", "openai"),
+    ]
+
+
+async def test_one_request_is_one_trace_across_processes(
+    mesh: Mesh, openai_sim: SimControl, otlp: OtlpReceiver
+) -> None:
+    request = chat_request()
+    request.request_id = "trace-me-1"
+    await mesh.gateway().Chat(request, timeout=30)
+
+    def edge_span(spans: list) -> object | None:  # type: ignore[type-arg]
+        return next(
+            (s for s in spans if s.name == "switchyard.v1.GatewayService/Chat" and s.kind == "SERVER"), None
+        )
+
+    spans = await otlp.wait_for(lambda s: edge_span(s) is not None, timeout=15)
+    root = edge_span(spans)
+    trace_id = root.trace_id  # type: ignore[attr-defined]
+
+    def services_in_trace(spans: list) -> set[str]:  # type: ignore[type-arg]
+        return {s.service_name for s in spans if s.trace_id == trace_id and s.kind == "SERVER"}
+
+    wanted = {"switchyard-edge", "switchyard-router", "switchyard-adapter-openai"}
+    spans = await otlp.wait_for(lambda s: wanted <= services_in_trace(s), timeout=15)
+    in_trace = {s.span_id: s for s in spans if s.trace_id == trace_id}
+    for span in in_trace.values():
+        if span.service_name != "switchyard-edge" and span.kind == "SERVER":
+            parent = in_trace.get(span.parent_span_id)
+            assert parent is not None and parent.kind == "CLIENT", span.name
+            assert parent.service_name == "switchyard-edge"
+    # Prompts never reach span attributes.
+    assert not any("Say hello" in str(s.attributes) for s in in_trace.values())
+
+
+async def test_concurrent_requests_all_succeed(mesh: Mesh, openai_sim: SimControl) -> None:
+    results = await asyncio.gather(*(mesh.gateway().Chat(chat_request(f"question {i}"), timeout=30) for i in range(20)))
+    assert all(r.finish_reason == common_pb2.FINISH_REASON_STOP for r in results)
+    assert (await openai_sim.stats())["requests"] == 20
