@@ -49,7 +49,9 @@ async def chat(args: argparse.Namespace) -> int:
         try:
             if args.stream:
                 return await _stream(stub, request, metadata, args.timeout)
-            response: gateway_pb2.ChatResponse = await stub.Chat(request, metadata=metadata, timeout=args.timeout)
+            response: gateway_pb2.ChatResponse = await stub.Chat(
+                request, metadata=metadata, timeout=args.timeout
+            )
         except grpc.aio.AioRpcError as exc:
             return _report_error(exc, args.target)
     text = "".join(part.text for part in response.message.parts)
@@ -73,7 +75,9 @@ async def _stream(
         if kind == "delta":
             sys.stdout.write(chunk.delta.text)
             for fragment in chunk.delta.tool_calls:
-                sys.stdout.write(f"[tool call {fragment.name}]" if fragment.name else fragment.arguments_fragment)
+                sys.stdout.write(
+                    f"[tool call {fragment.name}]" if fragment.name else fragment.arguments_fragment
+                )
             sys.stdout.flush()
         elif kind == "routing":
             routing = chunk.routing
@@ -98,7 +102,9 @@ def _summary(routing: common_pb2.RoutingInfo, usage: common_pb2.Usage, finish: i
 def _report_error(exc: grpc.aio.AioRpcError, target: str) -> int:
     error = from_rpc_error(exc)
     if exc.code() is grpc.StatusCode.UNAVAILABLE and not error.metadata:
-        print(f"switchyard: error: cannot reach the edge at {target}; is `switchyard run` up?", file=sys.stderr)
+        print(
+            f"switchyard: error: cannot reach the edge at {target}; is `switchyard run` up?", file=sys.stderr
+        )
         return 1
     details = ", ".join(f"{k}={v}" for k, v in sorted(error.metadata.items()))
     retry = f"; retry after {error.retry_after_s:.1f}s" if error.retry_after_s is not None else ""

@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--vendor", choices=VENDORS, help="the vendor an adapter speaks (serve adapter only)")
     serve.add_argument("--host", help="address to listen on (default SWITCHYARD_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default SWITCHYARD_PORT or the service's)")
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (default SWITCHYARD_PORT or the service's)"
+    )
     serve.set_defaults(handler=_serve)
 
     run = commands.add_parser("run", help="start the whole mesh on this machine")
@@ -62,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, help="upper bound on generated tokens")
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--target", default=os.environ.get("SWITCHYARD_EDGE_TARGET", "127.0.0.1:50051"))
-    chat.add_argument("--api-key", default=os.environ.get("SWITCHYARD_API_KEY", ""), help="default SWITCHYARD_API_KEY")
+    chat.add_argument(
+        "--api-key", default=os.environ.get("SWITCHYARD_API_KEY", ""), help="default SWITCHYARD_API_KEY"
+    )
     chat.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     chat.set_defaults(handler=_chat)
 
@@ -101,10 +105,11 @@ def _serve(args: argparse.Namespace) -> int:
     label = f"adapter-{args.vendor}" if args.vendor else args.service
     configure_logging(label, level=settings.log_level, json=settings.log_json)
     settings.catalog  # noqa: B018 - fail fast on a bad catalog, before binding a port
-    parts = _build_parts(args.service, args.vendor, settings)
 
     async def main() -> int:
         configure_tracing(label, endpoint=settings.otel_endpoint)
+        # Built inside the loop: grpc.aio channels bind to the loop that exists when they are made.
+        parts = _build_parts(args.service, args.vendor, settings)
         closers = [parts.close] if parts.close else []
         try:
             await serve(
@@ -147,7 +152,11 @@ def _build_parts(service: str, vendor: str | None, settings: Settings) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from switchyard.local_mesh import run_mesh
 
-    return _run_async(lambda: run_mesh(free_ports=args.free_ports, simulate=args.simulate, ready_timeout_s=args.ready_timeout))
+    return _run_async(
+        lambda: run_mesh(
+            free_ports=args.free_ports, simulate=args.simulate, ready_timeout_s=args.ready_timeout
+        )
+    )
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ from tests.conftest import Mesh, SimControl
 from tests.support.otlp import OtlpReceiver
 
 
-def chat_request(text: str = "Say hello to the mesh.", model: str = "openai/gpt-4o-mini") -> common_pb2.ChatRequest:
+def chat_request(
+    text: str = "Say hello to the mesh.", model: str = "openai/gpt-4o-mini"
+) -> common_pb2.ChatRequest:
     request = common_pb2.ChatRequest(model=model)
     request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])
     return request
@@ -139,7 +141,9 @@ async def test_all_attempts_fail_with_one_error_listing_them(mesh: Mesh, openai_
     assert error.retry_after_s == pytest.approx(7)
 
 
-async def test_failure_after_first_token_ends_stream_without_repeating(mesh: Mesh, openai_sim: SimControl) -> None:
+async def test_failure_after_first_token_ends_stream_without_repeating(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
     await openai_sim.knobs(chunks=6, error_after_chunks=2)
     received: list[common_pb2.ChatChunk] = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -192,7 +196,9 @@ async def test_list_models_pages_through_the_catalog(mesh: Mesh) -> None:
 async def test_methods_of_later_issues_answer_unimplemented_with_reason(mesh: Mesh) -> None:
     async with grpc.aio.insecure_channel(mesh.target("ledger")) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await ledger_pb2_grpc.CostLedgerServiceStub(channel).Reserve(ledger_pb2.ReserveRequest(), timeout=5)
+            await ledger_pb2_grpc.CostLedgerServiceStub(channel).Reserve(
+                ledger_pb2.ReserveRequest(), timeout=5
+            )
     error = from_rpc_error(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, Reason.NOT_IMPLEMENTED)
     assert error.metadata["issue"] == "#6"
@@ -214,7 +220,9 @@ async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
             )
             assert health.status == health_pb2.HealthCheckResponse.SERVING, child
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            responses = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
             listed = [s.name async for r in responses for s in r.list_services_response.service]
             assert service in listed, child
 
@@ -222,7 +230,8 @@ async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
 async def test_router_plan_rpc_lists_model_then_fallbacks(mesh: Mesh) -> None:
     async with grpc.aio.insecure_channel(mesh.target("router")) as channel:
         plan = await router_pb2_grpc.RouterServiceStub(channel).Plan(
-            router_pb2.PlanRequest(request=chat_request(model="openai/o4-mini"), tenant_id="default"), timeout=5
+            router_pb2.PlanRequest(request=chat_request(model="openai/o4-mini"), tenant_id="default"),
+            timeout=5,
         )
     assert [(c.model, c.upstream_model, c.vendor) for c in plan.candidates] == [
         ("openai/o4-mini", "o4-mini", "openai"),
@@ -262,6 +271,8 @@ async def test_one_request_is_one_trace_across_processes(
 
 
 async def test_concurrent_requests_all_succeed(mesh: Mesh, openai_sim: SimControl) -> None:
-    results = await asyncio.gather(*(mesh.gateway().Chat(chat_request(f"question {i}"), timeout=30) for i in range(20)))
+    results = await asyncio.gather(
+        *(mesh.gateway().Chat(chat_request(f"question {i}"), timeout=30) for i in range(20))
+    )
     assert all(r.finish_reason == common_pb2.FINISH_REASON_STOP for r in results)
     assert (await openai_sim.stats())["requests"] == 20

@@ -76,7 +76,10 @@ async def test_malformed_catalog_fails_at_start_naming_file_line_and_key(
     )
     code, _, stderr = await run_cli("serve", "router", env={**cli_env, "SWITCHYARD_CATALOG": str(catalog)})
     assert code == 2
-    assert stderr.strip() == f"switchyard: error: {catalog}:9: models.0.prices.input: not a decimal number: 'free'"
+    assert (
+        stderr.strip()
+        == f"switchyard: error: {catalog}:9: models.0.prices.input: not a decimal number: 'free'"
+    )
 
 
 async def test_bad_setting_names_the_variable(cli_env: dict[str, str]) -> None:
@@ -103,16 +106,22 @@ async def test_chat_streams_tokens_and_reports_model_and_cost(
     mesh: Mesh, openai_sim: SimControl, cli_env: dict[str, str]
 ) -> None:
     await openai_sim.knobs(text="Hello from the simulated vendor.")
-    code, stdout, stderr = await run_cli("chat", "hello", "--stream", "--target", mesh.edge_target, env=cli_env)
+    code, stdout, stderr = await run_cli(
+        "chat", "hello", "--stream", "--target", mesh.edge_target, env=cli_env
+    )
     assert code == 0, stderr
     assert stdout.strip() == "Hello from the simulated vendor."
-    assert re.search(r"openai/gpt-4o-mini via openai .* \d+ in / \d+ out tokens; finish stop; cost \$0\.\d{6}", stderr)
+    assert re.search(
+        r"openai/gpt-4o-mini via openai .* \d+ in / \d+ out tokens; finish stop; cost \$0\.\d{6}", stderr
+    )
 
 
 async def test_chat_reports_gateway_errors_with_reason(
     mesh: Mesh, openai_sim: SimControl, cli_env: dict[str, str]
 ) -> None:
-    code, _, stderr = await run_cli("chat", "hello", "--model", "nope/none", "--target", mesh.edge_target, env=cli_env)
+    code, _, stderr = await run_cli(
+        "chat", "hello", "--model", "nope/none", "--target", mesh.edge_target, env=cli_env
+    )
     assert code == 1
     assert "INVALID_ARGUMENT INVALID_REQUEST: unknown model or alias 'nope/none'" in stderr
 
@@ -128,7 +137,9 @@ async def test_sigterm_drains_and_exits_zero(cli_env: dict[str, str]) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             while True:
                 try:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         break
                 except grpc.aio.AioRpcError:
@@ -186,15 +197,19 @@ async def test_run_starts_the_whole_mesh_and_stops_cleanly(cli_env: dict[str, st
     assert process.stdout is not None
     lines: list[str] = []
     try:
-        target = None
         deadline = time.monotonic() + 90
-        while target is None:
-            line = (await asyncio.wait_for(process.stdout.readline(), max(0.1, deadline - time.monotonic()))).decode()
+        while True:
+            line = (
+                await asyncio.wait_for(process.stdout.readline(), max(0.1, deadline - time.monotonic()))
+            ).decode()
             assert line, "switchyard run exited early:\n" + "".join(lines)
             lines.append(line)
-            match = re.search(r"gRPC edge:\s+(127\.0\.0\.1:\d+)", line)
-            target = match.group(1) if match else None
+            if line.strip().startswith("Stop:"):
+                break
         banner = "".join(lines)
+        match = re.search(r"gRPC edge:\s+(127\.0\.0\.1:\d+)", banner)
+        assert match, banner
+        target = match.group(1)
         assert "SIMULATED" in banner
         pids = [int(p) for p in re.findall(r"pid (\d+)", banner)]
         drain = asyncio.create_task(_drain(process.stdout, lines))

@@ -134,7 +134,7 @@ class OtlpReceiver:
     async def wait_for(
         self,
         predicate: Callable[[list[ReceivedSpan]], bool],
-        timeout: float = 5.0,  # noqa: ASYNC109 - polling helper with an explicit budget
+        timeout: float = 5.0,
         interval: float = 0.02,
     ) -> list[ReceivedSpan]:
         """Poll until ``predicate(spans)`` is true; returns a snapshot of the spans.

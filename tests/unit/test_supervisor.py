@@ -65,9 +65,21 @@ def assert_all_gone(out: io.StringIO) -> None:
     assert pids, "no child was started"
     assert [pid for pid in pids if alive(pid)] == []
     leftover = [
-        task for task in asyncio.all_tasks() if task.get_name().startswith("supervisor-") and not task.done()
+        task
+        for task in asyncio.all_tasks() - _TASKS_BEFORE
+        if task.get_name().startswith("supervisor-") and not task.done()
     ]
     assert leftover == []
+
+
+# Tasks that existed before the test (a session-wide mesh may be running in the same loop).
+_TASKS_BEFORE: set[asyncio.Task[object]] = set()
+
+
+@pytest.fixture(autouse=True)
+async def _snapshot_tasks() -> None:
+    _TASKS_BEFORE.clear()
+    _TASKS_BEFORE.update(asyncio.all_tasks())
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -22,7 +22,7 @@ import math
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Final
@@ -85,7 +85,16 @@ class SseParser:
     straight from the wire, by the translator.
     """
 
-    __slots__ = ("_buffer", "_data", "_data_size", "_event", "_id", "_max_event_bytes", "_skip_lf", "_started")
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_data_size",
+        "_event",
+        "_id",
+        "_max_event_bytes",
+        "_skip_lf",
+        "_started",
+    )
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buffer = b""
@@ -566,7 +575,9 @@ class ProviderClient:
             timeout_ms=str(round(limit_s * 1000)),
         )
 
-    async def generate(self, request: provider_pb2.GenerateRequest) -> AsyncIterator[provider_pb2.GenerateResponse]:
+    async def generate(
+        self, request: provider_pb2.GenerateRequest
+    ) -> AsyncGenerator[provider_pb2.GenerateResponse, None]:
         """Call the vendor and yield unified events as they arrive: deltas, then exactly
         one `usage`, then `done`. Raises `SwitchyardError` for every failure.
 
@@ -702,7 +713,9 @@ class ProviderClient:
             ],
             sampling=common_pb2.SamplingParams(max_output_tokens=1),
         )
-        request = provider_pb2.GenerateRequest(request=chat, provider=self.name, upstream_model=upstream_model)
+        request = provider_pb2.GenerateRequest(
+            request=chat, provider=self.name, upstream_model=upstream_model
+        )
         headroom: common_pb2.RateLimitHeadroom | None = None
         async for event in self.generate(request):
             if event.HasField("done") and event.done.HasField("headroom"):
@@ -718,7 +731,7 @@ async def _aclose(iterator: AsyncIterator[bytes]) -> None:
 
 
 def _is_json(response: httpx.Response) -> bool:
-    content_type = response.headers.get("content-type", "")
+    content_type: str = response.headers.get("content-type", "")
     return content_type.startswith("application/json")
 
 

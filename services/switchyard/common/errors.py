@@ -124,7 +124,10 @@ _CODES_BY_VALUE: Final = {code.value[0]: code for code in grpc.StatusCode}
 def invalid(message: str, field: str, **metadata: str) -> SwitchyardError:
     """`INVALID_ARGUMENT` / `INVALID_REQUEST` naming the field path."""
     return SwitchyardError(
-        grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST, message, metadata={"field": field, **metadata}
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_REQUEST,
+        message,
+        metadata={"field": field, **metadata},
     )
 
 
@@ -191,4 +194,3 @@ def _reason_for_bare_code(code: grpc.StatusCode) -> Reason:
         grpc.StatusCode.RESOURCE_EXHAUSTED: Reason.RATE_LIMITED,
         grpc.StatusCode.NOT_FOUND: Reason.NOT_FOUND,
     }.get(code, Reason.INTERNAL)
-

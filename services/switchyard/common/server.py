@@ -107,7 +107,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
             return await behavior(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        except Exception as exc:
             await _abort(context, exc, method)
             raise  # unreachable: abort raises
 
@@ -124,7 +124,7 @@ def _wrap_stream(
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        except Exception as exc:
             await _abort(context, exc, method)
         finally:
             await iterator.aclose()
@@ -168,9 +168,12 @@ async def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(b.name for b in bindings)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio reports a failed bind as RuntimeError
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {host}:{port}: the address is in use or unavailable")
     await server.start()
     for name in (*names, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -189,7 +192,9 @@ async def serve(
 ) -> None:
     """Run a service until SIGTERM or SIGINT, then shut down gracefully and return."""
     running = await build_server(bindings, host=host, port=port)
-    log.info("server_started", service=service, host=host, port=running.port, services=list(running.service_names))
+    log.info(
+        "server_started", service=service, host=host, port=running.port, services=list(running.service_names)
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -46,7 +46,9 @@ def _stream(what: str, issue: str) -> Callable[[Any, Any, grpc.aio.ServicerConte
     return method
 
 
-def unimplemented_bindings(pb2: ModuleType, pb2_grpc: ModuleType, service: str, issue: str) -> list[ServiceBinding]:
+def unimplemented_bindings(
+    pb2: ModuleType, pb2_grpc: ModuleType, service: str, issue: str
+) -> list[ServiceBinding]:
     """Bindings that serve `service` (from the generated modules) with every method UNIMPLEMENTED."""
     descriptor: ServiceDescriptor = pb2.DESCRIPTOR.services_by_name[service]
     servicer = unimplemented_servicer(getattr(pb2_grpc, f"{service}Servicer"), descriptor, issue)

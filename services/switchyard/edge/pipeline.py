@@ -23,7 +23,14 @@ from switchyard.common.money import TokenCounts, cost_micros
 from switchyard.common.settings import Settings
 from switchyard.edge.validate import validate_chat_request
 from switchyard.router.plan import plan_route
-from switchyard.v1 import common_pb2, gateway_pb2, provider_pb2, provider_pb2_grpc, router_pb2, router_pb2_grpc
+from switchyard.v1 import (
+    common_pb2,
+    gateway_pb2,
+    provider_pb2,
+    provider_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 
 log = get_logger(__name__)
 
@@ -77,7 +84,10 @@ class ChatPipeline:
             return list(response.candidates)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
-            if error.reason is not Reason.DEPENDENCY_UNAVAILABLE and exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            if (
+                error.reason is not Reason.DEPENDENCY_UNAVAILABLE
+                and exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED
+            ):
                 raise error from None
             log.warning("router_unavailable", fallback="local_plan", code=exc.code().name)
         plan = plan_route(self._catalog, request.model, allowed_models=caller.allowed_models)
@@ -99,7 +109,9 @@ class ChatPipeline:
         validate_chat_request(request)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        deadline = time.monotonic() + min(timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s)
+        deadline = time.monotonic() + min(
+            timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s
+        )
         candidates = await self.plan(request, caller)
         attempts: list[_Attempt] = []
         for number, candidate in enumerate(candidates, start=1):
@@ -110,7 +122,10 @@ class ChatPipeline:
             attempts.append(attempt)
             yield common_pb2.ChatChunk(
                 routing=common_pb2.RoutingInfo(
-                    model=candidate.model, provider=candidate.provider, attempt=number, reason=candidate.reason
+                    model=candidate.model,
+                    provider=candidate.provider,
+                    attempt=number,
+                    reason=candidate.reason,
                 )
             )
             sent_text = False
@@ -173,7 +188,9 @@ class ChatPipeline:
         raise _all_failed(attempts)
 
     def _adapter(self, vendor: str) -> provider_pb2_grpc.ProviderAdapterServiceStub:
-        return provider_pb2_grpc.ProviderAdapterServiceStub(self._channels.get(self._settings.adapter_target(vendor)))
+        return provider_pb2_grpc.ProviderAdapterServiceStub(
+            self._channels.get(self._settings.adapter_target(vendor))
+        )
 
     def _cost(self, model_id: str, usage: common_pb2.Usage | None) -> int:
         model = self._catalog.model(model_id)
@@ -199,7 +216,9 @@ def _all_failed(attempts: list[_Attempt]) -> SwitchyardError:
     }
     waits = [a.error.retry_after_s for a in attempts if a.error and a.error.retry_after_s is not None]
     if not attempts:
-        return SwitchyardError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT, "the deadline passed before any attempt")
+        return SwitchyardError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT, "the deadline passed before any attempt"
+        )
     return SwitchyardError(
         grpc.StatusCode.UNAVAILABLE,
         Reason.ALL_ATTEMPTS_FAILED,
@@ -249,4 +268,3 @@ async def collect(chunks: AsyncIterator[common_pb2.ChatChunk]) -> gateway_pb2.Ch
         call.arguments_json = "".join(arguments.get(index, []))
         message.tool_calls.append(call)
     return response
-

@@ -31,13 +31,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._catalog = catalog
         self._pipeline = pipeline
 
-    async def Chat(  # noqa: N802 - gRPC method name
+    async def Chat(
         self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ChatResponse:
         """One answer, whole."""
-        return await collect(self._pipeline.stream(request, _DEFAULT_CALLER, timeout_s=context.time_remaining()))
+        return await collect(
+            self._pipeline.stream(request, _DEFAULT_CALLER, timeout_s=context.time_remaining())
+        )
 
-    async def ChatStream(  # noqa: N802 - gRPC method name
+    async def ChatStream(
         self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.ChatChunk]:
         """The answer as it is generated."""
@@ -48,7 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         finally:
             await chunks.aclose()
 
-    async def ListModels(  # noqa: N802 - gRPC method name
+    async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
         """The catalog's models, paged, optionally filtered by capabilities."""
@@ -66,19 +68,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             models=page, next_page_token=_encode_page_token(start + size) if more else ""
         )
 
-    async def CountTokens(  # noqa: N802 - gRPC method name
+    async def CountTokens(
         self, request: gateway_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CountTokensResponse:
         """Prompt tokens of a request (issue #6 brings the tokenizers)."""
         raise unimplemented("GatewayService.CountTokens", "#6")
 
-    async def EstimateCost(  # noqa: N802 - gRPC method name
+    async def EstimateCost(
         self, request: gateway_pb2.EstimateCostRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.EstimateCostResponse:
         """Expected and worst-case cost (issue #6)."""
         raise unimplemented("GatewayService.EstimateCost", "#6")
 
-    async def GetUsage(  # noqa: N802 - gRPC method name
+    async def GetUsage(
         self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetUsageResponse:
         """The caller's own usage (issues #4 and #6)."""
@@ -106,5 +108,7 @@ def build(settings: Settings) -> ServiceParts:
     """The edge's bindings and the close function for its channels."""
     channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
     servicer = GatewayServicer(settings.catalog, ChatPipeline(settings, settings.catalog, channels))
-    binding = ServiceBinding(SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))
+    binding = ServiceBinding(
+        SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+    )
     return ServiceParts([binding], channels.close)

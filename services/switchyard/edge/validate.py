@@ -79,9 +79,13 @@ def _validate_tools(request: common_pb2.ChatRequest) -> None:
             try:
                 schema = orjson.loads(tool.parameters_json_schema)
             except orjson.JSONDecodeError:
-                raise invalid("parameters_json_schema is not valid JSON", f"{path}.parameters_json_schema") from None
+                raise invalid(
+                    "parameters_json_schema is not valid JSON", f"{path}.parameters_json_schema"
+                ) from None
             if not isinstance(schema, dict) or schema.get("type", "object") != "object":
-                raise invalid("parameters_json_schema must be an object schema", f"{path}.parameters_json_schema")
+                raise invalid(
+                    "parameters_json_schema must be an object schema", f"{path}.parameters_json_schema"
+                )
     choice = request.tool_choice
     if choice.mode == common_pb2.TOOL_CHOICE_MODE_TOOL and choice.tool_name not in names:
         raise invalid("tool_choice names a tool that is not in tools", "tool_choice.tool_name")

@@ -69,7 +69,9 @@ def plan_route(
             continue
         seen.add(model.id)
         provider = catalog.providers[model.provider]
-        plan.append(PlannedCandidate(model=model, provider=model.provider, vendor=provider.vendor, reason=reason))
+        plan.append(
+            PlannedCandidate(model=model, provider=model.provider, vendor=provider.vendor, reason=reason)
+        )
         if len(plan) == max_candidates:
             break
     if not plan:

@@ -22,7 +22,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
 
-    async def Plan(  # noqa: N802 - gRPC method name
+    async def Plan(
         self, request: router_pb2.PlanRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PlanResponse:
         """The ordered candidates for a request."""
@@ -42,13 +42,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             ]
         )
 
-    async def Explain(  # noqa: N802 - gRPC method name
+    async def Explain(
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ExplainResponse:
         """The full scoring table (issue #5)."""
         raise unimplemented("RouterService.Explain", "#5")
 
-    async def WatchRoutes(  # noqa: N802 - gRPC method name
+    async def WatchRoutes(
         self, request: router_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.WatchRoutesResponse]:
         """Routing snapshots for edges (issue #5)."""
@@ -60,5 +60,10 @@ def build(settings: Settings) -> ServiceParts:
     """The router's bindings for the server bootstrap."""
     servicer = RouterServicer(settings.catalog)
     return ServiceParts(
-        [ServiceBinding(SERVICE_NAME, lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server))]
+        [
+            ServiceBinding(
+                SERVICE_NAME,
+                lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
+            )
+        ]
     )

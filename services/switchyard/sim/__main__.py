@@ -71,7 +71,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the simulator CLI; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help / usage errors: return the code instead of exiting
+        return exc.code if isinstance(exc.code, int) else 2
     knobs: FaultKnobs | None = None
     if args.knobs:
         try:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from switchyard.common.catalog import CatalogError, load_catalog, parse_catalog, provider_api_key, provider_base_url
+from switchyard.common.catalog import (
+    CatalogError,
+    load_catalog,
+    parse_catalog,
+    provider_api_key,
+    provider_base_url,
+)
 
 GOOD = """\
 providers:
@@ -70,13 +76,31 @@ def test_api_key_comes_from_env_switchyard_first_then_vendor_variable() -> None:
         ('input: "0.15"', 'input: "-1"', r":11: models\.0\.prices\.input: price must not be negative"),
         ("vendor: openai", "vendor: openia", r":3: providers\.openai\.vendor: unknown vendor 'openia'"),
         ("provider: openai", "provider: azure", r":7: models\.0\.provider: unknown provider 'azure'"),
-        ("context_window: 128000", "context_window: -5", r":9: models\.0\.context_window: Input should be greater"),
-        ("cheap: openai/gpt-4o-mini", "cheap: openai/gpt-5", r":14: aliases\.cheap: alias 'cheap' points to unknown"),
-        ("    aliases: [fast]", "    aliases: [fast]\n    colour: blue", r":13: models\.0\.colour: Extra inputs"),
-        ("id: openai/gpt-4o-mini", "id: gpt-4o-mini", r":6: models\.0\.id: model id must look like 'vendor/model'"),
+        (
+            "context_window: 128000",
+            "context_window: -5",
+            r":9: models\.0\.context_window: Input should be greater",
+        ),
+        (
+            "cheap: openai/gpt-4o-mini",
+            "cheap: openai/gpt-5",
+            r":14: aliases\.cheap: alias 'cheap' points to unknown",
+        ),
+        (
+            "    aliases: [fast]",
+            "    aliases: [fast]\n    colour: blue",
+            r":13: models\.0\.colour: Extra inputs",
+        ),
+        (
+            "id: openai/gpt-4o-mini",
+            "id: gpt-4o-mini",
+            r":6: models\.0\.id: model id must look like 'vendor/model'",
+        ),
     ],
 )
-def test_bad_catalog_names_file_line_path_and_reason(tmp_path: Path, old: str, new: str, expected: str) -> None:
+def test_bad_catalog_names_file_line_path_and_reason(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
     path = tmp_path / "catalog.yaml"
     path.write_text(GOOD.replace(old, new))
     with pytest.raises(CatalogError, match=rf"^{path}{expected}"):

@@ -11,7 +11,9 @@ from switchyard.v1 import common_pb2
 
 
 def test_reason_catalogue_mirrors_the_proto_enum() -> None:
-    proto_names = {name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}
+    proto_names = {name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys()} - {
+        "UNSPECIFIED"
+    }
     assert proto_names == {r.value for r in Reason}
 
 

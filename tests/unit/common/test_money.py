@@ -6,7 +6,9 @@ import pytest
 
 from switchyard.common.money import TokenCounts, UnitPrices, cost_micros, format_usd
 
-PRICES = UnitPrices(input=150_000, output=600_000, cached_input=75_000, reasoning=600_000, cache_write_input=187_500)
+PRICES = UnitPrices(
+    input=150_000, output=600_000, cached_input=75_000, reasoning=600_000, cache_write_input=187_500
+)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +33,8 @@ def test_cost_is_an_int_for_huge_counts() -> None:
     assert isinstance(value, int) and value == 750_000_000_000
 
 
-@pytest.mark.parametrize(("micros", "text"), [(0, "$0.000000"), (150, "$0.000150"), (12_345_678, "$12.345678"), (-5, "-$0.000005")])
+@pytest.mark.parametrize(
+    ("micros", "text"), [(0, "$0.000000"), (150, "$0.000150"), (12_345_678, "$12.345678"), (-5, "-$0.000005")]
+)
 def test_format_usd(micros: int, text: str) -> None:
     assert format_usd(micros) == text

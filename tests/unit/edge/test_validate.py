@@ -18,7 +18,9 @@ def good() -> common_pb2.ChatRequest:
     return request
 
 
-def with_tool(schema: str = '{"type":"object","properties":{}}', name: str = "lookup") -> Callable[[common_pb2.ChatRequest], None]:
+def with_tool(
+    schema: str = '{"type":"object","properties":{}}', name: str = "lookup"
+) -> Callable[[common_pb2.ChatRequest], None]:
     def mutate(request: common_pb2.ChatRequest) -> None:
         request.tools.add(name=name, parameters_json_schema=schema)
 
@@ -30,8 +32,12 @@ def test_good_request_passes() -> None:
     with_tool()(request)
     request.tool_choice.mode = common_pb2.TOOL_CHOICE_MODE_TOOL
     request.tool_choice.tool_name = "lookup"
-    request.messages.add(role=common_pb2.ROLE_ASSISTANT, tool_calls=[common_pb2.ToolCall(id="c1", name="lookup")])
-    request.messages.add(role=common_pb2.ROLE_TOOL, tool_call_id="c1", parts=[common_pb2.ContentPart(text="{}")])
+    request.messages.add(
+        role=common_pb2.ROLE_ASSISTANT, tool_calls=[common_pb2.ToolCall(id="c1", name="lookup")]
+    )
+    request.messages.add(
+        role=common_pb2.ROLE_TOOL, tool_call_id="c1", parts=[common_pb2.ContentPart(text="{}")]
+    )
     validate_chat_request(request)
 
 
@@ -46,7 +52,10 @@ def _image_without_source(r: common_pb2.ChatRequest) -> None:
         (lambda r: setattr(r.messages[1], "role", 0), "messages[1].role"),
         (lambda r: r.messages[1].ClearField("parts"), "messages[1].parts"),
         (_image_without_source, "messages[1].parts[1].image"),
-        (lambda r: r.messages.add(role=common_pb2.ROLE_TOOL, parts=[common_pb2.ContentPart(text="x")]), "messages[2].tool_call_id"),
+        (
+            lambda r: r.messages.add(role=common_pb2.ROLE_TOOL, parts=[common_pb2.ContentPart(text="x")]),
+            "messages[2].tool_call_id",
+        ),
         (lambda r: setattr(r.sampling, "top_p", 0.0), "sampling.top_p"),
         (lambda r: setattr(r.sampling, "max_output_tokens", 0), "sampling.max_output_tokens"),
         (lambda r: r.sampling.stop_sequences.extend(["a", "b", "c", "d", "e"]), "sampling.stop_sequences"),

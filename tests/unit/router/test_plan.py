@@ -36,7 +36,11 @@ def test_requested_model_then_fallbacks_capped_at_three() -> None:
     plan = plan_route(CATALOG, "a/one")
     assert ids(plan) == ["a/one", "b/two", "a/three"]
     assert [c.reason for c in plan] == ["requested model", "fallback of a/one", "fallback of a/one"]
-    assert [(c.provider, c.vendor) for c in plan] == [("a", "openai"), ("b", "openai_compatible"), ("a", "openai")]
+    assert [(c.provider, c.vendor) for c in plan] == [
+        ("a", "openai"),
+        ("b", "openai_compatible"),
+        ("a", "openai"),
+    ]
 
 
 def test_alias_and_default_and_auto() -> None:
@@ -50,7 +54,10 @@ def test_fallback_cycle_does_not_repeat_a_model() -> None:
 
 
 def test_allowed_models_filter_the_plan() -> None:
-    assert ids(plan_route(CATALOG, "a/one", allowed_models=frozenset({"a/three", "a/one"}))) == ["a/one", "a/three"]
+    assert ids(plan_route(CATALOG, "a/one", allowed_models=frozenset({"a/three", "a/one"}))) == [
+        "a/one",
+        "a/three",
+    ]
 
 
 def test_unknown_model_is_invalid_argument() -> None:

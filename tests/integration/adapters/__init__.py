@@ -1,0 +1,1 @@
+"""Integration tests of the provider adapters against the vendor simulators."""
