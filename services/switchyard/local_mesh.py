@@ -10,12 +10,12 @@ with backoff and stops them all on Ctrl-C.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from switchyard.common.catalog import Catalog, provider_api_key
+from switchyard.common.ports import free_port
 from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, Settings
 from switchyard.sim.faults import SIMULATORS
 from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor, SupervisorError
@@ -36,21 +36,14 @@ class MeshPlan:
     simulator_urls: Mapping[str, str]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def plan_mesh(
     catalog: Catalog, *, free_ports: bool, simulate: bool, environ: Mapping[str, str] | None = None
 ) -> MeshPlan:
     """Decide ports, simulators and environments for every child of the local mesh."""
     env = dict(os.environ if environ is None else environ)
-    ports = {name: (_free_port() if free_ports else port) for name, port in DEFAULT_PORTS.items()}
+    ports = {name: (free_port() if free_ports else port) for name, port in DEFAULT_PORTS.items()}
     vendors = sorted({p.vendor for p in catalog.providers.values()})
-    adapter_ports = {v: (_free_port() if free_ports else ADAPTER_PORTS[v]) for v in vendors}
+    adapter_ports = {v: (free_port() if free_ports else ADAPTER_PORTS[v]) for v in vendors}
     common_env = {
         "SWITCHYARD_HOST": "127.0.0.1",
         "SWITCHYARD_LOG_FORMAT": env.get("SWITCHYARD_LOG_FORMAT", "console"),
@@ -69,7 +62,7 @@ def plan_mesh(
             continue
         if provider.vendor not in SIMULATORS:
             continue  # neither a key nor a simulator: its adapter will answer AUTH_FAILED
-        sim_port = _free_port()
+        sim_port = free_port()
         children.append(
             ChildSpec(
                 name=f"sim-{name}",

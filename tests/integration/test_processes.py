@@ -17,9 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchyard.common.errors import Reason, from_rpc_error
+from switchyard.common.ports import free_port
 from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor
 from switchyard.v1 import common_pb2, gateway_pb2_grpc
-from tests.conftest import Mesh, SimControl, free_port
+from tests.conftest import Mesh, SimControl
 
 SWITCHYARD = (sys.executable, "-m", "switchyard.cli")
 

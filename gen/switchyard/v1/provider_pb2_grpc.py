@@ -56,7 +56,8 @@ class ProviderAdapterServiceServicer:
 
     def Generate(self, request, context):
         """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
-        reason and a RateLimitHeadroom detail when the vendor sent rate-limit headers.
+        reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
+        vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,7 +35,8 @@ class ProviderAdapterServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ProviderAdapterServiceAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_provider_pb2.GenerateRequest, _provider_pb2.GenerateResponse]
     """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
-    reason and a RateLimitHeadroom detail when the vendor sent rate-limit headers.
+    reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
+    vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
     """
     Probe: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ProbeRequest, _provider_pb2.ProbeResponse]
     """The cheapest call that proves the provider answers."""
@@ -47,7 +48,8 @@ class ProviderAdapterServiceAsyncStub(ProviderAdapterServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_provider_pb2.GenerateRequest, _provider_pb2.GenerateResponse]  # type: ignore[assignment]
     """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
-    reason and a RateLimitHeadroom detail when the vendor sent rate-limit headers.
+    reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
+    vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
     """
     Probe: _aio.UnaryUnaryMultiCallable[_provider_pb2.ProbeRequest, _provider_pb2.ProbeResponse]  # type: ignore[assignment]
     """The cheapest call that proves the provider answers."""
@@ -62,7 +64,8 @@ class ProviderAdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_provider_pb2.GenerateResponse], _abc.AsyncIterator[_provider_pb2.GenerateResponse]]:
         """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
-        reason and a RateLimitHeadroom detail when the vendor sent rate-limit headers.
+        reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
+        vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
         """
 
     @_abc_1.abstractmethod

@@ -23,6 +23,7 @@ from switchyard.common.money import TokenCounts, cost_micros
 from switchyard.common.settings import Settings
 from switchyard.edge.validate import validate_chat_request
 from switchyard.router.plan import plan_route
+from switchyard.router.service import candidate_proto
 from switchyard.v1 import (
     common_pb2,
     gateway_pb2,
@@ -91,16 +92,7 @@ class ChatPipeline:
                 raise error from None
             log.warning("router_unavailable", fallback="local_plan", code=exc.code().name)
         plan = plan_route(self._catalog, request.model, allowed_models=caller.allowed_models)
-        return [
-            router_pb2.Candidate(
-                model=c.model.id,
-                provider=c.provider,
-                vendor=c.vendor,
-                upstream_model=c.model.upstream_model,
-                reason=f"{c.reason} (local plan: router unavailable)",
-            )
-            for c in plan
-        ]
+        return [candidate_proto(c, reason_suffix=" (local plan: router unavailable)") for c in plan]
 
     async def stream(
         self, request: common_pb2.ChatRequest, caller: Caller, *, timeout_s: float | None

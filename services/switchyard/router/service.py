@@ -10,10 +10,21 @@ from switchyard.common.catalog import Catalog
 from switchyard.common.errors import unimplemented
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
-from switchyard.router.plan import plan_route
+from switchyard.router.plan import PlannedCandidate, plan_route
 from switchyard.v1 import router_pb2, router_pb2_grpc
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+def candidate_proto(candidate: PlannedCandidate, *, reason_suffix: str = "") -> router_pb2.Candidate:
+    """A planned candidate as the `Candidate` message callers and edges receive."""
+    return router_pb2.Candidate(
+        model=candidate.model.id,
+        provider=candidate.provider,
+        vendor=candidate.vendor,
+        upstream_model=candidate.model.upstream_model,
+        reason=candidate.reason + reason_suffix,
+    )
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -29,18 +40,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         tenant = self._catalog.tenants.get(request.tenant_id)
         allowed = frozenset(tenant.allowed_models) if tenant and tenant.allowed_models else None
         plan = plan_route(self._catalog, request.request.model, allowed_models=allowed)
-        return router_pb2.PlanResponse(
-            candidates=[
-                router_pb2.Candidate(
-                    model=c.model.id,
-                    provider=c.provider,
-                    vendor=c.vendor,
-                    upstream_model=c.model.upstream_model,
-                    reason=c.reason,
-                )
-                for c in plan
-            ]
-        )
+        return router_pb2.PlanResponse(candidates=[candidate_proto(c) for c in plan])
 
     async def Explain(
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext

@@ -3,7 +3,6 @@ adapter as a real `grpc.aio` server on a free loopback port, called through a ch
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 
 from switchyard.adapters.service import ProviderAdapterServicer, build_adapter
 from switchyard.common.catalog import parse_catalog
+from switchyard.common.ports import free_port
 from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
 from switchyard.sim.openai import RunningSimulator, start_simulator
 from switchyard.v1 import provider_pb2_grpc
@@ -87,14 +87,6 @@ aliases: {{mini: openai/gpt-4o-mini}}
 """
 
 
-def _free_port() -> int:
-    """A loopback port nothing listens on (connections to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class SimHandle:
     """The running simulator and an HTTP client for its `/_sim/*` control endpoints."""
@@ -143,7 +135,7 @@ async def _fresh_sim(openai_sim: SimHandle) -> None:
 
 @pytest.fixture(scope="module")
 async def adapter(openai_sim: SimHandle) -> AsyncIterator[AdapterHandle]:
-    catalog = parse_catalog(CATALOG.format(base=openai_sim.sim.base_url, dead_port=_free_port()))
+    catalog = parse_catalog(CATALOG.format(base=openai_sim.sim.base_url, dead_port=free_port()))
     environ = {
         "SWITCHYARD_PROVIDER_OPENAI_API_KEY": SIM_KEY,
         "SWITCHYARD_PROVIDER_OPENAI_SLOW_API_KEY": SIM_KEY,
