@@ -31,8 +31,12 @@ gen: $(STAMP) ## generate Python code, type stubs and the Envoy descriptor set f
 	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  --python_out=$(GEN_OUT) --grpc_python_out=$(GEN_OUT) \
 	  --mypy_out=quiet:$(GEN_OUT) --mypy_grpc_out=quiet:$(GEN_OUT) \
-	  --descriptor_set_out=$(GEN_OUT)/switchyard.protoset --include_imports \
 	  $(PROTOS)
+	@# Envoy's transcoder also needs google.rpc.Status and its details to render errors as JSON.
+	$(PY) -m grpc_tools.protoc \
+	  -I protos -I $$($(PY) -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])') \
+	  --descriptor_set_out=$(GEN_OUT)/switchyard.protoset --include_imports \
+	  $(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
 	@printf '"""Generated gRPC and protobuf code for switchyard.v1 (make gen; never edit by hand)."""\n' > $(GEN_OUT)/switchyard/v1/__init__.py
 
 gen-check: $(STAMP) ## fail when gen/ is not what `make gen` produces

@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="a system prompt")
     chat.add_argument("--max-tokens", type=int, help="upper bound on generated tokens")
     chat.add_argument("--temperature", type=float)
-    chat.add_argument("--target", default=os.environ.get("SWITCHYARD_EDGE_TARGET", "127.0.0.1:50051"))
+    chat.add_argument(
+        "--target",
+        default=os.environ.get("SWITCHYARD_TARGET", "127.0.0.1:8080"),
+        help="the Envoy ingress or the edge (default SWITCHYARD_TARGET or 127.0.0.1:8080)",
+    )
     chat.add_argument(
         "--api-key", default=os.environ.get("SWITCHYARD_API_KEY", ""), help="default SWITCHYARD_API_KEY"
     )

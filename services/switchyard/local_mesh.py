@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+import switchyard.v1
 from switchyard.common.catalog import Catalog, provider_api_key
 from switchyard.common.ports import free_port
 from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, Settings
+from switchyard.envoy_config import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_LISTEN_PORT,
+    envoy_child_spec,
+    render_local_config,
+)
 from switchyard.sim.faults import SIMULATORS
 from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor, SupervisorError
 
@@ -34,12 +43,23 @@ class MeshPlan:
     real: tuple[str, ...]
     # Simulated provider name -> the simulator's root URL (its control routes live under /_sim/).
     simulator_urls: Mapping[str, str]
+    # The Envoy ingress ("127.0.0.1:8080"), or None when Envoy is not part of the plan.
+    envoy_target: str | None = None
 
 
 def plan_mesh(
-    catalog: Catalog, *, free_ports: bool, simulate: bool, environ: Mapping[str, str] | None = None
+    catalog: Catalog,
+    *,
+    free_ports: bool,
+    simulate: bool,
+    environ: Mapping[str, str] | None = None,
+    envoy_config_dir: Path | None = None,
 ) -> MeshPlan:
-    """Decide ports, simulators and environments for every child of the local mesh."""
+    """Decide ports, simulators and environments for every child of the local mesh.
+
+    With `envoy_config_dir`, Envoy is started last, in front of everything, with its
+    config rendered into that directory.
+    """
     env = dict(os.environ if environ is None else environ)
     ports = {name: (free_port() if free_ports else port) for name, port in DEFAULT_PORTS.items()}
     vendors = sorted({p.vendor for p in catalog.providers.values()})
@@ -82,12 +102,36 @@ def plan_mesh(
     for name in CONTROL_PLANES:
         children.append(_service(name, (name,), ports[name], common_env, exe))
     children.append(_service("edge", ("edge",), ports["edge"], common_env, exe))
+    envoy_target = None
+    if envoy_config_dir is not None:
+        listen_port = free_port() if free_ports else DEFAULT_LISTEN_PORT
+        admin_port = free_port() if free_ports else DEFAULT_ADMIN_PORT
+        config = envoy_config_dir / "envoy.yaml"
+        config.write_text(
+            render_local_config(
+                listen_port=listen_port,
+                admin_port=admin_port,
+                edge_target=f"127.0.0.1:{ports['edge']}",
+                edge_http_target=None,  # the edge's OpenAI HTTP front arrives with #4
+                service_targets={
+                    **{name: f"127.0.0.1:{ports[name]}" for name in CONTROL_PLANES},
+                    **{f"adapter-{v}": f"127.0.0.1:{p}" for v, p in adapter_ports.items()},
+                },
+                descriptor_path=str(
+                    Path(switchyard.v1.__file__).resolve().parents[2] / "switchyard.protoset"
+                ),
+                otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            )
+        )
+        children.append(envoy_child_spec(config, admin_port=admin_port))
+        envoy_target = f"127.0.0.1:{listen_port}"
     return MeshPlan(
         children=tuple(children),
         edge_target=f"127.0.0.1:{ports['edge']}",
         simulated=tuple(simulated),
         real=tuple(real),
         simulator_urls=simulator_urls,
+        envoy_target=envoy_target,
     )
 
 
@@ -104,7 +148,10 @@ def _service(
 
 def banner(plan: MeshPlan) -> str:
     """What the operator reads once the mesh is up."""
-    lines = ["", "Switchyard is up.", f"  gRPC edge:   {plan.edge_target}   (switchyard.v1.GatewayService)"]
+    lines = ["", "Switchyard is up."]
+    if plan.envoy_target:
+        lines.append(f"  Ingress:     {plan.envoy_target}   (Envoy: gRPC, gRPC-Web, REST/JSON)")
+    lines.append(f"  gRPC edge:   {plan.edge_target}   (switchyard.v1.GatewayService, direct)")
     if plan.simulated:
         lines.append(
             "  Vendors:     SIMULATED: answers come from local vendor simulators, not real models "
@@ -112,7 +159,9 @@ def banner(plan: MeshPlan) -> str:
         )
     if plan.real:
         lines.append(f"  Vendors:     real: {', '.join(plan.real)}")
-    lines.append(f'  Try:         switchyard chat "hello" --stream --target {plan.edge_target}')
+    lines.append(
+        f'  Try:         switchyard chat "hello" --stream --target {plan.envoy_target or plan.edge_target}'
+    )
     lines.append("  Stop:        Ctrl-C")
     return "\n".join(lines) + "\n"
 
@@ -120,7 +169,14 @@ def banner(plan: MeshPlan) -> str:
 async def run_mesh(*, free_ports: bool, simulate: bool, ready_timeout_s: float) -> int:
     """Start the mesh, wait until it is ready, print the banner and supervise until Ctrl-C."""
     settings = Settings.from_env()
-    plan = plan_mesh(settings.catalog, free_ports=free_ports, simulate=simulate)
+    with tempfile.TemporaryDirectory(prefix="switchyard-run-") as config_dir:
+        plan = plan_mesh(
+            settings.catalog, free_ports=free_ports, simulate=simulate, envoy_config_dir=Path(config_dir)
+        )
+        return await _supervise(plan, ready_timeout_s)
+
+
+async def _supervise(plan: MeshPlan, ready_timeout_s: float) -> int:
     supervisor = Supervisor(plan.children)
     supervisor.install_signal_handlers()
     try:

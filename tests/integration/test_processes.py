@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -208,9 +209,12 @@ async def test_run_starts_the_whole_mesh_and_stops_cleanly(cli_env: dict[str, st
             if line.strip().startswith("Stop:"):
                 break
         banner = "".join(lines)
-        match = re.search(r"gRPC edge:\s+(127\.0\.0\.1:\d+)", banner)
+        match = re.search(r"Ingress:\s+(127\.0\.0\.1:\d+)", banner)
         assert match, banner
         target = match.group(1)
+        async with httpx.AsyncClient() as http:
+            models = (await http.get(f"http://{target}/v1/catalog/models", timeout=10)).json()
+        assert models["models"][0]["id"] == "openai/gpt-4o-mini"
         assert "SIMULATED" in banner
         pids = [int(p) for p in re.findall(r"pid (\d+)", banner)]
         drain = asyncio.create_task(_drain(process.stdout, lines))
