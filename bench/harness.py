@@ -1,0 +1,333 @@
+"""The orchestrator: start the mesh, pin processes, drive the load generator, read /proc.
+
+The mesh is exactly what `switchyard run` starts (its plan, simulated vendors, free ports),
+under the same supervisor, with its logs in a temporary file. On a machine with two or more
+cores the orchestrator (the mesh's supervisor) pins itself to one core for the whole run, so
+every mesh process (and each of its threads) inherits that core, and the load generator is
+spawned on and pins itself to another. CPU time is read from /proc/<pid>/stat of every child
+around each measured window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import LoadConfig, Mode, PathName, Phase, PhaseResult, serve
+from switchyard.common.catalog import load_catalog
+from switchyard.local_mesh import SIM_API_KEY, MeshPlan, plan_mesh
+from switchyard.supervisor import Supervisor
+
+SIM_CHILD = "sim-openai"
+# One fixed answer for every path and mode: 40 words, so 20 chunks carry 2 words each.
+ANSWER = " ".join(f"word{i}" for i in range(40))
+# Fastest: no delays, one content chunk (the gateway streams from the vendor even for unary calls).
+UNARY_KNOBS: dict[str, Any] = {"first_byte_delay_ms": 0, "chunk_delay_ms": 0, "chunks": 1, "text": ANSWER}
+STREAM_KNOBS: dict[str, Any] = {"first_byte_delay_ms": 0, "chunk_delay_ms": 5, "chunks": 20, "text": ANSWER}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PATHS: tuple[PathName, ...] = ("direct", "edge")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which cores the mesh and the load generator were allowed to run on."""
+
+    pinned: bool
+    mesh_cores: tuple[int, ...]
+    loadgen_cores: tuple[int, ...]
+    online_cores: int
+
+
+def plan_placement() -> tuple[int | None, int | None]:
+    """(mesh core, load generator core), or (None, None) when there is no core to spare."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    return cores[0], cores[-1]
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of `pid` in seconds, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int:
+    """VmRSS of `pid` in KiB, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (the orchestrator and supervisor), all threads."""
+    times = os.times()
+    return times.user + times.system
+
+
+class Mesh:
+    """A running mesh: its plan, its supervisor and the pids of its children."""
+
+    def __init__(self, plan: MeshPlan, supervisor: Supervisor) -> None:
+        self.plan = plan
+        self.supervisor = supervisor
+        self.names = tuple(child.name for child in plan.children)
+        self.pids = self._current_pids()
+
+    def _current_pids(self) -> dict[str, int]:
+        pids = {name: self.supervisor.pid(name) for name in self.names}
+        missing = [name for name, pid in pids.items() if pid is None]
+        if missing:
+            raise RuntimeError(f"mesh children not running: {', '.join(missing)}")
+        return {name: pid for name, pid in pids.items() if pid is not None}
+
+    def check_unchanged(self) -> None:
+        """Fail loudly if a child restarted: its CPU and memory figures would be wrong."""
+        if self._current_pids() != self.pids or any(self.supervisor.restarts.values()):
+            raise RuntimeError(f"a mesh child restarted during the run: {dict(self.supervisor.restarts)}")
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by every child."""
+        return {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+
+    def rss_kib(self) -> dict[str, int]:
+        """Resident memory of every child."""
+        return {name: proc_rss_kib(pid) for name, pid in self.pids.items()}
+
+    def cores(self) -> tuple[int, ...]:
+        """Union of the cores the children may run on."""
+        return tuple(sorted(set().union(*(os.sched_getaffinity(pid) for pid in self.pids.values()))))
+
+
+@contextmanager
+def pinned_to(core: int | None) -> Iterator[None]:
+    """Pin this process to `core` while children are spawned (they inherit it), then restore."""
+    before = os.sched_getaffinity(0)
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+async def start_mesh(log: Any) -> Mesh:
+    """Start the local mesh with simulated vendors on free ports; tracing off, logs to `log`.
+
+    The children inherit this process's CPU affinity.
+    """
+    environ = {
+        k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("OTEL_")
+    }
+    plan = plan_mesh(load_catalog(None), free_ports=True, simulate=True, environ=environ)
+    extra = {"SWITCHYARD_SHUTDOWN_GRACE_S": "1"}
+    children = tuple(dataclasses.replace(c, env={**c.env, **extra}) for c in plan.children)
+    plan = dataclasses.replace(plan, children=children)
+    supervisor = Supervisor(children, out=log, color=False)
+    await supervisor.start()
+    try:
+        await supervisor.wait_ready(90)
+    except BaseException:
+        await supervisor.stop(grace_s=2)
+        raise
+    return Mesh(plan, supervisor)
+
+
+class LoadGenerator:
+    """The load generator process and the pipe to it."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=serve, args=(child_conn, config), name="bench-loadgen", daemon=True
+        )
+        self._process.start()
+        child_conn.close()
+        self.cores: tuple[int, ...] = ()
+
+    async def ready(self, timeout_s: float = 60) -> None:
+        """Wait for the process to build its clients and report its cores."""
+        self.cores = tuple(await self._recv(timeout_s))
+
+    async def run(self, phase: Phase) -> PhaseResult:
+        """Run one phase in the load generator and return its raw result."""
+        self._conn.send(phase)
+        result: PhaseResult = await self._recv(phase.duration_s + 60)
+        return result
+
+    async def _recv(self, timeout_s: float) -> Any:
+        if not await asyncio.to_thread(self._conn.poll, timeout_s):
+            raise TimeoutError("the load generator did not answer in time")
+        try:
+            return self._conn.recv()
+        except EOFError:
+            await asyncio.to_thread(self._process.join, 5)
+            raise RuntimeError(
+                f"the load generator exited (code {self._process.exitcode}); its traceback is above"
+            ) from None
+
+    async def close(self) -> None:
+        """Ask the process to stop, then make sure it has."""
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        await asyncio.to_thread(self._process.join, 10)
+        if self._process.is_alive():
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, 5)
+        self._conn.close()
+
+
+@dataclass
+class Measured:
+    """A phase result with the mesh's CPU use over exactly that window (per child, seconds)."""
+
+    result: PhaseResult
+    mesh_cpu_s: dict[str, float]
+    # CPU used on the machine by everything that is not this run (other users' processes),
+    # and CPU time the hypervisor stole, over the same window: noise indicators.
+    other_cpu_s: float = 0.0
+    steal_cpu_s: float = 0.0
+
+
+@dataclass
+class RunData:
+    """Everything one bench run measured, before it is turned into figures."""
+
+    measured: list[Measured]
+    rss_kib: dict[str, int]
+    placement: Placement
+    mesh_children: tuple[str, ...]
+    wall_s: float
+
+
+async def set_knobs(sim_root: str, knobs: dict[str, Any]) -> None:
+    """Replace the simulator's server-wide knobs and reset its stats."""
+    async with httpx.AsyncClient(base_url=sim_root, timeout=5) as http:
+        (await http.post("/_sim/knobs", json=knobs)).raise_for_status()
+        (await http.post("/_sim/stats/reset")).raise_for_status()
+
+
+async def measure(load: LoadGenerator, mesh: Mesh, phase: Phase, warmup_s: float) -> Measured:
+    """Warm up at the phase's concurrency, then run it with the mesh's CPU read around it."""
+    if warmup_s > 0:
+        await load.run(dataclasses.replace(phase, duration_s=warmup_s))
+    machine_before, own_before, before = machine_cpu_s(), own_cpu_s(), mesh.cpu_s()
+    result = await load.run(phase)
+    machine_after, own_after, after = machine_cpu_s(), own_cpu_s(), mesh.cpu_s()
+    if not result.latencies_ns:
+        where = f"{phase.path} {phase.mode} c={phase.concurrency}"
+        raise RuntimeError(f"{where}: no call succeeded: {result.first_error}")
+    mesh_cpu = {name: after[name] - before[name] for name in after}
+    ours = sum(mesh_cpu.values()) + result.client_cpu_s + (own_after - own_before)
+    other = (machine_after[0] - machine_before[0]) - ours
+    steal = machine_after[1] - machine_before[1]
+    return Measured(result, mesh_cpu, other_cpu_s=other, steal_cpu_s=steal)
+
+
+async def run(
+    *,
+    duration_s: float,
+    warmup_s: float,
+    max_requests: int,
+    unary_concurrency: Sequence[int],
+    stream_concurrency: Sequence[int],
+) -> RunData:
+    """Start everything, measure every phase (direct and edge interleaved), stop everything.
+
+    The mesh's log goes to a temporary file, removed after a successful run and kept (its
+    path printed to stderr) after a failed one.
+    """
+    started = time.perf_counter()
+    log_dir = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
+    try:
+        with (log_dir / "mesh.log").open("w") as log:
+            levels = (unary_concurrency, stream_concurrency)
+            data = await _run_with_mesh(log, duration_s, warmup_s, max_requests, levels)
+    except BaseException:
+        print(f"bench: the mesh's log is kept in {log_dir / 'mesh.log'}", file=sys.stderr)
+        raise
+    shutil.rmtree(log_dir, ignore_errors=True)
+    data.wall_s = time.perf_counter() - started
+    return data
+
+
+async def _run_with_mesh(
+    log: Any,
+    duration_s: float,
+    warmup_s: float,
+    max_requests: int,
+    levels: tuple[Sequence[int], Sequence[int]],
+) -> RunData:
+    mesh_core, load_core = plan_placement()
+    # The orchestrator (which is the mesh's supervisor) stays on the mesh's core for the run.
+    with pinned_to(mesh_core):
+        return await _measure_all(log, mesh_core, load_core, duration_s, warmup_s, max_requests, levels)
+
+
+async def _measure_all(
+    log: Any,
+    mesh_core: int | None,
+    load_core: int | None,
+    duration_s: float,
+    warmup_s: float,
+    max_requests: int,
+    levels: tuple[Sequence[int], Sequence[int]],
+) -> RunData:
+    mesh = await start_mesh(log)
+    load: LoadGenerator | None = None
+    measured: list[Measured] = []
+    try:
+        sim_root = mesh.plan.simulator_urls["openai"]
+        config = LoadConfig(sim_root, SIM_API_KEY, mesh.plan.edge_target, load_core)
+        with pinned_to(load_core):
+            load = LoadGenerator(config)
+        await load.ready()
+        modes: tuple[tuple[Mode, Sequence[int], dict[str, Any]], ...] = (
+            ("unary", levels[0], UNARY_KNOBS),
+            ("stream", levels[1], STREAM_KNOBS),
+        )
+        for mode, concurrencies, knobs in modes:
+            await set_knobs(sim_root, knobs)
+            for concurrency in concurrencies:
+                for path in PATHS:
+                    phase = Phase(path, mode, concurrency, duration_s, max_requests)
+                    measured.append(await measure(load, mesh, phase, warmup_s))
+        mesh.check_unchanged()
+        placement = Placement(
+            pinned=mesh_core is not None,
+            mesh_cores=mesh.cores(),
+            loadgen_cores=load.cores,
+            online_cores=os.cpu_count() or 0,
+        )
+        return RunData(measured, mesh.rss_kib(), placement, mesh.names, 0.0)
+    finally:
+        if load is not None:
+            await load.close()
+        await mesh.supervisor.stop(grace_s=2)

@@ -1,0 +1,222 @@
+"""The load generator: a separate process that drives one path at a time and times every call.
+
+It runs in its own process (multiprocessing, spawn), pinned to its own core when the
+machine has one to spare, and talks to the orchestrator over a pipe: one `Phase` in, one
+`PhaseResult` out. It keeps one HTTP client session and one gRPC channel for its whole
+life, so every phase reuses warm keep-alive connections. Everything is loopback only and
+every phase is bounded both in time (`duration_s`) and in count (`max_requests`).
+
+Paths:
+  * ``direct``: the OpenAI wire format straight to the simulator, with one
+    `aiohttp.ClientSession` (the baseline client for every direct figure);
+  * ``edge``: the gateway's edge by `grpc.aio` stubs over one channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Literal
+
+import aiohttp
+import grpc
+import orjson
+
+from switchyard.v1 import common_pb2, gateway_pb2_grpc
+
+PathName = Literal["direct", "edge"]
+Mode = Literal["unary", "stream"]
+
+PROMPT = "Benchmark: say something short."
+UPSTREAM_MODEL = "gpt-4o-mini"
+EDGE_MODEL = "openai/gpt-4o-mini"
+CALL_TIMEOUT_S = 30.0
+HTTP_CLIENT = f"aiohttp {aiohttp.__version__} (one ClientSession, keep-alive connection pool)"
+GRPC_CLIENT = f"grpc.aio {grpc.__version__} (one insecure channel, HTTP/2)"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Where the load goes: the simulator's root URL, its API key and the edge's gRPC target."""
+
+    sim_root: str
+    sim_api_key: str
+    edge_target: str
+    core: int | None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One bounded measurement: `concurrency` workers calling `path` in `mode` back to back."""
+
+    path: PathName
+    mode: Mode
+    concurrency: int
+    duration_s: float
+    max_requests: int
+
+
+@dataclass
+class PhaseResult:
+    """Raw timings of one phase, in nanoseconds, plus the client's own CPU use."""
+
+    phase: Phase
+    # Unary: whole-call latency. Streaming: time to the first token of text.
+    latencies_ns: list[int] = field(default_factory=list)
+    # Streaming only: time until the stream ended.
+    totals_ns: list[int] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+    elapsed_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
+class Clients:
+    """The two clients, built once on the load generator's event loop."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=300, ttl_dns_cache=None)
+        self.http = aiohttp.ClientSession(
+            base_url=config.sim_root,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
+            headers={"Authorization": f"Bearer {config.sim_api_key}", "Content-Type": "application/json"},
+        )
+        self.channel = grpc.aio.insecure_channel(config.edge_target)
+        self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.unary_body = orjson.dumps(
+            {"model": UPSTREAM_MODEL, "messages": [{"role": "user", "content": PROMPT}]}
+        )
+        self.stream_body = orjson.dumps(
+            {
+                "model": UPSTREAM_MODEL,
+                "messages": [{"role": "user", "content": PROMPT}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
+        self.request = common_pb2.ChatRequest(model=EDGE_MODEL)
+        self.request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=PROMPT)])
+
+    async def close(self) -> None:
+        """Close the HTTP session and the gRPC channel."""
+        await self.http.close()
+        await self.channel.close()
+
+    async def direct_unary(self) -> int:
+        """One JSON chat completion from the simulator; returns its latency."""
+        start = time.perf_counter_ns()
+        async with self.http.post("/v1/chat/completions", data=self.unary_body) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"direct: HTTP {response.status}")
+        if not orjson.loads(body)["choices"][0]["message"]["content"]:
+            raise RuntimeError("direct: empty answer")
+        return time.perf_counter_ns() - start
+
+    async def edge_unary(self) -> int:
+        """One `GatewayService.Chat` call; returns its latency."""
+        start = time.perf_counter_ns()
+        response = await self.gateway.Chat(self.request, timeout=CALL_TIMEOUT_S)
+        elapsed = time.perf_counter_ns() - start
+        if not response.message.parts or not response.message.parts[0].text:
+            raise RuntimeError("edge: empty answer")
+        return elapsed
+
+    async def direct_stream(self) -> tuple[int, int]:
+        """One SSE chat completion; returns (time to first text, time to the end)."""
+        start = time.perf_counter_ns()
+        first = 0
+        async with self.http.post("/v1/chat/completions", data=self.stream_body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"direct stream: HTTP {response.status}")
+            async for line in response.content:
+                if first or not line.startswith(b"data: {"):
+                    continue
+                choices = orjson.loads(line[6:]).get("choices") or ()
+                if choices and choices[0].get("delta", {}).get("content"):
+                    first = time.perf_counter_ns() - start
+        if not first:
+            raise RuntimeError("direct stream: no text")
+        return first, time.perf_counter_ns() - start
+
+    async def edge_stream(self) -> tuple[int, int]:
+        """One `GatewayService.ChatStream` call; returns (time to first text, time to the end)."""
+        start = time.perf_counter_ns()
+        first = 0
+        async for chunk in self.gateway.ChatStream(self.request, timeout=CALL_TIMEOUT_S):
+            if not first and chunk.WhichOneof("event") == "delta" and chunk.delta.text:
+                first = time.perf_counter_ns() - start
+        if not first:
+            raise RuntimeError("edge stream: no text")
+        return first, time.perf_counter_ns() - start
+
+
+async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
+    """Run `phase` to its time or count bound, whichever comes first."""
+    result = PhaseResult(phase=phase)
+    unary: dict[PathName, Callable[[], Awaitable[int]]] = {
+        "direct": clients.direct_unary,
+        "edge": clients.edge_unary,
+    }
+    stream: dict[PathName, Callable[[], Awaitable[tuple[int, int]]]] = {
+        "direct": clients.direct_stream,
+        "edge": clients.edge_stream,
+    }
+    issued = 0
+    cpu_before = _own_cpu_s()
+    started = time.perf_counter()
+    deadline = started + phase.duration_s
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < phase.max_requests and time.perf_counter() < deadline:
+            issued += 1
+            try:
+                if phase.mode == "unary":
+                    result.latencies_ns.append(await unary[phase.path]())
+                else:
+                    first, total = await stream[phase.path]()
+                    result.latencies_ns.append(first)
+                    result.totals_ns.append(total)
+            except Exception as exc:  # counted and reported, never silently dropped
+                result.errors += 1
+                if not result.first_error:
+                    result.first_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    await asyncio.gather(*(worker() for _ in range(phase.concurrency)))
+    result.elapsed_s = time.perf_counter() - started
+    result.client_cpu_s = _own_cpu_s() - cpu_before
+    return result
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def serve(conn: Connection, config: LoadConfig) -> None:
+    """Process entry point: pin, build the clients, then run phases until told to stop (None)."""
+    if config.core is not None:
+        os.sched_setaffinity(0, {config.core})
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        clients = runner.run(_make_clients(config))
+        try:
+            conn.send(sorted(os.sched_getaffinity(0)))
+            while (phase := conn.recv()) is not None:
+                conn.send(runner.run(run_phase(clients, phase)))
+        finally:
+            runner.run(clients.close())
+            conn.close()
+
+
+async def _make_clients(config: LoadConfig) -> Clients:
+    return Clients(config)

@@ -1,0 +1,389 @@
+"""Turn raw timings into figures, and figures into a labelled markdown table and a JSON file.
+
+Ratios first (through the edge / direct), absolute numbers beside them. Added latency is
+"through the edge minus direct" at the same percentile, both measured in the same run
+against the same simulator. Whatever this harness does not measure yet is listed as
+UNMEASURED with the issue that owns it, never estimated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.harness import SIM_CHILD, STREAM_KNOBS, UNARY_KNOBS, Measured, RunData
+from bench.load import GRPC_CLIENT, HTTP_CLIENT, Mode, PathName
+
+REPO = Path(__file__).resolve().parents[1]
+
+UNMEASURED: tuple[tuple[str, str], ...] = (
+    ("Through Envoy by gRPC (added latency, TTFT, req/s, CPU)", "#8 (Envoy), #9"),
+    ("Through Envoy's OpenAI HTTP front with the `openai` SDK wire format", "#8 (Envoy), #9"),
+    ("LiteLLM proxy on the same simulator, same cores", "#9"),
+    ("Every feature on (auth, rate limit, cache, budget reserve/commit, 10% tracing)", "#4, #6, #7, #9"),
+    ("Cache hit vs direct", "#7, #9"),
+    ("Resident memory with 1,000 open idle streams", "#9"),
+    ("Router `Plan` time at 10 / 100 / 1,000 models", "#5, #9"),
+    ("Exact and semantic cache lookup at 1,000 / 100,000 entries", "#7, #9"),
+    ("Ledger reserve+commit per second (in-memory, Redis)", "#6, #9"),
+)
+# (mode, figure-key prefix, row name) for the latency rows.
+ROWS: tuple[tuple[Mode, str, str], ...] = (
+    ("unary", "unary", "Unary latency"),
+    ("stream", "ttft", "Time to first token"),
+)
+
+
+def percentile_ms(values_ns: Sequence[int], q: float) -> float:
+    """The q-th percentile (0-100, linear interpolation between ranks) of `values_ns`, in ms."""
+    ordered = sorted(values_ns)
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return (ordered[low] + (ordered[high] - ordered[low]) * (rank - low)) / 1e6
+
+
+@dataclass(frozen=True)
+class PhaseStats:
+    """One phase as plain numbers; latency is the whole call (unary) or time to first token (stream)."""
+
+    path: PathName
+    mode: Mode
+    concurrency: int
+    calls: int
+    errors: int
+    first_error: str
+    elapsed_s: float
+    calls_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    stream_total_p50_ms: float | None
+    client_cpu_s: float
+    client_busy: float
+    mesh_cpu_s: dict[str, float]
+    # Share of one core used by processes outside this run, and stolen by the hypervisor.
+    other_busy: float
+    steal_busy: float
+
+    @classmethod
+    def of(cls, m: Measured) -> PhaseStats:
+        """Summarize one measured phase."""
+        r = m.result
+        elapsed = max(r.elapsed_s, 1e-9)
+        return cls(
+            path=r.phase.path,
+            mode=r.phase.mode,
+            concurrency=r.phase.concurrency,
+            calls=len(r.latencies_ns),
+            errors=r.errors,
+            first_error=r.first_error,
+            elapsed_s=r.elapsed_s,
+            calls_per_s=len(r.latencies_ns) / elapsed,
+            p50_ms=percentile_ms(r.latencies_ns, 50),
+            p90_ms=percentile_ms(r.latencies_ns, 90),
+            p99_ms=percentile_ms(r.latencies_ns, 99),
+            max_ms=max(r.latencies_ns) / 1e6,
+            stream_total_p50_ms=percentile_ms(r.totals_ns, 50) if r.totals_ns else None,
+            client_cpu_s=r.client_cpu_s,
+            client_busy=r.client_cpu_s / elapsed,
+            mesh_cpu_s=m.mesh_cpu_s,
+            other_busy=m.other_cpu_s / elapsed,
+            steal_busy=m.steal_cpu_s / elapsed,
+        )
+
+    def gateway_cpu_s(self) -> float:
+        """CPU seconds of every mesh process but the simulator over this phase."""
+        return sum(v for name, v in self.mesh_cpu_s.items() if not name.startswith("sim-"))
+
+    def per_1k(self, seconds: float) -> float:
+        """`seconds` spread over this phase's calls, per 1,000 calls."""
+        return seconds / self.calls * 1000
+
+
+def _find(phases: Sequence[PhaseStats], path: PathName, mode: Mode, concurrency: int) -> PhaseStats:
+    for phase in phases:
+        if (phase.path, phase.mode, phase.concurrency) == (path, mode, concurrency):
+            return phase
+    raise KeyError((path, mode, concurrency))
+
+
+def _pair(phases: Sequence[PhaseStats], mode: Mode, concurrency: int) -> tuple[PhaseStats, PhaseStats]:
+    return _find(phases, "direct", mode, concurrency), _find(phases, "edge", mode, concurrency)
+
+
+def _levels(phases: Sequence[PhaseStats], mode: Mode) -> list[int]:
+    return sorted({p.concurrency for p in phases if p.mode == mode})
+
+
+def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, Any]:
+    """The whole report as JSON-ready data: label, config, placement, figures, added, phases, unmeasured.
+
+    `figures` holds measured, positive numbers only (absolute values and edge/direct ratios);
+    `added` holds the differences (edge minus direct, in ms) at the same percentile.
+    """
+    phases = [PhaseStats.of(m) for m in data.measured]
+    figures: dict[str, float] = {}
+    added: dict[str, float] = {}
+    for mode, prefix, _ in ROWS:
+        for c in _levels(phases, mode):
+            direct, edge = _pair(phases, mode, c)
+            for q in ("p50", "p99"):
+                d, e = getattr(direct, f"{q}_ms"), getattr(edge, f"{q}_ms")
+                figures[f"{prefix}_c{c}_{q}_ratio"] = e / d
+                figures[f"{prefix}_c{c}_{q}_ms_direct"] = d
+                figures[f"{prefix}_c{c}_{q}_ms_edge"] = e
+                added[f"{prefix}_c{c}_{q}_added_ms"] = e - d
+    top = _levels(phases, "unary")[-1]
+    sat_direct, sat_edge = _pair(phases, "unary", top)
+    figures["saturation_rps_ratio"] = sat_edge.calls_per_s / sat_direct.calls_per_s
+    figures["saturation_rps_direct"] = sat_direct.calls_per_s
+    figures["saturation_rps_edge"] = sat_edge.calls_per_s
+    figures["cpu_s_per_1k_unary_gateway"] = sat_edge.per_1k(sat_edge.gateway_cpu_s())
+    for name, phase in (("direct", sat_direct), ("edge", sat_edge)):
+        figures[f"cpu_s_per_1k_unary_sim_{name}"] = phase.per_1k(phase.mesh_cpu_s[SIM_CHILD])
+        figures[f"cpu_s_per_1k_unary_client_{name}"] = phase.per_1k(phase.client_cpu_s)
+    stream_edge = _find(phases, "edge", "stream", _levels(phases, "stream")[-1])
+    figures["cpu_s_per_1k_streams_gateway"] = stream_edge.per_1k(stream_edge.gateway_cpu_s())
+    figures["rss_mib_gateway_total"] = sum(
+        kib / 1024 for name, kib in data.rss_kib.items() if not name.startswith("sim-")
+    )
+    figures["rss_mib_simulator"] = data.rss_kib[SIM_CHILD] / 1024
+    return {
+        "label": machine_label(),
+        "smoke": smoke,
+        "config": {
+            **config,
+            "saturation_concurrency": top,
+            "simulator_knobs_unary": UNARY_KNOBS,
+            "simulator_knobs_stream": STREAM_KNOBS,
+            "direct_client": HTTP_CLIENT,
+            "edge_client": GRPC_CLIENT,
+            "client_event_loop": "uvloop",
+            "mesh": "switchyard run's plan: simulated vendors, free ports, tracing off, logs to a temp file",
+        },
+        "placement": dataclasses.asdict(data.placement) | {"mesh_processes": list(data.mesh_children)},
+        "figures": figures,
+        "added": added,
+        # Where the CPU goes through the edge at saturation; some processes are 0 on this path.
+        "cpu_s_per_1k_unary_edge_by_process": {
+            name: round(sat_edge.per_1k(seconds), 3) for name, seconds in sat_edge.mesh_cpu_s.items()
+        },
+        "rss_mib": {name: round(kib / 1024, 1) for name, kib in data.rss_kib.items()},
+        "phases": [dataclasses.asdict(p) for p in phases],
+        "unmeasured": [{"figure": f, "issues": i, "value": "UNMEASURED"} for f, i in UNMEASURED],
+        "wall_s": round(data.wall_s, 1),
+    }
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(("git", *args), cwd=REPO, capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
+def machine_label() -> dict[str, Any]:
+    """CPU model, core count, versions, git commit and date of this run."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def _knobs(knobs: dict[str, Any]) -> str:
+    return (
+        f"{knobs['chunks']} chunk(s) {knobs['chunk_delay_ms']} ms apart, "
+        f"{knobs['first_byte_delay_ms']} ms to first byte"
+    )
+
+
+def _by_value(item: tuple[str, float]) -> float:
+    return -item[1]
+
+
+def _cores(cores: Sequence[int]) -> str:
+    return ", ".join(str(c) for c in cores)
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: label, edge-vs-direct table, cost table, UNMEASURED rows."""
+    label, config, place = report["label"], report["config"], report["placement"]
+    fig, added = report["figures"], report["added"]
+    phases = [PhaseStats(**p) for p in report["phases"]]
+    commit = label["git_commit"] + (" (with uncommitted changes)" if label["git_dirty"] else "")
+    pinned = "" if place["pinned"] else " (not pinned: fewer than 2 cores available)"
+    lines = [f"# Switchyard bench, {label['date']}", ""]
+    if report["smoke"]:
+        lines += ["**SMOKE RUN: tiny counts; these numbers only show that the harness works.**", ""]
+    lines += [
+        f"- Machine: {label['cpu_model']}, {label['cores']} cores; Python {label['python']}, "
+        f"grpcio {label['grpcio']}; commit {commit}.",
+        f"- Placement{pinned}: the mesh ({', '.join(place['mesh_processes'])}, and the supervisor) "
+        f"on core(s) {_cores(place['mesh_cores'])}; the load generator on core(s) "
+        f"{_cores(place['loadgen_cores'])}.",
+        f"- Clients, in the load generator on {config['client_event_loop']}: direct = "
+        f"{config['direct_client']}; through the edge = {config['edge_client']}.",
+        f"- Upstream: the OpenAI simulator. Unary: {_knobs(config['simulator_knobs_unary'])}. "
+        f"Streaming: {_knobs(config['simulator_knobs_stream'])}. The edge's adapter always streams "
+        "from the vendor; the direct unary call is a plain JSON completion.",
+        f"- Mesh: {config['mesh']}. Each phase: {config['warmup_s']} s warm-up, then up to "
+        f"{config['duration_s']} s or {config['max_requests']:,} calls; direct and edge interleaved.",
+        "",
+        "## Through the edge vs direct",
+        "",
+        _row(
+            "Figure",
+            "Edge / direct",
+            "Added by the edge",
+            "Direct",
+            "Through the edge",
+            "Calls (direct / edge)",
+        ),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    top = config["saturation_concurrency"]
+    for mode, prefix, name in ROWS:
+        for c in _levels(phases, mode):
+            direct, edge = _pair(phases, mode, c)
+            for q in ("p50", "p99"):
+                key = f"{prefix}_c{c}_{q}"
+                lines.append(
+                    _row(
+                        f"{name} {q}, c={c}" + (" (saturation)" if mode == "unary" and c == top else ""),
+                        f"{fig[key + '_ratio']:.2f}×",
+                        f"{added[key + '_added_ms']:+.2f} ms",
+                        _ms(fig[key + "_ms_direct"]),
+                        _ms(fig[key + "_ms_edge"]),
+                        f"{direct.calls:,} / {edge.calls:,}",
+                    )
+                )
+    sat_direct, sat_edge = _pair(phases, "unary", top)
+    stream_c = _levels(phases, "stream")[-1]
+    noisiest = max(phases, key=lambda p: p.other_busy)
+    lines += [
+        _row(
+            f"Requests/s at saturation (unary, c={top})",
+            f"{fig['saturation_rps_ratio']:.2f}×",
+            "",
+            f"{fig['saturation_rps_direct']:,.0f}/s",
+            f"{fig['saturation_rps_edge']:,.0f}/s",
+            f"{sat_direct.calls:,} / {sat_edge.calls:,}",
+        ),
+        "",
+    ]
+    for phase in (sat_direct, sat_edge):
+        if phase.client_busy > 0.9:
+            lines.append(
+                f"Note: the load generator kept its core {phase.client_busy:.0%} busy on the {phase.path} "
+                f"path at c={top}, so that path's requests/s is bounded by the client (a lower bound)."
+            )
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| Figure | Value |",
+        "|---|---:|",
+        _row(
+            f"CPU s per 1,000 unary requests, gateway processes (all but the simulator), c={top}",
+            f"{fig['cpu_s_per_1k_unary_gateway']:.3f}",
+        ),
+        _row(
+            f"… by process (through the edge, c={top})",
+            ", ".join(
+                f"{name} {value:.3f}"
+                for name, value in sorted(report["cpu_s_per_1k_unary_edge_by_process"].items(), key=_by_value)
+            ),
+        ),
+        _row(
+            "CPU s per 1,000 unary requests, simulator: direct / through the edge",
+            f"{fig['cpu_s_per_1k_unary_sim_direct']:.3f} / {fig['cpu_s_per_1k_unary_sim_edge']:.3f}",
+        ),
+        _row(
+            "CPU s per 1,000 unary requests, load-generator client: direct / through the edge",
+            f"{fig['cpu_s_per_1k_unary_client_direct']:.3f} / {fig['cpu_s_per_1k_unary_client_edge']:.3f}",
+        ),
+        _row(
+            "Load generator busy at saturation (share of its core): direct / through the edge",
+            f"{sat_direct.client_busy:.0%} / {sat_edge.client_busy:.0%}",
+        ),
+        _row(
+            f"CPU s per 1,000 streams (20 chunks), gateway processes, c={stream_c}",
+            f"{fig['cpu_s_per_1k_streams_gateway']:.3f}",
+        ),
+        _row(
+            "Resident memory (VmRSS) after the run, gateway processes total",
+            f"{fig['rss_mib_gateway_total']:.0f} MiB",
+        ),
+        _row(
+            "Resident memory per process (MiB)",
+            ", ".join(f"{name} {mib:.0f}" for name, mib in report["rss_mib"].items()),
+        ),
+        _row(
+            "Noise: busiest phase for processes outside this run (share of one core); most stolen",
+            f"{noisiest.other_busy:.0%} ({noisiest.path} {noisiest.mode} c={noisiest.concurrency}); "
+            f"{max(p.steal_busy for p in phases):.0%}",
+        ),
+        "",
+        "## Not measured yet",
+        "",
+        "| Figure | Value | Owner |",
+        "|---|---|---|",
+        *(_row(u["figure"], u["value"], u["issues"]) for u in report["unmeasured"]),
+        "",
+    ]
+    failed = [p for p in phases if p.errors]
+    if failed:
+        lines += ["## Errors", ""]
+        lines += [
+            f"- {p.path} {p.mode} c={p.concurrency}: {p.errors} failed; first: {p.first_error}"
+            for p in failed
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write latest.{json,md} and a timestamped copy of each under `out`; return the latest pair."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    payload = json.dumps(report, indent=2) + "\n"
+    stamp = report["label"]["date"].replace(":", "").replace("-", "")
+    for name in ("latest", f"bench-{stamp}"):
+        (out / f"{name}.json").write_text(payload)
+        (out / f"{name}.md").write_text(text)
+    return out / "latest.json", out / "latest.md"

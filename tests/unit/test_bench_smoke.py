@@ -1,0 +1,62 @@
+"""Smoke run of the benchmark harness: it starts, measures every path and writes its report.
+
+Only checks that the harness works (exit 0, every figure present and a positive number);
+it never asserts a timing target. Real numbers come from `make bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.md").read_text().startswith("# Switchyard bench")
+    assert report["smoke"] is True
+    assert {"cpu_model", "cores", "python", "grpcio", "git_commit", "date"} <= report["label"].keys()
+
+    figures = report["figures"]
+    expected = {
+        f"{prefix}_c{c}_{q}_{kind}"
+        for prefix, levels in (("unary", (1, 16, 64)), ("ttft", (1, 16)))
+        for c in levels
+        for q in ("p50", "p99")
+        for kind in ("ratio", "ms_direct", "ms_edge")
+    } | {
+        "saturation_rps_ratio",
+        "saturation_rps_direct",
+        "saturation_rps_edge",
+        "cpu_s_per_1k_unary_gateway",
+        "cpu_s_per_1k_unary_sim_direct",
+        "cpu_s_per_1k_unary_sim_edge",
+        "cpu_s_per_1k_unary_client_direct",
+        "cpu_s_per_1k_unary_client_edge",
+        "cpu_s_per_1k_streams_gateway",
+        "rss_mib_gateway_total",
+        "rss_mib_simulator",
+    }
+    assert expected <= figures.keys()
+    not_positive = {k: v for k, v in figures.items() if not (isinstance(v, int | float) and v > 0)}
+    assert not not_positive
+    # Added latency is a difference (edge minus direct): present and finite, sign not asserted.
+    assert len(report["added"]) == 10  # (3 unary + 2 streaming levels) x (p50, p99)
+    assert all(isinstance(v, int | float) and math.isfinite(v) for v in report["added"].values())
+    assert all(p["errors"] == 0 for p in report["phases"])
+    assert {u["value"] for u in report["unmeasured"]} == {"UNMEASURED"}
