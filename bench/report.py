@@ -38,6 +38,8 @@ UNMEASURED: tuple[tuple[str, str], ...] = (
     ("Exact and semantic cache lookup at 1,000 / 100,000 entries", "#7, #9"),
     ("Ledger reserve+commit per second (in-memory, Redis)", "#6, #9"),
 )
+# Above this share of a core used by other processes during a phase, the report warns.
+NOISY = 0.2
 # (mode, figure-key prefix, row name) for the latency rows.
 ROWS: tuple[tuple[Mode, str, str], ...] = (
     ("unary", "unary", "Unary latency"),
@@ -250,6 +252,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Switchyard bench, {label['date']}", ""]
     if report["smoke"]:
         lines += ["**SMOKE RUN: tiny counts; these numbers only show that the harness works.**", ""]
+    noisiest = max(phases, key=lambda p: p.other_busy)
+    if noisiest.other_busy > NOISY:
+        lines += [
+            f"**Noisy machine: processes outside this run used up to {noisiest.other_busy:.0%} of a core "
+            f"during a measured phase ({noisiest.path} {noisiest.mode} c={noisiest.concurrency}); "
+            "rerun on a quiet machine before trusting these numbers.**",
+            "",
+        ]
     lines += [
         f"- Machine: {label['cpu_model']}, {label['cores']} cores; Python {label['python']}, "
         f"grpcio {label['grpcio']}; commit {commit}.",
@@ -294,7 +304,6 @@ def markdown(report: dict[str, Any]) -> str:
                 )
     sat_direct, sat_edge = _pair(phases, "unary", top)
     stream_c = _levels(phases, "stream")[-1]
-    noisiest = max(phases, key=lambda p: p.other_busy)
     lines += [
         _row(
             f"Requests/s at saturation (unary, c={top})",
