@@ -785,8 +785,9 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*monitors, return_exceptions=True)
             assert self._spawn_lock is not None
-            async with self._spawn_lock:  # let an in-flight spawn register itself
-                pass
+            # Let an in-flight spawn register itself before we collect the instances.
+            await self._spawn_lock.acquire()
+            self._spawn_lock.release()
             instances = [
                 child.current
                 for child in reversed(self._children)
@@ -858,7 +859,7 @@ def _signal_group(inst: _Instance, sig: signal.Signals, *, even_if_exited: bool 
     try:
         os.killpg(inst.proc.pid, sig)
     except ProcessLookupError:
-        pass
+        return  # the group is already gone
     except PermissionError:
         with contextlib.suppress(OSError):
             os.kill(inst.proc.pid, sig)

@@ -18,6 +18,7 @@ messages and metadata never carry prompts, completions or keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import time
@@ -343,11 +344,8 @@ def parse_duration(text: str) -> float | None:
     text = text.strip()
     if not text:
         return None
-    try:
+    with contextlib.suppress(ValueError):  # not a number: an HTTP date, parsed below
         seconds = float(text)
-    except ValueError:
-        pass
-    else:
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     total = 0.0
     pos = 0
