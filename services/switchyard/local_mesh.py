@@ -26,7 +26,7 @@ from switchyard.envoy_config import (
     envoy_child_spec,
     render_local_config,
 )
-from switchyard.sim.faults import SIMULATORS
+from switchyard.sim.faults import SIMULATORS, load_simulator
 from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor, SupervisorError
 
 CONTROL_PLANES = ("router", "ledger", "health", "cache")
@@ -92,7 +92,7 @@ def plan_mesh(
             )
         )
         prefix = f"SWITCHYARD_PROVIDER_{name.upper().replace('-', '_')}"
-        common_env[f"{prefix}_BASE_URL"] = f"http://127.0.0.1:{sim_port}/v1"
+        common_env[f"{prefix}_BASE_URL"] = f"http://127.0.0.1:{sim_port}{load_simulator(provider.vendor).API_PREFIX}"
         common_env[f"{prefix}_API_KEY"] = SIM_API_KEY
         simulated.append(name)
         simulator_urls[name] = f"http://127.0.0.1:{sim_port}"

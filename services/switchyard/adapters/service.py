@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import grpc
 
 from switchyard.adapters.base import ProviderClient
-from switchyard.adapters.vendors import TRANSLATORS
+from switchyard.adapters.vendors import load_translator
 from switchyard.common.catalog import Catalog, provider_api_key, provider_base_url
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.errors import Reason, SwitchyardError, invalid
@@ -100,9 +100,7 @@ def build_adapter(
 ) -> ProviderAdapterServicer:
     """The servicer for `vendor`, with one `ProviderClient` per catalog provider of that
     vendor (keys and base URLs from the environment, see `switchyard.common.catalog`)."""
-    factory = TRANSLATORS.get(vendor)
-    if factory is None:
-        raise ValueError(f"no adapter for vendor {vendor!r}; known: {', '.join(sorted(TRANSLATORS))}")
+    factory = load_translator(vendor)
     clients: dict[str, ProviderClient] = {}
     for name, provider in catalog.providers.items():
         if provider.vendor != vendor:

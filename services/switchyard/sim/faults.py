@@ -67,6 +67,11 @@ __all__ = [
 #: Adding a vendor simulator is one row here.
 SIMULATORS: dict[str, str] = {
     "openai": "switchyard.sim.openai",
+    "anthropic": "switchyard.sim.anthropic",
+    "gemini": "switchyard.sim.gemini",
+    "mistral": "switchyard.sim.mistral",
+    "cohere": "switchyard.sim.cohere",
+    "openai_compatible": "switchyard.sim.openai_compatible",
 }
 
 #: Header carrying a JSON knob object that overrides knobs for one request.

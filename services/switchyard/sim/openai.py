@@ -40,32 +40,30 @@ finish_reason ``length``.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import random
-import string
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal
 
-import orjson
 from aiohttp import web
 
+from switchyard.sim.engine import (
+    Answer,
+    CallContext,
+    ChatCall,
+    Dialect,
+    Reply,
+    ToolSpec,
+    build_simulator_app,
+    json_reply,
+    new_id,
+    sse,
+)
 from switchyard.sim.faults import (
-    KNOBS_HEADER,
     FaultKnobs,
-    KnobError,
     RateLimitSnapshot,
     RunningSimulator,
-    SimControl,
-    add_control_routes,
     approx_text_tokens,
-    deterministic_text,
-    example_for_schema,
     seed_bytes,
-    sleep_ms,
-    split_text,
     start_simulator,
 )
 
@@ -97,8 +95,6 @@ SYSTEM_FINGERPRINT = "fp_5w1tchy4rd"
 MAX_CONTEXT_TOKENS = 128_000
 OPENAI_VERSION = "2020-10-01"
 _ORG = "org-switchyard-sim"
-_ID_ALPHABET = string.ascii_letters + string.digits
-_rng = random.Random()
 
 # --------------------------------------------------------------------------- #
 # error bodies
@@ -286,114 +282,42 @@ def prompt_tokens(messages: list[Any]) -> int:
     return total
 
 
-def _choose_tool(body: Mapping[str, Any], knobs: FaultKnobs) -> Mapping[str, Any] | None:
-    """The function the simulated model calls, or None for a text answer."""
+def _tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
     tools = body.get("tools")
-    if not isinstance(tools, list) or not tools:
-        return None
-    functions = [
-        t["function"]
+    if not isinstance(tools, list):
+        return ()
+    return tuple(
+        ToolSpec(str(t["function"].get("name", "")), t["function"].get("parameters"))
         for t in tools
         if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-    ]
-    if not functions:
-        return None
-    choice = body.get("tool_choice")
-    if choice == "none":
-        return None
+    )
+
+
+def _tool_choice(choice: object) -> str | None:
+    """`none` / `auto` / `required`, or the name a `{"type": "function", ...}` choice forces."""
     if isinstance(choice, dict):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        for candidate in functions:
-            if candidate.get("name") == name:
-                return cast(Mapping[str, Any], candidate)
-        return cast(Mapping[str, Any], functions[0])
-    if choice == "required" or knobs.tool_call:
-        return cast(Mapping[str, Any], functions[0])
-    return None
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        return str(name) if name else "required"
+    return choice if isinstance(choice, str) else None
 
 
-def _answer_text(body: Mapping[str, Any], knobs: FaultKnobs) -> str:
-    if knobs.text is not None:
-        return knobs.text
+def _json_mode(body: Mapping[str, Any]) -> tuple[Literal["object", "schema"] | None, object]:
     fmt = body.get("response_format")
-    fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
-    if fmt_type == "json_schema":
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
         spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        return orjson.dumps(example_for_schema(schema if schema is not None else {"type": "object"})).decode()
-    text = deterministic_text(seed_bytes(body.get("messages")))
-    if fmt_type == "json_object":
-        return orjson.dumps({"answer": text}).decode()
-    return text
-
-
-def _new_id(prefix: str, length: int) -> str:
-    return prefix + "".join(_rng.choices(_ID_ALPHABET, k=length))
-
-
-@dataclass(slots=True)
-class _Answer:
-    """The simulated model's answer to one request."""
-
-    content: str | None
-    tool_name: str | None
-    tool_arguments: str | None
-    finish_reason: str
-    usage: dict[str, object]
-
-
-def _answer(body: Mapping[str, Any], knobs: FaultKnobs, n_prompt: int) -> _Answer:
-    tool = _choose_tool(body, knobs)
-    content: str | None = None
-    tool_name: str | None = None
-    tool_args: str | None = None
-    if tool is not None:
-        tool_name = str(tool.get("name", ""))
-        tool_args = orjson.dumps(example_for_schema(tool.get("parameters", {"type": "object"}))).decode()
-        visible = approx_text_tokens(tool_name + tool_args)
-        finish = "tool_calls"
-    else:
-        content = _answer_text(body, knobs)
-        visible = approx_text_tokens(content)
-        finish = "stop"
-        limit = body.get("max_completion_tokens")
-        if limit is None:
-            limit = body.get("max_tokens")
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 and visible > limit:
-            content = content[: limit * 4]
-            visible = approx_text_tokens(content)
-            finish = "length"
-    if knobs.finish_reason is not None:
-        finish = knobs.finish_reason
-    completion = visible + knobs.reasoning_tokens
-    usage: dict[str, object] = {
-        "prompt_tokens": n_prompt,
-        "completion_tokens": completion,
-        "total_tokens": n_prompt + completion,
-        "prompt_tokens_details": {
-            "cached_tokens": min(knobs.cached_tokens, n_prompt),
-            "audio_tokens": 0,
-        },
-        "completion_tokens_details": {
-            "reasoning_tokens": knobs.reasoning_tokens,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    }
-    return _Answer(content, tool_name, tool_args, finish, usage)
+        return "schema", spec.get("schema") if isinstance(spec, dict) else None
+    if kind == "json_object":
+        return "object", None
+    return None, None
 
 
 def _validate(body: Mapping[str, Any]) -> dict[str, object] | None:
     """OpenAI-style 400 body for an invalid request, else None."""
     model = body.get("model")
     if model is None:
-        return _invalid(
-            "Missing required parameter: 'model'.",
-            "model",
-            "missing_required_parameter",
-        )
+        return _invalid("Missing required parameter: 'model'.", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model:
         return _invalid(
             f"Invalid type for 'model': expected a non-empty string, but got {type(model).__name__} instead.",
@@ -402,11 +326,7 @@ def _validate(body: Mapping[str, Any]) -> dict[str, object] | None:
         )
     messages = body.get("messages")
     if messages is None:
-        return _invalid(
-            "Missing required parameter: 'messages'.",
-            "messages",
-            "missing_required_parameter",
-        )
+        return _invalid("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     if not isinstance(messages, list):
         return _invalid(
             f"Invalid type for 'messages': expected an array, but got {type(messages).__name__} instead.",
@@ -422,56 +342,120 @@ def _validate(body: Mapping[str, Any]) -> dict[str, object] | None:
         )
     if body.get("stream_options") is not None and body.get("stream") is not True:
         return _invalid(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            "stream_options",
-            None,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options", None
         )
     return None
 
 
-@dataclass(slots=True)
-class _Flight:
-    """Bookkeeping for one in-flight chat request."""
-
-    settled: bool = False  # outcome already counted in stats
+def usage_object(answer: Answer) -> dict[str, object]:
+    """OpenAI's `usage` object for an answer."""
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.output_tokens,
+        "total_tokens": answer.prompt_tokens + answer.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": answer.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": answer.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- #
-# the server
+# the dialect
 # --------------------------------------------------------------------------- #
 
 
-class _OpenAISimulator:
-    """Request handlers bound to one :class:`SimControl`."""
+class OpenAIDialect(Dialect):
+    """Chat Completions as OpenAI speaks it."""
 
-    def __init__(self, control: SimControl, api_key: str | None) -> None:
-        self.control = control
-        self.api_key = api_key
+    request_id_prefix = "req_"
+    request_id_length = 32
+
+    def __init__(self, api_key: str | None) -> None:
+        super().__init__(api_key)
         self._expected_auth = f"Bearer {api_key}" if api_key is not None else None
 
-    # -- helpers ------------------------------------------------------------
-    def _auth_error(self, request: web.Request) -> dict[str, object] | None:
+    def check_auth(self, request: web.Request, ctx: CallContext) -> Reply | None:
         if self._expected_auth is None:
             return None
         header = request.headers.get("Authorization")
         if header == self._expected_auth:
             return None
         if not header:
-            return _invalid(_NO_API_KEY, None, "invalid_api_key")
+            return Reply(401, _invalid(_NO_API_KEY, None, "invalid_api_key"))
         presented = header[7:] if header.startswith("Bearer ") else header
-        return error_body(401, api_key=presented)
+        return Reply(401, error_body(401, api_key=presented))
 
-    @staticmethod
-    def _headers(
-        request_id: str,
-        started: float,
-        snap: RateLimitSnapshot | None,
-        extra: Mapping[str, str] | None = None,
-    ) -> dict[str, str]:
+    def parse(self, body: object, ctx: CallContext) -> ChatCall | Reply:
+        if not isinstance(body, dict):
+            invalid = (
+                _BAD_JSON
+                if body is None
+                else _invalid("Invalid request body: expected a JSON object.", None, None)
+            )
+            return Reply(400, invalid)
+        problem = _validate(body)
+        if problem is not None:
+            return Reply(400, problem)
+        limit = body.get("max_completion_tokens")
+        if limit is None:
+            limit = body.get("max_tokens")
+        json_mode, json_schema = _json_mode(body)
+        stream_options = body.get("stream_options")
+        ctx.response_id = new_id("chatcmpl-", 29)
+        return ChatCall(
+            model=str(body["model"]),
+            stream=body.get("stream") is True,
+            prompt_tokens=prompt_tokens(body["messages"]),
+            seed=seed_bytes(body.get("messages")),
+            tools=_tools(body),
+            tool_choice=_tool_choice(body.get("tool_choice")),
+            json_mode=json_mode,
+            json_schema=json_schema,
+            max_tokens=limit
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
+            else None,
+            extra={
+                "include_usage": isinstance(stream_options, dict)
+                and stream_options.get("include_usage") is True
+            },
+        )
+
+    def error(self, status: int, knobs: FaultKnobs, call: ChatCall | None, ctx: CallContext) -> Reply:
+        return Reply(status, self._error_body(status, knobs, call))
+
+    def _error_body(self, status: int, knobs: FaultKnobs, call: ChatCall | None) -> dict[str, object]:
+        rl = knobs.ratelimit
+        return error_body(
+            status,
+            code=knobs.error_code,
+            message=knobs.error_message,
+            model=call.model if call is not None else "gpt-4o",
+            prompt_tokens=call.prompt_tokens if call is not None else 0,
+            retry_after_s=knobs.retry_after_s,
+            limit_requests=rl.limit_requests if rl is not None else 10_000,
+            api_key=self.api_key or "sk-sim",
+        )
+
+    def knob_error(self, message: str, knob: str | None) -> Reply:
+        return Reply(400, _invalid(message, knob, "invalid_sim_knobs"))
+
+    def retry_headers(self, retry_after_s: float) -> dict[str, str]:
+        # retry-after is whole seconds (HTTP); a fractional value is also sent exactly
+        # as retry-after-ms, which the OpenAI SDKs prefer.
+        headers = {"retry-after": str(math.ceil(retry_after_s))}
+        if not float(retry_after_s).is_integer():
+            headers["retry-after-ms"] = str(round(retry_after_s * 1000))
+        return headers
+
+    def headers(self, ctx: CallContext, snap: RateLimitSnapshot | None) -> dict[str, str]:
         headers = {
-            "x-request-id": request_id,
+            "x-request-id": ctx.request_id,
             "openai-organization": _ORG,
-            "openai-processing-ms": str(int((time.perf_counter() - started) * 1000)),
+            "openai-processing-ms": str(ctx.elapsed_ms()),
             "openai-version": OPENAI_VERSION,
         }
         if snap is not None:
@@ -481,403 +465,125 @@ class _OpenAISimulator:
             headers["x-ratelimit-remaining-tokens"] = str(snap.remaining_tokens)
             headers["x-ratelimit-reset-requests"] = snap.reset_requests
             headers["x-ratelimit-reset-tokens"] = snap.reset_tokens
-        if extra:
-            headers.update(extra)
         return headers
 
-    def _error(
-        self,
-        status: int,
-        body: Mapping[str, object],
-        request_id: str,
-        started: float,
-        snap: RateLimitSnapshot | None,
-        retry_after_s: float | None = None,
-    ) -> web.Response:
-        self.control.stats.errors += 1
-        extra: dict[str, str] = {}
-        if retry_after_s is not None:
-            # retry-after is whole seconds (HTTP); a fractional value is also
-            # sent exactly as retry-after-ms, which the OpenAI SDKs prefer.
-            extra["retry-after"] = str(math.ceil(retry_after_s))
-            if not float(retry_after_s).is_integer():
-                extra["retry-after-ms"] = str(round(retry_after_s * 1000))
-        return web.Response(
-            status=status,
-            body=orjson.dumps(body),
-            content_type="application/json",
-            headers=self._headers(request_id, started, snap, extra),
+    def completion(self, call: ChatCall, answer: Answer, ctx: CallContext) -> object:
+        message: dict[str, object] = {
+            "role": "assistant",
+            "content": answer.text,
+            "refusal": None,
+            "annotations": [],
+        }
+        if answer.tool_name is not None:
+            message["tool_calls"] = [
+                {
+                    "id": new_id("call_", 24),
+                    "type": "function",
+                    "function": {"name": answer.tool_name, "arguments": answer.tool_arguments},
+                }
+            ]
+        return {
+            "id": ctx.response_id,
+            "object": "chat.completion",
+            "created": ctx.created,
+            "model": call.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
+            "usage": usage_object(answer),
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    def _chunk(self, call: ChatCall, ctx: CallContext, choices: list[object]) -> dict[str, object]:
+        return {
+            "id": ctx.response_id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": call.model,
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
+
+    def stream_frames(self, call: ChatCall, answer: Answer, ctx: CallContext, chunks: int) -> list[bytes]:
+        include_usage = bool(call.extra.get("include_usage"))
+
+        def frame(delta: dict[str, object], finish: str | None = None) -> bytes:
+            obj = self._chunk(
+                call, ctx, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            )
+            if include_usage:
+                obj["usage"] = None
+            return sse(obj)
+
+        frames: list[bytes] = []
+        if answer.tool_name is not None:
+            header = {
+                "index": 0,
+                "id": new_id("call_", 24),
+                "type": "function",
+                "function": {"name": answer.tool_name, "arguments": ""},
+            }
+            frames.append(
+                frame({"role": "assistant", "content": None, "tool_calls": [header], "refusal": None})
+            )
+            for fragment in answer.argument_pieces(chunks):
+                frames.append(frame({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}))
+        else:
+            frames.append(frame({"role": "assistant", "content": "", "refusal": None}))
+            for piece in answer.text_pieces(chunks):
+                frames.append(frame({"content": piece}))
+        frames.append(frame({}, answer.finish))
+        if include_usage:
+            frames.append(sse({**self._chunk(call, ctx, []), "usage": usage_object(answer)}))
+        return frames
+
+    def stream_end(self, call: ChatCall, ctx: CallContext) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def stream_error(self, status: int, knobs: FaultKnobs, call: ChatCall, ctx: CallContext) -> bytes:
+        # OpenAI sends a mid-stream error as a bare `data:` event (no `event:` line).
+        return sse(self._error_body(status, knobs, call))
+
+    def malformed(self, ctx: CallContext) -> bytes:
+        return (
+            b'data: {"id":"' + ctx.response_id.encode() + b'","object":"chat.completion.chunk",'
+            b'"choices":[{"index":0,"delta":{"content":"\n\n'
         )
 
-    # -- handlers -----------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
-        """``GET /v1/models`` and ``GET /v1/models/{model}``."""
-        request_id = _new_id("req_", 32)
-        started = time.perf_counter()
-        auth = self._auth_error(request)
+        """`GET /v1/models` and `GET /v1/models/{model}`."""
+        ctx = self.new_context(request)
+        headers = self.headers(ctx, None)
+        auth = self.check_auth(request, ctx)
         if auth is not None:
-            return web.Response(
-                status=401,
-                body=orjson.dumps(auth),
-                content_type="application/json",
-                headers=self._headers(request_id, started, None),
-            )
+            return json_reply(auth.status, auth.body, headers)
         wanted = request.match_info.get("model")
-        if wanted is not None:
-            if wanted not in MODELS:
-                return web.Response(
-                    status=404,
-                    body=orjson.dumps(error_body(404, model=wanted)),
-                    content_type="application/json",
-                    headers=self._headers(request_id, started, None),
-                )
-            payload: object = _model_obj(wanted)
-        else:
-            payload = {"object": "list", "data": [_model_obj(m) for m in MODELS]}
-        return web.Response(
-            body=orjson.dumps(payload),
-            content_type="application/json",
-            headers=self._headers(request_id, started, None),
-        )
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        """``POST /v1/chat/completions``; counts disconnects when cancelled."""
-        control = self.control
-        control.stats.requests += 1
-        control.stats.active += 1
-        flight = _Flight()
-        try:
-            return await self._chat(request, flight)
-        except asyncio.CancelledError:
-            if not flight.settled:
-                control.stats.disconnects += 1
-            raise
-        finally:
-            control.stats.active -= 1
-
-    async def _chat(self, request: web.Request, flight: _Flight) -> web.StreamResponse:
-        control = self.control
-        started = time.perf_counter()
-        request_id = _new_id("req_", 32)
-        raw = await request.read()
-        body: object
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        control.stats.last_request = body
-
-        auth = self._auth_error(request)
-        if auth is not None:
-            flight.settled = True
-            return self._error(401, auth, request_id, started, None)
-        if not isinstance(body, dict):
-            flight.settled = True
-            err = (
-                _BAD_JSON
-                if body is None
-                else _invalid("Invalid request body: expected a JSON object.", None, None)
-            )
-            return self._error(400, err, request_id, started, None)
-
-        try:
-            knobs = control.knobs_for_request(request.headers.get(KNOBS_HEADER))
-        except KnobError as exc:
-            flight.settled = True
-            return self._error(
-                400,
-                _invalid(
-                    f"Invalid {KNOBS_HEADER} header: {exc}",
-                    exc.field_name,
-                    "invalid_sim_knobs",
-                ),
-                request_id,
-                started,
-                None,
-            )
-
-        await sleep_ms(knobs.first_byte_delay_ms)
-
-        invalid = _validate(body)
-        n_prompt = prompt_tokens(body["messages"]) if invalid is None else 0
-        snap = control.ratelimit(knobs, n_prompt)
-        if invalid is not None:
-            flight.settled = True
-            return self._error(400, invalid, request_id, started, snap)
-
-        model = str(body["model"])
-        stream = body.get("stream") is True
-        if knobs.status is not None and not (stream and knobs.error_after_chunks is not None):
-            flight.settled = True
-            err = error_body(
-                knobs.status,
-                code=knobs.error_code,
-                message=knobs.error_message,
-                model=model,
-                prompt_tokens=n_prompt,
-                retry_after_s=knobs.retry_after_s,
-                limit_requests=snap.limit_requests,
-                api_key=self.api_key or "sk-sim",
-            )
-            return self._error(knobs.status, err, request_id, started, snap, knobs.retry_after_s)
-
-        if knobs.drop_after_chunks is not None and not stream:
-            flight.settled = True
-            control.stats.dropped += 1
-            _drop_connection(request)
-            return web.Response(status=500)  # never delivered
-
-        answer = _answer(body, knobs, n_prompt)
-        completion_id = _new_id("chatcmpl-", 29)
-        created = int(time.time())
-        if not stream:
-            flight.settled = True
-            control.stats.completed += 1
-            return web.Response(
-                body=orjson.dumps(_completion(completion_id, created, model, answer)),
-                content_type="application/json",
-                headers=self._headers(request_id, started, snap),
-            )
-        return await self._stream(
-            request,
-            flight,
-            knobs,
-            body,
-            answer,
-            completion_id,
-            created,
-            request_id,
-            started,
-            snap,
-            n_prompt,
-        )
-
-    async def _stream(
-        self,
-        request: web.Request,
-        flight: _Flight,
-        knobs: FaultKnobs,
-        body: Mapping[str, Any],
-        answer: _Answer,
-        completion_id: str,
-        created: int,
-        request_id: str,
-        started: float,
-        snap: RateLimitSnapshot,
-        n_prompt: int,
-    ) -> web.StreamResponse:
-        control = self.control
-        stream_options = body.get("stream_options")
-        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        frames = _stream_frames(
-            completion_id,
-            created,
-            str(body["model"]),
-            answer,
-            knobs.chunks,
-            include_usage,
-        )
-
-        # Which fault (if any) cuts the stream, and after how many frames;
-        # the earliest wins, ties go to drop, then error, then malformed.
-        cut, fault = len(frames) + 1, ""
-        for kind, after in (
-            ("drop", knobs.drop_after_chunks),
-            ("error", knobs.error_after_chunks),
-            ("malformed", knobs.malformed_after_chunks),
-        ):
-            if after is not None and min(after, len(frames)) < cut:
-                cut, fault = min(after, len(frames)), kind
-        if not fault:
-            cut = len(frames)
-
-        resp = web.StreamResponse(status=200, headers=self._headers(request_id, started, snap))
-        resp.content_type = "text/event-stream"
-        resp.charset = "utf-8"
-        delay = knobs.chunk_delay_ms
-        try:
-            await resp.prepare(request)
-            sent = frames[:cut]
-            if not fault:
-                sent = [*sent, b"data: [DONE]\n\n"]
-            if delay <= 0:
-                if sent:
-                    await resp.write(b"".join(sent))
-            else:
-                for i, frame in enumerate(sent):
-                    if i and i < cut:  # [DONE] follows the last chunk immediately
-                        await sleep_ms(delay)
-                    await resp.write(frame)
-            if fault and cut:
-                await sleep_ms(delay)
-            if fault == "drop":
-                flight.settled = True
-                control.stats.dropped += 1
-                _drop_connection(request)
-                return resp
-            if fault == "error":
-                status = knobs.status if knobs.status is not None else 500
-                err = error_body(
-                    status,
-                    code=knobs.error_code,
-                    message=knobs.error_message,
-                    model=str(body["model"]),
-                    prompt_tokens=n_prompt,
-                    retry_after_s=knobs.retry_after_s,
-                    limit_requests=snap.limit_requests,
-                )
-                await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
-            elif fault == "malformed":
-                await resp.write(
-                    b'data: {"id":"'
-                    + completion_id.encode()
-                    + b'","object":"chat.completion.chunk","choices":[{"index":0,'
-                    b'"delta":{"content":"\n\n'
-                )
-            await resp.write_eof()
-        except ConnectionError:
-            if not flight.settled:
-                flight.settled = True
-                control.stats.disconnects += 1
-            return resp
-        flight.settled = True
-        if fault:
-            control.stats.errors += 1
-        else:
-            control.stats.completed += 1
-        return resp
-
-
-def _drop_connection(request: web.Request) -> None:
-    """Close the TCP connection now (buffered bytes are flushed, then FIN)."""
-    transport = request.transport
-    if transport is not None:
-        transport.close()
+        if wanted is None:
+            return json_reply(200, {"object": "list", "data": [_model_obj(m) for m in MODELS]}, headers)
+        if wanted not in MODELS:
+            return json_reply(404, error_body(404, model=wanted), headers)
+        return json_reply(200, _model_obj(wanted), headers)
 
 
 def _model_obj(model: str) -> dict[str, object]:
-    return {
-        "id": model,
-        "object": "model",
-        "created": 1_715_367_049,
-        "owned_by": "system",
-    }
-
-
-def _completion(completion_id: str, created: int, model: str, answer: _Answer) -> dict[str, object]:
-    message: dict[str, object] = {
-        "role": "assistant",
-        "content": answer.content,
-        "refusal": None,
-        "annotations": [],
-    }
-    if answer.tool_name is not None:
-        message["tool_calls"] = [
-            {
-                "id": _new_id("call_", 24),
-                "type": "function",
-                "function": {
-                    "name": answer.tool_name,
-                    "arguments": answer.tool_arguments,
-                },
-            }
-        ]
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": answer.finish_reason,
-            }
-        ],
-        "usage": answer.usage,
-        "service_tier": "default",
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-    }
-
-
-def _stream_frames(
-    completion_id: str,
-    created: int,
-    model: str,
-    answer: _Answer,
-    chunks: int,
-    include_usage: bool,
-) -> list[bytes]:
-    """Every ``data:`` event of the stream except ``[DONE]``."""
-
-    def frame(delta: dict[str, object], finish: str | None = None) -> bytes:
-        obj: dict[str, object] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "service_tier": "default",
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            obj["usage"] = None
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-    frames: list[bytes] = []
-    if answer.tool_name is not None:
-        call_header = {
-            "index": 0,
-            "id": _new_id("call_", 24),
-            "type": "function",
-            "function": {"name": answer.tool_name, "arguments": ""},
-        }
-        frames.append(
-            frame(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [call_header],
-                    "refusal": None,
-                }
-            )
-        )
-        for fragment in split_text(answer.tool_arguments or "", chunks):
-            frames.append(frame({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}))
-    else:
-        frames.append(frame({"role": "assistant", "content": "", "refusal": None}))
-        for piece in split_text(answer.content or "", chunks):
-            frames.append(frame({"content": piece}))
-    frames.append(frame({}, answer.finish_reason))
-    if include_usage:
-        usage_obj = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "service_tier": "default",
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [],
-            "usage": answer.usage,
-        }
-        frames.append(b"data: " + orjson.dumps(usage_obj) + b"\n\n")
-    return frames
+    return {"id": model, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
 
 
 def build_app(knobs: FaultKnobs | None = None, *, api_key: str | None = None) -> web.Application:
     """The OpenAI simulator application.
 
-    ``knobs`` are the start-up (and ``DELETE /_sim/knobs`` reset) knobs;
-    with ``api_key`` set, API requests must send ``Authorization: Bearer <api_key>``.
-    Serve it with :func:`switchyard.sim.faults.serve_app` (handler cancellation
-    on) so client disconnects are noticed while the handler sleeps.
+    `knobs` are the start-up (and `DELETE /_sim/knobs` reset) knobs; with `api_key` set,
+    API requests must send `Authorization: Bearer <api_key>`. Serve it with
+    `switchyard.sim.faults.serve_app` (handler cancellation on) so client disconnects are
+    noticed while the handler sleeps.
     """
-    control = SimControl(knobs)
-    sim = _OpenAISimulator(control, api_key)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post(API_PREFIX + "/chat/completions", sim.chat)
-    app.router.add_get(API_PREFIX + "/models", sim.models)
-    app.router.add_get(API_PREFIX + "/models/{model}", sim.models)
-    add_control_routes(app, control)
-    return app
+    dialect = OpenAIDialect(api_key)
+    return build_simulator_app(
+        dialect,
+        knobs,
+        [API_PREFIX + "/chat/completions"],
+        {
+            ("GET", API_PREFIX + "/models"): dialect.models,
+            ("GET", API_PREFIX + "/models/{model}"): dialect.models,
+        },
+    )

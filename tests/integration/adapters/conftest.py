@@ -1,5 +1,10 @@
-"""Fixtures for adapter integration tests: the OpenAI simulator in-process and the
-adapter as a real `grpc.aio` server on a free loopback port, called through a channel."""
+"""Fixtures for adapter integration tests: a vendor's simulator in-process and its adapter
+as a real `grpc.aio` server on a free loopback port, called through a channel.
+
+`vendor_env` runs once per row of the vendor table (`cases/`); `openai_env` is the OpenAI
+row alone, for the tests of OpenAI's own wire details. Function-scoped wrappers hand each
+test a simulator with default knobs, an empty script and zeroed stats.
+"""
 
 from __future__ import annotations
 
@@ -9,82 +14,95 @@ from typing import Any
 
 import grpc
 import httpx
+import orjson
 import pytest
 
 from switchyard.adapters.service import ProviderAdapterServicer, build_adapter
 from switchyard.common.catalog import parse_catalog
 from switchyard.common.ports import free_port
 from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
-from switchyard.sim.openai import RunningSimulator, start_simulator
+from switchyard.sim.faults import RunningSimulator, start_simulator
 from switchyard.v1 import provider_pb2_grpc
+
+from .cases import CASES, VendorCase
 
 SIM_KEY = "sk-sim-adapter-test-key"
 WRONG_KEY = "sk-wrong-adapter-test-key"
 
-CATALOG = """
-providers:
-  openai:
-    vendor: openai
-    base_url: {base}
-    region: us
-    timeouts: {{connect_ms: 2000, first_byte_ms: 5000, idle_ms: 5000}}
-  openai-slow:
-    vendor: openai
-    base_url: {base}
-    timeouts: {{connect_ms: 2000, first_byte_ms: 300, idle_ms: 300}}
-  openai-probe:
-    vendor: openai
-    base_url: {base}
-    options: {{probe: completion}}
-  openai-badkey:
-    vendor: openai
-    base_url: {base}
-  openai-dead:
-    vendor: openai
-    base_url: http://127.0.0.1:{dead_port}/v1
-    timeouts: {{connect_ms: 1000, first_byte_ms: 2000, idle_ms: 2000}}
-  anthropic:
-    vendor: anthropic
-    base_url: http://127.0.0.1:{dead_port}
-models:
-  - id: openai/gpt-4o-mini
-    provider: openai
-    upstream_model: gpt-4o-mini
-    context_window: 128000
-    max_output_tokens: 16384
-    prices: {{input: "0.15", output: "0.60", cached_input: "0.075"}}
-    capabilities: [tools, vision, json_mode, json_schema, streaming]
-    category: small
-    quality: 70
-  - id: openai/o4-mini
-    provider: openai
-    upstream_model: o4-mini
-    context_window: 200000
-    max_output_tokens: 100000
-    prices: {{input: "1.10", output: "4.40"}}
-    capabilities: [tools, reasoning, streaming]
-    category: reasoning
-    aliases: [thinker]
-  - id: slow/gpt-4o-mini
-    provider: openai-slow
-    upstream_model: gpt-4o-mini
-    context_window: 128000
-    max_output_tokens: 16384
-    prices: {{input: "0.15", output: "0.60"}}
-  - id: probe/gpt-4o-mini
-    provider: openai-probe
-    upstream_model: gpt-4o-mini
-    context_window: 128000
-    max_output_tokens: 16384
-    prices: {{input: "0.15", output: "0.60"}}
-  - id: anthropic/claude
-    provider: anthropic
-    upstream_model: claude-x
-    context_window: 200000
-    max_output_tokens: 8192
-    prices: {{input: "3", output: "15"}}
-aliases: {{mini: openai/gpt-4o-mini}}
-"""
+# Provider-name suffix -> (timeouts, options) on top of the vendor's own options. The
+# plain provider is the one most tests use; "-slow" has short first-byte and idle
+# deadlines; "-probe" probes with a 1-token completion; "-badkey" sends a wrong key;
+# "-dead" points at a closed port.
+_PROVIDERS: dict[str, tuple[dict[str, int], dict[str, Any]]] = {
+    "": ({"connect_ms": 2000, "first_byte_ms": 5000, "idle_ms": 5000}, {}),
+    "-slow": ({"connect_ms": 2000, "first_byte_ms": 300, "idle_ms": 300}, {}),
+    "-probe": ({"connect_ms": 2000, "first_byte_ms": 5000, "idle_ms": 5000}, {"probe": "completion"}),
+    "-badkey": ({"connect_ms": 2000, "first_byte_ms": 5000, "idle_ms": 5000}, {}),
+    "-dead": ({"connect_ms": 1000, "first_byte_ms": 2000, "idle_ms": 2000}, {}),
+}
+_MODEL_PREFIX = {"": "main", "-slow": "slow", "-probe": "probe", "-badkey": "badkey", "-dead": "dead"}
+
+
+def table_catalog(case: VendorCase, base_url: str, dead_port: int) -> str:
+    """A catalog with the five table providers of `case.vendor` and one model on each
+    (plus the reasoning model on the plain provider), and an unrelated vendor's provider."""
+    providers: dict[str, Any] = {}
+    models: list[dict[str, Any]] = []
+    for suffix, (timeouts, options) in _PROVIDERS.items():
+        name = f"{case.vendor}{suffix}".replace("_", "-")
+        # The dead provider keeps the path (the vendor's API prefix) on a closed port.
+        url = (
+            base_url.replace(base_url.split("/")[2], f"127.0.0.1:{dead_port}", 1)
+            if suffix == "-dead"
+            else base_url
+        )
+        providers[name] = {
+            "vendor": case.vendor,
+            "base_url": url,
+            "region": "us",
+            "timeouts": timeouts,
+            "options": {**case.provider_options, **options},
+        }
+        models.append(
+            {
+                "id": f"{_MODEL_PREFIX[suffix]}/{case.model}",
+                "provider": name,
+                "upstream_model": case.model,
+                "context_window": 128000,
+                "max_output_tokens": 8192,
+                "prices": {"input": "1", "output": "2", "cached_input": "0.5"},
+                "capabilities": ["tools", "json_mode", "json_schema", "streaming"],
+            }
+        )
+    main = case.vendor.replace("_", "-")
+    models.append(
+        {
+            "id": f"reasoning/{case.reasoning_model}",
+            "provider": main,
+            "upstream_model": case.reasoning_model,
+            "context_window": 200000,
+            "max_output_tokens": 32000,
+            "prices": {"input": "1", "output": "4"},
+            "capabilities": ["tools", "reasoning", "streaming"],
+            "category": "reasoning",
+        }
+    )
+    other = "anthropic" if case.vendor != "anthropic" else "openai"
+    providers[f"other-{other}"] = {"vendor": other, "base_url": f"http://127.0.0.1:{dead_port}"}
+    return orjson.dumps({"providers": providers, "models": models}).decode()
+
+
+def provider_name(case: VendorCase, suffix: str = "") -> str:
+    """The table's provider for `case` with `suffix` ("", "-slow", "-probe", ...)."""
+    return f"{case.vendor}{suffix}".replace("_", "-")
+
+
+def key_env(case: VendorCase) -> dict[str, str]:
+    environ = {}
+    for suffix in _PROVIDERS:
+        env_name = provider_name(case, suffix).upper().replace("-", "_")
+        environ[f"SWITCHYARD_PROVIDER_{env_name}_API_KEY"] = WRONG_KEY if suffix == "-badkey" else SIM_KEY
+    return environ
 
 
 @dataclass
@@ -105,6 +123,11 @@ class SimHandle:
         stats: dict[str, Any] = response.json()
         return stats
 
+    async def reset(self) -> None:
+        """Default knobs, an empty script and zeroed stats."""
+        (await self.control.delete("/_sim/knobs")).raise_for_status()
+        (await self.control.post("/_sim/stats/reset")).raise_for_status()
+
 
 @dataclass
 class AdapterHandle:
@@ -115,43 +138,65 @@ class AdapterHandle:
     port: int
 
 
-@pytest.fixture(scope="module")
-async def openai_sim() -> AsyncIterator[SimHandle]:
-    sim = await start_simulator("openai", port=0, knobs=None, api_key=SIM_KEY)
+@dataclass
+class VendorEnv:
+    """One vendor's simulator and adapter, and the table row that describes them."""
+
+    case: VendorCase
+    sim: SimHandle
+    adapter: AdapterHandle
+
+    def provider(self, suffix: str = "") -> str:
+        return provider_name(self.case, suffix)
+
+
+async def _start(case: VendorCase) -> AsyncIterator[VendorEnv]:
+    sim = await start_simulator(case.vendor, port=0, knobs=None, api_key=SIM_KEY)
     control = httpx.AsyncClient(base_url=sim.root_url, timeout=5.0)
-    try:
-        yield SimHandle(sim, control)
-    finally:
-        await control.aclose()
-        await sim.close()
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_sim(openai_sim: SimHandle) -> None:
-    """Every test starts from default knobs, an empty script and zeroed stats."""
-    (await openai_sim.control.delete("/_sim/knobs")).raise_for_status()
-    (await openai_sim.control.post("/_sim/stats/reset")).raise_for_status()
-
-
-@pytest.fixture(scope="module")
-async def adapter(openai_sim: SimHandle) -> AsyncIterator[AdapterHandle]:
-    catalog = parse_catalog(CATALOG.format(base=openai_sim.sim.base_url, dead_port=free_port()))
-    environ = {
-        "SWITCHYARD_PROVIDER_OPENAI_API_KEY": SIM_KEY,
-        "SWITCHYARD_PROVIDER_OPENAI_SLOW_API_KEY": SIM_KEY,
-        "SWITCHYARD_PROVIDER_OPENAI_PROBE_API_KEY": SIM_KEY,
-        "SWITCHYARD_PROVIDER_OPENAI_BADKEY_API_KEY": WRONG_KEY,
-        "SWITCHYARD_PROVIDER_OPENAI_DEAD_API_KEY": SIM_KEY,
-    }
-    servicer = build_adapter(catalog, "openai", environ)
+    catalog = parse_catalog(table_catalog(case, sim.base_url + case.base_url_suffix, free_port()))
+    servicer = build_adapter(catalog, case.vendor, key_env(case))
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
     provider_pb2_grpc.add_ProviderAdapterServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield AdapterHandle(provider_pb2_grpc.ProviderAdapterServiceStub(channel), servicer, port)
+        adapter = AdapterHandle(provider_pb2_grpc.ProviderAdapterServiceStub(channel), servicer, port)
+        yield VendorEnv(case, SimHandle(sim, control), adapter)
     finally:
         await channel.close()
         await server.stop(grace=None)
         await servicer.aclose()
+        await control.aclose()
+        await sim.close()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: case.vendor)
+async def vendor_env(request: pytest.FixtureRequest) -> AsyncIterator[VendorEnv]:
+    async for env in _start(request.param):
+        yield env
+
+
+@pytest.fixture
+async def env(vendor_env: VendorEnv) -> VendorEnv:
+    """The current vendor's environment, its simulator freshly reset."""
+    await vendor_env.sim.reset()
+    return vendor_env
+
+
+@pytest.fixture(scope="module")
+async def openai_env() -> AsyncIterator[VendorEnv]:
+    case = next(case for case in CASES if case.vendor == "openai")
+    async for env in _start(case):
+        yield env
+
+
+@pytest.fixture
+async def openai_sim(openai_env: VendorEnv) -> SimHandle:
+    await openai_env.sim.reset()
+    return openai_env.sim
+
+
+@pytest.fixture
+async def adapter(openai_env: VendorEnv, openai_sim: SimHandle) -> AdapterHandle:
+    return openai_env.adapter

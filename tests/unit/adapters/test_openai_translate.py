@@ -20,9 +20,9 @@ from switchyard.adapters.base import (
     parse_duration,
     parse_retry_after,
 )
-from switchyard.adapters.vendors import TRANSLATORS
+from switchyard.adapters.vendors import TRANSLATORS, load_translator
 from switchyard.adapters.vendors.openai import OpenAIStreamDecoder, OpenAITranslator
-from switchyard.common.catalog import Provider
+from switchyard.common.catalog import VENDORS, Provider
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.v1 import common_pb2, provider_pb2
 
@@ -72,7 +72,10 @@ def refused(field: str, **chat: Any) -> SwitchyardError:
 
 
 def test_translator_table_has_openai() -> None:
-    assert TRANSLATORS["openai"] is OpenAITranslator
+    assert load_translator("openai") is OpenAITranslator
+    with pytest.raises(ValueError, match="no adapter for vendor 'nope'"):
+        load_translator("nope")
+    assert set(TRANSLATORS) == set(VENDORS)
 
 
 def test_minimal_request() -> None:
