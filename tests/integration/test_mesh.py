@@ -258,8 +258,10 @@ async def test_one_request_is_one_trace_across_processes(
     def services_in_trace(spans: list) -> set[str]:  # type: ignore[type-arg]
         return {s.service_name for s in spans if s.trace_id == trace_id and s.kind == "SERVER"}
 
-    wanted = {"switchyard-edge", "switchyard-router", "switchyard-adapter-openai"}
+    wanted = {"switchyard-edge", "switchyard-adapter-openai"}
     spans = await otlp.wait_for(lambda s: wanted <= services_in_trace(s), timeout=15)
+    # The plan is made at the edge: the only synchronous hop of a request is edge -> adapter.
+    assert services_in_trace(spans) == wanted
     in_trace = {s.span_id: s for s in spans if s.trace_id == trace_id}
     for span in in_trace.values():
         if span.service_name != "switchyard-edge" and span.kind == "SERVER":
@@ -276,3 +278,60 @@ async def test_concurrent_requests_all_succeed(mesh: Mesh, openai_sim: SimContro
     )
     assert all(r.finish_reason == common_pb2.FINISH_REASON_STOP for r in results)
     assert (await openai_sim.stats())["requests"] == 20
+
+
+async def test_a_failed_candidate_is_retried_after_its_retry_after(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
+    # Both candidates answer 429 once; the third attempt goes back to the first candidate,
+    # after the vendor's retry-after (0.3 s), and succeeds.
+    await openai_sim.script({"status": 429, "retry_after_s": 0.3}, {"status": 429, "retry_after_s": 0.3})
+    started = asyncio.get_running_loop().time()
+    response = await mesh.gateway().Chat(chat_request(), timeout=30)
+    waited = asyncio.get_running_loop().time() - started
+    assert [(a.model, a.error_reason) for a in response.attempts] == [
+        ("openai/gpt-4o-mini", "RATE_LIMITED"),
+        ("openai/gpt-4.1-mini", "RATE_LIMITED"),
+        ("openai/gpt-4o-mini", ""),
+    ]
+    assert waited >= 0.3, "the vendor's retry-after was not honoured"
+    assert (await openai_sim.stats())["requests"] == 3
+
+
+async def test_model_limits_are_checked_before_any_cost(mesh: Mesh, openai_sim: SimControl) -> None:
+    too_much_output = chat_request()
+    too_much_output.sampling.max_output_tokens = 16_385
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.gateway().Chat(too_much_output, timeout=10)
+    error = from_rpc_error(caught.value)
+    assert (error.reason, error.metadata["field"]) == (Reason.INVALID_REQUEST, "sampling.max_output_tokens")
+    assert error.metadata["limit"] == "16384"
+    long_prompt = chat_request("word " * 100_000)  # about 125k tokens at 4 characters per token
+    long_prompt.sampling.max_output_tokens = 16_000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.gateway().Chat(long_prompt, timeout=10)
+    error = from_rpc_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.CONTEXT_TOO_LONG)
+    assert error.metadata["context_window"] == "128000"
+    assert error.metadata["max_output_tokens"] == "16000"
+    assert int(error.metadata["prompt_tokens"]) + 16_000 > 128_000
+    assert "word word" not in error.message
+    assert (await openai_sim.stats())["requests"] == 0
+
+
+async def test_identical_concurrent_requests_share_one_upstream_call(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
+    await openai_sim.knobs(chunks=5, chunk_delay_ms=60)
+    calls = [mesh.gateway().Chat(chat_request("the same question"), timeout=30) for _ in range(6)]
+    responses = await asyncio.gather(*calls)
+    assert (await openai_sim.stats())["requests"] == 1
+    assert len({r.message.parts[0].text for r in responses}) == 1
+    statuses = sorted(r.cache_status for r in responses)
+    assert statuses.count(common_pb2.CACHE_STATUS_DEDUPLICATED) == 5
+    leader = next(r for r in responses if r.cache_status != common_pb2.CACHE_STATUS_DEDUPLICATED)
+    assert leader.cost_micros > 0
+    assert all(
+        r.cost_micros == 0 and r.saved_micros == leader.cost_micros for r in responses if r is not leader
+    )
+    assert len({r.request_id for r in responses}) == 6

@@ -155,7 +155,7 @@ async def test_sigterm_drains_and_exits_zero(cli_env: dict[str, str]) -> None:
             await process.wait()
 
 
-async def test_edge_plans_locally_when_the_router_is_down(
+async def test_edge_serves_without_the_router(
     mesh: Mesh, openai_sim: SimControl, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {
@@ -169,7 +169,7 @@ async def test_edge_plans_locally_when_the_router_is_down(
             request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text="hi")])
             response = await gateway_pb2_grpc.GatewayServiceStub(channel).Chat(request, timeout=30)
     assert response.routing.model == "openai/gpt-4o-mini"
-    assert response.routing.reason == "alias 'fast' (local plan: router unavailable)"
+    assert response.routing.reason == "alias 'fast'"  # planned locally: no hop to the router
 
 
 async def test_unreachable_adapter_fails_every_attempt_clearly(
@@ -235,3 +235,56 @@ async def test_run_starts_the_whole_mesh_and_stops_cleanly(cli_env: dict[str, st
 async def _drain(stream: asyncio.StreamReader, lines: list[str]) -> None:
     while line := await stream.readline():
         lines.append(line.decode())
+
+
+async def wait_until_active(sim: SimControl, count: int, timeout_s: float = 10.0) -> None:
+    """Poll the simulator until `count` requests are in flight there."""
+    deadline = time.monotonic() + timeout_s
+    active = 0
+    for _ in range(int(timeout_s / 0.02)):
+        active = (await sim.stats())["active"]
+        if active >= count or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert active >= count, f"only {active} requests reached the simulator"
+
+
+async def test_overload_sheds_low_priority_and_queues_high_priority_first(
+    mesh: Mesh, openai_sim: SimControl, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {
+        **cli_env,
+        "SWITCHYARD_ADAPTER_OPENAI_TARGET": mesh.target("adapter-openai"),
+        "SWITCHYARD_EDGE_MAX_CONCURRENT": "2",
+        "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "20",
+    }
+    await openai_sim.knobs(chunks=4, chunk_delay_ms=250)
+
+    def ask(text: str, priority: common_pb2.Priority.ValueType) -> common_pb2.ChatRequest:
+        request = common_pb2.ChatRequest(model="openai/gpt-4o-mini")
+        request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])
+        request.routing.priority = priority
+        return request
+
+    async with service("edge-small", "edge", env=env, tmp_path=tmp_path) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            finished: list[str] = []
+
+            async def run(name: str, priority: common_pb2.Priority.ValueType) -> None:
+                await stub.Chat(ask(name, priority), timeout=30)
+                finished.append(name)
+
+            busy = [asyncio.create_task(run(f"busy {i}", common_pb2.PRIORITY_NORMAL)) for i in range(2)]
+            await wait_until_active(openai_sim, 2)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Chat(ask("low", common_pb2.PRIORITY_LOW), timeout=30)
+            error = from_rpc_error(caught.value)
+            assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.OVERLOADED)
+            assert error.retry_after_s is not None and error.retry_after_s > 0
+            normal = asyncio.create_task(run("normal", common_pb2.PRIORITY_NORMAL))
+            await asyncio.sleep(0.1)  # queued first, yet the critical request must go ahead of it
+            critical = asyncio.create_task(run("critical", common_pb2.PRIORITY_CRITICAL))
+            await asyncio.gather(*busy, normal, critical)
+    assert finished.index("critical") < finished.index("normal")
+    assert (await openai_sim.stats())["requests"] == 4  # the shed request cost nothing

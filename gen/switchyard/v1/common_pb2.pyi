@@ -354,6 +354,10 @@ class _CacheStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheStat
     CACHE_STATUS_HIT_SEMANTIC: _CacheStatus.ValueType  # 4
     CACHE_STATUS_REFRESHED: _CacheStatus.ValueType  # 5
     """The caller asked to refresh: the provider answered and the entry was replaced."""
+    CACHE_STATUS_DEDUPLICATED: _CacheStatus.ValueType  # 6
+    """An identical request of the same tenant was already in flight; this answer is a copy of
+    that one upstream call, whose cost is recorded once (on the first request).
+    """
 
 class CacheStatus(_CacheStatus, metaclass=_CacheStatusEnumTypeWrapper):
     """Where an answer came from."""
@@ -366,6 +370,10 @@ CACHE_STATUS_HIT_EXACT: CacheStatus.ValueType  # 3
 CACHE_STATUS_HIT_SEMANTIC: CacheStatus.ValueType  # 4
 CACHE_STATUS_REFRESHED: CacheStatus.ValueType  # 5
 """The caller asked to refresh: the provider answered and the entry was replaced."""
+CACHE_STATUS_DEDUPLICATED: CacheStatus.ValueType  # 6
+"""An identical request of the same tenant was already in flight; this answer is a copy of
+that one upstream call, whose cost is recorded once (on the first request).
+"""
 Global___CacheStatus: _TypeAlias = CacheStatus  # noqa: Y015
 
 class _Capability:

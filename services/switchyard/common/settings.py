@@ -61,6 +61,13 @@ class Settings(BaseModel):
     call_timeout_s: float = Field(default=5.0, gt=0)
     # Deadline for a whole generation when the caller set none.
     generate_timeout_s: float = Field(default=300.0, gt=0)
+    # Edge overload control: concurrent chat requests per replica, the priority queue in front
+    # of them, and how long a queued request waits for a slot.
+    edge_max_concurrent: int = Field(default=512, gt=0)
+    edge_max_queue: int = Field(default=2048, ge=0)
+    edge_queue_timeout_s: float = Field(default=5.0, gt=0)
+    # Identical in-flight requests of one tenant share one upstream call.
+    edge_dedup: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -82,6 +89,10 @@ class Settings(BaseModel):
             "SWITCHYARD_SHUTDOWN_GRACE_S": "shutdown_grace_s",
             "SWITCHYARD_CALL_TIMEOUT_S": "call_timeout_s",
             "SWITCHYARD_GENERATE_TIMEOUT_S": "generate_timeout_s",
+            "SWITCHYARD_EDGE_MAX_CONCURRENT": "edge_max_concurrent",
+            "SWITCHYARD_EDGE_MAX_QUEUE": "edge_max_queue",
+            "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "edge_queue_timeout_s",
+            "SWITCHYARD_EDGE_DEDUP": "edge_dedup",
         }
         for var, field in simple.items():
             raw = env.get(var)

@@ -8,6 +8,8 @@ the usage and a `done` carrying the cost in micro-USD.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -21,7 +23,6 @@ from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
 from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts, cost_micros
 from switchyard.common.settings import Settings
-from switchyard.edge.validate import validate_chat_request
 from switchyard.router.plan import plan_route
 from switchyard.router.service import candidate_proto
 from switchyard.v1 import (
@@ -30,7 +31,6 @@ from switchyard.v1 import (
     provider_pb2,
     provider_pb2_grpc,
     router_pb2,
-    router_pb2_grpc,
 )
 
 log = get_logger(__name__)
@@ -40,12 +40,32 @@ log = get_logger(__name__)
 _FAILOVER_REASONS = frozenset({Reason.AUTH_FAILED, Reason.NOT_FOUND})
 
 
+MAX_ATTEMPTS = 3
+# Backoff before retrying a candidate that already failed: base * 2^(n-1), capped, with jitter.
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 2.0
+# A vendor's retry-after longer than this is not waited for (the candidate is skipped).
+MAX_RETRY_WAIT_S = 5.0
+_RNG = random.Random()
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is asking, as the edge established it."""
 
     tenant_id: str
     allowed_models: frozenset[str] | None = None
+    tier: str = "free"
+    key_prefix: str = ""
+    admin: bool = False
+
+
+def backoff_s(retry: int, rng: random.Random | None = None) -> float:
+    """The wait before the `retry`-th retry of one candidate (1-based): exponential, capped,
+    with jitter in [50 %, 100 %] so callers that failed together do not retry together."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** (retry - 1))
+    jitter: float = (rng or _RNG).uniform(0.5, 1.0)
+    return ceiling * jitter
 
 
 @dataclass(slots=True)
@@ -73,43 +93,51 @@ class ChatPipeline:
         self._settings = settings
         self._catalog = catalog
         self._channels = channels
-        self._router = router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target))
 
-    async def plan(self, request: common_pb2.ChatRequest, caller: Caller) -> list[router_pb2.Candidate]:
-        """The candidates to try, from the router; planned locally if the router is unreachable."""
-        try:
-            response: router_pb2.PlanResponse = await self._router.Plan(
-                router_pb2.PlanRequest(request=request, tenant_id=caller.tenant_id),
-                timeout=self._settings.call_timeout_s,
-            )
-            return list(response.candidates)
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
-            if (
-                error.reason is not Reason.DEPENDENCY_UNAVAILABLE
-                and exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED
-            ):
-                raise error from None
-            log.warning("router_unavailable", fallback="local_plan", code=exc.code().name)
+    def plan(self, request: common_pb2.ChatRequest, caller: Caller) -> list[router_pb2.Candidate]:
+        """The candidates to try, planned here with the router's own plan library.
+
+        Planning costs no network hop: the edge evaluates `plan_route` on the routing state
+        it holds (today the catalog it loaded; the router's pushed snapshots with health and
+        rules, issue #5). The caller's allowed models (its key's scope within its tenant's)
+        filter the plan.
+        """
         plan = plan_route(self._catalog, request.model, allowed_models=caller.allowed_models)
-        return [candidate_proto(c, reason_suffix=" (local plan: router unavailable)") for c in plan]
+        return [candidate_proto(c) for c in plan]
 
     async def stream(
         self, request: common_pb2.ChatRequest, caller: Caller, *, timeout_s: float | None
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
-        """The answer as chunks: routing, deltas, usage, done. Raises SwitchyardError."""
-        validate_chat_request(request)
+        """The answer as chunks: routing, deltas, usage, done. Raises SwitchyardError.
+
+        The request has been validated by the caller (`edge.gateway`). At most three attempts
+        walk the plan; a retryable failure before the first token moves to the next
+        candidate, and once every candidate has been tried, a failed one is tried again
+        after an exponential backoff with jitter, or after the vendor's `retry-after` when
+        that fits the deadline.
+        """
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         deadline = time.monotonic() + min(
             timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s
         )
-        candidates = await self.plan(request, caller)
+        queue = self.plan(request, caller)
         attempts: list[_Attempt] = []
-        for number, candidate in enumerate(candidates, start=1):
+        retries: dict[tuple[str, str], int] = {}
+        while queue and len(attempts) < MAX_ATTEMPTS:
+            candidate = queue.pop(0)
+            key = (candidate.model, candidate.provider)
+            previous = next((a.error for a in reversed(attempts) if (a.model, a.provider) == key), None)
+            if previous is not None:
+                retries[key] = retries.get(key, 0) + 1
+                wait = max(backoff_s(retries[key]), previous.retry_after_s or 0.0)
+                if wait > MAX_RETRY_WAIT_S or time.monotonic() + wait >= deadline:
+                    continue
+                await asyncio.sleep(wait)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            number = len(attempts) + 1
             attempt = _Attempt(number, candidate.model, candidate.provider)
             attempts.append(attempt)
             yield common_pb2.ChatChunk(
@@ -163,6 +191,8 @@ class ChatPipeline:
                     ) from None
                 if not (attempt.error.retryable or attempt.error.reason in _FAILOVER_REASONS):
                     raise attempt.error from None
+                if attempt.error.retryable:
+                    queue.append(candidate)  # tried again once the others have had their turn
                 continue
             finally:
                 call.cancel()

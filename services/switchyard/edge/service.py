@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from switchyard.common.catalog import Catalog
+from switchyard.common.catalog import Catalog, Model
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import invalid, unimplemented
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
+from switchyard.edge.admission import AdmissionController
+from switchyard.edge.dedup import InflightDedup
+from switchyard.edge.gateway import Authenticate, EdgeGateway
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -20,30 +23,26 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
 
-# Until keys and tenants land (#4) every caller is the catalog's "default" tenant.
-_DEFAULT_CALLER = Caller(tenant_id="default")
-
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API."""
 
-    def __init__(self, catalog: Catalog, pipeline: ChatPipeline) -> None:
+    def __init__(self, catalog: Catalog, gateway: EdgeGateway) -> None:
         self._catalog = catalog
-        self._pipeline = pipeline
+        self._gateway = gateway
 
     async def Chat(
         self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ChatResponse:
         """One answer, whole."""
-        return await collect(
-            self._pipeline.stream(request, _DEFAULT_CALLER, timeout_s=context.time_remaining())
-        )
+        chunks = self._gateway.stream(request, _authorization(context), timeout_s=context.time_remaining())
+        return await collect(chunks)
 
     async def ChatStream(
         self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.ChatChunk]:
         """The answer as it is generated."""
-        chunks = self._pipeline.stream(request, _DEFAULT_CALLER, timeout_s=context.time_remaining())
+        chunks = self._gateway.stream(request, _authorization(context), timeout_s=context.time_remaining())
         try:
             async for chunk in chunks:
                 yield chunk
@@ -87,6 +86,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         raise unimplemented("GatewayService.GetUsage", "#6")
 
 
+def _open_access(catalog: Catalog) -> Authenticate:
+    """Interim: every caller is the catalog's `default` tenant (replaced by API keys, #4)."""
+    tenant = catalog.tenants.get("default")
+    caller = Caller(tenant_id="default", tier=tenant.tier if tenant else "free")
+
+    async def authenticate(authorization: str | None) -> Caller:
+        return caller
+
+    return authenticate
+
+
+async def _no_rate_limit(caller: Caller, model: Model | None, tokens: int) -> None:
+    """Interim: no limits (replaced by the rate limiter, #4)."""
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The `authorization` metadata value, if the caller sent one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
 def _encode_page_token(offset: int) -> str:
     return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
 
@@ -106,8 +128,21 @@ def _decode_page_token(token: str) -> int:
 
 def build(settings: Settings) -> ServiceParts:
     """The edge's bindings and the close function for its channels."""
+    catalog = settings.catalog
     channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
-    servicer = GatewayServicer(settings.catalog, ChatPipeline(settings, settings.catalog, channels))
+    gateway = EdgeGateway(
+        catalog,
+        ChatPipeline(settings, catalog, channels),
+        authenticate=_open_access(catalog),
+        rate_limit=_no_rate_limit,
+        admission=AdmissionController(
+            settings.edge_max_concurrent,
+            max_queue=settings.edge_max_queue,
+            queue_timeout_s=settings.edge_queue_timeout_s,
+        ),
+        dedup=InflightDedup() if settings.edge_dedup else None,
+    )
+    servicer = GatewayServicer(catalog, gateway)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
     )

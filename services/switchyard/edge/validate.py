@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from typing import Final
 
+import grpc
 import orjson
 
-from switchyard.common.errors import invalid
+from switchyard.common.catalog import Model
+from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.v1 import common_pb2
 
 MAX_MESSAGES: Final = 1_000
@@ -91,3 +93,34 @@ def _validate_tools(request: common_pb2.ChatRequest) -> None:
         raise invalid("tool_choice names a tool that is not in tools", "tool_choice.tool_name")
     if choice.mode == common_pb2.TOOL_CHOICE_MODE_REQUIRED and not names:
         raise invalid("tool_choice is required but no tools were given", "tool_choice.mode")
+
+
+def validate_for_model(request: common_pb2.ChatRequest, model: Model, prompt_tokens: int) -> None:
+    """Limits of the model a request names: its output cap and its context window.
+
+    `prompt_tokens` is the edge's estimate of the prompt (see `edge.gateway`); a request whose
+    prompt plus requested output cannot fit is refused with CONTEXT_TOO_LONG and both numbers.
+    """
+    sampling = request.sampling
+    max_output = sampling.max_output_tokens if sampling.HasField("max_output_tokens") else 0
+    if max_output > model.max_output_tokens:
+        raise invalid(
+            f"max_output_tokens {max_output} is above the limit of {model.id} ({model.max_output_tokens})",
+            "sampling.max_output_tokens",
+            model=model.id,
+            limit=str(model.max_output_tokens),
+        )
+    if prompt_tokens + max_output > model.context_window:
+        raise SwitchyardError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.CONTEXT_TOO_LONG,
+            f"the prompt (about {prompt_tokens} tokens) plus max_output_tokens ({max_output}) exceeds "
+            f"the context window of {model.id} ({model.context_window} tokens)",
+            metadata={
+                "field": "messages",
+                "model": model.id,
+                "prompt_tokens": str(prompt_tokens),
+                "max_output_tokens": str(max_output),
+                "context_window": str(model.context_window),
+            },
+        )

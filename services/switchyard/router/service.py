@@ -16,14 +16,14 @@ from switchyard.v1 import router_pb2, router_pb2_grpc
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
-def candidate_proto(candidate: PlannedCandidate, *, reason_suffix: str = "") -> router_pb2.Candidate:
+def candidate_proto(candidate: PlannedCandidate) -> router_pb2.Candidate:
     """A planned candidate as the `Candidate` message callers and edges receive."""
     return router_pb2.Candidate(
         model=candidate.model.id,
         provider=candidate.provider,
         vendor=candidate.vendor,
         upstream_model=candidate.model.upstream_model,
-        reason=candidate.reason + reason_suffix,
+        reason=candidate.reason,
     )
 
 

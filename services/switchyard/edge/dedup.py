@@ -1,0 +1,140 @@
+"""In-flight deduplication: identical requests of one tenant share one upstream call.
+
+A request's key is a hash of its tenant and the request with everything that does not
+change the answer cleared (its request id and cache policy), serialised deterministically.
+The first request with a key starts a *flight*: a task, owned by no caller, that runs the
+pipeline and records every chunk. Every request with the same key that arrives while the
+flight is running joins it: it receives the chunks recorded so far, then each new one as
+it comes. So a streaming request fans the same chunks out to every waiter.
+
+* A waiter that goes away leaves; the others carry on. The flight is cancelled (closing the
+  upstream) only when its last waiter has gone.
+* The upstream cost is recorded once: the first request's `done` carries it; a joiner's
+  `done` carries its own request id, `cost_micros` 0, `saved_micros` the shared cost and
+  cache status `DEDUPLICATED`.
+* An error ends every waiter's stream with that same error.
+
+This table is per edge process; identical requests that land on different edge replicas
+are not merged (documented in the edge README section; a Redis-backed variant would
+publish the flight's chunks on a stream keyed by the same hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from switchyard.common.logging import get_logger
+from switchyard.v1 import common_pb2
+
+log = get_logger(__name__)
+
+ChunkSource = Callable[[], AsyncIterator[common_pb2.ChatChunk]]
+
+
+def request_key(tenant_id: str, request: common_pb2.ChatRequest) -> str:
+    """The dedup key of `request` for `tenant_id`: equal for requests that ask the same thing."""
+    normalised = common_pb2.ChatRequest()
+    normalised.CopyFrom(request)
+    normalised.ClearField("request_id")
+    normalised.ClearField("cache")
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(tenant_id.encode())
+    digest.update(b"\x00")
+    digest.update(normalised.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+@dataclass(slots=True)
+class _Flight:
+    key: str
+    chunks: list[common_pb2.ChatChunk] = field(default_factory=list)
+    error: BaseException | None = None
+    finished: bool = False
+    waiters: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class InflightDedup:
+    """The table of requests in flight on this edge, by dedup key."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight] = {}
+        self.shared = 0
+        """How many requests joined a flight instead of calling upstream (for stats/tests)."""
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    async def stream(
+        self, key: str, request_id: str, source: ChunkSource
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """The chunks of `source()` for the request `request_id`, shared with every identical
+        request in flight under `key`."""
+        flight = self._flights.get(key)
+        leader = flight is None
+        if flight is None:
+            flight = _Flight(key)
+            self._flights[key] = flight
+            flight.task = asyncio.create_task(self._run(flight, source), name=f"dedup-{key[:12]}")
+        else:
+            self.shared += 1
+        flight.waiters += 1
+        position = 0
+        try:
+            while True:
+                while position < len(flight.chunks):
+                    chunk = flight.chunks[position]
+                    position += 1
+                    yield chunk if leader else _as_joiner(chunk, request_id)
+                if flight.finished:
+                    if flight.error is not None:
+                        raise flight.error
+                    return
+                flight.changed.clear()
+                await flight.changed.wait()
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.finished and flight.task is not None:
+                flight.task.cancel()
+                self._forget(flight)
+
+    async def _run(self, flight: _Flight, source: ChunkSource) -> None:
+        chunks = source()
+        try:
+            async for chunk in chunks:
+                flight.chunks.append(chunk)
+                flight.changed.set()
+        except asyncio.CancelledError:
+            flight.error = asyncio.CancelledError()
+            raise
+        except Exception as exc:  # every waiter gets the same error
+            flight.error = exc
+        finally:
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:
+                await closer()
+            flight.finished = True
+            self._forget(flight)
+            flight.changed.set()
+
+    def _forget(self, flight: _Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+
+def _as_joiner(chunk: common_pb2.ChatChunk, request_id: str) -> common_pb2.ChatChunk:
+    """A joiner's copy of a chunk: its own request id on `done`, the cost recorded once."""
+    if chunk.WhichOneof("event") != "done":
+        return chunk
+    copy = common_pb2.ChatChunk()
+    copy.CopyFrom(chunk)
+    done = copy.done
+    done.saved_micros = chunk.done.cost_micros
+    done.cost_micros = 0
+    done.cache_status = common_pb2.CACHE_STATUS_DEDUPLICATED
+    done.request_id = request_id
+    return copy

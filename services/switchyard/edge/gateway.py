@@ -1,0 +1,133 @@
+"""The edge's front door: one code path for every skin (gRPC stream, gRPC unary, OpenAI HTTP).
+
+For each chat request, in this order, each step local to the edge process:
+
+1. authenticate the API key (`authorization: Bearer ...`) to a `Caller` (tenant, scopes);
+2. validate the request's shape, then against the model it names: the key's model scope
+   (PERMISSION_DENIED), the output cap and the context window (CONTEXT_TOO_LONG);
+3. take a slot from the admission controller (priority under overload, OVERLOADED);
+4. charge the rate limits (RATE_LIMITED with the exact wait);
+5. join an identical request already in flight, or start the pipeline (plan, failover,
+   stream) -- `edge.pipeline.ChatPipeline`.
+
+Nothing is charged before the request is known to be valid and admitted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from switchyard.adapters.base import estimate_prompt_tokens
+from switchyard.common.catalog import Catalog, Model
+from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.edge.admission import AdmissionController, rank
+from switchyard.edge.dedup import InflightDedup, request_key
+from switchyard.edge.pipeline import Caller, ChatPipeline
+from switchyard.edge.validate import validate_chat_request, validate_for_model
+from switchyard.router.plan import AUTO
+from switchyard.v1 import common_pb2
+
+Authenticate = Callable[[str | None], Awaitable[Caller]]
+"""Raw `authorization` value (None when absent) -> the caller; raises UNAUTHENTICATED."""
+
+RateLimit = Callable[[Caller, Model | None, int], Awaitable[None]]
+"""(caller, requested model or None for `auto`, estimated tokens) -> charge the limits or
+raise RATE_LIMITED."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What the front door established about a request before it reaches the pipeline."""
+
+    caller: Caller
+    model: Model | None
+    prompt_tokens: int
+
+
+class EdgeGateway:
+    """Admission and the pipeline behind it, shared by every public method."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        pipeline: ChatPipeline,
+        *,
+        authenticate: Authenticate,
+        rate_limit: RateLimit,
+        admission: AdmissionController,
+        dedup: InflightDedup | None,
+    ) -> None:
+        self.catalog = catalog
+        self.pipeline = pipeline
+        self.authenticate = authenticate
+        self.admission = admission
+        self.dedup = dedup
+        self._rate_limit = rate_limit
+
+    def check(self, request: common_pb2.ChatRequest, caller: Caller) -> Admitted:
+        """Validate `request` for `caller` (shape, scope, model limits); raise on the first problem."""
+        validate_chat_request(request)
+        model: Model | None = None
+        name = request.model.strip()
+        if name not in ("", AUTO):
+            model = self.catalog.resolve(name)
+            if model is None:
+                raise SwitchyardError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    Reason.INVALID_REQUEST,
+                    f"unknown model or alias {name!r}",
+                    metadata={"field": "model", "model": name},
+                )
+            if caller.allowed_models is not None and model.id not in caller.allowed_models:
+                raise SwitchyardError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    Reason.PERMISSION_DENIED,
+                    f"this key may not use {model.id}",
+                    metadata={"field": "model", "model": model.id, "tenant": caller.tenant_id},
+                )
+        prompt_tokens = estimate_prompt_tokens(request)
+        if model is not None:
+            validate_for_model(request, model, prompt_tokens)
+        return Admitted(caller, model, prompt_tokens)
+
+    async def stream(
+        self, request: common_pb2.ChatRequest, authorization: str | None, *, timeout_s: float | None
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """The answer to `request` as chunks, after authentication and admission."""
+        caller = await self.authenticate(authorization)
+        async for chunk in self.stream_as(request, caller, timeout_s=timeout_s):
+            yield chunk
+
+    async def stream_as(
+        self, request: common_pb2.ChatRequest, caller: Caller, *, timeout_s: float | None
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """`stream` for an already authenticated caller (the OpenAI HTTP front uses this)."""
+        admitted = self.check(request, caller)
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        request_rank = rank(request.routing.priority, caller.tier)
+        async with self.admission.slot(request_rank, timeout_s):
+            max_output = (
+                request.sampling.max_output_tokens if request.sampling.HasField("max_output_tokens") else 0
+            )
+            await self._rate_limit(caller, admitted.model, admitted.prompt_tokens + max_output)
+            chunks = self._answer(request, caller, timeout_s)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
+
+    def _answer(
+        self, request: common_pb2.ChatRequest, caller: Caller, timeout_s: float | None
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        def source() -> AsyncIterator[common_pb2.ChatChunk]:
+            return self.pipeline.stream(request, caller, timeout_s=timeout_s)
+
+        if self.dedup is None:
+            return self.pipeline.stream(request, caller, timeout_s=timeout_s)
+        return self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
