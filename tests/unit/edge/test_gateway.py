@@ -1,0 +1,90 @@
+"""The edge front door's checks before anything is charged, and the failover backoff."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+
+from switchyard.common.catalog import load_catalog
+from switchyard.common.channels import ChannelPool
+from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.settings import Settings
+from switchyard.edge.admission import AdmissionController
+from switchyard.edge.gateway import EdgeGateway
+from switchyard.edge.pipeline import BACKOFF_CAP_S, Caller, ChatPipeline, backoff_s
+from switchyard.v1 import common_pb2
+
+CATALOG = load_catalog()
+
+
+async def _caller(authorization: str | None) -> Caller:
+    return Caller("t")
+
+
+async def _no_limit(caller: Caller, model: object, tokens: int) -> None:
+    return None
+
+
+def gateway() -> EdgeGateway:
+    settings = Settings.from_env({})
+    return EdgeGateway(
+        CATALOG,
+        ChatPipeline(settings, CATALOG, ChannelPool()),
+        authenticate=_caller,
+        rate_limit=_no_limit,
+        admission=AdmissionController(4, max_queue=4, queue_timeout_s=1),
+        dedup=None,
+    )
+
+
+def ask(
+    model: str = "openai/gpt-4o-mini", text: str = "hi", max_output: int | None = None
+) -> common_pb2.ChatRequest:
+    request = common_pb2.ChatRequest(model=model)
+    request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])
+    if max_output is not None:
+        request.sampling.max_output_tokens = max_output
+    return request
+
+
+def refused(request: common_pb2.ChatRequest, caller: Caller) -> SwitchyardError:
+    with pytest.raises(SwitchyardError) as caught:
+        gateway().check(request, caller)
+    return caught.value
+
+
+def test_valid_requests_pass_with_their_model_and_estimate() -> None:
+    admitted = gateway().check(ask("fast", "x" * 400), Caller("t"))
+    assert admitted.model is not None and admitted.model.id == "openai/gpt-4o-mini"
+    assert admitted.prompt_tokens == 100
+    assert gateway().check(ask("auto"), Caller("t")).model is None
+
+
+def test_a_model_outside_the_key_scope_is_permission_denied() -> None:
+    error = refused(ask("smart"), Caller("t", allowed_models=frozenset({"openai/gpt-4o-mini"})))
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, Reason.PERMISSION_DENIED)
+    assert error.metadata["model"] == "openai/gpt-4o"
+
+
+def test_unknown_model_names_the_field() -> None:
+    error = refused(ask("nope/none"), Caller("t"))
+    assert (error.reason, error.metadata["field"]) == (Reason.INVALID_REQUEST, "model")
+
+
+def test_context_window_counts_prompt_and_output() -> None:
+    fits = ask(text="x" * 4 * 112_000, max_output=16_000)  # 112k + 16k = 128k: exactly the window
+    gateway().check(fits, Caller("t"))
+    error = refused(ask(text="x" * 4 * 112_000, max_output=16_001), Caller("t"))
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.CONTEXT_TOO_LONG)
+    assert (error.metadata["prompt_tokens"], error.metadata["max_output_tokens"]) == ("112000", "16001")
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    rng = random.Random(7)
+    waits = [backoff_s(n, rng) for n in range(1, 8)]
+    assert 0.05 <= waits[0] <= 0.1
+    assert 0.1 <= waits[1] <= 0.2
+    assert all(BACKOFF_CAP_S / 2 <= w <= BACKOFF_CAP_S for w in waits[5:])
+    assert len({round(backoff_s(3), 9) for _ in range(20)}) > 1
