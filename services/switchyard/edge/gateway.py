@@ -27,6 +27,7 @@ from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.edge.admission import AdmissionController, rank
 from switchyard.edge.dedup import InflightDedup, request_key
 from switchyard.edge.pipeline import Caller, ChatPipeline
+from switchyard.edge.ratelimit import ModelLimits, RateLimiter, rate_limited_error, request_checks
 from switchyard.edge.validate import validate_chat_request, validate_for_model
 from switchyard.router.plan import AUTO
 from switchyard.v1 import common_pb2
@@ -37,6 +38,25 @@ Authenticate = Callable[[str | None], Awaitable[Caller]]
 RateLimit = Callable[[Caller, Model | None, int], Awaitable[None]]
 """(caller, requested model or None for `auto`, estimated tokens) -> charge the limits or
 raise RATE_LIMITED."""
+
+
+def charge_rate_limits(catalog: Catalog, limiter: RateLimiter) -> RateLimit:
+    """The `RateLimit` step: the caller's tier limits (requests and tokens per minute, lockout)
+    and the requested model's per-tenant limits, charged atomically by `limiter`."""
+    fallback_tier = catalog.tiers.get("free") or next(iter(catalog.tiers.values()))
+
+    async def charge(caller: Caller, model: Model | None, tokens: int) -> None:
+        tier = catalog.tiers.get(caller.tier, fallback_tier)
+        limits = ModelLimits(model.requests_per_minute, model.tokens_per_minute) if model else None
+        model_id = model.id if model else None
+        checks = request_checks(
+            caller.tenant_id, tier, model=model_id, estimated_tokens=tokens, model_limits=limits
+        )
+        decision = await limiter.acquire(checks)
+        if not decision.allowed:
+            raise rate_limited_error(decision, tenant=caller.tenant_id, model=model_id)
+
+    return charge
 
 
 @dataclass(frozen=True, slots=True)

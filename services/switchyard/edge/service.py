@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from switchyard.common.catalog import Catalog, Model
+from switchyard.common.catalog import Catalog
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import invalid, unimplemented
@@ -15,8 +15,9 @@ from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.dedup import InflightDedup
-from switchyard.edge.gateway import Authenticate, EdgeGateway
+from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
+from switchyard.edge.ratelimit import build_rate_limiter
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -97,10 +98,6 @@ def _open_access(catalog: Catalog) -> Authenticate:
     return authenticate
 
 
-async def _no_rate_limit(caller: Caller, model: Model | None, tokens: int) -> None:
-    """Interim: no limits (replaced by the rate limiter, #4)."""
-
-
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     """The `authorization` metadata value, if the caller sent one."""
     for key, value in context.invocation_metadata() or ():
@@ -130,11 +127,12 @@ def build(settings: Settings) -> ServiceParts:
     """The edge's bindings and the close function for its channels."""
     catalog = settings.catalog
     channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
+    limiter = build_rate_limiter(settings)
     gateway = EdgeGateway(
         catalog,
         ChatPipeline(settings, catalog, channels),
         authenticate=_open_access(catalog),
-        rate_limit=_no_rate_limit,
+        rate_limit=charge_rate_limits(catalog, limiter),
         admission=AdmissionController(
             settings.edge_max_concurrent,
             max_queue=settings.edge_max_queue,
@@ -146,4 +144,9 @@ def build(settings: Settings) -> ServiceParts:
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
     )
-    return ServiceParts([binding], channels.close)
+
+    async def close() -> None:
+        await channels.close()
+        await limiter.aclose()
+
+    return ServiceParts([binding], close)
