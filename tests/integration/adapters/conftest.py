@@ -150,7 +150,8 @@ class VendorEnv:
         return provider_name(self.case, suffix)
 
 
-async def _start(case: VendorCase) -> AsyncIterator[VendorEnv]:
+async def start_vendor_env(case: VendorCase) -> AsyncIterator[VendorEnv]:
+    """Start `case`'s simulator and a real gRPC adapter in front of it; yields them, then stops both."""
     sim = await start_simulator(case.vendor, port=0, knobs=None, api_key=SIM_KEY)
     control = httpx.AsyncClient(base_url=sim.root_url, timeout=5.0)
     catalog = parse_catalog(table_catalog(case, sim.base_url + case.base_url_suffix, free_port()))
@@ -173,7 +174,7 @@ async def _start(case: VendorCase) -> AsyncIterator[VendorEnv]:
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: case.vendor)
 async def vendor_env(request: pytest.FixtureRequest) -> AsyncIterator[VendorEnv]:
-    async for env in _start(request.param):
+    async for env in start_vendor_env(request.param):
         yield env
 
 
@@ -187,7 +188,7 @@ async def env(vendor_env: VendorEnv) -> VendorEnv:
 @pytest.fixture(scope="module")
 async def openai_env() -> AsyncIterator[VendorEnv]:
     case = next(case for case in CASES if case.vendor == "openai")
-    async for env in _start(case):
+    async for env in start_vendor_env(case):
         yield env
 
 

@@ -174,8 +174,24 @@ class OpenAITranslator(Translator):
         if chat.metadata.end_user:
             body[self.end_user_field] = chat.metadata.end_user
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        stream_options = self.stream_options()
+        if stream_options is not None:
+            body["stream_options"] = stream_options
         return VendorRequest("POST", CHAT_PATH, self._headers, body)
+
+    # -- hooks for OpenAI-compatible vendors (OpenAI's own answers below) -------------
+    def stream_options(self) -> dict[str, Any] | None:
+        """`stream_options` of a streamed request; None sends none. OpenAI reports usage
+        in a last chunk only when asked with `include_usage`."""
+        return {"include_usage": True}
+
+    def output_limit_field(self) -> str:
+        """The body field that caps generated tokens (`max_tokens_field` by default)."""
+        return self.max_tokens_field
+
+    def stop_sequence_limit(self) -> int | None:
+        """At most this many stop sequences are sent; None checks no limit here."""
+        return MAX_STOP_SEQUENCES
 
     def models_request(self) -> VendorRequest:
         """`GET /models`: authenticated, free, and fast."""
@@ -229,12 +245,11 @@ class OpenAITranslator(Translator):
         if sampling.HasField("top_p"):
             body["top_p"] = sampling.top_p
         if sampling.HasField("max_output_tokens"):
-            body[self.max_tokens_field] = sampling.max_output_tokens
+            body[self.output_limit_field()] = sampling.max_output_tokens
         if sampling.stop_sequences:
-            if len(sampling.stop_sequences) > MAX_STOP_SEQUENCES:
-                raise invalid(
-                    f"OpenAI accepts at most {MAX_STOP_SEQUENCES} stop sequences", "sampling.stop_sequences"
-                )
+            limit = self.stop_sequence_limit()
+            if limit is not None and len(sampling.stop_sequences) > limit:
+                raise invalid(f"OpenAI accepts at most {limit} stop sequences", "sampling.stop_sequences")
             body["stop"] = list(sampling.stop_sequences)
         if sampling.HasField("seed"):
             body["seed"] = sampling.seed
@@ -294,7 +309,7 @@ class OpenAITranslator(Translator):
         headroom = self.headroom(headers)
         retry_after = parse_retry_after(headers)
         if retry_after is None and status == 429:
-            retry_after = _reset_of_exhausted_limit(headers)
+            retry_after = reset_of_exhausted_limit(headers)
         extra = {}
         request_id = self.request_id(headers)
         if request_id:
@@ -304,12 +319,18 @@ class OpenAITranslator(Translator):
     def stream_error(self, error: object) -> SwitchyardError:
         """The unified error for a `{"error": {...}}` event inside a 200 stream."""
         code, kind = _code_and_type(error)
+        return self.error_for(self.stream_error_status(error), code, kind, in_stream="true")
+
+    def stream_error_status(self, error: object) -> int:
+        """The HTTP status the failure of an in-stream error would have had: a declared
+        `status` / `status_code`, else inferred from its code, then its type, else 500."""
+        code, kind = _code_and_type(error)
         status = _STATUS_BY_CODE.get(code) or _STATUS_BY_TYPE.get(kind) or 500
         if isinstance(error, dict):
             declared = error.get("status") or error.get("status_code")
             if isinstance(declared, int) and 400 <= declared <= 599:
                 status = declared
-        return self.error_for(status, code, kind, in_stream="true")
+        return status
 
     def error_for(
         self,
@@ -410,7 +431,7 @@ class OpenAIStreamDecoder(StreamDecoder):
             raise self._translator.protocol_error("an event that is not valid JSON") from None
         if not isinstance(chunk, dict):
             raise self._translator.protocol_error("an event that is not a JSON object")
-        error = chunk.get("error")
+        error = self.error_of(chunk)
         if error is not None:
             raise self._translator.stream_error(error)
         return self._chunk(chunk, "delta")
@@ -423,7 +444,7 @@ class OpenAIStreamDecoder(StreamDecoder):
             raise self._translator.protocol_error("a body that is not valid JSON") from None
         if not isinstance(completion, dict):
             raise self._translator.protocol_error("a body that is not a JSON object")
-        error = completion.get("error")
+        error = self.error_of(completion)
         if error is not None:
             raise self._translator.stream_error(error)
         events = self._chunk(completion, "message")
@@ -443,6 +464,23 @@ class OpenAIStreamDecoder(StreamDecoder):
         usage = self._usage if self._usage is not None else estimated_usage(self._chat, self._output_chars)
         return StreamOutcome(usage, self._finish, self._response_id, self._model)
 
+    # -- hooks for OpenAI-compatible vendors (OpenAI's own places below) --------------
+    def error_of(self, chunk: dict[str, Any]) -> object:
+        """The in-stream error a chunk (or a whole answer) carries; None when it has none."""
+        return chunk.get("error")
+
+    def usage_of(self, chunk: dict[str, Any]) -> object:
+        """The usage object a chunk (or a whole answer) carries; None or {} when it has none."""
+        return chunk.get("usage")
+
+    def reasoning_of(self, delta: dict[str, Any]) -> object:
+        """Reasoning text of a delta (not answer text): `reasoning_content` or `reasoning`."""
+        return delta.get("reasoning_content") or delta.get("reasoning")
+
+    def cached_tokens_of(self, usage: dict[str, Any], prompt_details: dict[str, Any]) -> object:
+        """Cached prompt tokens of a usage object: `prompt_tokens_details.cached_tokens`."""
+        return prompt_details.get("cached_tokens")
+
     def _chunk(self, chunk: dict[str, Any], key: str) -> list[provider_pb2.GenerateResponse]:
         if not self._response_id:
             response_id = chunk.get("id")
@@ -452,7 +490,7 @@ class OpenAIStreamDecoder(StreamDecoder):
             model = chunk.get("model")
             if isinstance(model, str):
                 self._model = model
-        usage = chunk.get("usage")
+        usage = self.usage_of(chunk)
         if usage:
             self._usage = self._read_usage(usage)
         choices = chunk.get("choices")
@@ -484,7 +522,7 @@ class OpenAIStreamDecoder(StreamDecoder):
             raise self._translator.protocol_error("a delta that is not a JSON object")
         content = delta.get("content")
         refusal = delta.get("refusal")
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        reasoning = self.reasoning_of(delta)
         tool_calls = delta.get("tool_calls")
         if not (content or refusal or reasoning or tool_calls):
             return None
@@ -542,7 +580,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         return common_pb2.Usage(
             input_tokens=self._count(usage.get("prompt_tokens")),
             output_tokens=self._count(usage.get("completion_tokens")),
-            cached_input_tokens=self._count(prompt_details.get("cached_tokens")),
+            cached_input_tokens=self._count(self.cached_tokens_of(usage, prompt_details)),
             reasoning_tokens=self._count(completion_details.get("reasoning_tokens")),
         )
 
@@ -703,7 +741,7 @@ def _code_and_type(error: object) -> tuple[str, str]:
     return safe_code(error.get("code")), safe_code(error.get("type"))
 
 
-def _reset_of_exhausted_limit(headers: Mapping[str, str]) -> float | None:
+def reset_of_exhausted_limit(headers: Mapping[str, str]) -> float | None:
     """For a 429 without `retry-after`: when the exhausted limit resets."""
     waits: list[float] = []
     for kind in ("requests", "tokens"):
@@ -713,3 +751,7 @@ def _reset_of_exhausted_limit(headers: Mapping[str, str]) -> float | None:
             if seconds is not None:
                 waits.append(seconds)
     return max(waits) if waits else None
+
+
+# The former private name, kept for callers that used it.
+_reset_of_exhausted_limit = reset_of_exhausted_limit
