@@ -21,13 +21,15 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from bench.load import LoadConfig, Mode, PathName, Phase, PhaseResult, serve
-from switchyard.common.catalog import load_catalog
+from switchyard.common.catalog import DEFAULT_CATALOG, DEFAULT_TIERS, load_catalog
 from switchyard.local_mesh import SIM_API_KEY, MeshPlan, plan_mesh
 from switchyard.supervisor import Supervisor
 
@@ -135,6 +137,21 @@ def pinned_to(core: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+# The benchmark's tenant may send as fast as it can: rate limits are measured, not hit.
+BENCH_TIER = {"requests_per_minute": 100_000_000, "lockout_seconds": 0}
+
+
+def _bench_catalog() -> Path:
+    """The embedded catalog with the `default` tenant on an unlimited tier, as a file."""
+    text = resources.files("switchyard.common").joinpath(DEFAULT_CATALOG).read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    data["tiers"] = {**{k: v.model_dump() for k, v in DEFAULT_TIERS.items()}, "bench": BENCH_TIER}
+    data["tenants"] = {**data.get("tenants", {}), "default": {"tier": "bench"}}
+    path = Path(tempfile.mkdtemp(prefix="switchyard-bench-")) / "catalog.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
 async def start_mesh(log: Any) -> Mesh:
     """Start the local mesh with simulated vendors on free ports; tracing off, logs to `log`.
 
@@ -143,8 +160,14 @@ async def start_mesh(log: Any) -> Mesh:
     environ = {
         k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("OTEL_")
     }
-    plan = plan_mesh(load_catalog(None), free_ports=True, simulate=True, environ=environ)
-    extra = {"SWITCHYARD_SHUTDOWN_GRACE_S": "1"}
+    catalog_path = _bench_catalog()
+    plan = plan_mesh(load_catalog(catalog_path), free_ports=True, simulate=True, environ=environ)
+    state_dir = tempfile.mkdtemp(prefix="switchyard-bench-state-")
+    extra = {
+        "SWITCHYARD_SHUTDOWN_GRACE_S": "1",
+        "SWITCHYARD_CATALOG": str(catalog_path),
+        "SWITCHYARD_STATE_DIR": state_dir,
+    }
     children = tuple(dataclasses.replace(c, env={**c.env, **extra}) for c in plan.children)
     plan = dataclasses.replace(plan, children=children)
     supervisor = Supervisor(children, out=log, color=False)

@@ -27,6 +27,7 @@ import aiohttp
 import grpc
 import orjson
 
+from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.v1 import common_pb2, gateway_pb2_grpc
 
 PathName = Literal["direct", "edge"]
@@ -103,6 +104,15 @@ class Clients:
         )
         self.request = common_pb2.ChatRequest(model=EDGE_MODEL)
         self.request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=PROMPT)])
+        self.metadata = (("authorization", f"Bearer {LOCAL_DEV_KEY}"),)
+        self._sent = 0
+
+    def _next_request(self) -> common_pb2.ChatRequest:
+        """The edge request with a fresh number in its text: distinct prompts, as real traffic
+        has, so in-flight dedup does not fold concurrent calls into one."""
+        self._sent += 1
+        self.request.messages[0].parts[0].text = f"{PROMPT} #{self._sent}"
+        return self.request
 
     async def close(self) -> None:
         """Close the HTTP session and the gRPC channel."""
@@ -123,7 +133,9 @@ class Clients:
     async def edge_unary(self) -> int:
         """One `GatewayService.Chat` call; returns its latency."""
         start = time.perf_counter_ns()
-        response = await self.gateway.Chat(self.request, timeout=CALL_TIMEOUT_S)
+        response = await self.gateway.Chat(
+            self._next_request(), metadata=self.metadata, timeout=CALL_TIMEOUT_S
+        )
         elapsed = time.perf_counter_ns() - start
         if not response.message.parts or not response.message.parts[0].text:
             raise RuntimeError("edge: empty answer")
@@ -150,7 +162,9 @@ class Clients:
         """One `GatewayService.ChatStream` call; returns (time to first text, time to the end)."""
         start = time.perf_counter_ns()
         first = 0
-        async for chunk in self.gateway.ChatStream(self.request, timeout=CALL_TIMEOUT_S):
+        async for chunk in self.gateway.ChatStream(
+            self._next_request(), metadata=self.metadata, timeout=CALL_TIMEOUT_S
+        ):
             if not first and chunk.WhichOneof("event") == "delta" and chunk.delta.text:
                 first = time.perf_counter_ns() - start
         if not first:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ import httpx
 import pytest
 
 from switchyard.common.catalog import load_catalog
+from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.local_mesh import MeshPlan, plan_mesh
 from switchyard.supervisor import Supervisor
 from switchyard.v1 import gateway_pb2_grpc
+from tests.support.auth import keyed_channel
 from tests.support.otlp import OtlpReceiver
 from tests.support.redis_server import find_redis_server, running_redis
 
@@ -107,6 +110,7 @@ async def mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> 
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "SWITCHYARD_LOG_FORMAT": "json",
         "SWITCHYARD_SHUTDOWN_GRACE_S": "2",
+        "SWITCHYARD_STATE_DIR": str(tmp_path_factory.mktemp("state")),
     }
     environ = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     plan = plan_mesh(load_catalog(None), free_ports=True, simulate=True, environ=environ)
@@ -121,7 +125,7 @@ async def mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> 
         except Exception:
             await supervisor.stop()
             raise
-        channel = grpc.aio.insecure_channel(plan.edge_target)
+        channel = keyed_channel(plan.edge_target)
         try:
             yield Mesh(plan=plan, supervisor=supervisor, log_path=log_path, channel=channel)
         finally:
@@ -146,4 +150,8 @@ def cli_env() -> Iterator[dict[str, str]]:
     """An environment for running the `switchyard` CLI as a subprocess, with no provider keys."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    yield env
+    env.pop("DATABASE_URL", None)
+    env["SWITCHYARD_DEV_KEY"] = LOCAL_DEV_KEY
+    with tempfile.TemporaryDirectory(prefix="switchyard-state-") as state:
+        env["SWITCHYARD_STATE_DIR"] = state
+        yield env

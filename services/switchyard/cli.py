@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from switchyard.common.catalog import VENDORS, CatalogError
-from switchyard.common.settings import SERVICES, Settings, SettingsError
+from switchyard.common.settings import LOCAL_DEV_KEY, SERVICES, Settings, SettingsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,10 +69,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the Envoy ingress or the edge (default SWITCHYARD_TARGET or 127.0.0.1:8080)",
     )
     chat.add_argument(
-        "--api-key", default=os.environ.get("SWITCHYARD_API_KEY", ""), help="default SWITCHYARD_API_KEY"
+        "--api-key",
+        default=os.environ.get("SWITCHYARD_API_KEY", LOCAL_DEV_KEY),
+        help="default SWITCHYARD_API_KEY, else the key `switchyard run` prints",
     )
     chat.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     chat.set_defaults(handler=_chat)
+
+    from switchyard.keys_cli import register as register_keys
+
+    register_keys(commands)
 
     sim = commands.add_parser("sim", help="start a vendor simulator", add_help=False)
     sim.add_argument("rest", nargs=argparse.REMAINDER)
@@ -116,6 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
         parts = _build_parts(args.service, args.vendor, settings)
         closers = [parts.close] if parts.close else []
         try:
+            if parts.start is not None:
+                await parts.start()
             await serve(
                 label,
                 parts.bindings,

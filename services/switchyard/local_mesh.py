@@ -19,7 +19,7 @@ from pathlib import Path
 import switchyard.v1
 from switchyard.common.catalog import Catalog, provider_api_key
 from switchyard.common.ports import free_port
-from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, Settings
+from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, LOCAL_DEV_KEY, Settings
 from switchyard.envoy_config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_LISTEN_PORT,
@@ -67,6 +67,7 @@ def plan_mesh(
     common_env = {
         "SWITCHYARD_HOST": "127.0.0.1",
         "SWITCHYARD_LOG_FORMAT": env.get("SWITCHYARD_LOG_FORMAT", "console"),
+        "SWITCHYARD_DEV_KEY": env.get("SWITCHYARD_DEV_KEY", LOCAL_DEV_KEY),
         **{f"SWITCHYARD_{name.upper()}_TARGET": f"127.0.0.1:{ports[name]}" for name in CONTROL_PLANES},
         **{f"SWITCHYARD_ADAPTER_{v.upper()}_TARGET": f"127.0.0.1:{p}" for v, p in adapter_ports.items()},
     }
@@ -92,7 +93,9 @@ def plan_mesh(
             )
         )
         prefix = f"SWITCHYARD_PROVIDER_{name.upper().replace('-', '_')}"
-        common_env[f"{prefix}_BASE_URL"] = f"http://127.0.0.1:{sim_port}{load_simulator(provider.vendor).API_PREFIX}"
+        common_env[f"{prefix}_BASE_URL"] = (
+            f"http://127.0.0.1:{sim_port}{load_simulator(provider.vendor).API_PREFIX}"
+        )
         common_env[f"{prefix}_API_KEY"] = SIM_API_KEY
         simulated.append(name)
         simulator_urls[name] = f"http://127.0.0.1:{sim_port}"
@@ -159,6 +162,7 @@ def banner(plan: MeshPlan) -> str:
         )
     if plan.real:
         lines.append(f"  Vendors:     real: {', '.join(plan.real)}")
+    lines.append(f"  API key:     {LOCAL_DEV_KEY}   (tenant 'default'; `switchyard chat` sends it)")
     lines.append(
         f'  Try:         switchyard chat "hello" --stream --target {plan.envoy_target or plan.edge_target}'
     )

@@ -22,6 +22,7 @@ from switchyard.common.ports import free_port
 from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor
 from switchyard.v1 import common_pb2, gateway_pb2_grpc
 from tests.conftest import Mesh, SimControl
+from tests.support.auth import keyed_channel
 
 SWITCHYARD = (sys.executable, "-m", "switchyard.cli")
 
@@ -136,7 +137,7 @@ async def test_sigterm_drains_and_exits_zero(cli_env: dict[str, str]) -> None:
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with keyed_channel(f"127.0.0.1:{port}") as channel:
             while True:
                 try:
                     reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -164,7 +165,7 @@ async def test_edge_serves_without_the_router(
         "SWITCHYARD_ADAPTER_OPENAI_TARGET": mesh.target("adapter-openai"),
     }
     async with service("edge-no-router", "edge", env=env, tmp_path=tmp_path) as port:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with keyed_channel(f"127.0.0.1:{port}") as channel:
             request = common_pb2.ChatRequest(model="fast")
             request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text="hi")])
             response = await gateway_pb2_grpc.GatewayServiceStub(channel).Chat(request, timeout=30)
@@ -181,7 +182,7 @@ async def test_unreachable_adapter_fails_every_attempt_clearly(
         "SWITCHYARD_ADAPTER_OPENAI_TARGET": f"127.0.0.1:{free_port()}",
     }
     async with service("edge-no-adapter", "edge", env=env, tmp_path=tmp_path) as port:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with keyed_channel(f"127.0.0.1:{port}") as channel:
             request = common_pb2.ChatRequest(model="openai/gpt-4o-mini")
             request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text="hi")])
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -212,7 +213,9 @@ async def test_run_starts_the_whole_mesh_and_stops_cleanly(cli_env: dict[str, st
         match = re.search(r"Ingress:\s+(127\.0\.0\.1:\d+)", banner)
         assert match, banner
         target = match.group(1)
-        async with httpx.AsyncClient() as http:
+        key = re.search(r"API key:\s+(\S+)", banner)
+        assert key, banner
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {key.group(1)}"}) as http:
             models = (await http.get(f"http://{target}/v1/catalog/models", timeout=10)).json()
         assert models["models"][0]["id"] == "openai/gpt-4o-mini"
         assert "SIMULATED" in banner
@@ -267,7 +270,7 @@ async def test_overload_sheds_low_priority_and_queues_high_priority_first(
         return request
 
     async with service("edge-small", "edge", env=env, tmp_path=tmp_path) as port:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with keyed_channel(f"127.0.0.1:{port}") as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             finished: list[str] = []
 

@@ -96,6 +96,7 @@ ALLOW_KEYS: frozenset[str] = frozenset(
 _SECRET_RE = re.compile(
     r"(?P<bearer>\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+)[A-Za-z0-9\-._~+/]+=*"
     r"|\bsk-[A-Za-z0-9_\-]{6,}"
+    r"|\bsy-[a-z0-9]{8}-[A-Za-z0-9]{16,}"
 )
 _MAX_DEPTH = 8
 _STDLIB_MIN_LEVEL = logging.WARNING

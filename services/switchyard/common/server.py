@@ -52,6 +52,8 @@ class ServiceParts:
 
     bindings: Sequence[ServiceBinding]
     close: Callable[[], Awaitable[None]] | None = None
+    # Awaited before the server binds its port (and so before it reports SERVING).
+    start: Callable[[], Awaitable[None]] | None = None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -29,6 +29,9 @@ ADAPTER_PORTS: Final = {
     "openai_compatible": 50066,
 }
 EDGE_HTTP_PORT: Final = 8000
+# The API key `switchyard run` gives the edge for the `default` tenant, and the one `switchyard
+# chat` sends when no other is set. It only opens a local mesh: a cluster never sets it.
+LOCAL_DEV_KEY: Final = "sy-localdev-switchyardlocaldevelopmentkey00000000000"
 
 
 class SettingsError(Exception):
@@ -68,6 +71,11 @@ class Settings(BaseModel):
     edge_queue_timeout_s: float = Field(default=5.0, gt=0)
     # Identical in-flight requests of one tenant share one upstream call.
     edge_dedup: bool = True
+    # A clear API key the edge stores (hashed) for the `default` tenant at start: the key
+    # `switchyard run` prints. Unset in a cluster, where keys come from `switchyard keys`.
+    dev_key: str | None = Field(default=None, repr=False)
+    # Seconds between the edge's reloads of the API keys (a revoked key stops within this).
+    keys_refresh_s: float = Field(default=5.0, gt=0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -93,6 +101,8 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_MAX_QUEUE": "edge_max_queue",
             "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "edge_queue_timeout_s",
             "SWITCHYARD_EDGE_DEDUP": "edge_dedup",
+            "SWITCHYARD_DEV_KEY": "dev_key",
+            "SWITCHYARD_KEYS_REFRESH_S": "keys_refresh_s",
         }
         for var, field in simple.items():
             raw = env.get(var)

@@ -26,6 +26,7 @@ from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.edge.admission import AdmissionController, rank
 from switchyard.edge.dedup import InflightDedup, request_key
+from switchyard.edge.keys import KeyAuthenticator, Principal, effective_tier
 from switchyard.edge.pipeline import Caller, ChatPipeline
 from switchyard.edge.ratelimit import ModelLimits, RateLimiter, rate_limited_error, request_checks
 from switchyard.edge.validate import validate_chat_request, validate_for_model
@@ -38,6 +39,43 @@ Authenticate = Callable[[str | None], Awaitable[Caller]]
 RateLimit = Callable[[Caller, Model | None, int], Awaitable[None]]
 """(caller, requested model or None for `auto`, estimated tokens) -> charge the limits or
 raise RATE_LIMITED."""
+
+
+# Callers derived from principals, so a request costs one dict lookup after the key check.
+_MAX_CACHED_CALLERS = 10_000
+
+
+def key_authentication(catalog: Catalog, authenticator: KeyAuthenticator) -> Authenticate:
+    """The `Authenticate` step: the API key to its principal, then the caller the rest of the
+    edge sees -- the tenant's tier lowered to the key's cap, and the models both the tenant
+    and the key allow (a key can narrow its tenant's models, never widen them)."""
+    callers: dict[Principal, Caller] = {}
+
+    def caller_for(principal: Principal) -> Caller:
+        tenant = catalog.tenants.get(principal.tenant_id)
+        tenant_tier = tenant.tier if tenant is not None else "free"
+        allowed = principal.allowed_models
+        if tenant is not None and tenant.allowed_models:
+            tenant_models = frozenset(tenant.allowed_models)
+            allowed = tenant_models if allowed is None else allowed & tenant_models
+        return Caller(
+            tenant_id=principal.tenant_id,
+            allowed_models=allowed,
+            tier=effective_tier(principal, tenant_tier, catalog.tiers),
+            key_prefix=principal.key_prefix,
+            admin=principal.admin,
+        )
+
+    async def authenticate(authorization: str | None) -> Caller:
+        principal = await authenticator.authenticate(authorization)
+        caller = callers.get(principal)
+        if caller is None:
+            if len(callers) >= _MAX_CACHED_CALLERS:
+                callers.clear()
+            caller = callers[principal] = caller_for(principal)
+        return caller
+
+    return authenticate
 
 
 def charge_rate_limits(catalog: Catalog, limiter: RateLimiter) -> RateLimit:

@@ -13,9 +13,11 @@ from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import invalid, unimplemented
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
+from switchyard.common.sql import Database, open_database
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.dedup import InflightDedup
-from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits
+from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
+from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
 from switchyard.edge.ratelimit import build_rate_limiter
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -53,12 +55,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
-        """The catalog's models, paged, optionally filtered by capabilities."""
+        """The catalog's models the caller may use, paged, optionally filtered by capabilities."""
+        caller = await self._gateway.authenticate(_authorization(context))
         if request.page_size < 0:
             raise invalid("page_size must not be negative", "page_size")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         start = _decode_page_token(request.page_token)
-        infos = [model_info(m, self._catalog) for m in self._catalog.models]
+        allowed = caller.allowed_models
+        infos = [
+            model_info(m, self._catalog) for m in self._catalog.models if allowed is None or m.id in allowed
+        ]
         wanted = set(request.capabilities)
         if wanted:
             infos = [i for i in infos if wanted.issubset(set(i.capabilities))]
@@ -87,17 +93,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         raise unimplemented("GatewayService.GetUsage", "#6")
 
 
-def _open_access(catalog: Catalog) -> Authenticate:
-    """Interim: every caller is the catalog's `default` tenant (replaced by API keys, #4)."""
-    tenant = catalog.tenants.get("default")
-    caller = Caller(tenant_id="default", tier=tenant.tier if tenant else "free")
-
-    async def authenticate(authorization: str | None) -> Caller:
-        return caller
-
-    return authenticate
-
-
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     """The `authorization` metadata value, if the caller sent one."""
     for key, value in context.invocation_metadata() or ():
@@ -124,14 +119,21 @@ def _decode_page_token(token: str) -> int:
 
 
 def build(settings: Settings) -> ServiceParts:
-    """The edge's bindings and the close function for its channels."""
+    """The edge's bindings; `start` opens the key store, `close` releases what it holds."""
     catalog = settings.catalog
     channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
     limiter = build_rate_limiter(settings)
+    authenticators: list[KeyAuthenticator] = []
+    databases: list[Database] = []
+    by_key: list[Authenticate] = []
+
+    async def authenticate(authorization: str | None) -> Caller:
+        return await by_key[0](authorization)  # set by `start`, which runs before serving
+
     gateway = EdgeGateway(
         catalog,
         ChatPipeline(settings, catalog, channels),
-        authenticate=_open_access(catalog),
+        authenticate=authenticate,
         rate_limit=charge_rate_limits(catalog, limiter),
         admission=AdmissionController(
             settings.edge_max_concurrent,
@@ -145,8 +147,25 @@ def build(settings: Settings) -> ServiceParts:
         SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
     )
 
+    async def start() -> None:
+        database = await open_database(settings.database_url)
+        databases.append(database)
+        store = await KeyStore.open(database)
+        if settings.dev_key:
+            await ensure_dev_key(store, settings.dev_key)
+        authenticator = KeyAuthenticator(
+            store, refresh_s=settings.keys_refresh_s, known_tenants=catalog.tenants.keys()
+        )
+        await authenticator.start()
+        authenticators.append(authenticator)
+        by_key.append(key_authentication(catalog, authenticator))
+
     async def close() -> None:
         await channels.close()
         await limiter.aclose()
+        for authenticator in authenticators:
+            await authenticator.close()
+        for database in databases:
+            await database.close()
 
-    return ServiceParts([binding], close)
+    return ServiceParts([binding], close, start)
