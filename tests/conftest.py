@@ -152,6 +152,7 @@ def cli_env() -> Iterator[dict[str, str]]:
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env.pop("DATABASE_URL", None)
     env["SWITCHYARD_DEV_KEY"] = LOCAL_DEV_KEY
+    env["SWITCHYARD_HTTP_PORT"] = "0"  # an edge started by a test takes any free port for HTTP
     with tempfile.TemporaryDirectory(prefix="switchyard-state-") as state:
         env["SWITCHYARD_STATE_DIR"] = state
         yield env

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import yaml
 
-from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS
+from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT
 from switchyard.supervisor import ChildSpec, ReadinessCheck
 
 __all__ = [
@@ -52,7 +52,7 @@ DEFAULT_ADMIN_PORT: Final = 9901
 #: Relative to the repository root, where `switchyard run` and `make run` start Envoy.
 DEFAULT_DESCRIPTOR_PATH: Final = "gen/switchyard.protoset"
 
-#: OpenAI-compatible HTTP routes served by the edge's HTTP front.
+#: OpenAI-compatible HTTP paths served by the edge's HTTP front (`/v1/models/{model}` too).
 OPENAI_HTTP_PREFIXES: Final = ("/v1/chat/completions", "/v1/models")
 
 _UNARY_TIMEOUT: Final = "15s"
@@ -135,8 +135,7 @@ def default_local_config() -> str:
         listen_port=DEFAULT_LISTEN_PORT,
         admin_port=DEFAULT_ADMIN_PORT,
         edge_target=f"127.0.0.1:{DEFAULT_PORTS['edge']}",
-        # The edge's OpenAI HTTP front (port 8000) lands with a later issue.
-        edge_http_target=None,
+        edge_http_target=f"127.0.0.1:{EDGE_HTTP_PORT}",
         service_targets=default_service_targets(),
         descriptor_path=DEFAULT_DESCRIPTOR_PATH,
         otlp_endpoint=None,
@@ -342,15 +341,37 @@ def _grpc_deadline() -> dict[str, Any]:
 
 
 def _openai_routes() -> list[dict[str, Any]]:
-    # Chat completions stream SSE for as long as the model talks: no route timeout.
-    timeouts = {"/v1/chat/completions": _NO_TIMEOUT, "/v1/models": _UNARY_TIMEOUT}
+    """The OpenAI-compatible routes to the edge's HTTP front (plain HTTP/1.1, not gRPC).
+
+    Chat completions stream SSE for as long as the model talks: no route timeout, no retries
+    (a retried completion bills twice), and no buffering filter on the way (none is
+    configured, so each event is passed on as it arrives). The edge bounds every answer
+    with its own deadline and stops the upstream when the client goes away. The model list
+    is a quick idempotent GET: a unary timeout, retried on connect failures and resets.
+    """
+    chat, models = OPENAI_HTTP_PREFIXES
+
+    def models_route() -> dict[str, Any]:
+        # A fresh dict each time: shared objects would become YAML anchors.
+        return {
+            "cluster": "edge_http",
+            "timeout": _UNARY_TIMEOUT,
+            "retry_policy": {
+                "retry_on": "connect-failure,reset",
+                "num_retries": 2,
+                "per_try_timeout": _RETRY_TIMEOUT,
+            },
+        }
+
     return [
         {
-            "name": f"edge_http{prefix.replace('/', '.')}",
-            "match": {"prefix": prefix},
-            "route": {"cluster": "edge_http", "timeout": timeouts[prefix]},
-        }
-        for prefix in OPENAI_HTTP_PREFIXES
+            "name": "edge_http.chat_completions",
+            "match": {"path": chat},
+            "route": {"cluster": "edge_http", "timeout": _NO_TIMEOUT},
+        },
+        {"name": "edge_http.models", "match": {"path": models}, "route": models_route()},
+        # `/v1/models/{model}`; model ids hold a slash ("openai/gpt-4o-mini"), sent raw or as %2F.
+        {"name": "edge_http.model", "match": {"prefix": f"{models}/"}, "route": models_route()},
     ]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import switchyard.v1
 from switchyard.common.catalog import Catalog, provider_api_key
 from switchyard.common.ports import free_port
-from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, LOCAL_DEV_KEY, Settings
+from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT, LOCAL_DEV_KEY, Settings
 from switchyard.envoy_config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_LISTEN_PORT,
@@ -45,6 +45,8 @@ class MeshPlan:
     simulator_urls: Mapping[str, str]
     # The Envoy ingress ("127.0.0.1:8080"), or None when Envoy is not part of the plan.
     envoy_target: str | None = None
+    # The edge's OpenAI-compatible HTTP front ("127.0.0.1:8000").
+    edge_http_target: str = ""
 
 
 def plan_mesh(
@@ -62,6 +64,7 @@ def plan_mesh(
     """
     env = dict(os.environ if environ is None else environ)
     ports = {name: (free_port() if free_ports else port) for name, port in DEFAULT_PORTS.items()}
+    http_port = free_port() if free_ports else EDGE_HTTP_PORT
     vendors = sorted({p.vendor for p in catalog.providers.values()})
     adapter_ports = {v: (free_port() if free_ports else ADAPTER_PORTS[v]) for v in vendors}
     common_env = {
@@ -104,7 +107,8 @@ def plan_mesh(
         children.append(_service(f"adapter-{vendor}", ("adapter", "--vendor", vendor), port, common_env, exe))
     for name in CONTROL_PLANES:
         children.append(_service(name, (name,), ports[name], common_env, exe))
-    children.append(_service("edge", ("edge",), ports["edge"], common_env, exe))
+    edge_env = {**common_env, "SWITCHYARD_HTTP_PORT": str(http_port)}
+    children.append(_service("edge", ("edge",), ports["edge"], edge_env, exe))
     envoy_target = None
     if envoy_config_dir is not None:
         listen_port = free_port() if free_ports else DEFAULT_LISTEN_PORT
@@ -115,7 +119,7 @@ def plan_mesh(
                 listen_port=listen_port,
                 admin_port=admin_port,
                 edge_target=f"127.0.0.1:{ports['edge']}",
-                edge_http_target=None,  # the edge's OpenAI HTTP front arrives with #4
+                edge_http_target=f"127.0.0.1:{http_port}",
                 service_targets={
                     **{name: f"127.0.0.1:{ports[name]}" for name in CONTROL_PLANES},
                     **{f"adapter-{v}": f"127.0.0.1:{p}" for v, p in adapter_ports.items()},
@@ -135,6 +139,7 @@ def plan_mesh(
         real=tuple(real),
         simulator_urls=simulator_urls,
         envoy_target=envoy_target,
+        edge_http_target=f"127.0.0.1:{http_port}",
     )
 
 
@@ -155,6 +160,9 @@ def banner(plan: MeshPlan) -> str:
     if plan.envoy_target:
         lines.append(f"  Ingress:     {plan.envoy_target}   (Envoy: gRPC, gRPC-Web, REST/JSON)")
     lines.append(f"  gRPC edge:   {plan.edge_target}   (switchyard.v1.GatewayService, direct)")
+    lines.append(
+        f"  OpenAI HTTP: http://{plan.envoy_target or plan.edge_http_target}/v1   (chat/completions, models)"
+    )
     if plan.simulated:
         lines.append(
             "  Vendors:     SIMULATED: answers come from local vendor simulators, not real models "

@@ -8,9 +8,11 @@ import json
 import sys
 
 import grpc
+import openai
 import pytest
 
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
+from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import Mesh, SimControl
 from tests.support.auth import keyed_channel
@@ -117,3 +119,40 @@ async def test_list_models_shows_only_what_the_key_may_use(mesh: Mesh) -> None:
             gateway_pb2.ListModelsRequest(), timeout=15
         )
     assert [m.id for m in listing.models] == ["openai/gpt-4o-mini"]
+
+
+async def test_the_edge_process_serves_openai_http_with_the_same_keys(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
+    base_url = f"http://{mesh.plan.edge_http_target}/v1"
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=LOCAL_DEV_KEY, max_retries=0)
+    try:
+        answer = await client.chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "Hello over HTTP."}]
+        )
+        assert answer.choices[0].message.content and answer.usage is not None
+        stream = await client.chat.completions.create(
+            model="openai/gpt-4o-mini",
+            messages=[{"role": "user", "content": "Stream over HTTP."}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    finally:
+        await client.close()
+    trial = await create_key(mesh, "trial")
+    scoped = openai.AsyncOpenAI(base_url=base_url, api_key=trial, max_retries=0)
+    wrong = openai.AsyncOpenAI(base_url=base_url, api_key="sy-abcdefgh-" + "y" * 40, max_retries=0)
+    try:
+        assert [m.id async for m in scoped.models.list()] == ["openai/gpt-4o-mini"]
+        with pytest.raises(openai.PermissionDeniedError):
+            await scoped.chat.completions.create(
+                model="smart", messages=[{"role": "user", "content": "Not for trial keys."}]
+            )
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await scoped.close()
+        await wrong.close()

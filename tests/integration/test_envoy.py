@@ -24,6 +24,7 @@ import yaml
 from google.protobuf import descriptor_pb2
 
 from switchyard.common.ports import free_port
+from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.envoy_config import (
     EnvoyConfigError,
     default_local_config,
@@ -35,6 +36,7 @@ from switchyard.envoy_config import (
 from switchyard.local_mesh import SIM_API_KEY
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.conftest import REPO, Mesh, SimControl
+from tests.support.auth import keyed_channel
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 
 LOCAL_YAML = REPO / "deploy" / "envoy" / "local.yaml"
@@ -68,7 +70,7 @@ def test_checked_in_local_config_is_the_default_rendering() -> None:
         listen_port=8080,
         admin_port=9901,
         edge_target="127.0.0.1:50051",
-        edge_http_target=None,
+        edge_http_target="127.0.0.1:8000",
         service_targets={
             "router": "127.0.0.1:50052",
             "ledger": "127.0.0.1:50053",
@@ -258,13 +260,14 @@ async def envoy(
 
 @pytest.fixture
 async def envoy_channel(envoy: RunningEnvoy) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(envoy.grpc_target) as channel:
+    async with keyed_channel(envoy.grpc_target) as channel:
         yield channel
 
 
 @pytest.fixture
 async def http(envoy: RunningEnvoy) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=envoy.url, timeout=10.0) as client:
+    headers = {"authorization": f"Bearer {LOCAL_DEV_KEY}"}
+    async with httpx.AsyncClient(base_url=envoy.url, timeout=10.0, headers=headers) as client:
         yield client
 
 
@@ -380,7 +383,7 @@ async def test_openai_http_routes_reach_the_http_front(http: httpx.AsyncClient) 
 
 async def test_access_log_is_json_without_secrets(http: httpx.AsyncClient, envoy: RunningEnvoy) -> None:
     request_id = str(uuid.uuid4())
-    secret = "sk-must-never-be-logged"
+    secret = LOCAL_DEV_KEY  # a valid key: the request succeeds, and the key must not be logged
     response = await http.get(
         "/v1/catalog/models",
         params={"page_size": 1},

@@ -46,6 +46,8 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     # The port this process listens on; None: the service's default port.
     port: int | None = Field(default=None, ge=0, le=65535)
+    # The edge's OpenAI-compatible HTTP front.
+    http_port: int = Field(default=EDGE_HTTP_PORT, ge=0, le=65535)
     catalog_path: str | None = None
     router_target: str = f"127.0.0.1:{DEFAULT_PORTS['router']}"
     ledger_target: str = f"127.0.0.1:{DEFAULT_PORTS['ledger']}"
@@ -85,6 +87,7 @@ class Settings(BaseModel):
         simple = {
             "SWITCHYARD_HOST": "host",
             "SWITCHYARD_PORT": "port",
+            "SWITCHYARD_HTTP_PORT": "http_port",
             "SWITCHYARD_CATALOG": "catalog_path",
             "SWITCHYARD_ROUTER_TARGET": "router_target",
             "SWITCHYARD_LEDGER_TARGET": "ledger_target",

@@ -18,6 +18,7 @@ from switchyard.edge.admission import AdmissionController
 from switchyard.edge.dedup import InflightDedup
 from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
 from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
+from switchyard.edge.openai_http import OpenAIHttpServer, build_openai_app, start_openai_http
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
 from switchyard.edge.ratelimit import build_rate_limiter
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -143,6 +144,8 @@ def build(settings: Settings) -> ServiceParts:
         dedup=InflightDedup() if settings.edge_dedup else None,
     )
     servicer = GatewayServicer(catalog, gateway)
+    http_app = build_openai_app(stream_chat=gateway.stream_as, authenticate=authenticate, catalog=catalog)
+    http_servers: list[OpenAIHttpServer] = []
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
     )
@@ -159,8 +162,15 @@ def build(settings: Settings) -> ServiceParts:
         await authenticator.start()
         authenticators.append(authenticator)
         by_key.append(key_authentication(catalog, authenticator))
+        http_servers.append(
+            await start_openai_http(
+                http_app, settings.host, settings.http_port, grace_s=settings.shutdown_grace_s
+            )
+        )
 
     async def close() -> None:
+        for http_server in http_servers:
+            await http_server.stop()
         await channels.close()
         await limiter.aclose()
         for authenticator in authenticators:
