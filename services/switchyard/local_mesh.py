@@ -96,8 +96,12 @@ def plan_mesh(
             )
         )
         prefix = f"SWITCHYARD_PROVIDER_{name.upper().replace('-', '_')}"
+        module = load_simulator(provider.vendor)
+        root = f"http://127.0.0.1:{sim_port}"
+        # A simulator serving several dialects says which base URL a provider's options pick.
+        custom = getattr(module, "provider_base_url", None)
         common_env[f"{prefix}_BASE_URL"] = (
-            f"http://127.0.0.1:{sim_port}{load_simulator(provider.vendor).API_PREFIX}"
+            custom(root, provider.options) if custom else root + module.API_PREFIX
         )
         common_env[f"{prefix}_API_KEY"] = SIM_API_KEY
         simulated.append(name)

@@ -788,6 +788,11 @@ def preset_base_url(root_url: str, preset: str) -> str:
     return f"{root_url.rstrip('/')}/{preset}/v1"
 
 
+def provider_base_url(root_url: str, options: Mapping[str, object]) -> str:
+    """The base URL `switchyard run` gives a provider with these catalog `options`: its preset's."""
+    return preset_base_url(root_url, str(options.get("preset", "generic")))
+
+
 def build_app(knobs: FaultKnobs | None = None, *, api_key: str | None = None) -> web.Application:
     """The simulator of every preset, each under ``/<preset>/v1``.
 
