@@ -286,6 +286,11 @@ class Translator(ABC):
         return headers.get("x-request-id", "")
 
     # -- shared helpers for implementations ---------------------------------
+    def request_id_metadata(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """`vendor_request_id` (sanitised) when the vendor sent a request id; else empty."""
+        request_id = self.request_id(headers)
+        return {"vendor_request_id": safe_code(request_id)} if request_id else {}
+
     def error_metadata(
         self,
         http_status: int,
@@ -382,6 +387,44 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         current = time.time() if now is None else now
         return max(0.0, when.timestamp() - current)
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def parse_error_body(body: bytes) -> object:
+    """An error answer's body as JSON; None when it is empty or not JSON."""
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def put_counts(
+    headroom: common_pb2.RateLimitHeadroom,
+    headers: Mapping[str, str],
+    fields: tuple[tuple[str, str], ...],
+) -> bool:
+    """Each (header, headroom attribute) count that is present, into `headroom`; whether any was."""
+    found = False
+    for name, attribute in fields:
+        value = parse_count(headers, name)
+        if value is not None:
+            setattr(headroom, attribute, value)
+            found = True
+    return found
+
+
+def finish_headroom(
+    headroom: common_pb2.RateLimitHeadroom, headers: Mapping[str, str], now: float, *, found: bool
+) -> common_pb2.RateLimitHeadroom | None:
+    """`headroom` plus `retry-after`, observed at `now`; None when neither `found` (the
+    vendor's own figures) nor `retry-after` gave it anything."""
+    retry_after = parse_retry_after(headers, now)
+    if retry_after is not None:
+        headroom.retry_after_ms = clamp_uint32(round(retry_after * 1000))
+        found = True
+    if not found:
+        return None
+    headroom.observed_at.CopyFrom(timestamp_at(now))
+    return headroom
 
 
 def parse_count(headers: Mapping[str, str], name: str) -> int | None:

@@ -252,6 +252,14 @@ class Dialect(ABC):
     def check_auth(self, request: web.Request, ctx: CallContext) -> Reply | None:
         """The vendor's authentication error, or None when the key is right (or unchecked)."""
 
+    def start_read(self, request: web.Request) -> tuple[dict[str, str], web.Response | None]:
+        """The start of a read that is not a chat call (a models list): the response
+        headers, and the vendor's authentication error reply when the key is wrong."""
+        ctx = self.new_context(request)
+        headers = self.headers(ctx, None)
+        auth = self.check_auth(request, ctx)
+        return headers, None if auth is None else json_reply(auth.status, auth.body, headers)
+
     @abstractmethod
     def parse(self, body: object, ctx: CallContext) -> ChatCall | Reply:
         """The call a request body (parsed JSON, None when unparsable) asks for, or the

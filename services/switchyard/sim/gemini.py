@@ -912,11 +912,9 @@ class GeminiDialect(Dialect):
     # -- models ----------------------------------------------------------------
     async def list_models(self, request: web.Request) -> web.Response:
         """`GET /v1beta/models` with `pageSize` and `pageToken`."""
-        ctx = self.new_context(request)
-        headers = self.headers(ctx, None)
-        auth = self.check_auth(request, ctx)
-        if auth is not None:
-            return json_reply(auth.status, auth.body, headers)
+        headers, refused = self.start_read(request)
+        if refused is not None:
+            return refused
         try:
             size = int(request.query.get("pageSize", DEFAULT_PAGE_SIZE))
             start = int(request.query.get("pageToken") or 0)
@@ -931,11 +929,9 @@ class GeminiDialect(Dialect):
 
     async def get_model(self, request: web.Request) -> web.Response:
         """`GET /v1beta/models/{model}`."""
-        ctx = self.new_context(request)
-        headers = self.headers(ctx, None)
-        auth = self.check_auth(request, ctx)
-        if auth is not None:
-            return json_reply(auth.status, auth.body, headers)
+        headers, refused = self.start_read(request)
+        if refused is not None:
+            return refused
         wanted = request.match_info["target"]
         if wanted not in MODELS:
             message = f"models/{wanted} is not found for API version v1beta."

@@ -682,11 +682,9 @@ class MistralDialect(Dialect):
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models` and `GET /v1/models/{model_id}` (not chat requests)."""
-        ctx = self.new_context(request)
-        headers = self.headers(ctx, None)
-        auth = self.check_auth(request, ctx)
-        if auth is not None:
-            return json_reply(auth.status, auth.body, headers)
+        headers, refused = self.start_read(request)
+        if refused is not None:
+            return refused
         wanted = request.match_info.get("model_id")
         if wanted is None:
             return json_reply(200, {"object": "list", "data": [_model_card(m) for m in MODELS]}, headers)

@@ -552,11 +552,9 @@ class OpenAIDialect(Dialect):
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models` and `GET /v1/models/{model}`."""
-        ctx = self.new_context(request)
-        headers = self.headers(ctx, None)
-        auth = self.check_auth(request, ctx)
-        if auth is not None:
-            return json_reply(auth.status, auth.body, headers)
+        headers, refused = self.start_read(request)
+        if refused is not None:
+            return refused
         wanted = request.match_info.get("model")
         if wanted is None:
             return json_reply(200, {"object": "list", "data": [_model_obj(m) for m in MODELS]}, headers)

@@ -64,11 +64,14 @@ from switchyard.adapters.base import (
     VendorRequest,
     clamp_uint32,
     estimated_usage,
+    finish_headroom,
     parse_count,
+    parse_error_body,
     parse_retry_after,
     safe_code,
     timestamp_at,
 )
+from switchyard.adapters.vendors.common import json_object, json_schema_of, tool_choice_mode
 from switchyard.common.catalog import Provider
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.v1 import common_pb2, provider_pb2
@@ -223,21 +226,11 @@ class AnthropicTranslator(Translator):
             if reset is not None:
                 getattr(headroom, f"{kind}_reset_at").CopyFrom(timestamp_at(reset))
                 found = True
-        retry_after = parse_retry_after(headers, now)
-        if retry_after is not None:
-            headroom.retry_after_ms = clamp_uint32(round(retry_after * 1000))
-            found = True
-        if not found:
-            return None
-        headroom.observed_at.CopyFrom(timestamp_at(now))
-        return headroom
+        return finish_headroom(headroom, headers, now, found=found)
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
         """The unified error for an HTTP error answer (see `error_for`)."""
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = parse_error_body(body)
         error = parsed.get("error") if isinstance(parsed, dict) else None
         headroom = self.headroom(headers)
         retry_after = parse_retry_after(headers)
@@ -698,7 +691,7 @@ def _tool(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
         raise invalid("a tool needs a name", f"{where}.name")
     schema: dict[str, Any] = {"type": "object"}
     if tool.parameters_json_schema:
-        schema = _json_object(tool.parameters_json_schema, f"{where}.parameters_json_schema")
+        schema = json_object(tool.parameters_json_schema, f"{where}.parameters_json_schema")
         if schema.get("type") != "object":
             raise invalid(
                 "Anthropic tool input schemas must have type object", f"{where}.parameters_json_schema"
@@ -713,20 +706,11 @@ def _tool(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
 
 
 def _tool_choice(chat: common_pb2.ChatRequest) -> dict[str, Any] | None:
-    choice = chat.tool_choice
-    mode = choice.mode
-    if mode == common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
-        if choice.tool_name:
-            raise invalid("tool_name needs mode TOOL", "tool_choice.mode")
+    mode = tool_choice_mode(chat)
+    if mode is None:
         return None
-    if not chat.tools:
-        raise invalid("a tool choice needs tools", "tool_choice")
     if mode == common_pb2.TOOL_CHOICE_MODE_TOOL:
-        if not choice.tool_name:
-            raise invalid("mode TOOL needs the tool's name", "tool_choice.tool_name")
-        if all(tool.name != choice.tool_name for tool in chat.tools):
-            raise invalid("the chosen tool is not among the request's tools", "tool_choice.tool_name")
-        return {"type": "tool", "name": choice.tool_name}
+        return {"type": "tool", "name": chat.tool_choice.tool_name}
     named = _TOOL_CHOICE.get(mode)
     if named is None:
         raise invalid("unknown tool choice mode", "tool_choice.mode")
@@ -742,10 +726,7 @@ def _output_format(response_format: common_pb2.ResponseFormat) -> dict[str, Any]
             "Anthropic has no free-form JSON object mode; ask for a JSON schema instead", "response_format"
         )
     if kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        if not response_format.json_schema:
-            raise invalid("a JSON schema response format needs its schema", "response_format.json_schema")
-        schema = _json_object(response_format.json_schema, "response_format.json_schema")
-        return {"type": "json_schema", "schema": schema}
+        return {"type": "json_schema", "schema": json_schema_of(response_format)}
     raise invalid("unknown response format type", "response_format.type")
 
 
@@ -770,16 +751,6 @@ def _sampling(sampling: common_pb2.SamplingParams, body: dict[str, Any]) -> None
         if any(not stop for stop in sampling.stop_sequences):
             raise invalid("stop sequences must not be empty", "sampling.stop_sequences")
         body["stop_sequences"] = list(sampling.stop_sequences)
-
-
-def _json_object(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise invalid("not valid JSON", where) from None
-    if not isinstance(value, dict):
-        raise invalid("must be a JSON object", where)
-    return value
 
 
 # --------------------------------------------------------------------------- #

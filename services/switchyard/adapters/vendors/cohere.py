@@ -49,7 +49,6 @@ reasoning model streams thinking (which is sent as `reasoning_text`, never as te
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
@@ -66,10 +65,22 @@ from switchyard.adapters.base import (
     VendorRequest,
     clamp_uint32,
     estimated_usage,
-    parse_count,
+    finish_headroom,
+    parse_error_body,
     parse_retry_after,
+    put_counts,
     safe_code,
-    timestamp_at,
+)
+from switchyard.adapters.vendors.common import (
+    SamplingFields,
+    function_tool,
+    function_tool_call,
+    json_schema_of,
+    put_sampling,
+    text_content,
+    text_parts,
+    tool_choice_mode,
+    user_content,
 )
 from switchyard.common.catalog import Provider
 from switchyard.common.errors import Reason, SwitchyardError, invalid
@@ -93,12 +104,6 @@ _FINISH_REASONS: Final[dict[str, common_pb2.FinishReason.ValueType]] = {
 }
 # Finish reasons that mean the generation failed: raised as errors, not answers.
 _FAILED_FINISH: Final = frozenset({"ERROR", "TIMEOUT"})
-
-_IMAGE_DETAIL: Final[dict[common_pb2.ImageDetail.ValueType, str]] = {
-    common_pb2.IMAGE_DETAIL_LOW: "low",
-    common_pb2.IMAGE_DETAIL_HIGH: "high",
-    common_pb2.IMAGE_DETAIL_AUTO: "auto",
-}
 
 # Cohere's error bodies carry no code, only a message that may quote the prompt. These
 # documented message prefixes (compared in lower case) are turned into a fixed code; the
@@ -194,30 +199,19 @@ class CohereTranslator(Translator):
         and `retry-after`. Cohere sends no token figures and no reset times."""
         now = time.time()
         headroom = common_pb2.RateLimitHeadroom()
-        found = False
-        for name, attribute in (
-            ("x-trial-endpoint-call-limit", "limit_requests"),
-            ("x-trial-endpoint-call-remaining", "remaining_requests"),
-        ):
-            value = parse_count(headers, name)
-            if value is not None:
-                setattr(headroom, attribute, value)
-                found = True
-        retry_after = parse_retry_after(headers, now)
-        if retry_after is not None:
-            headroom.retry_after_ms = clamp_uint32(round(retry_after * 1000))
-            found = True
-        if not found:
-            return None
-        headroom.observed_at.CopyFrom(timestamp_at(now))
-        return headroom
+        found = put_counts(
+            headroom,
+            headers,
+            (
+                ("x-trial-endpoint-call-limit", "limit_requests"),
+                ("x-trial-endpoint-call-remaining", "remaining_requests"),
+            ),
+        )
+        return finish_headroom(headroom, headers, now, found=found)
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
         """The unified error for an HTTP error answer (see `error_for`)."""
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = parse_error_body(body)
         code = ""
         extra: dict[str, str] = {}
         if isinstance(parsed, dict):
@@ -225,9 +219,7 @@ class CohereTranslator(Translator):
             error_id = safe_code(parsed.get("id"))
             if error_id:
                 extra["vendor_error_id"] = error_id
-        request_id = safe_code(self.request_id(headers))
-        if request_id:
-            extra["vendor_request_id"] = request_id
+        extra.update(self.request_id_metadata(headers))
         return self.error_for(
             status, code, headroom=self.headroom(headers), retry_after_s=parse_retry_after(headers), **extra
         )
@@ -599,7 +591,7 @@ def _message(message: common_pb2.Message, index: int) -> dict[str, Any]:
     if message.tool_call_id and role != common_pb2.ROLE_TOOL:
         raise invalid("only tool messages answer a tool call", f"{where}.tool_call_id")
     if role == common_pb2.ROLE_USER:
-        return {"role": "user", "content": _user_content(message, where)}
+        return {"role": "user", "content": user_content(message, where)}
     if role == common_pb2.ROLE_SYSTEM:
         return {"role": "system", "content": _text_content(message, where, "system")}
     if role == common_pb2.ROLE_ASSISTANT:
@@ -622,7 +614,7 @@ def _assistant(message: common_pb2.Message, where: str) -> dict[str, Any]:
             # Text an assistant wrote before calling tools is what Cohere calls its tool plan.
             out["tool_plan"] = "".join(_texts(message, where, "assistant"))
         out["tool_calls"] = [
-            _tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(message.tool_calls)
+            function_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(message.tool_calls)
         ]
         return out
     if not message.parts:
@@ -632,84 +624,17 @@ def _assistant(message: common_pb2.Message, where: str) -> dict[str, Any]:
 
 
 def _texts(message: common_pb2.Message, where: str, role: str) -> list[str]:
-    texts: list[str] = []
-    for i, part in enumerate(message.parts):
-        if part.HasField("image"):
-            raise invalid(f"Cohere {role} messages cannot hold images", f"{where}.parts[{i}].image")
-        texts.append(part.text)
-    return texts
+    return text_parts(message, where, role, "Cohere")
 
 
 def _text_content(message: common_pb2.Message, where: str, role: str) -> str | list[dict[str, str]]:
     """Content of a text-only message: a string, or text parts when there are several."""
-    texts = _texts(message, where, role)
-    if len(texts) == 1:
-        return texts[0]
-    if not texts:
-        return ""
-    return [{"type": "text", "text": text} for text in texts]
-
-
-def _user_content(message: common_pb2.Message, where: str) -> str | list[dict[str, Any]]:
-    parts = message.parts
-    if len(parts) == 1 and not parts[0].HasField("image"):
-        return parts[0].text
-    if not parts:
-        return ""
-    content: list[dict[str, Any]] = []
-    for i, part in enumerate(parts):
-        if part.HasField("image"):
-            content.append(
-                {"type": "image_url", "image_url": _image_url(part.image, f"{where}.parts[{i}].image")}
-            )
-        else:
-            content.append({"type": "text", "text": part.text})
-    return content
-
-
-def _image_url(image: common_pb2.ImagePart, where: str) -> dict[str, str]:
-    if image.url and image.data:
-        raise invalid("an image has either a URL or inline data, not both", f"{where}.data")
-    if image.data:
-        if not image.mime_type:
-            raise invalid("inline image data needs its MIME type", f"{where}.mime_type")
-        url = f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode('ascii')}"
-    elif image.url:
-        url = image.url
-    else:
-        raise invalid("an image needs a URL or inline data", f"{where}.url")
-    out = {"url": url}
-    detail = _IMAGE_DETAIL.get(image.detail)
-    if detail is not None:
-        out["detail"] = detail
-    return out
-
-
-def _tool_call(call: common_pb2.ToolCall, where: str) -> dict[str, Any]:
-    if not call.id:
-        raise invalid("a tool call needs its id", f"{where}.id")
-    if not call.name:
-        raise invalid("a tool call needs its name", f"{where}.name")
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
-    }
+    return text_content(message, where, role, "Cohere")
 
 
 def _tool(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
-    where = f"tools[{index}]"
-    if not tool.name:
-        raise invalid("a tool needs a name", f"{where}.name")
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description:
-        function["description"] = tool.description
-    function["parameters"] = (
-        _json_object(tool.parameters_json_schema, f"{where}.parameters_json_schema")
-        if tool.parameters_json_schema
-        else dict(_NO_PARAMETERS)
-    )
-    return {"type": "function", "function": function}
+    # Cohere requires `parameters` and has no per-tool `strict` (see `strict_tools`).
+    return function_tool(tool, index, default_parameters=_NO_PARAMETERS, send_strict=False)
 
 
 def _tool_choice(chat: common_pb2.ChatRequest) -> tuple[str | None, list[int]]:
@@ -718,28 +643,16 @@ def _tool_choice(chat: common_pb2.ChatRequest) -> tuple[str | None, list[int]]:
     Cohere has REQUIRED and NONE, and no way to name one tool: "call this tool" is sent as
     REQUIRED with that tool alone, which leaves the model exactly that choice.
     """
-    choice = chat.tool_choice
-    mode = choice.mode
+    mode = tool_choice_mode(chat)
     tools = list(range(len(chat.tools)))
-    if mode == common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
-        if choice.tool_name:
-            raise invalid("tool_name needs mode TOOL", "tool_choice.mode")
-        return None, tools
-    if not tools:
-        raise invalid("a tool choice needs tools", "tool_choice")
-    if mode == common_pb2.TOOL_CHOICE_MODE_AUTO:
-        return None, tools  # Cohere's default when tools are given
+    if mode is None or mode == common_pb2.TOOL_CHOICE_MODE_AUTO:
+        return None, tools  # AUTO is Cohere's default when tools are given
     if mode == common_pb2.TOOL_CHOICE_MODE_NONE:
         return "NONE", tools
     if mode == common_pb2.TOOL_CHOICE_MODE_REQUIRED:
         return "REQUIRED", tools
     if mode == common_pb2.TOOL_CHOICE_MODE_TOOL:
-        if not choice.tool_name:
-            raise invalid("mode TOOL needs the tool's name", "tool_choice.tool_name")
-        chosen = [i for i in tools if chat.tools[i].name == choice.tool_name]
-        if not chosen:
-            raise invalid("the chosen tool is not among the request's tools", "tool_choice.tool_name")
-        return "REQUIRED", chosen[:1]
+        return "REQUIRED", [i for i in tools if chat.tools[i].name == chat.tool_choice.tool_name][:1]
     raise invalid("unknown tool choice mode", "tool_choice.mode")
 
 
@@ -750,43 +663,14 @@ def _response_format(response_format: common_pb2.ResponseFormat) -> dict[str, An
     if kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
         return {"type": "json_object"}
     if kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        if not response_format.json_schema:
-            raise invalid("a JSON schema response format needs its schema", "response_format.json_schema")
         # Cohere's schema has no name and is always enforced (constrained decoding), so
         # `schema_name` has nothing to travel in and `strict` is always honoured.
-        return {
-            "type": "json_object",
-            "json_schema": _json_object(response_format.json_schema, "response_format.json_schema"),
-        }
+        return {"type": "json_object", "json_schema": json_schema_of(response_format)}
     raise invalid("unknown response format type", "response_format.type")
 
 
+_SAMPLING_FIELDS: Final = SamplingFields(top_p="p", stop_sequences="stop_sequences")
+
+
 def _sampling(sampling: common_pb2.SamplingParams, body: dict[str, Any]) -> None:
-    if sampling.HasField("temperature"):
-        body["temperature"] = sampling.temperature
-    if sampling.HasField("top_p"):
-        body["p"] = sampling.top_p
-    if sampling.HasField("max_output_tokens"):
-        body["max_tokens"] = sampling.max_output_tokens
-    if sampling.stop_sequences:
-        if len(sampling.stop_sequences) > MAX_STOP_SEQUENCES:
-            raise invalid(
-                f"Cohere accepts at most {MAX_STOP_SEQUENCES} stop sequences", "sampling.stop_sequences"
-            )
-        body["stop_sequences"] = list(sampling.stop_sequences)
-    if sampling.HasField("seed"):
-        body["seed"] = sampling.seed
-    if sampling.HasField("presence_penalty"):
-        body["presence_penalty"] = sampling.presence_penalty
-    if sampling.HasField("frequency_penalty"):
-        body["frequency_penalty"] = sampling.frequency_penalty
-
-
-def _json_object(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise invalid("not valid JSON", where) from None
-    if not isinstance(value, dict):
-        raise invalid("must be a JSON object", where)
-    return value
+    put_sampling(sampling, body, _SAMPLING_FIELDS, vendor="Cohere", max_stop_sequences=MAX_STOP_SEQUENCES)

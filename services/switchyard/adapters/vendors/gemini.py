@@ -93,10 +93,18 @@ from switchyard.adapters.base import (
     VendorRequest,
     clamp_uint32,
     estimated_usage,
+    finish_headroom,
     parse_duration,
+    parse_error_body,
     parse_retry_after,
     safe_code,
-    timestamp_at,
+)
+from switchyard.adapters.vendors.common import (
+    SamplingFields,
+    json_object,
+    json_schema_of,
+    put_sampling,
+    tool_choice_mode,
 )
 from switchyard.common.catalog import Provider
 from switchyard.common.errors import Reason, SwitchyardError, invalid
@@ -336,7 +344,7 @@ class GeminiTranslator(Translator):
             at = f"{where}.tool_calls[{i}]"
             if not call.name:
                 raise invalid("a tool call needs its name", f"{at}.name")
-            args = _json_object(call.arguments_json, f"{at}.arguments_json") if call.arguments_json else {}
+            args = json_object(call.arguments_json, f"{at}.arguments_json") if call.arguments_json else {}
             call_id, signature = self._split_id(call.id)
             function_call: dict[str, Any] = {"name": call.name, "args": args}
             if call_id:
@@ -387,20 +395,11 @@ class GeminiTranslator(Translator):
 
     def headroom(self, headers: Mapping[str, str]) -> common_pb2.RateLimitHeadroom | None:
         """Gemini sends no rate-limit headers; only a `retry-after`, should one appear."""
-        now = time.time()
-        retry_after = parse_retry_after(headers, now)
-        if retry_after is None:
-            return None
-        headroom = common_pb2.RateLimitHeadroom(retry_after_ms=clamp_uint32(round(retry_after * 1000)))
-        headroom.observed_at.CopyFrom(timestamp_at(now))
-        return headroom
+        return finish_headroom(common_pb2.RateLimitHeadroom(), headers, time.time(), found=False)
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
         """The unified error for an HTTP error answer (see `error_for`)."""
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = parse_error_body(body)
         if isinstance(parsed, list) and len(parsed) == 1:
             parsed = parsed[0]
         error = parsed.get("error") if isinstance(parsed, dict) else None
@@ -408,10 +407,7 @@ class GeminiTranslator(Translator):
         retry_after = parse_retry_after(headers)
         if retry_after is None:
             retry_after = facts.retry_delay_s
-        extra = {}
-        request_id = self.request_id(headers)
-        if request_id:
-            extra["vendor_request_id"] = safe_code(request_id)
+        extra = self.request_id_metadata(headers)
         return self.error_for(
             status, facts, headroom=self.headroom(headers), retry_after_s=retry_after, **extra
         )
@@ -775,7 +771,7 @@ def _declaration(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
     if tool.description:
         declaration["description"] = tool.description
     if tool.parameters_json_schema:
-        declaration["parametersJsonSchema"] = _json_object(
+        declaration["parametersJsonSchema"] = json_object(
             tool.parameters_json_schema, f"{where}.parameters_json_schema"
         )
     return declaration
@@ -784,22 +780,14 @@ def _declaration(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
 def _tool_config(chat: common_pb2.ChatRequest) -> dict[str, Any] | None:
     strict = any(tool.strict for tool in chat.tools)
     choice = chat.tool_choice
-    mode = choice.mode if chat.HasField("tool_choice") else common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED
-    if mode == common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
-        if choice.tool_name:
-            raise invalid("tool_name needs mode TOOL", "tool_choice.mode")
+    mode = tool_choice_mode(chat) if chat.HasField("tool_choice") else None
+    if mode is None:
         return {"functionCallingConfig": {"mode": "VALIDATED"}} if strict else None
-    if not chat.tools:
-        raise invalid("a tool choice needs tools", "tool_choice")
     named = _TOOL_MODES.get(mode)
     if named is None:
         raise invalid("unknown tool choice mode", "tool_choice.mode")
     config: dict[str, Any] = {"mode": "VALIDATED" if named == "AUTO" and strict else named}
     if mode == common_pb2.TOOL_CHOICE_MODE_TOOL:
-        if not choice.tool_name:
-            raise invalid("mode TOOL needs the tool's name", "tool_choice.tool_name")
-        if all(tool.name != choice.tool_name for tool in chat.tools):
-            raise invalid("the chosen tool is not among the request's tools", "tool_choice.tool_name")
         config["allowedFunctionNames"] = [choice.tool_name]
     elif choice.tool_name:
         raise invalid("tool_name needs mode TOOL", "tool_choice.mode")
@@ -815,9 +803,7 @@ def _response_format(response_format: common_pb2.ResponseFormat, generation: dic
     elif kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
         generation["responseMimeType"] = "application/json"
     elif kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        if not response_format.json_schema:
-            raise invalid("a JSON schema response format needs its schema", "response_format.json_schema")
-        schema = _json_object(response_format.json_schema, "response_format.json_schema")
+        schema = json_schema_of(response_format)
         name = response_format.schema_name
         if name:
             # Gemini has no schema name; JSON Schema's own label for it is `title`.
@@ -834,37 +820,29 @@ def _response_format(response_format: common_pb2.ResponseFormat, generation: dic
         raise invalid("unknown response format type", "response_format.type")
 
 
+_SAMPLING_FIELDS: Final = SamplingFields(
+    top_p="topP",
+    max_output_tokens="maxOutputTokens",
+    stop_sequences="stopSequences",
+    presence_penalty="presencePenalty",
+    frequency_penalty="frequencyPenalty",
+)
+
+
 def _sampling(sampling: common_pb2.SamplingParams, generation: dict[str, Any]) -> None:
-    if sampling.HasField("temperature"):
-        generation["temperature"] = sampling.temperature
-    if sampling.HasField("top_p"):
-        generation["topP"] = sampling.top_p
-    if sampling.HasField("max_output_tokens"):
-        generation["maxOutputTokens"] = sampling.max_output_tokens
-    if sampling.stop_sequences:
-        if len(sampling.stop_sequences) > MAX_STOP_SEQUENCES:
-            raise invalid(
-                f"Gemini accepts at most {MAX_STOP_SEQUENCES} stop sequences", "sampling.stop_sequences"
-            )
-        generation["stopSequences"] = list(sampling.stop_sequences)
-    if sampling.HasField("seed"):
-        if not INT32_MIN <= sampling.seed <= INT32_MAX:
-            raise invalid("Gemini takes a 32-bit seed", "sampling.seed")
-        generation["seed"] = sampling.seed
-    if sampling.HasField("presence_penalty"):
-        generation["presencePenalty"] = sampling.presence_penalty
-    if sampling.HasField("frequency_penalty"):
-        generation["frequencyPenalty"] = sampling.frequency_penalty
+    put_sampling(
+        sampling,
+        generation,
+        _SAMPLING_FIELDS,
+        vendor="Gemini",
+        max_stop_sequences=MAX_STOP_SEQUENCES,
+        check_seed=_check_seed,
+    )
 
 
-def _json_object(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise invalid("not valid JSON", where) from None
-    if not isinstance(value, dict):
-        raise invalid("must be a JSON object", where)
-    return value
+def _check_seed(seed: int) -> None:
+    if not INT32_MIN <= seed <= INT32_MAX:
+        raise invalid("Gemini takes a 32-bit seed", "sampling.seed")
 
 
 # --------------------------------------------------------------------------- #

@@ -57,7 +57,6 @@ module overrides what differs:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 import string
@@ -70,12 +69,25 @@ import orjson
 
 from switchyard.adapters.base import (
     VendorRequest,
-    clamp_uint32,
+    finish_headroom,
     parse_count,
     parse_duration,
+    parse_error_body,
     parse_retry_after,
     safe_code,
     timestamp_at,
+)
+from switchyard.adapters.vendors.common import (
+    IMAGE_DETAIL,
+    SamplingFields,
+    chat_response_format,
+    function_tool,
+    function_tool_call,
+    function_tool_choice,
+    image_source_url,
+    put_sampling,
+    text_content,
+    user_content,
 )
 from switchyard.adapters.vendors.openai import OpenAIStreamDecoder, OpenAITranslator
 from switchyard.common.catalog import Provider
@@ -94,12 +106,6 @@ _CONTEXT_TOO_LONG: Final = re.compile(
     r"Prompt contains \d+ tokens.*too large for model with \d+ maximum context length", re.DOTALL
 )
 _EMPTY_PARAMETERS: Final[dict[str, Any]] = {"type": "object", "properties": {}}
-
-_IMAGE_DETAIL: Final[dict[common_pb2.ImageDetail.ValueType, str]] = {
-    common_pb2.IMAGE_DETAIL_LOW: "low",
-    common_pb2.IMAGE_DETAIL_HIGH: "high",
-    common_pb2.IMAGE_DETAIL_AUTO: "auto",
-}
 
 _TOOL_CHOICE: Final[dict[common_pb2.ToolChoiceMode.ValueType, str]] = {
     common_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
@@ -251,29 +257,16 @@ class MistralTranslator(OpenAITranslator):
         if reset is not None:
             headroom.tokens_reset_at.CopyFrom(timestamp_at(now + reset))
             found = True
-        retry_after = parse_retry_after(headers, now)
-        if retry_after is not None:
-            headroom.retry_after_ms = clamp_uint32(round(retry_after * 1000))
-            found = True
-        if not found:
-            return None
-        headroom.observed_at.CopyFrom(timestamp_at(now))
-        return headroom
+        return finish_headroom(headroom, headers, now, found=found)
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
         """The unified error for an HTTP error answer (see `mistral_error`)."""
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = parse_error_body(body)
         code, kind, message = _error_fields(parsed)
         retry_after = parse_retry_after(headers)
         if retry_after is None and status == 429:
             retry_after = _token_reset(headers)
-        extra = {}
-        request_id = self.request_id(headers)
-        if request_id:
-            extra["vendor_request_id"] = safe_code(request_id)
+        extra = self.request_id_metadata(headers)
         return self.mistral_error(
             status,
             code,
@@ -507,152 +500,51 @@ def _message(message: common_pb2.Message, index: int, names: dict[str, str]) -> 
 
 def _text_content(message: common_pb2.Message, where: str, role: str) -> str | list[dict[str, str]]:
     """A text-only message: one string, or text chunks when there are several parts."""
-    texts: list[str] = []
-    for i, part in enumerate(message.parts):
-        if part.HasField("image"):
-            raise invalid(f"Mistral {role} messages cannot hold images", f"{where}.parts[{i}].image")
-        texts.append(part.text)
-    if len(texts) == 1:
-        return texts[0]
-    if not texts:
-        return ""
-    return [{"type": "text", "text": text} for text in texts]
+    return text_content(message, where, role, "Mistral")
 
 
 def _user_content(message: common_pb2.Message, where: str) -> str | list[dict[str, Any]]:
-    parts = message.parts
-    if not any(part.HasField("image") for part in parts):
-        return _text_content(message, where, "user")
-    content: list[dict[str, Any]] = []
-    for i, part in enumerate(parts):
-        if part.HasField("image"):
-            content.append(
-                {"type": "image_url", "image_url": _image_url(part.image, f"{where}.parts[{i}].image")}
-            )
-        else:
-            content.append({"type": "text", "text": part.text})
-    return content
+    return user_content(message, where, _image_url)
 
 
 def _image_url(image: common_pb2.ImagePart, where: str) -> str | dict[str, str]:
     """The URL (https or `data:`) as a string, or `{url, detail}` when a detail is set."""
-    if image.url and image.data:
-        raise invalid("an image has either a URL or inline data, not both", f"{where}.data")
-    if image.data:
-        if not image.mime_type:
-            raise invalid("inline image data needs its MIME type", f"{where}.mime_type")
-        url = f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode('ascii')}"
-    elif image.url:
-        url = image.url
-    else:
-        raise invalid("an image needs a URL or inline data", f"{where}.url")
-    detail = _IMAGE_DETAIL.get(image.detail)
+    url = image_source_url(image, where)
+    detail = IMAGE_DETAIL.get(image.detail)
     return {"url": url, "detail": detail} if detail is not None else url
 
 
 def _tool_call(call: common_pb2.ToolCall, where: str, names: dict[str, str]) -> dict[str, Any]:
-    if not call.id:
-        raise invalid("a tool call needs its id", f"{where}.id")
-    if not call.name:
-        raise invalid("a tool call needs its name", f"{where}.name")
+    out = function_tool_call(call, where)
     if not _FUNCTION_NAME.fullmatch(call.name):
         raise invalid("Mistral function names are 1-64 letters, digits, '_' or '-'", f"{where}.name")
     call_id = mistral_call_id(call.id)
     names[call_id] = call.name
-    return {
-        "id": call_id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
-    }
+    out["id"] = call_id
+    return out
 
 
 def _tool(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
-    where = f"tools[{index}]"
-    if not tool.name:
-        raise invalid("a tool needs a name", f"{where}.name")
-    if not _FUNCTION_NAME.fullmatch(tool.name):
-        raise invalid("Mistral function names are 1-64 letters, digits, '_' or '-'", f"{where}.name")
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description:
-        function["description"] = tool.description
+    if tool.name and not _FUNCTION_NAME.fullmatch(tool.name):
+        raise invalid("Mistral function names are 1-64 letters, digits, '_' or '-'", f"tools[{index}].name")
     # `parameters` is required by Mistral; a tool without arguments takes an empty object.
-    function["parameters"] = (
-        _json_object(tool.parameters_json_schema, f"{where}.parameters_json_schema")
-        if tool.parameters_json_schema
-        else dict(_EMPTY_PARAMETERS)
-    )
-    if tool.strict:
-        function["strict"] = True
-    return {"type": "function", "function": function}
+    return function_tool(tool, index, default_parameters=_EMPTY_PARAMETERS)
 
 
 def _tool_choice(chat: common_pb2.ChatRequest) -> str | dict[str, Any] | None:
-    choice = chat.tool_choice
-    mode = choice.mode
-    if mode == common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
-        if choice.tool_name:
-            raise invalid("tool_name needs mode TOOL", "tool_choice.mode")
-        return None
-    if not chat.tools:
-        raise invalid("a tool choice needs tools", "tool_choice")
-    if mode == common_pb2.TOOL_CHOICE_MODE_TOOL:
-        if not choice.tool_name:
-            raise invalid("mode TOOL needs the tool's name", "tool_choice.tool_name")
-        if all(tool.name != choice.tool_name for tool in chat.tools):
-            raise invalid("the chosen tool is not among the request's tools", "tool_choice.tool_name")
-        return {"type": "function", "function": {"name": choice.tool_name}}
-    named = _TOOL_CHOICE.get(mode)
-    if named is None:
-        raise invalid("unknown tool choice mode", "tool_choice.mode")
-    return named
+    return function_tool_choice(chat, _TOOL_CHOICE)
 
 
 def _response_format(response_format: common_pb2.ResponseFormat) -> dict[str, Any] | None:
-    kind = response_format.type
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
-        return None
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_TEXT:
-        return {"type": "text"}
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-        return {"type": "json_object"}
-    if kind != common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        raise invalid("unknown response format type", "response_format.type")
-    if not response_format.json_schema:
-        raise invalid("a JSON schema response format needs its schema", "response_format.json_schema")
-    spec: dict[str, Any] = {
-        "name": response_format.schema_name or "response",
-        "schema": _json_object(response_format.json_schema, "response_format.json_schema"),
-    }
-    if response_format.strict:
-        spec["strict"] = True
-    return {"type": "json_schema", "json_schema": spec}
+    # Mistral takes any schema name.
+    return chat_response_format(response_format, check_schema_name=False)
+
+
+_SAMPLING_FIELDS: Final = SamplingFields(seed="random_seed")
 
 
 def _sampling(sampling: common_pb2.SamplingParams, body: dict[str, Any]) -> None:
-    if sampling.HasField("temperature"):
-        body["temperature"] = sampling.temperature
-    if sampling.HasField("top_p"):
-        body["top_p"] = sampling.top_p
-    if sampling.HasField("max_output_tokens"):
-        body["max_tokens"] = sampling.max_output_tokens
-    if sampling.stop_sequences:
-        body["stop"] = list(sampling.stop_sequences)
-    if sampling.HasField("seed"):
-        body["random_seed"] = sampling.seed
-    if sampling.HasField("presence_penalty"):
-        body["presence_penalty"] = sampling.presence_penalty
-    if sampling.HasField("frequency_penalty"):
-        body["frequency_penalty"] = sampling.frequency_penalty
-
-
-def _json_object(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise invalid("not valid JSON", where) from None
-    if not isinstance(value, dict):
-        raise invalid("must be a JSON object", where)
-    return value
+    put_sampling(sampling, body, _SAMPLING_FIELDS, vendor="Mistral")
 
 
 # --------------------------------------------------------------------------- #

@@ -26,8 +26,6 @@ completion chunk object, Error codes, Rate limits):
 
 from __future__ import annotations
 
-import base64
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
@@ -44,11 +42,24 @@ from switchyard.adapters.base import (
     VendorRequest,
     clamp_uint32,
     estimated_usage,
+    finish_headroom,
     parse_count,
     parse_duration,
+    parse_error_body,
     parse_retry_after,
+    put_counts,
     safe_code,
     timestamp_at,
+)
+from switchyard.adapters.vendors.common import (
+    SamplingFields,
+    chat_response_format,
+    function_tool,
+    function_tool_call,
+    function_tool_choice,
+    put_sampling,
+    text_content,
+    user_content,
 )
 from switchyard.common.catalog import Provider
 from switchyard.common.errors import Reason, SwitchyardError, invalid
@@ -58,7 +69,6 @@ CHAT_PATH: Final = "/chat/completions"
 MODELS_PATH: Final = "/models"
 # OpenAI accepts at most four stop sequences; refusing more here names the field.
 MAX_STOP_SEQUENCES: Final = 4
-_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DONE: Final = b"[DONE]"
 
 _FINISH_REASONS: Final[dict[str, common_pb2.FinishReason.ValueType]] = {
@@ -68,12 +78,6 @@ _FINISH_REASONS: Final[dict[str, common_pb2.FinishReason.ValueType]] = {
     # The legacy single-function form of a tool call.
     "function_call": common_pb2.FINISH_REASON_TOOL_CALLS,
     "content_filter": common_pb2.FINISH_REASON_CONTENT_FILTER,
-}
-
-_IMAGE_DETAIL: Final[dict[common_pb2.ImageDetail.ValueType, str]] = {
-    common_pb2.IMAGE_DETAIL_LOW: "low",
-    common_pb2.IMAGE_DETAIL_HIGH: "high",
-    common_pb2.IMAGE_DETAIL_AUTO: "auto",
 }
 
 _TOOL_CHOICE: Final[dict[common_pb2.ToolChoiceMode.ValueType, str]] = {
@@ -160,13 +164,13 @@ class OpenAITranslator(Translator):
             "messages": [self._message(message, i) for i, message in enumerate(chat.messages)],
         }
         if chat.tools:
-            body["tools"] = [_tool(tool, i) for i, tool in enumerate(chat.tools)]
+            body["tools"] = [function_tool(tool, i) for i, tool in enumerate(chat.tools)]
         if chat.HasField("tool_choice"):
             choice = _tool_choice(chat)
             if choice is not None:
                 body["tool_choice"] = choice
         if chat.HasField("response_format"):
-            response_format = _response_format(chat.response_format)
+            response_format = chat_response_format(chat.response_format)
             if response_format is not None:
                 body["response_format"] = response_format
         if chat.HasField("sampling"):
@@ -210,7 +214,7 @@ class OpenAITranslator(Translator):
             raise invalid("only tool messages answer a tool call", f"{where}.tool_call_id")
         out: dict[str, Any]
         if role == common_pb2.ROLE_USER:
-            out = {"role": "user", "content": _user_content(message, where)}
+            out = {"role": "user", "content": user_content(message, where)}
         elif role == common_pb2.ROLE_SYSTEM:
             out = {"role": self._system_role, "content": _text_content(message, where, "system")}
         elif role == common_pb2.ROLE_ASSISTANT:
@@ -219,7 +223,8 @@ class OpenAITranslator(Translator):
             if message.tool_calls:
                 out["content"] = content
                 out["tool_calls"] = [
-                    _tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(message.tool_calls)
+                    function_tool_call(call, f"{where}.tool_calls[{i}]")
+                    for i, call in enumerate(message.tool_calls)
                 ]
             else:
                 out["content"] = content if content is not None else ""
@@ -240,23 +245,13 @@ class OpenAITranslator(Translator):
         return out
 
     def _sampling(self, sampling: common_pb2.SamplingParams, body: dict[str, Any]) -> None:
-        if sampling.HasField("temperature"):
-            body["temperature"] = sampling.temperature
-        if sampling.HasField("top_p"):
-            body["top_p"] = sampling.top_p
-        if sampling.HasField("max_output_tokens"):
-            body[self.output_limit_field()] = sampling.max_output_tokens
-        if sampling.stop_sequences:
-            limit = self.stop_sequence_limit()
-            if limit is not None and len(sampling.stop_sequences) > limit:
-                raise invalid(f"OpenAI accepts at most {limit} stop sequences", "sampling.stop_sequences")
-            body["stop"] = list(sampling.stop_sequences)
-        if sampling.HasField("seed"):
-            body["seed"] = sampling.seed
-        if sampling.HasField("presence_penalty"):
-            body["presence_penalty"] = sampling.presence_penalty
-        if sampling.HasField("frequency_penalty"):
-            body["frequency_penalty"] = sampling.frequency_penalty
+        put_sampling(
+            sampling,
+            body,
+            SamplingFields(max_output_tokens=self.output_limit_field()),
+            vendor="OpenAI",
+            max_stop_sequences=self.stop_sequence_limit(),
+        )
 
     # -- response -----------------------------------------------------------------
     def new_decoder(self, request: provider_pb2.GenerateRequest) -> OpenAIStreamDecoder:
@@ -267,17 +262,16 @@ class OpenAITranslator(Translator):
         """`x-ratelimit-*` and `retry-after` headers as headroom; resets become timestamps."""
         now = time.time()
         headroom = common_pb2.RateLimitHeadroom()
-        found = False
-        for name, attribute in (
-            ("x-ratelimit-limit-requests", "limit_requests"),
-            ("x-ratelimit-remaining-requests", "remaining_requests"),
-            ("x-ratelimit-limit-tokens", "limit_tokens"),
-            ("x-ratelimit-remaining-tokens", "remaining_tokens"),
-        ):
-            value = parse_count(headers, name)
-            if value is not None:
-                setattr(headroom, attribute, value)
-                found = True
+        found = put_counts(
+            headroom,
+            headers,
+            (
+                ("x-ratelimit-limit-requests", "limit_requests"),
+                ("x-ratelimit-remaining-requests", "remaining_requests"),
+                ("x-ratelimit-limit-tokens", "limit_tokens"),
+                ("x-ratelimit-remaining-tokens", "remaining_tokens"),
+            ),
+        )
         for name, attribute in (
             ("x-ratelimit-reset-requests", "requests_reset_at"),
             ("x-ratelimit-reset-tokens", "tokens_reset_at"),
@@ -287,22 +281,12 @@ class OpenAITranslator(Translator):
             if seconds is not None:
                 getattr(headroom, attribute).CopyFrom(timestamp_at(now + seconds))
                 found = True
-        retry_after = parse_retry_after(headers, now)
-        if retry_after is not None:
-            headroom.retry_after_ms = clamp_uint32(round(retry_after * 1000))
-            found = True
-        if not found:
-            return None
-        headroom.observed_at.CopyFrom(timestamp_at(now))
-        return headroom
+        return finish_headroom(headroom, headers, now, found=found)
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
         """The unified error for an HTTP error answer (see `error_for`)."""
         error: object = None
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = parse_error_body(body)
         if isinstance(parsed, dict):
             error = parsed.get("error")
         code, kind = _code_and_type(error)
@@ -310,10 +294,7 @@ class OpenAITranslator(Translator):
         retry_after = parse_retry_after(headers)
         if retry_after is None and status == 429:
             retry_after = reset_of_exhausted_limit(headers)
-        extra = {}
-        request_id = self.request_id(headers)
-        if request_id:
-            extra["vendor_request_id"] = safe_code(request_id)
+        extra = self.request_id_metadata(headers)
         return self.error_for(status, code, kind, headroom=headroom, retry_after_s=retry_after, **extra)
 
     def stream_error(self, error: object) -> SwitchyardError:
@@ -599,134 +580,11 @@ class OpenAIStreamDecoder(StreamDecoder):
 
 def _text_content(message: common_pb2.Message, where: str, role: str) -> str | list[dict[str, str]]:
     """Content of a text-only message: a string, or text parts when there are several."""
-    texts: list[str] = []
-    for i, part in enumerate(message.parts):
-        if part.HasField("image"):
-            raise invalid(f"OpenAI {role} messages cannot hold images", f"{where}.parts[{i}].image")
-        texts.append(part.text)
-    if len(texts) == 1:
-        return texts[0]
-    if not texts:
-        return ""
-    return [{"type": "text", "text": text} for text in texts]
-
-
-def _user_content(message: common_pb2.Message, where: str) -> str | list[dict[str, Any]]:
-    parts = message.parts
-    if len(parts) == 1 and not parts[0].HasField("image"):
-        return parts[0].text
-    if not parts:
-        return ""
-    content: list[dict[str, Any]] = []
-    for i, part in enumerate(parts):
-        if part.HasField("image"):
-            content.append(
-                {"type": "image_url", "image_url": _image_url(part.image, f"{where}.parts[{i}].image")}
-            )
-        else:
-            content.append({"type": "text", "text": part.text})
-    return content
-
-
-def _image_url(image: common_pb2.ImagePart, where: str) -> dict[str, str]:
-    if image.url and image.data:
-        raise invalid("an image has either a URL or inline data, not both", f"{where}.data")
-    if image.data:
-        if not image.mime_type:
-            raise invalid("inline image data needs its MIME type", f"{where}.mime_type")
-        url = f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode('ascii')}"
-    elif image.url:
-        url = image.url
-    else:
-        raise invalid("an image needs a URL or inline data", f"{where}.url")
-    out = {"url": url}
-    detail = _IMAGE_DETAIL.get(image.detail)
-    if detail is not None:
-        out["detail"] = detail
-    return out
-
-
-def _tool_call(call: common_pb2.ToolCall, where: str) -> dict[str, Any]:
-    if not call.id:
-        raise invalid("a tool call needs its id", f"{where}.id")
-    if not call.name:
-        raise invalid("a tool call needs its name", f"{where}.name")
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
-    }
-
-
-def _tool(tool: common_pb2.Tool, index: int) -> dict[str, Any]:
-    where = f"tools[{index}]"
-    if not tool.name:
-        raise invalid("a tool needs a name", f"{where}.name")
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description:
-        function["description"] = tool.description
-    if tool.parameters_json_schema:
-        function["parameters"] = _json_object(tool.parameters_json_schema, f"{where}.parameters_json_schema")
-    if tool.strict:
-        function["strict"] = True
-    return {"type": "function", "function": function}
+    return text_content(message, where, role, "OpenAI")
 
 
 def _tool_choice(chat: common_pb2.ChatRequest) -> str | dict[str, Any] | None:
-    choice = chat.tool_choice
-    mode = choice.mode
-    if mode == common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
-        if choice.tool_name:
-            raise invalid("tool_name needs mode TOOL", "tool_choice.mode")
-        return None
-    if not chat.tools:
-        raise invalid("a tool choice needs tools", "tool_choice")
-    if mode == common_pb2.TOOL_CHOICE_MODE_TOOL:
-        if not choice.tool_name:
-            raise invalid("mode TOOL needs the tool's name", "tool_choice.tool_name")
-        if all(tool.name != choice.tool_name for tool in chat.tools):
-            raise invalid("the chosen tool is not among the request's tools", "tool_choice.tool_name")
-        return {"type": "function", "function": {"name": choice.tool_name}}
-    named = _TOOL_CHOICE.get(mode)
-    if named is None:
-        raise invalid("unknown tool choice mode", "tool_choice.mode")
-    return named
-
-
-def _response_format(response_format: common_pb2.ResponseFormat) -> dict[str, Any] | None:
-    kind = response_format.type
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
-        return None
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_TEXT:
-        return {"type": "text"}
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-        return {"type": "json_object"}
-    if kind == common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        if not response_format.json_schema:
-            raise invalid("a JSON schema response format needs its schema", "response_format.json_schema")
-        name = response_format.schema_name or "response"
-        if not _SCHEMA_NAME.match(name):
-            raise invalid(
-                "the schema name must be 1-64 letters, digits, '_' or '-'", "response_format.schema_name"
-            )
-        spec: dict[str, Any] = {
-            "name": name,
-            "schema": _json_object(response_format.json_schema, "response_format.json_schema"),
-        }
-        if response_format.strict:
-            spec["strict"] = True
-        return {"type": "json_schema", "json_schema": spec}
-    raise invalid("unknown response format type", "response_format.type")
-
-
-def _json_object(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise invalid("not valid JSON", where) from None
-    if not isinstance(value, dict):
-        raise invalid("must be a JSON object", where)
-    return value
+    return function_tool_choice(chat, _TOOL_CHOICE)
 
 
 # --------------------------------------------------------------------------- #

@@ -125,13 +125,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import grpc
-import orjson
 
 from switchyard.adapters.base import (
     DEFAULT_RATE_LIMIT_RETRY_S,
     VendorRequest,
     clamp_uint32,
     parse_count,
+    parse_error_body,
     parse_retry_after,
     safe_code,
     timestamp_at,
@@ -500,10 +500,7 @@ class OpenAICompatibleTranslator(OpenAITranslator):
 
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
         """The unified error for an HTTP error answer, whatever its body's shape."""
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = parse_error_body(body)
         code, kind, hint, _declared = _read_error(
             parsed.get("error") if isinstance(parsed, dict) else None, parsed
         )
@@ -512,10 +509,7 @@ class OpenAICompatibleTranslator(OpenAITranslator):
             retry_after = reset_of_exhausted_limit(headers)
             if retry_after is None and parse_count(headers, "x-ratelimit-remaining") == 0:
                 retry_after = _seconds(headers.get("x-ratelimit-reset"))
-        extra = {}
-        request_id = self.request_id(headers)
-        if request_id:
-            extra["vendor_request_id"] = safe_code(request_id)
+        extra = self.request_id_metadata(headers)
         return self.error_for(
             status, code, kind, headroom=self.headroom(headers), retry_after_s=retry_after, hint=hint, **extra
         )
