@@ -34,7 +34,7 @@ import orjson
 from google.protobuf import timestamp_pb2
 
 from switchyard.common.catalog import Provider
-from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.v1 import common_pb2, provider_pb2
 
 # Error bodies are only read for their code and type; a vendor never needs more than this.
@@ -334,6 +334,49 @@ _DURATION_UNITS: Final = {
     "m": 60.0,
     "h": 3600.0,
 }
+
+
+def http_status_class(
+    status: int, where: str, label: str, retry_after_s: float | None
+) -> tuple[grpc.StatusCode, Reason, str, float | None] | None:
+    """What the statuses every vendor uses alike mean: 404, 408/504, 503/529 and other 5xx.
+
+    Returns (gRPC code, reason, message, retry-after) or None for any other status, which the
+    vendor's own error table decides. `where` names the provider, `label` the status and code.
+    """
+    if status == 404:
+        return (
+            grpc.StatusCode.NOT_FOUND,
+            Reason.NOT_FOUND,
+            f"{where} does not know the model or endpoint ({label})",
+            None,
+        )
+    if status in (408, 504):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT, f"{where} timed out ({label})", None
+    if status in (503, 529):
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.PROVIDER_OVERLOADED,
+            f"{where} is overloaded ({label})",
+            retry_after_s,
+        )
+    if status >= 500:
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.PROVIDER_UNAVAILABLE,
+            f"{where} failed ({label})",
+            retry_after_s,
+        )
+    return None
+
+
+def require_model_and_messages(request: provider_pb2.GenerateRequest) -> common_pb2.ChatRequest:
+    """The chat of `request`, once it names an upstream model and holds a message."""
+    if not request.upstream_model:
+        raise invalid("the upstream model is required", "upstream_model")
+    if not request.request.messages:
+        raise invalid("at least one message is required", "messages")
+    return request.request
 
 
 def safe_code(value: object) -> str:

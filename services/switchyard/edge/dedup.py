@@ -36,14 +36,22 @@ ChunkSource = Callable[[], AsyncIterator[common_pb2.ChatChunk]]
 
 def request_key(tenant_id: str, request: common_pb2.ChatRequest) -> str:
     """The dedup key of `request` for `tenant_id`: equal for requests that ask the same thing."""
-    normalised = common_pb2.ChatRequest()
-    normalised.CopyFrom(request)
-    normalised.ClearField("request_id")
-    normalised.ClearField("cache")
+    # The fields that do not change the answer are set aside for the serialisation rather than
+    # cleared on a copy: this runs on every request, and a copy would duplicate the prompt.
+    request_id = request.request_id
+    cache = request.cache if request.HasField("cache") else None
+    request.ClearField("request_id")
+    request.ClearField("cache")
+    try:
+        serialised = request.SerializeToString(deterministic=True)
+    finally:
+        request.request_id = request_id
+        if cache is not None:
+            request.cache.CopyFrom(cache)
     digest = hashlib.blake2b(digest_size=20)
     digest.update(tenant_id.encode())
     digest.update(b"\x00")
-    digest.update(normalised.SerializeToString(deterministic=True))
+    digest.update(serialised)
     return digest.hexdigest()
 
 

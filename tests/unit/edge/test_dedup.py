@@ -149,3 +149,13 @@ async def test_an_error_reaches_every_waiter() -> None:
 
     results = await asyncio.gather(expect_error("a"), expect_error("b"))
     assert results == [["partial"], ["partial"]]
+
+
+def test_computing_the_key_leaves_the_request_as_it_was() -> None:
+    request = chat(request_id="r-1", cache=common_pb2.CachePolicy(ttl_seconds=5))
+    before = request.SerializeToString()
+    request_key("t", request)
+    assert request.SerializeToString() == before
+    bare = chat(request_id="r-2")
+    request_key("t", bare)
+    assert not bare.HasField("cache") and bare.request_id == "r-2"

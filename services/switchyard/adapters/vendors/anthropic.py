@@ -65,9 +65,11 @@ from switchyard.adapters.base import (
     clamp_uint32,
     estimated_usage,
     finish_headroom,
+    http_status_class,
     parse_count,
     parse_error_body,
     parse_retry_after,
+    require_model_and_messages,
     safe_code,
     timestamp_at,
 )
@@ -159,11 +161,7 @@ class AnthropicTranslator(Translator):
     # -- request ----------------------------------------------------------------
     def build_request(self, request: provider_pb2.GenerateRequest) -> VendorRequest:
         """The streaming `POST /v1/messages` request for `request`."""
-        chat = request.request
-        if not request.upstream_model:
-            raise invalid("the upstream model is required", "upstream_model")
-        if not chat.messages:
-            raise invalid("at least one message is required", "messages")
+        chat = require_model_and_messages(request)
         system, messages = _conversation(chat.messages)
         if not messages:
             raise invalid("Anthropic needs at least one user or assistant message", "messages")
@@ -289,24 +287,8 @@ class AnthropicTranslator(Translator):
             grpc_code = grpc.StatusCode.FAILED_PRECONDITION
             reason = Reason.AUTH_FAILED
             message = f"{where} rejected the configured credentials ({label})"
-        elif status == 404:
-            grpc_code = grpc.StatusCode.NOT_FOUND
-            reason = Reason.NOT_FOUND
-            message = f"{where} does not know the model or endpoint ({label})"
-        elif status in (408, 504):
-            grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-            reason = Reason.TIMEOUT
-            message = f"{where} timed out ({label})"
-        elif status in (503, 529):
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_OVERLOADED
-            retry = retry_after_s
-            message = f"{where} is overloaded ({label})"
-        elif status >= 500:
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_UNAVAILABLE
-            retry = retry_after_s
-            message = f"{where} failed ({label})"
+        elif (shared := http_status_class(status, where, label, retry_after_s)) is not None:
+            grpc_code, reason, message, retry = shared
         elif status == 400 and _is_context_overflow(error):
             grpc_code = grpc.StatusCode.INVALID_ARGUMENT
             reason = Reason.CONTEXT_TOO_LONG

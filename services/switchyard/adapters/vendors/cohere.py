@@ -66,9 +66,11 @@ from switchyard.adapters.base import (
     clamp_uint32,
     estimated_usage,
     finish_headroom,
+    http_status_class,
     parse_error_body,
     parse_retry_after,
     put_counts,
+    require_model_and_messages,
     safe_code,
 )
 from switchyard.adapters.vendors.common import (
@@ -143,11 +145,7 @@ class CohereTranslator(Translator):
     # -- request ----------------------------------------------------------------
     def build_request(self, request: provider_pb2.GenerateRequest) -> VendorRequest:
         """The streaming `POST /v2/chat` request for `request`."""
-        chat = request.request
-        if not request.upstream_model:
-            raise invalid("the upstream model is required", "upstream_model")
-        if not chat.messages:
-            raise invalid("at least one message is required", "messages")
+        chat = require_model_and_messages(request)
         if chat.metadata.end_user:
             raise invalid("Cohere's Chat API has no end-user field", "metadata.end_user")
         body: dict[str, Any] = {
@@ -282,29 +280,13 @@ class CohereTranslator(Translator):
             grpc_code = grpc.StatusCode.FAILED_PRECONDITION
             reason = Reason.AUTH_FAILED
             message = f"{where} rejected the configured credentials ({label})"
-        elif status == 404:
-            grpc_code = grpc.StatusCode.NOT_FOUND
-            reason = Reason.NOT_FOUND
-            message = f"{where} does not know the model or endpoint ({label})"
-        elif status in (408, 504):
-            grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-            reason = Reason.TIMEOUT
-            message = f"{where} timed out ({label})"
         elif status == 499:
             grpc_code = grpc.StatusCode.UNAVAILABLE
             reason = Reason.PROVIDER_UNAVAILABLE
             retry = retry_after_s
             message = f"{where} cancelled the request ({label})"
-        elif status in (503, 529):
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_OVERLOADED
-            retry = retry_after_s
-            message = f"{where} is overloaded ({label})"
-        elif status >= 500:
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_UNAVAILABLE
-            retry = retry_after_s
-            message = f"{where} failed ({label})"
+        elif (shared := http_status_class(status, where, label, retry_after_s)) is not None:
+            grpc_code, reason, message, retry = shared
         elif code in _CONTEXT_TOO_LONG_CODES:
             grpc_code = grpc.StatusCode.INVALID_ARGUMENT
             reason = Reason.CONTEXT_TOO_LONG

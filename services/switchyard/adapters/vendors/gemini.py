@@ -94,6 +94,7 @@ from switchyard.adapters.base import (
     clamp_uint32,
     estimated_usage,
     finish_headroom,
+    http_status_class,
     parse_duration,
     parse_error_body,
     parse_retry_after,
@@ -460,24 +461,8 @@ class GeminiTranslator(Translator):
             grpc_code = grpc.StatusCode.FAILED_PRECONDITION
             reason = Reason.AUTH_FAILED
             message = f"{where} rejected the configured credentials or account ({label})"
-        elif status == 404:
-            grpc_code = grpc.StatusCode.NOT_FOUND
-            reason = Reason.NOT_FOUND
-            message = f"{where} does not know the model or endpoint ({label})"
-        elif status in (408, 504):
-            grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-            reason = Reason.TIMEOUT
-            message = f"{where} timed out ({label})"
-        elif status in (503, 529):
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_OVERLOADED
-            retry = retry_after_s
-            message = f"{where} is overloaded ({label})"
-        elif status >= 500:
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_UNAVAILABLE
-            retry = retry_after_s
-            message = f"{where} failed ({label})"
+        elif (shared := http_status_class(status, where, label, retry_after_s)) is not None:
+            grpc_code, reason, message, retry = shared
         elif facts.context_too_long:
             grpc_code = grpc.StatusCode.INVALID_ARGUMENT
             reason = Reason.CONTEXT_TOO_LONG

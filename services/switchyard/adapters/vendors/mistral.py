@@ -74,6 +74,7 @@ from switchyard.adapters.base import (
     parse_duration,
     parse_error_body,
     parse_retry_after,
+    require_model_and_messages,
     safe_code,
     timestamp_at,
 )
@@ -187,11 +188,7 @@ class MistralTranslator(OpenAITranslator):
     # -- request ----------------------------------------------------------------
     def build_request(self, request: provider_pb2.GenerateRequest) -> VendorRequest:
         """The `POST /chat/completions` streaming request for `request`."""
-        chat = request.request
-        if not request.upstream_model:
-            raise invalid("the upstream model is required", "upstream_model")
-        if not chat.messages:
-            raise invalid("at least one message is required", "messages")
+        chat = require_model_and_messages(request)
         if chat.metadata.end_user:
             raise invalid("Mistral has no end-user field", "metadata.end_user")
         body: dict[str, Any] = {"model": request.upstream_model, "messages": _messages(chat)}

@@ -43,11 +43,13 @@ from switchyard.adapters.base import (
     clamp_uint32,
     estimated_usage,
     finish_headroom,
+    http_status_class,
     parse_count,
     parse_duration,
     parse_error_body,
     parse_retry_after,
     put_counts,
+    require_model_and_messages,
     safe_code,
     timestamp_at,
 )
@@ -154,11 +156,7 @@ class OpenAITranslator(Translator):
     # -- request ----------------------------------------------------------------
     def build_request(self, request: provider_pb2.GenerateRequest) -> VendorRequest:
         """The `POST /chat/completions` streaming request for `request`."""
-        chat = request.request
-        if not request.upstream_model:
-            raise invalid("the upstream model is required", "upstream_model")
-        if not chat.messages:
-            raise invalid("at least one message is required", "messages")
+        chat = require_model_and_messages(request)
         body: dict[str, Any] = {
             "model": request.upstream_model,
             "messages": [self._message(message, i) for i, message in enumerate(chat.messages)],
@@ -351,24 +349,8 @@ class OpenAITranslator(Translator):
             grpc_code = grpc.StatusCode.FAILED_PRECONDITION
             reason = Reason.AUTH_FAILED
             message = f"{where} rejected the configured credentials ({label})"
-        elif status == 404:
-            grpc_code = grpc.StatusCode.NOT_FOUND
-            reason = Reason.NOT_FOUND
-            message = f"{where} does not know the model or endpoint ({label})"
-        elif status in (408, 504):
-            grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-            reason = Reason.TIMEOUT
-            message = f"{where} timed out ({label})"
-        elif status in (503, 529):
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_OVERLOADED
-            retry = retry_after_s
-            message = f"{where} is overloaded ({label})"
-        elif status >= 500:
-            grpc_code = grpc.StatusCode.UNAVAILABLE
-            reason = Reason.PROVIDER_UNAVAILABLE
-            retry = retry_after_s
-            message = f"{where} failed ({label})"
+        elif (shared := http_status_class(status, where, label, retry_after_s)) is not None:
+            grpc_code, reason, message, retry = shared
         elif code == "context_length_exceeded":
             grpc_code = grpc.StatusCode.INVALID_ARGUMENT
             reason = Reason.CONTEXT_TOO_LONG
