@@ -27,17 +27,17 @@ from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
 from switchyard.v1 import gateway_pb2 as switchyard_dot_v1_dot_gateway__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/ledger.proto\x12\rswitchyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchyard/v1/common.proto\x1a\x1bswitchyard/v1/gateway.proto\"M\n\x0f\x45stimateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\r\n\x05model\x18\x02 \x01(\t\"\xd7\x01\n\x10\x45stimateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\r\x12\x1e\n\x16\x65xpected_output_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1c\n\x14\x65xpected_cost_micros\x18\x05 \x01(\x03\x12\x1e\n\x16worst_case_cost_micros\x18\x06 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x13\n\x0b\x61pproximate\x18\x08 \x01(\x08\"g\n\x0b\x42udgetScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x02 \x01(\t\x12\x12\n\napi_key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\"{\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"Y\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfc\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\x12\x30\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1a.switchyard.v1.CacheStatus\x12\x1a\n\x12\x63\x61\x63he_saved_micros\x18\x08 \x01(\x03\x12\x12\n\nlatency_ms\x18\t \x01(\r\x12\x0e\n\x06status\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\r\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x65stimated_input_tokens\x18\r \x01(\r\"S\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12*\n\x06record\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.UsageRecord\";\n\x0e\x43ommitResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x16\n\x0e\x63harged_micros\x18\x02 \x01(\x03\"<\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x80\x02\n\x06\x42udget\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12+\n\x06window\x18\x03 \x01(\x0e\x32\x1b.switchyard.v1.BudgetWindow\x12\x35\n\x0b\x65nforcement\x18\x04 \x01(\x0e\x32 .switchyard.v1.BudgetEnforcement\x12\x14\n\x0climit_micros\x18\x05 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x06 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x07 \x01(\x03\x12\x13\n\x0bwebhook_url\x18\x08 \x01(\t\"\xc1\x01\n\x0b\x42udgetLease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tbudget_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0b\x65nforcement\x18\x06 \x01(\x0e\x32 .switchyard.v1.BudgetEnforcement\"l\n\x12LeaseBudgetRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12\x18\n\x10requested_micros\x18\x03 \x01(\x03\"A\n\x13LeaseBudgetResponse\x12*\n\x06leases\x18\x01 \x03(\x0b\x32\x1a.switchyard.v1.BudgetLease\"=\n\x12ReturnLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\runused_micros\x18\x02 \x01(\x03\".\n\x13ReturnLeaseResponse\x12\x17\n\x0freturned_micros\x18\x01 \x01(\x03\"H\n\x10SetBudgetRequest\x12%\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x15.switchyard.v1.Budget\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\":\n\x11SetBudgetResponse\x12%\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x15.switchyard.v1.Budget\"N\n\x12ListBudgetsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x13ListBudgetsResponse\x12&\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x15.switchyard.v1.Budget\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x12\x45xportUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65nd_user\x18\x04 \x01(\t\"(\n\x13\x45xportUsageResponse\x12\x11\n\tcsv_chunk\x18\x01 \x01(\x0c\"I\n\x13\x45raseEndUserRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\",\n\x14\x45raseEndUserResponse\x12\x14\n\x0crows_deleted\x18\x01 \x01(\x04*a\n\x0c\x42udgetWindow\x12\x1d\n\x19\x42UDGET_WINDOW_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42UDGET_WINDOW_DAILY\x10\x01\x12\x19\n\x15\x42UDGET_WINDOW_MONTHLY\x10\x02*q\n\x11\x42udgetEnforcement\x12\"\n\x1e\x42UDGET_ENFORCEMENT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42UDGET_ENFORCEMENT_HARD\x10\x01\x12\x1b\n\x17\x42UDGET_ENFORCEMENT_SOFT\x10\x02\x32\x8b\x07\n\x11\x43ostLedgerService\x12K\n\x08\x45stimate\x12\x1e.switchyard.v1.EstimateRequest\x1a\x1f.switchyard.v1.EstimateResponse\x12H\n\x07Reserve\x12\x1d.switchyard.v1.ReserveRequest\x1a\x1e.switchyard.v1.ReserveResponse\x12\x45\n\x06\x43ommit\x12\x1c.switchyard.v1.CommitRequest\x1a\x1d.switchyard.v1.CommitResponse\x12H\n\x07Release\x12\x1d.switchyard.v1.ReleaseRequest\x1a\x1e.switchyard.v1.ReleaseResponse\x12T\n\x0bLeaseBudget\x12!.switchyard.v1.LeaseBudgetRequest\x1a\".switchyard.v1.LeaseBudgetResponse\x12T\n\x0bReturnLease\x12!.switchyard.v1.ReturnLeaseRequest\x1a\".switchyard.v1.ReturnLeaseResponse\x12K\n\x08GetUsage\x12\x1e.switchyard.v1.GetUsageRequest\x1a\x1f.switchyard.v1.GetUsageResponse\x12N\n\tSetBudget\x12\x1f.switchyard.v1.SetBudgetRequest\x1a .switchyard.v1.SetBudgetResponse\x12T\n\x0bListBudgets\x12!.switchyard.v1.ListBudgetsRequest\x1a\".switchyard.v1.ListBudgetsResponse\x12V\n\x0b\x45xportUsage\x12!.switchyard.v1.ExportUsageRequest\x1a\".switchyard.v1.ExportUsageResponse0\x01\x12W\n\x0c\x45raseEndUser\x12\".switchyard.v1.EraseEndUserRequest\x1a#.switchyard.v1.EraseEndUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/ledger.proto\x12\rswitchyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchyard/v1/common.proto\x1a\x1bswitchyard/v1/gateway.proto\"M\n\x0f\x45stimateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\r\n\x05model\x18\x02 \x01(\t\"\xd7\x01\n\x10\x45stimateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\r\x12\x1e\n\x16\x65xpected_output_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1c\n\x14\x65xpected_cost_micros\x18\x05 \x01(\x03\x12\x1e\n\x16worst_case_cost_micros\x18\x06 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x13\n\x0b\x61pproximate\x18\x08 \x01(\x08\"g\n\x0b\x42udgetScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x02 \x01(\t\x12\x12\n\napi_key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\"{\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"Y\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfc\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\x12\x30\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1a.switchyard.v1.CacheStatus\x12\x1a\n\x12\x63\x61\x63he_saved_micros\x18\x08 \x01(\x03\x12\x12\n\nlatency_ms\x18\t \x01(\r\x12\x0e\n\x06status\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\r\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x65stimated_input_tokens\x18\r \x01(\r\"f\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12*\n\x06record\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.UsageRecord\x12\x11\n\tlease_ids\x18\x03 \x03(\t\"e\n\x0e\x43ommitResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x16\n\x0e\x63harged_micros\x18\x02 \x01(\x03\x12\x14\n\x0cmonth_tokens\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"B\n\x11\x43ommitManyRequest\x12-\n\x07\x63ommits\x18\x01 \x03(\x0b\x32\x1c.switchyard.v1.CommitRequest\"D\n\x12\x43ommitManyResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.switchyard.v1.CommitResponse\"<\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc3\x02\n\x06\x42udget\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12+\n\x06window\x18\x03 \x01(\x0e\x32\x1b.switchyard.v1.BudgetWindow\x12\x35\n\x0b\x65nforcement\x18\x04 \x01(\x0e\x32 .switchyard.v1.BudgetEnforcement\x12\x14\n\x0climit_micros\x18\x05 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x06 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x07 \x01(\x03\x12\x13\n\x0bwebhook_url\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x04\x12\x30\n\x0cwindow_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x02\n\x0b\x42udgetLease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tbudget_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0b\x65nforcement\x18\x06 \x01(\x0e\x32 .switchyard.v1.BudgetEnforcement\x12-\n\tsettle_by\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0climit_micros\x18\x08 \x01(\x03\x12\x14\n\x0cspent_micros\x18\t \x01(\x03\"l\n\x12LeaseBudgetRequest\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12)\n\x05scope\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.BudgetScope\x12\x18\n\x10requested_micros\x18\x03 \x01(\x03\"A\n\x13LeaseBudgetResponse\x12*\n\x06leases\x18\x01 \x03(\x0b\x32\x1a.switchyard.v1.BudgetLease\"=\n\x12ReturnLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\runused_micros\x18\x02 \x01(\x03\".\n\x13ReturnLeaseResponse\x12\x17\n\x0freturned_micros\x18\x01 \x01(\x03\"H\n\x10SetBudgetRequest\x12%\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x15.switchyard.v1.Budget\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\":\n\x11SetBudgetResponse\x12%\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x15.switchyard.v1.Budget\"N\n\x12ListBudgetsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x13ListBudgetsResponse\x12&\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x15.switchyard.v1.Budget\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x12\x45xportUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65nd_user\x18\x04 \x01(\t\"(\n\x13\x45xportUsageResponse\x12\x11\n\tcsv_chunk\x18\x01 \x01(\x0c\"I\n\x13\x45raseEndUserRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\",\n\x14\x45raseEndUserResponse\x12\x14\n\x0crows_deleted\x18\x01 \x01(\x04\"M\n\x11ListAlertsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x84\x02\n\x0b\x42udgetAlert\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nwindow_key\x18\x03 \x01(\t\x12\x19\n\x11threshold_percent\x18\x04 \x01(\r\x12\x14\n\x0cspent_micros\x18\x05 \x01(\x03\x12\x14\n\x0climit_micros\x18\x06 \x01(\x03\x12,\n\x08\x66ired_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64\x65livery_status\x18\x08 \x01(\t\x12\x19\n\x11\x64\x65livery_attempts\x18\t \x01(\r\x12\x12\n\nlast_error\x18\n \x01(\t\"Y\n\x12ListAlertsResponse\x12*\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1a.switchyard.v1.BudgetAlert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x1aGetEstimateAccuracyRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8b\x01\n\x15ModelEstimateAccuracy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x1b\n\x13mean_relative_error\x18\x03 \x01(\x01\x12\x1a\n\x12p95_relative_error\x18\x04 \x01(\x01\x12\x19\n\x11mean_signed_error\x18\x05 \x01(\x01\"S\n\x1bGetEstimateAccuracyResponse\x12\x34\n\x06models\x18\x01 \x03(\x0b\x32$.switchyard.v1.ModelEstimateAccuracy\"e\n\x16ListBudgetAuditRequest\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xd2\x01\n\x10\x42udgetAuditEntry\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12)\n\nold_budget\x18\x05 \x01(\x0b\x32\x15.switchyard.v1.Budget\x12)\n\nnew_budget\x18\x06 \x01(\x0b\x32\x15.switchyard.v1.Budget\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"d\n\x17ListBudgetAuditResponse\x12\x30\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1f.switchyard.v1.BudgetAuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*a\n\x0c\x42udgetWindow\x12\x1d\n\x19\x42UDGET_WINDOW_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42UDGET_WINDOW_DAILY\x10\x01\x12\x19\n\x15\x42UDGET_WINDOW_MONTHLY\x10\x02*q\n\x11\x42udgetEnforcement\x12\"\n\x1e\x42UDGET_ENFORCEMENT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42UDGET_ENFORCEMENT_HARD\x10\x01\x12\x1b\n\x17\x42UDGET_ENFORCEMENT_SOFT\x10\x02\x32\x81\n\n\x11\x43ostLedgerService\x12K\n\x08\x45stimate\x12\x1e.switchyard.v1.EstimateRequest\x1a\x1f.switchyard.v1.EstimateResponse\x12H\n\x07Reserve\x12\x1d.switchyard.v1.ReserveRequest\x1a\x1e.switchyard.v1.ReserveResponse\x12\x45\n\x06\x43ommit\x12\x1c.switchyard.v1.CommitRequest\x1a\x1d.switchyard.v1.CommitResponse\x12H\n\x07Release\x12\x1d.switchyard.v1.ReleaseRequest\x1a\x1e.switchyard.v1.ReleaseResponse\x12T\n\x0bLeaseBudget\x12!.switchyard.v1.LeaseBudgetRequest\x1a\".switchyard.v1.LeaseBudgetResponse\x12T\n\x0bReturnLease\x12!.switchyard.v1.ReturnLeaseRequest\x1a\".switchyard.v1.ReturnLeaseResponse\x12K\n\x08GetUsage\x12\x1e.switchyard.v1.GetUsageRequest\x1a\x1f.switchyard.v1.GetUsageResponse\x12N\n\tSetBudget\x12\x1f.switchyard.v1.SetBudgetRequest\x1a .switchyard.v1.SetBudgetResponse\x12T\n\x0bListBudgets\x12!.switchyard.v1.ListBudgetsRequest\x1a\".switchyard.v1.ListBudgetsResponse\x12V\n\x0b\x45xportUsage\x12!.switchyard.v1.ExportUsageRequest\x1a\".switchyard.v1.ExportUsageResponse0\x01\x12W\n\x0c\x45raseEndUser\x12\".switchyard.v1.EraseEndUserRequest\x1a#.switchyard.v1.EraseEndUserResponse\x12Q\n\nCommitMany\x12 .switchyard.v1.CommitManyRequest\x1a!.switchyard.v1.CommitManyResponse\x12Q\n\nListAlerts\x12 .switchyard.v1.ListAlertsRequest\x1a!.switchyard.v1.ListAlertsResponse\x12l\n\x13GetEstimateAccuracy\x12).switchyard.v1.GetEstimateAccuracyRequest\x1a*.switchyard.v1.GetEstimateAccuracyResponse\x12`\n\x0fListBudgetAudit\x12%.switchyard.v1.ListBudgetAuditRequest\x1a&.switchyard.v1.ListBudgetAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchyard.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUDGETWINDOW']._serialized_start=2743
-  _globals['_BUDGETWINDOW']._serialized_end=2840
-  _globals['_BUDGETENFORCEMENT']._serialized_start=2842
-  _globals['_BUDGETENFORCEMENT']._serialized_end=2955
+  _globals['_BUDGETWINDOW']._serialized_start=4223
+  _globals['_BUDGETWINDOW']._serialized_end=4320
+  _globals['_BUDGETENFORCEMENT']._serialized_start=4322
+  _globals['_BUDGETENFORCEMENT']._serialized_end=4435
   _globals['_ESTIMATEREQUEST']._serialized_start=135
   _globals['_ESTIMATEREQUEST']._serialized_end=212
   _globals['_ESTIMATERESPONSE']._serialized_start=215
@@ -51,41 +51,63 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGERECORD']._serialized_start=754
   _globals['_USAGERECORD']._serialized_end=1134
   _globals['_COMMITREQUEST']._serialized_start=1136
-  _globals['_COMMITREQUEST']._serialized_end=1219
-  _globals['_COMMITRESPONSE']._serialized_start=1221
-  _globals['_COMMITRESPONSE']._serialized_end=1280
-  _globals['_RELEASEREQUEST']._serialized_start=1282
-  _globals['_RELEASEREQUEST']._serialized_end=1342
-  _globals['_RELEASERESPONSE']._serialized_start=1344
-  _globals['_RELEASERESPONSE']._serialized_end=1379
-  _globals['_BUDGET']._serialized_start=1382
-  _globals['_BUDGET']._serialized_end=1638
-  _globals['_BUDGETLEASE']._serialized_start=1641
-  _globals['_BUDGETLEASE']._serialized_end=1834
-  _globals['_LEASEBUDGETREQUEST']._serialized_start=1836
-  _globals['_LEASEBUDGETREQUEST']._serialized_end=1944
-  _globals['_LEASEBUDGETRESPONSE']._serialized_start=1946
-  _globals['_LEASEBUDGETRESPONSE']._serialized_end=2011
-  _globals['_RETURNLEASEREQUEST']._serialized_start=2013
-  _globals['_RETURNLEASEREQUEST']._serialized_end=2074
-  _globals['_RETURNLEASERESPONSE']._serialized_start=2076
-  _globals['_RETURNLEASERESPONSE']._serialized_end=2122
-  _globals['_SETBUDGETREQUEST']._serialized_start=2124
-  _globals['_SETBUDGETREQUEST']._serialized_end=2196
-  _globals['_SETBUDGETRESPONSE']._serialized_start=2198
-  _globals['_SETBUDGETRESPONSE']._serialized_end=2256
-  _globals['_LISTBUDGETSREQUEST']._serialized_start=2258
-  _globals['_LISTBUDGETSREQUEST']._serialized_end=2336
-  _globals['_LISTBUDGETSRESPONSE']._serialized_start=2338
-  _globals['_LISTBUDGETSRESPONSE']._serialized_end=2424
-  _globals['_EXPORTUSAGEREQUEST']._serialized_start=2427
-  _globals['_EXPORTUSAGEREQUEST']._serialized_end=2578
-  _globals['_EXPORTUSAGERESPONSE']._serialized_start=2580
-  _globals['_EXPORTUSAGERESPONSE']._serialized_end=2620
-  _globals['_ERASEENDUSERREQUEST']._serialized_start=2622
-  _globals['_ERASEENDUSERREQUEST']._serialized_end=2695
-  _globals['_ERASEENDUSERRESPONSE']._serialized_start=2697
-  _globals['_ERASEENDUSERRESPONSE']._serialized_end=2741
-  _globals['_COSTLEDGERSERVICE']._serialized_start=2958
-  _globals['_COSTLEDGERSERVICE']._serialized_end=3865
+  _globals['_COMMITREQUEST']._serialized_end=1238
+  _globals['_COMMITRESPONSE']._serialized_start=1240
+  _globals['_COMMITRESPONSE']._serialized_end=1341
+  _globals['_COMMITMANYREQUEST']._serialized_start=1343
+  _globals['_COMMITMANYREQUEST']._serialized_end=1409
+  _globals['_COMMITMANYRESPONSE']._serialized_start=1411
+  _globals['_COMMITMANYRESPONSE']._serialized_end=1479
+  _globals['_RELEASEREQUEST']._serialized_start=1481
+  _globals['_RELEASEREQUEST']._serialized_end=1541
+  _globals['_RELEASERESPONSE']._serialized_start=1543
+  _globals['_RELEASERESPONSE']._serialized_end=1578
+  _globals['_BUDGET']._serialized_start=1581
+  _globals['_BUDGET']._serialized_end=1904
+  _globals['_BUDGETLEASE']._serialized_start=1907
+  _globals['_BUDGETLEASE']._serialized_end=2191
+  _globals['_LEASEBUDGETREQUEST']._serialized_start=2193
+  _globals['_LEASEBUDGETREQUEST']._serialized_end=2301
+  _globals['_LEASEBUDGETRESPONSE']._serialized_start=2303
+  _globals['_LEASEBUDGETRESPONSE']._serialized_end=2368
+  _globals['_RETURNLEASEREQUEST']._serialized_start=2370
+  _globals['_RETURNLEASEREQUEST']._serialized_end=2431
+  _globals['_RETURNLEASERESPONSE']._serialized_start=2433
+  _globals['_RETURNLEASERESPONSE']._serialized_end=2479
+  _globals['_SETBUDGETREQUEST']._serialized_start=2481
+  _globals['_SETBUDGETREQUEST']._serialized_end=2553
+  _globals['_SETBUDGETRESPONSE']._serialized_start=2555
+  _globals['_SETBUDGETRESPONSE']._serialized_end=2613
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=2615
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=2693
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=2695
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=2781
+  _globals['_EXPORTUSAGEREQUEST']._serialized_start=2784
+  _globals['_EXPORTUSAGEREQUEST']._serialized_end=2935
+  _globals['_EXPORTUSAGERESPONSE']._serialized_start=2937
+  _globals['_EXPORTUSAGERESPONSE']._serialized_end=2977
+  _globals['_ERASEENDUSERREQUEST']._serialized_start=2979
+  _globals['_ERASEENDUSERREQUEST']._serialized_end=3052
+  _globals['_ERASEENDUSERRESPONSE']._serialized_start=3054
+  _globals['_ERASEENDUSERRESPONSE']._serialized_end=3098
+  _globals['_LISTALERTSREQUEST']._serialized_start=3100
+  _globals['_LISTALERTSREQUEST']._serialized_end=3177
+  _globals['_BUDGETALERT']._serialized_start=3180
+  _globals['_BUDGETALERT']._serialized_end=3440
+  _globals['_LISTALERTSRESPONSE']._serialized_start=3442
+  _globals['_LISTALERTSRESPONSE']._serialized_end=3531
+  _globals['_GETESTIMATEACCURACYREQUEST']._serialized_start=3533
+  _globals['_GETESTIMATEACCURACYREQUEST']._serialized_end=3576
+  _globals['_MODELESTIMATEACCURACY']._serialized_start=3579
+  _globals['_MODELESTIMATEACCURACY']._serialized_end=3718
+  _globals['_GETESTIMATEACCURACYRESPONSE']._serialized_start=3720
+  _globals['_GETESTIMATEACCURACYRESPONSE']._serialized_end=3803
+  _globals['_LISTBUDGETAUDITREQUEST']._serialized_start=3805
+  _globals['_LISTBUDGETAUDITREQUEST']._serialized_end=3906
+  _globals['_BUDGETAUDITENTRY']._serialized_start=3909
+  _globals['_BUDGETAUDITENTRY']._serialized_end=4119
+  _globals['_LISTBUDGETAUDITRESPONSE']._serialized_start=4121
+  _globals['_LISTBUDGETAUDITRESPONSE']._serialized_end=4221
+  _globals['_COSTLEDGERSERVICE']._serialized_start=4438
+  _globals['_COSTLEDGERSERVICE']._serialized_end=5719
 # @@protoc_insertion_point(module_scope)

@@ -284,19 +284,25 @@ class CommitRequest(_message.Message):
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int
+    LEASE_IDS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
-    """The reservation or lease hold being settled; empty when none was taken."""
+    """The reservation being settled (its whole hold is freed); empty when none was taken."""
     @_builtins.property
     def record(self) -> Global___UsageRecord: ...
+    @_builtins.property
+    def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The budget leases an edge held this request against; the cost is drawn from each."""
+
     def __init__(
         self,
         *,
         reservation_id: _builtins.str = ...,
         record: Global___UsageRecord | None = ...,
+        lease_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ids", b"lease_ids", "record", b"record", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,22 +314,76 @@ class CommitResponse(_message.Message):
 
     DUPLICATE_FIELD_NUMBER: _builtins.int
     CHARGED_MICROS_FIELD_NUMBER: _builtins.int
+    MONTH_TOKENS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     duplicate: _builtins.bool
     """True when this request id was already committed; nothing was charged again."""
     charged_micros: _builtins.int
+    """What the ledger charged: the record's cost at the price in effect when the request
+    finished, after the tenant's volume discount on the model.
+    """
+    month_tokens: _builtins.int
+    """The tenant's tokens on this model in the current UTC month, this request included
+    (what volume discounts are decided by).
+    """
+    request_id: _builtins.str
     def __init__(
         self,
         *,
         duplicate: _builtins.bool = ...,
         charged_micros: _builtins.int = ...,
+        month_tokens: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micros", b"charged_micros", "duplicate", b"duplicate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micros", b"charged_micros", "duplicate", b"duplicate", "month_tokens", b"month_tokens", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommitResponse: _TypeAlias = CommitResponse  # noqa: Y015
+
+@_typing.final
+class CommitManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commits(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommitRequest]: ...
+    def __init__(
+        self,
+        *,
+        commits: _abc.Iterable[Global___CommitRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commits", b"commits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitManyRequest: _TypeAlias = CommitManyRequest  # noqa: Y015
+
+@_typing.final
+class CommitManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommitResponse]:
+        """One result per commit, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CommitResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitManyResponse: _TypeAlias = CommitManyResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):
@@ -379,6 +439,8 @@ class Budget(_message.Message):
     SPENT_MICROS_FIELD_NUMBER: _builtins.int
     HELD_MICROS_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     """Stable id, for example "tenant:acme:monthly"."""
     window: Global___BudgetWindow.ValueType
@@ -390,8 +452,14 @@ class Budget(_message.Message):
     """Held by reservations and outstanding leases (read only)."""
     webhook_url: _builtins.str
     """Where threshold alerts are delivered; empty: none."""
+    version: _builtins.int
+    """Increases with every change (read only)."""
     @_builtins.property
     def scope(self) -> Global___BudgetScope: ...
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the current window, UTC (read only)."""
+
     def __init__(
         self,
         *,
@@ -403,10 +471,12 @@ class Budget(_message.Message):
         spent_micros: _builtins.int = ...,
         held_micros: _builtins.int = ...,
         webhook_url: _builtins.str = ...,
+        version: _builtins.int = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "enforcement", b"enforcement", "held_micros", b"held_micros", "limit_micros", b"limit_micros", "scope", b"scope", "spent_micros", b"spent_micros", "webhook_url", b"webhook_url", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "enforcement", b"enforcement", "held_micros", b"held_micros", "limit_micros", b"limit_micros", "scope", b"scope", "spent_micros", b"spent_micros", "version", b"version", "webhook_url", b"webhook_url", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,14 +494,28 @@ class BudgetLease(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ENFORCEMENT_FIELD_NUMBER: _builtins.int
+    SETTLE_BY_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    SPENT_MICROS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     budget_id: _builtins.str
     amount_micros: _builtins.int
     version: _builtins.int
     """Increases each time the budget changes, so an edge can tell a stale lease."""
     enforcement: Global___BudgetEnforcement.ValueType
+    limit_micros: _builtins.int
+    """The budget as the ledger saw it when granting, for the edge's refusal messages."""
+    spent_micros: _builtins.int
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The edge may admit requests against the lease until then."""
+
+    @_builtins.property
+    def settle_by(self) -> _timestamp_pb2.Timestamp:
+        """When the ledger takes back what was not committed; commits of requests admitted before
+        `expires_at` arrive before then.
+        """
+
     def __init__(
         self,
         *,
@@ -441,10 +525,13 @@ class BudgetLease(_message.Message):
         version: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         enforcement: Global___BudgetEnforcement.ValueType = ...,
+        settle_by: _timestamp_pb2.Timestamp | None = ...,
+        limit_micros: _builtins.int = ...,
+        spent_micros: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "settle_by", b"settle_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "budget_id", b"budget_id", "enforcement", b"enforcement", "expires_at", b"expires_at", "lease_id", b"lease_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "budget_id", b"budget_id", "enforcement", b"enforcement", "expires_at", b"expires_at", "lease_id", b"lease_id", "limit_micros", b"limit_micros", "settle_by", b"settle_by", "spent_micros", b"spent_micros", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,3 +814,275 @@ class EraseEndUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EraseEndUserResponse: _TypeAlias = EraseEndUserResponse  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty: every tenant (admin)."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class BudgetAlert(_message.Message):
+    """A budget crossed a threshold (80, 90 or 100 %) in a window; fired once per threshold per window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_KEY_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PERCENT_FIELD_NUMBER: _builtins.int
+    SPENT_MICROS_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    FIRED_AT_FIELD_NUMBER: _builtins.int
+    DELIVERY_STATUS_FIELD_NUMBER: _builtins.int
+    DELIVERY_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    tenant_id: _builtins.str
+    window_key: _builtins.str
+    """The window the threshold was crossed in, for example "2026-11-23" or "2026-11"."""
+    threshold_percent: _builtins.int
+    spent_micros: _builtins.int
+    limit_micros: _builtins.int
+    delivery_status: _builtins.str
+    """"none" (no webhook), "pending", "delivered" or "failed" (gave up; kept for inspection)."""
+    delivery_attempts: _builtins.int
+    last_error: _builtins.str
+    """The last delivery failure (status code or connection error), never the payload."""
+    @_builtins.property
+    def fired_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        window_key: _builtins.str = ...,
+        threshold_percent: _builtins.int = ...,
+        spent_micros: _builtins.int = ...,
+        limit_micros: _builtins.int = ...,
+        fired_at: _timestamp_pb2.Timestamp | None = ...,
+        delivery_status: _builtins.str = ...,
+        delivery_attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fired_at", b"fired_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "delivery_attempts", b"delivery_attempts", "delivery_status", b"delivery_status", "fired_at", b"fired_at", "last_error", b"last_error", "limit_micros", b"limit_micros", "spent_micros", b"spent_micros", "tenant_id", b"tenant_id", "threshold_percent", b"threshold_percent", "window_key", b"window_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAlert: _TypeAlias = BudgetAlert  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetAlert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___BudgetAlert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class GetEstimateAccuracyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Empty: every model with samples."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEstimateAccuracyRequest: _TypeAlias = GetEstimateAccuracyRequest  # noqa: Y015
+
+@_typing.final
+class ModelEstimateAccuracy(_message.Message):
+    """|estimated - actual| / actual of prompt tokens over a model's recorded requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    MEAN_RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
+    P95_RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
+    MEAN_SIGNED_ERROR_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    samples: _builtins.int
+    mean_relative_error: _builtins.float
+    p95_relative_error: _builtins.float
+    mean_signed_error: _builtins.float
+    """Mean of (estimated - actual) / actual: positive when estimates run high."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        mean_relative_error: _builtins.float = ...,
+        p95_relative_error: _builtins.float = ...,
+        mean_signed_error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_relative_error", b"mean_relative_error", "mean_signed_error", b"mean_signed_error", "model", b"model", "p95_relative_error", b"p95_relative_error", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelEstimateAccuracy: _TypeAlias = ModelEstimateAccuracy  # noqa: Y015
+
+@_typing.final
+class GetEstimateAccuracyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelEstimateAccuracy]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelEstimateAccuracy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEstimateAccuracyResponse: _TypeAlias = GetEstimateAccuracyResponse  # noqa: Y015
+
+@_typing.final
+class ListBudgetAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    """Filters; empty: all."""
+    tenant_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBudgetAuditRequest: _TypeAlias = ListBudgetAuditRequest  # noqa: Y015
+
+@_typing.final
+class BudgetAuditEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    OLD_BUDGET_FIELD_NUMBER: _builtins.int
+    NEW_BUDGET_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    actor: _builtins.str
+    action: _builtins.str
+    """"create", "update", or "erase_end_user" (then `budget_id` is empty and `detail` holds
+    the tenant, a hash of the end user id and the rows deleted).
+    """
+    detail: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def old_budget(self) -> Global___Budget:
+        """Unset on create."""
+
+    @_builtins.property
+    def new_budget(self) -> Global___Budget: ...
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        action: _builtins.str = ...,
+        old_budget: Global___Budget | None = ...,
+        new_budget: Global___Budget | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "new_budget", b"new_budget", "old_budget", b"old_budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "budget_id", b"budget_id", "detail", b"detail", "new_budget", b"new_budget", "old_budget", b"old_budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAuditEntry: _TypeAlias = BudgetAuditEntry  # noqa: Y015
+
+@_typing.final
+class ListBudgetAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetAuditEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___BudgetAuditEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBudgetAuditResponse: _TypeAlias = ListBudgetAuditResponse  # noqa: Y015

@@ -90,6 +90,26 @@ class CostLedgerServiceStub:
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.EraseEndUserRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_ledger__pb2.EraseEndUserResponse.FromString,
                 _registered_method=True)
+        self.CommitMany = channel.unary_unary(
+                '/switchyard.v1.CostLedgerService/CommitMany',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/switchyard.v1.CostLedgerService/ListAlerts',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.GetEstimateAccuracy = channel.unary_unary(
+                '/switchyard.v1.CostLedgerService/GetEstimateAccuracy',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.GetEstimateAccuracyRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.GetEstimateAccuracyResponse.FromString,
+                _registered_method=True)
+        self.ListBudgetAudit = channel.unary_unary(
+                '/switchyard.v1.CostLedgerService/ListBudgetAudit',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetAuditRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetAuditResponse.FromString,
+                _registered_method=True)
 
 
 class CostLedgerServiceServicer:
@@ -171,6 +191,34 @@ class CostLedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitMany(self, request, context):
+        """Several commits in one call (an edge's outbox drains in batches); each exactly once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Budget threshold alerts and the state of their webhook deliveries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEstimateAccuracy(self, request, context):
+        """How far token estimates were from the vendors' counts, per model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgetAudit(self, request, context):
+        """Who changed which budget, when, from what to what.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CostLedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +276,26 @@ def add_CostLedgerServiceServicer_to_server(servicer, server):
                     servicer.EraseEndUser,
                     request_deserializer=switchyard_dot_v1_dot_ledger__pb2.EraseEndUserRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_ledger__pb2.EraseEndUserResponse.SerializeToString,
+            ),
+            'CommitMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitMany,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.ListAlertsRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'GetEstimateAccuracy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEstimateAccuracy,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.GetEstimateAccuracyRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.GetEstimateAccuracyResponse.SerializeToString,
+            ),
+            'ListBudgetAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgetAudit,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetAuditRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +595,114 @@ class CostLedgerService:
             '/switchyard.v1.CostLedgerService/EraseEndUser',
             switchyard_dot_v1_dot_ledger__pb2.EraseEndUserRequest.SerializeToString,
             switchyard_dot_v1_dot_ledger__pb2.EraseEndUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.CostLedgerService/CommitMany',
+            switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.CostLedgerService/ListAlerts',
+            switchyard_dot_v1_dot_ledger__pb2.ListAlertsRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEstimateAccuracy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.CostLedgerService/GetEstimateAccuracy',
+            switchyard_dot_v1_dot_ledger__pb2.GetEstimateAccuracyRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.GetEstimateAccuracyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgetAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.CostLedgerService/ListBudgetAudit',
+            switchyard_dot_v1_dot_ledger__pb2.ListBudgetAuditRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.ListBudgetAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

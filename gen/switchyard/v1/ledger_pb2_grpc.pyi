@@ -55,6 +55,14 @@ class CostLedgerServiceStub:
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]
     """Delete an end user's rows (GDPR); the deletion itself is audited."""
+    CommitMany: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]
+    """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]
+    """Budget threshold alerts and the state of their webhook deliveries."""
+    GetEstimateAccuracy: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetEstimateAccuracyRequest, _ledger_pb2.GetEstimateAccuracyResponse]
+    """How far token estimates were from the vendors' counts, per model."""
+    ListBudgetAudit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetAuditRequest, _ledger_pb2.ListBudgetAuditResponse]
+    """Who changed which budget, when, from what to what."""
 
 @_typing.type_check_only
 class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
@@ -80,6 +88,14 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _aio.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]  # type: ignore[assignment]
     """Delete an end user's rows (GDPR); the deletion itself is audited."""
+    CommitMany: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]  # type: ignore[assignment]
+    """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """Budget threshold alerts and the state of their webhook deliveries."""
+    GetEstimateAccuracy: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetEstimateAccuracyRequest, _ledger_pb2.GetEstimateAccuracyResponse]  # type: ignore[assignment]
+    """How far token estimates were from the vendors' counts, per model."""
+    ListBudgetAudit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetAuditRequest, _ledger_pb2.ListBudgetAuditResponse]  # type: ignore[assignment]
+    """Who changed which budget, when, from what to what."""
 
 class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -168,5 +184,37 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.EraseEndUserResponse, _abc.Awaitable[_ledger_pb2.EraseEndUserResponse]]:
         """Delete an end user's rows (GDPR); the deletion itself is audited."""
+
+    @_abc_1.abstractmethod
+    def CommitMany(
+        self,
+        request: _ledger_pb2.CommitManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.CommitManyResponse, _abc.Awaitable[_ledger_pb2.CommitManyResponse]]:
+        """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _ledger_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListAlertsResponse, _abc.Awaitable[_ledger_pb2.ListAlertsResponse]]:
+        """Budget threshold alerts and the state of their webhook deliveries."""
+
+    @_abc_1.abstractmethod
+    def GetEstimateAccuracy(
+        self,
+        request: _ledger_pb2.GetEstimateAccuracyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetEstimateAccuracyResponse, _abc.Awaitable[_ledger_pb2.GetEstimateAccuracyResponse]]:
+        """How far token estimates were from the vendors' counts, per model."""
+
+    @_abc_1.abstractmethod
+    def ListBudgetAudit(
+        self,
+        request: _ledger_pb2.ListBudgetAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListBudgetAuditResponse, _abc.Awaitable[_ledger_pb2.ListBudgetAuditResponse]]:
+        """Who changed which budget, when, from what to what."""
 
 def add_CostLedgerServiceServicer_to_server(servicer: CostLedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
