@@ -544,22 +544,32 @@ class LeaseBudgetRequest(_message.Message):
     HOLDER_ID_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     REQUESTED_MICROS_FIELD_NUMBER: _builtins.int
+    BUDGET_IDS_FIELD_NUMBER: _builtins.int
+    MIN_MICROS_FIELD_NUMBER: _builtins.int
     holder_id: _builtins.str
     """The edge replica asking."""
     requested_micros: _builtins.int
     """What the edge would like; the ledger may grant less."""
+    min_micros: _builtins.int
+    """The least worth granting (one request's worst case); a budget with less left grants nothing."""
     @_builtins.property
     def scope(self) -> Global___BudgetScope: ...
+    @_builtins.property
+    def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these budgets (a refill); empty: every budget that applies to the scope."""
+
     def __init__(
         self,
         *,
         holder_id: _builtins.str = ...,
         scope: Global___BudgetScope | None = ...,
         requested_micros: _builtins.int = ...,
+        budget_ids: _abc.Iterable[_builtins.str] | None = ...,
+        min_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder_id", b"holder_id", "requested_micros", b"requested_micros", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "holder_id", b"holder_id", "min_micros", b"min_micros", "requested_micros", b"requested_micros", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,18 +580,26 @@ class LeaseBudgetResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASES_FIELD_NUMBER: _builtins.int
+    BUDGET_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetLease]:
-        """One lease per budget that applies to the scope."""
+        """One lease per hard budget that applies to the scope (amount 0 when nothing is left);
+        soft budgets never refuse, so they need no lease.
+        """
+
+    @_builtins.property
+    def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every budget id that applies to the scope, hard or soft."""
 
     def __init__(
         self,
         *,
         leases: _abc.Iterable[Global___BudgetLease] | None = ...,
+        budget_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "leases", b"leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
