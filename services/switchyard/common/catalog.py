@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -69,19 +70,57 @@ class _Strict(BaseModel):
 PriceMicros = Annotated[int, PlainSerializer(lambda v: str(Decimal(v) / MICROS_PER_USD))]
 
 
+class VolumeTier(_Strict):
+    """A volume discount: once a tenant's month-to-date tokens (input + output) on the model,
+    before a request, reach `above_monthly_tokens`, that request costs `discount_percent` less."""
+
+    above_monthly_tokens: int = Field(gt=0)
+    discount_percent: Decimal
+
+    @field_validator("discount_percent", mode="before")
+    @classmethod
+    def _percent(cls, value: Any) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+            raise ValueError("discount_percent must be a number, for example '12.5'")
+        try:
+            # str() first: a YAML float such as 12.5 becomes exactly Decimal("12.5").
+            percent = Decimal(str(value))
+        except InvalidOperation as exc:
+            raise ValueError(f"not a decimal number: {value!r}") from exc
+        if not percent.is_finite() or not 0 < percent < 100:
+            raise ValueError("discount_percent must be above 0 and below 100")
+        if percent != percent.quantize(Decimal("0.01")):
+            raise ValueError("discount_percent has more than 2 decimal places")
+        return percent
+
+
 class Prices(_Strict):
-    """Prices of one model in micro-USD per 1M tokens (written in USD per 1M in YAML)."""
+    """Prices of one model in micro-USD per 1M tokens (written in USD per 1M in YAML), and its
+    volume discounts, ascending by threshold."""
 
     input: PriceMicros
     output: PriceMicros
     cached_input: PriceMicros | None = None
     reasoning: PriceMicros | None = None
     cache_write_input: PriceMicros | None = None
+    volume_tiers: tuple[VolumeTier, ...] = ()
 
     @field_validator("input", "output", "cached_input", "reasoning", "cache_write_input", mode="before")
     @classmethod
     def _to_micros(cls, value: Any) -> int | None:
         return None if value is None else _usd_per_million_to_micros(value)
+
+    @field_validator("volume_tiers")
+    @classmethod
+    def _tiers_ascending(cls, tiers: tuple[VolumeTier, ...]) -> tuple[VolumeTier, ...]:
+        for index in range(1, len(tiers)):
+            before, here = tiers[index - 1].above_monthly_tokens, tiers[index].above_monthly_tokens
+            if here <= before:
+                raise ValueError(
+                    f"tiers must be sorted ascending and unique by above_monthly_tokens: "
+                    f"tier {index} ({here}) is not above tier {index - 1} ({before})"
+                )
+        return tiers
 
     def unit_prices(self) -> UnitPrices:
         """The five prices, with the vendor's fallbacks filled in (cached and cache-write
@@ -155,8 +194,45 @@ class Provider(_Strict):
         return value.rstrip("/")
 
 
+def _utc_timestamp(value: Any) -> datetime:
+    """A YAML date (`2026-12-01`), timestamp or ISO string as an aware UTC datetime; naive is UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"not an ISO date or timestamp: {value!r}") from exc
+    elif isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime):
+        raise ValueError("effective_from must be a date (2026-12-01) or an ISO timestamp")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class PriceChange(_Strict):
+    """New prices for a model from `effective_from` (aware, UTC) on."""
+
+    effective_from: datetime
+    prices: Prices
+
+    @field_validator("effective_from", mode="before")
+    @classmethod
+    def _to_utc(cls, value: Any) -> datetime:
+        return _utc_timestamp(value)
+
+
+# Encodings a catalog may name as a model's exact tokenizer (see switchyard.ledger.tokens).
+Tokenizer = Literal["o200k_base", "cl100k_base"]
+
+
 class Model(_Strict):
-    """A model in the catalog, by its `vendor/model` id."""
+    """A model in the catalog, by its `vendor/model` id.
+
+    `prices` apply until the first of `price_changes` (ascending by `effective_from`).
+    `tokenizer` names the model's exact tokenizer where the id does not reveal it (an OpenAI
+    model behind an OpenAI-compatible provider); unset, it follows from the id's vendor part.
+    """
 
     id: str
     provider: str
@@ -172,6 +248,8 @@ class Model(_Strict):
     # Per-tenant limits on this model, on top of the tenant's tier limits.
     requests_per_minute: int | None = Field(default=None, gt=0)
     tokens_per_minute: int | None = Field(default=None, gt=0)
+    price_changes: tuple[PriceChange, ...] = ()
+    tokenizer: Tokenizer | None = None
 
     @field_validator("id")
     @classmethod
@@ -180,6 +258,19 @@ class Model(_Strict):
         if not sep or not left or not right:
             raise ValueError("model id must look like 'vendor/model'")
         return value
+
+    @field_validator("price_changes")
+    @classmethod
+    def _changes_ascending(cls, changes: tuple[PriceChange, ...]) -> tuple[PriceChange, ...]:
+        for index in range(1, len(changes)):
+            before, here = changes[index - 1].effective_from, changes[index].effective_from
+            if here <= before:
+                raise ValueError(
+                    f"changes must be sorted ascending and unique by effective_from: "
+                    f"change {index} ({here.isoformat()}) is not after change {index - 1} "
+                    f"({before.isoformat()})"
+                )
+        return changes
 
 
 class Tier(_Strict):

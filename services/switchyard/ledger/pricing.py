@@ -1,0 +1,168 @@
+"""What a request costs: the prices in effect at its time, volume discounts, and estimates.
+
+Prices change on dates the catalog states (`Model.price_changes`), so a request is charged at
+the prices in effect when it was made, not at today's. A model's prices may carry volume tiers:
+once a tenant's month-to-date tokens on the model, before the request, reach a tier's threshold,
+the request costs that tier's percentage less (the highest tier reached). A charge is computed
+exactly in `Decimal` (tokens x price / 1M, less the discount) and rounded once, half up, to whole
+micro-USD, so a discount never compounds a rounding.
+
+Estimates come before the vendor answers: the prompt is counted (`switchyard.ledger.tokens`),
+the output is a heuristic for the expected cost and the request's output cap for the worst case
+(what a budget reserves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Final
+
+from switchyard.common.catalog import Capability, Model, Prices
+from switchyard.common.money import TOKENS_PER_PRICE_UNIT, TokenCounts, UnitPrices
+from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
+from switchyard.v1 import common_pb2
+
+__all__ = [
+    "EXPECTED_OUTPUT_TOKENS",
+    "EXPECTED_REASONING_OUTPUT_TOKENS",
+    "CostEstimate",
+    "charge_micros",
+    "discount_percent",
+    "estimate_cost",
+    "exact_cost_micros",
+    "prices_at",
+]
+
+# Expected output when nothing better is known: a typical chat answer is a few hundred tokens;
+# a reasoning model also spends hidden reasoning tokens. Capped by the request's output limit.
+EXPECTED_OUTPUT_TOKENS: Final = 256
+EXPECTED_REASONING_OUTPUT_TOKENS: Final = 1_024
+
+_HUNDRED: Final = Decimal(100)
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+def prices_at(model: Model, at: datetime) -> Prices:
+    """The prices in effect at `at` (naive means UTC): those of the last change whose
+    `effective_from` is at or before `at`, else the model's base prices."""
+    moment = _utc(at)
+    for change in reversed(model.price_changes):
+        if change.effective_from <= moment:
+            return change.prices
+    return model.prices
+
+
+def discount_percent(prices: Prices, month_tokens: int) -> Decimal:
+    """The volume discount for a tenant with `month_tokens` tokens on the model this month before
+    the request: the highest tier whose threshold is reached (at or above), else 0."""
+    if month_tokens < 0:
+        raise ValueError("month_tokens must not be negative")
+    percent = Decimal(0)
+    for tier in prices.volume_tiers:
+        if month_tokens < tier.above_monthly_tokens:
+            break
+        percent = tier.discount_percent
+    return percent
+
+
+def exact_cost_micros(tokens: TokenCounts, prices: UnitPrices) -> Decimal:
+    """The un-rounded cost in micro-USD, by the same rule as `money.cost_micros` (which is this,
+    rounded half up): uncached input, cached input, cache writes, visible output, reasoning."""
+    uncached = max(0, tokens.input_tokens - tokens.cached_input_tokens - tokens.cache_write_input_tokens)
+    visible_output = max(0, tokens.output_tokens - tokens.reasoning_tokens)
+    total = (
+        uncached * prices.input
+        + tokens.cached_input_tokens * prices.cached_input
+        + tokens.cache_write_input_tokens * prices.cache_write_input
+        + visible_output * prices.output
+        + tokens.reasoning_tokens * prices.reasoning
+    )
+    return Decimal(total) / TOKENS_PER_PRICE_UNIT
+
+
+def charge_micros(model: Model, tokens: TokenCounts, *, at: datetime, month_tokens: int = 0) -> int:
+    """What `tokens` on `model` cost at time `at`, in whole micro-USD: the exact cost at the
+    prices then in effect, less the volume discount for `month_tokens`, rounded once half up."""
+    prices = prices_at(model, at)
+    exact = exact_cost_micros(tokens, prices.unit_prices())
+    percent = discount_percent(prices, month_tokens)
+    if percent:
+        exact = exact * (_HUNDRED - percent) / _HUNDRED
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+@dataclass(frozen=True, slots=True)
+class CostEstimate:
+    """A request's cost before it is sent.
+
+    `expected_cost_micros` prices the prompt plus `expected_output_tokens`;
+    `worst_case_cost_micros` prices the prompt at the full input price (no prompt-cache
+    discount) plus `max_output_tokens` at the dearer of the output and, for reasoning models,
+    reasoning price. Both include the volume tier already reached, nothing more.
+    """
+
+    model: str
+    input_tokens: int
+    expected_output_tokens: int
+    max_output_tokens: int
+    expected_cost_micros: int
+    worst_case_cost_micros: int
+    encoding: str
+    approximate: bool
+
+
+def estimate_cost(
+    request: common_pb2.ChatRequest,
+    model: Model,
+    *,
+    at: datetime,
+    month_tokens: int = 0,
+    prompt: PromptCount | None = None,
+) -> CostEstimate:
+    """Estimate `request` on `model` at time `at`; pass `prompt` when it is already counted.
+
+    The output cap is the request's `max_output_tokens` (0 counts as unset), else the model's;
+    never above the model's own cap nor the room the prompt leaves in the context window (0 when
+    there is none: the request cannot fit, which the caller refuses).
+    """
+    if prompt is None:
+        prompt = count_prompt_tokens(request, model)
+    input_tokens = prompt.tokens
+    sampling = request.sampling
+    requested = sampling.max_output_tokens if sampling.HasField("max_output_tokens") else 0
+    limit = min(requested, model.max_output_tokens) if requested > 0 else model.max_output_tokens
+    max_output = max(0, min(limit, model.context_window - input_tokens))
+    reasoning = Capability.REASONING in model.capabilities
+    expected_output = min(
+        max_output, EXPECTED_REASONING_OUTPUT_TOKENS if reasoning else EXPECTED_OUTPUT_TOKENS
+    )
+    return CostEstimate(
+        model=model.id,
+        input_tokens=input_tokens,
+        expected_output_tokens=expected_output,
+        max_output_tokens=max_output,
+        expected_cost_micros=_price_of(model, input_tokens, expected_output, reasoning, at, month_tokens),
+        worst_case_cost_micros=_price_of(model, input_tokens, max_output, reasoning, at, month_tokens),
+        encoding=prompt.encoding,
+        approximate=prompt.approximate,
+    )
+
+
+def _price_of(
+    model: Model, input_tokens: int, output_tokens: int, reasoning: bool, at: datetime, month_tokens: int
+) -> int:
+    """Input at the full input price; output at the output price, or all of it at the reasoning
+    price when the model reasons and that price is higher (we cannot know the split ahead)."""
+    unit = prices_at(model, at).unit_prices()
+    as_reasoning = reasoning and unit.reasoning > unit.output
+    tokens = TokenCounts(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        reasoning_tokens=output_tokens if as_reasoning else 0,
+    )
+    return charge_micros(model, tokens, at=at, month_tokens=month_tokens)

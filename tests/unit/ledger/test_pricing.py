@@ -1,0 +1,403 @@
+"""Charges and estimates: prices by effective date, volume tiers, one half-up rounding, the
+worst case a budget reserves, and the catalog's checks on price changes and tiers."""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from switchyard.common.catalog import CatalogError, Model, parse_catalog
+from switchyard.common.money import TokenCounts, cost_micros
+from switchyard.ledger.pricing import (
+    EXPECTED_OUTPUT_TOKENS,
+    EXPECTED_REASONING_OUTPUT_TOKENS,
+    charge_micros,
+    discount_percent,
+    estimate_cost,
+    prices_at,
+)
+from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
+from switchyard.v1 import common_pb2
+
+CATALOG = """\
+providers:
+  openai:
+    vendor: openai
+    base_url: https://api.openai.com/v1
+models:
+  - id: openai/gpt-4o-mini
+    provider: openai
+    upstream_model: gpt-4o-mini
+    context_window: 128000
+    max_output_tokens: 16384
+    prices:
+      input: "1.00"
+      output: "4.00"
+      cached_input: "0.50"
+      volume_tiers:
+        - {above_monthly_tokens: 1000, discount_percent: "10"}
+        - {above_monthly_tokens: 5000, discount_percent: 25.5}
+    price_changes:
+      - effective_from: 2026-12-01
+        prices: {input: "2.50", output: "8.00"}
+      - effective_from: "2027-01-01T12:00:00+02:00"
+        prices:
+          input: "5.00"
+          output: "20.00"
+          volume_tiers: [{above_monthly_tokens: 100, discount_percent: "80"}]
+  - id: openai/o4-mini
+    provider: openai
+    upstream_model: o4-mini
+    context_window: 1000
+    max_output_tokens: 600
+    prices: {input: "1.10", output: "4.40", reasoning: "8.80"}
+    capabilities: [reasoning, streaming]
+    category: reasoning
+"""
+
+CHANGE_1 = datetime(2026, 12, 1, tzinfo=UTC)
+CHANGE_2 = datetime(2027, 1, 1, 10, 0, tzinfo=UTC)  # 12:00 at +02:00
+BEFORE = datetime(2026, 6, 1, tzinfo=UTC)
+TICK = timedelta(microseconds=1)
+
+
+@pytest.fixture(scope="module")
+def mini() -> Model:
+    found = parse_catalog(CATALOG).model("openai/gpt-4o-mini")
+    assert found is not None
+    return found
+
+
+@pytest.fixture(scope="module")
+def reasoner() -> Model:
+    found = parse_catalog(CATALOG).model("openai/o4-mini")
+    assert found is not None
+    return found
+
+
+# --------------------------------------------------------------------------- #
+# Effective dates
+# --------------------------------------------------------------------------- #
+
+
+def test_changes_are_parsed_as_aware_utc(mini: Model) -> None:
+    assert [c.effective_from for c in mini.price_changes] == [CHANGE_1, CHANGE_2]
+    assert all(c.effective_from.tzinfo is UTC for c in mini.price_changes)
+
+
+def test_a_price_change_takes_effect_exactly_at_its_timestamp(mini: Model) -> None:
+    assert prices_at(mini, BEFORE).input == 1_000_000
+    assert prices_at(mini, CHANGE_1 - TICK).input == 1_000_000
+    assert prices_at(mini, CHANGE_1).input == 2_500_000
+    assert prices_at(mini, CHANGE_2 - TICK).input == 2_500_000
+    assert prices_at(mini, CHANGE_2).input == 5_000_000
+    assert prices_at(mini, datetime(2030, 1, 1, tzinfo=UTC)).input == 5_000_000
+    # The same instant in another zone, and a naive time taken as UTC.
+    assert prices_at(mini, CHANGE_2.astimezone(timezone(timedelta(hours=-5)))).input == 5_000_000
+    assert prices_at(mini, datetime(2026, 12, 1)).input == 2_500_000
+    assert prices_at(mini, datetime(2026, 11, 30, 23, 59, 59)).input == 1_000_000
+
+
+def test_charge_uses_the_prices_at_the_request_time(mini: Model) -> None:
+    tokens = TokenCounts(input_tokens=1_000, output_tokens=500)
+    assert charge_micros(mini, tokens, at=CHANGE_1 - TICK) == 1_000 + 2_000
+    assert charge_micros(mini, tokens, at=CHANGE_1) == 2_500 + 4_000
+
+
+# --------------------------------------------------------------------------- #
+# Exact money
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("tokens", "month_tokens", "at", "expected"),
+    [
+        # Base prices: $1/M input, $4/M output, $0.50/M cached input; tiers 10% at 1,000, 25.5% at 5,000.
+        (TokenCounts(input_tokens=1_000, output_tokens=250), 0, BEFORE, 2_000),
+        (TokenCounts(input_tokens=1_000, cached_input_tokens=600), 0, BEFORE, 700),  # 400 + 300
+        (TokenCounts(input_tokens=1, cached_input_tokens=1), 0, BEFORE, 1),  # 0.5 rounds half up
+        (TokenCounts(input_tokens=3, cached_input_tokens=3), 0, BEFORE, 2),  # 1.5 -> 2
+        (TokenCounts(input_tokens=2, cached_input_tokens=2), 0, BEFORE, 1),  # exactly 1
+        # 10% off: 5 micros -> 4.5 -> 5 and 15 -> 13.5 -> 14 (half up after the discount).
+        (TokenCounts(input_tokens=5), 1_000, BEFORE, 5),
+        (TokenCounts(input_tokens=15), 1_000, BEFORE, 14),
+        # Rounded once: 1.5 x 0.9 = 1.35 -> 1 (rounding before the discount would give 2 x 0.9 -> 2).
+        (TokenCounts(input_tokens=3, cached_input_tokens=3), 1_000, BEFORE, 1),
+        # 25.5% off: 1M input tokens = 745,000 exactly; 1 output token = 4 x 0.745 = 2.98 -> 3.
+        (TokenCounts(input_tokens=1_000_000), 5_000, BEFORE, 745_000),
+        (TokenCounts(output_tokens=1), 5_000, BEFORE, 3),
+        # From CHANGE_1: $2.50/M and no tiers; 1 token is 2.5 micros -> 3, volume or not.
+        (TokenCounts(input_tokens=1), 0, CHANGE_1, 3),
+        (TokenCounts(input_tokens=1), 10**9, CHANGE_1, 3),
+        # From CHANGE_2: $5/M in, $20/M out, 80% off from 100 tokens: 5 x 0.2 + 20 x 0.2 = 5.
+        (TokenCounts(input_tokens=1, output_tokens=1), 100, CHANGE_2, 5),
+        (TokenCounts(input_tokens=1, output_tokens=1), 99, CHANGE_2, 25),
+    ],
+)
+def test_charge_micros_exact(
+    mini: Model, tokens: TokenCounts, month_tokens: int, at: datetime, expected: int
+) -> None:
+    assert charge_micros(mini, tokens, at=at, month_tokens=month_tokens) == expected
+
+
+def test_without_discount_the_charge_is_money_cost_micros(mini: Model) -> None:
+    rng = random.Random(7)
+    unit = mini.prices.unit_prices()
+    for _ in range(500):
+        input_tokens = rng.randrange(0, 200_000)
+        output_tokens = rng.randrange(0, 20_000)
+        tokens = TokenCounts(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=rng.randrange(0, input_tokens + 1),
+            reasoning_tokens=rng.randrange(0, output_tokens + 1),
+        )
+        assert charge_micros(mini, tokens, at=BEFORE) == cost_micros(tokens, unit)
+
+
+# --------------------------------------------------------------------------- #
+# Volume tiers
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("month_tokens", "percent"),
+    [(0, "0"), (999, "0"), (1_000, "10"), (4_999, "10"), (5_000, "25.5"), (10**12, "25.5")],
+)
+def test_tier_boundaries(mini: Model, month_tokens: int, percent: str) -> None:
+    assert discount_percent(mini.prices, month_tokens) == Decimal(percent)
+    expected = {"0": 1_000_000, "10": 900_000, "25.5": 745_000}[percent]
+    assert (
+        charge_micros(mini, TokenCounts(input_tokens=1_000_000), at=BEFORE, month_tokens=month_tokens)
+        == expected
+    )
+
+
+def test_tiers_belong_to_the_prices_in_effect(mini: Model) -> None:
+    assert discount_percent(prices_at(mini, CHANGE_1), 10**9) == 0  # that change has no tiers
+    assert discount_percent(prices_at(mini, CHANGE_2), 100) == Decimal(80)
+
+
+def test_negative_month_tokens_are_refused(mini: Model) -> None:
+    with pytest.raises(ValueError, match="month_tokens"):
+        charge_micros(mini, TokenCounts(input_tokens=1), at=BEFORE, month_tokens=-1)
+
+
+def test_tiers_keep_unit_prices_working(mini: Model) -> None:
+    unit = mini.prices.unit_prices()
+    assert (unit.input, unit.output, unit.cached_input, unit.reasoning) == (
+        1_000_000,
+        4_000_000,
+        500_000,
+        4_000_000,
+    )
+    assert [t.discount_percent for t in mini.prices.volume_tiers] == [Decimal("10"), Decimal("25.5")]
+
+
+# --------------------------------------------------------------------------- #
+# Estimates
+# --------------------------------------------------------------------------- #
+
+
+def request(max_output_tokens: int | None = None) -> common_pb2.ChatRequest:
+    sampling = common_pb2.SamplingParams()
+    if max_output_tokens is not None:
+        sampling.max_output_tokens = max_output_tokens
+    message = common_pb2.Message(
+        role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text="Hello there.")]
+    )
+    return common_pb2.ChatRequest(model="m", messages=[message], sampling=sampling)
+
+
+def test_estimate_from_a_counted_prompt(mini: Model) -> None:
+    prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(2_000), mini, at=BEFORE, prompt=prompt)
+    assert estimate.model == "openai/gpt-4o-mini"
+    assert (estimate.input_tokens, estimate.max_output_tokens) == (1_000, 2_000)
+    assert estimate.expected_output_tokens == EXPECTED_OUTPUT_TOKENS == 256
+    # 1,000 x $1/M + 256 x $4/M = 1,000 + 1,024; worst: 1,000 + 2,000 x 4 = 9,000.
+    assert estimate.expected_cost_micros == 2_024
+    assert estimate.worst_case_cost_micros == 9_000
+    assert (estimate.encoding, estimate.approximate) == ("o200k_base", False)
+
+
+def test_estimate_applies_only_the_tier_already_reached(mini: Model) -> None:
+    prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(2_000), mini, at=BEFORE, month_tokens=1_000, prompt=prompt)
+    assert estimate.worst_case_cost_micros == 8_100  # 9,000 less 10%
+    assert estimate.expected_cost_micros == 1_822  # 2,024 x 0.9 = 1,821.6
+    below = estimate_cost(request(2_000), mini, at=BEFORE, month_tokens=999, prompt=prompt)
+    assert below.worst_case_cost_micros == 9_000
+
+
+def test_estimate_uses_the_prices_at_its_time(mini: Model) -> None:
+    prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(100), mini, at=CHANGE_1, prompt=prompt)
+    assert estimate.worst_case_cost_micros == 2_500 + 800  # $2.50/M in, $8/M out
+
+
+def test_worst_case_ignores_cached_input_prices(mini: Model) -> None:
+    prompt = PromptCount(tokens=10_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(1), mini, at=BEFORE, prompt=prompt)
+    assert estimate.worst_case_cost_micros == 10_000 + 4  # input at $1/M, never the $0.50 cached price
+
+
+@pytest.mark.parametrize(
+    ("requested", "prompt_tokens", "max_output", "expected_output"),
+    [
+        (None, 10, 16_384, 256),  # unset: the model's cap
+        (0, 10, 16_384, 256),  # 0 counts as unset
+        (100, 10, 100, 100),  # expected never above the cap
+        (50_000, 10, 16_384, 256),  # never above the model's own cap
+        (None, 127_000, 1_000, 256),  # the room left in the context window
+        (None, 127_999, 1, 1),  # at least 1 when there is room
+        (None, 128_000, 0, 0),  # no room
+        (None, 200_000, 0, 0),  # over: the caller refuses it
+    ],
+)
+def test_output_cap(
+    mini: Model, requested: int | None, prompt_tokens: int, max_output: int, expected_output: int
+) -> None:
+    prompt = PromptCount(tokens=prompt_tokens, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(requested), mini, at=BEFORE, prompt=prompt)
+    assert (estimate.max_output_tokens, estimate.expected_output_tokens) == (max_output, expected_output)
+
+
+def test_reasoning_models_price_output_at_the_higher_reasoning_price(reasoner: Model) -> None:
+    prompt = PromptCount(tokens=100, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(), reasoner, at=BEFORE, prompt=prompt)
+    # Cap: min(model 600, context 1,000 - 100 = 900) = 600; expected min(600, 1,024) = 600.
+    assert estimate.max_output_tokens == 600
+    assert estimate.expected_output_tokens == 600 < EXPECTED_REASONING_OUTPUT_TOKENS
+    # 100 x $1.10/M = 110; 600 x $8.80/M = 5,280.
+    assert estimate.worst_case_cost_micros == 110 + 5_280
+    assert estimate.expected_cost_micros == 110 + 5_280
+
+
+def test_estimate_counts_the_prompt_when_not_given(mini: Model) -> None:
+    chat = request(10)
+    estimate = estimate_cost(chat, mini, at=BEFORE)
+    counted = count_prompt_tokens(chat, mini)
+    assert estimate.input_tokens == counted.tokens > 0
+    assert (estimate.encoding, estimate.approximate) == (counted.encoding, counted.approximate)
+
+
+# --------------------------------------------------------------------------- #
+# Catalog checks
+# --------------------------------------------------------------------------- #
+
+MODEL_HEAD = """\
+providers:
+  openai: {vendor: openai, base_url: https://api.openai.com/v1}
+models:
+  - id: openai/m
+    provider: openai
+    upstream_model: m
+    context_window: 1000
+    max_output_tokens: 100
+"""
+
+
+def catalog_error(tail: str) -> str:
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(MODEL_HEAD + tail, source="cat.yaml")
+    return str(caught.value)
+
+
+def tiers(*entries: str) -> str:
+    body = "".join(f"        - {entry}\n" for entry in entries)
+    return '    prices:\n      input: "1"\n      output: "1"\n      volume_tiers:\n' + body
+
+
+@pytest.mark.parametrize(
+    ("tail", "pattern"),
+    [
+        (
+            '    prices: {input: "1", output: "1"}\n    price_changes:\n'
+            '      - {effective_from: 2027-01-01, prices: {input: "2", output: "2"}}\n'
+            '      - {effective_from: 2026-01-01, prices: {input: "3", output: "3"}}\n',
+            r"^cat\.yaml:10: models\.0\.price_changes: .*"
+            r"change 1 \(2026-01-01T00:00:00\+00:00\) is not after change 0",
+        ),
+        (
+            '    prices: {input: "1", output: "1"}\n    price_changes:\n'
+            '      - {effective_from: "2027-01-01T00:00:00Z", prices: {input: "2", output: "2"}}\n'
+            '      - {effective_from: "2027-01-01T01:00:00+01:00", prices: {input: "3", output: "3"}}\n',
+            r"models\.0\.price_changes: .*sorted ascending and unique",
+        ),
+        (
+            '    prices: {input: "1", output: "1"}\n    price_changes:\n'
+            '      - {effective_from: soon, prices: {input: "2", output: "2"}}\n',
+            r"models\.0\.price_changes\.0\.effective_from: not an ISO date or timestamp",
+        ),
+        (
+            '    prices: {input: "1", output: "1"}\n    price_changes:\n'
+            '      - {effective_from: 2027-01-01, prices: {input: "-2", output: "2"}}\n',
+            r"models\.0\.price_changes\.0\.prices\.input: price must not be negative",
+        ),
+        (
+            tiers(
+                '{above_monthly_tokens: 5000, discount_percent: "10"}',
+                '{above_monthly_tokens: 1000, discount_percent: "5"}',
+            ),
+            r"^cat\.yaml:12: models\.0\.prices\.volume_tiers: .*tier 1 \(1000\) is not above tier 0 \(5000\)",
+        ),
+        (
+            tiers(
+                '{above_monthly_tokens: 1000, discount_percent: "10"}',
+                '{above_monthly_tokens: 1000, discount_percent: "5"}',
+            ),
+            r"models\.0\.prices\.volume_tiers: .*unique",
+        ),
+        (
+            tiers('{above_monthly_tokens: 1000, discount_percent: "100"}'),
+            r"models\.0\.prices\.volume_tiers\.0\.discount_percent: .*above 0 and below 100",
+        ),
+        (
+            tiers("{above_monthly_tokens: 1000, discount_percent: 0}"),
+            r"models\.0\.prices\.volume_tiers\.0\.discount_percent: .*above 0 and below 100",
+        ),
+        (
+            tiers('{above_monthly_tokens: 1000, discount_percent: "12.345"}'),
+            r"models\.0\.prices\.volume_tiers\.0\.discount_percent: .*more than 2 decimal places",
+        ),
+        (
+            tiers('{above_monthly_tokens: 1000, discount_percent: "lots"}'),
+            r"models\.0\.prices\.volume_tiers\.0\.discount_percent: not a decimal number",
+        ),
+        (
+            tiers("{above_monthly_tokens: 1000, discount_percent: true}"),
+            r"models\.0\.prices\.volume_tiers\.0\.discount_percent: .*must be a number",
+        ),
+        (
+            tiers('{above_monthly_tokens: 0, discount_percent: "5"}'),
+            r"models\.0\.prices\.volume_tiers\.0\.above_monthly_tokens: .*greater than 0",
+        ),
+        (
+            '    prices: {input: "1", output: "1"}\n    tokenizer: gpt2\n',
+            r"models\.0\.tokenizer: ",
+        ),
+    ],
+)
+def test_catalog_errors_name_the_path(tail: str, pattern: str) -> None:
+    message = catalog_error(tail)
+    assert re.search(pattern, message), message
+
+
+def test_discount_written_as_number_or_string_is_exact() -> None:
+    text = MODEL_HEAD + tiers(
+        "{above_monthly_tokens: 10, discount_percent: 12.5}",
+        '{above_monthly_tokens: 20, discount_percent: "33.33"}',
+        "{above_monthly_tokens: 30, discount_percent: 40}",
+    )
+    found = parse_catalog(text).model("openai/m")
+    assert found is not None
+    assert [t.discount_percent for t in found.prices.volume_tiers] == [
+        Decimal("12.5"),
+        Decimal("33.33"),
+        Decimal("40"),
+    ]
