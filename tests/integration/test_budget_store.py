@@ -1,0 +1,514 @@
+"""Budget store contract: the same cases against the in-memory backend and a real Redis.
+
+Time is the caller's `now_ms` in both backends, so expiry is tested by moving it, without
+sleeping. Every Redis case gets its own key prefix. The Redis-only cases at the end cover
+what only a shared store has: several clients at once, key TTLs, NOSCRIPT, an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from fractions import Fraction
+
+import pytest
+from redis.asyncio import Redis
+
+from switchyard.common.ports import free_port
+from switchyard.common.redis_client import RedisOptions, open_redis
+from switchyard.ledger.budgets import (
+    MIN_KEY_TTL_MS,
+    SETTLED_RETENTION_MS,
+    BudgetRef,
+    BudgetStore,
+    BudgetStoreUnavailable,
+    Counter,
+    HoldConflict,
+    MemoryBudgetStore,
+    build_budget_store,
+)
+from switchyard.ledger.budgets_redis import RedisBudgetStore
+
+NOW = 1_790_000_000_000  # wall-clock ms, late 2026
+DAY = 24 * 3600 * 1000
+TTL = 60_000
+
+
+def ref(
+    budget_id: str = "tenant:acme:monthly",
+    window: str = "2026-11",
+    *,
+    limit: int = 1000,
+    hard: bool = True,
+    expires_in_ms: int = 40 * DAY,
+) -> BudgetRef:
+    return BudgetRef(budget_id, window, limit, hard, NOW + expires_in_ms)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = open_redis(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# Synchronous so that it may pull the (async) Redis fixtures only for the Redis case.
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[BudgetStore]:
+    if request.param == "memory":
+        yield MemoryBudgetStore()
+        return
+    client: Redis = request.getfixturevalue("redis_client")
+    yield RedisBudgetStore(client, prefix=f"test:{uuid.uuid4().hex}:budget:")
+
+
+async def counter(store: BudgetStore, budget: BudgetRef, now_ms: int = NOW) -> Counter:
+    return await store.counter(budget, now_ms=now_ms)
+
+
+# --- reservations ---------------------------------------------------------------------------
+
+
+async def test_reserve_holds_within_a_hard_limit_and_refuses_beyond_it(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    first = await store.reserve("r1", [budget], 600, ttl_ms=TTL, now_ms=NOW)
+    assert first.ok and first.hold_id == "r1" and first.expires_at_ms == NOW + TTL
+    assert (await store.reserve("r2", [budget], 400, ttl_ms=TTL, now_ms=NOW)).ok
+    assert await counter(store, budget) == Counter(0, 1000)
+
+    refused = await store.reserve("r3", [budget], 1, ttl_ms=TTL, now_ms=NOW)
+    assert not refused.ok and refused.hold_id == "r3" and refused.expires_at_ms == 0
+    assert refused.refused == budget
+    assert (refused.spent_micros, refused.held_micros, refused.requested_micros) == (0, 1000, 1)
+    assert await counter(store, budget) == Counter(0, 1000)
+    assert not await store.release("r3", now_ms=NOW)
+
+
+async def test_a_soft_budget_holds_beyond_its_limit_without_refusing(store: BudgetStore) -> None:
+    soft = ref("tenant:acme:soft", limit=100, hard=False)
+    assert (await store.reserve("r1", [soft], 150, ttl_ms=TTL, now_ms=NOW)).ok
+    assert (await store.reserve("r2", [soft], 150, ttl_ms=TTL, now_ms=NOW)).ok
+    assert await counter(store, soft) == Counter(0, 300)
+
+
+async def test_reserve_is_all_or_nothing_across_budgets(store: BudgetStore) -> None:
+    tenant, user = ref("tenant:acme", limit=1000), ref("user:bob", limit=100)
+    await store.set_spent(user, 30, now_ms=NOW)
+    refused = await store.reserve("r1", [tenant, user], 200, ttl_ms=TTL, now_ms=NOW)
+    assert not refused.ok and refused.refused == user
+    assert (refused.spent_micros, refused.held_micros, refused.requested_micros) == (30, 0, 200)
+    assert await counter(store, tenant) == Counter(0, 0)  # the first budget was not held either
+
+    # A soft budget over its limit neither refuses nor stops the hard ones from holding.
+    soft = ref("tenant:acme:soft", limit=10, hard=False)
+    ok = await store.reserve("r2", [soft, tenant, user], 70, ttl_ms=TTL, now_ms=NOW)
+    assert ok.ok
+    assert [await counter(store, b) for b in (soft, tenant, user)] == [
+        Counter(0, 70),
+        Counter(0, 70),
+        Counter(30, 70),
+    ]
+
+
+async def test_the_same_reservation_id_never_holds_twice(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    first = await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW)
+    again = await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW + 5)
+    assert again.ok and again.expires_at_ms == first.expires_at_ms
+    assert await counter(store, budget) == Counter(0, 300)
+    # The same budget named twice is held once.
+    assert (await store.reserve("r2", [budget, budget], 100, ttl_ms=TTL, now_ms=NOW)).ok
+    assert await counter(store, budget) == Counter(0, 400)
+    with pytest.raises(HoldConflict):
+        await store.lease("r1", budget, 10, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+
+
+# --- settlement -----------------------------------------------------------------------------
+
+
+async def test_settle_charges_once_and_frees_the_reservation(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW)
+    settled = await store.settle("req-1", 120, [budget], reservation_id="r1", now_ms=NOW)
+    assert not settled.duplicate and settled.charged_micros == 120
+    assert await counter(store, budget) == Counter(120, 0)
+    assert not await store.release("r1", now_ms=NOW)  # the reservation is gone
+
+    again = await store.settle("req-1", 999, [budget], reservation_id="r1", now_ms=NOW + 1000)
+    assert again.duplicate and again.charged_micros == 120
+    assert await counter(store, budget) == Counter(120, 0)
+
+
+async def test_settle_records_the_truth_when_the_cost_exceeds_the_hold(store: BudgetStore) -> None:
+    budget = ref(limit=150)
+    await store.reserve("r1", [budget], 100, ttl_ms=TTL, now_ms=NOW)
+    await store.reserve("r2", [budget], 50, ttl_ms=TTL, now_ms=NOW)
+    await store.settle("req-1", 400, [budget], reservation_id="r1", now_ms=NOW)
+    assert await counter(store, budget) == Counter(400, 50)  # all of r1 freed, r2 still held
+    refused = await store.reserve("r3", [budget], 1, ttl_ms=TTL, now_ms=NOW)
+    assert not refused.ok and refused.spent_micros == 400
+
+
+async def test_settle_charges_every_budget_given_and_ignores_unknown_holds(store: BudgetStore) -> None:
+    tenant, model = ref("tenant:acme"), ref("model:acme:gpt", hard=False)
+    await store.reserve("r1", [tenant], 100, ttl_ms=TTL, now_ms=NOW)
+    settled = await store.settle(
+        "req-1", 80, [tenant, model], reservation_id="r1", lease_ids=["no-such-lease"], now_ms=NOW
+    )
+    assert not settled.duplicate
+    assert await counter(store, tenant) == Counter(80, 0)
+    assert await counter(store, model) == Counter(80, 0)
+
+    orphan = await store.settle("req-2", 5, [tenant], reservation_id="gone", now_ms=NOW)
+    assert not orphan.duplicate and await counter(store, tenant) == Counter(85, 0)
+    # A lease id named as the reservation is not removed by it.
+    await store.lease("l1", tenant, 100, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    await store.settle("req-3", 5, [tenant], reservation_id="l1", now_ms=NOW)
+    assert await counter(store, tenant) == Counter(90, 100)
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+async def test_a_lease_grants_what_is_left_when_less_than_wanted(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.set_spent(budget, 900, now_ms=NOW)
+    grant = await store.lease("l1", budget, 500, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+    assert grant.lease_id == "l1" and grant.granted_micros == 100
+    assert grant.expires_at_ms == NOW + TTL and grant.counter == Counter(900, 100)
+    # Asking again for the same lease returns it and holds nothing more.
+    again = await store.lease("l1", budget, 500, min_micros=10, ttl_ms=TTL, now_ms=NOW + 1)
+    assert (again.granted_micros, again.expires_at_ms) == (100, NOW + TTL)
+    assert await counter(store, budget) == Counter(900, 100)
+    with pytest.raises(HoldConflict):
+        await store.reserve("l1", [budget], 1, ttl_ms=TTL, now_ms=NOW)
+
+
+async def test_a_lease_below_min_micros_grants_nothing(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.reserve("r1", [budget], 950, ttl_ms=TTL, now_ms=NOW)
+    grant = await store.lease("l1", budget, 500, min_micros=100, ttl_ms=TTL, now_ms=NOW)
+    assert (grant.granted_micros, grant.expires_at_ms) == (0, 0)
+    assert grant.counter == Counter(0, 950)
+    assert not await store.release("l1", now_ms=NOW)  # no lease was created
+    assert (await store.lease("l2", budget, 500, min_micros=50, ttl_ms=TTL, now_ms=NOW)).granted_micros == 50
+    assert (await store.lease("l3", budget, 500, min_micros=0, ttl_ms=TTL, now_ms=NOW)).granted_micros == 0
+
+
+async def test_max_share_caps_a_lease_at_a_share_of_what_is_left(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    quarter = await store.lease(
+        "l1", budget, 900, min_micros=1, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(1, 4)
+    )
+    assert quarter.granted_micros == 250
+    # A third of the 750 left, rounded down; a small ask is granted whole.
+    third = await store.lease(
+        "l2", budget, 900, min_micros=1, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(1, 3)
+    )
+    assert third.granted_micros == 250 and third.counter == Counter(0, 500)
+    small = await store.lease("l3", budget, 7, min_micros=1, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(1, 3))
+    assert small.granted_micros == 7
+    odd = await store.lease("l4", budget, 900, min_micros=1, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(2, 7))
+    assert odd.granted_micros == (1000 - 507) * 2 // 7
+
+
+async def test_the_share_never_refuses_the_last_request_and_grants_whole_requests(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    # 40 per request: half of 1000 is 500, granted as 12 whole requests (480).
+    first = await store.lease(
+        "l1", budget, 900, min_micros=40, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(1, 2)
+    )
+    assert first.granted_micros == 480
+    # 520 left: half is 260, so 6 requests (240); then 280 left -> 3 (120); 160 -> 2 (80); 80 -> 1.
+    grants = [
+        (
+            await store.lease(
+                f"l{i}", budget, 900, min_micros=40, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(1, 2)
+            )
+        ).granted_micros
+        for i in range(2, 7)
+    ]
+    assert grants == [240, 120, 80, 40, 40]  # the last 40 is granted although half of it is 20
+    assert (await store.counter(budget, now_ms=NOW)) == Counter(0, 1000)
+    last = await store.lease(
+        "l7", budget, 900, min_micros=40, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(1, 2)
+    )
+    assert last.granted_micros == 0
+
+
+async def test_a_soft_lease_grants_what_is_wanted(store: BudgetStore) -> None:
+    soft = ref(limit=100, hard=False)
+    await store.set_spent(soft, 500, now_ms=NOW)
+    grant = await store.lease("l1", soft, 300, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+    assert grant.granted_micros == 300 and grant.counter == Counter(500, 300)
+
+
+async def test_settle_draws_leases_down_and_a_drained_lease_ends(store: BudgetStore) -> None:
+    tenant, user = ref("tenant:acme", limit=10_000), ref("user:bob", limit=1000)
+    await store.lease("lt", tenant, 500, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    await store.lease("lu", user, 200, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    await store.settle("req-1", 120, [tenant, user], lease_ids=["lt", "lu", "lt"], now_ms=NOW)
+    assert await counter(store, tenant) == Counter(120, 380)
+    assert await counter(store, user) == Counter(120, 80)
+
+    # The user lease has only 80 left: that is all it gives; the spend is the truth.
+    await store.settle("req-2", 100, [tenant, user], lease_ids=["lt", "lu"], now_ms=NOW)
+    assert await counter(store, tenant) == Counter(220, 280)
+    assert await counter(store, user) == Counter(220, 0)
+    assert await store.return_lease("lu", 50, now_ms=NOW) == 0  # drained: the lease ended
+    assert await store.return_lease("lt", 1000, now_ms=NOW) == 280
+    assert await counter(store, tenant) == Counter(220, 0)
+
+
+async def test_return_lease_gives_back_at_most_what_is_left(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.lease("l1", budget, 500, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    assert await store.return_lease("l1", 200, now_ms=NOW) == 200
+    assert await counter(store, budget) == Counter(0, 300)
+    assert await store.return_lease("l1", 1000, now_ms=NOW) == 300
+    assert await counter(store, budget) == Counter(0, 0)
+    assert await store.return_lease("l1", 1, now_ms=NOW) == 0
+    assert await store.return_lease("never", 1, now_ms=NOW) == 0
+    await store.reserve("r1", [budget], 100, ttl_ms=TTL, now_ms=NOW)
+    assert await store.return_lease("r1", 100, now_ms=NOW) == 0  # a reservation is not a lease
+    assert await counter(store, budget) == Counter(0, 100)
+
+
+async def test_release_frees_a_reservation_or_the_rest_of_a_lease(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW)
+    await store.lease("l1", budget, 400, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    await store.settle("req-1", 100, [budget], lease_ids=["l1"], now_ms=NOW)
+    assert await counter(store, budget) == Counter(100, 600)
+    assert await store.release("r1", now_ms=NOW)
+    assert await store.release("l1", now_ms=NOW)
+    assert await counter(store, budget) == Counter(100, 0)
+    assert not await store.release("r1", now_ms=NOW)
+    assert not await store.release("l1", now_ms=NOW)
+    assert not await store.release("never", now_ms=NOW)
+
+
+# --- expiry ---------------------------------------------------------------------------------
+
+
+async def test_expire_frees_holds_whose_ttl_passed(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.reserve("r1", [budget], 300, ttl_ms=1000, now_ms=NOW)
+    await store.lease("l1", budget, 200, min_micros=0, ttl_ms=2000, now_ms=NOW)
+    assert await store.expire(now_ms=NOW + 999) == 0
+    assert await counter(store, budget, NOW + 999) == Counter(0, 500)
+    assert await store.expire(now_ms=NOW + 1000) == 1
+    assert await counter(store, budget, NOW + 1000) == Counter(0, 200)
+    assert await store.expire(now_ms=NOW + 5000) == 1
+    assert await counter(store, budget, NOW + 5000) == Counter(0, 0)
+    assert await store.expire(now_ms=NOW + 5000) == 0
+    assert not await store.release("r1", now_ms=NOW + 5000)
+
+
+async def test_expire_is_bounded_by_its_limit_oldest_first(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    for i in range(5):
+        await store.reserve(f"r{i}", [budget], 10, ttl_ms=100 + i, now_ms=NOW)
+    await store.reserve("live", [budget], 10, ttl_ms=TTL, now_ms=NOW)
+    assert await store.expire(now_ms=NOW + 200, limit=2) == 2
+    # r0 and r1 are freed; the other three wait for the next call.
+    assert await counter(store, ref("unrelated"), NOW + 200) == Counter(0, 0)
+    assert await store.expire(now_ms=NOW + 200) == 3
+    assert await store.expire(now_ms=NOW + 200) == 0
+    assert await counter(store, budget, NOW + 200) == Counter(0, 10)
+
+
+async def test_an_expired_hold_is_freed_lazily_by_the_next_reserve_or_lease(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    assert (await store.reserve("crashed", [budget], 1000, ttl_ms=1000, now_ms=NOW)).ok
+    assert not (await store.reserve("r1", [budget], 1, ttl_ms=TTL, now_ms=NOW + 999)).ok
+    # Nobody calls expire(): the next reserve frees the crashed holder's hold itself.
+    assert (await store.reserve("r2", [budget], 600, ttl_ms=1000, now_ms=NOW + 1000)).ok
+    assert await counter(store, budget, NOW + 1000) == Counter(0, 600)
+    grant = await store.lease("l1", budget, 1000, min_micros=0, ttl_ms=TTL, now_ms=NOW + 2000)
+    assert grant.granted_micros == 1000 and grant.counter == Counter(0, 1000)
+    # Holds named after they expired are ignored (freed once), and the spend is still recorded.
+    settled = await store.settle("req-1", 40, [budget], reservation_id="r2", now_ms=NOW + 2000)
+    assert not settled.duplicate and await counter(store, budget, NOW + 2000) == Counter(40, 1000)
+    other = ref("other")
+    await store.reserve("r3", [other], 5, ttl_ms=10, now_ms=NOW)
+    await store.settle("req-2", 5, [other], reservation_id="r3", now_ms=NOW + 2000)
+    assert await counter(store, other, NOW + 2000) == Counter(5, 0)
+    assert await store.return_lease("l1", 10, now_ms=NOW + 2000 + TTL) == 0
+    assert await counter(store, budget, NOW + 2000 + TTL) == Counter(40, 0)
+
+
+async def test_a_reservation_id_can_be_reused_once_its_hold_expired(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.reserve("r1", [budget], 300, ttl_ms=1000, now_ms=NOW)
+    again = await store.reserve("r1", [budget], 200, ttl_ms=1000, now_ms=NOW + 1000)
+    assert again.ok and again.expires_at_ms == NOW + 2000
+    assert await counter(store, budget, NOW + 1000) == Counter(0, 200)
+
+
+# --- windows and reconciliation -------------------------------------------------------------
+
+
+async def test_two_windows_of_one_budget_are_independent(store: BudgetStore) -> None:
+    november, december = ref(window="2026-11", limit=100), ref(window="2026-12", limit=100)
+    assert (await store.reserve("r1", [november], 100, ttl_ms=TTL, now_ms=NOW)).ok
+    assert not (await store.reserve("r2", [november], 1, ttl_ms=TTL, now_ms=NOW)).ok
+    assert (await store.reserve("r3", [december], 100, ttl_ms=TTL, now_ms=NOW)).ok
+    await store.settle("req-1", 60, [november], reservation_id="r1", now_ms=NOW)
+    assert await counter(store, november) == Counter(60, 0)
+    assert await counter(store, december) == Counter(0, 100)
+    # Ids that would collide if keys were naively joined stay apart.
+    a, b = ref("x:y", window="z", limit=5), ref("x", window="y:z", limit=5)
+    await store.set_spent(a, 5, now_ms=NOW)
+    assert await counter(store, b) == Counter(0, 0)
+
+
+async def test_set_spent_overwrites_spent_and_keeps_held(store: BudgetStore) -> None:
+    budget = ref(limit=1000)
+    await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW)
+    await store.set_spent(budget, 650, now_ms=NOW)
+    assert await counter(store, budget) == Counter(650, 300)
+    assert not (await store.reserve("r2", [budget], 51, ttl_ms=TTL, now_ms=NOW)).ok
+    await store.set_spent(budget, 0, now_ms=NOW)
+    assert await counter(store, budget) == Counter(0, 300)
+
+
+async def test_arguments_are_checked_alike(store: BudgetStore) -> None:
+    budget = ref()
+    with pytest.raises(ValueError):
+        await store.reserve("r1", [budget], -1, ttl_ms=TTL, now_ms=NOW)
+    with pytest.raises(ValueError):
+        await store.reserve("", [budget], 1, ttl_ms=TTL, now_ms=NOW)
+    with pytest.raises(ValueError):
+        await store.reserve("r1", [budget], 1, ttl_ms=0, now_ms=NOW)
+    with pytest.raises(ValueError):
+        await store.lease("l1", budget, 1, min_micros=0, ttl_ms=TTL, now_ms=NOW, max_share=Fraction(3, 2))
+    with pytest.raises(ValueError):
+        await store.settle("req-1", -5, [budget], now_ms=NOW)
+    with pytest.raises(TypeError):
+        await store.settle("req-1", 1.5, [budget], now_ms=NOW)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        BudgetRef("b", "w", -1, True, NOW)
+    assert await counter(store, budget) == Counter(0, 0)
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+AMOUNT = 7_000
+
+
+async def _race(stores: list[BudgetStore]) -> None:
+    """195 reserves and 5 settles at once against room for 50 holds: exactly 50 hold in the end."""
+    budget = ref("tenant:race", limit=50 * AMOUNT)
+    early = [
+        await stores[0].reserve(f"early-{i}", [budget], AMOUNT, ttl_ms=TTL, now_ms=NOW) for i in range(5)
+    ]
+    assert all(outcome.ok for outcome in early)
+
+    violations: list[Counter] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            now = await stores[-1].counter(budget, now_ms=NOW)
+            if now.spent_micros + now.held_micros > budget.limit_micros:
+                violations.append(now)
+            await asyncio.sleep(0)
+
+    async def reserve(i: int) -> bool:
+        store = stores[i % len(stores)]
+        return (await store.reserve(f"race-{i}", [budget], AMOUNT, ttl_ms=TTL, now_ms=NOW)).ok
+
+    async def settle(i: int) -> bool:
+        store = stores[i % len(stores)]
+        await store.settle(f"req-{i}", AMOUNT, [budget], reservation_id=f"early-{i}", now_ms=NOW)
+        return False
+
+    watcher = asyncio.create_task(watch())
+    try:
+        tasks = [reserve(i) for i in range(195)]
+        for i in range(5):  # the settles land among the reserves
+            tasks.insert(40 * i + 20, settle(i))
+        results = await asyncio.gather(*tasks)
+    finally:
+        done.set()
+        await watcher
+    assert sum(results) == 45
+    assert violations == []
+    final = await stores[0].counter(budget, now_ms=NOW)
+    assert final == Counter(5 * AMOUNT, 45 * AMOUNT)
+
+
+async def test_concurrent_reserves_never_overdraw_a_hard_budget(store: BudgetStore) -> None:
+    await _race([store])
+
+
+# --- Redis only -----------------------------------------------------------------------------
+
+
+async def test_stores_on_separate_connections_share_one_budget(redis_url: str) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    stores: list[BudgetStore] = [
+        RedisBudgetStore(open_redis(redis_url), prefix=prefix, owns_client=True) for _ in range(2)
+    ]
+    try:
+        await _race(stores)
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_every_key_carries_a_ttl(redis_client: Redis) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    store = RedisBudgetStore(redis_client, prefix=prefix)
+    budget, late = ref(expires_in_ms=40 * DAY), ref("tenant:late", expires_in_ms=-DAY)
+    await store.reserve("r1", [budget], 10, ttl_ms=TTL, now_ms=NOW)
+    await store.lease("l1", late, 10, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    await store.settle("req-1", 5, [budget], reservation_id="r1", now_ms=NOW)
+    await store.settle("req-2", 5, [late], now_ms=NOW)
+
+    keys = [key async for key in redis_client.scan_iter(match=prefix + "*")]
+    ttls = {key.decode(): await redis_client.pttl(key) for key in keys}
+    # Only the global expiry index, which empties itself as holds go, has no TTL.
+    assert {k for k, ttl in ttls.items() if ttl < 0} == {prefix + "x"}
+    assert 39 * DAY < ttls[store.counter_key(budget)] <= 40 * DAY
+    # A counter whose window has passed is still kept a day after a write.
+    assert MIN_KEY_TTL_MS - 60_000 < ttls[store.counter_key(late)] <= MIN_KEY_TTL_MS
+    assert 39 * DAY < ttls[prefix + "r:req-1"] <= 40 * DAY
+    assert SETTLED_RETENTION_MS - 60_000 < ttls[prefix + "r:req-2"] <= SETTLED_RETENTION_MS
+    assert ttls[prefix + "h:l1"] > TTL
+
+
+async def test_the_scripts_are_reloaded_after_a_script_flush(redis_client: Redis) -> None:
+    store = RedisBudgetStore(redis_client, prefix=f"test:{uuid.uuid4().hex}:budget:")
+    budget = ref(limit=100)
+    assert (await store.reserve("r1", [budget], 60, ttl_ms=TTL, now_ms=NOW)).ok
+    await redis_client.script_flush()
+    assert not (await store.reserve("r2", [budget], 60, ttl_ms=TTL, now_ms=NOW)).ok
+    assert await counter(store, budget) == Counter(0, 60)
+
+
+async def test_an_unreachable_redis_raises_unavailable_without_the_url() -> None:
+    options = RedisOptions(connect_timeout_s=0.2, socket_timeout_s=0.2, pool_timeout_s=0.2)
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    store = RedisBudgetStore(open_redis(url, options=options), owns_client=True)
+    try:
+        with pytest.raises(BudgetStoreUnavailable) as caught:
+            await store.reserve("r1", [ref()], 1, ttl_ms=TTL, now_ms=NOW)
+        assert "hunter2" not in str(caught.value)
+    finally:
+        await store.aclose()
+
+
+async def test_build_budget_store_picks_the_backend(redis_url: str) -> None:
+    memory = build_budget_store(None)
+    assert isinstance(memory, MemoryBudgetStore)
+    shared = build_budget_store(redis_url, prefix=f"test:{uuid.uuid4().hex}:budget:")
+    try:
+        assert isinstance(shared, RedisBudgetStore)
+        assert (await shared.reserve("r1", [ref()], 5, ttl_ms=TTL, now_ms=NOW)).ok
+    finally:
+        await shared.aclose()
