@@ -78,6 +78,15 @@ class Settings(BaseModel):
     dev_key: str | None = Field(default=None, repr=False)
     # Seconds between the edge's reloads of the API keys (a revoked key stops within this).
     keys_refresh_s: float = Field(default=5.0, gt=0)
+    # Whether the edge holds requests against budget leases and commits usage to the ledger.
+    # Off only for an edge deliberately run without a ledger (some tests, the bench's baseline).
+    edge_budgets: bool = True
+    # Seconds an edge may admit requests against a budget lease (the ledger's grant).
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    # Key that signs budget alert webhooks (HMAC-SHA256); unset: alerts go unsigned.
+    webhook_secret: str | None = Field(default=None, repr=False)
+    # Seconds between the ledger's sweeps of expired reservations and leases.
+    ledger_sweep_s: float = Field(default=1.0, gt=0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -106,6 +115,10 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_DEDUP": "edge_dedup",
             "SWITCHYARD_DEV_KEY": "dev_key",
             "SWITCHYARD_KEYS_REFRESH_S": "keys_refresh_s",
+            "SWITCHYARD_EDGE_BUDGETS": "edge_budgets",
+            "SWITCHYARD_LEASE_TTL_S": "lease_ttl_s",
+            "SWITCHYARD_WEBHOOK_SECRET": "webhook_secret",
+            "SWITCHYARD_LEDGER_SWEEP_S": "ledger_sweep_s",
         }
         for var, field in simple.items():
             raw = env.get(var)

@@ -1,14 +1,650 @@
-"""The CostLedgerService servicer. Issue #6 builds its methods; until then each answers
-UNIMPLEMENTED with an ErrorInfo naming the issue."""
+"""The CostLedgerService: prices and estimates, budgets (leases, reservations, commits), the
+per-request history, alerts and reports.
+
+Where each part lives:
+
+* `ledger.pricing` / `ledger.tokens`: the price in effect, volume discounts, token counts
+  and estimates -- the same library the edge evaluates locally;
+* `ledger.history.LedgerStore`: SQL (one row per request, unique by request id; budget
+  definitions and their audit log; reports, CSV, erasure);
+* `ledger.budgets.BudgetStore`: the budget counters, reservations and leases (Redis Lua with
+  `REDIS_URL`, in memory otherwise), atomic so a hard budget is never overrun;
+* `ledger.alerts.AlertCenter`: 80/90/100 % thresholds once per window, signed webhooks.
+
+A commit writes the row first (the truth; a duplicate request id stops there, charging
+nothing), then settles the budget counters, then lets the alert center look at the new
+totals. A ledger that restarts with the in-memory store rebuilds each budget's spend in
+its current window from the rows.
+"""
 
 from __future__ import annotations
 
-from switchyard.common.server import ServiceParts
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from typing import Final
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from switchyard.common.catalog import Catalog
+from switchyard.common.errors import Reason, SwitchyardError, invalid
+from switchyard.common.logging import get_logger
+from switchyard.common.money import TokenCounts, format_usd
+from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
-from switchyard.common.unimplemented import unimplemented_bindings
-from switchyard.v1 import ledger_pb2, ledger_pb2_grpc
+from switchyard.common.sql import Database, open_database
+from switchyard.edge.budget import applies, scope_key
+from switchyard.ledger.alerts import AlertCenter
+from switchyard.ledger.budgets import BudgetRef, BudgetStore, build_budget_store
+from switchyard.ledger.history import LedgerStore
+from switchyard.ledger.pricing import charge_micros, estimate_cost
+from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
+
+log = get_logger(__name__)
+
+SERVICE_NAME: Final = ledger_pb2.DESCRIPTOR.services_by_name["CostLedgerService"].full_name
+# How long a reservation lives when the caller does not say.
+DEFAULT_RESERVATION_TTL_S: Final = 300
+MAX_RESERVATION_TTL_S: Final = 3600
+# Counters outlive their window by this much (late commits, reports of the last window).
+COUNTER_RETENTION: Final = timedelta(days=7)
+# A lease takes at most this share of what a hard budget has left, so a small budget is not
+# stranded in one edge while another edge starves.
+LEASE_SHARE: Final = Fraction(1, 2)
+# Extra time, past a lease's admission window and the longest request, for its commits to arrive.
+SETTLE_GRACE_S: Final = 60.0
+# Cache statuses whose answer cost nothing upstream.
+_FREE_STATUSES: Final = frozenset(
+    {
+        common_pb2.CACHE_STATUS_HIT_EXACT,
+        common_pb2.CACHE_STATUS_HIT_SEMANTIC,
+        common_pb2.CACHE_STATUS_DEDUPLICATED,
+    }
+)
+_BUDGETS_REFRESH_S: Final = 5.0
+
+
+def window_bounds(window: ledger_pb2.BudgetWindow.ValueType, at: datetime) -> tuple[str, datetime, datetime]:
+    """The window containing `at` (UTC calendar day or month): its key, start and end."""
+    at = at.astimezone(UTC)
+    if window == ledger_pb2.BUDGET_WINDOW_DAILY:
+        start = datetime(at.year, at.month, at.day, tzinfo=UTC)
+        return start.strftime("%Y-%m-%d"), start, start + timedelta(days=1)
+    start = datetime(at.year, at.month, 1, tzinfo=UTC)
+    end = datetime(at.year + (at.month == 12), at.month % 12 + 1, 1, tzinfo=UTC)
+    return start.strftime("%Y-%m"), start, end
+
+
+def budget_ref(budget: ledger_pb2.Budget, at: datetime) -> BudgetRef:
+    """The counter of `budget` for the window containing `at`."""
+    key, _, end = window_bounds(budget.window, at)
+    return BudgetRef(
+        budget_id=budget.budget_id,
+        window_key=key,
+        limit_micros=budget.limit_micros,
+        hard=budget.enforcement == ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+        expires_at_ms=_ms(end + COUNTER_RETENTION),
+    )
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def record_scope(record: ledger_pb2.UsageRecord) -> ledger_pb2.BudgetScope:
+    """A record's scope with the model and provider that answered filled in."""
+    scope = ledger_pb2.BudgetScope()
+    scope.CopyFrom(record.scope)
+    scope.model = scope.model or record.model
+    scope.provider = scope.provider or record.provider
+    return scope
+
+
+class Ledger:
+    """The ledger's logic, independent of gRPC (the servicer is a thin skin over it)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        history: LedgerStore,
+        store: BudgetStore,
+        alerts: AlertCenter,
+        *,
+        lease_ttl_s: float,
+        settle_after_s: float,
+    ) -> None:
+        self.catalog = catalog
+        self.history = history
+        self.store = store
+        self.alerts = alerts
+        self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._settle_ms = int((lease_ttl_s + settle_after_s + SETTLE_GRACE_S) * 1000)
+        self._budgets: list[ledger_pb2.Budget] = []
+        self._budgets_at = 0.0
+        self._volumes: dict[tuple[str, str, str], int] = {}
+
+    # --- budgets ---------------------------------------------------------------------------
+
+    async def refresh_budgets(self) -> None:
+        """Reload budget definitions from SQL (other ledger replicas may have changed them)."""
+        self._budgets = await self.history.all_budgets()
+        self._budgets_at = time.monotonic()
+
+    async def _all_budgets(self) -> list[ledger_pb2.Budget]:
+        if time.monotonic() - self._budgets_at > _BUDGETS_REFRESH_S:
+            await self.refresh_budgets()
+        return self._budgets
+
+    async def budgets_for(self, scope: ledger_pb2.BudgetScope) -> list[ledger_pb2.Budget]:
+        """Every budget that applies to a request on `scope`."""
+        key = scope_key(scope)
+        return [b for b in await self._all_budgets() if applies(b.scope, key)]
+
+    async def reconcile(self) -> None:
+        """Give each budget's counter its spend in the current window from the rows, where the
+        counter has none (a fresh in-memory store, or a Redis that lost its data)."""
+        now = _now()
+        for budget in await self._all_budgets():
+            ref = budget_ref(budget, now)
+            counter = await self.store.counter(ref, now_ms=_ms(now))
+            if counter.spent_micros or counter.held_micros:
+                continue
+            _, start, end = window_bounds(budget.window, now)
+            spent = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
+            if spent:
+                await self.store.set_spent(ref, spent)
+
+    async def describe(self, budget: ledger_pb2.Budget) -> ledger_pb2.Budget:
+        """`budget` with its current window's spend, holds and start filled in."""
+        now = _now()
+        ref = budget_ref(budget, now)
+        counter = await self.store.counter(ref, now_ms=_ms(now))
+        out = ledger_pb2.Budget()
+        out.CopyFrom(budget)
+        out.spent_micros = counter.spent_micros
+        out.held_micros = counter.held_micros
+        out.window_start.CopyFrom(_timestamp(_ms(window_bounds(budget.window, now)[1])))
+        return out
+
+    async def set_budget(self, budget: ledger_pb2.Budget, actor: str) -> ledger_pb2.Budget:
+        """Create or change a budget (audited)."""
+        if budget.limit_micros <= 0:
+            raise invalid("limit_micros must be positive", "budget.limit_micros")
+        if budget.window == ledger_pb2.BUDGET_WINDOW_UNSPECIFIED:
+            raise invalid("window must be DAILY or MONTHLY", "budget.window")
+        if budget.enforcement == ledger_pb2.BUDGET_ENFORCEMENT_UNSPECIFIED:
+            raise invalid("enforcement must be HARD or SOFT", "budget.enforcement")
+        if budget.webhook_url and not budget.webhook_url.startswith(("http://", "https://")):
+            raise invalid("webhook_url must be an http(s) URL", "budget.webhook_url")
+        if not actor:
+            raise invalid("actor is required: budget changes are audited", "actor")
+        stored = await self.history.put_budget(budget, actor=actor, now_ms=_ms(_now()))
+        await self.refresh_budgets()
+        return await self.describe(stored)
+
+    # --- holds -----------------------------------------------------------------------------
+
+    async def reserve(self, request: ledger_pb2.ReserveRequest) -> ledger_pb2.ReserveResponse:
+        """Hold an amount against every budget on the scope, all or nothing."""
+        if request.amount_micros < 0:
+            raise invalid("amount_micros must not be negative", "amount_micros")
+        if not request.scope.tenant_id:
+            raise invalid("scope.tenant_id is required", "scope.tenant_id")
+        ttl_s = request.ttl_seconds or DEFAULT_RESERVATION_TTL_S
+        if ttl_s > MAX_RESERVATION_TTL_S:
+            raise invalid(f"ttl_seconds must be at most {MAX_RESERVATION_TTL_S}", "ttl_seconds")
+        now = _now()
+        refs = [budget_ref(b, now) for b in await self.budgets_for(request.scope)]
+        hold_id = f"rsv-{request.request_id}" if request.request_id else f"rsv-{uuid.uuid4().hex}"
+        outcome = await self.store.reserve(
+            hold_id, refs, request.amount_micros, ttl_ms=ttl_s * 1000, now_ms=_ms(now)
+        )
+        if not outcome.ok:
+            refused = outcome.refused
+            raise budget_exceeded(
+                refused.budget_id if refused else "",
+                limit=refused.limit_micros if refused else 0,
+                spent=outcome.spent_micros,
+                held=outcome.held_micros,
+                requested=request.amount_micros,
+            )
+        return ledger_pb2.ReserveResponse(
+            reservation_id=hold_id, expires_at=_timestamp(outcome.expires_at_ms)
+        )
+
+    async def release(self, request: ledger_pb2.ReleaseRequest) -> ledger_pb2.ReleaseResponse:
+        """Free a reservation whose request failed."""
+        hold_id = request.reservation_id or (f"rsv-{request.request_id}" if request.request_id else "")
+        if not hold_id:
+            raise invalid("reservation_id or request_id is required", "reservation_id")
+        released = await self.store.release(hold_id, now_ms=_ms(_now()))
+        return ledger_pb2.ReleaseResponse(released=released)
+
+    async def lease(self, request: ledger_pb2.LeaseBudgetRequest) -> ledger_pb2.LeaseBudgetResponse:
+        """Slices of every hard budget on the scope (or the ones named) for an edge."""
+        if not request.holder_id:
+            raise invalid("holder_id is required", "holder_id")
+        if request.requested_micros < 0 or request.min_micros < 0:
+            raise invalid("amounts must not be negative", "requested_micros")
+        now = _now()
+        now_ms = _ms(now)
+        budgets = await self.budgets_for(request.scope)
+        response = ledger_pb2.LeaseBudgetResponse(budget_ids=[b.budget_id for b in budgets])
+        wanted_ids = set(request.budget_ids)
+        for budget in budgets:
+            if budget.enforcement != ledger_pb2.BUDGET_ENFORCEMENT_HARD:
+                continue
+            if wanted_ids and budget.budget_id not in wanted_ids:
+                continue
+            ref = budget_ref(budget, now)
+            lease_id = f"lease-{uuid.uuid4().hex}"
+            grant = await self.store.lease(
+                lease_id,
+                ref,
+                request.requested_micros,
+                min_micros=max(1, request.min_micros),
+                ttl_ms=self._settle_ms,
+                now_ms=now_ms,
+                max_share=LEASE_SHARE,
+            )
+            response.leases.append(
+                ledger_pb2.BudgetLease(
+                    lease_id=lease_id if grant.granted_micros > 0 else "",
+                    budget_id=budget.budget_id,
+                    amount_micros=grant.granted_micros,
+                    version=budget.version,
+                    expires_at=_timestamp(now_ms + self._lease_ttl_ms),
+                    settle_by=_timestamp(now_ms + self._settle_ms),
+                    enforcement=budget.enforcement,
+                    limit_micros=budget.limit_micros,
+                    spent_micros=grant.counter.spent_micros,
+                )
+            )
+        return response
+
+    async def return_lease(self, request: ledger_pb2.ReturnLeaseRequest) -> ledger_pb2.ReturnLeaseResponse:
+        """Take back what an edge did not use of a lease."""
+        if not request.lease_id or request.unused_micros < 0:
+            raise invalid("lease_id and a non-negative unused_micros are required", "lease_id")
+        returned = await self.store.return_lease(request.lease_id, request.unused_micros, now_ms=_ms(_now()))
+        return ledger_pb2.ReturnLeaseResponse(returned_micros=returned)
+
+    # --- commits ---------------------------------------------------------------------------
+
+    def charge(self, record: ledger_pb2.UsageRecord, month_tokens: int) -> int:
+        """What a finished request costs: nothing for an answer that cost nothing upstream,
+        else its tokens at the price in effect when it finished, after volume discounts."""
+        if record.cache_status in _FREE_STATUSES:
+            return 0
+        model = self.catalog.model(record.model)
+        usage = record.usage
+        if model is None:
+            return max(0, record.cost_micros)
+        tokens = TokenCounts(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+        )
+        finished = record.finished_at.ToDatetime(UTC) if record.HasField("finished_at") else _now()
+        return charge_micros(model, tokens, at=finished, month_tokens=month_tokens)
+
+    async def _month_tokens(self, tenant_id: str, model: str, at: datetime) -> int:
+        key, start, end = window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, at)
+        cache_key = (tenant_id, model, key)
+        found = self._volumes.get(cache_key)
+        if found is None:
+            found = await self.history.month_tokens(tenant_id, model, start_ms=_ms(start), end_ms=_ms(end))
+            if len(self._volumes) > 100_000:
+                self._volumes.clear()
+            self._volumes[cache_key] = found
+        return found
+
+    async def commit_many(
+        self, commits: Sequence[ledger_pb2.CommitRequest]
+    ) -> list[ledger_pb2.CommitResponse]:
+        """Record and charge each request exactly once (rows in one transaction)."""
+        for index, commit in enumerate(commits):
+            _check_record(commit.record, f"commits[{index}].record")
+        now = _now()
+        charged: list[tuple[ledger_pb2.UsageRecord, int]] = []
+        volumes: list[int] = []
+        for commit in commits:
+            record = commit.record
+            before = await self._month_tokens(record.scope.tenant_id, record.model, now)
+            charged.append((record, self.charge(record, before)))
+            volumes.append(before)
+        inserted = await self.history.record_many(charged, recorded_at_ms=_ms(now))
+        results: list[ledger_pb2.CommitResponse] = []
+        for commit, (record, amount), fresh, before in zip(commits, charged, inserted, volumes, strict=True):
+            tokens = record.usage.input_tokens + record.usage.output_tokens
+            month = before + tokens if fresh else before
+            if fresh:
+                key = (
+                    record.scope.tenant_id,
+                    record.model,
+                    window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, now)[0],
+                )
+                self._volumes[key] = month
+                await self._settle(commit, amount, now)
+            results.append(
+                ledger_pb2.CommitResponse(
+                    duplicate=not fresh,
+                    charged_micros=amount,
+                    month_tokens=month,
+                    request_id=record.request_id,
+                )
+            )
+        return results
+
+    async def _settle(self, commit: ledger_pb2.CommitRequest, amount: int, now: datetime) -> None:
+        budgets = await self.budgets_for(record_scope(commit.record))
+        refs = [budget_ref(b, now) for b in budgets]
+        try:
+            await self.store.settle(
+                commit.record.request_id,
+                amount,
+                refs,
+                reservation_id=commit.reservation_id,
+                lease_ids=list(commit.lease_ids),
+                now_ms=_ms(now),
+            )
+            for budget, ref in zip(budgets, refs, strict=True):
+                counter = await self.store.counter(ref, now_ms=_ms(now))
+                await self.alerts.observe(
+                    budget, window_key=ref.window_key, spent_micros=counter.spent_micros, now_ms=_ms(now)
+                )
+        except Exception as exc:
+            # The row is recorded (the truth); counters catch up from it on reconciliation.
+            log.error("budget_settle_failed", request_id=commit.record.request_id, error=type(exc).__name__)
+
+    async def sweep(self) -> int:
+        """Free reservations and leases whose time is up."""
+        return await self.store.expire(now_ms=_ms(_now()))
+
+
+def _check_record(record: ledger_pb2.UsageRecord, field: str) -> None:
+    if not record.request_id:
+        raise invalid("request_id is required: commits are exactly once by it", f"{field}.request_id")
+    if not record.scope.tenant_id:
+        raise invalid("scope.tenant_id is required", f"{field}.scope.tenant_id")
+    if record.cost_micros < 0 or record.cache_saved_micros < 0:
+        raise invalid("amounts must not be negative", f"{field}.cost_micros")
+
+
+def budget_exceeded(budget_id: str, *, limit: int, spent: int, held: int, requested: int) -> SwitchyardError:
+    """RESOURCE_EXHAUSTED / BUDGET_EXCEEDED with the budget, spent and requested amounts."""
+    return SwitchyardError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.BUDGET_EXCEEDED,
+        f"budget {budget_id} would be exceeded: {format_usd(spent)} spent and {format_usd(held)} held "
+        f"of {format_usd(limit)}, {format_usd(requested)} requested",
+        metadata={
+            "budget_id": budget_id,
+            "limit_micros": str(limit),
+            "spent_micros": str(spent),
+            "held_micros": str(held),
+            "requested_micros": str(requested),
+        },
+    )
+
+
+class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
+    """The gRPC skin over `Ledger` (attached by the service's `start`, before the port opens)."""
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self._attached = ledger
+
+    def attach(self, ledger: Ledger) -> None:
+        """Serve `ledger`."""
+        self._attached = ledger
+
+    @property
+    def _ledger(self) -> Ledger:
+        if self._attached is None:
+            raise SwitchyardError(
+                grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE, "the ledger is starting"
+            )
+        return self._attached
+
+    async def Estimate(
+        self, request: ledger_pb2.EstimateRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.EstimateResponse:
+        """Prompt tokens and the expected and worst-case cost on a model."""
+        name = request.model or request.request.model
+        model = self._ledger.catalog.resolve(name)
+        if model is None:
+            raise invalid(f"unknown model or alias {name!r}", "model")
+        found = estimate_cost(request.request, model, at=_now())
+        return ledger_pb2.EstimateResponse(
+            model=found.model,
+            input_tokens=found.input_tokens,
+            expected_output_tokens=found.expected_output_tokens,
+            max_output_tokens=found.max_output_tokens,
+            expected_cost_micros=found.expected_cost_micros,
+            worst_case_cost_micros=found.worst_case_cost_micros,
+            encoding=found.encoding,
+            approximate=found.approximate,
+        )
+
+    async def Reserve(
+        self, request: ledger_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ReserveResponse:
+        """Hold an amount against every budget that applies."""
+        return await self._ledger.reserve(request)
+
+    async def Commit(
+        self, request: ledger_pb2.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.CommitResponse:
+        """Charge a finished request exactly once."""
+        return (await self._ledger.commit_many([request]))[0]
+
+    async def CommitMany(
+        self, request: ledger_pb2.CommitManyRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.CommitManyResponse:
+        """Several commits in one call, each exactly once."""
+        return ledger_pb2.CommitManyResponse(results=await self._ledger.commit_many(request.commits))
+
+    async def Release(
+        self, request: ledger_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ReleaseResponse:
+        """Free a hold whose request failed."""
+        return await self._ledger.release(request)
+
+    async def LeaseBudget(
+        self, request: ledger_pb2.LeaseBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.LeaseBudgetResponse:
+        """Slices of budgets for an edge."""
+        return await self._ledger.lease(request)
+
+    async def ReturnLease(
+        self, request: ledger_pb2.ReturnLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ReturnLeaseResponse:
+        """What an edge did not use of a lease."""
+        return await self._ledger.return_lease(request)
+
+    async def GetUsage(
+        self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetUsageResponse:
+        """Totals and breakdowns of spend (any tenant)."""
+        return await usage_report(self._ledger.history, request)
+
+    async def SetBudget(
+        self, request: ledger_pb2.SetBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.SetBudgetResponse:
+        """Create or change a budget; audited."""
+        return ledger_pb2.SetBudgetResponse(
+            budget=await self._ledger.set_budget(request.budget, request.actor)
+        )
+
+    async def ListBudgets(
+        self, request: ledger_pb2.ListBudgetsRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListBudgetsResponse:
+        """Budgets with their current spend and holds."""
+        if request.page_size < 0:
+            raise invalid("page_size must not be negative", "page_size")
+        try:
+            budgets, token = await self._ledger.history.list_budgets(
+                request.tenant_id, page_size=request.page_size or 100, page_token=request.page_token
+            )
+        except ValueError as exc:
+            raise invalid(str(exc), "page_token") from None
+        described = [await self._ledger.describe(b) for b in budgets]
+        return ledger_pb2.ListBudgetsResponse(budgets=described, next_page_token=token)
+
+    async def ExportUsage(
+        self, request: ledger_pb2.ExportUsageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ledger_pb2.ExportUsageResponse]:
+        """A period's rows as CSV, in pieces."""
+        if not request.tenant_id:
+            raise invalid("tenant_id is required", "tenant_id")
+        start_ms, end_ms = _period(request.start_time, request.end_time)
+        async for piece in self._ledger.history.export_csv(
+            request.tenant_id, start_ms=start_ms, end_ms=end_ms, end_user=request.end_user
+        ):
+            yield ledger_pb2.ExportUsageResponse(csv_chunk=piece)
+
+    async def EraseEndUser(
+        self, request: ledger_pb2.EraseEndUserRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.EraseEndUserResponse:
+        """Delete one end user's rows; the deletion is audited."""
+        if not request.tenant_id or not request.end_user:
+            raise invalid("tenant_id and end_user are required", "end_user")
+        if not request.actor:
+            raise invalid("actor is required: erasures are audited", "actor")
+        deleted = await self._ledger.history.erase_end_user(
+            request.tenant_id, request.end_user, actor=request.actor, now_ms=_ms(_now())
+        )
+        return ledger_pb2.EraseEndUserResponse(rows_deleted=deleted)
+
+    async def ListAlerts(
+        self, request: ledger_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListAlertsResponse:
+        """Threshold alerts and their deliveries."""
+        try:
+            alerts, token = await self._ledger.alerts.list_alerts(
+                request.tenant_id, page_size=request.page_size or 100, page_token=request.page_token
+            )
+        except ValueError as exc:
+            raise invalid(str(exc), "page_token") from None
+        return ledger_pb2.ListAlertsResponse(alerts=alerts, next_page_token=token)
+
+    async def GetEstimateAccuracy(
+        self, request: ledger_pb2.GetEstimateAccuracyRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetEstimateAccuracyResponse:
+        """Estimate error per model."""
+        models = await self._ledger.history.estimate_accuracy(request.model)
+        return ledger_pb2.GetEstimateAccuracyResponse(models=models)
+
+    async def ListBudgetAudit(
+        self, request: ledger_pb2.ListBudgetAuditRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListBudgetAuditResponse:
+        """The budget audit log."""
+        try:
+            entries, token = await self._ledger.history.list_audit(
+                budget_id=request.budget_id,
+                tenant_id=request.tenant_id,
+                page_size=request.page_size or 100,
+                page_token=request.page_token,
+            )
+        except ValueError as exc:
+            raise invalid(str(exc), "page_token") from None
+        return ledger_pb2.ListBudgetAuditResponse(entries=entries, next_page_token=token)
+
+
+async def usage_report(
+    history: LedgerStore, request: gateway_pb2.GetUsageRequest
+) -> gateway_pb2.GetUsageResponse:
+    """`GetUsage` over the rows, with request errors as INVALID_ARGUMENT."""
+    if request.page_size < 0:
+        raise invalid("page_size must not be negative", "page_size")
+    try:
+        return await history.usage(request, now_ms=_ms(_now()))
+    except ValueError as exc:
+        raise invalid(str(exc), "page_token") from None
+
+
+def _period(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> tuple[int, int]:
+    now = _now()
+    start_ms = (
+        start.ToMilliseconds()
+        if start.seconds or start.nanos
+        else _ms(window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, now)[1])
+    )
+    end_ms = end.ToMilliseconds() if end.seconds or end.nanos else _ms(now) + 1
+    if end_ms <= start_ms:
+        raise invalid("end_time must be after start_time", "end_time")
+    return start_ms, end_ms
 
 
 def build(settings: Settings) -> ServiceParts:
-    """The service's bindings for the server bootstrap."""
-    return ServiceParts(unimplemented_bindings(ledger_pb2, ledger_pb2_grpc, "CostLedgerService", "#6"))
+    """The ledger's bindings; `start` opens SQL, the budget store and the alert center."""
+    parts: list[Ledger] = []
+    tasks: list[asyncio.Task[None]] = []
+    databases: list[Database] = []
+    servicer = CostLedgerServicer()
+    binding = ServiceBinding(
+        SERVICE_NAME, lambda server: ledger_pb2_grpc.add_CostLedgerServiceServicer_to_server(servicer, server)
+    )
+
+    async def start() -> None:
+        database = await open_database(settings.database_url)
+        databases.append(database)
+        history = await LedgerStore.open(database)
+        store = build_budget_store(settings.redis_url)
+        secret = settings.webhook_secret.encode() if settings.webhook_secret else None
+        alerts = await AlertCenter.open(database, secret=secret)
+        ledger = Ledger(
+            settings.catalog,
+            history,
+            store,
+            alerts,
+            lease_ttl_s=settings.lease_ttl_s,
+            settle_after_s=settings.generate_timeout_s,
+        )
+        await ledger.refresh_budgets()
+        await ledger.reconcile()
+        await alerts.start()
+        parts.append(ledger)
+        servicer.attach(ledger)
+        tasks.append(asyncio.create_task(_sweeper(ledger, settings.ledger_sweep_s), name="ledger-sweeper"))
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for ledger in parts:
+            await ledger.alerts.aclose()
+            await ledger.store.aclose()
+        for database in databases:
+            await database.close()
+
+    return ServiceParts([binding], close, start)
+
+
+async def _sweeper(ledger: Ledger, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            freed = await ledger.sweep()
+            if freed:
+                log.info("holds_expired", count=freed)
+        except Exception as exc:
+            log.warning("ledger_sweep_failed", error=type(exc).__name__)
