@@ -312,9 +312,22 @@ async def test_transcoded_rest_lists_models_as_json(http: httpx.AsyncClient) -> 
 
 
 async def test_transcoded_error_maps_grpc_status_to_http_status(http: httpx.AsyncClient) -> None:
-    # CountTokens answers UNIMPLEMENTED until issue #6; the transcoder maps it to 501.
-    response = await http.post("/v1/tokens:count", json={"model": "openai/gpt-4o-mini"})
-    assert response.status_code == 501, response.text
+    # An unknown model is INVALID_ARGUMENT, which the transcoder maps to 400.
+    response = await http.post("/v1/tokens:count", json={"request": {"model": "nobody/no-model"}})
+    assert response.status_code == 400, response.text
+
+
+async def test_count_tokens_over_rest_json(http: httpx.AsyncClient) -> None:
+    body = {
+        "request": {
+            "model": "openai/gpt-4o-mini",
+            "messages": [{"role": "ROLE_USER", "parts": [{"text": "Hi"}]}],
+        }
+    }
+    response = await http.post("/v1/tokens:count", json=body)
+    assert response.status_code == 200, response.text
+    counted = response.json()
+    assert counted["model"] == "openai/gpt-4o-mini" and counted["inputTokens"] > 1
 
 
 def descriptor_has(type_name: str) -> bool:
@@ -330,14 +343,14 @@ def descriptor_has(type_name: str) -> bool:
     strict=True,
 )
 async def test_transcoded_error_body_is_json_status_with_error_info(http: httpx.AsyncClient) -> None:
-    response = await http.post("/v1/tokens:count", json={"model": "openai/gpt-4o-mini"})
-    assert response.status_code == 501
+    response = await http.post("/v1/tokens:count", json={"request": {"model": "nobody/no-model"}})
+    assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert body["code"] == 12 and body["message"] == "GatewayService.CountTokens is not implemented yet"
+    assert body["code"] == 3 and body["message"] == "unknown model or alias 'nobody/no-model'"
     (info,) = body["details"]
     assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
-    assert (info["reason"], info["domain"]) == ("NOT_IMPLEMENTED", "switchyard.v1")
+    assert (info["reason"], info["domain"]) == ("INVALID_REQUEST", "switchyard.v1")
 
 
 async def test_rest_paths_without_annotation_are_not_transcoded(http: httpx.AsyncClient) -> None:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from switchyard.common.catalog import load_catalog
 from switchyard.common.errors import Reason, from_rpc_error
 from switchyard.common.money import TokenCounts, cost_micros
-from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc, router_pb2, router_pb2_grpc
+from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import Mesh, SimControl
 from tests.support.otlp import OtlpReceiver
 
@@ -195,14 +195,12 @@ async def test_list_models_pages_through_the_catalog(mesh: Mesh) -> None:
 
 
 async def test_methods_of_later_issues_answer_unimplemented_with_reason(mesh: Mesh) -> None:
-    async with grpc.aio.insecure_channel(mesh.target("ledger")) as channel:
+    async with grpc.aio.insecure_channel(mesh.target("cache")) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await ledger_pb2_grpc.CostLedgerServiceStub(channel).Reserve(
-                ledger_pb2.ReserveRequest(), timeout=5
-            )
+            await cache_pb2_grpc.CacheServiceStub(channel).Lookup(cache_pb2.LookupRequest(), timeout=5)
     error = from_rpc_error(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, Reason.NOT_IMPLEMENTED)
-    assert error.metadata["issue"] == "#6"
+    assert error.metadata["issue"] == "#7"
 
 
 async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
@@ -305,7 +303,7 @@ async def test_model_limits_are_checked_before_any_cost(mesh: Mesh, openai_sim: 
     error = from_rpc_error(caught.value)
     assert (error.reason, error.metadata["field"]) == (Reason.INVALID_REQUEST, "sampling.max_output_tokens")
     assert error.metadata["limit"] == "16384"
-    long_prompt = chat_request("word " * 100_000)  # about 125k tokens at 4 characters per token
+    long_prompt = chat_request("word " * 130_000)  # about 130k tokens
     long_prompt.sampling.max_output_tokens = 16_000
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.gateway().Chat(long_prompt, timeout=10)
@@ -334,3 +332,47 @@ async def test_identical_concurrent_requests_share_one_upstream_call(
         r.cost_micros == 0 and r.saved_micros == leader.cost_micros for r in responses if r is not leader
     )
     assert len({r.request_id for r in responses}) == 6
+
+
+async def test_count_tokens_and_estimate_cost_answer_locally(mesh: Mesh) -> None:
+    request = chat_request("How many tokens is this sentence?")
+    request.sampling.max_output_tokens = 100
+    counted = await mesh.gateway().CountTokens(gateway_pb2.CountTokensRequest(request=request), timeout=10)
+    assert counted.model == "openai/gpt-4o-mini"
+    assert counted.input_tokens > 7  # the sentence plus the chat format's per-message overhead
+    estimate = await mesh.gateway().EstimateCost(gateway_pb2.EstimateCostRequest(request=request), timeout=10)
+    assert estimate.model == "openai/gpt-4o-mini" and estimate.max_output_tokens == 100
+    assert estimate.input_tokens == counted.input_tokens
+    assert 0 < estimate.expected_cost_micros <= estimate.worst_case_cost_micros
+    unknown = chat_request()
+    unknown.model = "nobody/no-model"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.gateway().CountTokens(gateway_pb2.CountTokensRequest(request=unknown), timeout=10)
+    assert from_rpc_error(caught.value).reason is Reason.INVALID_REQUEST
+
+
+async def test_each_answer_is_recorded_once_and_reported_in_get_usage(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
+    end_user = f"user-{uuid.uuid4().hex[:8]}"
+    responses = []
+    for _ in range(3):
+        request = chat_request(f"usage question {uuid.uuid4()}")
+        request.metadata.end_user = end_user
+        responses.append(await mesh.gateway().Chat(request, timeout=30))
+    cost = sum(r.cost_micros for r in responses)
+    assert cost > 0
+    asked = gateway_pb2.GetUsageRequest(
+        tenant_id="someone-else",  # ignored: a caller sees its own tenant only
+        end_user=end_user,
+        group_by=[gateway_pb2.USAGE_DIMENSION_MODEL],
+    )
+    for _ in range(100):  # the edge's outbox commits after the answer, off the caller's path
+        report = await mesh.gateway().GetUsage(asked, timeout=10)
+        if report.totals.requests >= 3:
+            break
+        await asyncio.sleep(0.1)
+    assert report.totals.requests == 3
+    assert report.totals.cost_micros == cost
+    (bucket,) = report.buckets
+    assert bucket.key["model"] == "openai/gpt-4o-mini" and bucket.totals.requests == 3

@@ -163,6 +163,7 @@ async def test_edge_serves_without_the_router(
         **cli_env,
         "SWITCHYARD_ROUTER_TARGET": f"127.0.0.1:{free_port()}",
         "SWITCHYARD_ADAPTER_OPENAI_TARGET": mesh.target("adapter-openai"),
+        "SWITCHYARD_LEDGER_TARGET": mesh.target("ledger"),
     }
     async with service("edge-no-router", "edge", env=env, tmp_path=tmp_path) as port:
         async with keyed_channel(f"127.0.0.1:{port}") as channel:
@@ -180,6 +181,7 @@ async def test_unreachable_adapter_fails_every_attempt_clearly(
         **cli_env,
         "SWITCHYARD_ROUTER_TARGET": mesh.target("router"),
         "SWITCHYARD_ADAPTER_OPENAI_TARGET": f"127.0.0.1:{free_port()}",
+        "SWITCHYARD_LEDGER_TARGET": mesh.target("ledger"),
     }
     async with service("edge-no-adapter", "edge", env=env, tmp_path=tmp_path) as port:
         async with keyed_channel(f"127.0.0.1:{port}") as channel:
@@ -258,6 +260,7 @@ async def test_overload_sheds_low_priority_and_queues_high_priority_first(
     env = {
         **cli_env,
         "SWITCHYARD_ADAPTER_OPENAI_TARGET": mesh.target("adapter-openai"),
+        "SWITCHYARD_LEDGER_TARGET": mesh.target("ledger"),
         "SWITCHYARD_EDGE_MAX_CONCURRENT": "2",
         "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "20",
     }

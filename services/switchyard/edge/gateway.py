@@ -21,17 +21,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from switchyard.adapters.base import estimate_prompt_tokens
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.edge.admission import AdmissionController, rank
 from switchyard.edge.dedup import InflightDedup, request_key
 from switchyard.edge.keys import KeyAuthenticator, Principal, effective_tier
-from switchyard.edge.pipeline import Caller, ChatPipeline
+from switchyard.edge.pipeline import Caller, ChatPipeline, Record
 from switchyard.edge.ratelimit import ModelLimits, RateLimiter, rate_limited_error, request_checks
 from switchyard.edge.validate import validate_chat_request, validate_for_model
+from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.router.plan import AUTO
-from switchyard.v1 import common_pb2
+from switchyard.v1 import common_pb2, ledger_pb2
 
 Authenticate = Callable[[str | None], Awaitable[Caller]]
 """Raw `authorization` value (None when absent) -> the caller; raises UNAUTHENTICATED."""
@@ -103,7 +103,7 @@ class Admitted:
 
     caller: Caller
     model: Model | None
-    prompt_tokens: int
+    prompt: PromptCount
 
 
 class EdgeGateway:
@@ -118,6 +118,7 @@ class EdgeGateway:
         rate_limit: RateLimit,
         admission: AdmissionController,
         dedup: InflightDedup | None,
+        record: Record | None = None,
     ) -> None:
         self.catalog = catalog
         self.pipeline = pipeline
@@ -125,10 +126,19 @@ class EdgeGateway:
         self.admission = admission
         self.dedup = dedup
         self._rate_limit = rate_limit
+        self._record = record
 
     def check(self, request: common_pb2.ChatRequest, caller: Caller) -> Admitted:
         """Validate `request` for `caller` (shape, scope, model limits); raise on the first problem."""
         validate_chat_request(request)
+        model = self.resolve_model(request, caller)
+        prompt = count_prompt_tokens(request, model)
+        if model is not None:
+            validate_for_model(request, model, prompt.tokens)
+        return Admitted(caller, model, prompt)
+
+    def resolve_model(self, request: common_pb2.ChatRequest, caller: Caller) -> Model | None:
+        """The catalog model `request` names (None for `auto`), within the caller's scope."""
         model: Model | None = None
         name = request.model.strip()
         if name not in ("", AUTO):
@@ -147,10 +157,7 @@ class EdgeGateway:
                     f"this key may not use {model.id}",
                     metadata={"field": "model", "model": model.id, "tenant": caller.tenant_id},
                 )
-        prompt_tokens = estimate_prompt_tokens(request)
-        if model is not None:
-            validate_for_model(request, model, prompt_tokens)
-        return Admitted(caller, model, prompt_tokens)
+        return model
 
     async def stream(
         self, request: common_pb2.ChatRequest, authorization: str | None, *, timeout_s: float | None
@@ -172,8 +179,8 @@ class EdgeGateway:
             max_output = (
                 request.sampling.max_output_tokens if request.sampling.HasField("max_output_tokens") else 0
             )
-            await self._rate_limit(caller, admitted.model, admitted.prompt_tokens + max_output)
-            chunks = self._answer(request, caller, timeout_s)
+            await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
+            chunks = self._answer(request, caller, timeout_s, admitted.prompt)
             try:
                 async for chunk in chunks:
                     yield chunk
@@ -181,11 +188,76 @@ class EdgeGateway:
                 await chunks.aclose()
 
     def _answer(
-        self, request: common_pb2.ChatRequest, caller: Caller, timeout_s: float | None
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        timeout_s: float | None,
+        prompt: PromptCount,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         def source() -> AsyncIterator[common_pb2.ChatChunk]:
-            return self.pipeline.stream(request, caller, timeout_s=timeout_s)
+            return self.pipeline.stream(request, caller, timeout_s=timeout_s, prompt=prompt)
 
         if self.dedup is None:
-            return self.pipeline.stream(request, caller, timeout_s=timeout_s)
-        return self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
+            return self.pipeline.stream(request, caller, timeout_s=timeout_s, prompt=prompt)
+        shared = self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
+        return self._record_joiner(shared, request, caller, prompt)
+
+    async def _record_joiner(
+        self,
+        chunks: AsyncGenerator[common_pb2.ChatChunk, None],
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        prompt: PromptCount,
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """Pass the chunks through; a request that joined another's flight gets its own ledger
+        row (cost 0, the shared cost as its saving): the upstream cost is recorded once, on
+        the request that made the call."""
+        routing: common_pb2.RoutingInfo | None = None
+        usage: common_pb2.Usage | None = None
+        try:
+            async for chunk in chunks:
+                kind = chunk.WhichOneof("event")
+                if kind == "routing":
+                    routing = chunk.routing
+                elif kind == "usage":
+                    usage = chunk.usage
+                elif kind == "done" and chunk.done.cache_status == common_pb2.CACHE_STATUS_DEDUPLICATED:
+                    self._record_shared(request, caller, prompt, routing, usage, chunk.done)
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    def _record_shared(
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        prompt: PromptCount,
+        routing: common_pb2.RoutingInfo | None,
+        usage: common_pb2.Usage | None,
+        done: common_pb2.Done,
+    ) -> None:
+        if self._record is None:
+            return
+        model = routing.model if routing is not None else ""
+        provider = routing.provider if routing is not None else ""
+        record = ledger_pb2.UsageRecord(
+            request_id=done.request_id,
+            scope=ledger_pb2.BudgetScope(
+                tenant_id=caller.tenant_id,
+                end_user=request.metadata.end_user,
+                api_key_id=caller.key_prefix,
+                model=model,
+                provider=provider,
+            ),
+            model=model,
+            provider=provider,
+            usage=usage,
+            cost_micros=0,
+            cache_status=common_pb2.CACHE_STATUS_DEDUPLICATED,
+            cache_saved_micros=done.saved_micros,
+            status="ok",
+            attempts=len(done.attempts),
+            estimated_input_tokens=prompt.tokens,
+        )
+        record.finished_at.GetCurrentTime()
+        self._record(ledger_pb2.CommitRequest(record=record))

@@ -12,22 +12,28 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from switchyard.common.catalog import Catalog
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
 from switchyard.common.logging import get_logger
-from switchyard.common.money import TokenCounts, cost_micros
+from switchyard.common.money import TokenCounts
 from switchyard.common.settings import Settings
+from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
+from switchyard.ledger.pricing import charge_micros, estimate_cost
+from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.router.plan import plan_route
 from switchyard.router.service import candidate_proto
 from switchyard.v1 import (
     common_pb2,
     gateway_pb2,
+    ledger_pb2,
     provider_pb2,
     provider_pb2_grpc,
     router_pb2,
@@ -86,13 +92,40 @@ class _Attempt:
         )
 
 
-class ChatPipeline:
-    """Runs chat requests end to end; shared by every method that answers a chat."""
+Record = Callable[[ledger_pb2.CommitRequest], None]
+"""Takes a finished request's commit for the ledger (the edge's outbox); never blocks."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, channels: ChannelPool) -> None:
+
+class ChatPipeline:
+    """Runs chat requests end to end; shared by every method that answers a chat.
+
+    With a lease book, each attempt first holds its candidate's worst-case cost against the
+    budgets that apply (locally; BUDGET_EXCEEDED when they cannot cover it), and settles the
+    actual cost when the answer is complete. Every request that reached a vendor is handed to
+    `record` (the commit outbox) exactly once, whatever way it ends.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        channels: ChannelPool,
+        *,
+        budgets: LeaseBook | None = None,
+        record: Record | None = None,
+    ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._channels = channels
+        self._budgets = budgets
+        self._record = record
+        self._month_tokens: dict[tuple[str, str], int] = {}
+
+    def observe_commit(self, commit: ledger_pb2.CommitRequest, result: ledger_pb2.CommitResponse) -> None:
+        """Learn the tenant's month-to-date tokens on a model from the ledger's answer, so the
+        cost this edge reports carries the same volume discount the ledger charges."""
+        key = (commit.record.scope.tenant_id, commit.record.model)
+        self._month_tokens[key] = max(self._month_tokens.get(key, 0), result.month_tokens)
 
     def plan(self, request: common_pb2.ChatRequest, caller: Caller) -> list[router_pb2.Candidate]:
         """The candidates to try, planned here with the router's own plan library.
@@ -106,7 +139,12 @@ class ChatPipeline:
         return [candidate_proto(c) for c in plan]
 
     async def stream(
-        self, request: common_pb2.ChatRequest, caller: Caller, *, timeout_s: float | None
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        *,
+        timeout_s: float | None,
+        prompt: PromptCount | None = None,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """The answer as chunks: routing, deltas, usage, done. Raises SwitchyardError.
 
@@ -118,12 +156,16 @@ class ChatPipeline:
         """
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        deadline = time.monotonic() + min(
+        started = time.monotonic()
+        deadline = started + min(
             timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s
         )
         queue = self.plan(request, caller)
         attempts: list[_Attempt] = []
+        refusals: list[SwitchyardError] = []
         retries: dict[tuple[str, str], int] = {}
+        counted = prompt
+        last: _Outcome | None = None
         while queue and len(attempts) < MAX_ATTEMPTS:
             candidate = queue.pop(0)
             key = (candidate.model, candidate.provider)
@@ -137,20 +179,22 @@ class ChatPipeline:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if counted is None:
+                counted = count_prompt_tokens(request, self._catalog.model(candidate.model))
+            try:
+                hold = await self._hold(request, caller, candidate, counted)
+            except SwitchyardError as exc:
+                if exc.reason is not Reason.BUDGET_EXCEEDED:
+                    raise
+                refusals.append(exc)  # another candidate may fall under other budgets
+                continue
             number = len(attempts) + 1
             attempt = _Attempt(number, candidate.model, candidate.provider)
             attempts.append(attempt)
-            yield common_pb2.ChatChunk(
-                routing=common_pb2.RoutingInfo(
-                    model=candidate.model,
-                    provider=candidate.provider,
-                    attempt=number,
-                    reason=candidate.reason,
-                )
-            )
-            sent_text = False
+            sent_chars = 0
             usage: common_pb2.Usage | None = None
             finish = common_pb2.FINISH_REASON_UNSPECIFIED
+            outcome = last = _Outcome(request, caller, candidate, counted, started, attempts, hold)
             call = self._adapter(candidate.vendor).Generate(
                 provider_pb2.GenerateRequest(
                     request=request, provider=candidate.provider, upstream_model=candidate.upstream_model
@@ -158,63 +202,148 @@ class ChatPipeline:
                 timeout=remaining,
             )
             try:
-                async for event in call:
-                    kind = event.WhichOneof("event")
-                    if kind == "delta":
-                        sent_text = True
-                        yield common_pb2.ChatChunk(delta=event.delta)
-                    elif kind == "usage":
-                        usage = event.usage
-                    elif kind == "done":
-                        finish = event.done.finish_reason
-            except grpc.aio.AioRpcError as exc:
-                attempt.error = from_rpc_error(exc)
-                log.info(
-                    "attempt_failed",
-                    request_id=request.request_id,
-                    model=candidate.model,
-                    provider=candidate.provider,
-                    attempt=number,
-                    reason=attempt.error.reason.value,
-                    after_first_token=sent_text,
+                yield common_pb2.ChatChunk(
+                    routing=common_pb2.RoutingInfo(
+                        model=candidate.model,
+                        provider=candidate.provider,
+                        attempt=number,
+                        reason=candidate.reason,
+                    )
                 )
-                if sent_text:
-                    raise SwitchyardError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        Reason.STREAM_INTERRUPTED,
-                        "the provider failed after the answer had started; no text was repeated",
-                        metadata={
-                            "model": candidate.model,
-                            "provider": candidate.provider,
-                            "cause": attempt.error.reason.value,
-                        },
-                    ) from None
-                if not (attempt.error.retryable or attempt.error.reason in _FAILOVER_REASONS):
-                    raise attempt.error from None
-                if attempt.error.retryable:
-                    queue.append(candidate)  # tried again once the others have had their turn
-                continue
+                try:
+                    async for event in call:
+                        kind = event.WhichOneof("event")
+                        if kind == "delta":
+                            sent_chars += len(event.delta.text) + sum(
+                                len(t.arguments_fragment) for t in event.delta.tool_calls
+                            )
+                            yield common_pb2.ChatChunk(delta=event.delta)
+                        elif kind == "usage":
+                            usage = event.usage
+                        elif kind == "done":
+                            finish = event.done.finish_reason
+                except grpc.aio.AioRpcError as exc:
+                    attempt.error = from_rpc_error(exc)
+                    log.info(
+                        "attempt_failed",
+                        request_id=request.request_id,
+                        model=candidate.model,
+                        provider=candidate.provider,
+                        attempt=number,
+                        reason=attempt.error.reason.value,
+                        after_first_token=sent_chars > 0,
+                    )
+                    if sent_chars:
+                        raise SwitchyardError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            Reason.STREAM_INTERRUPTED,
+                            "the provider failed after the answer had started; no text was repeated",
+                            metadata={
+                                "model": candidate.model,
+                                "provider": candidate.provider,
+                                "cause": attempt.error.reason.value,
+                            },
+                        ) from None
+                    final_failure = not (attempt.error.retryable or attempt.error.reason in _FAILOVER_REASONS)
+                    self._finish(
+                        outcome, None, status=attempt.error.reason.value, charge=False, record=final_failure
+                    )
+                    if final_failure:
+                        raise attempt.error from None
+                    if attempt.error.retryable:
+                        queue.append(candidate)  # tried again once the others have had their turn
+                    continue
+                final = usage or common_pb2.Usage(estimated=True)
+                cost = self._finish(outcome, final, status="ok", charge=True)
+                yield common_pb2.ChatChunk(usage=final)
+                yield common_pb2.ChatChunk(
+                    done=common_pb2.Done(
+                        finish_reason=finish,
+                        cost_micros=cost,
+                        cache_status=common_pb2.CACHE_STATUS_BYPASS,
+                        request_id=request.request_id,
+                        attempts=[a.summary() for a in attempts],
+                    )
+                )
+                return
             finally:
                 call.cancel()
-            yield common_pb2.ChatChunk(usage=usage or common_pb2.Usage(estimated=True))
-            yield common_pb2.ChatChunk(
-                done=common_pb2.Done(
-                    finish_reason=finish,
-                    cost_micros=self._cost(candidate.model, usage),
-                    cache_status=common_pb2.CACHE_STATUS_BYPASS,
-                    request_id=request.request_id,
-                    attempts=[a.summary() for a in attempts],
-                )
+                if not outcome.finished:
+                    # Ended early (the caller left, or the stream broke after text was sent):
+                    # charge what the vendor will bill as far as we can tell, estimated.
+                    partial = common_pb2.Usage(
+                        input_tokens=counted.tokens, output_tokens=-(-sent_chars // 4), estimated=True
+                    )
+                    status = Reason.STREAM_INTERRUPTED.value if attempt.error else "CANCELLED"
+                    self._finish(
+                        outcome, partial if sent_chars else None, status=status, charge=bool(sent_chars)
+                    )
+        if not attempts and refusals:
+            raise refusals[0]
+        failure = _all_failed(attempts)
+        if last is not None:
+            self._commit(last, None, 0, failure.reason.value, [])
+        raise failure
+
+    async def _hold(
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        candidate: router_pb2.Candidate,
+        prompt: PromptCount,
+    ) -> BudgetHold:
+        """Hold the candidate's worst-case cost against the budgets on this request."""
+        if self._budgets is None:
+            return NO_HOLD
+        model = self._catalog.model(candidate.model)
+        if model is None:
+            return NO_HOLD
+        worst = estimate_cost(
+            request,
+            model,
+            at=datetime.now(UTC),
+            month_tokens=self._month_tokens.get((caller.tenant_id, model.id), 0),
+            prompt=prompt,
+        ).worst_case_cost_micros
+        return await self._budgets.hold(_scope(request, caller, candidate), worst)
+
+    def _finish(
+        self,
+        outcome: _Outcome,
+        usage: common_pb2.Usage | None,
+        *,
+        status: str,
+        charge: bool,
+        record: bool = True,
+    ) -> int:
+        """Settle the attempt's hold (once) and, when `record`, hand the request's commit to
+        the outbox; returns the cost. A failed attempt that another one follows is not
+        recorded: the request has one row, for how it finally ended."""
+        if outcome.finished:
+            return 0
+        outcome.finished = True
+        cost = self._cost(outcome.caller.tenant_id, outcome.candidate.model, usage) if charge else 0
+        lease_ids: list[str] = []
+        if self._budgets is not None and outcome.hold is not NO_HOLD:
+            lease_ids = self._budgets.settle(outcome.hold, cost)
+        if record:
+            self._commit(outcome, usage, cost, status, lease_ids)
+        return cost
+
+    def _commit(
+        self, outcome: _Outcome, usage: common_pb2.Usage | None, cost: int, status: str, lease_ids: list[str]
+    ) -> None:
+        if self._record is not None:
+            self._record(
+                ledger_pb2.CommitRequest(record=outcome.record(usage, cost, status), lease_ids=lease_ids)
             )
-            return
-        raise _all_failed(attempts)
 
     def _adapter(self, vendor: str) -> provider_pb2_grpc.ProviderAdapterServiceStub:
         return provider_pb2_grpc.ProviderAdapterServiceStub(
             self._channels.get(self._settings.adapter_target(vendor))
         )
 
-    def _cost(self, model_id: str, usage: common_pb2.Usage | None) -> int:
+    def _cost(self, tenant_id: str, model_id: str, usage: common_pb2.Usage | None) -> int:
         model = self._catalog.model(model_id)
         if model is None or usage is None:
             return 0
@@ -225,7 +354,54 @@ class ChatPipeline:
             reasoning_tokens=usage.reasoning_tokens,
             cache_write_input_tokens=usage.cache_write_input_tokens,
         )
-        return cost_micros(tokens, model.prices.unit_prices())
+        key = (tenant_id, model_id)
+        before = self._month_tokens.get(key, 0)
+        self._month_tokens[key] = before + usage.input_tokens + usage.output_tokens
+        return charge_micros(model, tokens, at=datetime.now(UTC), month_tokens=before)
+
+
+def _scope(
+    request: common_pb2.ChatRequest, caller: Caller, candidate: router_pb2.Candidate
+) -> ledger_pb2.BudgetScope:
+    return ledger_pb2.BudgetScope(
+        tenant_id=caller.tenant_id,
+        end_user=request.metadata.end_user,
+        api_key_id=caller.key_prefix,
+        model=candidate.model,
+        provider=candidate.provider,
+    )
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """One attempt's facts, to settle its hold and build its ledger record once."""
+
+    request: common_pb2.ChatRequest
+    caller: Caller
+    candidate: router_pb2.Candidate
+    prompt: PromptCount
+    started: float
+    attempts: list[_Attempt]
+    hold: BudgetHold
+    finished: bool = False
+
+    def record(self, usage: common_pb2.Usage | None, cost: int, status: str) -> ledger_pb2.UsageRecord:
+        finished_at = timestamp_pb2.Timestamp()
+        finished_at.GetCurrentTime()
+        return ledger_pb2.UsageRecord(
+            request_id=self.request.request_id,
+            scope=_scope(self.request, self.caller, self.candidate),
+            model=self.candidate.model,
+            provider=self.candidate.provider,
+            usage=usage,
+            cost_micros=cost,
+            cache_status=common_pb2.CACHE_STATUS_BYPASS,
+            latency_ms=int((time.monotonic() - self.started) * 1000),
+            status=status,
+            attempts=len(self.attempts),
+            finished_at=finished_at,
+            estimated_input_tokens=self.prompt.tokens,
+        )
 
 
 def _all_failed(attempts: list[_Attempt]) -> SwitchyardError:

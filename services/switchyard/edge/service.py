@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 
 from switchyard.common.catalog import Catalog
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.channels import ChannelPool
-from switchyard.common.errors import invalid, unimplemented
+from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error, invalid
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.common.sql import Database, open_database
 from switchyard.edge.admission import AdmissionController
+from switchyard.edge.budget import LeaseBook
 from switchyard.edge.dedup import InflightDedup
 from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
 from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
 from switchyard.edge.openai_http import OpenAIHttpServer, build_openai_app, start_openai_http
+from switchyard.edge.outbox import CommitOutbox
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
 from switchyard.edge.ratelimit import build_rate_limiter
-from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from switchyard.ledger.pricing import estimate_cost
+from switchyard.ledger.tokens import count_prompt_tokens
+from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 DEFAULT_PAGE_SIZE = 100
@@ -31,9 +37,12 @@ MAX_PAGE_SIZE = 1_000
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API."""
 
-    def __init__(self, catalog: Catalog, gateway: EdgeGateway) -> None:
+    def __init__(
+        self, catalog: Catalog, gateway: EdgeGateway, ledger: ledger_pb2_grpc.CostLedgerServiceStub
+    ) -> None:
         self._catalog = catalog
         self._gateway = gateway
+        self._ledger = ledger
 
     async def Chat(
         self, request: common_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -78,20 +87,57 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def CountTokens(
         self, request: gateway_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CountTokensResponse:
-        """Prompt tokens of a request (issue #6 brings the tokenizers)."""
-        raise unimplemented("GatewayService.CountTokens", "#6")
+        """Prompt tokens of a request for its model, counted here with the ledger's tokenizers."""
+        caller = await self._gateway.authenticate(_authorization(context))
+        model = self._gateway.resolve_model(request.request, caller)
+        count = count_prompt_tokens(request.request, model)
+        return gateway_pb2.CountTokensResponse(
+            input_tokens=count.tokens,
+            encoding=count.encoding,
+            approximate=count.approximate,
+            model=model.id if model is not None else "",
+        )
 
     async def EstimateCost(
         self, request: gateway_pb2.EstimateCostRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.EstimateCostResponse:
-        """Expected and worst-case cost (issue #6)."""
-        raise unimplemented("GatewayService.EstimateCost", "#6")
+        """Expected and worst-case cost on the model the request names, or for `auto` on the
+        first model the plan would try."""
+        caller = await self._gateway.authenticate(_authorization(context))
+        model = self._gateway.resolve_model(request.request, caller)
+        if model is None:
+            plan = self._gateway.pipeline.plan(request.request, caller)
+            model = self._catalog.model(plan[0].model) if plan else None
+            if model is None:
+                raise SwitchyardError(
+                    grpc.StatusCode.FAILED_PRECONDITION, Reason.NO_ROUTE, "no model can serve this request"
+                )
+        found = estimate_cost(request.request, model, at=datetime.now(UTC))
+        return gateway_pb2.EstimateCostResponse(
+            model=found.model,
+            input_tokens=found.input_tokens,
+            expected_output_tokens=found.expected_output_tokens,
+            max_output_tokens=found.max_output_tokens,
+            expected_cost_micros=found.expected_cost_micros,
+            worst_case_cost_micros=found.worst_case_cost_micros,
+            approximate=found.approximate,
+        )
 
     async def GetUsage(
         self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetUsageResponse:
-        """The caller's own usage (issues #4 and #6)."""
-        raise unimplemented("GatewayService.GetUsage", "#6")
+        """The caller's own tenant's usage (whatever tenant the request names), from the ledger."""
+        caller = await self._gateway.authenticate(_authorization(context))
+        scoped = gateway_pb2.GetUsageRequest()
+        scoped.CopyFrom(request)
+        scoped.tenant_id = caller.tenant_id
+        try:
+            usage: gateway_pb2.GetUsageResponse = await self._ledger.GetUsage(
+                scoped, timeout=context.time_remaining() or 10.0
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return usage
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -119,21 +165,41 @@ def _decode_page_token(token: str) -> int:
     return offset
 
 
+def holder_id(settings: Settings) -> str:
+    """This edge's name towards the ledger: stable across restarts of the same replica (its
+    host and port), so a restarted edge sends what its previous run left in the outbox."""
+    return f"edge-{socket.gethostname()}-{settings.port_for('edge')}"
+
+
 def build(settings: Settings) -> ServiceParts:
-    """The edge's bindings; `start` opens the key store, `close` releases what it holds."""
+    """The edge's bindings; `start` opens the key store and the commit outbox, `close`
+    releases what they hold (the outbox sends what it still has first)."""
     catalog = settings.catalog
     channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
     limiter = build_rate_limiter(settings)
+    ledger = ledger_pb2_grpc.CostLedgerServiceStub(channels.get(settings.ledger_target))
+    holder = holder_id(settings)
     authenticators: list[KeyAuthenticator] = []
     databases: list[Database] = []
+    outboxes: list[CommitOutbox] = []
     by_key: list[Authenticate] = []
+    budgets = (
+        LeaseBook(ledger, holder, call_timeout_s=settings.call_timeout_s) if settings.edge_budgets else None
+    )
 
     async def authenticate(authorization: str | None) -> Caller:
         return await by_key[0](authorization)  # set by `start`, which runs before serving
 
+    def record(commit: ledger_pb2.CommitRequest) -> None:
+        if outboxes:
+            outboxes[0].add(commit)
+
+    pipeline = ChatPipeline(
+        settings, catalog, channels, budgets=budgets, record=record if settings.edge_budgets else None
+    )
     gateway = EdgeGateway(
         catalog,
-        ChatPipeline(settings, catalog, channels),
+        pipeline,
         authenticate=authenticate,
         rate_limit=charge_rate_limits(catalog, limiter),
         admission=AdmissionController(
@@ -142,8 +208,9 @@ def build(settings: Settings) -> ServiceParts:
             queue_timeout_s=settings.edge_queue_timeout_s,
         ),
         dedup=InflightDedup() if settings.edge_dedup else None,
+        record=record if settings.edge_budgets else None,
     )
-    servicer = GatewayServicer(catalog, gateway)
+    servicer = GatewayServicer(catalog, gateway, ledger)
     http_app = build_openai_app(stream_chat=gateway.stream_as, authenticate=authenticate, catalog=catalog)
     http_servers: list[OpenAIHttpServer] = []
     binding = ServiceBinding(
@@ -162,6 +229,16 @@ def build(settings: Settings) -> ServiceParts:
         await authenticator.start()
         authenticators.append(authenticator)
         by_key.append(key_authentication(catalog, authenticator))
+        if settings.edge_budgets:
+            outbox = await CommitOutbox.open(
+                database,
+                ledger,
+                holder,
+                call_timeout_s=settings.call_timeout_s,
+                on_result=pipeline.observe_commit,
+            )
+            outbox.start()
+            outboxes.append(outbox)
         http_servers.append(
             await start_openai_http(
                 http_app, settings.host, settings.http_port, grace_s=settings.shutdown_grace_s
@@ -171,6 +248,10 @@ def build(settings: Settings) -> ServiceParts:
     async def close() -> None:
         for http_server in http_servers:
             await http_server.stop()
+        for outbox in outboxes:
+            await outbox.aclose()
+        if budgets is not None:
+            await budgets.aclose()
         await channels.close()
         await limiter.aclose()
         for authenticator in authenticators:

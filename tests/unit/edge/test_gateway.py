@@ -14,6 +14,7 @@ from switchyard.common.settings import Settings
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.gateway import EdgeGateway
 from switchyard.edge.pipeline import BACKOFF_CAP_S, Caller, ChatPipeline, backoff_s
+from switchyard.ledger.tokens import count_prompt_tokens
 from switchyard.v1 import common_pb2
 
 CATALOG = load_catalog()
@@ -56,9 +57,12 @@ def refused(request: common_pb2.ChatRequest, caller: Caller) -> SwitchyardError:
 
 
 def test_valid_requests_pass_with_their_model_and_estimate() -> None:
-    admitted = gateway().check(ask("fast", "x" * 400), Caller("t"))
+    request = ask("fast", "The quick brown fox jumps over the lazy dog. " * 10)
+    admitted = gateway().check(request, Caller("t"))
     assert admitted.model is not None and admitted.model.id == "openai/gpt-4o-mini"
-    assert admitted.prompt_tokens == 100
+    # Counted with the model's tokenizer (the same count the ledger and budgets use).
+    assert admitted.prompt == count_prompt_tokens(request, admitted.model)
+    assert 100 <= admitted.prompt.tokens <= 130
     assert gateway().check(ask("auto"), Caller("t")).model is None
 
 
@@ -74,11 +78,17 @@ def test_unknown_model_names_the_field() -> None:
 
 
 def test_context_window_counts_prompt_and_output() -> None:
-    fits = ask(text="x" * 4 * 112_000, max_output=16_000)  # 112k + 16k = 128k: exactly the window
-    gateway().check(fits, Caller("t"))
-    error = refused(ask(text="x" * 4 * 112_000, max_output=16_001), Caller("t"))
+    text = "word " * 113_000
+    prompt = gateway().check(ask(text=text, max_output=1), Caller("t")).prompt.tokens
+    room = 128_000 - prompt
+    assert 0 < room <= 16_384
+    gateway().check(ask(text=text, max_output=room), Caller("t"))  # exactly the window
+    error = refused(ask(text=text, max_output=room + 1), Caller("t"))
     assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.CONTEXT_TOO_LONG)
-    assert (error.metadata["prompt_tokens"], error.metadata["max_output_tokens"]) == ("112000", "16001")
+    assert (error.metadata["prompt_tokens"], error.metadata["max_output_tokens"]) == (
+        str(prompt),
+        str(room + 1),
+    )
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:

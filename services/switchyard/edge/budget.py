@@ -1,0 +1,476 @@
+"""Budgets on the edge's request path: holds against local leases, refilled ahead of need.
+
+The ledger owns budgets; the edge must not ask it on every request (DESIGN.md: one hop
+costs more than our whole latency budget). So the edge keeps two things the ledger gives it:
+
+* the *budget directory*: every budget's id, scope and enforcement (`ListBudgets`, reloaded
+  every few seconds in the background), so the edge finds the budgets that apply to a
+  request locally;
+* *leases*: for each hard budget a request touches, a slice of that budget's remaining
+  amount granted to this edge (`LeaseBudget`), with a version and an expiry.
+
+A request holds its worst-case cost against the active lease of every hard budget that
+applies to it (soft budgets never refuse, so they need no lease; the ledger still charges
+them and fires their alerts). When the active lease runs low, a bigger one is asked for in
+the background, sized to this edge's recent rate of spend, so in the common case no request
+waits on the ledger. Only when a lease cannot cover a request does the request wait for a
+refill; if the ledger has nothing left to grant, it is refused with `RESOURCE_EXHAUSTED` /
+`BUDGET_EXCEEDED`.
+
+After the request, its actual cost is drawn from the leases it held (the ledger does the
+same when the commit arrives, naming the lease ids), and the rest of the hold is freed.
+A lease replaced by a new one, expired, or made stale by a budget change admits nothing
+more; once its last request settles, what is left of it is returned. An edge that dies
+returns nothing: the ledger takes its leases back at their `settle_by`.
+
+Invariant (the ledger's): the sum of outstanding leases plus committed spend never exceeds a
+hard budget; the edge never holds more than a lease has, so it never overruns one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import grpc
+
+from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
+from switchyard.common.logging import get_logger
+from switchyard.common.money import format_usd
+from switchyard.v1 import ledger_pb2
+
+log = get_logger(__name__)
+
+ScopeKey = tuple[str, str, str, str, str]
+
+# Reload the directory this often (seconds): how soon a new budget reaches the edge.
+DIRECTORY_REFRESH_S: Final = 5.0
+# Ask for a lease of this many worst-case requests at least...
+LEASE_REQUESTS: Final = 8
+# ...or this many seconds of this edge's recent spend on the budget, whichever is more.
+LEASE_SECONDS: Final = 10.0
+# Refill in the background once the active lease has less than this share of its grant left.
+REFILL_BELOW: Final = 0.5
+# Half-life of the spend-rate average, in seconds.
+RATE_HALF_LIFE_S: Final = 5.0
+_MAX_MEMO: Final = 50_000
+
+
+class LedgerLeases(Protocol):
+    """What the lease book calls on the ledger (a `CostLedgerServiceStub` fits)."""
+
+    def LeaseBudget(
+        self, request: ledger_pb2.LeaseBudgetRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.LeaseBudgetRequest, ledger_pb2.LeaseBudgetResponse]: ...
+
+    def ReturnLease(
+        self, request: ledger_pb2.ReturnLeaseRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.ReturnLeaseRequest, ledger_pb2.ReturnLeaseResponse]: ...
+
+    def ListBudgets(
+        self, request: ledger_pb2.ListBudgetsRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.ListBudgetsRequest, ledger_pb2.ListBudgetsResponse]: ...
+
+
+def scope_key(scope: ledger_pb2.BudgetScope) -> ScopeKey:
+    """The scope as a hashable tuple."""
+    return (scope.tenant_id, scope.end_user, scope.api_key_id, scope.model, scope.provider)
+
+
+def applies(budget_scope: ledger_pb2.BudgetScope, request: ScopeKey) -> bool:
+    """Whether a budget on `budget_scope` covers a request on `request`: every field the budget
+    names must match (a budget on a tenant covers all its requests; on a tenant and a model,
+    only those on the model)."""
+    return all(not want or want == have for want, have in zip(scope_key(budget_scope), request, strict=True))
+
+
+@dataclass(slots=True)
+class _Lease:
+    lease_id: str
+    budget_id: str
+    granted: int
+    version: int
+    expires_at: float  # wall clock, seconds
+    used: int = 0
+    inflight: int = 0
+    admitting: bool = True
+
+    @property
+    def available(self) -> int:
+        return self.granted - self.used - self.inflight
+
+    @property
+    def unused(self) -> int:
+        return self.granted - self.used
+
+
+@dataclass(slots=True)
+class _BudgetState:
+    budget: ledger_pb2.Budget
+    active: _Lease | None = None
+    draining: list[_Lease] = field(default_factory=list)
+    refill: asyncio.Task[None] | None = None
+    exhausted: bool = False
+    rate: float = 0.0  # micro-USD per second, exponentially averaged (statistics, not money)
+    rate_at: float = 0.0
+    last_limit: int = 0
+    last_spent: int = 0
+
+
+@dataclass(slots=True)
+class BudgetHold:
+    """What one request holds: an amount on one lease of each hard budget that applies."""
+
+    amount: int
+    parts: list[_Lease]
+    settled: bool = False
+
+    @property
+    def lease_ids(self) -> list[str]:
+        """The leases this request is charged against, for the ledger commit."""
+        return [lease.lease_id for lease in self.parts]
+
+
+NO_HOLD: Final = BudgetHold(0, [], settled=True)
+
+
+class LeaseBook:
+    """This edge's view of budgets: the directory, its leases and the holds on them."""
+
+    def __init__(
+        self,
+        ledger: LedgerLeases,
+        holder_id: str,
+        *,
+        call_timeout_s: float = 2.0,
+        directory_refresh_s: float = DIRECTORY_REFRESH_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ledger = ledger
+        self._holder_id = holder_id
+        self._timeout = call_timeout_s
+        self._refresh_s = directory_refresh_s
+        self._clock = clock
+        self._directory: dict[str, ledger_pb2.Budget] | None = None
+        self._loaded_at = 0.0
+        self._memo: dict[ScopeKey, tuple[str, ...]] = {}
+        self._states: dict[str, _BudgetState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload: asyncio.Task[None] | None = None
+        self._load_lock = asyncio.Lock()
+
+    # --- the directory -----------------------------------------------------------------
+
+    async def load_directory(self) -> None:
+        """Fetch every budget from the ledger (all pages); raises when it cannot be reached."""
+        budgets: dict[str, ledger_pb2.Budget] = {}
+        token = ""
+        while True:
+            try:
+                page = await self._ledger.ListBudgets(
+                    ledger_pb2.ListBudgetsRequest(page_size=1000, page_token=token), timeout=self._timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise _unavailable(from_rpc_error(exc)) from None
+            for budget in page.budgets:
+                budgets[budget.budget_id] = budget
+            token = page.next_page_token
+            if not token:
+                break
+        self._directory = budgets
+        self._loaded_at = time.monotonic()
+        self._memo.clear()
+        for budget_id, state in list(self._states.items()):
+            fresh = budgets.get(budget_id)
+            if fresh is None or fresh.enforcement != ledger_pb2.BUDGET_ENFORCEMENT_HARD:
+                self._retire_all(state)
+                del self._states[budget_id]
+                continue
+            state.budget = fresh
+            for lease in (state.active, *state.draining):
+                if lease is not None and lease.version < fresh.version:
+                    lease.admitting = False  # the budget changed: this lease is stale
+            if state.active is not None and not state.active.admitting:
+                self._retire(state, state.active)
+                state.active = None
+
+    async def _directory_now(self) -> dict[str, ledger_pb2.Budget]:
+        if self._directory is None:
+            async with self._load_lock:
+                if self._directory is None:
+                    await self.load_directory()
+        elif time.monotonic() - self._loaded_at > self._refresh_s and (
+            self._reload is None or self._reload.done()
+        ):
+            self._reload = self._spawn(self._reload_quietly())
+        assert self._directory is not None
+        return self._directory
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.load_directory()
+        except SwitchyardError as exc:
+            # Keep serving on the last directory and leases (DESIGN.md); say so in the log.
+            log.warning("budget_directory_stale", reason=exc.reason.value)
+            self._loaded_at = time.monotonic()
+
+    def hard_budgets(self, directory: dict[str, ledger_pb2.Budget], key: ScopeKey) -> tuple[str, ...]:
+        """The hard budgets that apply to a request scope (memoised per scope)."""
+        found = self._memo.get(key)
+        if found is None:
+            found = tuple(
+                b.budget_id
+                for b in directory.values()
+                if b.enforcement == ledger_pb2.BUDGET_ENFORCEMENT_HARD and applies(b.scope, key)
+            )
+            if len(self._memo) >= _MAX_MEMO:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
+
+    # --- holds ---------------------------------------------------------------------------
+
+    async def hold(self, scope: ledger_pb2.BudgetScope, amount: int) -> BudgetHold:
+        """Hold `amount` micro-USD against every hard budget on `scope`; raises BUDGET_EXCEEDED."""
+        directory = await self._directory_now()
+        key = scope_key(scope)
+        budget_ids = self.hard_budgets(directory, key)
+        if not budget_ids:
+            return BudgetHold(amount, [])
+        parts: list[_Lease] = []
+        try:
+            for budget_id in budget_ids:
+                state = self._states.get(budget_id)
+                if state is None:
+                    state = self._states[budget_id] = _BudgetState(directory[budget_id])
+                lease = await self._lease_for(state, scope, amount)
+                lease.inflight += amount
+                parts.append(lease)
+                self._note_spend(state, amount)
+                if state.refill is None and lease.available < REFILL_BELOW * lease.granted:
+                    state.refill = self._spawn(self._refill(state, scope, amount, quiet=True))
+        except BaseException:
+            for lease in parts:
+                lease.inflight -= amount
+            raise
+        return BudgetHold(amount, parts)
+
+    def settle(self, hold: BudgetHold, actual_micros: int) -> list[str]:
+        """Draw the actual cost from the hold's leases and free the rest; returns the lease ids
+        for the ledger commit (which draws the same amounts). Settling twice does nothing."""
+        if hold.settled:
+            return []
+        hold.settled = True
+        for lease in hold.parts:
+            lease.inflight -= hold.amount
+            lease.used += min(actual_micros, lease.granted - lease.used)
+            self._maybe_return(lease)
+        return hold.lease_ids
+
+    def release(self, hold: BudgetHold) -> None:
+        """Free a hold whose request was not sent or not charged."""
+        self.settle(hold, 0)
+
+    async def _lease_for(self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int) -> _Lease:
+        """The lease to hold `amount` on: the active one if it has room, else a fresh one.
+
+        One request for a lease per budget is in flight at a time: requests that find the
+        lease dry while a refill is under way wait for that refill instead of each asking.
+        """
+        gave_back = False
+        while True:
+            lease = self._usable(state, amount)
+            if lease is not None:
+                return lease
+            refill = state.refill
+            if refill is None or refill.done():
+                refill = state.refill = self._spawn(self._refill(state, scope, amount, quiet=False))
+            await asyncio.shield(refill)
+            lease = self._usable(state, amount)
+            if lease is not None:
+                return lease
+            # Every grant is at least one request's worth, so each round either admits
+            # someone or finds the budget exhausted: the loop ends.
+            if not state.exhausted:
+                continue
+            if gave_back:
+                raise _budget_exceeded(state, amount)
+            # What is left may sit in our own idle leases: give it back and ask once more.
+            gave_back = True
+            if not await self._give_back_idle(state):
+                raise _budget_exceeded(state, amount)
+
+    def _usable(self, state: _BudgetState, amount: int) -> _Lease | None:
+        lease = state.active
+        if lease is None:
+            return None
+        if lease.admitting and self._clock() >= lease.expires_at:
+            lease.admitting = False
+        if not lease.admitting:
+            self._retire(state, lease)
+            state.active = None
+            return None
+        return lease if lease.available >= amount else None
+
+    async def _acquire(
+        self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int
+    ) -> _Lease | None:
+        """Ask the ledger for a lease on this budget; the new one becomes active."""
+        wanted = max(amount * LEASE_REQUESTS, int(state.rate * LEASE_SECONDS), amount)
+        request = ledger_pb2.LeaseBudgetRequest(
+            holder_id=self._holder_id,
+            scope=scope,
+            requested_micros=wanted,
+            budget_ids=[state.budget.budget_id],
+            min_micros=amount,
+        )
+        try:
+            response = await self._ledger.LeaseBudget(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable(from_rpc_error(exc)) from None
+        for granted in response.leases:
+            if granted.budget_id != state.budget.budget_id:
+                continue
+            state.last_limit, state.last_spent = granted.limit_micros, granted.spent_micros
+            if granted.amount_micros <= 0 or not granted.lease_id:
+                return None
+            lease = _Lease(
+                lease_id=granted.lease_id,
+                budget_id=granted.budget_id,
+                granted=granted.amount_micros,
+                version=granted.version,
+                expires_at=granted.expires_at.ToSeconds() + granted.expires_at.nanos / 1e9,
+            )
+            if state.active is not None:
+                self._retire(state, state.active)
+            state.active = lease
+            return lease
+        return None
+
+    async def _refill(
+        self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int, *, quiet: bool
+    ) -> None:
+        """Ask for a lease; `exhausted` says whether the ledger had nothing left to grant.
+        A request waiting on it gets the ledger's failure; a refill ahead of need only logs."""
+        try:
+            state.exhausted = await self._acquire(state, scope, amount) is None
+        except SwitchyardError as exc:
+            if not quiet:
+                raise
+            log.warning("budget_refill_failed", budget_id=state.budget.budget_id, reason=exc.reason.value)
+        finally:
+            state.refill = None
+
+    async def _give_back_idle(self, state: _BudgetState) -> bool:
+        """Return what idle leases of this budget hold, so the ledger can grant it as one piece."""
+        idle = [lease for lease in state.draining if lease.inflight == 0 and lease.unused > 0]
+        if state.active is not None and state.active.inflight == 0 and state.active.unused > 0:
+            idle.append(state.active)
+            state.active.admitting = False
+            state.draining.append(state.active)
+            state.active = None
+        for lease in idle:
+            await self._return(lease)
+        return bool(idle)
+
+    def _note_spend(self, state: _BudgetState, amount: int) -> None:
+        now = time.monotonic()
+        if state.rate_at:
+            decay = 0.5 ** ((now - state.rate_at) / RATE_HALF_LIFE_S)
+            state.rate = state.rate * decay + amount * (1 - decay) / max(now - state.rate_at, 1e-3)
+        state.rate_at = now
+
+    # --- giving leases back --------------------------------------------------------------
+
+    def _retire(self, state: _BudgetState, lease: _Lease) -> None:
+        lease.admitting = False
+        if lease not in state.draining:
+            state.draining.append(lease)
+        self._maybe_return(lease)
+
+    def _retire_all(self, state: _BudgetState) -> None:
+        for lease in (state.active, *state.draining):
+            if lease is not None:
+                self._retire(state, lease)
+        state.active = None
+
+    def _maybe_return(self, lease: _Lease) -> None:
+        if not lease.admitting and lease.inflight == 0:
+            state = self._states.get(lease.budget_id)
+            if state is not None and lease in state.draining:
+                state.draining.remove(lease)
+            if lease.unused > 0:
+                self._spawn(self._return(lease))
+
+    async def _return(self, lease: _Lease) -> None:
+        unused = lease.unused
+        lease.used = lease.granted  # nothing more can be drawn from it here
+        state = self._states.get(lease.budget_id)
+        if state is not None and lease in state.draining:
+            state.draining.remove(lease)
+        try:
+            await self._ledger.ReturnLease(
+                ledger_pb2.ReturnLeaseRequest(lease_id=lease.lease_id, unused_micros=unused),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            # The ledger takes it back at the lease's settle_by anyway.
+            log.info("lease_return_failed", lease_id=lease.lease_id, code=exc.code().name)
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def leases(self) -> Iterable[tuple[str, int, int]]:
+        """(budget id, lease unused, in flight) of every live lease, for stats and tests."""
+        for budget_id, state in self._states.items():
+            for lease in (state.active, *state.draining):
+                if lease is not None:
+                    yield budget_id, lease.unused, lease.inflight
+
+    async def aclose(self) -> None:
+        """Return every lease's unused part (best effort) and stop background work."""
+        for state in self._states.values():
+            for lease in (state.active, *state.draining):
+                if lease is not None and lease.unused > 0 and lease.inflight == 0:
+                    lease.admitting = False
+                    await self._return(lease)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _budget_exceeded(state: _BudgetState, amount: int) -> SwitchyardError:
+    budget = state.budget
+    limit = state.last_limit or budget.limit_micros
+    return SwitchyardError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.BUDGET_EXCEEDED,
+        f"budget {budget.budget_id} cannot cover this request: its worst case is {format_usd(amount)} "
+        f"and {format_usd(max(0, limit - state.last_spent))} of {format_usd(limit)} is left unspent "
+        "(some of it may be held by requests in flight)",
+        metadata={
+            "budget_id": budget.budget_id,
+            "limit_micros": str(limit),
+            "spent_micros": str(state.last_spent),
+            "requested_micros": str(amount),
+        },
+    )
+
+
+def _unavailable(cause: SwitchyardError) -> SwitchyardError:
+    return SwitchyardError(
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.DEPENDENCY_UNAVAILABLE,
+        "budgets cannot be checked: the cost ledger is unreachable",
+        metadata={"dependency": "cost-ledger", "cause": cause.reason.value},
+        retry_after_s=1.0,
+    )

@@ -1,0 +1,256 @@
+"""The edge's commit outbox: every finished request reaches the ledger exactly once, durably.
+
+The client's last chunk never waits for the ledger. A finished request's commit is put in
+a memory buffer (no I/O); a writer task then, in batches:
+
+1. writes the batch to the `commit_outbox` table (one transaction) -- from here on the
+   usage survives this process dying: whichever edge starts next, or any live edge once the
+   rows are older than `orphan_after_s`, sends them;
+2. sends the batch to the ledger in one `CommitMany` call (each commit is idempotent by
+   request id, so sending a row twice -- after a crash between the call and the delete,
+   or from two edges picking up the same orphan -- charges it once);
+3. deletes the rows the ledger acknowledged.
+
+If the ledger is unreachable, rows stay in the table and are retried with backoff; the
+edge keeps serving. What is lost if the process is killed: only the commits still in the
+memory buffer, at most one batch interval (a few milliseconds); a graceful stop writes
+and sends them first. Their budget holds are then given back by the ledger when the
+leases' `settle_by` passes, so a lost commit never leaks budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
+
+import grpc
+
+from switchyard.common.logging import get_logger
+from switchyard.common.sql import Database, Migration
+from switchyard.v1 import ledger_pb2
+
+log = get_logger(__name__)
+
+COMPONENT: Final = "outbox"
+MIGRATIONS: Final = (
+    Migration(
+        1,
+        "commit outbox",
+        sqlite=(
+            """CREATE TABLE commit_outbox (
+                request_id TEXT PRIMARY KEY,
+                holder_id TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                created_at_ms BIGINT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX commit_outbox_created ON commit_outbox (created_at_ms)",
+        ),
+        postgresql=(
+            """CREATE TABLE commit_outbox (
+                request_id TEXT PRIMARY KEY,
+                holder_id TEXT NOT NULL,
+                payload BYTEA NOT NULL,
+                created_at_ms BIGINT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX commit_outbox_created ON commit_outbox (created_at_ms)",
+        ),
+    ),
+)
+
+BATCH_SIZE: Final = 256
+# The writer wakes at most this often under load, so a batch gathers what arrived meanwhile.
+BATCH_INTERVAL_S: Final = 0.005
+# Rows another edge wrote this long ago are treated as that edge's orphans and sent by us.
+ORPHAN_AFTER_S: Final = 60.0
+RETRY_BASE_S: Final = 0.5
+RETRY_CAP_S: Final = 30.0
+
+
+class LedgerCommits(Protocol):
+    """What the outbox calls on the ledger (a `CostLedgerServiceStub` fits)."""
+
+    def CommitMany(
+        self, request: ledger_pb2.CommitManyRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.CommitManyRequest, ledger_pb2.CommitManyResponse]: ...
+
+
+CommitResult = Callable[[ledger_pb2.CommitRequest, ledger_pb2.CommitResponse], None]
+
+
+class CommitOutbox:
+    """Durable, batched, exactly-once delivery of commits from one edge to the ledger."""
+
+    def __init__(
+        self,
+        db: Database,
+        ledger: LedgerCommits,
+        holder_id: str,
+        *,
+        call_timeout_s: float = 5.0,
+        on_result: CommitResult | None = None,
+        orphan_after_s: float = ORPHAN_AFTER_S,
+    ) -> None:
+        self._db = db
+        self._ledger = ledger
+        self._holder = holder_id
+        self._timeout = call_timeout_s
+        self._on_result = on_result
+        self._orphan_after_ms = int(orphan_after_s * 1000)
+        self._buffer: list[ledger_pb2.CommitRequest] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._failures = 0
+        self._next_sweep = 0.0
+        self.sent = 0
+        """Commits the ledger acknowledged (for stats and tests)."""
+
+    @classmethod
+    async def open(
+        cls, db: Database, ledger: LedgerCommits, holder_id: str, **options: object
+    ) -> CommitOutbox:
+        """Migrate the outbox table and return an outbox (call `start` to run it)."""
+        await db.migrate(COMPONENT, MIGRATIONS)
+        return cls(db, ledger, holder_id, **options)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        """Run the writer; rows left by an earlier run of this edge are sent first."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="commit-outbox")
+
+    def add(self, commit: ledger_pb2.CommitRequest) -> None:
+        """Queue one finished request's commit. Never blocks, never raises."""
+        self._buffer.append(commit)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        """Commits not yet written to the table."""
+        return len(self._buffer)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._buffer and not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._sweep_in())
+            self._wake.clear()
+            try:
+                await self._cycle()
+                self._failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving; the rows are safe in the table
+                self._failures += 1
+                delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(self._failures - 1, 10))
+                log.warning("outbox_send_failed", error=type(exc).__name__, retry_in_s=delay)
+                if self._closing:
+                    return
+                await asyncio.sleep(delay)
+                self._next_sweep = 0.0
+                continue
+            if self._closing and not self._buffer:
+                return
+            await asyncio.sleep(BATCH_INTERVAL_S)
+
+    def _sweep_in(self) -> float:
+        return max(0.05, self._next_sweep - time.monotonic())
+
+    async def _cycle(self) -> None:
+        batch, self._buffer = self._buffer[:BATCH_SIZE], self._buffer[BATCH_SIZE:]
+        if batch:
+            await self._write(batch)
+            await self._send(batch)
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + (1.0 if self._failures == 0 else RETRY_BASE_S)
+            await self._sweep()
+
+    async def _write(self, batch: Sequence[ledger_pb2.CommitRequest]) -> None:
+        now = _now_ms()
+        rows = [(c.record.request_id, self._holder, c.SerializeToString(), now) for c in batch]
+        try:
+            async with self._db.transaction() as tx:
+                await tx.executemany(
+                    "INSERT INTO commit_outbox (request_id, holder_id, payload, created_at_ms)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                    rows,
+                )
+        except BaseException:
+            self._buffer[:0] = batch  # not durable yet: keep them for the next try
+            raise
+
+    async def _send(self, batch: Sequence[ledger_pb2.CommitRequest]) -> None:
+        response = await self._ledger.CommitMany(
+            ledger_pb2.CommitManyRequest(commits=batch), timeout=self._timeout
+        )
+        done = [c.record.request_id for c in batch]
+        await self._forget(done)
+        self.sent += len(batch)
+        if self._on_result is not None:
+            for commit, result in zip(batch, response.results, strict=False):
+                self._on_result(commit, result)
+
+    async def _sweep(self) -> None:
+        """Send rows a failed send or an earlier (or dead) edge left in the table."""
+        cutoff = _now_ms() - self._orphan_after_ms
+        rows = await self._db.fetch_all(
+            "SELECT request_id, payload FROM commit_outbox"
+            " WHERE holder_id = ? OR created_at_ms < ? ORDER BY created_at_ms LIMIT ?",
+            (self._holder, cutoff, BATCH_SIZE),
+        )
+        pending = {c.record.request_id for c in self._buffer}
+        batch = [
+            ledger_pb2.CommitRequest.FromString(bytes(row["payload"]))
+            for row in rows
+            if row["request_id"] not in pending
+        ]
+        if batch:
+            await self._send(batch)
+            if len(rows) == BATCH_SIZE:
+                self._next_sweep = 0.0
+
+    async def _forget(self, request_ids: Sequence[str]) -> None:
+        async with self._db.transaction() as tx:
+            await tx.executemany(
+                "DELETE FROM commit_outbox WHERE request_id = ?", [(r,) for r in request_ids]
+            )
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until every queued commit has been acknowledged (or `timeout_s` passes)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._buffer:
+                left = await self._db.fetch_one(
+                    "SELECT COUNT(*) AS n FROM commit_outbox WHERE holder_id = ?", (self._holder,)
+                )
+                if left is None or int(left["n"]) == 0:
+                    return
+                self._next_sweep = 0.0
+            self._wake.set()
+            await asyncio.sleep(0.01)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Write what is buffered, try once to send it, and stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
+            except Exception as exc:
+                log.warning("outbox_close_failed", error=type(exc).__name__)
+        if self._buffer:  # the writer could not take them: make them durable at least
+            batch, self._buffer = self._buffer, []
+            with contextlib.suppress(Exception):
+                await self._write(batch)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
