@@ -9,19 +9,20 @@ costs more than our whole latency budget). So the edge keeps two things the ledg
 * *leases*: for each hard budget a request touches, a slice of that budget's remaining
   amount granted to this edge (`LeaseBudget`), with a version and an expiry.
 
-A request holds its worst-case cost against the active lease of every hard budget that
-applies to it (soft budgets never refuse, so they need no lease; the ledger still charges
-them and fires their alerts). When the active lease runs low, a bigger one is asked for in
+A request holds its worst-case cost against a lease of every hard budget that applies to
+it (soft budgets never refuse, so they need no lease; the ledger still charges them and
+fires their alerts). When this edge's leases on a budget run low, another is asked for in
 the background, sized to this edge's recent rate of spend, so in the common case no request
-waits on the ledger. Only when a lease cannot cover a request does the request wait for a
-refill; if the ledger has nothing left to grant, it is refused with `RESOURCE_EXHAUSTED` /
-`BUDGET_EXCEEDED`.
+waits on the ledger. Only when no lease can cover a request does it wait for a refill (one
+per budget at a time, shared by every request waiting); if the ledger has nothing left to
+grant, the edge first gives back its own idle leases and asks once more, then refuses with
+`RESOURCE_EXHAUSTED` / `BUDGET_EXCEEDED`.
 
 After the request, its actual cost is drawn from the leases it held (the ledger does the
 same when the commit arrives, naming the lease ids), and the rest of the hold is freed.
-A lease replaced by a new one, expired, or made stale by a budget change admits nothing
-more; once its last request settles, what is left of it is returned. An edge that dies
-returns nothing: the ledger takes its leases back at their `settle_by`.
+A lease that expired or was made stale by a budget change admits nothing more; once its
+last request settles, what is left of it is returned. An edge that dies returns nothing:
+the ledger takes its leases back at their `settle_by`.
 
 Invariant (the ledger's): the sum of outstanding leases plus committed spend never exceeds a
 hard budget; the edge never holds more than a lease has, so it never overruns one.
@@ -53,7 +54,7 @@ DIRECTORY_REFRESH_S: Final = 5.0
 LEASE_REQUESTS: Final = 8
 # ...or this many seconds of this edge's recent spend on the budget, whichever is more.
 LEASE_SECONDS: Final = 10.0
-# Refill in the background once the active lease has less than this share of its grant left.
+# Refill in the background once a budget's leases have less room than this share of the last grant.
 REFILL_BELOW: Final = 0.5
 # Half-life of the spend-rate average, in seconds.
 RATE_HALF_LIFE_S: Final = 5.0
@@ -111,7 +112,8 @@ class _Lease:
 @dataclass(slots=True)
 class _BudgetState:
     budget: ledger_pb2.Budget
-    active: _Lease | None = None
+    # Leases that may still admit requests, oldest first; a new grant joins them.
+    leases: list[_Lease] = field(default_factory=list)
     draining: list[_Lease] = field(default_factory=list)
     refill: asyncio.Task[None] | None = None
     exhausted: bool = False
@@ -191,12 +193,9 @@ class LeaseBook:
                 del self._states[budget_id]
                 continue
             state.budget = fresh
-            for lease in (state.active, *state.draining):
-                if lease is not None and lease.version < fresh.version:
-                    lease.admitting = False  # the budget changed: this lease is stale
-            if state.active is not None and not state.active.admitting:
-                self._retire(state, state.active)
-                state.active = None
+            for lease in list(state.leases):
+                if lease.version < fresh.version:
+                    self._retire(state, lease)  # the budget changed: this lease is stale
 
     async def _directory_now(self) -> dict[str, ledger_pb2.Budget]:
         if self._directory is None:
@@ -251,7 +250,8 @@ class LeaseBook:
                 lease.inflight += amount
                 parts.append(lease)
                 self._note_spend(state, amount)
-                if state.refill is None and lease.available < REFILL_BELOW * lease.granted:
+                room = sum(held.available for held in state.leases)
+                if state.refill is None and room < REFILL_BELOW * lease.granted:
                     state.refill = self._spawn(self._refill(state, scope, amount, quiet=True))
         except BaseException:
             for lease in parts:
@@ -276,7 +276,7 @@ class LeaseBook:
         self.settle(hold, 0)
 
     async def _lease_for(self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int) -> _Lease:
-        """The lease to hold `amount` on: the active one if it has room, else a fresh one.
+        """The lease to hold `amount` on: one of ours with room, else a fresh one.
 
         One request for a lease per budget is in flight at a time: requests that find the
         lease dry while a refill is under way wait for that refill instead of each asking.
@@ -305,21 +305,19 @@ class LeaseBook:
                 raise _budget_exceeded(state, amount)
 
     def _usable(self, state: _BudgetState, amount: int) -> _Lease | None:
-        lease = state.active
-        if lease is None:
-            return None
-        if lease.admitting and self._clock() >= lease.expires_at:
-            lease.admitting = False
-        if not lease.admitting:
-            self._retire(state, lease)
-            state.active = None
-            return None
-        return lease if lease.available >= amount else None
+        """The oldest admitting lease with room for `amount`; expired ones are retired."""
+        now = self._clock()
+        for lease in list(state.leases):
+            if now >= lease.expires_at:
+                self._retire(state, lease)
+            elif lease.available >= amount:
+                return lease
+        return None
 
     async def _acquire(
         self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int
     ) -> _Lease | None:
-        """Ask the ledger for a lease on this budget; the new one becomes active."""
+        """Ask the ledger for a lease on this budget; the new one joins this edge's leases."""
         wanted = max(amount * LEASE_REQUESTS, int(state.rate * LEASE_SECONDS), amount)
         request = ledger_pb2.LeaseBudgetRequest(
             holder_id=self._holder_id,
@@ -345,9 +343,7 @@ class LeaseBook:
                 version=granted.version,
                 expires_at=granted.expires_at.ToSeconds() + granted.expires_at.nanos / 1e9,
             )
-            if state.active is not None:
-                self._retire(state, state.active)
-            state.active = lease
+            state.leases.append(lease)
             return lease
         return None
 
@@ -367,12 +363,7 @@ class LeaseBook:
 
     async def _give_back_idle(self, state: _BudgetState) -> bool:
         """Return what idle leases of this budget hold, so the ledger can grant it as one piece."""
-        idle = [lease for lease in state.draining if lease.inflight == 0 and lease.unused > 0]
-        if state.active is not None and state.active.inflight == 0 and state.active.unused > 0:
-            idle.append(state.active)
-            state.active.admitting = False
-            state.draining.append(state.active)
-            state.active = None
+        idle = [lease for lease in (*state.leases, *state.draining) if not lease.inflight and lease.unused]
         for lease in idle:
             await self._return(lease)
         return bool(idle)
@@ -388,15 +379,15 @@ class LeaseBook:
 
     def _retire(self, state: _BudgetState, lease: _Lease) -> None:
         lease.admitting = False
+        if lease in state.leases:
+            state.leases.remove(lease)
         if lease not in state.draining:
             state.draining.append(lease)
         self._maybe_return(lease)
 
     def _retire_all(self, state: _BudgetState) -> None:
-        for lease in (state.active, *state.draining):
-            if lease is not None:
-                self._retire(state, lease)
-        state.active = None
+        for lease in list(state.leases):
+            self._retire(state, lease)
 
     def _maybe_return(self, lease: _Lease) -> None:
         if not lease.admitting and lease.inflight == 0:
@@ -409,9 +400,12 @@ class LeaseBook:
     async def _return(self, lease: _Lease) -> None:
         unused = lease.unused
         lease.used = lease.granted  # nothing more can be drawn from it here
+        lease.admitting = False
         state = self._states.get(lease.budget_id)
-        if state is not None and lease in state.draining:
-            state.draining.remove(lease)
+        if state is not None:
+            for pool in (state.leases, state.draining):
+                if lease in pool:
+                    pool.remove(lease)
         try:
             await self._ledger.ReturnLease(
                 ledger_pb2.ReturnLeaseRequest(lease_id=lease.lease_id, unused_micros=unused),
@@ -430,15 +424,14 @@ class LeaseBook:
     def leases(self) -> Iterable[tuple[str, int, int]]:
         """(budget id, lease unused, in flight) of every live lease, for stats and tests."""
         for budget_id, state in self._states.items():
-            for lease in (state.active, *state.draining):
-                if lease is not None:
-                    yield budget_id, lease.unused, lease.inflight
+            for lease in (*state.leases, *state.draining):
+                yield budget_id, lease.unused, lease.inflight
 
     async def aclose(self) -> None:
         """Return every lease's unused part (best effort) and stop background work."""
         for state in self._states.values():
-            for lease in (state.active, *state.draining):
-                if lease is not None and lease.unused > 0 and lease.inflight == 0:
+            for lease in (*state.leases, *state.draining):
+                if lease.unused > 0 and lease.inflight == 0:
                     lease.admitting = False
                     await self._return(lease)
         for task in list(self._tasks):
