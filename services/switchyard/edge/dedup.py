@@ -14,9 +14,9 @@ it comes. So a streaming request fans the same chunks out to every waiter.
   cache status `DEDUPLICATED`.
 * An error ends every waiter's stream with that same error.
 
-This table is per edge process; identical requests that land on different edge replicas
-are not merged (documented in the edge README section; a Redis-backed variant would
-publish the flight's chunks on a stream keyed by the same hash).
+`InflightDedup` is that table for one edge process. `RedisDedup` (edge/dedup_redis.py) keeps
+one in front of Redis so that identical requests landing on different edge replicas share one
+upstream call too; both implement `Dedup`, and `build_dedup` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -25,13 +25,35 @@ import asyncio
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from switchyard.common.logging import get_logger
+from switchyard.common.settings import Settings
 from switchyard.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = get_logger(__name__)
 
 ChunkSource = Callable[[], AsyncIterator[common_pb2.ChatChunk]]
+"""Starts the pipeline for a request; called once per flight, by whichever request leads it."""
+
+
+class Dedup(Protocol):
+    """A dedup table, in one process (`InflightDedup`) or shared by edge replicas (`RedisDedup`)."""
+
+    def stream(
+        self, key: str, request_id: str, source: ChunkSource
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """The chunks of `source()` for the request `request_id`, shared with every identical
+        request in flight under `key`: only the request that leads the flight calls `source`,
+        the others get the same chunks with a joiner's `done` (see `as_joiner`)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop the flights still running and release what the table owns (at shutdown)."""
+        ...
 
 
 def request_key(tenant_id: str, request: common_pb2.ChatRequest) -> str:
@@ -97,7 +119,7 @@ class InflightDedup:
                 while position < len(flight.chunks):
                     chunk = flight.chunks[position]
                     position += 1
-                    yield chunk if leader else _as_joiner(chunk, request_id)
+                    yield chunk if leader else as_joiner(chunk, request_id)
                 if flight.finished:
                     if flight.error is not None:
                         raise flight.error
@@ -133,16 +155,53 @@ class InflightDedup:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
 
+    async def aclose(self) -> None:
+        """Cancel the flights still running (closing their upstreams); their waiters end too.
 
-def _as_joiner(chunk: common_pb2.ChatChunk, request_id: str) -> common_pb2.ChatChunk:
-    """A joiner's copy of a chunk: its own request id on `done`, the cost recorded once."""
+        Meant for shutdown, after the server has drained its calls: by then a flight left
+        running has nobody who could still wait for it.
+        """
+        tasks = [flight.task for flight in self._flights.values() if flight.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def as_joiner(chunk: common_pb2.ChatChunk, request_id: str) -> common_pb2.ChatChunk:
+    """A joiner's copy of a chunk: its own request id on `done`, the cost recorded once.
+
+    A `done` that is already a joiner's (cache status `DEDUPLICATED`: a flight followed on
+    another replica, then shared again in this process) only gets the request id: its saving
+    is already the shared cost, and its cost already 0.
+    """
     if chunk.WhichOneof("event") != "done":
         return chunk
     copy = common_pb2.ChatChunk()
     copy.CopyFrom(chunk)
     done = copy.done
-    done.saved_micros = chunk.done.cost_micros
-    done.cost_micros = 0
-    done.cache_status = common_pb2.CACHE_STATUS_DEDUPLICATED
     done.request_id = request_id
+    if chunk.done.cache_status != common_pb2.CACHE_STATUS_DEDUPLICATED:
+        done.saved_micros = chunk.done.cost_micros
+        done.cost_micros = 0
+        done.cache_status = common_pb2.CACHE_STATUS_DEDUPLICATED
     return copy
+
+
+def build_dedup(settings: Settings, *, redis: Redis | None = None) -> Dedup | None:
+    """The edge's dedup table: None when `edge_dedup` is off, shared through Redis when
+    `settings.redis_url` is set (or a client is given), else the per-process table.
+
+    A client passed in stays the caller's; one opened here is the table's, closed by `aclose()`.
+    It is a client of its own rather than the rate limiter's: a follower holds a pooled
+    connection while it blocks on a chunk stream, and must not starve the rate-limit calls.
+    """
+    # Imported here: dedup_redis builds on this module (InflightDedup, as_joiner).
+    from switchyard.edge.dedup_redis import RedisDedup, open_dedup_redis
+
+    if not settings.edge_dedup:
+        return None
+    if redis is not None:
+        return RedisDedup(redis)
+    if settings.redis_url:
+        return RedisDedup(open_dedup_redis(settings.redis_url), owns_client=True)
+    return InflightDedup()

@@ -24,7 +24,7 @@ import grpc
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.edge.admission import AdmissionController, rank
-from switchyard.edge.dedup import InflightDedup, request_key
+from switchyard.edge.dedup import Dedup, request_key
 from switchyard.edge.keys import KeyAuthenticator, Principal, effective_tier
 from switchyard.edge.pipeline import Caller, ChatPipeline, Record
 from switchyard.edge.ratelimit import ModelLimits, RateLimiter, rate_limited_error, request_checks
@@ -117,7 +117,7 @@ class EdgeGateway:
         authenticate: Authenticate,
         rate_limit: RateLimit,
         admission: AdmissionController,
-        dedup: InflightDedup | None,
+        dedup: Dedup | None,
         record: Record | None = None,
     ) -> None:
         self.catalog = catalog

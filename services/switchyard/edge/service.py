@@ -18,7 +18,7 @@ from switchyard.common.settings import Settings
 from switchyard.common.sql import Database, open_database
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.budget import LeaseBook
-from switchyard.edge.dedup import InflightDedup
+from switchyard.edge.dedup import build_dedup
 from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
 from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
 from switchyard.edge.openai_http import OpenAIHttpServer, build_openai_app, start_openai_http
@@ -194,6 +194,7 @@ def build(settings: Settings) -> ServiceParts:
         if outboxes:
             outboxes[0].add(commit)
 
+    dedup = build_dedup(settings)
     pipeline = ChatPipeline(
         settings, catalog, channels, budgets=budgets, record=record if settings.edge_budgets else None
     )
@@ -207,7 +208,7 @@ def build(settings: Settings) -> ServiceParts:
             max_queue=settings.edge_max_queue,
             queue_timeout_s=settings.edge_queue_timeout_s,
         ),
-        dedup=InflightDedup() if settings.edge_dedup else None,
+        dedup=dedup,
         record=record if settings.edge_budgets else None,
     )
     servicer = GatewayServicer(catalog, gateway, ledger)
@@ -254,6 +255,8 @@ def build(settings: Settings) -> ServiceParts:
             await budgets.aclose()
         await channels.close()
         await limiter.aclose()
+        if dedup is not None:
+            await dedup.aclose()
         for authenticator in authenticators:
             await authenticator.close()
         for database in databases:

@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from switchyard.common.errors import Reason, SwitchyardError
-from switchyard.edge.dedup import InflightDedup, request_key
+from switchyard.common.settings import Settings
+from switchyard.edge.dedup import InflightDedup, as_joiner, build_dedup, request_key
+from switchyard.edge.dedup_redis import RedisDedup
 from switchyard.v1 import common_pb2
 
 
@@ -159,3 +162,54 @@ def test_computing_the_key_leaves_the_request_as_it_was() -> None:
     bare = chat(request_id="r-2")
     request_key("t", bare)
     assert not bare.HasField("cache") and bare.request_id == "r-2"
+
+
+def test_a_joiner_copy_of_a_joiner_copy_keeps_the_saving_and_takes_the_new_request_id() -> None:
+    done = common_pb2.ChatChunk(done=common_pb2.Done(cost_micros=42, request_id="leader"))
+    followed = as_joiner(done, "r1")  # a flight followed on another replica...
+    shared_again = as_joiner(followed, "r2")  # ...then shared in this process
+    assert (shared_again.done.cost_micros, shared_again.done.saved_micros) == (0, 42)
+    assert shared_again.done.cache_status == common_pb2.CACHE_STATUS_DEDUPLICATED
+    assert shared_again.done.request_id == "r2" and followed.done.request_id == "r1"
+    assert done.done.cost_micros == 42 and done.done.request_id == "leader"  # the original is untouched
+    delta = common_pb2.ChatChunk(delta=common_pb2.Delta(text="x"))
+    assert as_joiner(delta, "r1") is delta
+
+
+async def test_closing_the_table_cancels_the_flights_still_running() -> None:
+    dedup = InflightDedup()
+    upstream = Upstream()
+    waiter = asyncio.create_task(drain(dedup.stream(request_key("t", chat()), "r0", upstream.source)))
+    await settle()
+    assert upstream.calls == 1 and len(dedup) == 1
+    await dedup.aclose()
+    assert upstream.closed == 1 and len(dedup) == 0
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+async def test_build_dedup_follows_the_settings() -> None:
+    assert build_dedup(Settings(edge_dedup=False)) is None
+    assert build_dedup(Settings(edge_dedup=False, redis_url="redis://127.0.0.1:1/0")) is None
+    assert isinstance(build_dedup(Settings()), InflightDedup)
+    # Building never touches the network: a Redis that is not there is only found per request.
+    owned = build_dedup(Settings(redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(owned, RedisDedup)
+    await owned.aclose()
+    client = CountingRedis()
+    given = build_dedup(Settings(), redis=client)
+    assert isinstance(given, RedisDedup)
+    await given.aclose()
+    assert client.closes == 0  # a client passed in stays the caller's
+    await RedisDedup(client, owns_client=True).aclose()
+    assert client.closes == 1
+
+
+class CountingRedis(Redis):
+    """A client that counts `aclose` calls (it never connects in these tests)."""
+
+    closes = 0
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        self.closes += 1
+        await super().aclose(close_connection_pool)
