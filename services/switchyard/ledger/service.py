@@ -40,7 +40,7 @@ from switchyard.common.settings import Settings
 from switchyard.common.sql import Database, open_database
 from switchyard.edge.budget import applies, scope_key
 from switchyard.ledger.alerts import AlertCenter
-from switchyard.ledger.budgets import BudgetRef, BudgetStore, build_budget_store
+from switchyard.ledger.budgets import MAX_MICROS, BudgetRef, BudgetStore, build_budget_store
 from switchyard.ledger.history import LedgerStore
 from switchyard.ledger.pricing import charge_micros, estimate_cost
 from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
@@ -67,6 +67,10 @@ _FREE_STATUSES: Final = frozenset(
     }
 )
 _BUDGETS_REFRESH_S: Final = 5.0
+# A tenant's monthly tokens on a model are re-read from SQL this often: other replicas commit
+# too, and a cache only this replica adds to would drift from the truth for the whole month.
+_VOLUMES_REFRESH_S: Final = 5.0
+_MAX_CACHED_VOLUMES: Final = 100_000
 
 
 def window_bounds(window: ledger_pb2.BudgetWindow.ValueType, at: datetime) -> tuple[str, datetime, datetime]:
@@ -136,7 +140,8 @@ class Ledger:
         self._settle_ms = int((lease_ttl_s + settle_after_s + SETTLE_GRACE_S) * 1000)
         self._budgets: list[ledger_pb2.Budget] = []
         self._budgets_at = 0.0
-        self._volumes: dict[tuple[str, str, str], int] = {}
+        # (tenant, model, month key) -> (tokens, monotonic time they were read from SQL).
+        self._volumes: dict[tuple[str, str, str], tuple[int, float]] = {}
 
     # --- budgets ---------------------------------------------------------------------------
 
@@ -185,6 +190,8 @@ class Ledger:
         """Create or change a budget (audited)."""
         if budget.limit_micros <= 0:
             raise invalid("limit_micros must be positive", "budget.limit_micros")
+        # Past this no counter could hold it, and every operation on the budget would fail.
+        _check_amount(budget.limit_micros, "budget.limit_micros")
         if budget.window == ledger_pb2.BUDGET_WINDOW_UNSPECIFIED:
             raise invalid("window must be DAILY or MONTHLY", "budget.window")
         if budget.enforcement == ledger_pb2.BUDGET_ENFORCEMENT_UNSPECIFIED:
@@ -193,7 +200,12 @@ class Ledger:
             raise invalid("webhook_url must be an http(s) URL", "budget.webhook_url")
         if not actor:
             raise invalid("actor is required: budget changes are audited", "actor")
-        stored = await self.history.put_budget(budget, actor=actor, now_ms=_ms(_now()))
+        try:
+            stored = await self.history.put_budget(budget, actor=actor, now_ms=_ms(_now()))
+        except ValueError as exc:
+            # The store's own checks (the id's length and spaces): caller errors, not bugs.
+            # Its messages name the rule, never the caller's values.
+            raise invalid(str(exc), "budget.budget_id") from None
         await self.refresh_budgets()
         return await self.describe(stored)
 
@@ -201,8 +213,7 @@ class Ledger:
 
     async def reserve(self, request: ledger_pb2.ReserveRequest) -> ledger_pb2.ReserveResponse:
         """Hold an amount against every budget on the scope, all or nothing."""
-        if request.amount_micros < 0:
-            raise invalid("amount_micros must not be negative", "amount_micros")
+        _check_amount(request.amount_micros, "amount_micros")
         if not request.scope.tenant_id:
             raise invalid("scope.tenant_id is required", "scope.tenant_id")
         ttl_s = request.ttl_seconds or DEFAULT_RESERVATION_TTL_S
@@ -239,8 +250,8 @@ class Ledger:
         """Slices of every hard budget on the scope (or the ones named) for an edge."""
         if not request.holder_id:
             raise invalid("holder_id is required", "holder_id")
-        if request.requested_micros < 0 or request.min_micros < 0:
-            raise invalid("amounts must not be negative", "requested_micros")
+        _check_amount(request.requested_micros, "requested_micros")
+        _check_amount(request.min_micros, "min_micros")
         now = _now()
         now_ms = _ms(now)
         budgets = await self.budgets_for(request.scope)
@@ -279,8 +290,9 @@ class Ledger:
 
     async def return_lease(self, request: ledger_pb2.ReturnLeaseRequest) -> ledger_pb2.ReturnLeaseResponse:
         """Take back what an edge did not use of a lease."""
-        if not request.lease_id or request.unused_micros < 0:
-            raise invalid("lease_id and a non-negative unused_micros are required", "lease_id")
+        if not request.lease_id:
+            raise invalid("lease_id is required", "lease_id")
+        _check_amount(request.unused_micros, "unused_micros")
         returned = await self.store.return_lease(request.lease_id, request.unused_micros, now_ms=_ms(_now()))
         return ledger_pb2.ReturnLeaseResponse(returned_micros=returned)
 
@@ -308,49 +320,75 @@ class Ledger:
     async def _month_tokens(self, tenant_id: str, model: str, at: datetime) -> int:
         key, start, end = window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, at)
         cache_key = (tenant_id, model, key)
-        found = self._volumes.get(cache_key)
-        if found is None:
-            found = await self.history.month_tokens(tenant_id, model, start_ms=_ms(start), end_ms=_ms(end))
-            if len(self._volumes) > 100_000:
-                self._volumes.clear()
-            self._volumes[cache_key] = found
+        cached = self._volumes.get(cache_key)
+        if cached is not None and time.monotonic() - cached[1] <= _VOLUMES_REFRESH_S:
+            return cached[0]
+        read_at = time.monotonic()
+        found = await self.history.month_tokens(tenant_id, model, start_ms=_ms(start), end_ms=_ms(end))
+        if len(self._volumes) > _MAX_CACHED_VOLUMES:
+            self._volumes.clear()
+        self._volumes[cache_key] = (found, read_at)
         return found
+
+    def _add_volume(self, tenant_id: str, model: str, month_key: str, tokens: int) -> None:
+        """Count tokens this replica just stored into its cached volume (until the next re-read).
+
+        Added, not overwritten: batches committed concurrently on this replica each add theirs.
+        (A re-read landing between a batch's insert and this call counts the batch twice until the
+        next re-read, a few seconds later; volumes only decide discount tiers.)
+        """
+        cache_key = (tenant_id, model, month_key)
+        cached = self._volumes.get(cache_key)
+        if cached is not None:
+            self._volumes[cache_key] = (cached[0] + tokens, cached[1])
 
     async def commit_many(
         self, commits: Sequence[ledger_pb2.CommitRequest]
     ) -> list[ledger_pb2.CommitResponse]:
-        """Record and charge each request exactly once (rows in one transaction)."""
+        """Record and charge each request exactly once (rows in one transaction).
+
+        A batch may hold several requests of one tenant on one model: each is priced with the
+        tokens of the ones before it in the batch counted into the month's volume, as if they
+        had been committed one by one. (A record that turns out to be an earlier call's
+        duplicate was counted too; that can only matter at a volume tier's threshold.)
+        """
         for index, commit in enumerate(commits):
             _check_record(commit.record, f"commits[{index}].record")
         now = _now()
+        month_key = window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, now)[0]
+        # (tenant, model) -> the month's tokens before this batch, then as the batch goes on.
+        start: dict[tuple[str, str], int] = {}
+        running: dict[tuple[str, str], int] = {}
+        seen: set[str] = set()
         charged: list[tuple[ledger_pb2.UsageRecord, int]] = []
-        volumes: list[int] = []
         for commit in commits:
-            record = commit.record
-            before = await self._month_tokens(record.scope.tenant_id, record.model, now)
-            charged.append((record, self.charge(record, before)))
-            volumes.append(before)
+            record = _effective(commit.record)
+            key = (record.scope.tenant_id, record.model)
+            if key not in start:
+                start[key] = running[key] = await self._month_tokens(*key, now)
+            charged.append((record, self.charge(record, running[key])))
+            if record.request_id not in seen:
+                seen.add(record.request_id)
+                running[key] += _tokens(record)
         inserted = await self.history.record_many(charged, recorded_at_ms=_ms(now))
+        # What the month really holds after each row: only rows stored now add their tokens.
+        stored = dict(start)
         results: list[ledger_pb2.CommitResponse] = []
-        for commit, (record, amount), fresh, before in zip(commits, charged, inserted, volumes, strict=True):
-            tokens = record.usage.input_tokens + record.usage.output_tokens
-            month = before + tokens if fresh else before
+        for commit, (record, amount), fresh in zip(commits, charged, inserted, strict=True):
+            key = (record.scope.tenant_id, record.model)
             if fresh:
-                key = (
-                    record.scope.tenant_id,
-                    record.model,
-                    window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, now)[0],
-                )
-                self._volumes[key] = month
+                stored[key] += _tokens(record)
                 await self._settle(commit, amount, now)
             results.append(
                 ledger_pb2.CommitResponse(
                     duplicate=not fresh,
                     charged_micros=amount,
-                    month_tokens=month,
+                    month_tokens=stored[key],
                     request_id=record.request_id,
                 )
             )
+        for (tenant_id, model), tokens in stored.items():
+            self._add_volume(tenant_id, model, month_key, tokens - start[(tenant_id, model)])
         return results
 
     async def _settle(self, commit: ledger_pb2.CommitRequest, amount: int, now: datetime) -> None:
@@ -379,13 +417,38 @@ class Ledger:
         return await self.store.expire(now_ms=_ms(_now()))
 
 
+def _effective(record: ledger_pb2.UsageRecord) -> ledger_pb2.UsageRecord:
+    """`record` with its scope as its budgets are charged by (`record_scope`), as the row keeps it,
+    so a counter rebuilt from the rows (`reconcile`) counts exactly what the commits charged."""
+    scope = record_scope(record)
+    if scope == record.scope:
+        return record
+    out = ledger_pb2.UsageRecord()
+    out.CopyFrom(record)
+    out.scope.CopyFrom(scope)
+    return out
+
+
+def _tokens(record: ledger_pb2.UsageRecord) -> int:
+    """The tokens a request adds to its tenant's monthly volume on its model."""
+    return record.usage.input_tokens + record.usage.output_tokens
+
+
 def _check_record(record: ledger_pb2.UsageRecord, field: str) -> None:
     if not record.request_id:
         raise invalid("request_id is required: commits are exactly once by it", f"{field}.request_id")
     if not record.scope.tenant_id:
         raise invalid("scope.tenant_id is required", f"{field}.scope.tenant_id")
-    if record.cost_micros < 0 or record.cache_saved_micros < 0:
-        raise invalid("amounts must not be negative", f"{field}.cost_micros")
+    _check_amount(record.cost_micros, f"{field}.cost_micros")
+    _check_amount(record.cache_saved_micros, f"{field}.cache_saved_micros")
+
+
+def _check_amount(micros: int, field: str) -> None:
+    """An amount the budget counters can hold exactly: 0 through `MAX_MICROS` (about $9e9)."""
+    if micros < 0:
+        raise invalid(f"{field.rsplit('.', 1)[-1]} must not be negative", field)
+    if micros > MAX_MICROS:
+        raise invalid(f"{field.rsplit('.', 1)[-1]} must be at most {MAX_MICROS} micro-USD", field)
 
 
 def budget_exceeded(budget_id: str, *, limit: int, spent: int, held: int, requested: int) -> SwitchyardError:
@@ -453,6 +516,8 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         self, request: ledger_pb2.CommitRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.CommitResponse:
         """Charge a finished request exactly once."""
+        # Checked here too, so a refusal names this request's field path, not the batch's.
+        _check_record(request.record, "record")
         return (await self._ledger.commit_many([request]))[0]
 
     async def CommitMany(
