@@ -214,9 +214,10 @@ class ChatPipeline:
                     async for event in call:
                         kind = event.WhichOneof("event")
                         if kind == "delta":
-                            sent_chars += len(event.delta.text) + sum(
-                                len(t.arguments_fragment) for t in event.delta.tool_calls
-                            )
+                            delta = event.delta
+                            sent_chars += len(delta.text)
+                            if delta.tool_calls:
+                                sent_chars += sum(len(t.arguments_fragment) for t in delta.tool_calls)
                             yield common_pb2.ChatChunk(delta=event.delta)
                         elif kind == "usage":
                             usage = event.usage

@@ -204,10 +204,8 @@ _load_lock = threading.Lock()
 
 def _encoding(name: str) -> tiktoken.Encoding | None:
     """The encoding `name`, or None when it cannot be loaded without the network (remembered)."""
-    try:
+    if name in _loaded:
         return _loaded[name]
-    except KeyError:
-        pass
     with _load_lock:
         if name not in _loaded:
             _loaded[name] = _load(name)
