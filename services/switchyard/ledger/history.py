@@ -62,10 +62,11 @@ COMPONENT: Final = "ledger"
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
 MS_PER_DAY: Final = 86_400_000
-# Rows per multi-row INSERT in record_many: 24 columns x 40 rows stays under SQLite's oldest
+# Rows per multi-row INSERT in record_many: 25 columns x 39 rows stays under SQLite's oldest
 # variable limit (999), so the statement works on any build.
-_INSERT_ROWS_PER_STATEMENT: Final = 40
+_INSERT_ROWS_PER_STATEMENT: Final = 39
 _MAX_BUDGET_ID_LENGTH: Final = 200
+_IDS_PER_STATEMENT: Final = 500
 _PUT_BUDGET_ATTEMPTS: Final = 5
 _CACHE_HITS: Final = ("CACHE_STATUS_HIT_EXACT", "CACHE_STATUS_HIT_SEMANTIC", "CACHE_STATUS_DEDUPLICATED")
 
@@ -167,6 +168,16 @@ MIGRATIONS: Final = (
             "CREATE INDEX ledger_budget_audit_tenant_idx ON ledger_budget_audit (tenant_id, id)",
         ),
     ),
+    Migration(
+        4,
+        "ledger_usage_settled",
+        sql=(
+            # 0: the row is the truth but its budget counters were not charged yet (the budget
+            # store failed); the ledger's sweeper charges them and sets 1.
+            "ALTER TABLE ledger_usage ADD COLUMN settled INTEGER NOT NULL DEFAULT 1",
+            "CREATE INDEX ledger_usage_unsettled_idx ON ledger_usage (recorded_at_ms) WHERE settled = 0",
+        ),
+    ),
 )
 
 _USAGE_COLUMNS: Final = (
@@ -194,6 +205,8 @@ _USAGE_COLUMNS: Final = (
     "estimated_input_tokens",
     "finished_at_ms",
     "recorded_at_ms",
+    # Stored as 0; set to 1 once the request's budget counters are charged (`mark_settled`).
+    "settled",
 )
 _USAGE_ROW_PLACEHOLDERS: Final = "(" + ", ".join("?" for _ in _USAGE_COLUMNS) + ")"
 
@@ -241,6 +254,16 @@ CSV_COLUMNS: Final = (
     "status",
     "attempts",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class UnsettledRow:
+    """A stored request whose budget counters are still to be charged."""
+
+    request_id: str
+    scope: ledger_pb2.BudgetScope
+    cost_micros: int
+    finished_at_ms: int
 
 
 class InvalidPageToken(ValueError):
@@ -384,6 +407,7 @@ def _usage_row(
         record.estimated_input_tokens,
         finished,
         recorded_at_ms,
+        0,
     )
 
 
@@ -603,9 +627,67 @@ class LedgerStore:
             str(row[0]) in inserted and first_index[str(row[0])] == index for index, row in enumerate(rows)
         ]
 
-    async def spent(self, scope: ledger_pb2.BudgetScope, *, start_ms: int, end_ms: int) -> int:
+    async def charged(self, request_ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """What each stored request was charged and whether its budget counters were, by
+        request id (ids not stored are absent)."""
+        found: dict[str, tuple[int, bool]] = {}
+        ids = list(dict.fromkeys(request_ids))
+        for start in range(0, len(ids), _IDS_PER_STATEMENT):
+            chunk = ids[start : start + _IDS_PER_STATEMENT]
+            rows = await self.database.fetch_all(
+                "SELECT request_id, cost_micros, settled FROM ledger_usage WHERE request_id IN ("
+                + ", ".join("?" for _ in chunk)
+                + ")",
+                chunk,
+            )
+            found.update(
+                {str(row["request_id"]): (int(row["cost_micros"]), bool(row["settled"])) for row in rows}
+            )
+        return found
+
+    async def mark_settled(self, request_ids: Sequence[str], *, settled: bool) -> None:
+        """Note whether the budget counters of these stored requests were charged."""
+        ids = list(dict.fromkeys(request_ids))
+        for start in range(0, len(ids), _IDS_PER_STATEMENT):
+            chunk = ids[start : start + _IDS_PER_STATEMENT]
+            await self.database.execute(
+                "UPDATE ledger_usage SET settled = ? WHERE request_id IN ("
+                + ", ".join("?" for _ in chunk)
+                + ")",
+                [1 if settled else 0, *chunk],
+            )
+
+    async def unsettled(self, *, recorded_before_ms: int, limit: int) -> list[UnsettledRow]:
+        """Stored requests recorded before `recorded_before_ms` whose budget counters are still
+        to be charged, oldest first."""
+        rows = await self.database.fetch_all(
+            "SELECT request_id, tenant_id, end_user, api_key_id, scope_model, scope_provider, cost_micros,"
+            " finished_at_ms FROM ledger_usage WHERE settled = 0 AND recorded_at_ms < ?"
+            " ORDER BY recorded_at_ms LIMIT ?",
+            (recorded_before_ms, limit),
+        )
+        return [
+            UnsettledRow(
+                request_id=str(row["request_id"]),
+                scope=ledger_pb2.BudgetScope(
+                    tenant_id=str(row["tenant_id"]),
+                    end_user=str(row["end_user"]),
+                    api_key_id=str(row["api_key_id"]),
+                    model=str(row["scope_model"]),
+                    provider=str(row["scope_provider"]),
+                ),
+                cost_micros=int(row["cost_micros"]),
+                finished_at_ms=int(row["finished_at_ms"]),
+            )
+            for row in rows
+        ]
+
+    async def spent(
+        self, scope: ledger_pb2.BudgetScope, *, start_ms: int, end_ms: int, settled_only: bool = False
+    ) -> int:
         """Charged micro-USD of the requests in [start, end) whose scope matches every non-empty field
-        of `scope`: what a budget on that scope has spent in that window (to reconcile its counter).
+        of `scope`: what a budget on that scope has spent in that window (to reconcile its counter,
+        with `settled_only`: the rows not yet settled are charged by the sweeper instead).
 
         Model and provider match the request's scope (what its budgets were charged by), not the
         model that answered after a failover.
@@ -613,6 +695,8 @@ class LedgerStore:
         _check_window(start_ms, end_ms)
         clauses = _scope_clauses(scope, "scope_model", "scope_provider")
         where = "".join(f" AND {column} = ?" for column, _ in clauses)
+        if settled_only:
+            where += " AND settled = 1"
         row = await self.database.fetch_one(
             "SELECT COALESCE(SUM(cost_micros), 0) AS spent FROM ledger_usage"
             f" WHERE finished_at_ms >= ? AND finished_at_ms < ?{where}",

@@ -47,6 +47,8 @@ from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = get_logger(__name__)
 
+# A stored row still unsettled after this long was not settled by its commit.
+UNSETTLED_AFTER_S: Final = 2.0
 SERVICE_NAME: Final = ledger_pb2.DESCRIPTOR.services_by_name["CostLedgerService"].full_name
 # How long a reservation lives when the caller does not say.
 DEFAULT_RESERVATION_TTL_S: Final = 300
@@ -170,7 +172,9 @@ class Ledger:
             if counter.spent_micros or counter.held_micros:
                 continue
             _, start, end = window_bounds(budget.window, now)
-            spent = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
+            spent = await self.history.spent(
+                budget.scope, start_ms=_ms(start), end_ms=_ms(end), settled_only=True
+            )
             if spent:
                 await self.store.set_spent(ref, spent)
 
@@ -371,14 +375,22 @@ class Ledger:
                 seen.add(record.request_id)
                 running[key] += _tokens(record)
         inserted = await self.history.record_many(charged, recorded_at_ms=_ms(now))
+        # A duplicate answers with what its first commit charged. If its first commit stopped
+        # between the row and the counters (a crash), the retry settles it now, with its leases.
+        earlier = await self.history.charged(
+            [record.request_id for (record, _), fresh in zip(charged, inserted, strict=True) if not fresh]
+        )
         # What the month really holds after each row: only rows stored now add their tokens.
         stored = dict(start)
         results: list[ledger_pb2.CommitResponse] = []
-        for commit, (record, amount), fresh in zip(commits, charged, inserted, strict=True):
+        settled: list[str] = []
+        for commit, (record, computed), fresh in zip(commits, charged, inserted, strict=True):
             key = (record.scope.tenant_id, record.model)
+            amount, done = (computed, False) if fresh else earlier.get(record.request_id, (computed, True))
             if fresh:
                 stored[key] += _tokens(record)
-                await self._settle(commit, amount, now)
+            if not done and await self._settle(commit, amount, now):
+                settled.append(record.request_id)
             results.append(
                 ledger_pb2.CommitResponse(
                     duplicate=not fresh,
@@ -389,32 +401,87 @@ class Ledger:
             )
         for (tenant_id, model), tokens in stored.items():
             self._add_volume(tenant_id, model, month_key, tokens - start[(tenant_id, model)])
+        # Rows whose settlement failed stay unsettled: the sweeper charges them once the store
+        # answers (and a ledger that restarts rebuilds counters from settled rows only).
+        if settled:
+            await self.history.mark_settled(settled, settled=True)
         return results
 
-    async def _settle(self, commit: ledger_pb2.CommitRequest, amount: int, now: datetime) -> None:
-        budgets = await self.budgets_for(record_scope(commit.record))
-        refs = [budget_ref(b, now) for b in budgets]
+    async def _settle(self, commit: ledger_pb2.CommitRequest, amount: int, now: datetime) -> bool:
+        """Charge the budgets of a stored request; False when the budget store failed."""
+        return await self._charge_budgets(
+            commit.record.request_id,
+            record_scope(commit.record),
+            amount,
+            now,
+            reservation_id=commit.reservation_id,
+            lease_ids=list(commit.lease_ids),
+        )
+
+    async def _charge_budgets(
+        self,
+        request_id: str,
+        scope: ledger_pb2.BudgetScope,
+        amount: int,
+        now: datetime,
+        *,
+        reservation_id: str = "",
+        lease_ids: Sequence[str] = (),
+        window_at: datetime | None = None,
+    ) -> bool:
+        budgets = await self.budgets_for(scope)
+        refs = [budget_ref(b, window_at or now) for b in budgets]
         try:
-            await self.store.settle(
-                commit.record.request_id,
+            settlement = await self.store.settle(
+                request_id,
                 amount,
                 refs,
-                reservation_id=commit.reservation_id,
-                lease_ids=list(commit.lease_ids),
+                reservation_id=reservation_id,
+                lease_ids=list(lease_ids),
                 now_ms=_ms(now),
             )
-            for budget, ref in zip(budgets, refs, strict=True):
-                counter = await self.store.counter(ref, now_ms=_ms(now))
-                await self.alerts.observe(
-                    budget, window_key=ref.window_key, spent_micros=counter.spent_micros, now_ms=_ms(now)
-                )
+            if not settlement.duplicate:
+                for budget, ref in zip(budgets, refs, strict=True):
+                    counter = await self.store.counter(ref, now_ms=_ms(now))
+                    await self.alerts.observe(
+                        budget, window_key=ref.window_key, spent_micros=counter.spent_micros, now_ms=_ms(now)
+                    )
         except Exception as exc:
-            # The row is recorded (the truth); counters catch up from it on reconciliation.
-            log.error("budget_settle_failed", request_id=commit.record.request_id, error=type(exc).__name__)
+            log.error("budget_settle_failed", request_id=request_id, error=type(exc).__name__)
+            return False
+        return True
+
+    async def settle_unsettled(self, *, limit: int = 500) -> int:
+        """Charge the budget counters of stored requests whose settlement failed or was cut
+        short (in the window each request finished in); how many were settled now. Rows younger
+        than `UNSETTLED_AFTER_S` are left to the commit that is storing them."""
+        now = _now()
+        rows = await self.history.unsettled(
+            recorded_before_ms=_ms(now) - int(UNSETTLED_AFTER_S * 1000), limit=limit
+        )
+        done = [
+            row.request_id
+            for row in rows
+            if await self._charge_budgets(
+                row.request_id,
+                row.scope,
+                row.cost_micros,
+                now,
+                window_at=datetime.fromtimestamp(row.finished_at_ms / 1000, UTC),
+            )
+        ]
+        if done:
+            await self.history.mark_settled(done, settled=True)
+        return len(done)
 
     async def sweep(self) -> int:
-        """Free reservations and leases whose time is up."""
-        return await self.store.expire(now_ms=_ms(_now()))
+        """Free reservations and leases whose time is up, and charge the counters of requests
+        whose settlement failed earlier."""
+        freed = await self.store.expire(now_ms=_ms(_now()))
+        repaired = await self.settle_unsettled()
+        if repaired:
+            log.info("settlements_repaired", count=repaired)
+        return freed
 
 
 def _effective(record: ledger_pb2.UsageRecord) -> ledger_pb2.UsageRecord:

@@ -1,0 +1,162 @@
+"""A commit whose budget counters could not be charged is charged later, exactly once.
+
+The ledger in-process on a real SQLite file with the in-memory budget store; the store's
+failure is injected by a subclass that refuses to settle while `down` is set (what a Redis
+outage looks like to the ledger: the call raises). Money is checked against the row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from switchyard.common.catalog import load_catalog
+from switchyard.common.sql import open_database
+from switchyard.ledger import service as ledger_service
+from switchyard.ledger.alerts import AlertCenter
+from switchyard.ledger.budgets import BudgetRef, BudgetStoreUnavailable, MemoryBudgetStore, Settlement
+from switchyard.ledger.history import LedgerStore
+from switchyard.ledger.service import Ledger, budget_ref
+from switchyard.v1 import common_pb2, ledger_pb2
+
+MODEL = "openai/gpt-4o-mini"
+
+
+class FlakyStore(MemoryBudgetStore):
+    """The in-memory store, whose settlements fail while `down`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def settle(
+        self,
+        request_id: str,
+        actual_micros: int,
+        budgets: Sequence[BudgetRef],
+        *,
+        reservation_id: str = "",
+        lease_ids: Sequence[str] = (),
+        now_ms: int,
+    ) -> Settlement:
+        if self.down:
+            raise BudgetStoreUnavailable("injected outage")
+        return await super().settle(
+            request_id,
+            actual_micros,
+            budgets,
+            reservation_id=reservation_id,
+            lease_ids=lease_ids,
+            now_ms=now_ms,
+        )
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Ledger, FlakyStore]]:
+    # The sweeper leaves rows younger than this to their commit; here it need not wait.
+    monkeypatch.setattr(ledger_service, "UNSETTLED_AFTER_S", 0.0)
+    database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store = FlakyStore()
+    alerts = await AlertCenter.open(database, secret=None)
+    ledger = Ledger(
+        load_catalog(None),
+        await LedgerStore.open(database),
+        store,
+        alerts,
+        lease_ttl_s=30,
+        settle_after_s=300,
+    )
+    try:
+        yield ledger, store
+    finally:
+        await alerts.aclose()
+        await database.close()
+
+
+def commit(tenant: str, request_id: str) -> ledger_pb2.CommitRequest:
+    record = ledger_pb2.UsageRecord(
+        request_id=request_id,
+        scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+        model=MODEL,
+        provider="openai",
+        usage=common_pb2.Usage(input_tokens=1_000_000, output_tokens=100_000),
+        status="ok",
+        attempts=1,
+    )
+    record.finished_at.GetCurrentTime()
+    return ledger_pb2.CommitRequest(record=record)
+
+
+async def spent(ledger: Ledger, budget: ledger_pb2.Budget) -> int:
+    now = datetime.now(UTC)
+    counter = await ledger.store.counter(budget_ref(budget, now), now_ms=int(now.timestamp() * 1000))
+    return counter.spent_micros
+
+
+async def unsettled(ledger: Ledger) -> list[str]:
+    rows = await ledger.history.unsettled(recorded_before_ms=2**62, limit=10)
+    return [row.request_id for row in rows]
+
+
+async def with_budget(ledger: Ledger) -> tuple[str, ledger_pb2.Budget]:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    budget = await ledger.set_budget(
+        ledger_pb2.Budget(
+            budget_id=f"{tenant}:daily",
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+            window=ledger_pb2.BUDGET_WINDOW_DAILY,
+            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+            limit_micros=100_000_000,
+        ),
+        "ops@example.com",
+    )
+    return tenant, budget
+
+
+async def test_a_commit_during_a_store_outage_is_charged_once_the_store_is_back(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    service, store = ledger
+    tenant, budget = await with_budget(service)
+    store.down = True
+    (result,) = await service.commit_many([commit(tenant, "req-outage")])
+    # $0.15 per 1M input + $0.60 per 1M output: 150,000 + 60,000 micro-USD.
+    assert result.charged_micros == 210_000 and not result.duplicate
+    assert await spent(service, budget) == 0
+    assert await unsettled(service) == ["req-outage"]
+
+    await service.sweep()  # still down: nothing changes, nothing is lost
+    assert await spent(service, budget) == 0
+    assert await unsettled(service) == ["req-outage"]
+
+    store.down = False
+    await service.sweep()
+    assert await spent(service, budget) == 210_000
+    assert await unsettled(service) == []
+    await service.sweep()
+    assert await spent(service, budget) == 210_000
+
+
+async def test_a_retried_commit_completes_a_settlement_a_crash_cut_short(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    service, _ = ledger
+    tenant, budget = await with_budget(service)
+    first = commit(tenant, "req-crash")
+    # The first commit's row landed, then the process died before the counters were charged;
+    # the row says what was charged then (not what the catalog would charge today).
+    (stored,) = await service.history.record_many([(first.record, 123_456)], recorded_at_ms=1)
+    assert stored
+    assert await spent(service, budget) == 0
+
+    (retry,) = await service.commit_many([first])
+    assert retry.duplicate and retry.charged_micros == 123_456
+    assert await spent(service, budget) == 123_456
+    assert await unsettled(service) == []
+    (again,) = await service.commit_many([first])
+    assert again.duplicate and again.charged_micros == 123_456
+    assert await spent(service, budget) == 123_456
