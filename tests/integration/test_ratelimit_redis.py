@@ -114,6 +114,25 @@ async def test_a_full_burst_is_admitted_at_once_then_requests_are_paced(backend:
     assert (await backend.acquire(check)).retry_after_s == 6.0
 
 
+async def test_token_buckets_are_corrected_to_what_the_answer_used(backend: Backend) -> None:
+    def tpm(cost: int) -> LimitCheck:
+        return LimitCheck(key="t:tpm", name=TIER_TPM, rate=1_000, cost=cost)
+
+    # Estimated 800 (prompt + output cap); the answer used 300: 500 come back.
+    assert (await backend.acquire(tpm(800))).remaining[TIER_TPM] == 200
+    await backend.limiter.adjust([tpm(800)], [300 - 800])
+    assert (await backend.acquire(tpm(700))).remaining[TIER_TPM] == 0
+    # An answer that used 250 more than estimated is charged the extra without refusal...
+    await backend.limiter.adjust([tpm(0)], [250])
+    refused = await backend.acquire(tpm(1))
+    assert not refused.allowed
+    assert refused.retry_after_s == pytest.approx(251 * 60 / 1000, abs=1e-5)
+    # ...and a refund never leaves more than a full bucket.
+    await backend.limiter.adjust([tpm(0)], [-5_000])
+    assert (await backend.acquire(tpm(1_000))).allowed
+    assert not (await backend.acquire(tpm(1))).allowed
+
+
 async def test_retry_after_is_the_exact_moment_the_request_conforms(backend: Backend) -> None:
     check = rpm(rate=7)  # 60/7 s per request: not a round number
     for _ in range(7):

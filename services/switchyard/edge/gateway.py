@@ -15,30 +15,47 @@ Nothing is charged before the request is known to be valid and admitted.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, Final
 
 import grpc
 
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.logging import get_logger
 from switchyard.edge.admission import AdmissionController, rank
 from switchyard.edge.dedup import Dedup, request_key
 from switchyard.edge.keys import KeyAuthenticator, Principal, effective_tier
 from switchyard.edge.pipeline import Caller, ChatPipeline, Record
-from switchyard.edge.ratelimit import ModelLimits, RateLimiter, rate_limited_error, request_checks
+from switchyard.edge.ratelimit import (
+    MODEL_TPM,
+    TIER_TPM,
+    ModelLimits,
+    RateLimiter,
+    rate_limited_error,
+    request_checks,
+)
 from switchyard.edge.validate import validate_chat_request, validate_for_model
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.router.plan import AUTO
 from switchyard.v1 import common_pb2, ledger_pb2
 
+log = get_logger(__name__)
+
+TOKEN_LIMITS: Final = frozenset({TIER_TPM, MODEL_TPM})
+
 Authenticate = Callable[[str | None], Awaitable[Caller]]
 """Raw `authorization` value (None when absent) -> the caller; raises UNAUTHENTICATED."""
 
-RateLimit = Callable[[Caller, Model | None, int], Awaitable[None]]
+TokenSettle = Callable[[int], Coroutine[Any, Any, None]]
+"""(tokens the answer actually used) -> correct the token limits charged with the estimate."""
+RateLimit = Callable[[Caller, Model | None, int], Awaitable[TokenSettle | None]]
 """(caller, requested model or None for `auto`, estimated tokens) -> charge the limits or
-raise RATE_LIMITED."""
+raise RATE_LIMITED; returns how to settle the token limits once usage is known (None when no
+token limit applies)."""
 
 
 # Callers derived from principals, so a request costs one dict lookup after the key check.
@@ -83,7 +100,7 @@ def charge_rate_limits(catalog: Catalog, limiter: RateLimiter) -> RateLimit:
     and the requested model's per-tenant limits, charged atomically by `limiter`."""
     fallback_tier = catalog.tiers.get("free") or next(iter(catalog.tiers.values()))
 
-    async def charge(caller: Caller, model: Model | None, tokens: int) -> None:
+    async def charge(caller: Caller, model: Model | None, tokens: int) -> TokenSettle | None:
         tier = catalog.tiers.get(caller.tier, fallback_tier)
         limits = ModelLimits(model.requests_per_minute, model.tokens_per_minute) if model else None
         model_id = model.id if model else None
@@ -93,6 +110,14 @@ def charge_rate_limits(catalog: Catalog, limiter: RateLimiter) -> RateLimit:
         decision = await limiter.acquire(checks)
         if not decision.allowed:
             raise rate_limited_error(decision, tenant=caller.tenant_id, model=model_id)
+        token_checks = [check for check in checks if check.name in TOKEN_LIMITS]
+        if not token_checks:
+            return None
+
+        async def settle(used: int) -> None:
+            await limiter.adjust(token_checks, [max(0, used) - check.cost for check in token_checks])
+
+        return settle
 
     return charge
 
@@ -127,6 +152,7 @@ class EdgeGateway:
         self.dedup = dedup
         self._rate_limit = rate_limit
         self._record = record
+        self._background: set[asyncio.Task[None]] = set()
 
     def check(self, request: common_pb2.ChatRequest, caller: Caller) -> Admitted:
         """Validate `request` for `caller` (shape, scope, model limits); raise on the first problem."""
@@ -179,13 +205,29 @@ class EdgeGateway:
             max_output = (
                 request.sampling.max_output_tokens if request.sampling.HasField("max_output_tokens") else 0
             )
-            await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
+            settle = await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
             chunks = self._answer(request, caller, timeout_s, admitted.prompt)
+            used = 0  # no usage: the vendor served nothing we can count
             try:
                 async for chunk in chunks:
+                    if settle is not None and chunk.HasField("usage"):
+                        used = chunk.usage.input_tokens + chunk.usage.output_tokens
                     yield chunk
             finally:
                 await chunks.aclose()
+                if settle is not None:
+                    self._in_background(settle(used))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` off the caller's path (its failure is logged, never raised)."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background_step_failed", error=type(task.exception()).__name__)
 
     def _answer(
         self,

@@ -24,6 +24,12 @@ one round trip per request, keys expire when their bucket is full again. Its clo
 skew cannot grant or deny extra requests; tests may pass a clock instead. Both backends pass
 the same contract tests (tests/integration/test_ratelimit_redis.py).
 
+Correction. Token limits are charged an estimate up front (the prompt plus the requested
+output cap); once the answer's usage is known, `adjust(checks, deltas)` moves each token
+bucket by the difference: a refund when the request used fewer tokens than estimated (never
+below an empty bucket), an unconditional charge when it used more (the tokens are spent; the
+next request waits for them). So tokens per minute count what vendors actually served.
+
 Redis failures fail open, but not unlimited: the Redis limiter then decides with a local
 in-memory limiter (per-replica limits, marked `degraded`), logs `rate_limit_backend_failed`
 once per outage, counts failures, and skips Redis for `failure_cooldown_s` so an outage does
@@ -164,9 +170,25 @@ class RateLimiter(Protocol):
         """Charge every check, or none of them if any is refused."""
         ...
 
+    async def adjust(self, checks: Sequence[LimitCheck], deltas: Sequence[int]) -> None:
+        """Move each check's bucket by its delta in units: charged (> 0) without refusal, or
+        refunded (< 0) down to an empty bucket at most."""
+        ...
+
     async def aclose(self) -> None:
         """Release what the limiter owns (connections)."""
         ...
+
+
+def _adjusted_tat(now: int, tat: int | None, delta: int, check: LimitCheck) -> int:
+    """The TAT after moving `check`'s bucket by `delta` units at `now` (µs).
+
+    The Lua script in `_ADJUST_SCRIPT` is this function line for line; change both together.
+    """
+    base = max(tat or 0, now)
+    if delta >= 0:
+        return base + _emission(delta, check)
+    return max(now, base - _emission(-delta, check))
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +413,22 @@ class MemoryRateLimiter:
         self._locks.update(outcome.new_locks)
         return _decision(outcome, checks)
 
+    async def adjust(self, checks: Sequence[LimitCheck], deltas: Sequence[int]) -> None:
+        """Move each check's bucket by its delta (see `RateLimiter.adjust`)."""
+        self.adjust_now(checks, deltas)
+
+    def adjust_now(self, checks: Sequence[LimitCheck], deltas: Sequence[int]) -> None:
+        """`adjust` without the coroutine (the Redis fallback)."""
+        now = round(self._clock() * _US)
+        for check, delta in zip(checks, deltas, strict=True):
+            if delta == 0:
+                continue
+            new_tat = _adjusted_tat(now, self._tats.get(check.key), delta, check)
+            if new_tat > now:
+                self._tats[check.key] = new_tat
+            else:
+                self._tats.pop(check.key, None)
+
     def sweep(self, now_us: int | None = None) -> None:
         """Forget every key whose state no longer matters (TAT or lockout in the past)."""
         now = round(self._clock() * _US) if now_us is None else now_us
@@ -485,6 +523,38 @@ return out
 """
 
 
+# KEYS: one GCRA key per check. ARGV: clock override in µs ('' = Redis TIME), number of checks,
+# then three per check: period_us, rate, delta. Mirrors `_adjusted_tat`.
+_ADJUST_SCRIPT: Final = """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  local period, rate, delta = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local new_tat
+  if delta >= 0 then
+    new_tat = tat + math.floor(delta * period / rate)
+  else
+    new_tat = tat - math.floor(-delta * period / rate)
+    if new_tat < now then new_tat = now end
+  end
+  if new_tat > now then
+    redis.call('SET', KEYS[i], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
+return n
+"""
+
+
 class RedisRateLimiter:
     """The shared backend: one Lua script per request against Redis, same algorithm as memory.
 
@@ -507,6 +577,7 @@ class RedisRateLimiter:
     ) -> None:
         self._client = client
         self._script = client.register_script(_SCRIPT)
+        self._adjust_script = client.register_script(_ADJUST_SCRIPT)
         self._clock = clock
         self._prefix = key_prefix
         self._fallback = fallback if fallback is not None else MemoryRateLimiter()
@@ -541,6 +612,25 @@ class RedisRateLimiter:
             self._down_until = None
             _log.info("rate_limit_backend_recovered", failures=self.backend_failures)
         return _decision(outcome, checks)
+
+    async def adjust(self, checks: Sequence[LimitCheck], deltas: Sequence[int]) -> None:
+        """Move each check's bucket by its delta (one Redis round trip; the local fallback's
+        buckets while Redis is unreachable)."""
+        if not any(deltas):
+            return
+        if self._down_until is not None and self._monotonic() < self._down_until:
+            self._fallback.adjust_now(checks, deltas)
+            return
+        now = "" if self._clock is None else str(round(self._clock() * _US))
+        args: list[str | int] = [now, len(checks)]
+        for check, delta in zip(checks, deltas, strict=True):
+            args += [check.period_us, check.rate, delta]
+        try:
+            await self._adjust_script(keys=[self._prefix + check.key for check in checks], args=args)
+        except (RedisError, OSError) as exc:
+            self.backend_failures += 1
+            _log.warning("rate_limit_adjust_failed", error=type(exc).__name__)
+            self._fallback.adjust_now(checks, deltas)
 
     def _degraded(self, checks: Sequence[LimitCheck]) -> Decision:
         self.degraded_decisions += 1

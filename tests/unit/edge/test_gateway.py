@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from switchyard.common.catalog import load_catalog
+from switchyard.common.catalog import load_catalog, parse_catalog
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.settings import Settings
 from switchyard.edge.admission import AdmissionController
-from switchyard.edge.gateway import EdgeGateway
+from switchyard.edge.gateway import EdgeGateway, charge_rate_limits
 from switchyard.edge.pipeline import BACKOFF_CAP_S, Caller, ChatPipeline, backoff_s
+from switchyard.edge.ratelimit import MODEL_TPM, TIER_TPM, LimitCheck, MemoryRateLimiter
 from switchyard.ledger.tokens import count_prompt_tokens
 from switchyard.v1 import common_pb2
 
@@ -98,3 +102,71 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert 0.1 <= waits[1] <= 0.2
     assert all(BACKOFF_CAP_S / 2 <= w <= BACKOFF_CAP_S for w in waits[5:])
     assert len({round(backoff_s(3), 9) for _ in range(20)}) > 1
+
+
+class _AnsweringPipeline(ChatPipeline):
+    """The pipeline with the vendor replaced by a fixed answer of known usage."""
+
+    def __init__(self, usage: common_pb2.Usage | None) -> None:
+        super().__init__(Settings.from_env({}), TPM_CATALOG, ChannelPool())
+        self.usage = usage
+
+    async def stream(  # type: ignore[override]
+        self, request: common_pb2.ChatRequest, caller: Caller, **_: object
+    ) -> AsyncIterator[common_pb2.ChatChunk]:
+        yield common_pb2.ChatChunk(delta=common_pb2.Delta(text="ok"))
+        if self.usage is None:
+            raise SwitchyardError(grpc.StatusCode.UNAVAILABLE, Reason.PROVIDER_UNAVAILABLE, "down")
+        yield common_pb2.ChatChunk(usage=self.usage)
+        yield common_pb2.ChatChunk(done=common_pb2.Done(request_id=request.request_id))
+
+
+TPM_CATALOG = parse_catalog(
+    """
+providers:
+  openai: {vendor: openai, base_url: "http://127.0.0.1:9/v1"}
+models:
+  - {id: openai/m, provider: openai, upstream_model: m, context_window: 8000, max_output_tokens: 1000,
+     prices: {input: "1", output: "2"}, tokens_per_minute: 5000}
+tiers:
+  metered: {requests_per_minute: 100, tokens_per_minute: 1000}
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("usage", "used"),
+    [(common_pb2.Usage(input_tokens=12, output_tokens=30), 42), (None, 0)],
+    ids=["answered", "failed"],
+)
+async def test_token_limits_are_settled_at_what_the_answer_used(
+    usage: common_pb2.Usage | None, used: int
+) -> None:
+    limiter = MemoryRateLimiter()
+    edge = EdgeGateway(
+        TPM_CATALOG,
+        _AnsweringPipeline(usage),
+        authenticate=_caller,
+        rate_limit=charge_rate_limits(TPM_CATALOG, limiter),
+        admission=AdmissionController(4, max_queue=4, queue_timeout_s=1),
+        dedup=None,
+    )
+    caller = Caller("t", tier="metered")
+    request = ask("openai/m", "hello there", max_output=500)
+
+    def remaining(key: str, name: str, rate: int) -> int:
+        return limiter.acquire_now([LimitCheck(key=key, name=name, rate=rate, cost=0)]).remaining[name]
+
+    chunks = edge.stream_as(request, caller, timeout_s=5)
+    await anext(chunks)
+    # While the answer runs, both token limits hold the estimate (prompt + the output cap).
+    estimate = edge.check(request, caller).prompt.tokens + 500
+    assert remaining("{t}:tpm", TIER_TPM, 1000) == 1000 - estimate
+    assert remaining("{t}:model:openai/m:tpm", MODEL_TPM, 5000) == 5000 - estimate
+    with contextlib.suppress(SwitchyardError):
+        async for _ in chunks:
+            pass
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert remaining("{t}:tpm", TIER_TPM, 1000) == 1000 - used
+    assert remaining("{t}:model:openai/m:tpm", MODEL_TPM, 5000) == 5000 - used
