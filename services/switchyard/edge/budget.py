@@ -233,13 +233,19 @@ class LeaseBook:
 
     # --- holds ---------------------------------------------------------------------------
 
-    async def hold(self, scope: ledger_pb2.BudgetScope, amount: int) -> BudgetHold:
-        """Hold `amount` micro-USD against every hard budget on `scope`; raises BUDGET_EXCEEDED."""
+    async def hold(self, scope: ledger_pb2.BudgetScope, amount: int | Callable[[], int]) -> BudgetHold:
+        """Hold `amount` micro-USD against every hard budget on `scope`; raises BUDGET_EXCEEDED.
+
+        `amount` may be a function, called only when a hard budget applies (working out a
+        request's worst case is skipped for the many requests no hard budget covers).
+        """
         directory = await self._directory_now()
         key = scope_key(scope)
         budget_ids = self.hard_budgets(directory, key)
         if not budget_ids:
-            return BudgetHold(amount, [])
+            return BudgetHold(0, [])
+        if callable(amount):
+            amount = amount()
         parts: list[_Lease] = []
         try:
             for budget_id in budget_ids:

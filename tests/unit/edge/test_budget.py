@@ -123,6 +123,17 @@ async def test_a_scope_without_hard_budgets_holds_nothing_and_asks_for_no_lease(
     book = LeaseBook(ledger, "edge-1")
     hold = await book.hold(SCOPE, 10**9)
     assert hold.lease_ids == [] and "lease" not in ledger.calls
+    # The worst case is worked out only when a hard budget needs it.
+    worked_out: list[int] = []
+
+    def worst() -> int:
+        worked_out.append(10)
+        return 10
+
+    assert (await book.hold(SCOPE, worst)).lease_ids == [] and worked_out == []
+    covered = LeaseBook(FakeLedger(budget("b", 100, tenant_id="acme")), "edge-2")
+    assert (await covered.hold(SCOPE, worst)).lease_ids and worked_out == [10]
+    await covered.aclose()
     await book.aclose()
 
 
