@@ -193,6 +193,14 @@ class ModelHealth(_message.Message):
     HEADROOM_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    BREAKER_RETRY_AT_FIELD_NUMBER: _builtins.int
+    HALF_OPEN_TRIALS_FIELD_NUMBER: _builtins.int
+    LATENCY_BASE_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_PER_INPUT_TOKEN_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_PER_OUTPUT_TOKEN_FIELD_NUMBER: _builtins.int
+    LATENCY_FIT_SAMPLES_FIELD_NUMBER: _builtins.int
+    LATENCY_PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     status: Global___HealthStatus.ValueType
@@ -209,12 +217,31 @@ class ModelHealth(_message.Message):
     output_tokens_per_second: _builtins.float
     last_error: _builtins.str
     samples: _builtins.int
+    consecutive_failures: _builtins.int
+    """Failures in a row since the last success."""
+    half_open_trials: _builtins.int
+    """Trial requests each edge may send while the breaker is half-open."""
+    latency_base_ms: _builtins.float
+    """The online latency model fitted on recent outcomes:
+    total latency ms ≈ base + per_input · input tokens + per_output · output tokens.
+    """
+    latency_ms_per_input_token: _builtins.float
+    latency_ms_per_output_token: _builtins.float
+    latency_fit_samples: _builtins.int
+    latency_prediction_error: _builtins.float
+    """Mean of |predicted - actual| / actual over recent outcomes, each predicted before it was
+    learned from (0 when there is no prediction yet).
+    """
     @_builtins.property
     def last_error_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def headroom(self) -> _common_pb2.RateLimitHeadroom: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def breaker_retry_at(self) -> _timestamp_pb2.Timestamp:
+        """When an open breaker lets trial requests through (half-open)."""
+
     def __init__(
         self,
         *,
@@ -235,10 +262,18 @@ class ModelHealth(_message.Message):
         headroom: _common_pb2.RateLimitHeadroom | None = ...,
         samples: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        consecutive_failures: _builtins.int = ...,
+        breaker_retry_at: _timestamp_pb2.Timestamp | None = ...,
+        half_open_trials: _builtins.int = ...,
+        latency_base_ms: _builtins.float = ...,
+        latency_ms_per_input_token: _builtins.float = ...,
+        latency_ms_per_output_token: _builtins.float = ...,
+        latency_fit_samples: _builtins.int = ...,
+        latency_prediction_error: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["headroom", b"headroom", "last_error_at", b"last_error_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breaker_retry_at", b"breaker_retry_at", "headroom", b"headroom", "last_error_at", b"last_error_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "error_rate", b"error_rate", "ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "headroom", b"headroom", "last_error", b"last_error", "last_error_at", b"last_error_at", "model", b"model", "output_tokens_per_second", b"output_tokens_per_second", "p50_latency_ms", b"p50_latency_ms", "p95_latency_ms", b"p95_latency_ms", "p99_latency_ms", b"p99_latency_ms", "provider", b"provider", "reason", b"reason", "samples", b"samples", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "breaker_retry_at", b"breaker_retry_at", "consecutive_failures", b"consecutive_failures", "error_rate", b"error_rate", "ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "half_open_trials", b"half_open_trials", "headroom", b"headroom", "last_error", b"last_error", "last_error_at", b"last_error_at", "latency_base_ms", b"latency_base_ms", "latency_fit_samples", b"latency_fit_samples", "latency_ms_per_input_token", b"latency_ms_per_input_token", "latency_ms_per_output_token", b"latency_ms_per_output_token", "latency_prediction_error", b"latency_prediction_error", "model", b"model", "output_tokens_per_second", b"output_tokens_per_second", "p50_latency_ms", b"p50_latency_ms", "p95_latency_ms", b"p95_latency_ms", "p99_latency_ms", b"p99_latency_ms", "provider", b"provider", "reason", b"reason", "samples", b"samples", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

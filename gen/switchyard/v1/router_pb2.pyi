@@ -437,12 +437,15 @@ class LatencyModel(_message.Message):
     MS_PER_INPUT_TOKEN_FIELD_NUMBER: _builtins.int
     MS_PER_OUTPUT_TOKEN_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     provider: _builtins.str
     base_ms: _builtins.float
     ms_per_input_token: _builtins.float
     ms_per_output_token: _builtins.float
     samples: _builtins.int
+    prediction_error: _builtins.float
+    """Mean relative error of its predictions against what then happened."""
     def __init__(
         self,
         *,
@@ -452,10 +455,11 @@ class LatencyModel(_message.Message):
         ms_per_input_token: _builtins.float = ...,
         ms_per_output_token: _builtins.float = ...,
         samples: _builtins.int = ...,
+        prediction_error: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ms", b"base_ms", "model", b"model", "ms_per_input_token", b"ms_per_input_token", "ms_per_output_token", b"ms_per_output_token", "provider", b"provider", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ms", b"base_ms", "model", b"model", "ms_per_input_token", b"ms_per_input_token", "ms_per_output_token", b"ms_per_output_token", "prediction_error", b"prediction_error", "provider", b"provider", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,8 +501,12 @@ class RoutingSnapshot(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     LATENCY_MODELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Increases with every change."""
+    default_model: _builtins.str
+    """The model `auto` and an empty model fall back to when classification finds nothing better."""
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -521,6 +529,10 @@ class RoutingSnapshot(_message.Message):
 
     @_builtins.property
     def latency_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatencyModel]: ...
+    @_builtins.property
+    def settings(self) -> Global___RoutingSettings:
+        """The router's settings that planning reads (for example the half-open trial share)."""
+
     def __init__(
         self,
         *,
@@ -534,11 +546,51 @@ class RoutingSnapshot(_message.Message):
         health: _abc.Iterable[_health_pb2.ModelHealth] | None = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         latency_models: _abc.Iterable[Global___LatencyModel] | None = ...,
+        default_model: _builtins.str = ...,
+        settings: Global___RoutingSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "fallbacks", b"fallbacks", "generated_at", b"generated_at", "health", b"health", "latency_models", b"latency_models", "models", b"models", "providers", b"providers", "tenants", b"tenants", "version", b"version", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_model", b"default_model", "fallbacks", b"fallbacks", "generated_at", b"generated_at", "health", b"health", "latency_models", b"latency_models", "models", b"models", "providers", b"providers", "settings", b"settings", "tenants", b"tenants", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoutingSnapshot: _TypeAlias = RoutingSnapshot  # noqa: Y015
+
+@_typing.final
+class RoutingSettings(_message.Message):
+    """Knobs of the plan library, set on the router and carried to every edge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    EQUAL_SCORE_BAND_FIELD_NUMBER: _builtins.int
+    WEIGHT_FLOOR_FIELD_NUMBER: _builtins.int
+    HEADROOM_RESERVE_FIELD_NUMBER: _builtins.int
+    max_candidates: _builtins.int
+    """Candidates in a plan (at most this many attempts)."""
+    equal_score_band: _builtins.float
+    """Two candidates whose scores differ by less than this fraction are equals, among which
+    traffic is balanced by weighted round robin.
+    """
+    weight_floor: _builtins.float
+    """The smallest share of traffic any healthy equal keeps, 0 to 1."""
+    headroom_reserve: _builtins.float
+    """A provider whose remaining requests or tokens fall to this fraction of its limit is
+    avoided before it starts answering 429.
+    """
+    def __init__(
+        self,
+        *,
+        max_candidates: _builtins.int = ...,
+        equal_score_band: _builtins.float = ...,
+        weight_floor: _builtins.float = ...,
+        headroom_reserve: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["equal_score_band", b"equal_score_band", "headroom_reserve", b"headroom_reserve", "max_candidates", b"max_candidates", "weight_floor", b"weight_floor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutingSettings: _TypeAlias = RoutingSettings  # noqa: Y015

@@ -282,10 +282,15 @@ class Tier(_Strict):
 
 
 class Tenant(_Strict):
-    """A tenant: its tier and the models it may use (empty: all)."""
+    """A tenant: its tier, the models it may use (empty: all) and its routing rules.
+
+    `routing_rules` is an ordered list (first match wins) validated by
+    `switchyard.router.rules.compile_rules` when the catalog loads.
+    """
 
     tier: str = "free"
     allowed_models: tuple[str, ...] = ()
+    routing_rules: tuple[dict[str, Any], ...] = ()
 
 
 DEFAULT_TIERS: Final = {
@@ -334,7 +339,18 @@ class Catalog(_Strict):
             for m_index, model_id in enumerate(tenant.allowed_models):
                 if model_id not in seen:
                     raise _at(("tenants", name, "allowed_models", m_index), f"unknown model {model_id!r}")
+            if tenant.routing_rules:
+                self._check_rules(name, tenant)
         return self
+
+    def _check_rules(self, name: str, tenant: Tenant) -> None:
+        # Imported here: the rules module is the router's, and it imports nothing from the catalog.
+        from switchyard.router.rules import RuleError, compile_rules
+
+        try:
+            compile_rules(tenant.routing_rules, model_ids=set(self._by_id), tiers=set(self.tiers))
+        except RuleError as exc:
+            raise _at(("tenants", name, "routing_rules", exc.index, *exc.path), exc.message) from None
 
     def model(self, model_id: str) -> Model | None:
         """The model with this exact id."""
@@ -390,6 +406,8 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(f"{file}: cannot read the catalog: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{file}: the catalog is not UTF-8 (byte {exc.start})") from None
     return parse_catalog(text, source=str(file))
 
 

@@ -87,6 +87,25 @@ class Settings(BaseModel):
     webhook_secret: str | None = Field(default=None, repr=False)
     # Seconds between the ledger's sweeps of expired reservations and leases.
     ledger_sweep_s: float = Field(default=1.0, gt=0)
+    # Health monitor: a (provider, model) breaker opens after this many failures in a row, or
+    # when the error rate over the window passes the threshold (with at least min_samples).
+    health_failure_threshold: int = Field(default=5, gt=0)
+    health_error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    health_window_s: float = Field(default=60.0, gt=0)
+    health_min_samples: int = Field(default=10, gt=0)
+    # An open breaker turns half-open after this long and lets this many trials through.
+    health_open_s: float = Field(default=60.0, gt=0)
+    health_half_open_trials: int = Field(default=3, gt=0)
+    # Seconds between active probes of each provider (jittered); 0 turns probing off.
+    health_probe_interval_s: float = Field(default=30.0, ge=0)
+    # Seconds between the edge's batched outcome reports to the health monitor.
+    health_report_interval_s: float = Field(default=0.5, gt=0)
+    # Router: seconds between checks of the catalog file for edits (rules, models).
+    router_reload_s: float = Field(default=0.5, gt=0)
+    # Plan library knobs, pushed to every edge in the routing snapshot.
+    router_equal_score_band: float = Field(default=0.1, ge=0, lt=1)
+    router_weight_floor: float = Field(default=0.05, ge=0, lt=1)
+    router_headroom_reserve: float = Field(default=0.02, ge=0, lt=1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -119,6 +138,18 @@ class Settings(BaseModel):
             "SWITCHYARD_LEASE_TTL_S": "lease_ttl_s",
             "SWITCHYARD_WEBHOOK_SECRET": "webhook_secret",
             "SWITCHYARD_LEDGER_SWEEP_S": "ledger_sweep_s",
+            "SWITCHYARD_HEALTH_FAILURE_THRESHOLD": "health_failure_threshold",
+            "SWITCHYARD_HEALTH_ERROR_RATE_THRESHOLD": "health_error_rate_threshold",
+            "SWITCHYARD_HEALTH_WINDOW_S": "health_window_s",
+            "SWITCHYARD_HEALTH_MIN_SAMPLES": "health_min_samples",
+            "SWITCHYARD_HEALTH_OPEN_S": "health_open_s",
+            "SWITCHYARD_HEALTH_HALF_OPEN_TRIALS": "health_half_open_trials",
+            "SWITCHYARD_HEALTH_PROBE_INTERVAL_S": "health_probe_interval_s",
+            "SWITCHYARD_HEALTH_REPORT_INTERVAL_S": "health_report_interval_s",
+            "SWITCHYARD_ROUTER_RELOAD_S": "router_reload_s",
+            "SWITCHYARD_ROUTER_EQUAL_SCORE_BAND": "router_equal_score_band",
+            "SWITCHYARD_ROUTER_WEIGHT_FLOOR": "router_weight_floor",
+            "SWITCHYARD_ROUTER_HEADROOM_RESERVE": "router_headroom_reserve",
         }
         for var, field in simple.items():
             raw = env.get(var)

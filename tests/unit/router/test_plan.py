@@ -1,72 +1,819 @@
-"""Planning: the requested model (by id, alias or default), then its fallback chain."""
+"""Planning: candidates, filters, strategies, rules, load balancing and Explain."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
-from switchyard.common.catalog import parse_catalog
+from switchyard.common.catalog import Catalog, parse_catalog
 from switchyard.common.errors import Reason, SwitchyardError
-from switchyard.router.plan import plan_route
+from switchyard.router.plan import (
+    PANIC_NOTE,
+    Explanation,
+    Planner,
+    RoutePlan,
+    ScoredRow,
+    plan_response,
+    plan_route,
+)
+from switchyard.router.table import RoutingTable, build_snapshot, default_settings
+from switchyard.v1 import common_pb2, health_pb2, router_pb2
 
-CATALOG = parse_catalog(
-    """
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+URL = "http://127.0.0.1:9/v1"
+
+MESH_YAML = f"""
 providers:
-  a: {vendor: openai, base_url: "http://127.0.0.1:1/v1"}
-  b: {vendor: openai_compatible, base_url: "http://127.0.0.1:2/v1"}
+  alpha: {{vendor: openai, base_url: "{URL}", region: us}}
+  beta: {{vendor: anthropic, base_url: "{URL}", region: eu}}
+  gamma: {{vendor: mistral, base_url: "{URL}", region: us}}
 models:
-  - {id: a/one, provider: a, upstream_model: one, context_window: 1000, max_output_tokens: 100,
-     prices: {input: "1", output: "2"}, aliases: [first], fallbacks: [b/two, a/three, b/four]}
-  - {id: b/two, provider: b, upstream_model: two-v2, context_window: 1000, max_output_tokens: 100,
-     prices: {input: "1", output: "2"}, fallbacks: [a/one]}
-  - {id: a/three, provider: a, upstream_model: three, context_window: 1000, max_output_tokens: 100,
-     prices: {input: "1", output: "2"}}
-  - {id: b/four, provider: b, upstream_model: four, context_window: 1000, max_output_tokens: 100,
-     prices: {input: "1", output: "2"}}
-default_model: b/two
+  - {{id: alpha/small, provider: alpha, upstream_model: a-small, category: small, quality: 70,
+     context_window: 8000, max_output_tokens: 1000, prices: {{input: "0.2", output: "0.4"}},
+     capabilities: [streaming, tools, json_mode]}}
+  - {{id: beta/small, provider: beta, upstream_model: b-small, category: small, quality: 70,
+     context_window: 8000, max_output_tokens: 1000, prices: {{input: "0.2", output: "0.4"}},
+     capabilities: [streaming, tools, json_mode]}}
+  - {{id: gamma/small, provider: gamma, upstream_model: g-small, category: small, quality: 50,
+     context_window: 4000, max_output_tokens: 1000, prices: {{input: "0.1", output: "0.2"}},
+     capabilities: [streaming]}}
+  - {{id: alpha/large, provider: alpha, upstream_model: a-large, category: large, quality: 85,
+     context_window: 128000, max_output_tokens: 4000, prices: {{input: "2", output: "8"}},
+     capabilities: [streaming, tools, vision, json_mode, json_schema],
+     aliases: [smart], fallbacks: [beta/large, alpha/small]}}
+  - {{id: beta/large, provider: beta, upstream_model: b-large, category: large, quality: 88,
+     context_window: 200000, max_output_tokens: 4000, prices: {{input: "3", output: "15"}},
+     capabilities: [streaming, tools, vision, json_schema], fallbacks: [alpha/large]}}
+  - {{id: gamma/large, provider: gamma, upstream_model: g-large, category: large, quality: 80,
+     context_window: 32000, max_output_tokens: 4000, prices: {{input: "1", output: "3"}},
+     capabilities: [streaming, tools]}}
+  - {{id: alpha/think, provider: alpha, upstream_model: a-think, category: reasoning, quality: 92,
+     context_window: 200000, max_output_tokens: 50000, prices: {{input: "1.1", output: "4.4"}},
+     capabilities: [streaming, tools, reasoning]}}
+default_model: alpha/small
+tenants:
+  plain: {{}}
+  restricted: {{allowed_models: [alpha/small, gamma/small]}}
+  pinned:
+    routing_rules: [{{name: pin-gamma, then: {{pin: gamma/large, fallbacks: [alpha/small]}}}}]
+  excluder:
+    routing_rules: [{{when: {{task_type: [simple_chat]}}, then: {{exclude: [alpha/small]}}}}]
+  preferer:
+    routing_rules: [{{then: {{prefer: [gamma/small]}}}}]
+  capper:
+    routing_rules: [{{then: {{cap_cost_per_million_usd: "2"}}}}]
+  chainer:
+    routing_rules: [{{when: {{model: [alpha/large]}}, then: {{fallbacks: [gamma/large]}}}}]
+  autofallback:
+    routing_rules: [{{when: {{model: [auto]}}, then: {{fallbacks: [alpha/think]}}}}]
+  ordered:
+    routing_rules:
+      - {{name: team-a, when: {{tags: {{team: a}}}}, then: {{pin: beta/small}}}}
+      - {{name: coders, when: {{task_type: [code]}}, then: {{pin: gamma/large}}}}
+  tiered:
+    tier: free
+    routing_rules: [{{when: {{tier: [pro]}}, then: {{pin: gamma/small}}}}]
+"""
+MESH = parse_catalog(MESH_YAML)
+
+TWINS = parse_catalog(
+    f"""
+providers:
+  alpha: {{vendor: openai, base_url: "{URL}", region: us}}
+  beta: {{vendor: openai_compatible, base_url: "{URL}", region: us}}
+models:
+  - {{id: alpha/m, provider: alpha, upstream_model: m, context_window: 8000, max_output_tokens: 500,
+     prices: {{input: "0.2", output: "0.4"}}, category: small, quality: 70}}
+  - {{id: beta/m, provider: beta, upstream_model: m, context_window: 8000, max_output_tokens: 500,
+     prices: {{input: "0.2", output: "0.4"}}, category: small, quality: 70}}
 """
 )
 
 
-def ids(plan: list) -> list[str]:  # type: ignore[type-arg]
-    return [c.model.id for c in plan]
+def settings(
+    *, band: float = 0.0, max_candidates: int = 3, floor: float = 0.05
+) -> router_pb2.RoutingSettings:
+    value = default_settings()
+    value.equal_score_band, value.max_candidates, value.weight_floor = band, max_candidates, floor
+    return value
 
 
-def test_requested_model_then_fallbacks_capped_at_three() -> None:
-    plan = plan_route(CATALOG, "a/one")
-    assert ids(plan) == ["a/one", "b/two", "a/three"]
-    assert [c.reason for c in plan] == ["requested model", "fallback of a/one", "fallback of a/one"]
-    assert [(c.provider, c.vendor) for c in plan] == [
-        ("a", "openai"),
-        ("b", "openai_compatible"),
-        ("a", "openai"),
+def table(
+    catalog: Catalog = MESH,
+    *,
+    health: Iterable[health_pb2.ModelHealth] = (),
+    weights: Mapping[str, float] | None = None,
+    version: int = 1,
+    band: float = 0.0,
+    max_candidates: int = 3,
+    floor: float = 0.05,
+) -> RoutingTable:
+    snapshot = build_snapshot(
+        catalog,
+        version=version,
+        health=health,
+        weights=weights,
+        settings=settings(band=band, max_candidates=max_candidates, floor=floor),
+        now=NOW,
+    )
+    return RoutingTable.from_snapshot(snapshot)
+
+
+def planner(catalog: Catalog = MESH, **options: object) -> Planner:
+    return Planner(table(catalog, **options))  # type: ignore[arg-type]
+
+
+def ask(
+    model: str = "auto",
+    text: str = "hello there",
+    *,
+    task: int = common_pb2.TASK_TYPE_UNSPECIFIED,
+    preference: int = common_pb2.ROUTING_PREFERENCE_UNSPECIFIED,
+    tools: bool = False,
+    image: bool = False,
+    fmt: int = common_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED,
+    max_output: int | None = None,
+    region: str = "",
+    region_required: bool = False,
+    cap_micros: int = 0,
+    tags: Mapping[str, str] | None = None,
+) -> common_pb2.ChatRequest:
+    parts = [common_pb2.ContentPart(text=text)]
+    if image:
+        parts.append(common_pb2.ContentPart(image=common_pb2.ImagePart(url="https://x.test/cat.png")))
+    request = common_pb2.ChatRequest(
+        model=model,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, parts=parts)],
+        routing=common_pb2.RoutingHints(
+            task_type=task,  # type: ignore[arg-type]
+            preference=preference,  # type: ignore[arg-type]
+            region=region,
+            region_required=region_required,
+            max_cost_per_million_tokens_micros=cap_micros,
+        ),
+        response_format=common_pb2.ResponseFormat(type=fmt),  # type: ignore[arg-type]
+        metadata=common_pb2.RequestMetadata(tags=dict(tags or {})),
+    )
+    if tools:
+        request.tools.add(name="lookup", parameters_json_schema='{"type": "object"}')
+    if max_output is not None:
+        request.sampling.max_output_tokens = max_output
+    return request
+
+
+def ids(plan: RoutePlan) -> list[str]:
+    return [c.model for c in plan.candidates]
+
+
+def stamp(at: datetime) -> timestamp_pb2.Timestamp:
+    value = timestamp_pb2.Timestamp()
+    value.FromDatetime(at)
+    return value
+
+
+def rows_by_model(explained: Explanation) -> dict[str, ScoredRow]:
+    return {row.candidate.model: row for row in explained.rows}
+
+
+CHAT = common_pb2.TASK_TYPE_SIMPLE_CHAT
+CODE = common_pb2.TASK_TYPE_CODE
+REASONING = common_pb2.TASK_TYPE_COMPLEX_REASONING
+
+
+# --- explicit models -------------------------------------------------------------------------
+
+
+def test_explicit_model_then_its_chain_then_same_category_models_of_other_providers() -> None:
+    plan = planner(max_candidates=5).plan(ask("alpha/large"), now=NOW)
+    assert ids(plan) == ["alpha/large", "beta/large", "alpha/small", "gamma/large"]
+    assert [c.reason for c in plan.candidates] == [
+        "requested model",
+        "fallback of alpha/large",
+        "fallback of alpha/large",
+        "same category (large) from another provider",
     ]
+    first = plan.candidates[0]
+    assert (first.provider, first.vendor, first.upstream_model) == ("alpha", "openai", "a-large")
+    assert (plan.version, plan.category, plan.matched_rule) == (1, "large", "")
 
 
-def test_alias_and_default_and_auto() -> None:
-    assert plan_route(CATALOG, "first")[0].reason == "alias 'first'"
-    assert ids(plan_route(CATALOG, "")) == ["b/two", "a/one"]
-    assert plan_route(CATALOG, "auto")[0].reason == "auto: default model"
+def test_plans_are_capped_at_max_candidates() -> None:
+    assert ids(planner().plan(ask("alpha/large"), now=NOW)) == ["alpha/large", "beta/large", "alpha/small"]
 
 
-def test_fallback_cycle_does_not_repeat_a_model() -> None:
-    assert ids(plan_route(CATALOG, "b/two", max_candidates=5)) == ["b/two", "a/one"]
+def test_alias_names_the_model_it_resolves_to() -> None:
+    plan = planner().plan(ask("smart"), now=NOW)
+    assert plan.candidates[0].model == "alpha/large" and plan.candidates[0].reason == "alias 'smart'"
 
 
-def test_allowed_models_filter_the_plan() -> None:
-    assert ids(plan_route(CATALOG, "a/one", allowed_models=frozenset({"a/three", "a/one"}))) == [
-        "a/one",
-        "a/three",
+def test_a_fallback_cycle_does_not_repeat_a_model() -> None:
+    plan = planner(max_candidates=6).plan(ask("beta/large"), now=NOW)
+    assert ids(plan) == ["beta/large", "alpha/large", "gamma/large"]
+
+
+def test_the_tail_is_ranked_and_the_requested_model_stays_first() -> None:
+    # gamma/small scores above the requested alpha/small (cheaper), yet the caller asked for alpha/small.
+    assert ids(planner().plan(ask("alpha/small"), now=NOW)) == ["alpha/small", "gamma/small", "beta/small"]
+    # Under COST, gamma/small (quality 50) falls below the quality floor and after beta/small.
+    cost = planner().plan(ask("alpha/small", preference=common_pb2.ROUTING_PREFERENCE_COST), now=NOW)
+    assert ids(cost) == ["alpha/small", "beta/small", "gamma/small"]
+
+
+def test_when_the_requested_model_cannot_serve_its_chain_does() -> None:
+    health = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/large", breaker=health_pb2.BREAKER_STATE_OPEN)
     ]
+    plan = planner(health=health).plan(ask("alpha/large"), now=NOW)
+    assert ids(plan)[0] == "beta/large" and plan.candidates[0].reason == "fallback of alpha/large"
 
 
-def test_unknown_model_is_invalid_argument() -> None:
+def test_unknown_model_is_invalid_argument_on_the_model_field() -> None:
     with pytest.raises(SwitchyardError) as caught:
-        plan_route(CATALOG, "z/unknown")
-    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT and caught.value.metadata["field"] == "model"
+        planner().plan(ask("z/unknown"), now=NOW)
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.metadata == {"field": "model", "model": "z/unknown"}
 
 
-def test_nothing_allowed_is_no_route() -> None:
+# --- predictions ---------------------------------------------------------------------------------
+
+
+def test_predicted_cost_is_exact_integer_micros_rounded_up() -> None:
+    plan = planner().plan(ask("alpha/small"), input_tokens=1_000, now=NOW)
+    # 1,000 x 0.2 USD/1M + 256 expected output x 0.4 USD/1M = 302.4 micro-USD -> 303.
+    assert plan.candidates[0].predicted_cost_micros == 303
+    capped = planner().plan(ask("alpha/small", max_output=100), input_tokens=1_000, now=NOW)
+    assert capped.candidates[0].predicted_cost_micros == 240  # 200 + 100 x 0.4
+
+
+def test_reasoning_models_expect_more_output() -> None:
+    plan = planner().plan(ask("alpha/think"), input_tokens=0, now=NOW)
+    assert plan.candidates[0].predicted_cost_micros == 4_506  # 1,024 x 4.4 = 4,505.6
+
+
+def test_predicted_latency_from_the_fit_then_the_ewma_then_the_category_default() -> None:
+    health = [
+        health_pb2.ModelHealth(
+            provider="alpha",
+            model="alpha/small",
+            latency_base_ms=100,
+            latency_ms_per_input_token=0.5,
+            latency_ms_per_output_token=2,
+            latency_fit_samples=50,
+            latency_prediction_error=0.25,
+        ),
+        health_pb2.ModelHealth(provider="gamma", model="gamma/small", ewma_latency_ms=640, samples=10),
+    ]
+    plan = planner(health=health, max_candidates=3).plan(ask("alpha/small"), input_tokens=1_000, now=NOW)
+    by_model = {c.model: c for c in plan.candidates}
+    assert by_model["alpha/small"].predicted_latency_ms == 1_112  # 100 + 500 + 2 x 256
+    assert by_model["alpha/small"].confidence == pytest.approx(0.75)
+    assert by_model["gamma/small"].predicted_latency_ms == 640
+    assert by_model["gamma/small"].confidence == pytest.approx(10 / 50 * 0.6)
+    assert by_model["beta/small"].predicted_latency_ms == 800
+    assert by_model["beta/small"].confidence == pytest.approx(0.2)
+
+
+# --- auto ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "category", "models"),
+    [
+        (CHAT, "small", {"alpha/small", "beta/small", "gamma/small"}),
+        (CODE, "large", {"alpha/large", "beta/large", "gamma/large"}),
+        (REASONING, "reasoning", {"alpha/think"}),
+    ],
+)
+def test_auto_plans_on_the_classified_category(task: int, category: str, models: set[str]) -> None:
+    plan = planner().plan(ask(task=task), now=NOW)
+    assert set(ids(plan)) == models
+    assert (plan.category, plan.task_type) == (category, task)
+    name = common_pb2.TaskType.Name(task).removeprefix("TASK_TYPE_").lower()  # type: ignore[arg-type]
+    assert plan.candidates[0].reason.startswith(f"auto: {name}, complexity ")
+    assert plan.candidates[0].reason.endswith(f" → {category}, balanced")
+
+
+def test_an_empty_model_is_the_catalog_default_or_auto_without_one() -> None:
+    plan = planner().plan(ask("", task=CODE), now=NOW)
+    assert plan.candidates[0].model == "alpha/small"
+    assert plan.candidates[0].reason == "requested model"
+    no_default = parse_catalog(MESH_YAML.replace("default_model: alpha/small\n", ""))
+    plan = planner(no_default).plan(ask("", task=CODE), now=NOW)
+    assert plan.category == "large" and plan.candidates[0].reason.startswith("auto: code")
+
+
+def test_auto_widens_when_nothing_in_the_category_can_serve() -> None:
+    health = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/think", breaker=health_pb2.BREAKER_STATE_OPEN)
+    ]
+    plan = planner(health=health).plan(ask(task=REASONING), now=NOW)
+    assert plan.category == "large" and set(ids(plan)) == {"alpha/large", "beta/large", "gamma/large"}
+    assert ", widened to large, balanced" in plan.candidates[0].reason
+    # A small task needing JSON schema (no small model has it) widens to large.
+    schema = planner().plan(ask(task=CHAT, fmt=common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA), now=NOW)
+    assert schema.category == "large" and set(ids(schema)) == {"alpha/large", "beta/large"}
+
+
+# --- filters (each with the reason Explain shows) --------------------------------------------
+
+
+def test_tools_filter() -> None:
+    rows = rows_by_model(planner().explain(ask(task=CHAT, tools=True), now=NOW))
+    assert rows["gamma/small"].filtered and rows["gamma/small"].filter_reason == "no tools"
+    assert not rows["alpha/small"].filtered
+
+
+def test_vision_filter() -> None:
+    rows = rows_by_model(planner().explain(ask(task=CODE, image=True), now=NOW))
+    assert rows["gamma/large"].filter_reason == "no vision"
+    assert not rows["alpha/large"].filtered and not rows["beta/large"].filtered
+
+
+def test_json_schema_and_json_mode_filters() -> None:
+    schema = rows_by_model(
+        planner().explain(ask(task=CODE, fmt=common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA), now=NOW)
+    )
+    assert schema["gamma/large"].filter_reason == "no json_schema"
+    json_mode = rows_by_model(
+        planner().explain(ask(task=CODE, fmt=common_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT), now=NOW)
+    )
+    assert json_mode["beta/large"].filter_reason == "no json_mode"
+    assert json_mode["gamma/large"].filter_reason == "no json_mode"
+    assert not json_mode["alpha/large"].filtered
+
+
+def test_context_window_filter_counts_the_output_allowance() -> None:
+    rows = rows_by_model(planner().explain(ask("alpha/small"), input_tokens=7_500, now=NOW))
+    assert rows["alpha/small"].filter_reason == "context window 8000 < 8500 tokens needed"
+    plan = planner().plan(ask("alpha/small", max_output=100), input_tokens=7_500, now=NOW)
+    assert ids(plan)[0] == "alpha/small"
+
+
+def test_tenant_and_caller_allowed_models() -> None:
+    rows = rows_by_model(
+        planner().explain(
+            ask(task=CHAT),
+            tenant_id="restricted",
+            allowed_models=frozenset({"alpha/small", "beta/small"}),
+            now=NOW,
+        )
+    )
+    assert rows["beta/small"].filter_reason == "not allowed for tenant"
+    assert rows["gamma/small"].filter_reason == "not allowed for caller"
+    assert not rows["alpha/small"].filtered
+
+
+def test_required_region_filters_other_regions() -> None:
+    explained = planner().explain(ask(task=CHAT, region="eu", region_required=True), now=NOW)
+    rows = rows_by_model(explained)
+    assert rows["alpha/small"].filter_reason == "region eu required"
+    assert explained.plan is not None and ids(explained.plan) == ["beta/small"]
+
+
+def test_preferred_region_goes_first_among_equals() -> None:
+    twins = frozenset({"alpha/small", "beta/small"})  # equal but for their region
+
+    def firsts(region: str) -> set[str]:
+        chooser = planner(band=0.1)
+        request = ask(task=CHAT, region=region)
+        return {chooser.plan(request, allowed_models=twins, now=NOW).candidates[0].model for _ in range(10)}
+
+    assert firsts("eu") == {"beta/small"}
+    assert firsts("us") == {"alpha/small"}
+    assert firsts("") == {"alpha/small", "beta/small"}  # no region: the equals share the first place
+
+
+def test_request_cost_cap_filters_on_the_blended_price() -> None:
+    explained = planner().explain(ask(task=CHAT, cap_micros=250_000), now=NOW)
+    rows = rows_by_model(explained)
+    assert rows["alpha/small"].filter_reason == (
+        "blended price 300000 above request cap 250000 micro-USD per 1M tokens"
+    )
+    assert explained.plan is not None and ids(explained.plan) == ["gamma/small"]
+
+
+def test_open_breaker_and_down_provider_filters() -> None:
+    health = [
+        health_pb2.ModelHealth(
+            provider="alpha",
+            model="alpha/small",
+            breaker=health_pb2.BREAKER_STATE_OPEN,
+            reason="5 failures in a row",
+        ),
+        health_pb2.ModelHealth(provider="gamma", status=health_pb2.HEALTH_STATUS_DOWN, reason="probe failed"),
+    ]
+    explained = planner(health=health).explain(ask(task=CHAT), now=NOW)
+    rows = rows_by_model(explained)
+    assert rows["alpha/small"].filter_reason == "breaker open (5 failures in a row)"
+    assert rows["gamma/small"].filter_reason == "provider gamma down: probe failed"
+    assert explained.plan is not None and ids(explained.plan) == ["beta/small"]
+
+
+def test_half_open_breaker_allows_its_trials_per_snapshot_version() -> None:
+    health = [
+        health_pb2.ModelHealth(
+            provider="beta",
+            model="beta/small",
+            breaker=health_pb2.BREAKER_STATE_HALF_OPEN,
+            status=health_pb2.HEALTH_STATUS_DEGRADED,
+            half_open_trials=2,
+        )
+    ]
+    trials = planner(health=health)
+    for _ in range(2):
+        plan = trials.plan(ask(task=CHAT), now=NOW)
+        # A trial goes first among the ranked candidates, so the breaker can close.
+        assert plan.candidates[0].model == "beta/small"
+        assert plan.candidates[0].reason.endswith("(half-open trial)")
+    # Explain does not spend trials, and shows why the next plan leaves beta out.
+    rows = rows_by_model(trials.explain(ask(task=CHAT), now=NOW))
+    assert rows["beta/small"].filter_reason == "breaker half-open, trials used (2)"
+    assert "beta/small" not in ids(trials.plan(ask(task=CHAT), now=NOW))
+    trials.swap(table(health=health, version=1))  # the same version: trials stay used
+    assert "beta/small" not in ids(trials.plan(ask(task=CHAT), now=NOW))
+    trials.swap(table(health=health, version=2))  # a new snapshot: new trials
+    assert trials.plan(ask(task=CHAT), now=NOW).candidates[0].model == "beta/small"
+
+
+def test_low_request_headroom_is_avoided_before_a_429_until_the_reset() -> None:
+    headroom = common_pb2.RateLimitHeadroom(
+        limit_requests=1_000,
+        remaining_requests=15,  # below the 2 % reserve, not yet zero
+        requests_reset_at=stamp(NOW + timedelta(seconds=30)),
+        observed_at=stamp(NOW),
+    )
+    health = [health_pb2.ModelHealth(provider="alpha", model="alpha/small", headroom=headroom)]
+    steering = planner(health=health)
+    explained = steering.explain(ask("alpha/small"), now=NOW)
+    row = rows_by_model(explained)["alpha/small"]
+    assert row.filter_reason == "rate-limit headroom: 15 of 1000 requests left until reset"
+    assert explained.plan is not None and ids(explained.plan)[0] != "alpha/small"
+    after_reset = steering.plan(ask("alpha/small"), now=NOW + timedelta(seconds=31))
+    assert ids(after_reset)[0] == "alpha/small"
+    plenty = headroom.__deepcopy__()
+    plenty.remaining_requests = 500
+    healthy = [health_pb2.ModelHealth(provider="alpha", model="alpha/small", headroom=plenty)]
+    assert ids(planner(health=healthy).plan(ask("alpha/small"), now=NOW))[0] == "alpha/small"
+
+
+def test_token_headroom_must_cover_the_request() -> None:
+    headroom = common_pb2.RateLimitHeadroom(
+        limit_tokens=10_000,
+        remaining_tokens=600,
+        tokens_reset_at=stamp(NOW + timedelta(seconds=20)),
+        observed_at=stamp(NOW),
+    )
+    health = [health_pb2.ModelHealth(provider="alpha", headroom=headroom)]  # provider-wide
+    tokens = planner(health=health)
+    rows = rows_by_model(tokens.explain(ask("alpha/small"), input_tokens=400, now=NOW))
+    assert rows["alpha/small"].filter_reason == "rate-limit headroom: 600 tokens left, 656 needed"
+    assert ids(tokens.plan(ask("alpha/small"), input_tokens=300, now=NOW))[0] == "alpha/small"
+
+
+# --- strategies ------------------------------------------------------------------------------------
+
+STRATEGIES = parse_catalog(
+    f"""
+providers:
+  p: {{vendor: openai, base_url: "{URL}"}}
+models:
+  - {{id: p/cheap, provider: p, upstream_model: cheap, context_window: 9000, max_output_tokens: 500,
+     prices: {{input: "0.5", output: "1"}}, category: large, quality: 65}}
+  - {{id: p/fast, provider: p, upstream_model: fast, context_window: 9000, max_output_tokens: 500,
+     prices: {{input: "2", output: "6"}}, category: large, quality: 75}}
+  - {{id: p/premium, provider: p, upstream_model: premium, context_window: 9000, max_output_tokens: 500,
+     prices: {{input: "10", output: "30"}}, category: large, quality: 95}}
+  - {{id: p/junk, provider: p, upstream_model: junk, context_window: 9000, max_output_tokens: 500,
+     prices: {{input: "0.1", output: "0.2"}}, category: large, quality: 40}}
+  - {{id: p/meh, provider: p, upstream_model: meh, context_window: 9000, max_output_tokens: 500,
+     prices: {{input: "0.3", output: "0.6"}}, category: large, quality: 45}}
+"""
+)
+STRATEGY_HEALTH = [
+    health_pb2.ModelHealth(provider="p", model=f"p/{name}", latency_base_ms=ms, latency_fit_samples=100)
+    for name, ms in (("cheap", 3_000), ("fast", 200), ("premium", 4_000), ("junk", 2_500), ("meh", 2_500))
+]
+
+
+def strategy_plan(preference: int, **options: object) -> RoutePlan:
+    chooser = planner(STRATEGIES, health=STRATEGY_HEALTH, max_candidates=5)
+    return chooser.plan(ask(task=CODE, preference=preference), now=NOW, **options)  # type: ignore[arg-type]
+
+
+def test_cost_strategy_takes_the_cheapest_above_the_quality_floor() -> None:
+    plan = strategy_plan(common_pb2.ROUTING_PREFERENCE_COST)
+    assert ids(plan)[0] == "p/cheap"
+    assert ids(plan)[-2:] == ["p/junk", "p/meh"]  # below the floor: after every model above it
+
+
+def test_cost_strategy_relaxes_the_floor_when_nothing_reaches_it() -> None:
+    plan = strategy_plan(common_pb2.ROUTING_PREFERENCE_COST, allowed_models=frozenset({"p/junk", "p/meh"}))
+    assert ids(plan) == ["p/junk", "p/meh"]
+
+
+def test_latency_strategy_takes_the_fastest() -> None:
+    assert ids(strategy_plan(common_pb2.ROUTING_PREFERENCE_LATENCY))[0] == "p/fast"
+
+
+def test_quality_strategy_takes_the_best() -> None:
+    assert ids(strategy_plan(common_pb2.ROUTING_PREFERENCE_QUALITY))[0] == "p/premium"
+
+
+def test_balanced_is_the_default_and_trades_everything_off() -> None:
+    balanced = strategy_plan(common_pb2.ROUTING_PREFERENCE_BALANCED)
+    assert ids(strategy_plan(common_pb2.ROUTING_PREFERENCE_UNSPECIFIED)) == ids(balanced)
+    assert balanced.preference == common_pb2.ROUTING_PREFERENCE_BALANCED
+    # Neither the priciest nor the poorest model leads a balanced plan.
+    assert ids(balanced)[0] not in ("p/premium", "p/junk")
+    scores = [c.score for c in balanced.candidates]
+    assert scores == sorted(scores, reverse=True)
+
+
+FREE = parse_catalog(
+    f"""
+providers:
+  free: {{vendor: openai_compatible, base_url: "{URL}", free_tier: true}}
+  paid: {{vendor: openai, base_url: "{URL}"}}
+models:
+  - {{id: free/m, provider: free, upstream_model: m, context_window: 8000, max_output_tokens: 500,
+     prices: {{input: "0.3", output: "0.6"}}, category: small, quality: 55}}
+  - {{id: paid/m, provider: paid, upstream_model: m, context_window: 8000, max_output_tokens: 500,
+     prices: {{input: "0.1", output: "0.2"}}, category: small, quality: 90}}
+"""
+)
+
+
+@pytest.mark.parametrize(
+    "preference",
+    [
+        common_pb2.ROUTING_PREFERENCE_COST,
+        common_pb2.ROUTING_PREFERENCE_LATENCY,
+        common_pb2.ROUTING_PREFERENCE_QUALITY,
+        common_pb2.ROUTING_PREFERENCE_BALANCED,
+    ],
+)
+def test_free_tier_first_while_it_has_headroom_then_paid(preference: int) -> None:
+    request = ask(task=CHAT, preference=preference)
+    assert ids(planner(FREE).plan(request, now=NOW)) == ["free/m", "paid/m"]
+    exhausted = common_pb2.RateLimitHeadroom(
+        limit_requests=100, remaining_requests=1, requests_reset_at=stamp(NOW + timedelta(minutes=1))
+    )
+    health = [health_pb2.ModelHealth(provider="free", headroom=exhausted)]
+    assert ids(planner(FREE, health=health).plan(request, now=NOW)) == ["paid/m"]
+
+
+# --- rules -----------------------------------------------------------------------------------------
+
+
+def test_rule_pin_plans_only_the_pinned_model_then_the_rule_fallbacks() -> None:
+    plan = planner().plan(ask("alpha/large"), tenant_id="pinned", now=NOW)
+    assert ids(plan) == ["gamma/large", "alpha/small"]
+    assert [c.reason for c in plan.candidates] == ["rule 1 (pin-gamma): pin", "rule 1 (pin-gamma): fallback"]
+    assert plan.matched_rule == "rule 1 (pin-gamma)"
+
+
+def test_rule_exclude_filters_with_the_rule_named() -> None:
+    explained = planner().explain(ask(task=CHAT), tenant_id="excluder", now=NOW)
+    assert rows_by_model(explained)["alpha/small"].filter_reason == "excluded by rule 1"
+    assert explained.matched_rule == "rule 1"
+    # The rule matches simple chat only.
+    assert (
+        ids(planner().plan(ask("alpha/small", task=CODE), tenant_id="excluder", now=NOW))[0] == "alpha/small"
+    )
+    assert "alpha/small" not in ids(
+        planner().plan(ask("alpha/small", task=CHAT), tenant_id="excluder", now=NOW)
+    )
+
+
+def test_rule_prefer_moves_models_to_the_front() -> None:
+    plan = planner().plan(ask("alpha/small"), tenant_id="preferer", now=NOW)
+    assert ids(plan)[:2] == ["gamma/small", "alpha/small"]
+    assert plan.candidates[0].reason == "rule 1: prefer"
+
+
+def test_rule_cap_tightens_the_cost_cap() -> None:
+    explained = planner().explain(ask(task=CODE), tenant_id="capper", now=NOW)
+    rows = rows_by_model(explained)
+    assert rows["alpha/large"].filter_reason == (
+        "blended price 5000000 above cap of rule 1 2000000 micro-USD per 1M tokens"
+    )
+    assert explained.plan is not None and ids(explained.plan) == ["gamma/large"]
+
+
+def test_rule_fallbacks_replace_the_chain() -> None:
+    plan = planner(max_candidates=4).plan(ask("alpha/large"), tenant_id="chainer", now=NOW)
+    assert ids(plan)[:2] == ["alpha/large", "gamma/large"]
+    assert plan.candidates[1].reason == "rule 1: fallback"
+    assert ids(plan)[2] == "beta/large"  # now only from the same-category tail
+
+
+def test_rule_fallbacks_follow_the_first_auto_pick() -> None:
+    plan = planner().plan(ask(task=CHAT), tenant_id="autofallback", now=NOW)
+    assert ids(plan)[1] == "alpha/think" and plan.candidates[1].reason == "rule 1: fallback"
+    assert plan.candidates[0].model in {"alpha/small", "beta/small", "gamma/small"}
+
+
+def test_the_first_matching_rule_wins() -> None:
+    both = planner().plan(ask(task=CODE, tags={"team": "a"}), tenant_id="ordered", now=NOW)
+    assert ids(both) == ["beta/small"] and both.matched_rule == "rule 1 (team-a)"
+    code = planner().plan(ask(task=CODE, tags={"team": "b"}), tenant_id="ordered", now=NOW)
+    assert ids(code) == ["gamma/large"] and code.candidates[0].reason == "rule 2 (coders): pin"
+    neither = planner().plan(ask(task=CHAT), tenant_id="ordered", now=NOW)
+    assert neither.matched_rule == "" and neither.category == "small"
+
+
+def test_the_callers_tier_overrides_the_tenants_for_rules() -> None:
+    assert planner().plan(ask(task=CHAT), tenant_id="tiered", now=NOW).matched_rule == ""
+    assert ids(planner().plan(ask(task=CHAT), tenant_id="tiered", tier="pro", now=NOW)) == ["gamma/small"]
+
+
+# --- load balancing among equals -------------------------------------------------------------------
+
+
+def first_counts(chooser: Planner, plans: int = 1_000) -> Counter[str]:
+    return Counter(chooser.plan(ask(task=CHAT), now=NOW).candidates[0].model for _ in range(plans))
+
+
+def test_equals_share_the_first_place_by_weight() -> None:
+    counts = first_counts(planner(TWINS, band=0.1, weights={"alpha/alpha/m": 3.0, "beta/beta/m": 1.0}))
+    assert counts == {"alpha/m": 750, "beta/m": 250}
+
+
+def test_weights_follow_performance_without_starving_the_slower() -> None:
+    health = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/m", ewma_latency_ms=1_000, samples=100),
+        health_pb2.ModelHealth(
+            provider="beta", model="beta/m", ewma_latency_ms=1_000, samples=100, error_rate=0.5
+        ),
+    ]
+    counts = first_counts(planner(TWINS, band=0.1, health=health, floor=0.3))
+    assert counts["alpha/m"] > counts["beta/m"] >= 300
+    # A far worse weight still keeps the floor's share.
+    starved = first_counts(
+        planner(TWINS, band=0.1, weights={"alpha/alpha/m": 100.0, "beta/beta/m": 0.01}, floor=0.1)
+    )
+    assert starved["beta/m"] >= 100 and starved["alpha/m"] > 800
+
+
+def test_round_robin_is_deterministic_and_survives_a_table_swap() -> None:
+    one, two = planner(TWINS, band=0.1), planner(TWINS, band=0.1)
+    assert [ids(one.plan(ask(task=CHAT), now=NOW)) for _ in range(6)] == [
+        ids(two.plan(ask(task=CHAT), now=NOW)) for _ in range(6)
+    ]
+    swapping = planner(TWINS, band=0.1)
+    assert swapping.plan(ask(task=CHAT), now=NOW).candidates[0].model == "alpha/m"
+    swapping.swap(table(TWINS, band=0.1, version=2))
+    assert swapping.table.version == 2
+    assert swapping.plan(ask(task=CHAT), now=NOW).candidates[0].model == "beta/m"
+    assert planner(TWINS, band=0.1, version=2).plan(ask(task=CHAT), now=NOW).candidates[0].model == "alpha/m"
+
+
+def test_scores_outside_the_band_are_not_equals() -> None:
+    weights = {"alpha/alpha/m": 1.0, "beta/beta/m": 1.0}
+    health = [
+        health_pb2.ModelHealth(provider="beta", model="beta/m", status=health_pb2.HEALTH_STATUS_DEGRADED)
+    ]
+    counts = first_counts(planner(TWINS, band=0.05, weights=weights, health=health), plans=20)
+    assert counts == {"alpha/m": 20}
+
+
+# --- explain, errors, snapshots ------------------------------------------------------------------
+
+
+def test_explain_lists_every_candidate_with_ranks_components_and_filter_reasons() -> None:
+    health = [
+        health_pb2.ModelHealth(provider="beta", model="beta/small", breaker=health_pb2.BREAKER_STATE_OPEN)
+    ]
+    explainer = planner(health=health, max_candidates=1)
+    explained = explainer.explain(ask(task=CHAT), now=NOW)
+    assert [(row.candidate.model, row.rank, row.filtered) for row in explained.rows] == [
+        ("gamma/small", 1, False),
+        ("alpha/small", 0, False),  # ranked, beyond the plan's length
+        ("beta/small", 0, True),
+    ]
+    filtered = explained.rows[2]
+    assert filtered.filter_reason == "breaker open" and filtered.candidate.predicted_cost_micros == 103
+    assert set(explained.rows[0].components) == {
+        "cost",
+        "latency",
+        "quality",
+        "health",
+        "region",
+        "free",
+        "weight",
+    }
+    assert explained.rows[0].components["quality"] == 0.5
+    assert explained.plan is not None and ids(explained.plan) == ["gamma/small"]
+    # The plan that follows is the one Explain showed.
+    assert ids(explainer.plan(ask(task=CHAT), now=NOW)) == ["gamma/small"]
+    response = explained.to_proto()
+    assert (response.snapshot_version, response.task_type, response.category, response.preference) == (
+        1,
+        CHAT,
+        common_pb2.MODEL_CATEGORY_SMALL,
+        common_pb2.ROUTING_PREFERENCE_BALANCED,
+    )
+    assert response.rows[2].filtered and response.rows[0].rank == 1
+    assert response.rows[0].score_components["quality"] == 0.5
+
+
+def test_explain_does_not_advance_the_round_robin() -> None:
+    balancer = planner(TWINS, band=0.1)
+    shown = [balancer.explain(ask(task=CHAT), now=NOW).rows[0].candidate.model for _ in range(3)]
+    assert shown == ["alpha/m"] * 3
+    assert balancer.plan(ask(task=CHAT), now=NOW).candidates[0].model == "alpha/m"
+    assert balancer.explain(ask(task=CHAT), now=NOW).rows[0].candidate.model == "beta/m"
+
+
+def test_explain_when_nothing_can_serve() -> None:
+    explained = planner().explain(ask(task=CHAT, region="mars", region_required=True), now=NOW)
+    assert explained.plan is None
+    assert explained.rows and all(row.filtered and row.rank == 0 for row in explained.rows)
+
+
+def test_no_route_names_the_model_and_summarises_why() -> None:
+    health = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/small", breaker=health_pb2.BREAKER_STATE_OPEN),
+    ]
     with pytest.raises(SwitchyardError) as caught:
-        plan_route(CATALOG, "a/three", allowed_models=frozenset({"b/four"}))
+        planner(health=health).plan(
+            ask("alpha/small", tools=True, region="mars", region_required=True), now=NOW
+        )
+    error = caught.value
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and error.reason is Reason.NO_ROUTE
+    assert error.message == (
+        "no candidate can serve 'alpha/small': 3 filtered: region mars required (2), no tools (1)"
+    )
+    assert error.metadata == {"model": "alpha/small"}
+    with pytest.raises(SwitchyardError) as auto:
+        planner().plan(ask(task=CHAT, region="mars", region_required=True), now=NOW)
+    assert auto.value.message == "no candidate can serve 'auto': 6 filtered: region mars required (6)"
+
+
+def test_when_health_gates_every_candidate_they_are_tried_anyway_in_the_usual_order() -> None:
+    health = [
+        health_pb2.ModelHealth(provider=p, model=f"{p}/small", breaker=health_pb2.BREAKER_STATE_OPEN)
+        for p in ("alpha", "beta")
+    ]
+    plan = planner(health=health).plan(ask("alpha/small", tools=True), now=NOW)
+    assert [c.model for c in plan.candidates] == ["alpha/small", "beta/small"]
+    assert all(c.reason.endswith(PANIC_NOTE) for c in plan.candidates)
+    explained = planner(health=health).explain(ask("alpha/small", tools=True), now=NOW)
+    rows = {row.candidate.model: row for row in explained.rows}
+    assert not rows["alpha/small"].filtered and not rows["beta/small"].filtered
+    assert rows["gamma/small"].filtered and rows["gamma/small"].filter_reason == "no tools"
+    # One healthy candidate left: the gates hold.
+    one_open = health[:1]
+    plan = planner(health=one_open).plan(ask("alpha/small", tools=True), now=NOW)
+    assert [c.model for c in plan.candidates] == ["beta/small"]
+    assert not plan.candidates[0].reason.endswith(PANIC_NOTE)
+
+
+def test_plan_response_carries_the_plan() -> None:
+    plan = planner().plan(ask("alpha/large"), tenant_id="pinned", now=NOW)
+    response = plan_response(plan)
+    assert list(response.candidates) == list(plan.candidates)
+    assert (response.snapshot_version, response.matched_rule) == (1, "rule 1 (pin-gamma)")
+    assert response.task_type == plan.task_type
+
+
+def test_from_catalog_plans_like_a_received_snapshot() -> None:
+    health = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/small", ewma_latency_ms=300, samples=40),
+        health_pb2.ModelHealth(provider="beta", model="beta/large", breaker=health_pb2.BREAKER_STATE_OPEN),
+        health_pb2.ModelHealth(provider="gamma", model="gamma/small", error_rate=0.2, samples=40),
+    ]
+    direct = Planner(RoutingTable.from_catalog(MESH, version=4, health=health))
+    wire = build_snapshot(MESH, version=4, health=health).SerializeToString()
+    received = Planner(RoutingTable.from_snapshot(router_pb2.RoutingSnapshot.FromString(wire)))
+    requests = [
+        (ask(task=CHAT), "plain"),
+        (ask(task=CODE), "plain"),
+        (ask("alpha/large"), "chainer"),
+        (ask(task=REASONING, tools=True), "plain"),
+        (ask(task=CODE, tags={"team": "a"}), "ordered"),
+        (ask(task=CHAT, region="eu"), "excluder"),
+    ]
+    for request, tenant in requests * 2:
+        assert direct.plan(request, tenant_id=tenant, now=NOW) == received.plan(
+            request, tenant_id=tenant, now=NOW
+        )
+
+
+# --- the thin wrapper for older callers ----------------------------------------------------------------
+
+
+def test_plan_route_wrapper() -> None:
+    candidates = plan_route(MESH, "alpha/large")
+    assert [c.model for c in candidates] == ["alpha/large", "beta/large", "alpha/small"]
+    assert [c.model for c in plan_route(MESH, "alpha/large", max_candidates=1)] == ["alpha/large"]
+    allowed = plan_route(MESH, "alpha/large", allowed_models=frozenset({"alpha/large", "gamma/large"}))
+    assert [c.model for c in allowed] == ["alpha/large", "gamma/large"]
+    with pytest.raises(SwitchyardError) as caught:
+        plan_route(MESH, "gamma/small", allowed_models=frozenset({"alpha/large"}))
     assert caught.value.reason is Reason.NO_ROUTE
