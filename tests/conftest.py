@@ -8,6 +8,7 @@ simulator's behaviour gets it reset afterwards by the `openai_sim` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -102,21 +103,26 @@ async def otlp() -> AsyncIterator[OtlpReceiver]:
         yield receiver
 
 
-@pytest.fixture(scope="session")
-async def mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    """The whole mesh as separate processes (simulated vendors, free ports)."""
+@contextlib.asynccontextmanager
+async def running_mesh(
+    otlp: OtlpReceiver, workdir: Path, *, catalog_path: Path | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[Mesh]:
+    """The whole mesh as separate processes (simulated vendors, free ports), on the embedded
+    catalog or the one at `catalog_path`, with `env` added to every child's environment."""
     extra_env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "SWITCHYARD_LOG_FORMAT": "json",
         "SWITCHYARD_SHUTDOWN_GRACE_S": "2",
-        "SWITCHYARD_STATE_DIR": str(tmp_path_factory.mktemp("state")),
+        "SWITCHYARD_STATE_DIR": str(workdir / "state"),
+        **({"SWITCHYARD_CATALOG": str(catalog_path)} if catalog_path is not None else {}),
+        **(env or {}),
     }
     environ = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    plan = plan_mesh(load_catalog(None), free_ports=True, simulate=True, environ=environ)
+    plan = plan_mesh(load_catalog(catalog_path), free_ports=True, simulate=True, environ=environ)
     children = tuple(dataclasses.replace(c, env={**c.env, **extra_env}) for c in plan.children)
     plan = dataclasses.replace(plan, children=children)
-    log_path = tmp_path_factory.mktemp("mesh") / "mesh.log"
+    log_path = workdir / "mesh.log"
     with log_path.open("w") as out:
         supervisor = Supervisor(children, out=out, color=False)
         await supervisor.start()
@@ -131,6 +137,13 @@ async def mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> 
         finally:
             await channel.close()
             await supervisor.stop(grace_s=5)
+
+
+@pytest.fixture(scope="session")
+async def mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    """The whole mesh as separate processes (simulated vendors, free ports)."""
+    async with running_mesh(otlp, tmp_path_factory.mktemp("mesh")) as running:
+        yield running
 
 
 @pytest.fixture

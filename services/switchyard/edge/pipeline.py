@@ -26,13 +26,15 @@ from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts
 from switchyard.common.settings import Settings
 from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
+from switchyard.edge.reporter import outcome as attempt_outcome
 from switchyard.ledger.pricing import charge_micros, estimate_cost
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
-from switchyard.router.plan import plan_route
-from switchyard.router.service import candidate_proto
+from switchyard.router.plan import Planner
+from switchyard.router.table import RoutingTable
 from switchyard.v1 import (
     common_pb2,
     gateway_pb2,
+    health_pb2,
     ledger_pb2,
     provider_pb2,
     provider_pb2_grpc,
@@ -94,6 +96,8 @@ class _Attempt:
 
 Record = Callable[[ledger_pb2.CommitRequest], None]
 """Takes a finished request's commit for the ledger (the edge's outbox); never blocks."""
+Report = Callable[[health_pb2.AttemptOutcome], None]
+"""Takes one attempt's outcome for the health monitor (the edge's reporter); never blocks."""
 
 
 class ChatPipeline:
@@ -113,12 +117,16 @@ class ChatPipeline:
         *,
         budgets: LeaseBook | None = None,
         record: Record | None = None,
+        planner: Planner | None = None,
+        report: Report | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._channels = channels
         self._budgets = budgets
         self._record = record
+        self._report = report
+        self.planner = planner or Planner(RoutingTable.from_catalog(catalog))
         self._month_tokens: dict[tuple[str, str], int] = {}
 
     def observe_commit(self, commit: ledger_pb2.CommitRequest, result: ledger_pb2.CommitResponse) -> None:
@@ -127,16 +135,24 @@ class ChatPipeline:
         key = (commit.record.scope.tenant_id, commit.record.model)
         self._month_tokens[key] = max(self._month_tokens.get(key, 0), result.month_tokens)
 
-    def plan(self, request: common_pb2.ChatRequest, caller: Caller) -> list[router_pb2.Candidate]:
+    def plan(
+        self, request: common_pb2.ChatRequest, caller: Caller, input_tokens: int = 0
+    ) -> list[router_pb2.Candidate]:
         """The candidates to try, planned here with the router's own plan library.
 
-        Planning costs no network hop: the edge evaluates `plan_route` on the routing state
-        it holds (today the catalog it loaded; the router's pushed snapshots with health and
-        rules, issue #5). The caller's allowed models (its key's scope within its tenant's)
+        Planning costs no network hop: the planner runs on the newest routing snapshot the
+        router pushed (health, breakers, weights, tenant rules), or on this edge's catalog
+        until one arrives. The caller's allowed models (its key's scope within its tenant's)
         filter the plan.
         """
-        plan = plan_route(self._catalog, request.model, allowed_models=caller.allowed_models)
-        return [candidate_proto(c) for c in plan]
+        plan = self.planner.plan(
+            request,
+            tenant_id=caller.tenant_id,
+            input_tokens=input_tokens,
+            allowed_models=caller.allowed_models,
+            tier=caller.tier,
+        )
+        return list(plan.candidates)
 
     async def stream(
         self,
@@ -160,7 +176,7 @@ class ChatPipeline:
         deadline = started + min(
             timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s
         )
-        queue = self.plan(request, caller)
+        queue = self.plan(request, caller, prompt.tokens if prompt is not None else 0)
         attempts: list[_Attempt] = []
         refusals: list[SwitchyardError] = []
         retries: dict[tuple[str, str], int] = {}
@@ -190,6 +206,8 @@ class ChatPipeline:
                 continue
             number = len(attempts) + 1
             attempt = _Attempt(number, candidate.model, candidate.provider)
+            first_token: float | None = None
+            headroom: common_pb2.RateLimitHeadroom | None = None
             attempts.append(attempt)
             sent_chars = 0
             usage: common_pb2.Usage | None = None
@@ -214,6 +232,8 @@ class ChatPipeline:
                     async for event in call:
                         kind = event.WhichOneof("event")
                         if kind == "delta":
+                            if first_token is None:
+                                first_token = time.monotonic()
                             delta = event.delta
                             sent_chars += len(delta.text)
                             if delta.tool_calls:
@@ -223,8 +243,10 @@ class ChatPipeline:
                             usage = event.usage
                         elif kind == "done":
                             finish = event.done.finish_reason
+                            headroom = event.done.headroom
                 except grpc.aio.AioRpcError as exc:
                     attempt.error = from_rpc_error(exc)
+                    self._observe(attempt, request, first_token, None, None)
                     log.info(
                         "attempt_failed",
                         request_id=request.request_id,
@@ -255,6 +277,7 @@ class ChatPipeline:
                         queue.append(candidate)  # tried again once the others have had their turn
                     continue
                 final = usage or common_pb2.Usage(estimated=True)
+                self._observe(attempt, request, first_token, final, headroom)
                 cost = self._finish(outcome, final, status="ok", charge=True)
                 yield common_pb2.ChatChunk(usage=final)
                 yield common_pb2.ChatChunk(
@@ -286,6 +309,30 @@ class ChatPipeline:
             self._commit(last, None, 0, failure.reason.value, [])
         raise failure
 
+    def _observe(
+        self,
+        attempt: _Attempt,
+        request: common_pb2.ChatRequest,
+        first_token: float | None,
+        usage: common_pb2.Usage | None,
+        headroom: common_pb2.RateLimitHeadroom | None,
+    ) -> None:
+        """Hand the attempt's outcome to the health monitor's reporter (no I/O here)."""
+        if self._report is None:
+            return
+        self._report(
+            attempt_outcome(
+                provider=attempt.provider,
+                model=attempt.model,
+                request_id=request.request_id,
+                error=attempt.error,
+                first_token_s=None if first_token is None else first_token - attempt.started,
+                total_s=time.monotonic() - attempt.started,
+                usage=usage,
+                headroom=headroom,
+            )
+        )
+
     async def _hold(
         self,
         request: common_pb2.ChatRequest,
@@ -299,13 +346,16 @@ class ChatPipeline:
         model = self._catalog.model(candidate.model)
         if model is None:
             return NO_HOLD
-        worst = estimate_cost(
-            request,
-            model,
-            at=datetime.now(UTC),
-            month_tokens=self._month_tokens.get((caller.tenant_id, model.id), 0),
-            prompt=prompt,
-        ).worst_case_cost_micros
+
+        def worst() -> int:
+            return estimate_cost(
+                request,
+                model,
+                at=datetime.now(UTC),
+                month_tokens=self._month_tokens.get((caller.tenant_id, model.id), 0),
+                prompt=prompt,
+            ).worst_case_cost_micros
+
         return await self._budgets.hold(_scope(request, caller, candidate), worst)
 
     def _finish(

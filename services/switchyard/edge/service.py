@@ -25,9 +25,19 @@ from switchyard.edge.openai_http import OpenAIHttpServer, build_openai_app, star
 from switchyard.edge.outbox import CommitOutbox
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
 from switchyard.edge.ratelimit import build_rate_limiter
+from switchyard.edge.reporter import OutcomeReporter
+from switchyard.edge.routes import RouteWatcher
 from switchyard.ledger.pricing import estimate_cost
 from switchyard.ledger.tokens import count_prompt_tokens
-from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ledger_pb2, ledger_pb2_grpc
+from switchyard.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    health_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    router_pb2_grpc,
+)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 DEFAULT_PAGE_SIZE = 100
@@ -106,7 +116,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         caller = await self._gateway.authenticate(_authorization(context))
         model = self._gateway.resolve_model(request.request, caller)
         if model is None:
-            plan = self._gateway.pipeline.plan(request.request, caller)
+            prompt = count_prompt_tokens(request.request, None).tokens
+            plan = self._gateway.pipeline.plan(request.request, caller, prompt)
             model = self._catalog.model(plan[0].model) if plan else None
             if model is None:
                 raise SwitchyardError(
@@ -195,8 +206,22 @@ def build(settings: Settings) -> ServiceParts:
             outboxes[0].add(commit)
 
     dedup = build_dedup(settings)
+    reporter = OutcomeReporter(
+        health_pb2_grpc.HealthMonitorServiceStub(channels.get(settings.health_target)),
+        holder,
+        interval_s=settings.health_report_interval_s,
+        call_timeout_s=settings.call_timeout_s,
+    )
     pipeline = ChatPipeline(
-        settings, catalog, channels, budgets=budgets, record=record if settings.edge_budgets else None
+        settings,
+        catalog,
+        channels,
+        budgets=budgets,
+        record=record if settings.edge_budgets else None,
+        report=reporter.add,
+    )
+    routes = RouteWatcher(
+        router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target)), pipeline.planner, holder
     )
     gateway = EdgeGateway(
         catalog,
@@ -219,6 +244,8 @@ def build(settings: Settings) -> ServiceParts:
     )
 
     async def start() -> None:
+        routes.start()
+        reporter.start()
         database = await open_database(settings.database_url)
         databases.append(database)
         store = await KeyStore.open(database)
@@ -249,6 +276,8 @@ def build(settings: Settings) -> ServiceParts:
     async def close() -> None:
         for http_server in http_servers:
             await http_server.stop()
+        await routes.aclose()
+        await reporter.aclose()
         for outbox in outboxes:
             await outbox.aclose()
         if budgets is not None:

@@ -403,30 +403,43 @@ def _gather(
     reject = need.reject
     add_seen = seen.add
     keep = kept.append
+    if req_max:
+        for r in routes:
+            model_id = r.id
+            if model_id in seen:
+                continue
+            add_seen(model_id)
+            if not simple or r.gated or r.context_window < inp + req_max:
+                kind = reject(r)
+                if kind is not None:
+                    filtered.append((r, reason, kind))
+                    continue
+                if r.breaker == BREAKER_HALF_OPEN:
+                    need.half_open = True
+            out = r.expected_output if r.expected_output < req_max else req_max
+            keep(
+                (
+                    r,
+                    reason,
+                    -(-(inp * r.input_price + out * r.output_price) // 1_000_000),
+                    r.lat_base + r.lat_in * inp + r.lat_out * out,
+                )
+            )
+        return
+    # No max_output_tokens asked for: the route's precomputed default output (cost, latency).
     for r in routes:
         model_id = r.id
         if model_id in seen:
             continue
         add_seen(model_id)
-        if not simple or r.gated or r.context_window < inp + (req_max or r.default_output):
+        if not simple or r.gated or r.room < inp:
             kind = reject(r)
             if kind is not None:
                 filtered.append((r, reason, kind))
                 continue
             if r.breaker == BREAKER_HALF_OPEN:
                 need.half_open = True
-        out = r.expected_output
-        limit = req_max or r.max_output
-        if limit < out:
-            out = limit
-        keep(
-            (
-                r,
-                reason,
-                -(-(inp * r.input_price + out * r.output_price) // 1_000_000),
-                r.lat_base + r.lat_in * inp + r.lat_out * out,
-            )
-        )
+        keep((r, reason, -(-(inp * r.input_price + r.out_cost) // 1_000_000), r.out_latency + r.lat_in * inp))
 
 
 class _Scores:
@@ -441,29 +454,26 @@ class _Scores:
         self.min_latency = min_latency = min(k[3] for k in kept)
         cost_top = w_cost * (min_cost + 1)
         latency_top = w_latency * (min_latency + 1.0)
-        floor = preference == common_pb2.ROUTING_PREFERENCE_COST
-        scores: list[float] = []
-        keys: list[float] = []
-        tiers: list[float] = []
-        local: list[bool] = []
-        for r, _, cost, latency in kept:
-            in_region = not region or r.region == region
-            score = (
+        # The quality, health and free-tier parts per preference are precomputed in the table.
+        p = preference
+        if not region:
+            scores = [
+                cost_top / (cost + 1) + latency_top / (latency + 1.0) + r.statics[p] + REGION_BONUS
+                for r, _, cost, latency in kept
+            ]
+            local = [True] * len(kept)
+        else:
+            half = REGION_BONUS / 2
+            local = [r.region == region for r, _, _, _ in kept]
+            scores = [
                 cost_top / (cost + 1)
                 + latency_top / (latency + 1.0)
-                + w_quality * r.quality / 100
-                + w_health * r.health_score
-                + (REGION_BONUS if in_region else REGION_BONUS / 2)
-            )
-            scores.append(score)
-            local.append(in_region)
-            # Sort key: the rank tier first (free tier with headroom, then, under COST, the
-            # quality floor), then the score; scores stay below _TIER_STEP.
-            tier = 0.0 if r.free_tier else 2 * _TIER_STEP
-            if floor and r.quality < QUALITY_FLOOR:
-                tier += _TIER_STEP
-            tiers.append(tier)
-            keys.append(tier - score)
+                + r.statics[p]
+                + (REGION_BONUS if in_region else half)
+                for (r, _, cost, latency), in_region in zip(kept, local, strict=True)
+            ]
+        tiers = [k[0].tiers[p] for k in kept]
+        keys = [tier - score for tier, score in zip(tiers, scores, strict=True)]
         self.scores = scores
         self.tiers = tiers
         self.keys = keys
@@ -636,7 +646,7 @@ class Planner:
         preference = routing.preference or common_pb2.ROUTING_PREFERENCE_BALANCED
         if preference not in STRATEGY_WEIGHTS:
             preference = common_pb2.ROUTING_PREFERENCE_BALANCED
-        if auto or rules:
+        if auto or (tenant is not None and tenant.needs_task_type):
             classified = classify(request)
             task_type, complexity, category = classified.task_type, classified.complexity, classified.category
         else:

@@ -1,69 +1,323 @@
-"""The RouterService servicer: proto in, plan library call, proto out."""
+"""The router: a control plane that turns the catalog and the health monitor's picture into
+versioned routing snapshots, pushes them to every edge (`WatchRoutes`), and answers `Plan`
+and `Explain` with the same plan library the edges run on those snapshots.
+
+What reaches the edges, and how fast:
+- a breaker or status change from the health monitor: a new snapshot within
+  `CRITICAL_DELAY_S` (changes arriving meanwhile ride along);
+- statistics (latency, error rates, weights, headroom, latency models): folded in at most
+  every `STATS_INTERVAL_S`, so a busy mesh does not rebuild on every outcome;
+- an edit of the catalog file (models, tenants' routing rules): checked every
+  `router_reload_s`; a file that no longer validates is logged and the last good catalog stays.
+
+Versions are wall-clock milliseconds, bumped past the last one, so they increase across
+restarts and are comparable between router replicas.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Final
 
 import grpc
 
-from switchyard.common.catalog import Catalog
-from switchyard.common.errors import unimplemented
+from switchyard.common.catalog import Catalog, CatalogError, load_catalog
+from switchyard.common.channels import ChannelPool
+from switchyard.common.errors import invalid
+from switchyard.common.logging import get_logger
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
-from switchyard.router.plan import PlannedCandidate, plan_route
-from switchyard.v1 import router_pb2, router_pb2_grpc
+from switchyard.ledger.tokens import count_prompt_tokens
+from switchyard.router.plan import Planner, plan_response
+from switchyard.router.table import RoutingTable, build_snapshot
+from switchyard.router.weights import compute_weights
+from switchyard.v1 import common_pb2, health_pb2, health_pb2_grpc, router_pb2, router_pb2_grpc
+
+log = get_logger(__name__)
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+CRITICAL_DELAY_S: Final = 0.05
+STATS_INTERVAL_S: Final = 1.0
+# A subscriber this many snapshots behind is skipped to the newest (older ones are useless).
+SUBSCRIBER_QUEUE: Final = 4
+RECONNECT_BASE_S: Final = 0.2
+RECONNECT_CAP_S: Final = 5.0
+
+HealthKey = tuple[str, str]
 
 
-def candidate_proto(candidate: PlannedCandidate) -> router_pb2.Candidate:
-    """A planned candidate as the `Candidate` message callers and edges receive."""
-    return router_pb2.Candidate(
-        model=candidate.model.id,
-        provider=candidate.provider,
-        vendor=candidate.vendor,
-        upstream_model=candidate.model.upstream_model,
-        reason=candidate.reason,
+def routing_settings(settings: Settings) -> router_pb2.RoutingSettings:
+    """The plan library's knobs, as every edge receives them."""
+    return router_pb2.RoutingSettings(
+        max_candidates=3,
+        equal_score_band=settings.router_equal_score_band,
+        weight_floor=settings.router_weight_floor,
+        headroom_reserve=settings.router_headroom_reserve,
     )
 
 
-class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    """Plans routes from the catalog."""
+def _critical(before: health_pb2.ModelHealth | None, after: health_pb2.ModelHealth) -> bool:
+    """Whether a health change must reach the edges at once (it changes who may be tried)."""
+    if before is None:
+        return (
+            after.breaker != health_pb2.BREAKER_STATE_CLOSED or after.status == health_pb2.HEALTH_STATUS_DOWN
+        )
+    return (
+        before.breaker != after.breaker
+        or before.status != after.status
+        or before.half_open_trials != after.half_open_trials
+    )
 
-    def __init__(self, catalog: Catalog) -> None:
+
+class RoutingState:
+    """The router's picture (catalog + health) and the snapshot built from it."""
+
+    def __init__(
+        self, catalog: Catalog, settings: router_pb2.RoutingSettings, *, weight_floor: float
+    ) -> None:
         self._catalog = catalog
+        self._settings = settings
+        self._weight_floor = weight_floor
+        self._health: dict[HealthKey, health_pb2.ModelHealth] = {}
+        self._version = 0
+        self._changed = asyncio.Event()
+        self._critical = asyncio.Event()
+        self._subscribers: set[asyncio.Queue[router_pb2.RoutingSnapshot]] = set()
+        self.snapshot = router_pb2.RoutingSnapshot()
+        self.planner = Planner(RoutingTable.from_catalog(catalog, settings=settings))
+        self.rebuild()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog the snapshots are built from."""
+        return self._catalog
+
+    @property
+    def version(self) -> int:
+        """The current snapshot's version."""
+        return self._version
+
+    def rebuild(self) -> router_pb2.RoutingSnapshot:
+        """Build a new snapshot now, plan on it, and hand it to every subscriber."""
+        self._version = max(self._version + 1, int(time.time() * 1000))
+        health = list(self._health.values())
+        self.snapshot = build_snapshot(
+            self._catalog,
+            version=self._version,
+            health=health,
+            weights=compute_weights(health, floor=self._weight_floor),
+            settings=self._settings,
+            now=datetime.now(UTC),
+        )
+        self.planner.swap(RoutingTable.from_snapshot(self.snapshot))
+        for queue in self._subscribers:
+            while queue.qsize() >= SUBSCRIBER_QUEUE:
+                queue.get_nowait()
+            queue.put_nowait(self.snapshot)
+        self._critical.clear()
+        self._changed.clear()
+        return self.snapshot
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        """A new catalog (an edited file): rebuild at once."""
+        self._catalog = catalog
+        self._mark(critical=True)
+
+    def replace_health(self, entries: list[health_pb2.ModelHealth]) -> None:
+        """The health monitor's full picture (its snapshot)."""
+        before = self._health
+        self._health = {(e.provider, e.model): e for e in entries}
+        critical = set(before) != set(self._health) or any(
+            _critical(before.get(key), entry) for key, entry in self._health.items()
+        )
+        self._mark(critical=critical)
+
+    def update_health(self, entries: list[health_pb2.ModelHealth]) -> None:
+        """Entries that changed."""
+        critical = False
+        for entry in entries:
+            key = (entry.provider, entry.model)
+            critical = critical or _critical(self._health.get(key), entry)
+            self._health[key] = entry
+        self._mark(critical=critical)
+
+    def _mark(self, *, critical: bool) -> None:
+        if critical:
+            self._critical.set()
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Rebuild when something changed: soon for critical changes, at a steady pace otherwise."""
+        last = time.monotonic()
+        while True:
+            await self._changed.wait()
+            if not self._critical.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._critical.wait(), timeout=max(0.0, last + STATS_INTERVAL_S - time.monotonic())
+                    )
+            if self._critical.is_set():
+                # Changes arriving meanwhile ride along.
+                await asyncio.sleep(CRITICAL_DELAY_S)
+            self.rebuild()
+            last = time.monotonic()
+
+    def subscribe(self) -> asyncio.Queue[router_pb2.RoutingSnapshot]:
+        """A queue that receives the current snapshot now and every new one after."""
+        queue: asyncio.Queue[router_pb2.RoutingSnapshot] = asyncio.Queue()
+        queue.put_nowait(self.snapshot)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[router_pb2.RoutingSnapshot]) -> None:
+        """Stop delivering to `queue`."""
+        self._subscribers.discard(queue)
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    """Plans routes and streams routing snapshots."""
+
+    def __init__(self, state: RoutingState) -> None:
+        self._state = state
+
+    def _input_tokens(self, request: common_pb2.ChatRequest, given: int) -> int:
+        """The prompt tokens the caller counted, or our own count of them."""
+        if not request.messages:
+            raise invalid("a request needs at least one message", "request.messages")
+        if given:
+            return given
+        name = request.model.strip()
+        return count_prompt_tokens(request, self._state.catalog.resolve(name) if name else None).tokens
 
     async def Plan(
         self, request: router_pb2.PlanRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PlanResponse:
-        """The ordered candidates for a request."""
-        tenant = self._catalog.tenants.get(request.tenant_id)
-        allowed = frozenset(tenant.allowed_models) if tenant and tenant.allowed_models else None
-        plan = plan_route(self._catalog, request.request.model, allowed_models=allowed)
-        return router_pb2.PlanResponse(candidates=[candidate_proto(c) for c in plan])
+        """The ordered candidates for a request, on the current snapshot."""
+        tokens = self._input_tokens(request.request, request.input_tokens)
+        plan = self._state.planner.plan(request.request, tenant_id=request.tenant_id, input_tokens=tokens)
+        return plan_response(plan)
 
     async def Explain(
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ExplainResponse:
-        """The full scoring table (issue #5)."""
-        raise unimplemented("RouterService.Explain", "#5")
+        """The whole scoring table, filtered-out candidates included."""
+        tokens = self._input_tokens(request.request, request.input_tokens)
+        explained = self._state.planner.explain(
+            request.request, tenant_id=request.tenant_id, input_tokens=tokens
+        )
+        return explained.to_proto()
 
     async def WatchRoutes(
         self, request: router_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.WatchRoutesResponse]:
-        """Routing snapshots for edges (issue #5)."""
-        raise unimplemented("RouterService.WatchRoutes", "#5")
-        yield  # an async generator, as gRPC expects of a server stream
+        """The current snapshot first, then every new one."""
+        queue = self._state.subscribe()
+        log.info("routes_subscribed", subscriber=request.subscriber_id, known_version=request.known_version)
+        try:
+            while True:
+                snapshot = await queue.get()
+                yield router_pb2.WatchRoutesResponse(snapshot=snapshot)
+        finally:
+            self._state.unsubscribe(queue)
+
+
+async def follow_health(
+    state: RoutingState, stub: health_pb2_grpc.HealthMonitorServiceStub, subscriber_id: str
+) -> None:
+    """Keep `state` in step with the health monitor's Watch stream, reconnecting forever.
+
+    While the monitor is unreachable the last picture it sent stays in force.
+    """
+    failures = 0
+    while True:
+        try:
+            call = stub.Watch(health_pb2.WatchRequest(subscriber_id=subscriber_id))
+            async for event in call:
+                if failures:
+                    log.info("health_watch_resumed")
+                failures = 0
+                if event.WhichOneof("event") == "snapshot":
+                    state.replace_health(list(event.snapshot.entries))
+                else:
+                    state.update_health(list(event.update.entries))
+        except grpc.aio.AioRpcError as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("health_watch_lost", status=exc.code().name)
+        await asyncio.sleep(min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(failures, 8)))
+
+
+async def follow_catalog_file(
+    state: RoutingState, path: str, interval_s: float, load: Callable[[str], Catalog] = load_catalog
+) -> None:
+    """Reload the catalog when its file changes; a file that fails validation is reported and
+    the last good catalog stays in force."""
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size)
+
+    seen = stamp()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = stamp()
+        if now is None or now == seen:
+            continue
+        seen = now
+        try:
+            catalog = load(path)
+        except CatalogError as exc:
+            log.error("catalog_reload_failed", error=str(exc))
+            continue
+        state.set_catalog(catalog)
+        log.info("catalog_reloaded", path=path)
 
 
 def build(settings: Settings) -> ServiceParts:
-    """The router's bindings for the server bootstrap."""
-    servicer = RouterServicer(settings.catalog)
+    """The router's bindings; `start` subscribes to the health monitor and the catalog file."""
+    state = RoutingState(
+        settings.catalog, routing_settings(settings), weight_floor=settings.router_weight_floor
+    )
+    servicer = RouterServicer(state)
+    channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        health = health_pb2_grpc.HealthMonitorServiceStub(channels.get(settings.health_target))
+        subscriber = f"router-{os.uname().nodename}-{os.getpid()}"
+        tasks.append(asyncio.create_task(state.run(), name="router-rebuild"))
+        tasks.append(asyncio.create_task(follow_health(state, health, subscriber), name="router-health"))
+        if settings.catalog_path:
+            tasks.append(
+                asyncio.create_task(
+                    follow_catalog_file(state, settings.catalog_path, settings.router_reload_s),
+                    name="router-catalog",
+                )
+            )
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await channels.close()
+
     return ServiceParts(
         [
             ServiceBinding(
                 SERVICE_NAME,
                 lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
             )
-        ]
+        ],
+        start=start,
+        close=close,
     )

@@ -1,0 +1,118 @@
+"""The edge's routing state: the router's pushed snapshots, planned on locally.
+
+The edge starts planning on a table compiled from its own catalog (version 0: no health,
+no weights), subscribes to `RouterService.WatchRoutes`, and swaps in each snapshot as it
+arrives; planning itself never waits on the network. When the router cannot be reached the
+edge keeps planning on the last snapshot it had, reconnects with backoff, and says so
+(`connected`, `stale_for_s`, and a log line when the stream is lost and when it is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Final, Protocol
+
+import grpc
+
+from switchyard.common.logging import get_logger
+from switchyard.router.plan import Planner
+from switchyard.router.table import RoutingTable
+from switchyard.v1 import router_pb2
+
+log = get_logger(__name__)
+
+RECONNECT_BASE_S: Final = 0.2
+RECONNECT_CAP_S: Final = 5.0
+
+
+class RouteSource(Protocol):
+    """What the watcher calls on the router (a `RouterServiceStub` fits)."""
+
+    def WatchRoutes(
+        self, request: router_pb2.WatchRoutesRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[router_pb2.WatchRoutesRequest, router_pb2.WatchRoutesResponse]: ...
+
+
+class RouteWatcher:
+    """Keeps `planner` on the router's newest routing snapshot."""
+
+    def __init__(self, router: RouteSource, planner: Planner, subscriber_id: str) -> None:
+        self._router = router
+        self._planner = planner
+        self._subscriber_id = subscriber_id
+        self._task: asyncio.Task[None] | None = None
+        self._received = asyncio.Event()
+        self.connected = False
+        self.snapshots = 0
+        self._lost_at: float | None = time.monotonic()
+
+    @property
+    def version(self) -> int:
+        """The version the edge plans on (0: its own catalog, no snapshot yet)."""
+        return self._planner.table.version
+
+    @property
+    def stale_for_s(self) -> float:
+        """Seconds since the router stream was lost (0 while connected)."""
+        return 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
+
+    def apply(self, snapshot: router_pb2.RoutingSnapshot) -> bool:
+        """Plan on `snapshot` from now on, unless it is older than the one in use."""
+        if snapshot.version <= self._planner.table.version:
+            return False
+        self._planner.swap(RoutingTable.from_snapshot(snapshot))
+        self.snapshots += 1
+        self._received.set()
+        return True
+
+    async def wait_for_snapshot(self, timeout_s: float) -> bool:
+        """Wait (for tests and start-up) until a first snapshot arrived; whether one did."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._received.wait(), timeout_s)
+        return self._received.is_set()
+
+    def start(self) -> None:
+        """Start following the router."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="route-watcher")
+
+    async def aclose(self) -> None:
+        """Stop following the router."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            call = self._router.WatchRoutes(
+                router_pb2.WatchRoutesRequest(subscriber_id=self._subscriber_id, known_version=self.version)
+            )
+            status = "ENDED"  # the router closed the stream without an error
+            try:
+                async for response in call:
+                    if not self.connected:
+                        self.connected, self._lost_at = True, None
+                        if failures:
+                            log.info("routes_resumed", version=response.snapshot.version)
+                    failures = 0
+                    try:
+                        self.apply(response.snapshot)
+                    except Exception as exc:  # a snapshot this edge cannot read: keep the last one
+                        log.error("routes_snapshot_unreadable", error=type(exc).__name__)
+                        status = "UNREADABLE"
+                        break
+            except grpc.aio.AioRpcError as exc:
+                status = exc.code().name
+            finally:
+                call.cancel()
+            failures += 1
+            if self.connected or failures == 1:
+                log.warning("routes_lost", status=status, version=self.version)
+            if self.connected:
+                self.connected, self._lost_at = False, time.monotonic()
+            await asyncio.sleep(min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(failures, 8)))

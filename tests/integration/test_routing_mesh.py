@@ -1,0 +1,254 @@
+"""Routing through the whole mesh: three providers of equal models, one goes down mid-run.
+
+Real processes: three simulated OpenAI-compatible vendors, their adapter, the health
+monitor (breakers from the edge's outcome reports and from its own probes), the router
+(snapshots pushed to the edge) and the edge planning locally. Breakers turn half-open after
+1 s here so recovery fits in a test. Propagation times are printed (`-s`), not asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from switchyard.v1 import common_pb2, health_pb2, health_pb2_grpc, router_pb2, router_pb2_grpc
+from tests.conftest import Mesh, SimControl, running_mesh
+from tests.support.otlp import OtlpReceiver
+
+PROVIDERS = ("alpha", "beta", "gamma")
+# Probes ask for a one-token completion (`probe: completion`), so a simulator's failure knob
+# fails them too.
+PROBE_INTERVAL_S = 0.3
+
+
+def catalog_yaml(rules: str = "") -> str:
+    providers = "\n".join(
+        f"  {name}: {{vendor: openai_compatible, base_url: 'http://127.0.0.1:9/v1', region: us,"
+        f" options: {{probe: completion}}}}"
+        for name in PROVIDERS
+    )
+    models = "\n".join(
+        f"  - {{id: {name}/small, provider: {name}, upstream_model: small-1, context_window: 8000,"
+        f" max_output_tokens: 512, prices: {{input: '0.2', output: '0.4'}}, category: small, quality: 70,"
+        f" capabilities: [streaming]}}"
+        for name in PROVIDERS
+    )
+    return (
+        f"providers:\n{providers}\nmodels:\n{models}\ndefault_model: alpha/small\n"
+        f"tenants:\n  default:\n    tier: master\n{rules}"
+    )
+
+
+@pytest.fixture(scope="module")
+async def routing_mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    workdir = tmp_path_factory.mktemp("routing-mesh")
+    catalog = workdir / "catalog.yaml"
+    catalog.write_text(catalog_yaml())
+    env = {
+        "SWITCHYARD_HEALTH_OPEN_S": "1",
+        # Failures leave the error rate after 4 s, so a recovered provider is back in the band soon.
+        "SWITCHYARD_HEALTH_WINDOW_S": "4",
+        "SWITCHYARD_HEALTH_PROBE_INTERVAL_S": str(PROBE_INTERVAL_S),
+        "SWITCHYARD_HEALTH_REPORT_INTERVAL_S": "0.1",
+        "SWITCHYARD_ROUTER_RELOAD_S": "0.2",
+        "SWITCHYARD_EDGE_DEDUP": "false",
+    }
+    async with running_mesh(otlp, workdir, catalog_path=catalog, env=env) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+async def sims(routing_mesh: Mesh) -> AsyncIterator[dict[str, SimControl]]:
+    controls = {name: SimControl(routing_mesh.plan.simulator_urls[name]) for name in PROVIDERS}
+    for control in controls.values():
+        await control.reset()
+    try:
+        yield controls
+    finally:
+        for control in controls.values():
+            await control.reset()
+            await control.close()
+
+
+def auto_request(text: str) -> common_pb2.ChatRequest:
+    return common_pb2.ChatRequest(
+        model="auto",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])],
+        routing=common_pb2.RoutingHints(task_type=common_pb2.TASK_TYPE_SIMPLE_CHAT),
+        cache=common_pb2.CachePolicy(mode=common_pb2.CACHE_MODE_SKIP),
+    )
+
+
+async def serve(mesh: Mesh, count: int, tag: str) -> list[tuple[str, list[str]]]:
+    """`count` auto requests one after another: (provider that answered, providers attempted)."""
+    gateway = mesh.gateway()
+    served = []
+    for index in range(count):
+        response = await gateway.Chat(auto_request(f"{tag} question {index}"), timeout=10)
+        served.append((response.routing.provider, [a.provider for a in response.attempts]))
+    return served
+
+
+async def explain(mesh: Mesh) -> dict[str, router_pb2.ScoredCandidate]:
+    router = router_pb2_grpc.RouterServiceStub(grpc.aio.insecure_channel(mesh.target("router")))
+    response = await router.Explain(
+        router_pb2.ExplainRequest(request=auto_request("hello"), tenant_id="default"), timeout=5
+    )
+    return {row.candidate.model: row for row in response.rows}
+
+
+def health_stub(mesh: Mesh) -> health_pb2_grpc.HealthMonitorServiceStub:
+    return health_pb2_grpc.HealthMonitorServiceStub(grpc.aio.insecure_channel(mesh.target("health")))
+
+
+async def health_entry(mesh: Mesh, provider: str, model: str) -> health_pb2.ModelHealth | None:
+    snapshot = (
+        await health_stub(mesh).Snapshot(health_pb2.SnapshotRequest(provider=provider), timeout=5)
+    ).snapshot
+    return next((e for e in snapshot.entries if e.model == model), None)
+
+
+async def until_filtered(
+    mesh: Mesh, model: str, filtered: bool, within_s: float
+) -> router_pb2.ScoredCandidate:
+    """Explain's row for `model` once it has one whose filtered flag is `filtered`."""
+    async with asyncio.timeout(within_s):
+        while True:
+            row = (await explain(mesh)).get(model)
+            if row is not None and row.filtered == filtered:
+                return row
+            await asyncio.sleep(0.05)
+
+
+async def until_not_attempted(mesh: Mesh, provider: str, tag: str, within_s: float) -> None:
+    """Serve a few requests at a time until none of them even tries `provider`."""
+    async with asyncio.timeout(within_s):
+        while True:
+            if all(provider not in attempted for _, attempted in await serve(mesh, 3, tag)):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_traffic_leaves_a_failing_provider_and_returns_after_recovery(
+    routing_mesh: Mesh, sims: dict[str, SimControl]
+) -> None:
+    before = Counter(provider for provider, _ in await serve(routing_mesh, 30, "warm"))
+    assert set(before) == set(PROVIDERS), before  # balanced among equals: everyone serves
+    assert min(before.values()) >= 5, before
+
+    await sims["beta"].knobs(status=500)
+    # Requests keep succeeding (failover) while the edge's reports and the probes open beta's
+    # breakers; from then on the edge does not even try beta.
+    async with asyncio.timeout(15):
+        while True:
+            served = await serve(routing_mesh, 5, "down")
+            assert all(provider != "beta" for provider, _ in served)
+            if (await explain(routing_mesh))["beta/small"].filtered:
+                break
+    row = (await explain(routing_mesh))["beta/small"]
+    assert "breaker open" in row.filter_reason or "provider beta down" in row.filter_reason
+    await until_not_attempted(routing_mesh, "beta", "left", within_s=5)
+    served = await serve(routing_mesh, 10, "without-beta")
+    assert all("beta" not in attempted for _, attempted in served)
+    entries = [await health_entry(routing_mesh, "beta", model) for model in ("", "beta/small")]
+    assert any(e is not None and e.status == health_pb2.HEALTH_STATUS_DOWN for e in entries), entries
+
+    await sims["beta"].reset()
+    # After the open period probes and trial requests get through; a success closes the breaker.
+    await until_filtered(routing_mesh, "beta/small", False, within_s=10)
+    returned = Counter[str]()
+    async with asyncio.timeout(10):
+        while returned["beta"] < 3:
+            returned.update(provider for provider, _ in await serve(routing_mesh, 10, "up"))
+
+
+async def test_a_breaker_reported_open_reaches_the_edge_snapshot(routing_mesh: Mesh) -> None:
+    router = router_pb2_grpc.RouterServiceStub(grpc.aio.insecure_channel(routing_mesh.target("router")))
+    watch = router.WatchRoutes(router_pb2.WatchRoutesRequest(subscriber_id="test"))
+    first = await anext(aiter(watch))
+    assert first.snapshot.version > 0
+    failures = [
+        health_pb2.AttemptOutcome(
+            provider="gamma", model="gamma/small", success=False, error_reason="TIMEOUT"
+        )
+        for _ in range(5)
+    ]
+    reported = time.monotonic()
+    await health_stub(routing_mesh).Report(
+        health_pb2.ReportRequest(outcomes=failures, reporter_id="test"), timeout=5
+    )
+    key = ("gamma", "gamma/small")
+    async with asyncio.timeout(5):
+        async for response in watch:
+            entry = next((h for h in response.snapshot.health if (h.provider, h.model) == key), None)
+            if entry is not None and entry.breaker == health_pb2.BREAKER_STATE_OPEN:
+                break
+    propagation_s = time.monotonic() - reported
+    watch.cancel()
+    print(f"breaker open reached a WatchRoutes subscriber in {propagation_s * 1000:.0f} ms")
+    # The edge gets the same stream: it stops planning gamma (the breaker stays open 1 s).
+    served = await serve(routing_mesh, 6, "gamma-open")
+    assert all("gamma" not in attempted for _, attempted in served)
+
+
+async def test_a_rule_edit_in_the_catalog_file_reaches_the_edge(routing_mesh: Mesh) -> None:
+    catalog = Path(
+        next(c for c in routing_mesh.plan.children if c.name == "router").env["SWITCHYARD_CATALOG"]
+    )
+    original = await asyncio.to_thread(catalog.read_text)
+    rule = "    routing_rules:\n      - name: pin-alpha\n        then: {pin: alpha/small}\n"
+    gateway = routing_mesh.gateway()
+    try:
+        edited = time.monotonic()
+        await asyncio.to_thread(catalog.write_text, catalog_yaml(rule))
+        async with asyncio.timeout(10):
+            while True:
+                response = await gateway.Chat(auto_request("which rule"), timeout=10)
+                if response.routing.reason.startswith("rule 1 (pin-alpha)"):
+                    break
+                await asyncio.sleep(0.02)
+        print(f"a rule edit reached the edge in {(time.monotonic() - edited) * 1000:.0f} ms")
+        served = await serve(routing_mesh, 6, "pinned")
+        assert all(provider == "alpha" for provider, _ in served)
+    finally:
+        await asyncio.to_thread(catalog.write_text, original)
+    await until_filtered(routing_mesh, "beta/small", False, within_s=5)
+
+
+async def wait_for_provider(
+    mesh: Mesh, provider: str, status: int, within_s: float
+) -> health_pb2.ModelHealth:
+    async with asyncio.timeout(within_s):
+        while True:
+            entry = await health_entry(mesh, provider, "")
+            if entry is not None and entry.status == status:
+                return entry
+            await asyncio.sleep(0.1)
+
+
+async def test_probes_alone_take_a_provider_out_and_bring_it_back(
+    routing_mesh: Mesh, sims: dict[str, SimControl]
+) -> None:
+    await sims["gamma"].knobs(status=500)
+    # No caller traffic: only the health monitor's probes see gamma failing.
+    down = await wait_for_provider(routing_mesh, "gamma", health_pb2.HEALTH_STATUS_DOWN, within_s=10)
+    assert down.breaker == health_pb2.BREAKER_STATE_OPEN
+    assert "consecutive failures" in down.reason
+    assert down.last_error == "PROVIDER_UNAVAILABLE"
+    # The router rebuilds on the change and pushes it; the edge plans on what it was pushed.
+    row = await until_filtered(routing_mesh, "gamma/small", True, within_s=5)
+    assert "provider gamma down" in row.filter_reason
+    await until_not_attempted(routing_mesh, "gamma", "probed-out", within_s=5)
+    served = await serve(routing_mesh, 6, "probed-out")
+    assert all("gamma" not in attempted for _, attempted in served)
+
+    await sims["gamma"].reset()
+    up = await wait_for_provider(routing_mesh, "gamma", health_pb2.HEALTH_STATUS_HEALTHY, within_s=10)
+    assert up.breaker == health_pb2.BREAKER_STATE_CLOSED
+    await until_filtered(routing_mesh, "gamma/small", False, within_s=5)
