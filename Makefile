@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen gen-check lint types test test-fast run bench clean
+.PHONY: help setup gen gen-check lint types test test-fast run bench bench-plan clean
 
 help: ## show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ run: $(STAMP) ## start the whole mesh on this machine (simulated vendors when no
 
 bench: $(STAMP) ## run the benchmarks and write bench/results/
 	$(PY) -m bench
+
+bench-plan: $(STAMP) ## planner speed for 10, 100 and 1,000 models (exit 1 when a target is missed)
+	$(PY) -m bench.plan
 
 clean: ## remove the venv, caches and build output
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache

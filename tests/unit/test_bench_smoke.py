@@ -60,3 +60,20 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     assert all(isinstance(v, int | float) and math.isfinite(v) for v in report["added"].values())
     assert all(p["errors"] == 0 for p in report["phases"])
     assert {u["value"] for u in report["unmeasured"]} == {"UNMEASURED"}
+
+
+def test_planner_bench_runs_every_size_and_request_kind() -> None:
+    from bench import plan as plan_bench
+
+    rows = plan_bench.run([10, 100], plans=20)
+    assert [(row["models"], row["request"]) for row in rows] == [
+        (10, "explicit"),
+        (10, "auto"),
+        (100, "explicit"),
+        (100, "auto"),
+    ]
+    for row in rows:
+        assert 0 < row["p50_us"] <= row["p99_us"] and row["table_ms"] > 0
+        assert row["candidates"] == 3
+    table = plan_bench.markdown(rows)
+    assert table.count("\n") == 1 + len(rows) and "| 100 | auto |" in table

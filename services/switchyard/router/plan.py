@@ -442,6 +442,35 @@ def _gather(
         keep((r, reason, -(-(inp * r.input_price + r.out_cost) // 1_000_000), r.out_latency + r.lat_in * inp))
 
 
+def _gather_category(
+    table: RoutingTable,
+    category: str,
+    reason: str,
+    need: _Need,
+    seen: set[str],
+    kept: list[_Kept],
+    filtered: list[tuple[ModelRoute, str, str]],
+) -> None:
+    """`_gather` over a category; for a simple request that fits every ungated route's context,
+    those are kept without a check each (the common case), and only the gated ones are checked."""
+    split = table.category_split.get(category)
+    if split is None:
+        return
+    inp = need.input_tokens
+    if not need.simple or need.req_max or need.panic or inp > split.min_room:
+        _gather(table.by_category[category], reason, need, seen, kept, filtered)
+        return
+    ungated = [r for r in split.ungated if r.id not in seen] if seen else split.ungated
+    seen.update([r.id for r in ungated])
+    kept.extend(
+        [
+            (r, reason, -(-(inp * r.input_price + r.out_cost) // 1_000_000), r.out_latency + r.lat_in * inp)
+            for r in ungated
+        ]
+    )
+    _gather(split.gated, reason, need, seen, kept, filtered)
+
+
 class _Scores:
     """Scores of the kept models, normalised over them (cost and latency as best / this)."""
 
@@ -511,6 +540,8 @@ class Planner:
         self._table = table
         # Smooth weighted round robin: current weights per group of equals (keys sorted).
         self._rr: dict[tuple[str, ...], list[int]] = {}
+        # The integer round-robin weights of each group on the current table (its weights and floor).
+        self._rr_weights: dict[tuple[str, ...], list[int]] = {}
         # Half-open trials handed out on the current snapshot version, by trial key.
         self._trials: dict[str, int] = {}
 
@@ -522,6 +553,7 @@ class Planner:
     def swap(self, table: RoutingTable) -> None:
         """Plan on `table` from now on; round-robin positions carry over, half-open trials
         start afresh when the version changes."""
+        self._rr_weights = {}
         if table.version != self._table.version:
             self._trials.clear()
         self._table = table
@@ -721,14 +753,14 @@ class Planner:
                     r.id for r in table.by_provider_category.get((requested.provider, requested.category), ())
                 )
                 why = f"same category ({requested.category}) from another provider"
-                _gather(table.by_category.get(requested.category, ()), why, need, seen, ranked, filtered)
+                _gather_category(table, requested.category, why, need, seen, ranked, filtered)
             else:
                 task = _TASK_NAMES.get(task_type, "unknown")
                 pref = _PREFERENCE_NAMES[preference]
                 for used in WIDENING.get(category, (category,)):
                     why = f"auto: {task}, complexity {complexity:.2f} → {category}, "
                     why += f"{pref}" if used == category else f"widened to {used}, {pref}"
-                    _gather(table.by_category.get(used, ()), why, need, seen, ranked, filtered)
+                    _gather_category(table, used, why, need, seen, ranked, filtered)
                     if ranked:
                         ev.category = used
                         break
@@ -812,8 +844,13 @@ class Planner:
         """Smooth weighted round robin (nginx): the index in `group` that goes first now."""
         members = sorted(range(len(group)), key=lambda i: group[i].key)
         keys = tuple(group[i].key for i in members)
-        shares = _floored_shares([group[i].weight for i in members], weight_floor)
-        weights = [max(1, round(share * 10_000)) for share in shares]
+        weights = self._rr_weights.get(keys)
+        if weights is None:
+            shares = _floored_shares([group[i].weight for i in members], weight_floor)
+            weights = [max(1, round(share * 10_000)) for share in shares]
+            if len(self._rr_weights) >= _MAX_GROUPS:
+                self._rr_weights.clear()
+            self._rr_weights[keys] = weights
         state = self._rr.get(keys)
         current = list(state) if state is not None else [0] * len(keys)
         total = sum(weights)

@@ -257,6 +257,24 @@ class ModelRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class CategorySplit:
+    """A category's routes split for the planner's fast path."""
+
+    ungated: tuple[ModelRoute, ...]
+    min_room: int
+    gated: tuple[ModelRoute, ...]
+
+    @classmethod
+    def of(cls, routes: Sequence[ModelRoute]) -> CategorySplit:
+        ungated = tuple(r for r in routes if not r.gated)
+        return cls(
+            ungated,
+            min((r.room for r in ungated), default=0),
+            tuple(r for r in routes if r.gated),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TenantRoute:
     """A tenant's tier, allowed models (None: all) and compiled routing rules;
     `needs_task_type` when a rule matches on the task type (planning must classify)."""
@@ -274,6 +292,7 @@ class RoutingTable:
     __slots__ = (
         "by_category",
         "by_provider_category",
+        "category_split",
         "default_model",
         "equal_score_band",
         "generated_at",
@@ -294,6 +313,9 @@ class RoutingTable:
     names: Mapping[str, ModelRoute]
     by_category: Mapping[str, tuple[ModelRoute, ...]]
     by_provider_category: Mapping[tuple[str, str], tuple[ModelRoute, ...]]
+    # Per category: its ungated routes, the smallest context room among them, its gated routes;
+    # planning keeps every ungated route a simple request fits without checking each.
+    category_split: Mapping[str, CategorySplit]
     providers: Mapping[str, router_pb2.ProviderInfo]
     default_model: ModelRoute | None
     tenants: Mapping[str, TenantRoute]
@@ -347,6 +369,7 @@ class RoutingTable:
         for route in models.values():
             grouped.setdefault(route.category, []).append(route)
         self.by_category = {name: tuple(sorted(routes, key=_by_id)) for name, routes in grouped.items()}
+        self.category_split = {name: CategorySplit.of(routes) for name, routes in self.by_category.items()}
         by_provider: dict[tuple[str, str], list[ModelRoute]] = {}
         for routes in self.by_category.values():
             for route in routes:
