@@ -4,8 +4,6 @@ mesh's own database, requests through the real edge process."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 
 import grpc
 import openai
@@ -16,30 +14,7 @@ from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import Mesh, SimControl
 from tests.support.auth import keyed_channel
-
-
-async def keys_cli(mesh: Mesh, *args: str) -> str:
-    edge = next(c for c in mesh.plan.children if c.name == "edge")
-    env = {**edge.env, "PATH": "/usr/bin:/bin"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "switchyard.cli",
-        "keys",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    return out.decode()
-
-
-async def create_key(mesh: Mesh, tenant: str, *extra: str) -> str:
-    record = json.loads(await keys_cli(mesh, "create", "--tenant", tenant, "--json", *extra))
-    key: str = record["key"]
-    return key
+from tests.support.mesh_keys import create_key, keys_cli
 
 
 def ask(model: str = "openai/gpt-4o-mini", text: str = "Say hello.") -> common_pb2.ChatRequest:

@@ -106,6 +106,15 @@ class Settings(BaseModel):
     router_equal_score_band: float = Field(default=0.1, ge=0, lt=1)
     router_weight_floor: float = Field(default=0.05, ge=0, lt=1)
     router_headroom_reserve: float = Field(default=0.02, ge=0, lt=1)
+    # Response cache. The edge looks up and stores cacheable requests (see cache/keys.py):
+    # with no cache policy, only those with a temperature at or below this.
+    edge_cache: bool = True
+    cache_max_temperature: float = Field(default=0.0, ge=0)
+    # Seconds the edge waits for a lookup before answering from the provider instead.
+    cache_lookup_timeout_s: float = Field(default=0.25, gt=0)
+    # The cache's memory bound (payloads and keys) and its in-process tier's entries.
+    cache_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    cache_l1_entries: int = Field(default=10_000, ge=0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -132,6 +141,11 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_MAX_QUEUE": "edge_max_queue",
             "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "edge_queue_timeout_s",
             "SWITCHYARD_EDGE_DEDUP": "edge_dedup",
+            "SWITCHYARD_EDGE_CACHE": "edge_cache",
+            "SWITCHYARD_CACHE_MAX_TEMPERATURE": "cache_max_temperature",
+            "SWITCHYARD_CACHE_LOOKUP_TIMEOUT_S": "cache_lookup_timeout_s",
+            "SWITCHYARD_CACHE_MAX_BYTES": "cache_max_bytes",
+            "SWITCHYARD_CACHE_L1_ENTRIES": "cache_l1_entries",
             "SWITCHYARD_DEV_KEY": "dev_key",
             "SWITCHYARD_KEYS_REFRESH_S": "keys_refresh_s",
             "SWITCHYARD_EDGE_BUDGETS": "edge_budgets",

@@ -27,6 +27,7 @@ from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
 from switchyard.edge.admission import AdmissionController, rank
+from switchyard.edge.cache import AnswerRecorder, EdgeCache, replay
 from switchyard.edge.dedup import Dedup, request_key
 from switchyard.edge.keys import KeyAuthenticator, Principal, effective_tier
 from switchyard.edge.pipeline import Caller, ChatPipeline, Record
@@ -41,7 +42,7 @@ from switchyard.edge.ratelimit import (
 from switchyard.edge.validate import validate_chat_request, validate_for_model
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.router.plan import AUTO
-from switchyard.v1 import common_pb2, ledger_pb2
+from switchyard.v1 import cache_pb2, common_pb2, ledger_pb2
 
 log = get_logger(__name__)
 
@@ -144,12 +145,14 @@ class EdgeGateway:
         admission: AdmissionController,
         dedup: Dedup | None,
         record: Record | None = None,
+        cache: EdgeCache | None = None,
     ) -> None:
         self.catalog = catalog
         self.pipeline = pipeline
         self.authenticate = authenticate
         self.admission = admission
         self.dedup = dedup
+        self.cache = cache
         self._rate_limit = rate_limit
         self._record = record
         self._background: set[asyncio.Task[None]] = set()
@@ -167,6 +170,8 @@ class EdgeGateway:
         """The catalog model `request` names (None for `auto`), within the caller's scope."""
         model: Model | None = None
         name = request.model.strip()
+        if not name and self.catalog.default_model:
+            name = self.catalog.default_model  # no model named: the catalog's default
         if name not in ("", AUTO):
             model = self.catalog.resolve(name)
             if model is None:
@@ -206,7 +211,7 @@ class EdgeGateway:
                 request.sampling.max_output_tokens if request.sampling.HasField("max_output_tokens") else 0
             )
             settle = await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
-            chunks = self._answer(request, caller, timeout_s, admitted.prompt)
+            chunks = self._answer(request, caller, timeout_s, admitted)
             used = 0  # no usage: the vendor served nothing we can count
             try:
                 async for chunk in chunks:
@@ -229,7 +234,49 @@ class EdgeGateway:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background_step_failed", error=type(task.exception()).__name__)
 
-    def _answer(
+    async def _answer(
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        timeout_s: float | None,
+        admitted: Admitted,
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """The answer from the cache when it has one, else from the providers (stored after)."""
+        cache = self.cache
+        decision = cache.decide(request) if cache is not None else None
+        model = admitted.model.id if admitted.model is not None else AUTO
+        if cache is not None and decision is not None and decision.lookup:
+            hit = await cache.lookup(caller.tenant_id, request, model)
+            if hit is not None:
+                async for chunk in replay(hit, request.request_id):
+                    if chunk.HasField("done"):
+                        self._record_free(request, caller, admitted.prompt, hit.answer, chunk.done)
+                    yield chunk
+                return
+        chunks = self._provider_answer(request, caller, timeout_s, admitted.prompt)
+        if cache is None or decision is None or not decision.store:
+            async for chunk in chunks:
+                yield chunk
+            return
+        status = (
+            common_pb2.CACHE_STATUS_REFRESHED
+            if request.cache.mode == common_pb2.CACHE_MODE_REFRESH
+            else common_pb2.CACHE_STATUS_MISS
+        )
+        recorder = AnswerRecorder()
+        try:
+            async for chunk in chunks:
+                recorder.see(chunk)
+                if chunk.HasField("done") and chunk.done.cache_status == common_pb2.CACHE_STATUS_BYPASS:
+                    chunk.done.cache_status = status
+                yield chunk
+        finally:
+            await chunks.aclose()
+        answer = recorder.answer()
+        if answer is not None:
+            self._in_background(cache.store(caller.tenant_id, request, model, answer))
+
+    def _provider_answer(
         self,
         request: common_pb2.ChatRequest,
         caller: Caller,
@@ -278,10 +325,35 @@ class EdgeGateway:
         usage: common_pb2.Usage | None,
         done: common_pb2.Done,
     ) -> None:
-        if self._record is None:
-            return
         model = routing.model if routing is not None else ""
         provider = routing.provider if routing is not None else ""
+        self._record_without_cost(request, caller, prompt, model, provider, usage, done)
+
+    def _record_free(
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        prompt: PromptCount,
+        answer: cache_pb2.CachedAnswer,
+        done: common_pb2.Done,
+    ) -> None:
+        """A cache hit's ledger row: cost 0, the saving, the model that made the answer."""
+        self._record_without_cost(request, caller, prompt, answer.model, answer.provider, answer.usage, done)
+
+    def _record_without_cost(
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        prompt: PromptCount,
+        model: str,
+        provider: str,
+        usage: common_pb2.Usage | None,
+        done: common_pb2.Done,
+    ) -> None:
+        """The ledger row of an answer nobody paid a provider for (a shared flight, a cache hit):
+        cost 0, its cache status and what it saved."""
+        if self._record is None:
+            return
         record = ledger_pb2.UsageRecord(
             request_id=done.request_id,
             scope=ledger_pb2.BudgetScope(
@@ -295,7 +367,7 @@ class EdgeGateway:
             provider=provider,
             usage=usage,
             cost_micros=0,
-            cache_status=common_pb2.CACHE_STATUS_DEDUPLICATED,
+            cache_status=done.cache_status,
             cache_saved_micros=done.saved_micros,
             status="ok",
             attempts=len(done.attempts),

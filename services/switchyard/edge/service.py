@@ -18,6 +18,7 @@ from switchyard.common.settings import Settings
 from switchyard.common.sql import Database, open_database
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.budget import LeaseBook
+from switchyard.edge.cache import EdgeCache
 from switchyard.edge.dedup import build_dedup
 from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
 from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
@@ -30,6 +31,7 @@ from switchyard.edge.routes import RouteWatcher
 from switchyard.ledger.pricing import estimate_cost
 from switchyard.ledger.tokens import count_prompt_tokens
 from switchyard.v1 import (
+    cache_pb2_grpc,
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
@@ -235,6 +237,16 @@ def build(settings: Settings) -> ServiceParts:
         ),
         dedup=dedup,
         record=record if settings.edge_budgets else None,
+        cache=(
+            EdgeCache(
+                cache_pb2_grpc.CacheServiceStub(channels.get(settings.cache_target)),
+                max_temperature=settings.cache_max_temperature,
+                lookup_timeout_s=settings.cache_lookup_timeout_s,
+                store_timeout_s=settings.call_timeout_s,
+            )
+            if settings.edge_cache
+            else None
+        ),
     )
     servicer = GatewayServicer(catalog, gateway, ledger)
     http_app = build_openai_app(stream_chat=gateway.stream_as, authenticate=authenticate, catalog=catalog)

@@ -1,0 +1,159 @@
+"""The edge's side of the response cache: look up before planning, replay a hit, store a miss.
+
+The lookup is the one extra hop a cacheable request may take (DESIGN.md): bounded by
+`cache_lookup_timeout_s`, and a cache that is slow or down is a miss, never an error (logged
+once per outage). Storing happens after the answer, off the caller's path.
+
+A hit is replayed as the chunks a provider would have sent: a routing chunk (the model and
+provider that made the answer, reason "cache"), the deltas as they were streamed (tool-call
+fragments included), the usage, and a done with cache status HIT_EXACT, cost 0 and the saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final, Protocol
+
+import grpc
+
+from switchyard.cache.keys import AUTO, CacheDecision, cache_decision
+from switchyard.common.logging import get_logger
+from switchyard.v1 import cache_pb2, common_pb2
+
+__all__ = ["AnswerRecorder", "EdgeCache", "replay"]
+
+log = get_logger(__name__)
+
+CACHE_REASON: Final = "cache"
+
+
+class CacheCalls(Protocol):
+    """What the edge calls on the cache (a `CacheServiceStub` fits)."""
+
+    async def Lookup(
+        self, request: cache_pb2.LookupRequest, *, timeout: float | None = None
+    ) -> cache_pb2.LookupResponse: ...
+
+    async def Store(
+        self, request: cache_pb2.StoreRequest, *, timeout: float | None = None
+    ) -> cache_pb2.StoreResponse: ...
+
+
+class EdgeCache:
+    """Lookups and stores for one edge, with the outage logging."""
+
+    def __init__(
+        self, stub: CacheCalls, *, max_temperature: float, lookup_timeout_s: float, store_timeout_s: float
+    ) -> None:
+        self._stub = stub
+        self._max_temperature = max_temperature
+        self._lookup_timeout_s = lookup_timeout_s
+        self._store_timeout_s = store_timeout_s
+        self._down = False
+
+    def decide(self, request: common_pb2.ChatRequest) -> CacheDecision:
+        """What the cache may do for `request`."""
+        return cache_decision(request, self._max_temperature)
+
+    async def lookup(
+        self, tenant_id: str, request: common_pb2.ChatRequest, model: str
+    ) -> cache_pb2.LookupResponse | None:
+        """The hit for `request`, or None (a miss, or the cache could not answer in time)."""
+        try:
+            response = await self._stub.Lookup(
+                cache_pb2.LookupRequest(tenant_id=tenant_id, request=request, model=model or AUTO),
+                timeout=self._lookup_timeout_s,
+            )
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            self._outage("lookup", exc)
+            return None
+        self._back()
+        if response.status not in (common_pb2.CACHE_STATUS_HIT_EXACT, common_pb2.CACHE_STATUS_HIT_SEMANTIC):
+            return None
+        return response
+
+    async def store(
+        self, tenant_id: str, request: common_pb2.ChatRequest, model: str, answer: cache_pb2.CachedAnswer
+    ) -> None:
+        """Offer `answer` (off the caller's path; failures are logged, not raised)."""
+        try:
+            await self._stub.Store(
+                cache_pb2.StoreRequest(
+                    tenant_id=tenant_id, request=request, model=model or AUTO, answer=answer
+                ),
+                timeout=self._store_timeout_s,
+            )
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            self._outage("store", exc)
+            return
+        self._back()
+
+    def _outage(self, step: str, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            status = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "DEADLINE_EXCEEDED"
+            log.warning("cache_unavailable", step=step, status=status)
+
+    def _back(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("cache_available")
+
+
+async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:
+    """The chunks of a cached answer, as a provider's answer would arrive."""
+    answer = hit.answer
+    yield common_pb2.ChatChunk(
+        routing=common_pb2.RoutingInfo(
+            model=answer.model, provider=answer.provider, attempt=0, reason=CACHE_REASON
+        )
+    )
+    for delta in answer.deltas:
+        yield common_pb2.ChatChunk(delta=delta)
+    yield common_pb2.ChatChunk(usage=answer.usage)
+    yield common_pb2.ChatChunk(
+        done=common_pb2.Done(
+            request_id=request_id,
+            finish_reason=answer.finish_reason,
+            cost_micros=0,
+            cache_status=hit.status,
+            saved_micros=hit.saved_micros,
+            cache_similarity=hit.similarity,
+        )
+    )
+
+
+class AnswerRecorder:
+    """Collects a streamed answer's chunks into a `CachedAnswer` (deltas kept as streamed)."""
+
+    def __init__(self) -> None:
+        self.deltas: list[common_pb2.Delta] = []
+        self.routing: common_pb2.RoutingInfo | None = None
+        self.usage: common_pb2.Usage | None = None
+        self.done: common_pb2.Done | None = None
+
+    def see(self, chunk: common_pb2.ChatChunk) -> None:
+        """Note one chunk."""
+        kind = chunk.WhichOneof("event")
+        if kind == "delta":
+            self.deltas.append(chunk.delta)
+        elif kind == "routing":
+            self.routing = chunk.routing
+        elif kind == "usage":
+            self.usage = chunk.usage
+        elif kind == "done":
+            self.done = chunk.done
+
+    def answer(self) -> cache_pb2.CachedAnswer | None:
+        """The whole answer, or None when it did not finish (no done, or a shared copy)."""
+        done = self.done
+        if done is None or self.routing is None or done.cache_status == common_pb2.CACHE_STATUS_DEDUPLICATED:
+            return None
+        return cache_pb2.CachedAnswer(
+            deltas=self.deltas,
+            usage=self.usage,
+            finish_reason=done.finish_reason,
+            model=self.routing.model,
+            provider=self.routing.provider,
+            cost_micros=done.cost_micros,
+        )
