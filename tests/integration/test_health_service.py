@@ -12,7 +12,6 @@ covered in `test_routing_mesh.py`. Breakers turn half-open after `OPEN_S`.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,11 +20,9 @@ import grpc
 import pytest
 
 from switchyard.common.errors import Reason, from_rpc_error
-from switchyard.common.ports import free_port
-from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor
 from switchyard.v1 import health_pb2, health_pb2_grpc
+from tests.support.service_process import running_service
 
-SWITCHYARD = (sys.executable, "-m", "switchyard.cli")
 OPEN_S = 1.0
 
 
@@ -48,23 +45,8 @@ async def running_health(
     env: dict[str, str], log_path: Path
 ) -> AsyncIterator[health_pb2_grpc.HealthMonitorServiceStub]:
     """`switchyard serve health` on a free port, ready; stopped when the block ends."""
-    port = free_port()
-    spec = ChildSpec(
-        name="health",
-        argv=(*SWITCHYARD, "serve", "health"),
-        env={**env, "SWITCHYARD_PORT": str(port)},
-        readiness=ReadinessCheck.grpc_health(f"127.0.0.1:{port}"),
-        restart=False,
-    )
-    with log_path.open("a") as out:
-        supervisor = Supervisor([spec], out=out, color=False)
-        await supervisor.start()
-        try:
-            await supervisor.wait_ready(30)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield health_pb2_grpc.HealthMonitorServiceStub(channel)
-        finally:
-            await supervisor.stop(grace_s=5)
+    async with running_service("health", env, log_path) as channel:
+        yield health_pb2_grpc.HealthMonitorServiceStub(channel)
 
 
 def failure(provider: str, model: str, reason: str = "PROVIDER_UNAVAILABLE") -> health_pb2.AttemptOutcome:

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import io
 import json
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,17 +35,15 @@ import pytest
 from aiohttp import web
 
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
-from switchyard.common.ports import free_port
 from switchyard.ledger.alerts import ALERT_ID_HEADER, SIGNATURE_HEADER, verify
-from switchyard.supervisor import ChildSpec, ReadinessCheck, Supervisor
 from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
 from tests.support.postgres import PostgresUnavailable, fresh_postgres_database, skip_or_fail
+from tests.support.service_process import running_service
 
 MODEL = "openai/gpt-4o-mini"
 SECRET = "whsec-ledger-e2e-0123456789abcdef"
 SWEEP_S = 0.2
 BACKENDS = ("sqlite-memory", "postgres-redis")
-SWITCHYARD = (sys.executable, "-m", "switchyard.cli")
 # One micro-USD more than the budget counters hold exactly (2**53 - 1, about $9e9).
 TOO_MUCH = 2**53
 
@@ -91,23 +88,8 @@ def ledger_env(state_dir: Path, *, database_url: str = "", redis_url: str = "") 
 async def running_ledger(env: dict[str, str], log_path: Path) -> AsyncIterator[LedgerProcess]:
     """`switchyard serve ledger` on a free port, ready; stopped with SIGTERM (via the supervisor)
     when the block ends."""
-    port = free_port()
-    spec = ChildSpec(
-        name="ledger",
-        argv=(*SWITCHYARD, "serve", "ledger"),
-        env={**env, "SWITCHYARD_PORT": str(port)},
-        readiness=ReadinessCheck.grpc_health(f"127.0.0.1:{port}"),
-        restart=False,
-    )
-    with log_path.open("a") as out:
-        supervisor = Supervisor([spec], out=out, color=False)
-        await supervisor.start()
-        try:
-            await supervisor.wait_ready(30)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield LedgerProcess(ledger_pb2_grpc.CostLedgerServiceStub(channel), env, log_path)
-        finally:
-            await supervisor.stop(grace_s=5)
+    async with running_service("ledger", env, log_path) as channel:
+        yield LedgerProcess(ledger_pb2_grpc.CostLedgerServiceStub(channel), env, log_path)
 
 
 @pytest.fixture(scope="module")

@@ -384,6 +384,18 @@ class _Evaluation:
     ranked_rest: list[_Entry] = field(default_factory=list)
     filtered: list[tuple[ModelRoute, str, str]] = field(default_factory=list)
 
+    def route_plan(self, candidates: tuple[router_pb2.Candidate, ...]) -> RoutePlan:
+        """The plan of these candidates, with what this evaluation found."""
+        return RoutePlan(
+            candidates=candidates,
+            version=self.version,
+            task_type=self.task_type,
+            matched_rule=self.matched_rule,
+            complexity=self.complexity,
+            category=self.category,
+            preference=self.preference,
+        )
+
 
 def _gather(
     routes: Iterable[ModelRoute],
@@ -577,15 +589,7 @@ class Planner:
         ev = self._evaluate(request, tenant_id, input_tokens, allowed_models, tier, now, explain=False)
         if not ev.chosen:
             raise _no_route(ev)
-        return RoutePlan(
-            candidates=tuple(_candidate(e) for e in ev.chosen),
-            version=ev.version,
-            task_type=ev.task_type,
-            matched_rule=ev.matched_rule,
-            complexity=ev.complexity,
-            category=ev.category,
-            preference=ev.preference,
-        )
+        return ev.route_plan(tuple(_candidate(e) for e in ev.chosen))
 
     def explain(
         self,
@@ -619,17 +623,7 @@ class Planner:
             entry = _Entry(route, reason, cost, latency, scores.score_of(route, cost, latency))
             parts = scores.parts(route, cost, latency)
             rows.append(ScoredRow(_candidate(entry), True, need.detail(route, kind), parts, 0))
-        plan = None
-        if ev.chosen:
-            plan = RoutePlan(
-                candidates=tuple(row.candidate for row in rows[: len(ev.chosen)]),
-                version=ev.version,
-                task_type=ev.task_type,
-                matched_rule=ev.matched_rule,
-                complexity=ev.complexity,
-                category=ev.category,
-                preference=ev.preference,
-            )
+        plan = ev.route_plan(tuple(row.candidate for row in rows[: len(ev.chosen)])) if ev.chosen else None
         return Explanation(
             plan=plan,
             rows=tuple(rows),
