@@ -6,9 +6,8 @@ order and converge on the same picture. A replica that starts reads the recent h
 (the breaker window) and then follows the feed from where the history ended.
 
 * `MemoryFeed`: in-process, for one replica (the embedded default);
-* `RedisFeed`: a Redis stream, `OUTCOME_STREAM`, one entry per batch (field `b`, a serialized
-  `ReportRequest`), trimmed to about `STREAM_MAXLEN` entries. Readers block on XREAD; after a
-  Redis error they log once per outage and retry with backoff, from the last entry they read.
+* `RedisFeed`: a Redis stream, `OUTCOME_STREAM`, one entry per batch (a serialized
+  `ReportRequest`), trimmed to about `STREAM_MAXLEN` entries (common/redis_stream.py).
 """
 
 from __future__ import annotations
@@ -19,14 +18,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final, Protocol
 
-import grpc
-from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from switchyard.common.errors import Reason, SwitchyardError
-from switchyard.common.logging import get_logger
 from switchyard.common.redis_client import RedisOptions, open_redis
+from switchyard.common.redis_stream import READ_BLOCK_MS, RedisStreamFeed
 from switchyard.v1 import health_pb2
 
 __all__ = [
@@ -39,19 +34,9 @@ __all__ = [
     "build_feed",
 ]
 
-log = get_logger(__name__)
-
 OUTCOME_STREAM: Final = "switchyard:health:outcomes"
 STREAM_MAXLEN: Final = 100_000
-# A blocked XREAD waits this long for new entries (under the client's socket timeout).
-READ_BLOCK_MS: Final = 1_000
-READ_COUNT: Final = 100
-HISTORY_PAGE: Final = 1_000
 FEED_REDIS_OPTIONS: Final = RedisOptions(max_connections=16, socket_timeout_s=READ_BLOCK_MS / 1000 + 2.0)
-_FIELD: Final = b"b"
-_BACKOFF_FIRST_S: Final = 0.1
-_BACKOFF_CAP_S: Final = 5.0
-_REDIS_ERRORS: Final = (RedisError, OSError)
 # The memory feed keeps this many batches of history.
 _MEMORY_HISTORY: Final = 10_000
 
@@ -134,123 +119,37 @@ class MemoryFeed:
 
 
 class RedisFeed:
-    """A feed on a Redis stream shared by every replica (see the module doc)."""
+    """A feed on a Redis stream shared by every replica: one entry per batch."""
 
     def __init__(self, client: Redis, *, stream: str = OUTCOME_STREAM, maxlen: int = STREAM_MAXLEN) -> None:
-        self._client = client
-        self._stream = stream
-        self._maxlen = maxlen
-        # Where subscriptions start: the last entry `history` saw, else "$" (only new entries).
-        self._start_id: bytes | str = "$"
-        self._closed = False
-        self._outage = False
+        self._stream: RedisStreamFeed[Batch] = RedisStreamFeed(
+            client, stream=stream, maxlen=maxlen, encode=_encode, decode=_decode, name="health"
+        )
 
     async def publish(self, outcomes: Sequence[health_pb2.AttemptOutcome]) -> None:
-        """XADD the batch as one entry."""
-        payload = health_pb2.ReportRequest(outcomes=outcomes).SerializeToString()
-        try:
-            await self._client.xadd(self._stream, {_FIELD: payload}, maxlen=self._maxlen, approximate=True)
-        except _REDIS_ERRORS as exc:
-            log.warning("health_feed_publish_failed", error=type(exc).__name__)
-            raise SwitchyardError(
-                grpc.StatusCode.UNAVAILABLE,
-                Reason.DEPENDENCY_UNAVAILABLE,
-                "the health feed is unavailable",
-                retry_after_s=1.0,
-            ) from exc
+        """XADD the batch as one entry (UNAVAILABLE when Redis is down)."""
+        await self._stream.publish(list(outcomes))
 
     async def history(self, since_s: float) -> Batch:
-        """The entries of the last `since_s` seconds (by Redis's clock), oldest first; later
+        """The outcomes of the last `since_s` seconds (by Redis's clock), oldest first; later
         subscriptions start right after the newest entry read here."""
-        newest = await self._newest_id()
-        self._start_id = newest
-        if newest == "0-0":
-            return []
-        seconds, micros = await self._client.time()
-        floor = f"{max(0, int(seconds * 1000 + micros // 1000 - since_s * 1000))}-0"
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
-        upper: bytes | str = self._start_id
-        while True:
-            page = _stream_entries(
-                await self._client.xrevrange(self._stream, upper, floor, count=HISTORY_PAGE)
-            )
-            entries.extend(page)
-            if len(page) < HISTORY_PAGE:
-                break
-            upper = b"(" + page[-1][0]
-        outcomes: Batch = []
-        for entry_id, fields in reversed(entries):
-            outcomes.extend(self._decode(entry_id, fields))
-        return outcomes
+        return [outcome for batch in await self._stream.history(since_s) for outcome in batch]
 
     def subscribe(self) -> AsyncIterator[Batch]:
-        """Every entry after the end of `history` (or, without it, after the first read)."""
-        return self._follow(self._start_id)
-
-    async def _follow(self, last_id: bytes | str) -> AsyncIterator[Batch]:
-        delay = _BACKOFF_FIRST_S
-        while not self._closed:
-            try:
-                if last_id == "$":
-                    # Pin "$" to a real id once, so entries added between two reads are not skipped.
-                    last_id = await self._newest_id()
-                reply = await self._client.xread(
-                    {self._stream: last_id}, count=READ_COUNT, block=READ_BLOCK_MS
-                )
-            except _REDIS_ERRORS as exc:
-                if self._closed:
-                    return
-                if not self._outage:
-                    self._outage = True
-                    log.warning("health_feed_read_failed", error=type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_CAP_S)
-                continue
-            if self._outage:
-                self._outage = False
-                log.info("health_feed_read_resumed")
-            delay = _BACKOFF_FIRST_S
-            for entry_id, fields in _read_entries(reply):
-                last_id = entry_id
-                batch = self._decode(entry_id, fields)
-                if batch:
-                    yield batch
-
-    async def _newest_id(self) -> bytes | str:
-        """The id of the stream's newest entry, or "0-0" when it is empty."""
-        newest = _stream_entries(await self._client.xrevrange(self._stream, "+", "-", count=1))
-        return newest[0][0] if newest else "0-0"
-
-    @staticmethod
-    def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> Batch:
-        try:
-            return list(health_pb2.ReportRequest.FromString(fields[_FIELD]).outcomes)
-        except (KeyError, DecodeError):
-            log.warning("health_feed_entry_skipped", entry_id=entry_id.decode(errors="replace"))
-            return []
+        """Every batch after the end of `history` (or, without it, after the first read)."""
+        return self._stream.subscribe()
 
     async def close(self) -> None:
         """Stop the readers (at their next read) and close the client."""
-        self._closed = True
-        await self._client.aclose()
+        await self._stream.close()
 
 
-def _stream_entries(reply: object) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The (id, fields) pairs of an XRANGE / XREVRANGE reply."""
-    if not isinstance(reply, list):
-        return []
-    return [(entry_id, fields) for entry_id, fields in reply]
+def _encode(batch: Batch) -> bytes:
+    return health_pb2.ReportRequest(outcomes=batch).SerializeToString()
 
 
-def _read_entries(reply: object) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of an XREAD reply (RESP2: a list of [stream, entries]; RESP3: a map)."""
-    if isinstance(reply, dict):
-        streams = list(reply.values())
-    elif isinstance(reply, list):
-        streams = [item[1] for item in reply]
-    else:
-        return []
-    return [entry for entries in streams for entry in _stream_entries(entries)]
+def _decode(data: bytes) -> Batch:
+    return list(health_pb2.ReportRequest.FromString(data).outcomes)
 
 
 def build_feed(redis_url: str | None) -> OutcomeFeed:
