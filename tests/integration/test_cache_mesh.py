@@ -2,8 +2,10 @@
 
 A deterministic request (temperature 0) asked twice reaches the provider once; the second
 answer is replayed from the cache, streamed or not, tool calls included, at no cost and with
-its saving. The caller's policy is honoured (skip, refresh, use), and tenants never share.
-Each test asks its own question, so entries of one test never answer another.
+its saving; a paraphrase is answered too, with its similarity. The caller's policy is
+honoured (skip, refresh, use), and tenants never share. Each test asks its own question; the
+tests of exact matching set the semantic threshold to 1 (their questions share a template,
+close enough to match each other semantically), the semantic test asks about another topic.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def question(text: str = "", *, temperature: float | None = 0.0, mode: int = 0) 
     if temperature is not None:
         request.sampling.temperature = temperature
     request.cache.mode = mode  # type: ignore[assignment]
+    request.cache.semantic_threshold = 1.0
     return request
 
 
@@ -130,4 +133,31 @@ async def test_one_tenants_answer_is_never_served_to_another(mesh: Mesh, openai_
     async with keyed_channel(mesh.edge_target, key) as channel:
         other = await gateway_pb2_grpc.GatewayServiceStub(channel).Chat(request, timeout=30)
     assert other.cache_status == common_pb2.CACHE_STATUS_MISS
+    assert (await openai_sim.stats())["requests"] == 2
+
+
+async def test_a_paraphrase_is_answered_from_the_cache_with_its_similarity(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
+    cache = cache_pb2_grpc.CacheServiceStub(grpc.aio.insecure_channel(mesh.target("cache")))
+    capabilities = await cache.GetCapabilities(cache_pb2.GetCapabilitiesRequest(), timeout=5)
+    assert capabilities.semantic and capabilities.embedder == "local:all-MiniLM-L6-v2"
+    gateway = mesh.gateway()
+    asked = question("How many moons does Jupiter have?")
+    asked.cache.ClearField("semantic_threshold")
+    before = await entries_of(mesh, "default")
+    first = await gateway.Chat(asked, timeout=30)
+    assert first.cache_status == common_pb2.CACHE_STATUS_MISS
+    await stored(mesh, "default", before + 1)
+
+    paraphrase = question("What is the number of moons of Jupiter?")
+    paraphrase.cache.ClearField("semantic_threshold")
+    hit = await gateway.Chat(paraphrase, timeout=30)
+    assert hit.cache_status == common_pb2.CACHE_STATUS_HIT_SEMANTIC
+    assert 0.85 <= hit.cache_similarity < 1.0
+    assert hit.message.parts[0].text == first.message.parts[0].text
+    assert (hit.cost_micros, hit.saved_micros) == (0, first.cost_micros)
+    different = question("How many moons does Saturn have?")
+    different.cache.ClearField("semantic_threshold")
+    assert (await gateway.Chat(different, timeout=30)).cache_status == common_pb2.CACHE_STATUS_MISS
     assert (await openai_sim.stats())["requests"] == 2

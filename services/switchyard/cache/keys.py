@@ -20,13 +20,14 @@ entries; two tenants never do.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import dataclass
 from typing import Final
 
 from switchyard.v1 import common_pb2
 
-__all__ = ["AUTO", "CacheDecision", "cache_decision", "cache_key"]
+__all__ = ["AUTO", "CacheDecision", "cache_decision", "cache_key", "key_matches"]
 
 AUTO: Final = "auto"
 _SEPARATOR: Final = b"\x00"
@@ -85,6 +86,17 @@ def cache_key(tenant_id: str, request: common_pb2.ChatRequest, model: str) -> st
     digest.update(_SEPARATOR)
     digest.update(shaped.SerializeToString(deterministic=True))
     return f"{_escape(tenant_id)}/{_escape(model)}/{digest.hexdigest()}"
+
+
+def key_matches(key: str, *, tenant_id: str = "", model: str = "", key_pattern: str = "") -> bool:
+    """Whether `key` passes every filter given (the tenant and model it leads with, a glob)."""
+    tenant_part, _, rest = key.partition("/")
+    model_part = rest.partition("/")[0]
+    if tenant_id and tenant_part != _escape(tenant_id):
+        return False
+    if model and model_part != _escape(model):
+        return False
+    return not key_pattern or fnmatch.fnmatchcase(key, key_pattern)
 
 
 def _escape(part: str) -> str:

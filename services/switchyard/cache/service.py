@@ -1,21 +1,27 @@
-"""The CacheService: exact-match answers by tenant, model and request, cost-aware, with replay.
+"""The CacheService: answers by tenant, model and request, exact or semantic, cost-aware, replayed.
 
 * `Lookup` computes the entry key (cache/keys.py) and reads the tiered store (an in-process
-  LRU in front of Redis, or of memory alone); a hit returns the answer as it was streamed,
-  with what it saves;
+  LRU in front of Redis, or of memory alone); without an exact entry, a paraphrase of a
+  cached question in the same scope may answer (cache/semantic.py), its similarity reported;
 * `Store` takes an answer the edge got from a provider: finished answers only (stop, length
   or tool calls; never an error or a filtered answer), TTL by the kind of question
   (cache/ttl.py) unless the caller set one, admission and eviction by value (cache/store.py);
+  its question is embedded and indexed for semantic matching;
 * `Invalidate` removes by tenant, model or key glob (at least one of them);
-* `GetStats` counts lookups, hits and savings per tenant, with lookup latency percentiles;
-* `GetCapabilities` says what this cache does: exact matching and streaming replay. Semantic
-  matching needs an embedder, which this build does not configure, so it says so.
+* `GetStats` counts lookups, exact and semantic hits and savings per tenant, with lookup
+  latency percentiles;
+* `GetCapabilities` says what this cache does: exact matching and streaming replay always,
+  semantic matching when the local embedder is installed (the `semantic` extra) and on.
 
-Every request names its tenant; entries never cross tenants (the tenant leads the key).
+Every request names its tenant; entries never cross tenants (the tenant leads the key and the
+semantic scope).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,12 +29,17 @@ from typing import Final
 
 import grpc
 from google.protobuf import timestamp_pb2
+from redis.exceptions import RedisError
 
-from switchyard.cache.keys import cache_key
+from switchyard.cache.embed import load_local_embedder, unavailable_reason
+from switchyard.cache.keys import cache_key, key_matches
+from switchyard.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex, literals_of, question_text, scope_of
 from switchyard.cache.store import CacheEntry, CacheStore, build_store
 from switchyard.cache.ttl import classify_ttl
-from switchyard.common.errors import invalid
+from switchyard.cache.vectors import IndexedQuestion, build_vector_feed
+from switchyard.common.errors import SwitchyardError, invalid
 from switchyard.common.logging import get_logger
+from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2
@@ -52,6 +63,7 @@ _STORABLE: Final = frozenset(
 class _TenantStats:
     lookups: int = 0
     exact_hits: int = 0
+    semantic_hits: int = 0
     saved_micros: int = 0
 
 
@@ -62,13 +74,15 @@ class CacheStats:
         self._tenants: dict[str, _TenantStats] = {}
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
-    def lookup(self, tenant_id: str, *, hit: bool, saved_micros: int, latency_ms: float) -> None:
+    def lookup(self, tenant_id: str, *, status: int, saved_micros: int, latency_ms: float) -> None:
         """Count one lookup."""
         stats = self._tenants.setdefault(tenant_id, _TenantStats())
         stats.lookups += 1
-        if hit:
+        if status == common_pb2.CACHE_STATUS_HIT_EXACT:
             stats.exact_hits += 1
-            stats.saved_micros += saved_micros
+        elif status == common_pb2.CACHE_STATUS_HIT_SEMANTIC:
+            stats.semantic_hits += 1
+        stats.saved_micros += saved_micros
         self._latencies_ms.append(latency_ms)
 
     def response(self, tenant_id: str) -> cache_pb2.GetStatsResponse:
@@ -80,6 +94,7 @@ class CacheStats:
         return cache_pb2.GetStatsResponse(
             lookups=sum(s.lookups for s in chosen),
             exact_hits=sum(s.exact_hits for s in chosen),
+            semantic_hits=sum(s.semantic_hits for s in chosen),
             saved_micros=sum(s.saved_micros for s in chosen),
             p50_lookup_ms=_rank(ordered, 50),
             p99_lookup_ms=_rank(ordered, 99),
@@ -104,9 +119,22 @@ def _require(tenant_id: str, model: str, request: common_pb2.ChatRequest) -> Non
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     """Lookup, Store, Invalidate, GetStats and GetCapabilities on one store."""
 
-    def __init__(self, store: CacheStore, *, ttl_overrides: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        *,
+        ttl_overrides: dict[str, int] | None = None,
+        semantic: SemanticIndex | None = None,
+        semantic_threshold: float = DEFAULT_THRESHOLD,
+        semantic_off_reason: str = SEMANTIC_OFF,
+        vectors: RedisStreamFeed[IndexedQuestion] | None = None,
+    ) -> None:
         self._store = store
+        self._vectors = vectors
         self._ttl_overrides = ttl_overrides
+        self._semantic = semantic
+        self._threshold = semantic_threshold
+        self._semantic_off_reason = semantic_off_reason
         self.stats = CacheStats()
 
     async def Lookup(
@@ -114,19 +142,54 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> cache_pb2.LookupResponse:
         """A cached answer for the request, if one is stored and fresh."""
         _require(request.tenant_id, request.model, request.request)
+        if request.request.cache.HasField("semantic_threshold"):
+            wanted = request.request.cache.semantic_threshold
+            if not 0.0 < wanted <= 1.0:
+                raise invalid(
+                    "a semantic threshold is above 0 and at most 1", "request.cache.semantic_threshold"
+                )
         started = time.perf_counter()
-        entry = await self._store.get(cache_key(request.tenant_id, request.request, request.model))
-        latency_ms = (time.perf_counter() - started) * 1000
-        saved = entry.cost_micros if entry is not None else 0
-        self.stats.lookup(request.tenant_id, hit=entry is not None, saved_micros=saved, latency_ms=latency_ms)
+        key = cache_key(request.tenant_id, request.request, request.model)
+        entry = await self._store.get(key)
+        status, similarity = common_pb2.CACHE_STATUS_HIT_EXACT, 1.0
         if entry is None:
+            entry, similarity = await self._semantic_lookup(request)
+            status = common_pb2.CACHE_STATUS_HIT_SEMANTIC
+        latency_ms = (time.perf_counter() - started) * 1000
+        if entry is None:
+            self.stats.lookup(
+                request.tenant_id, status=common_pb2.CACHE_STATUS_MISS, saved_micros=0, latency_ms=latency_ms
+            )
             return cache_pb2.LookupResponse(status=common_pb2.CACHE_STATUS_MISS)
+        saved = entry.cost_micros
+        self.stats.lookup(request.tenant_id, status=status, saved_micros=saved, latency_ms=latency_ms)
         return cache_pb2.LookupResponse(
-            status=common_pb2.CACHE_STATUS_HIT_EXACT,
+            status=status,
             answer=cache_pb2.CachedAnswer.FromString(entry.payload),
+            similarity=similarity,
             saved_micros=saved,
             stored_at=_timestamp(entry.stored_at),
         )
+
+    async def _semantic_lookup(self, request: cache_pb2.LookupRequest) -> tuple[CacheEntry | None, float]:
+        """The entry of the nearest paraphrase in the request's scope, with its similarity."""
+        semantic = self._semantic
+        text = question_text(request.request)
+        if semantic is None or not text:
+            return None, 0.0
+        cache = request.request.cache
+        threshold = cache.semantic_threshold if cache.HasField("semantic_threshold") else self._threshold
+        vector = await asyncio.to_thread(semantic.vector_of, text)
+        match = semantic.search(
+            scope_of(request.tenant_id, request.request, request.model), vector, threshold
+        )
+        if match is None:
+            return None, 0.0
+        entry = await self._store.get(match.key)
+        if entry is None:  # expired or evicted since it was indexed
+            semantic.remove(match.key)
+            return None, 0.0
+        return entry, match.similarity
 
     async def Store(
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext
@@ -153,11 +216,59 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             expires_at=now + decision.ttl_s,
         )
         admitted = await self._store.put(entry)
+        text = question_text(request.request)
+        if admitted and self._semantic is not None and text:
+            vector = await asyncio.to_thread(self._semantic.vector_of, text)
+            indexed = IndexedQuestion(
+                entry.key,
+                scope_of(request.tenant_id, request.request, request.model),
+                literals_of(text),
+                vector.tobytes(),
+            )
+            self.index(indexed)
+            if self._vectors is not None:
+                try:
+                    await self._vectors.publish(indexed)
+                except SwitchyardError:  # the answer is stored; other replicas just will not match it
+                    log.warning("cache_vector_unshared")
         return cache_pb2.StoreResponse(
             admitted=admitted,
             ttl_seconds=decision.ttl_s if admitted else 0,
             reason=decision.kind if admitted else "not admitted: worth less than what it would evict",
         )
+
+    def index(self, question: IndexedQuestion) -> None:
+        """Add a stored question to this replica's semantic index (from Store or the feed)."""
+        if self._semantic is None:
+            return
+        import numpy
+
+        vector = numpy.frombuffer(question.vector, dtype=numpy.float32)
+        if vector.shape != (self._semantic.embedder.dimensions,):
+            log.warning("cache_vector_skipped", reason="dimensions")
+            return
+        self._semantic.add(question.scope, question.key, vector, question.literals)
+
+    async def rebuild_index(self) -> None:
+        """Index what the replicas stored before this one started (the feed's history); later
+        `follow_vectors` picks up from where this ended."""
+        if self._vectors is None or self._semantic is None:
+            return
+        try:
+            history = await self._vectors.history()
+        except (RedisError, OSError) as exc:  # serve anyway: the index fills as answers are stored
+            log.warning("cache_semantic_rebuild_failed", error=type(exc).__name__)
+            return
+        for question in history:
+            self.index(question)
+        log.info("cache_semantic_rebuilt", questions=len(history))
+
+    async def follow_vectors(self) -> None:
+        """Index what the other replicas store, as it comes."""
+        if self._vectors is None or self._semantic is None:
+            return
+        async for question in self._vectors.subscribe():
+            self.index(question)
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: grpc.aio.ServicerContext
@@ -168,6 +279,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         removed = await self._store.invalidate(
             tenant_id=request.tenant_id, model=request.model, key_pattern=request.key_pattern
         )
+        if self._semantic is not None:
+            self._semantic.remove_where(
+                lambda key: key_matches(
+                    key, tenant_id=request.tenant_id, model=request.model, key_pattern=request.key_pattern
+                )
+            )
         log.info("cache_invalidated", tenant=request.tenant_id, model=request.model, removed=removed)
         return cache_pb2.InvalidateResponse(removed=removed)
 
@@ -184,9 +301,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def GetCapabilities(
         self, request: cache_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.GetCapabilitiesResponse:
-        """Exact matching and streaming replay; semantic matching is off without an embedder."""
+        """Exact matching and streaming replay; semantic matching when an embedder is loaded."""
+        semantic = self._semantic
         return cache_pb2.GetCapabilitiesResponse(
-            exact=True, semantic=False, embedder=SEMANTIC_OFF, streaming_replay=True
+            exact=True,
+            semantic=semantic is not None,
+            embedder=semantic.embedder.name if semantic is not None else self._semantic_off_reason,
+            streaming_replay=True,
         )
 
 
@@ -197,11 +318,51 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def build(settings: Settings) -> ServiceParts:
-    """The cache's bindings: a tiered store on Redis when `redis_url` is set, in memory otherwise."""
+    """The cache's bindings: a tiered store on Redis when `redis_url` is set, in memory otherwise;
+    semantic matching with the local embedder when it is installed and not switched off."""
     store = build_store(
         settings.redis_url, max_bytes=settings.cache_max_bytes, l1_entries=settings.cache_l1_entries
     )
-    servicer = CacheServicer(store)
+    semantic: SemanticIndex | None = None
+    off = "off: SWITCHYARD_CACHE_SEMANTIC is false"
+    if settings.cache_semantic:
+        # One BLAS thread: embedding a question is small matrix work, and BLAS threads
+        # competing with the event loop for the cores slow it down more than they help.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        embedder = load_local_embedder()
+        if embedder is not None:
+            semantic = SemanticIndex(embedder)
+        else:
+            off = f"none: {unavailable_reason()}"
+    log.info("cache_semantic", on=semantic is not None, embedder=semantic.embedder.name if semantic else off)
+    vectors = build_vector_feed(settings.redis_url) if semantic is not None else None
+    servicer = CacheServicer(
+        store,
+        semantic=semantic,
+        semantic_threshold=settings.cache_semantic_threshold,
+        semantic_off_reason=off,
+        vectors=vectors,
+    )
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        if semantic is not None:
+            # Load the model's weights before serving, so no lookup waits for them.
+            await asyncio.to_thread(semantic.embed, ["warm up"])
+        if vectors is not None:
+            await servicer.rebuild_index()  # before serving: a new replica starts complete
+            tasks.append(asyncio.create_task(servicer.follow_vectors(), name="cache-vectors"))
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if vectors is not None:
+            await vectors.close()
+        await store.close()
+
     return ServiceParts(
         [
             ServiceBinding(
@@ -209,5 +370,6 @@ def build(settings: Settings) -> ServiceParts:
                 lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
             )
         ],
-        close=store.close,
+        close=close,
+        start=start,
     )

@@ -115,6 +115,10 @@ class Settings(BaseModel):
     # The cache's memory bound (payloads and keys) and its in-process tier's entries.
     cache_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     cache_l1_entries: int = Field(default=10_000, ge=0)
+    # Semantic matching (paraphrases) with the local embedder, when it is installed; the cosine
+    # similarity a paraphrase needs when the caller sets none.
+    cache_semantic: bool = True
+    cache_semantic_threshold: float = Field(default=0.85, gt=0, le=1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -146,6 +150,8 @@ class Settings(BaseModel):
             "SWITCHYARD_CACHE_LOOKUP_TIMEOUT_S": "cache_lookup_timeout_s",
             "SWITCHYARD_CACHE_MAX_BYTES": "cache_max_bytes",
             "SWITCHYARD_CACHE_L1_ENTRIES": "cache_l1_entries",
+            "SWITCHYARD_CACHE_SEMANTIC": "cache_semantic",
+            "SWITCHYARD_CACHE_SEMANTIC_THRESHOLD": "cache_semantic_threshold",
             "SWITCHYARD_DEV_KEY": "dev_key",
             "SWITCHYARD_KEYS_REFRESH_S": "keys_refresh_s",
             "SWITCHYARD_EDGE_BUDGETS": "edge_budgets",
