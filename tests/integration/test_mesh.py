@@ -194,13 +194,13 @@ async def test_list_models_pages_through_the_catalog(mesh: Mesh) -> None:
     assert common_pb2.CAPABILITY_TOOLS in mini.capabilities
 
 
-async def test_methods_of_later_issues_answer_unimplemented_with_reason(mesh: Mesh) -> None:
+async def test_a_cache_lookup_without_a_tenant_is_invalid(mesh: Mesh) -> None:
     async with grpc.aio.insecure_channel(mesh.target("cache")) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await cache_pb2_grpc.CacheServiceStub(channel).Lookup(cache_pb2.LookupRequest(), timeout=5)
     error = from_rpc_error(caught.value)
-    assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, Reason.NOT_IMPLEMENTED)
-    assert error.metadata["issue"] == "#7"
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST)
+    assert error.metadata["field"] == "tenant_id"
 
 
 async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
@@ -286,11 +286,9 @@ async def test_a_failed_candidate_is_retried_after_its_retry_after(
     started = asyncio.get_running_loop().time()
     response = await mesh.gateway().Chat(chat_request(), timeout=30)
     waited = asyncio.get_running_loop().time() - started
-    assert [(a.model, a.error_reason) for a in response.attempts] == [
-        ("openai/gpt-4o-mini", "RATE_LIMITED"),
-        ("openai/gpt-4.1-mini", "RATE_LIMITED"),
-        ("openai/gpt-4o-mini", ""),
-    ]
+    # Which candidates are tried depends on what the mesh learnt from earlier tests (a model a
+    # vendor rate-limited may still be avoided): two refusals, then an answer.
+    assert [a.error_reason for a in response.attempts] == ["RATE_LIMITED", "RATE_LIMITED", ""]
     assert waited >= 0.3, "the vendor's retry-after was not honoured"
     assert (await openai_sim.stats())["requests"] == 3
 

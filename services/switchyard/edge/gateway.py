@@ -253,9 +253,8 @@ class EdgeGateway:
                         self._record_free(request, caller, admitted.prompt, hit.answer, chunk.done)
                     yield chunk
                 return
-        chunks = self._provider_answer(request, caller, timeout_s, admitted.prompt)
         if cache is None or decision is None or not decision.store:
-            async for chunk in chunks:
+            async for chunk in self._provider_answer(request, caller, timeout_s, admitted.prompt):
                 yield chunk
             return
         status = (
@@ -263,12 +262,11 @@ class EdgeGateway:
             if request.cache.mode == common_pb2.CACHE_MODE_REFRESH
             else common_pb2.CACHE_STATUS_MISS
         )
+        chunks = self._provider_answer(request, caller, timeout_s, admitted.prompt, status)
         recorder = AnswerRecorder()
         try:
             async for chunk in chunks:
                 recorder.see(chunk)
-                if chunk.HasField("done") and chunk.done.cache_status == common_pb2.CACHE_STATUS_BYPASS:
-                    chunk.done.cache_status = status
                 yield chunk
         finally:
             await chunks.aclose()
@@ -282,12 +280,17 @@ class EdgeGateway:
         caller: Caller,
         timeout_s: float | None,
         prompt: PromptCount,
+        cache_status: common_pb2.CacheStatus.ValueType = common_pb2.CACHE_STATUS_BYPASS,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         def source() -> AsyncIterator[common_pb2.ChatChunk]:
-            return self.pipeline.stream(request, caller, timeout_s=timeout_s, prompt=prompt)
+            return self.pipeline.stream(
+                request, caller, timeout_s=timeout_s, prompt=prompt, cache_status=cache_status
+            )
 
         if self.dedup is None:
-            return self.pipeline.stream(request, caller, timeout_s=timeout_s, prompt=prompt)
+            return self.pipeline.stream(
+                request, caller, timeout_s=timeout_s, prompt=prompt, cache_status=cache_status
+            )
         shared = self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
         return self._record_joiner(shared, request, caller, prompt)
 

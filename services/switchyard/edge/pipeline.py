@@ -161,8 +161,12 @@ class ChatPipeline:
         *,
         timeout_s: float | None,
         prompt: PromptCount | None = None,
+        cache_status: common_pb2.CacheStatus.ValueType = common_pb2.CACHE_STATUS_BYPASS,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """The answer as chunks: routing, deltas, usage, done. Raises SwitchyardError.
+
+        `cache_status` is what the cache made of the request (BYPASS, MISS or REFRESHED); the
+        done chunk and the ledger record carry it.
 
         The request has been validated by the caller (`edge.gateway`). At most three attempts
         walk the plan; a retryable failure before the first token moves to the next
@@ -212,7 +216,9 @@ class ChatPipeline:
             sent_chars = 0
             usage: common_pb2.Usage | None = None
             finish = common_pb2.FINISH_REASON_UNSPECIFIED
-            outcome = last = _Outcome(request, caller, candidate, counted, started, attempts, hold)
+            outcome = last = _Outcome(
+                request, caller, candidate, counted, started, attempts, hold, cache_status
+            )
             call = self._adapter(candidate.vendor).Generate(
                 provider_pb2.GenerateRequest(
                     request=request, provider=candidate.provider, upstream_model=candidate.upstream_model
@@ -284,7 +290,7 @@ class ChatPipeline:
                     done=common_pb2.Done(
                         finish_reason=finish,
                         cost_micros=cost,
-                        cache_status=common_pb2.CACHE_STATUS_BYPASS,
+                        cache_status=cache_status,
                         request_id=request.request_id,
                         attempts=[a.summary() for a in attempts],
                     )
@@ -434,6 +440,7 @@ class _Outcome:
     started: float
     attempts: list[_Attempt]
     hold: BudgetHold
+    cache_status: common_pb2.CacheStatus.ValueType
     finished: bool = False
 
     def record(self, usage: common_pb2.Usage | None, cost: int, status: str) -> ledger_pb2.UsageRecord:
@@ -446,7 +453,7 @@ class _Outcome:
             provider=self.candidate.provider,
             usage=usage,
             cost_micros=cost,
-            cache_status=common_pb2.CACHE_STATUS_BYPASS,
+            cache_status=self.cache_status,
             latency_ms=int((time.monotonic() - self.started) * 1000),
             status=status,
             attempts=len(self.attempts),

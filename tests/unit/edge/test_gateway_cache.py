@@ -36,7 +36,12 @@ class Providers(ChatPipeline):
         self.finish = finish
 
     async def stream(  # type: ignore[override]
-        self, request: common_pb2.ChatRequest, caller: Caller, **_: object
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        *,
+        cache_status: int = common_pb2.CACHE_STATUS_BYPASS,
+        **_: object,
     ) -> AsyncIterator[common_pb2.ChatChunk]:
         self.calls += 1
         yield common_pb2.ChatChunk(
@@ -56,7 +61,7 @@ class Providers(ChatPipeline):
                 request_id=request.request_id,
                 finish_reason=self.finish,  # type: ignore[arg-type]
                 cost_micros=42,
-                cache_status=common_pb2.CACHE_STATUS_BYPASS,
+                cache_status=cache_status,  # type: ignore[arg-type]
             )
         )
 
