@@ -77,3 +77,22 @@ def test_planner_bench_runs_every_size_and_request_kind() -> None:
         assert row["candidates"] == 3
     table = plan_bench.markdown(rows)
     assert table.count("\n") == 1 + len(rows) and "| 100 | auto |" in table
+
+
+def test_cache_bench_measures_memory_hits_and_misses() -> None:
+    from bench import cache as cache_bench
+
+    report = cache_bench.run([100], lookups=20)  # no Redis URL: the memory rows only
+    assert [(row["entries"], row["store"], row["lookup"]) for row in report.rows] == [
+        (100, "memory", "exact hit"),
+        (100, "memory", "exact miss"),
+        (0, "local MiniLM", "embed one question"),
+        (100, "usearch, one scope", "nearest-neighbour search"),
+    ]
+    for row in report.rows:
+        assert 0 < row["p50_us"] <= row["p99_us"]
+    assert [(f["entries"], f["store"], f["added"]) for f in report.fills] == [(100, "memory", 100)]
+    assert report.fills[0]["seconds"] > 0
+    assert report.semantic.startswith("Semantic lookup = an exact miss + one embedding + one search")
+    table = cache_bench.markdown(report.rows)
+    assert table.count("\n") == 1 + len(report.rows) and "| 100 | memory | exact miss |" in table
