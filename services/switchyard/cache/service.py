@@ -20,7 +20,6 @@ semantic scope).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from switchyard.common.logging import get_logger
 from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
+from switchyard.common.tasks import cancel_all
 from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
 __all__ = ["MAX_ANSWER_BYTES", "CacheServicer", "CacheStats", "build"]
@@ -354,11 +354,7 @@ def build(settings: Settings) -> ServiceParts:
             tasks.append(asyncio.create_task(servicer.follow_vectors(), name="cache-vectors"))
 
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(tasks)
         if vectors is not None:
             await vectors.close()
         await store.close()

@@ -10,7 +10,6 @@ caller's (model "", `probe` set), so it updates the provider's entry on every re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,6 +23,7 @@ from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, from_rpc_error
 from switchyard.common.logging import get_logger
 from switchyard.common.settings import Settings
+from switchyard.common.tasks import cancel_all
 from switchyard.v1 import health_pb2, provider_pb2, provider_pb2_grpc
 
 __all__ = ["JITTER", "PROBE_TIMEOUT_CAP_S", "ProbeFunction", "Prober", "adapter_probe", "probe_timeout_s"]
@@ -94,11 +94,7 @@ class Prober:
     async def stop(self) -> None:
         """Cancel the loops and wait for them."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(tasks)
 
     async def probe_once(self, provider: str, vendor: str) -> health_pb2.AttemptOutcome | None:
         """Probe one provider now; a raise or a timeout becomes a failed outcome, None means

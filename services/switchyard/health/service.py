@@ -17,7 +17,6 @@ which warm up from its recent history when they start; otherwise it is in memory
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import random
@@ -31,6 +30,7 @@ from switchyard.common.errors import invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
+from switchyard.common.tasks import cancel_all
 from switchyard.health.book import HealthBook, HealthConfig
 from switchyard.health.feed import Batch, OutcomeFeed, build_feed
 from switchyard.health.prober import Prober, adapter_probe
@@ -100,11 +100,7 @@ class HealthMonitor:
 
     async def close(self) -> None:
         """Stop following and release the feed."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks.clear()
         await self.feed.close()
 

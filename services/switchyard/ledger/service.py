@@ -20,7 +20,6 @@ its current window from the rows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -38,6 +37,7 @@ from switchyard.common.money import TokenCounts, format_usd
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.common.sql import Database, open_database
+from switchyard.common.tasks import cancel_all
 from switchyard.edge.budget import applies, scope_key
 from switchyard.ledger.alerts import AlertCenter
 from switchyard.ledger.budgets import MAX_MICROS, BudgetRef, BudgetStore, build_budget_store
@@ -758,10 +758,7 @@ def build(settings: Settings) -> ServiceParts:
         tasks.append(asyncio.create_task(_sweeper(ledger, settings.ledger_sweep_s), name="ledger-sweeper"))
 
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(tasks)
         for ledger in parts:
             await ledger.alerts.aclose()
             await ledger.store.aclose()

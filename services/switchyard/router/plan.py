@@ -47,6 +47,8 @@ from switchyard.router.table import (
     BREAKER_HALF_OPEN,
     BREAKER_OPEN,
     PROVIDER_DOWN,
+    QUALITY_FLOOR,
+    STRATEGY_WEIGHTS,
     ModelRoute,
     RoutingTable,
     default_settings,
@@ -68,15 +70,6 @@ __all__ = [
 
 AUTO = "auto"
 MAX_CANDIDATES = 3
-# The COST strategy prefers the cheapest model at or above this quality (relaxed when none is).
-QUALITY_FLOOR: Final = 60
-# (cost, latency, quality, health) weights of each strategy.
-STRATEGY_WEIGHTS: Final[Mapping[int, tuple[float, float, float, float]]] = {
-    common_pb2.ROUTING_PREFERENCE_COST: (0.7, 0.1, 0.1, 0.1),
-    common_pb2.ROUTING_PREFERENCE_LATENCY: (0.1, 0.7, 0.1, 0.1),
-    common_pb2.ROUTING_PREFERENCE_QUALITY: (0.1, 0.1, 0.7, 0.1),
-    common_pb2.ROUTING_PREFERENCE_BALANCED: (0.3, 0.25, 0.3, 0.15),
-}
 # Added to the score of a model in the requested region (half of it elsewhere).
 REGION_BONUS: Final = 0.1
 # `auto` widens to these categories, in order, when none of the classified one passes the filters.
@@ -88,8 +81,6 @@ WIDENING: Final[Mapping[str, tuple[str, ...]]] = {
 # Round-robin groups remembered at most (one per distinct set of equals).
 _MAX_GROUPS: Final = 4_096
 _NO_CAP: Final = 1 << 62
-# Rank tiers are multiples of this, far above any score, so one float orders tier then score.
-_TIER_STEP: Final = 10.0
 _MAX_LATENCY_MS: Final = 2**32 - 1
 
 _TASK_NAMES: Final[Mapping[int, str]] = {

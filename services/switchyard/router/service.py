@@ -32,6 +32,7 @@ from switchyard.common.errors import invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
+from switchyard.common.tasks import cancel_all
 from switchyard.ledger.tokens import count_prompt_tokens
 from switchyard.router.plan import Planner, plan_response
 from switchyard.router.table import RoutingTable, build_snapshot
@@ -304,11 +305,7 @@ def build(settings: Settings) -> ServiceParts:
             )
 
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(tasks)
         await channels.close()
 
     return ServiceParts(
