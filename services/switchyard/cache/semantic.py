@@ -7,7 +7,8 @@ compared only within one scope, so a paraphrase never crosses tenants, models, s
 or settings. Within a scope, the last user message's text is embedded (cache/embed.py) and
 searched in an approximate-nearest-neighbour index (usearch, cosine); the nearest entry
 answers when its cosine similarity is at least the threshold (the caller's
-`cache.semantic_threshold`, else `SWITCHYARD_CACHE_SEMANTIC_THRESHOLD`, 0.85).
+`cache.semantic_threshold`, else the tenant's `semantic_threshold` in the catalog, else
+`SWITCHYARD_CACHE_SEMANTIC_THRESHOLD`, 0.85).
 
 Questions that differ in a literal, a word with a digit in it (an order number, a year, an
 id, "3pm"), are never paraphrases of each other, however close their embeddings: "status of

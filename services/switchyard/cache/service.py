@@ -23,6 +23,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -128,9 +129,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         semantic_threshold: float = DEFAULT_THRESHOLD,
         semantic_off_reason: str = SEMANTIC_OFF,
         vectors: RedisStreamFeed[IndexedQuestion] | None = None,
+        tenant_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         self._store = store
         self._vectors = vectors
+        self._tenant_thresholds = dict(tenant_thresholds or {})
         self._ttl_overrides = ttl_overrides
         self._semantic = semantic
         self._threshold = semantic_threshold
@@ -178,7 +181,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if semantic is None or not text:
             return None, 0.0
         cache = request.request.cache
-        threshold = cache.semantic_threshold if cache.HasField("semantic_threshold") else self._threshold
+        threshold = (
+            cache.semantic_threshold
+            if cache.HasField("semantic_threshold")
+            else self._tenant_thresholds.get(request.tenant_id, self._threshold)
+        )
         vector = await asyncio.to_thread(semantic.vector_of, text)
         match = semantic.search(
             scope_of(request.tenant_id, request.request, request.model), vector, threshold
@@ -342,6 +349,11 @@ def build(settings: Settings) -> ServiceParts:
         semantic_threshold=settings.cache_semantic_threshold,
         semantic_off_reason=off,
         vectors=vectors,
+        tenant_thresholds={
+            name: tenant.semantic_threshold
+            for name, tenant in settings.catalog.tenants.items()
+            if tenant.semantic_threshold is not None
+        },
     )
     tasks: list[asyncio.Task[None]] = []
 

@@ -282,7 +282,8 @@ class Tier(_Strict):
 
 
 class Tenant(_Strict):
-    """A tenant: its tier, the models it may use (empty: all) and its routing rules.
+    """A tenant: its tier, the models it may use (empty: all), its routing rules and the cosine
+    similarity a paraphrase needs to be answered from its cache (unset: the service default).
 
     `routing_rules` is an ordered list (first match wins) validated by
     `switchyard.router.rules.compile_rules` when the catalog loads.
@@ -291,6 +292,7 @@ class Tenant(_Strict):
     tier: str = "free"
     allowed_models: tuple[str, ...] = ()
     routing_rules: tuple[dict[str, Any], ...] = ()
+    semantic_threshold: float | None = Field(default=None, gt=0, le=1)
 
 
 DEFAULT_TIERS: Final = {

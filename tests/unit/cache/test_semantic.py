@@ -176,3 +176,22 @@ def test_questions_that_differ_in_a_number_or_id_are_never_paraphrases(embedder:
     match = index.search("s", index.embed([same])[0], 0.85, literals_of(same))
     assert match is not None and match.key == "k-1a2b3c4d"
     assert literals_of("Meet at 3pm on 2026-12-03") == frozenset({"3pm", "2026", "12", "03"})
+
+
+async def test_a_tenants_threshold_applies_to_its_lookups_only(embedder: Embedder) -> None:
+    servicer = CacheServicer(
+        MemoryStore(max_bytes=1_000_000),
+        semantic=SemanticIndex(embedder),
+        tenant_thresholds={"strict": 0.999},
+    )
+    for tenant in ("strict", "acme"):
+        await servicer.Store(
+            cache_pb2.StoreRequest(tenant_id=tenant, request=ask(QUESTION), model=MODEL, answer=answer()),
+            None,  # type: ignore[arg-type]
+        )
+    assert (await lookup(servicer, "strict", ask(PARAPHRASE))).status == common_pb2.CACHE_STATUS_MISS
+    assert (await lookup(servicer, "acme", ask(PARAPHRASE))).status == common_pb2.CACHE_STATUS_HIT_SEMANTIC
+    # The caller's own threshold still wins over its tenant's.
+    lenient = ask(PARAPHRASE)
+    lenient.cache.semantic_threshold = 0.8
+    assert (await lookup(servicer, "strict", lenient)).status == common_pb2.CACHE_STATUS_HIT_SEMANTIC

@@ -114,3 +114,12 @@ def test_broken_yaml_and_missing_file_are_clear(tmp_path: Path) -> None:
         load_catalog(path)
     with pytest.raises(CatalogError, match=r"missing\.yaml: cannot read the catalog"):
         load_catalog(tmp_path / "missing.yaml")
+
+
+def test_a_tenants_semantic_threshold_is_a_similarity() -> None:
+    base = "providers: {p: {vendor: openai, base_url: 'http://127.0.0.1:9/v1'}}\nmodels: []\n"
+    catalog = parse_catalog(base + "tenants: {acme: {semantic_threshold: 0.9}, other: {}}\n")
+    assert catalog.tenants["acme"].semantic_threshold == 0.9
+    assert catalog.tenants["other"].semantic_threshold is None
+    with pytest.raises(CatalogError, match="semantic_threshold"):
+        parse_catalog(base + "tenants: {acme: {semantic_threshold: 1.5}}\n")
