@@ -34,8 +34,6 @@ UNMEASURED: tuple[tuple[str, str], ...] = (
     ("Every feature on (auth, rate limit, cache, budget reserve/commit, 10% tracing)", "#4, #6, #7, #9"),
     ("Cache hit vs direct", "#7, #9"),
     ("Resident memory with 1,000 open idle streams", "#9"),
-    ("Router `Plan` time at 10 / 100 / 1,000 models", "#5, #9"),
-    ("Exact and semantic cache lookup at 1,000 / 100,000 entries", "#7, #9"),
     ("Ledger reserve+commit per second (in-memory, Redis)", "#6, #9"),
 )
 # Above this share of a core used by other processes during a phase, the report warns.
@@ -367,6 +365,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{noisiest.other_busy:.0%} ({noisiest.path} {noisiest.mode} c={noisiest.concurrency}); "
             f"{max(p.steal_busy for p in phases):.0%}",
         ),
+        "",
+        "Planning and cache lookups are measured on their own: `make bench-plan` (10 / 100 / 1,000"
+        " models) and `python -m bench.cache` (1,000 / 100,000 entries, exact and semantic).",
         "",
         "## Not measured yet",
         "",
