@@ -49,6 +49,11 @@ class ProviderAdapterServiceStub:
                 request_serializer=switchyard_dot_v1_dot_provider__pb2.CapabilitiesRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_provider__pb2.CapabilitiesResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/switchyard.v1.ProviderAdapterService/Embed',
+                request_serializer=switchyard_dot_v1_dot_provider__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_provider__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ProviderAdapterServiceServicer:
@@ -77,6 +82,14 @@ class ProviderAdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Vectors for texts from the vendor's embedding model (UNIMPLEMENTED for vendors whose
+        embeddings this adapter does not speak).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProviderAdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_ProviderAdapterServiceServicer_to_server(servicer, server):
                     servicer.Capabilities,
                     request_deserializer=switchyard_dot_v1_dot_provider__pb2.CapabilitiesRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_provider__pb2.CapabilitiesResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=switchyard_dot_v1_dot_provider__pb2.EmbedRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_provider__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +195,33 @@ class ProviderAdapterService:
             '/switchyard.v1.ProviderAdapterService/Capabilities',
             switchyard_dot_v1_dot_provider__pb2.CapabilitiesRequest.SerializeToString,
             switchyard_dot_v1_dot_provider__pb2.CapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.ProviderAdapterService/Embed',
+            switchyard_dot_v1_dot_provider__pb2.EmbedRequest.SerializeToString,
+            switchyard_dot_v1_dot_provider__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class ProviderAdapterServiceStub:
     """The cheapest call that proves the provider answers."""
     Capabilities: _grpc.UnaryUnaryMultiCallable[_provider_pb2.CapabilitiesRequest, _provider_pb2.CapabilitiesResponse]
     """What the configured models of this vendor can do."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_provider_pb2.EmbedRequest, _provider_pb2.EmbedResponse]
+    """Vectors for texts from the vendor's embedding model (UNIMPLEMENTED for vendors whose
+    embeddings this adapter does not speak).
+    """
 
 @_typing.type_check_only
 class ProviderAdapterServiceAsyncStub(ProviderAdapterServiceStub):
@@ -55,6 +59,10 @@ class ProviderAdapterServiceAsyncStub(ProviderAdapterServiceStub):
     """The cheapest call that proves the provider answers."""
     Capabilities: _aio.UnaryUnaryMultiCallable[_provider_pb2.CapabilitiesRequest, _provider_pb2.CapabilitiesResponse]  # type: ignore[assignment]
     """What the configured models of this vendor can do."""
+    Embed: _aio.UnaryUnaryMultiCallable[_provider_pb2.EmbedRequest, _provider_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Vectors for texts from the vendor's embedding model (UNIMPLEMENTED for vendors whose
+    embeddings this adapter does not speak).
+    """
 
 class ProviderAdapterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -83,5 +91,15 @@ class ProviderAdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.CapabilitiesResponse, _abc.Awaitable[_provider_pb2.CapabilitiesResponse]]:
         """What the configured models of this vendor can do."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _provider_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.EmbedResponse, _abc.Awaitable[_provider_pb2.EmbedResponse]]:
+        """Vectors for texts from the vendor's embedding model (UNIMPLEMENTED for vendors whose
+        embeddings this adapter does not speak).
+        """
 
 def add_ProviderAdapterServiceServicer_to_server(servicer: ProviderAdapterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

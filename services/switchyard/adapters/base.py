@@ -39,6 +39,9 @@ from switchyard.v1 import common_pb2, provider_pb2
 
 # Error bodies are only read for their code and type; a vendor never needs more than this.
 ERROR_BODY_LIMIT: Final = 64 * 1024
+# Embeddings: texts per call, and the largest answer read (2,048 vectors of 3,072 floats as JSON).
+MAX_EMBED_INPUTS: Final = 2_048
+MAX_EMBED_BODY: Final = 256 * 1024 * 1024
 # A non-streamed (JSON) answer, when a vendor ignores `stream: true`.
 JSON_BODY_LIMIT: Final = 16 * 1024 * 1024
 # One SSE event larger than this is a broken or hostile upstream, not an answer.
@@ -284,6 +287,25 @@ class Translator(ABC):
     def request_id(self, headers: Mapping[str, str]) -> str:
         """The vendor's request id from response headers, for support tickets."""
         return headers.get("x-request-id", "")
+
+    def embeddings_request(self, request: provider_pb2.EmbedRequest) -> VendorRequest:
+        """The vendor request for embeddings; vendors whose embeddings are not spoken here
+        answer UNIMPLEMENTED."""
+        raise SwitchyardError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            Reason.NOT_IMPLEMENTED,
+            f"the {self.vendor} adapter does not serve embeddings",
+            metadata={"provider": self.provider_name, "vendor": self.vendor},
+        )
+
+    def parse_embeddings(self, body: bytes, count: int) -> provider_pb2.EmbedResponse:
+        """The unified answer for the vendor's embeddings body (`count` inputs were sent)."""
+        raise SwitchyardError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            Reason.NOT_IMPLEMENTED,
+            f"the {self.vendor} adapter does not serve embeddings",
+            metadata={"provider": self.provider_name, "vendor": self.vendor},
+        )
 
     # -- shared helpers for implementations ---------------------------------
     def request_id_metadata(self, headers: Mapping[str, str]) -> dict[str, str]:
@@ -770,6 +792,33 @@ class ProviderClient:
         )
         if headroom is not None:
             result.headroom.CopyFrom(headroom)
+        return result
+
+    async def embed(self, request: provider_pb2.EmbedRequest) -> provider_pb2.EmbedResponse:
+        """Vectors for `request.inputs` from the vendor's embedding model."""
+        if not request.upstream_model:
+            raise invalid("the embedding model is required", "upstream_model")
+        if not request.inputs or len(request.inputs) > MAX_EMBED_INPUTS:
+            raise invalid(f"between 1 and {MAX_EMBED_INPUTS} inputs", "inputs")
+        for index, text in enumerate(request.inputs):
+            if not text.strip():
+                raise invalid("an input is not empty", f"inputs[{index}]")
+        http_request = self._http_request(self.translator.embeddings_request(request))
+        try:
+            async with asyncio.timeout(self._first_byte_s + self._idle_s):
+                response = await self._http.send(http_request, stream=True)
+                try:
+                    body = await _read_capped(response, MAX_EMBED_BODY)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise self._timeout("first_byte", self._first_byte_s) from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, "first_byte") from None
+        if not response.is_success:
+            raise self.translator.map_error(response.status_code, response.headers, body)
+        result = self.translator.parse_embeddings(body, len(request.inputs))
+        result.vendor_request_id = self.translator.request_id(response.headers)
         return result
 
     async def _probe_models(self) -> tuple[common_pb2.RateLimitHeadroom | None, SwitchyardError | None]:

@@ -83,6 +83,12 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
         """Whether the provider answers; a provider failure is reported, not raised."""
         return await self._client(request.provider).probe()
 
+    async def Embed(
+        self, request: provider_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.EmbedResponse:
+        """Vectors for texts from the provider's embedding model."""
+        return await self._client(request.provider).embed(request)
+
     async def Capabilities(
         self, request: provider_pb2.CapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> provider_pb2.CapabilitiesResponse:

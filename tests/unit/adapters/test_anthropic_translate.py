@@ -928,3 +928,10 @@ def test_request_id_header() -> None:
     t = translator()
     assert t.request_id(httpx.Headers({"request-id": "req_011CX"})) == "req_011CX"
     assert t.request_id(httpx.Headers({"x-request-id": "other"})) == ""
+
+
+def test_embeddings_are_not_spoken_for_this_vendor() -> None:
+    request = provider_pb2.EmbedRequest(provider="p", upstream_model="m", inputs=["a"])
+    with pytest.raises(SwitchyardError) as caught:
+        translator().embeddings_request(request)
+    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNIMPLEMENTED, Reason.NOT_IMPLEMENTED)

@@ -711,3 +711,47 @@ def test_parse_retry_after_rejects_garbage() -> None:
     assert parse_retry_after(httpx.Headers({"retry-after": "whenever"})) is None
     assert parse_retry_after(httpx.Headers({"retry-after": "-3"})) is None
     assert parse_retry_after(httpx.Headers({"retry-after-ms": "x", "retry-after": "2"})) == 2.0
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embeddings_are_asked_for_as_floats_with_the_size_only_when_given() -> None:
+    request = provider_pb2.EmbedRequest(
+        provider="openai-main", upstream_model="text-embedding-3-small", inputs=["a", "b"]
+    )
+    built = translator().embeddings_request(request)
+    assert (built.method, built.path) == ("POST", "/embeddings")
+    assert built.body == {"model": "text-embedding-3-small", "input": ["a", "b"], "encoding_format": "float"}
+    assert built.headers["Authorization"] == f"Bearer {KEY}" and built.headers["Accept"] == "application/json"
+    request.dimensions = 256
+    assert translator().embeddings_request(request).body["dimensions"] == 256  # type: ignore[index]
+
+
+def test_embeddings_come_back_in_input_order_with_their_usage() -> None:
+    body = (
+        b'{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.5,-1]},'
+        b'{"object":"embedding","index":0,"embedding":[1,2.5]}],"model":"m",'
+        b'"usage":{"prompt_tokens":4,"total_tokens":4}}'
+    )
+    parsed = translator().parse_embeddings(body, 2)
+    assert [list(e.values) for e in parsed.embeddings] == [[1.0, 2.5], [0.5, -1.0]]
+    assert parsed.usage.input_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"data":[{"index":0,"embedding":[1]}]}',
+        b'{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[2]}]}',
+        b'{"data":[{"index":0,"embedding":"AAAA"},{"index":1,"embedding":[1]}]}',
+        b'{"object":"list"}',
+    ],
+    ids=["not json", "too few", "index twice", "base64 not asked for", "no data"],
+)
+def test_embeddings_that_do_not_match_the_inputs_are_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(SwitchyardError) as caught:
+        translator().parse_embeddings(body, 2)
+    assert caught.value.reason == Reason.UPSTREAM_PROTOCOL_ERROR
+    assert b"AAAA" not in caught.value.message.encode()

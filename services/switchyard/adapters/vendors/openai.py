@@ -69,6 +69,7 @@ from switchyard.v1 import common_pb2, provider_pb2
 
 CHAT_PATH: Final = "/chat/completions"
 MODELS_PATH: Final = "/models"
+EMBEDDINGS_PATH: Final = "/embeddings"
 # OpenAI accepts at most four stop sequences; refusing more here names the field.
 MAX_STOP_SEQUENCES: Final = 4
 _DONE: Final = b"[DONE]"
@@ -194,6 +195,46 @@ class OpenAITranslator(Translator):
     def stop_sequence_limit(self) -> int | None:
         """At most this many stop sequences are sent; None checks no limit here."""
         return MAX_STOP_SEQUENCES
+
+    def embeddings_request(self, request: provider_pb2.EmbedRequest) -> VendorRequest:
+        """`POST /embeddings` with float vectors (`dimensions` only when asked for)."""
+        body: dict[str, Any] = {
+            "model": request.upstream_model,
+            "input": list(request.inputs),
+            "encoding_format": "float",
+        }
+        if request.dimensions:
+            body["dimensions"] = request.dimensions
+        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        return VendorRequest("POST", EMBEDDINGS_PATH, {**headers, "Accept": "application/json"}, body)
+
+    def parse_embeddings(self, body: bytes, count: int) -> provider_pb2.EmbedResponse:
+        """`{"data": [{"index", "embedding"}], "usage": {"prompt_tokens"}}`, put in input order;
+        anything else (a missing or extra index, a vector that is not numbers) is a protocol error."""
+        try:
+            parsed = orjson.loads(body)
+            data = parsed["data"]
+            vectors: dict[int, list[float]] = {}
+            for item in data:
+                index = int(item["index"])
+                values = item["embedding"]
+                if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+                    raise ValueError("embedding is not a list of numbers")
+                vectors[index] = values
+            if sorted(vectors) != list(range(count)):
+                raise ValueError("embeddings do not match the inputs")
+            prompt_tokens = int((parsed.get("usage") or {}).get("prompt_tokens", 0))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SwitchyardError(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.UPSTREAM_PROTOCOL_ERROR,
+                f"{self.provider_name} sent embeddings this adapter cannot read",
+                metadata={"provider": self.provider_name, "detail": type(exc).__name__},
+            ) from None
+        return provider_pb2.EmbedResponse(
+            embeddings=[provider_pb2.Embedding(values=vectors[i]) for i in range(count)],
+            usage=common_pb2.Usage(input_tokens=max(0, prompt_tokens)),
+        )
 
     def models_request(self) -> VendorRequest:
         """`GET /models`: authenticated, free, and fast."""
