@@ -21,6 +21,7 @@ dropped from the index then.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -114,12 +115,18 @@ class SemanticIndex:
         """Unit vectors of `texts` (CPU-bound: call it in a worker thread)."""
         return self.embedder.embed(texts)
 
-    def vector_of(self, text: str) -> NDArray[numpy.float32]:
+    async def vector_of(self, text: str) -> NDArray[numpy.float32]:
         """The unit vector of one question, remembered for a while: a lookup that misses is
-        usually followed by the store of the answer to the same question (CPU-bound)."""
+        usually followed by the store of the answer to the same question. A local embedder
+        runs in a worker thread (CPU-bound), a provider's is awaited (raises SwitchyardError)."""
         vector = self._recent.pop(text, None)
         if vector is None:
-            vector = self.embedder.embed([text])[0]
+            aembed = getattr(self.embedder, "aembed", None)
+            if aembed is not None:
+                rows: NDArray[numpy.float32] = await aembed([text])
+            else:
+                rows = await asyncio.to_thread(self.embedder.embed, [text])
+            vector = rows[0]
         self._recent[text] = vector
         while len(self._recent) > RECENT_VECTORS:
             del self._recent[next(iter(self._recent))]

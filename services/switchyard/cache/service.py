@@ -31,19 +31,21 @@ import grpc
 from google.protobuf import timestamp_pb2
 from redis.exceptions import RedisError
 
-from switchyard.cache.embed import load_local_embedder, unavailable_reason
+from switchyard.cache.embed import Embedder, load_local_embedder, unavailable_reason
+from switchyard.cache.embed_provider import ProviderEmbedder, parse_embedder_setting
 from switchyard.cache.keys import cache_key, key_matches
 from switchyard.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex, literals_of, question_text, scope_of
 from switchyard.cache.store import CacheEntry, CacheStore, build_store
 from switchyard.cache.ttl import classify_ttl
 from switchyard.cache.vectors import IndexedQuestion, build_vector_feed
+from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import SwitchyardError, invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.common.tasks import cancel_all
-from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2, provider_pb2_grpc
 
 __all__ = ["MAX_ANSWER_BYTES", "CacheServicer", "CacheStats", "build"]
 
@@ -186,10 +188,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             if cache.HasField("semantic_threshold")
             else self._tenant_thresholds.get(request.tenant_id, self._threshold)
         )
-        vector = await asyncio.to_thread(semantic.vector_of, text)
-        match = semantic.search(
-            scope_of(request.tenant_id, request.request, request.model), vector, threshold
-        )
+        try:
+            vector = await semantic.vector_of(text)
+        except SwitchyardError as exc:  # the embedder is unavailable: an exact-only lookup
+            self._embedder_down(exc)
+            return None, 0.0
+        scope = scope_of(request.tenant_id, request.request, request.model)
+        match = semantic.search(scope, vector, threshold, literals_of(text))
         if match is None:
             return None, 0.0
         entry = await self._store.get(match.key)
@@ -225,7 +230,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         admitted = await self._store.put(entry)
         text = question_text(request.request)
         if admitted and self._semantic is not None and text:
-            vector = await asyncio.to_thread(self._semantic.vector_of, text)
+            try:
+                vector = await self._semantic.vector_of(text)
+            except SwitchyardError as exc:  # stored, but not matched as a paraphrase
+                self._embedder_down(exc)
+                return cache_pb2.StoreResponse(
+                    admitted=True, ttl_seconds=decision.ttl_s, reason=decision.kind
+                )
             indexed = IndexedQuestion(
                 entry.key,
                 scope_of(request.tenant_id, request.request, request.model),
@@ -243,6 +254,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             ttl_seconds=decision.ttl_s if admitted else 0,
             reason=decision.kind if admitted else "not admitted: worth less than what it would evict",
         )
+
+    def _embedder_down(self, exc: SwitchyardError) -> None:
+        log.warning("cache_embedder_failed", reason=exc.reason.value, status=exc.code.name)
 
     def index(self, question: IndexedQuestion) -> None:
         """Add a stored question to this replica's semantic index (from Store or the feed)."""
@@ -324,6 +338,36 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def _embedder(settings: Settings, channels: ChannelPool) -> Embedder | str:
+    """The configured embedder, or why there is none."""
+    chosen = parse_embedder_setting(settings.cache_embedder)
+    if chosen is None:
+        # One BLAS thread: embedding a question is small matrix work, and BLAS threads
+        # competing with the event loop for the cores slow it down more than they help.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        local = load_local_embedder()
+        return local if local is not None else f"none: {unavailable_reason()}"
+    provider_name, model = chosen
+    provider = settings.catalog.providers.get(provider_name)
+    if provider is None:
+        return f"none: the catalog has no provider {provider_name!r} for SWITCHYARD_CACHE_EMBEDDER"
+    adapter = provider_pb2_grpc.ProviderAdapterServiceStub(
+        channels.get(settings.adapter_target(provider.vendor))
+    )
+    return ProviderEmbedder(
+        adapter,
+        provider_name,
+        model,
+        dimensions=settings.cache_embedder_dimensions,
+        timeout_s=settings.cache_lookup_timeout_s,
+    )
+
+
+def semantic_warm_up_failed(exc: SwitchyardError) -> None:
+    """The embedder did not answer at start: paraphrases match once it does."""
+    log.warning("cache_semantic_warm_up_failed", reason=exc.reason.value, status=exc.code.name)
+
+
 def build(settings: Settings) -> ServiceParts:
     """The cache's bindings: a tiered store on Redis when `redis_url` is set, in memory otherwise;
     semantic matching with the local embedder when it is installed and not switched off."""
@@ -332,15 +376,13 @@ def build(settings: Settings) -> ServiceParts:
     )
     semantic: SemanticIndex | None = None
     off = "off: SWITCHYARD_CACHE_SEMANTIC is false"
+    channels = ChannelPool(default_timeout_s=settings.call_timeout_s)
     if settings.cache_semantic:
-        # One BLAS thread: embedding a question is small matrix work, and BLAS threads
-        # competing with the event loop for the cores slow it down more than they help.
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        embedder = load_local_embedder()
-        if embedder is not None:
-            semantic = SemanticIndex(embedder)
+        embedder = _embedder(settings, channels)
+        if isinstance(embedder, str):
+            off = embedder
         else:
-            off = f"none: {unavailable_reason()}"
+            semantic = SemanticIndex(embedder)
     log.info("cache_semantic", on=semantic is not None, embedder=semantic.embedder.name if semantic else off)
     vectors = build_vector_feed(settings.redis_url) if semantic is not None else None
     servicer = CacheServicer(
@@ -359,8 +401,11 @@ def build(settings: Settings) -> ServiceParts:
 
     async def start() -> None:
         if semantic is not None:
-            # Load the model's weights before serving, so no lookup waits for them.
-            await asyncio.to_thread(semantic.embed, ["warm up"])
+            # Load the model's weights (or learn a provider's vector size) before serving.
+            try:
+                await semantic.vector_of("warm up")
+            except SwitchyardError as exc:
+                semantic_warm_up_failed(exc)
         if vectors is not None:
             await servicer.rebuild_index()  # before serving: a new replica starts complete
             tasks.append(asyncio.create_task(servicer.follow_vectors(), name="cache-vectors"))
@@ -370,6 +415,7 @@ def build(settings: Settings) -> ServiceParts:
         if vectors is not None:
             await vectors.close()
         await store.close()
+        await channels.close()
 
     return ServiceParts(
         [

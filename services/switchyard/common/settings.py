@@ -119,6 +119,11 @@ class Settings(BaseModel):
     # similarity a paraphrase needs when the caller sets none.
     cache_semantic: bool = True
     cache_semantic_threshold: float = Field(default=0.85, gt=0, le=1)
+    # Where question vectors come from: "local" (all-MiniLM-L6-v2 in process) or
+    # "provider:<provider>/<model>" (a catalog provider's embedding model, through its adapter),
+    # and, for a provider, a smaller vector size than the model's own (0: its own).
+    cache_embedder: str = Field(default="local", pattern=r"^(local|provider:[^/\s]+/\S+)$")
+    cache_embedder_dimensions: int = Field(default=0, ge=0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
@@ -152,6 +157,8 @@ class Settings(BaseModel):
             "SWITCHYARD_CACHE_L1_ENTRIES": "cache_l1_entries",
             "SWITCHYARD_CACHE_SEMANTIC": "cache_semantic",
             "SWITCHYARD_CACHE_SEMANTIC_THRESHOLD": "cache_semantic_threshold",
+            "SWITCHYARD_CACHE_EMBEDDER": "cache_embedder",
+            "SWITCHYARD_CACHE_EMBEDDER_DIMENSIONS": "cache_embedder_dimensions",
             "SWITCHYARD_DEV_KEY": "dev_key",
             "SWITCHYARD_KEYS_REFRESH_S": "keys_refresh_s",
             "SWITCHYARD_EDGE_BUDGETS": "edge_budgets",

@@ -195,3 +195,16 @@ async def test_a_tenants_threshold_applies_to_its_lookups_only(embedder: Embedde
     lenient = ask(PARAPHRASE)
     lenient.cache.semantic_threshold = 0.8
     assert (await lookup(servicer, "strict", lenient)).status == common_pb2.CACHE_STATUS_HIT_SEMANTIC
+
+
+async def test_the_service_never_answers_a_question_about_another_number(embedder: Embedder) -> None:
+    servicer = CacheServicer(MemoryStore(max_bytes=1_000_000), semantic=SemanticIndex(embedder))
+    first = "What is the capital of country number 1a2b3c4d?"
+    await servicer.Store(
+        cache_pb2.StoreRequest(tenant_id="acme", request=ask(first), model=MODEL, answer=answer()),
+        None,  # type: ignore[arg-type]
+    )
+    other = await lookup(servicer, "acme", ask("What is the capital of country number 9f8e7d6c?"))
+    assert other.status == common_pb2.CACHE_STATUS_MISS
+    same = await lookup(servicer, "acme", ask("Which is the capital of country number 1a2b3c4d?"))
+    assert same.status == common_pb2.CACHE_STATUS_HIT_SEMANTIC
