@@ -1,12 +1,13 @@
-"""OpenAI Chat Completions simulator (aiohttp).
+"""OpenAI Chat Completions and Embeddings simulator (aiohttp).
 
 Speaks the documented ``/v1/chat/completions`` wire format -- JSON and SSE
-streaming -- closely enough that the official ``openai`` SDK parses it, with
-:class:`~switchyard.sim.faults.FaultKnobs` to inject latency and failures.
+streaming -- and ``/v1/embeddings`` closely enough that the official ``openai``
+SDK parses it, with :class:`~switchyard.sim.faults.FaultKnobs` to inject latency
+and failures.
 
-Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}`` and the ``/_sim/*`` control endpoints (see
-:func:`switchyard.sim.faults.add_control_routes`).
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /v1/models/{model}`` and the ``/_sim/*`` control
+endpoints (see :func:`switchyard.sim.faults.add_control_routes`).
 
 Wire-format notes (what the real API does, mirrored here):
 
@@ -36,13 +37,52 @@ arguments, and every non-text content part counts 85 tokens;
 call, the answer is its name plus its arguments JSON). ``max_tokens`` /
 ``max_completion_tokens`` truncate the answer to ``4 * N`` characters with
 finish_reason ``length``.
+
+Embeddings (``POST /v1/embeddings``):
+
+* Request ``{"model", "input", "encoding_format"?, "dimensions"?, "user"?}``.
+  ``input`` is a string, a list of strings, a token array (list of ints) or a
+  list of token arrays; a token array is embedded as the text of its ids joined
+  by spaces. At most 2048 inputs, each at most 8192 tokens, 300,000 in all.
+  ``model`` must be one of :data:`EMBEDDING_MODELS` (404 ``model_not_found``
+  otherwise, as for ``GET /v1/models/{model}``); chat accepts any model name.
+  ``dimensions`` (>= 1, at most the model's size) only for ``text-embedding-3-*``.
+* Invalid requests are 400 ``invalid_request_error`` with ``param`` naming the
+  field. An empty string, an empty list or an empty token array is refused with
+  the real API's ``'$.input' is invalid`` message (where the real API sends
+  ``param: null`` for that and for "This model does not support specifying
+  dimensions.", the simulator names the field).
+* Response ``{"object": "list", "data": [{"object": "embedding", "index",
+  "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}``; the
+  embedding is a list of float32 values or, with ``encoding_format: "base64"``
+  (what the SDK asks for by default), the base64 of their little-endian bytes.
+* Vectors (:func:`embedding_vector`) are deterministic feature hashing, mildly
+  semantic: every lower-cased word adds +-1 at a blake2b-chosen index, every
+  character 3-gram of the space-padded word adds +-0.2, the sum is
+  L2-normalised and rounded to float32. The same text always gets the same
+  vector (whatever the model); texts sharing most words have a high cosine
+  similarity, texts sharing none a low one. A shortened vector (``dimensions``)
+  is hashed into that many dimensions, so it is not a prefix of the full one.
+* Tokens (:func:`embedding_tokens`) are counted, not tokenized: every word
+  (``\\w+``) and every other non-space character is one token, at least one per
+  input; a token array counts its length.
+* The request is one API call for the engine, like a chat request: it consumes
+  knobs (``x-sim-knobs``, script entries), counts in ``/_sim/stats`` and the
+  rate-limit window (with its prompt tokens), and ``status``,
+  ``retry_after_s``, ``first_byte_delay_ms``, ``drop_after_chunks`` and the
+  error overrides apply as for a non-streamed chat request.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+import re
+import sys
+from array import array
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
 
 from aiohttp import web
 
@@ -50,6 +90,7 @@ from switchyard.sim.engine import (
     Answer,
     CallContext,
     ChatCall,
+    ChatEngine,
     Dialect,
     Reply,
     ToolSpec,
@@ -59,6 +100,7 @@ from switchyard.sim.engine import (
     sse,
 )
 from switchyard.sim.faults import (
+    CONTROL_KEY,
     FaultKnobs,
     RateLimitSnapshot,
     RunningSimulator,
@@ -69,9 +111,12 @@ from switchyard.sim.faults import (
 
 __all__ = [
     "API_PREFIX",
+    "EMBEDDING_MODELS",
     "MODELS",
     "RunningSimulator",
     "build_app",
+    "embedding_tokens",
+    "embedding_vector",
     "error_body",
     "prompt_tokens",
     "start_simulator",
@@ -90,6 +135,17 @@ MODELS: tuple[str, ...] = (
     "o3-mini",
     "o4-mini",
 )
+
+#: Embedding models served by ``POST /v1/embeddings`` (and listed), with their vector sizes.
+EMBEDDING_MODELS: Final[Mapping[str, int]] = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+#: Embedding limits of the real API: tokens per input, inputs and tokens per request.
+EMBEDDING_MAX_INPUT_TOKENS = 8192
+EMBEDDING_MAX_INPUTS = 2048
+EMBEDDING_MAX_REQUEST_TOKENS = 300_000
 
 SYSTEM_FINGERPRINT = "fp_5w1tchy4rd"
 MAX_CONTEXT_TOKENS = 128_000
@@ -556,15 +612,274 @@ class OpenAIDialect(Dialect):
         if refused is not None:
             return refused
         wanted = request.match_info.get("model")
+        listed = (*MODELS, *EMBEDDING_MODELS)
         if wanted is None:
-            return json_reply(200, {"object": "list", "data": [_model_obj(m) for m in MODELS]}, headers)
-        if wanted not in MODELS:
+            return json_reply(200, {"object": "list", "data": [_model_obj(m) for m in listed]}, headers)
+        if wanted not in listed:
             return json_reply(404, error_body(404, model=wanted), headers)
         return json_reply(200, _model_obj(wanted), headers)
 
 
 def _model_obj(model: str) -> dict[str, object]:
     return {"id": model, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
+
+
+# --------------------------------------------------------------------------- #
+# embeddings
+# --------------------------------------------------------------------------- #
+
+#: Weight of each character 3-gram feature (a word feature weighs 1).
+NGRAM_WEIGHT = 0.2
+#: Largest token id of the real API's tokenizer (cl100k_base).
+_MAX_TOKEN_ID = 100_257
+_WORD_RE = re.compile(r"\w+")
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+_INVALID_INPUT = (
+    "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+)
+_ENCODINGS = ("float", "base64")
+
+
+def _feature_hash(feature: bytes) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(feature, digest_size=8, person=b"switchyard-emb").digest(), "little"
+    )
+
+
+def _raw_vector(text: str, dimensions: int) -> list[float]:
+    """The L2-normalised float64 vector of `text` (see the module docstring)."""
+    vector = [0.0] * dimensions
+
+    def add(feature: bytes, weight: float) -> None:
+        h = _feature_hash(feature)
+        vector[h % dimensions] += weight if (h >> 40) & 1 else -weight
+
+    for word in _WORD_RE.findall(text.lower()):
+        add(b"w\0" + word.encode(), 1.0)
+        padded = f" {word} "
+        for i in range(len(padded) - 2):
+            add(b"g\0" + padded[i : i + 3].encode(), NGRAM_WEIGHT)
+    norm = math.sqrt(math.fsum(v * v for v in vector))
+    if norm < 1e-9:  # no words (or features that cancelled out): one text-specific axis
+        vector = [0.0] * dimensions
+        vector[_feature_hash(b"t\0" + text.encode()) % dimensions] = 1.0
+        return vector
+    return [v / norm for v in vector]
+
+
+def _float32(vector: list[float]) -> array[float]:
+    return array("f", vector)
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    """The embedding the simulator sends for `text` with `dimensions` values: float32
+    values (as Python floats) of unit L2 norm, the same for the same text every time."""
+    if dimensions < 1:
+        raise ValueError(f"dimensions must be >= 1, got {dimensions}")
+    return _float32(_raw_vector(text, dimensions)).tolist()
+
+
+def embedding_tokens(text: str) -> int:
+    """Approximate token count of one text input: words (``\\w+``) plus other non-space
+    characters, at least 1."""
+    return max(1, len(_TOKEN_RE.findall(text)))
+
+
+def _base64_vector(vector: array[float]) -> str:
+    if sys.byteorder != "little":
+        vector = array("f", vector)
+        vector.byteswap()
+    return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_array(value: list[Any]) -> str | None:
+    """The text a non-empty token array stands for, None when it is not one."""
+    if not value or not all(_is_int(t) and 0 <= t <= _MAX_TOKEN_ID for t in value):
+        return None
+    return " ".join(str(t) for t in value)
+
+
+def _embedding_inputs(value: object) -> list[tuple[str, int]] | dict[str, object]:
+    """(text, tokens) per input, or the 400 body for an invalid ``input``."""
+    if value is None:
+        return _invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+    if isinstance(value, str):
+        return [(value, embedding_tokens(value))] if value else _invalid(_INVALID_INPUT, "input", None)
+    if not isinstance(value, list):
+        return _invalid(
+            f"Invalid type for 'input': expected a string or an array, but got {type(value).__name__} "
+            "instead.",
+            "input",
+            "invalid_type",
+        )
+    if not value:
+        return _invalid(_INVALID_INPUT, "input", None)
+    inputs: list[tuple[str, int]]
+    if all(isinstance(item, str) for item in value):
+        if any(not item for item in value):
+            return _invalid(_INVALID_INPUT, "input", None)
+        inputs = [(item, embedding_tokens(item)) for item in value]
+    elif all(_is_int(item) for item in value):
+        text = _token_array(value)
+        if text is None:
+            return _invalid(_INVALID_INPUT, "input", None)
+        inputs = [(text, len(value))]
+    elif all(isinstance(item, list) for item in value):
+        inputs = []
+        for item in value:
+            text = _token_array(item)
+            if text is None:
+                return _invalid(_INVALID_INPUT, "input", None)
+            inputs.append((text, len(item)))
+    else:
+        return _invalid(_INVALID_INPUT, "input", None)
+    if len(inputs) > EMBEDDING_MAX_INPUTS:
+        return _invalid(
+            f"Invalid 'input': array too long. Expected an array with maximum length "
+            f"{EMBEDDING_MAX_INPUTS}, but got an array with length {len(inputs)} instead.",
+            "input",
+            "array_above_max_length",
+        )
+    return inputs
+
+
+def _bad_request(message: str, param: str | None, code: str | None = None) -> Reply:
+    return Reply(400, _invalid(message, param, code))
+
+
+def _embedding_call(body: Mapping[str, Any]) -> ChatCall | Reply:
+    """The embeddings request as a (never streamed) call, or its 400 / 404 reply."""
+    model = body.get("model")
+    if model is None:
+        return _bad_request("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        got = type(model).__name__
+        return _bad_request(
+            f"Invalid type for 'model': expected a non-empty string, but got {got} instead.",
+            "model",
+            "invalid_type",
+        )
+    inputs = _embedding_inputs(body.get("input"))
+    if isinstance(inputs, dict):
+        return Reply(400, inputs)
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
+    if encoding not in _ENCODINGS:
+        return _bad_request(
+            f"Invalid value: {encoding!r}. Supported values are: 'float' and 'base64'.",
+            "encoding_format",
+            "invalid_value",
+        )
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if not _is_int(dimensions):
+            got = type(dimensions).__name__
+            return _bad_request(
+                f"Invalid type for 'dimensions': expected an integer, but got {got} instead.",
+                "dimensions",
+                "invalid_type",
+            )
+        if dimensions < 1:
+            return _bad_request(
+                "Invalid 'dimensions': integer below minimum value. Expected a value >= 1, "
+                f"but got {dimensions} instead.",
+                "dimensions",
+                "integer_below_min_value",
+            )
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        return _bad_request(
+            f"Invalid type for 'user': expected a string, but got {type(user).__name__} instead.",
+            "user",
+            "invalid_type",
+        )
+    size = EMBEDDING_MODELS.get(model)
+    if size is None:
+        return Reply(404, error_body(404, model=model))
+    if dimensions is not None:
+        if not model.startswith("text-embedding-3-"):
+            return _bad_request("This model does not support specifying dimensions.", "dimensions")
+        if dimensions > size:
+            return _bad_request(
+                f"Invalid 'dimensions': integer above maximum value. Expected a value <= {size}, "
+                f"but got {dimensions} instead.",
+                "dimensions",
+                "integer_above_max_value",
+            )
+    for i, (_, tokens) in enumerate(inputs):
+        if tokens > EMBEDDING_MAX_INPUT_TOKENS:
+            return _bad_request(
+                f"Invalid 'input[{i}]': maximum input length is {EMBEDDING_MAX_INPUT_TOKENS} tokens.", "input"
+            )
+    total = sum(tokens for _, tokens in inputs)
+    if total > EMBEDDING_MAX_REQUEST_TOKENS:
+        return _bad_request(
+            f"Requested {total} tokens, max {EMBEDDING_MAX_REQUEST_TOKENS} tokens per request",
+            "input",
+            "max_tokens_per_request",
+        )
+    return ChatCall(
+        model=model,
+        stream=False,
+        prompt_tokens=total,
+        seed=b"",
+        extra={
+            "texts": tuple(text for text, _ in inputs),
+            "encoding_format": encoding,
+            "dimensions": dimensions if dimensions is not None else size,
+        },
+    )
+
+
+class OpenAIEmbeddingsDialect(OpenAIDialect):
+    """``POST /v1/embeddings`` as OpenAI speaks it.
+
+    The shared engine runs it like a non-streamed chat request (auth, knobs, delays,
+    faults, stats, rate limits); only reading the request and writing the answer differ.
+    """
+
+    def parse(self, body: object, ctx: CallContext) -> ChatCall | Reply:
+        if not isinstance(body, dict):
+            invalid = (
+                _BAD_JSON
+                if body is None
+                else _invalid("Invalid request body: expected a JSON object.", None, None)
+            )
+            return Reply(400, invalid)
+        return _embedding_call(body)
+
+    def error(self, status: int, knobs: FaultKnobs, call: ChatCall | None, ctx: CallContext) -> Reply:
+        reply = super().error(status, knobs, call, ctx)
+        if knobs.error_code == "context_length_exceeded" and knobs.error_message is None:
+            # The embeddings endpoint words a too-long input the completions way.
+            tokens = call.prompt_tokens if call is not None else 0
+            message = (
+                f"This model's maximum context length is {EMBEDDING_MAX_INPUT_TOKENS} tokens, however you "
+                f"requested {tokens} tokens ({tokens} in your prompt; 0 for the completion). "
+                "Please reduce your prompt; or completion length."
+            )
+            return Reply(reply.status, _invalid(message, None, knobs.error_code), reply.headers)
+        return reply
+
+    def completion(self, call: ChatCall, answer: Answer, ctx: CallContext) -> object:
+        dimensions = int(call.extra["dimensions"])
+        as_base64 = call.extra["encoding_format"] == "base64"
+        texts: Sequence[str] = call.extra["texts"]
+        data: list[dict[str, object]] = []
+        for index, text in enumerate(texts):
+            vector = _float32(_raw_vector(text, dimensions))
+            embedding: object = _base64_vector(vector) if as_base64 else vector.tolist()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        return {
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens},
+        }
 
 
 def build_app(knobs: FaultKnobs | None = None, *, api_key: str | None = None) -> web.Application:
@@ -576,7 +891,7 @@ def build_app(knobs: FaultKnobs | None = None, *, api_key: str | None = None) ->
     noticed while the handler sleeps.
     """
     dialect = OpenAIDialect(api_key)
-    return build_simulator_app(
+    app = build_simulator_app(
         dialect,
         knobs,
         [API_PREFIX + "/chat/completions"],
@@ -585,3 +900,7 @@ def build_app(knobs: FaultKnobs | None = None, *, api_key: str | None = None) ->
             ("GET", API_PREFIX + "/models/{model}"): dialect.models,
         },
     )
+    # Embeddings run through the same engine and control (knobs, script, stats, rate limits).
+    embeddings = ChatEngine(OpenAIEmbeddingsDialect(api_key), app[CONTROL_KEY])
+    app.router.add_post(API_PREFIX + "/embeddings", embeddings.handle)
+    return app
