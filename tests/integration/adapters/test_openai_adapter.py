@@ -5,8 +5,9 @@ the ids and headroom OpenAI reports."""
 from __future__ import annotations
 
 import grpc
+import pytest
 
-from switchyard.common.errors import Reason
+from switchyard.common.errors import Reason, from_rpc_error
 from switchyard.v1 import common_pb2, provider_pb2
 
 from .conftest import AdapterHandle, SimHandle
@@ -116,3 +117,41 @@ async def test_capabilities_carry_catalog_details(adapter: AdapterHandle) -> Non
     assert mini.pricing.cached_input_micros_per_million == 500_000
     assert common_pb2.CAPABILITY_TOOLS in mini.capabilities
     assert one.models[1].category == common_pb2.MODEL_CATEGORY_REASONING
+
+
+async def test_embeddings_through_the_adapter(adapter: AdapterHandle, openai_sim: SimHandle) -> None:
+    embed = provider_pb2.EmbedRequest(
+        provider="openai",
+        upstream_model="text-embedding-3-small",
+        inputs=["reset my password", "reset password"],
+    )
+    response = await adapter.stub.Embed(embed, timeout=10)
+    assert [len(e.values) for e in response.embeddings] == [1536, 1536]
+    assert response.usage.input_tokens == 5 and response.vendor_request_id.startswith("req_")
+    first, second = (list(e.values) for e in response.embeddings)
+    assert sum(a * b for a, b in zip(first, second, strict=True)) > 0.5  # shared words, close vectors
+    sent = (await openai_sim.stats())["last_request"]
+    assert sent == {"model": "text-embedding-3-small", "input": embed.inputs[:], "encoding_format": "float"}
+
+    embed.dimensions = 64
+    assert len((await adapter.stub.Embed(embed, timeout=10)).embeddings[0].values) == 64
+
+    await openai_sim.knobs(status=500)
+    with pytest.raises(grpc.aio.AioRpcError) as down:
+        await adapter.stub.Embed(embed, timeout=10)
+    assert from_rpc_error(down.value).reason == Reason.PROVIDER_UNAVAILABLE
+    await openai_sim.knobs()
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await adapter.stub.Embed(
+            provider_pb2.EmbedRequest(provider="openai", upstream_model="gpt-4o", inputs=["x"]), timeout=10
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await adapter.stub.Embed(
+            provider_pb2.EmbedRequest(
+                provider="openai", upstream_model="text-embedding-3-small", inputs=[" "]
+            ),
+            timeout=10,
+        )
+    error = from_rpc_error(empty.value)
+    assert (error.code, error.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]")
