@@ -447,12 +447,7 @@ class OpenAIDialect(Dialect):
 
     def parse(self, body: object, ctx: CallContext) -> ChatCall | Reply:
         if not isinstance(body, dict):
-            invalid = (
-                _BAD_JSON
-                if body is None
-                else _invalid("Invalid request body: expected a JSON object.", None, None)
-            )
-            return Reply(400, invalid)
+            return _not_an_object(body)
         problem = _validate(body)
         if problem is not None:
             return Reply(400, problem)
@@ -835,6 +830,13 @@ def _embedding_call(body: Mapping[str, Any]) -> ChatCall | Reply:
     )
 
 
+def _not_an_object(body: object) -> Reply:
+    """OpenAI's 400 for a body that is not JSON (None) or not a JSON object."""
+    if body is None:
+        return Reply(400, _BAD_JSON)
+    return Reply(400, _invalid("Invalid request body: expected a JSON object.", None, None))
+
+
 class OpenAIEmbeddingsDialect(OpenAIDialect):
     """``POST /v1/embeddings`` as OpenAI speaks it.
 
@@ -844,12 +846,7 @@ class OpenAIEmbeddingsDialect(OpenAIDialect):
 
     def parse(self, body: object, ctx: CallContext) -> ChatCall | Reply:
         if not isinstance(body, dict):
-            invalid = (
-                _BAD_JSON
-                if body is None
-                else _invalid("Invalid request body: expected a JSON object.", None, None)
-            )
-            return Reply(400, invalid)
+            return _not_an_object(body)
         return _embedding_call(body)
 
     def error(self, status: int, knobs: FaultKnobs, call: ChatCall | None, ctx: CallContext) -> Reply:
