@@ -383,7 +383,11 @@ def build(settings: Settings) -> ServiceParts:
             off = embedder
         else:
             semantic = SemanticIndex(embedder)
-    log.info("cache_semantic", on=semantic is not None, embedder=semantic.embedder.name if semantic else off)
+    log.info(
+        "cache_semantic",
+        on=semantic is not None,
+        embedder=semantic.embedder.name if semantic is not None else off,
+    )
     vectors = build_vector_feed(settings.redis_url) if semantic is not None else None
     servicer = CacheServicer(
         store,
