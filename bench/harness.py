@@ -335,6 +335,7 @@ async def _measure_all(
         modes: tuple[tuple[Mode, Sequence[int], dict[str, Any]], ...] = (
             ("unary", levels[0], UNARY_KNOBS),
             ("stream", levels[1], STREAM_KNOBS),
+            ("cached", levels[1], UNARY_KNOBS),
         )
         for mode, concurrencies, knobs in modes:
             await set_knobs(sim_root, knobs)

@@ -31,7 +31,9 @@ from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.v1 import common_pb2, gateway_pb2_grpc
 
 PathName = Literal["direct", "edge"]
-Mode = Literal["unary", "stream"]
+# "cached": the direct path is a plain completion; the edge path asks one deterministic
+# question again and again, so after the first call every answer is a cache hit.
+Mode = Literal["unary", "stream", "cached"]
 
 PROMPT = "Benchmark: say something short."
 UPSTREAM_MODEL = "gpt-4o-mini"
@@ -104,6 +106,11 @@ class Clients:
         )
         self.request = common_pb2.ChatRequest(model=EDGE_MODEL)
         self.request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=PROMPT)])
+        self.cached_request = common_pb2.ChatRequest(model=EDGE_MODEL)
+        self.cached_request.messages.add(
+            role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=PROMPT)]
+        )
+        self.cached_request.sampling.temperature = 0.0
         self.metadata = (("authorization", f"Bearer {LOCAL_DEV_KEY}"),)
         self._sent = 0
 
@@ -139,6 +146,18 @@ class Clients:
         elapsed = time.perf_counter_ns() - start
         if not response.message.parts or not response.message.parts[0].text:
             raise RuntimeError("edge: empty answer")
+        return elapsed
+
+    async def edge_cached(self) -> int:
+        """One `GatewayService.Chat` call of the one deterministic question; returns its latency
+        (a call the cache did not answer is an error: the phase measures hits)."""
+        start = time.perf_counter_ns()
+        response = await self.gateway.Chat(
+            self.cached_request, metadata=self.metadata, timeout=CALL_TIMEOUT_S
+        )
+        elapsed = time.perf_counter_ns() - start
+        if response.cache_status != common_pb2.CACHE_STATUS_HIT_EXACT:
+            raise RuntimeError(f"edge cached: {common_pb2.CacheStatus.Name(response.cache_status)}")
         return elapsed
 
     async def direct_stream(self) -> tuple[int, int]:
@@ -177,7 +196,7 @@ async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
     result = PhaseResult(phase=phase)
     unary: dict[PathName, Callable[[], Awaitable[int]]] = {
         "direct": clients.direct_unary,
-        "edge": clients.edge_unary,
+        "edge": clients.edge_cached if phase.mode == "cached" else clients.edge_unary,
     }
     stream: dict[PathName, Callable[[], Awaitable[tuple[int, int]]]] = {
         "direct": clients.direct_stream,
@@ -193,7 +212,7 @@ async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
         while issued < phase.max_requests and time.perf_counter() < deadline:
             issued += 1
             try:
-                if phase.mode == "unary":
+                if phase.mode in ("unary", "cached"):
                     result.latencies_ns.append(await unary[phase.path]())
                 else:
                     first, total = await stream[phase.path]()

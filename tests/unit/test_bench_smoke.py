@@ -35,7 +35,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     figures = report["figures"]
     expected = {
         f"{prefix}_c{c}_{q}_{kind}"
-        for prefix, levels in (("unary", (1, 16, 64)), ("ttft", (1, 16)))
+        for prefix, levels in (("unary", (1, 16, 64)), ("ttft", (1, 16)), ("cache_hit", (1, 16)))
         for c in levels
         for q in ("p50", "p99")
         for kind in ("ratio", "ms_direct", "ms_edge")
@@ -56,7 +56,8 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     not_positive = {k: v for k, v in figures.items() if not (isinstance(v, int | float) and v > 0)}
     assert not not_positive
     # Added latency is a difference (edge minus direct): present and finite, sign not asserted.
-    assert len(report["added"]) == 10  # (3 unary + 2 streaming levels) x (p50, p99)
+    # (3 unary + 2 streaming + 2 cache-hit levels) x (p50, p99)
+    assert len(report["added"]) == 14
     assert all(isinstance(v, int | float) and math.isfinite(v) for v in report["added"].values())
     assert all(p["errors"] == 0 for p in report["phases"])
     assert {u["value"] for u in report["unmeasured"]} == {"UNMEASURED"}
