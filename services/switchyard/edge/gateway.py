@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import grpc
 
+from switchyard.cache.keys import CacheDecision
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
@@ -234,18 +235,33 @@ class EdgeGateway:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background_step_failed", error=type(task.exception()).__name__)
 
-    async def _answer(
+    def _answer(
         self,
         request: common_pb2.ChatRequest,
         caller: Caller,
         timeout_s: float | None,
         admitted: Admitted,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
-        """The answer from the cache when it has one, else from the providers (stored after)."""
+        """The answer's chunks: through the cache when it may serve or keep this request, else
+        straight from the providers (no extra layer on the token stream)."""
         cache = self.cache
         decision = cache.decide(request) if cache is not None else None
+        if cache is None or decision is None or not (decision.lookup or decision.store):
+            return self._provider_answer(request, caller, timeout_s, admitted.prompt)
+        return self._cached_answer(cache, decision, request, caller, timeout_s, admitted)
+
+    async def _cached_answer(
+        self,
+        cache: EdgeCache,
+        decision: CacheDecision,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        timeout_s: float | None,
+        admitted: Admitted,
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """A cached answer when there is one, else the providers' (offered to the cache after)."""
         model = admitted.model.id if admitted.model is not None else AUTO
-        if cache is not None and decision is not None and decision.lookup:
+        if decision.lookup:
             hit = await cache.lookup(caller.tenant_id, request, model)
             if hit is not None:
                 async for chunk in replay(hit, request.request_id):
@@ -253,10 +269,6 @@ class EdgeGateway:
                         self._record_free(request, caller, admitted.prompt, hit.answer, chunk.done)
                     yield chunk
                 return
-        if cache is None or decision is None or not decision.store:
-            async for chunk in self._provider_answer(request, caller, timeout_s, admitted.prompt):
-                yield chunk
-            return
         status = (
             common_pb2.CACHE_STATUS_REFRESHED
             if request.cache.mode == common_pb2.CACHE_MODE_REFRESH
@@ -271,7 +283,7 @@ class EdgeGateway:
         finally:
             await chunks.aclose()
         answer = recorder.answer()
-        if answer is not None:
+        if answer is not None and decision.store:
             self._in_background(cache.store(caller.tenant_id, request, model, answer))
 
     def _provider_answer(
