@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import grpc
-from google.protobuf import timestamp_pb2
 from redis.exceptions import RedisError
 
 from switchyard.cache.embed import Embedder, load_local_embedder, unavailable_reason
@@ -45,6 +44,7 @@ from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.common.tasks import cancel_all
+from switchyard.common.timestamps import timestamp_of
 from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2, provider_pb2_grpc
 
 __all__ = ["MAX_ANSWER_BYTES", "CacheServicer", "CacheStats", "build"]
@@ -173,7 +173,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             answer=cache_pb2.CachedAnswer.FromString(entry.payload),
             similarity=similarity,
             saved_micros=saved,
-            stored_at=_timestamp(entry.stored_at),
+            stored_at=timestamp_of(entry.stored_at),
         )
 
     async def _semantic_lookup(self, request: cache_pb2.LookupRequest) -> tuple[CacheEntry | None, float]:
@@ -330,12 +330,6 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             embedder=semantic.embedder.name if semantic is not None else self._semantic_off_reason,
             streaming_replay=True,
         )
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def _embedder(settings: Settings, channels: ChannelPool) -> Embedder | str:

@@ -29,9 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from google.protobuf import timestamp_pb2
-
 from switchyard.common.settings import Settings
+from switchyard.common.timestamps import seconds_of, timestamp_of
 from switchyard.health.latency import MIN_FIT_SAMPLES, OnlineLatencyModel
 from switchyard.v1 import common_pb2, health_pb2
 
@@ -217,7 +216,9 @@ class HealthBook:
             for key, entry in sorted(self._entries.items())
             if not provider or key[0] == provider
         ]
-        return health_pb2.HealthSnapshot(version=self._version, entries=entries, generated_at=_timestamp(now))
+        return health_pb2.HealthSnapshot(
+            version=self._version, entries=entries, generated_at=timestamp_of(now)
+        )
 
     def entry(self, provider: str, model: str) -> health_pb2.ModelHealth | None:
         """One entry, or None when nothing was heard of it."""
@@ -256,7 +257,7 @@ class HealthBook:
             entry.headroom = common_pb2.RateLimitHeadroom()
             entry.headroom.CopyFrom(outcome.headroom)
             if not entry.headroom.HasField("observed_at"):
-                entry.headroom.observed_at.CopyFrom(_timestamp(at))
+                entry.headroom.observed_at.CopyFrom(timestamp_of(at))
         if verdict is None:
             return entry if has_headroom else None
         entry.expire(now - config.window_s)
@@ -360,7 +361,7 @@ class HealthBook:
             output_tokens_per_second=entry.ewma_tokens_per_second or 0.0,
             last_error=entry.last_error,
             samples=entry.samples,
-            updated_at=_timestamp(entry.updated_at),
+            updated_at=timestamp_of(entry.updated_at),
             consecutive_failures=entry.consecutive_failures,
             half_open_trials=self._config.half_open_trials,
             latency_base_ms=base,
@@ -370,11 +371,11 @@ class HealthBook:
             latency_prediction_error=entry.prediction_error or 0.0,
         )
         if entry.last_error_at is not None:
-            result.last_error_at.CopyFrom(_timestamp(entry.last_error_at))
+            result.last_error_at.CopyFrom(timestamp_of(entry.last_error_at))
         if entry.headroom is not None:
             result.headroom.CopyFrom(entry.headroom)
         if entry.breaker == health_pb2.BREAKER_STATE_OPEN:
-            result.breaker_retry_at.CopyFrom(_timestamp(entry.retry_at))
+            result.breaker_retry_at.CopyFrom(timestamp_of(entry.retry_at))
         return result
 
 
@@ -396,7 +397,7 @@ def _percentiles(ordered: list[float]) -> tuple[float, float, float]:
 
 def _headroom_low(headroom: common_pb2.RateLimitHeadroom, now: float) -> str:
     """Why the headroom is nearly exhausted now, or "" when it is not."""
-    observed = _seconds(headroom.observed_at) if headroom.HasField("observed_at") else now
+    observed = seconds_of(headroom.observed_at) if headroom.HasField("observed_at") else now
     if headroom.retry_after_ms and now < observed + headroom.retry_after_ms / 1000:
         return f"rate-limited: retry after {headroom.retry_after_ms} ms"
     kinds = (
@@ -407,7 +408,7 @@ def _headroom_low(headroom: common_pb2.RateLimitHeadroom, now: float) -> str:
         if not headroom.HasField(remaining_field):  # type: ignore[arg-type]
             continue
         reset = (
-            _seconds(getattr(headroom, reset_field))
+            seconds_of(getattr(headroom, reset_field))
             if headroom.HasField(reset_field)  # type: ignore[arg-type]
             else observed + HEADROOM_DEFAULT_RESET_S
         )
@@ -419,12 +420,3 @@ def _headroom_low(headroom: common_pb2.RateLimitHeadroom, now: float) -> str:
             of = f" of {limit}" if limit > 0 else ""
             return f"rate-limit headroom low: {remaining}{of} {kind} left"
     return ""
-
-
-def _seconds(stamp: timestamp_pb2.Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    whole = math.floor(seconds)
-    return timestamp_pb2.Timestamp(seconds=whole, nanos=min(999_999_999, int(round((seconds - whole) * 1e9))))

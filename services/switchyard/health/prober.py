@@ -13,17 +13,16 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import Final
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, from_rpc_error
 from switchyard.common.logging import get_logger
 from switchyard.common.settings import Settings
 from switchyard.common.tasks import cancel_all
+from switchyard.common.timestamps import timestamp_of
 from switchyard.v1 import health_pb2, provider_pb2, provider_pb2_grpc
 
 __all__ = ["JITTER", "PROBE_TIMEOUT_CAP_S", "ProbeFunction", "Prober", "adapter_probe", "probe_timeout_s"]
@@ -55,7 +54,7 @@ def failed_probe(
         success=False,
         error_reason=reason.value,
         total_latency_ms=latency_ms,
-        finished_at=_timestamp(time.time() if now is None else now),
+        finished_at=timestamp_of(time.time() if now is None else now),
     )
 
 
@@ -158,7 +157,7 @@ def adapter_probe(channels: ChannelPool, settings: Settings) -> ProbeFunction:
             success=reply.ok,
             total_latency_ms=reply.latency_ms,
             error_reason="" if reply.ok else (reply.error_reason or Reason.PROVIDER_UNAVAILABLE.value),
-            finished_at=_timestamp(time.time()),
+            finished_at=timestamp_of(time.time()),
         )
         if reply.HasField("headroom"):
             outcome.headroom.CopyFrom(reply.headroom)
@@ -169,9 +168,3 @@ def adapter_probe(channels: ChannelPool, settings: Settings) -> ProbeFunction:
 
 def _elapsed_ms(started: float) -> int:
     return max(0, round((time.monotonic() - started) * 1000))
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(datetime.fromtimestamp(seconds, UTC))
-    return stamp
