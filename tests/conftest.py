@@ -105,10 +105,17 @@ async def otlp() -> AsyncIterator[OtlpReceiver]:
 
 @contextlib.asynccontextmanager
 async def running_mesh(
-    otlp: OtlpReceiver, workdir: Path, *, catalog_path: Path | None = None, env: dict[str, str] | None = None
+    otlp: OtlpReceiver,
+    workdir: Path,
+    *,
+    catalog_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    via_envoy: bool = False,
 ) -> AsyncIterator[Mesh]:
     """The whole mesh as separate processes (simulated vendors, free ports), on the embedded
-    catalog or the one at `catalog_path`, with `env` added to every child's environment."""
+    catalog or the one at `catalog_path`, with `env` added to every child's environment.
+    `via_envoy`: with a real Envoy in front, the services calling each other through its mesh
+    listener, exactly as `switchyard run --via-envoy` (and the Helm chart) wire them."""
     extra_env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
@@ -119,7 +126,19 @@ async def running_mesh(
         **(env or {}),
     }
     environ = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    plan = plan_mesh(load_catalog(catalog_path), free_ports=True, simulate=True, environ=environ)
+    envoy_dir = None
+    if via_envoy:
+        envoy_dir = workdir / "envoy"
+        envoy_dir.mkdir()
+        environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp.endpoint
+    plan = plan_mesh(
+        load_catalog(catalog_path),
+        free_ports=True,
+        simulate=True,
+        environ=environ,
+        envoy_config_dir=envoy_dir,
+        via_envoy=via_envoy,
+    )
     children = tuple(dataclasses.replace(c, env={**c.env, **extra_env}) for c in plan.children)
     plan = dataclasses.replace(plan, children=children)
     log_path = workdir / "mesh.log"

@@ -5,6 +5,8 @@
     switchyard run                      # the whole mesh on this machine
     switchyard chat "hello" --stream    # a client of the edge
     switchyard sim openai --port 0      # a vendor simulator
+    switchyard envoy --upstream edge=host:50051 ...   # Envoy for these upstreams (the chart's)
+    switchyard healthcheck              # exit 0 when the local service is SERVING
 
 Expected failures (a bad catalog, an unreachable edge, an empty prompt) print one clear
 line on stderr and exit non-zero; they never print a traceback.
@@ -53,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start the whole mesh on this machine")
     run.add_argument("--free-ports", action="store_true", help="pick free ports instead of the defaults")
     run.add_argument("--simulate", action="store_true", help="use simulated vendors even when keys are set")
+    run.add_argument(
+        "--via-envoy",
+        action="store_true",
+        help="services call each other through Envoy's mesh listener, as in a cluster",
+    )
     run.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for every service")
     run.set_defaults(handler=_run)
 
@@ -79,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     from switchyard.keys_cli import register as register_keys
 
     register_keys(commands)
+
+    from switchyard.envoy_config import register as register_envoy
+    from switchyard.healthcheck import register as register_healthcheck
+
+    register_envoy(commands)
+    register_healthcheck(commands)
 
     sim = commands.add_parser("sim", help="start a vendor simulator", add_help=False)
     sim.add_argument("rest", nargs=argparse.REMAINDER)
@@ -166,7 +179,10 @@ def _run(args: argparse.Namespace) -> int:
 
     return _run_async(
         lambda: run_mesh(
-            free_ports=args.free_ports, simulate=args.simulate, ready_timeout_s=args.ready_timeout
+            free_ports=args.free_ports,
+            simulate=args.simulate,
+            via_envoy=args.via_envoy,
+            ready_timeout_s=args.ready_timeout,
         )
     )
 

@@ -1,13 +1,19 @@
-"""The Envoy ingress of the local mesh: its config, its validation and how to start it.
+"""Envoy in front of and between the services: its config, its validation, how to start it.
 
-`render_local_config` builds the Envoy v3 bootstrap for one machine (ports are chosen at
-run time) as a dict and dumps it as YAML; `deploy/envoy/local.yaml` is its rendering for
-the default ports (`default_local_config`), kept in sync by a test. Regenerate it with
-`python -m switchyard.envoy_config --write deploy/envoy/local.yaml`.
+`render_config` builds the Envoy v3 bootstrap as a dict and dumps it as YAML. The local mesh
+(`switchyard run`, loopback ports chosen at run time) and the cluster (the Helm chart's Envoy
+pods, `switchyard envoy --upstream ...` over headless Services) render it the same way; only
+the targets differ. `deploy/envoy/local.yaml` and `deploy/envoy/cluster.yaml` are the
+renderings for the default ports and the chart's default values, kept in sync by tests:
+`python -m switchyard.envoy_config [--cluster] --write PATH`.
 
-One listener (HTTP/1.1 and HTTP/2) routes by gRPC service path to one cluster per service,
-translates gRPC-Web and REST/JSON (the methods with `google.api.http` annotations) to gRPC,
-and, once the edge has an HTTP front, sends the OpenAI-compatible routes there.
+Two listeners (HTTP/1.1 and HTTP/2 each):
+- ingress (8080): the edge only. gRPC, gRPC-Web, REST/JSON for the methods with
+  `google.api.http` annotations, and the OpenAI-compatible HTTP routes to the edge's front.
+- mesh (9000): what services call each other through. Control planes are routed by gRPC
+  service path, adapters by `:authority` (`adapter-<vendor>`), each to a cluster per service
+  with active gRPC health checks and outlier detection; STRICT_DNS over headless Services
+  balances HTTP/2 streams per request across pods.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,28 +34,42 @@ from typing import Any, Final
 
 import yaml
 
+from switchyard.common.catalog import VENDORS
 from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT
 from switchyard.supervisor import ChildSpec, ReadinessCheck
 
 __all__ = [
+    "CONTROL_UPSTREAMS",
     "DEFAULT_ADMIN_PORT",
     "DEFAULT_DESCRIPTOR_PATH",
     "DEFAULT_LISTEN_PORT",
-    "GRPC_UPSTREAMS",
+    "DEFAULT_MESH_PORT",
+    "EDGE_UPSTREAM",
+    "IMAGE_DESCRIPTOR_PATH",
     "OPENAI_HTTP_PREFIXES",
     "EnvoyConfigError",
     "GrpcUpstream",
+    "adapter_authority",
+    "adapter_upstream",
+    "cluster_upstreams",
+    "default_cluster_config",
     "default_local_config",
     "default_service_targets",
     "envoy_argv",
     "envoy_binary",
     "envoy_child_spec",
+    "register",
+    "render_config",
     "render_local_config",
     "validate_config",
 ]
 
 DEFAULT_LISTEN_PORT: Final = 8080
 DEFAULT_ADMIN_PORT: Final = 9901
+#: The internal listener the services call each other through.
+DEFAULT_MESH_PORT: Final = 9000
+#: Where the image keeps the descriptor set (deploy/docker/Dockerfile); the cluster's Envoy reads it.
+IMAGE_DESCRIPTOR_PATH: Final = "/opt/switchyard/switchyard.protoset"
 #: Relative to the repository root, where `switchyard run` and `make run` start Envoy.
 DEFAULT_DESCRIPTOR_PATH: Final = "gen/switchyard.protoset"
 
@@ -86,10 +107,14 @@ class GrpcUpstream:
         return f"/{self.service}/"
 
 
-#: Every gRPC service Envoy fronts, in route order. The edge is keyed "edge" and comes
-#: from `edge_target`; the others from `service_targets`.
-GRPC_UPSTREAMS: Final = (
-    GrpcUpstream("switchyard.v1.GatewayService", "edge", "edge", no_timeout=("Chat", "ChatStream")),
+#: The edge: the one service the ingress listener exposes (gRPC, gRPC-Web and REST/JSON).
+EDGE_UPSTREAM: Final = GrpcUpstream(
+    "switchyard.v1.GatewayService", "edge", "edge", no_timeout=("Chat", "ChatStream")
+)
+
+#: The control-plane services, reached by the services over the internal mesh listener and
+#: routed by gRPC service path. Never exposed on the ingress: they trust their callers.
+CONTROL_UPSTREAMS: Final = (
     GrpcUpstream(
         "switchyard.v1.RouterService", "router", "router", no_timeout=("WatchRoutes",), retryable=("Plan",)
     ),
@@ -102,18 +127,39 @@ GRPC_UPSTREAMS: Final = (
         retryable=("Snapshot",),
     ),
     GrpcUpstream("switchyard.v1.CacheService", "cache", "cache", retryable=("Lookup",)),
-    GrpcUpstream(
-        "switchyard.v1.ProviderAdapterService", "adapter_openai", "adapter-openai", no_timeout=("Generate",)
-    ),
 )
 
-_SERVICE_TARGET_KEYS: Final = frozenset(u.target_key for u in GRPC_UPSTREAMS if u.target_key != "edge")
+_ADAPTER_SERVICE: Final = "switchyard.v1.ProviderAdapterService"
+
+
+def adapter_authority(vendor: str) -> str:
+    """The `:authority` a service sends to reach `vendor`'s adapter over the mesh listener.
+
+    Every adapter serves the same gRPC service, so the mesh tells them apart by authority:
+    a peer target `adapter-openai@envoy:9000` connects to Envoy and names the adapter.
+    """
+    return "adapter-" + vendor.replace("_", "-")
+
+
+def adapter_upstream(vendor: str) -> GrpcUpstream:
+    """The adapter of one vendor: generations stream without a route timeout."""
+    return GrpcUpstream(
+        _ADAPTER_SERVICE,
+        "adapter_" + vendor,
+        "adapter-" + vendor,
+        no_timeout=("Generate",),
+        retryable=("Probe",),
+    )
+
+
+_CONTROL_KEYS: Final = frozenset(u.target_key for u in CONTROL_UPSTREAMS)
+_ADAPTER_KEYS: Final = frozenset(f"adapter-{vendor}" for vendor in VENDORS)
 
 _HEADER = """\
-# Envoy ingress for the local Switchyard mesh.
-# Generated by switchyard.envoy_config.render_local_config: do not edit by hand.
-# deploy/envoy/local.yaml is the rendering for the default ports; regenerate it from the
-# repository root with: python -m switchyard.envoy_config --write deploy/envoy/local.yaml
+# Envoy for the Switchyard mesh: the ingress listener and the internal mesh listener.
+# Generated by switchyard.envoy_config: do not edit by hand. From the repository root:
+#   python -m switchyard.envoy_config --write deploy/envoy/local.yaml
+#   python -m switchyard.envoy_config --cluster --write deploy/envoy/cluster.yaml
 """
 
 
@@ -134,10 +180,37 @@ def default_local_config() -> str:
     return render_local_config(
         listen_port=DEFAULT_LISTEN_PORT,
         admin_port=DEFAULT_ADMIN_PORT,
+        mesh_port=DEFAULT_MESH_PORT,
         edge_target=f"127.0.0.1:{DEFAULT_PORTS['edge']}",
         edge_http_target=f"127.0.0.1:{EDGE_HTTP_PORT}",
         service_targets=default_service_targets(),
         descriptor_path=DEFAULT_DESCRIPTOR_PATH,
+        otlp_endpoint=None,
+    )
+
+
+def cluster_upstreams(fullname: str, vendors: Sequence[str]) -> dict[str, str]:
+    """The `--upstream` targets of the Helm chart's Envoy: its headless Services by name."""
+    targets = {
+        "edge": f"{fullname}-edge:{DEFAULT_PORTS['edge']}",
+        "edge-http": f"{fullname}-edge:{EDGE_HTTP_PORT}",
+        **{name: f"{fullname}-{name}:{DEFAULT_PORTS[name]}" for name in sorted(_CONTROL_KEYS)},
+    }
+    for vendor in vendors:
+        targets[f"adapter-{vendor}"] = f"{fullname}-{adapter_authority(vendor)}:{ADAPTER_PORTS[vendor]}"
+    return targets
+
+
+def default_cluster_config() -> str:
+    """The rendering checked in as `deploy/envoy/cluster.yaml`: the chart's default values
+    (release `switchyard`, the OpenAI adapter), as its Envoy pods render it at start."""
+    return render_config(
+        targets=cluster_upstreams("switchyard", ["openai"]),
+        listen_address="0.0.0.0",
+        listen_port=DEFAULT_LISTEN_PORT,
+        mesh_port=DEFAULT_MESH_PORT,
+        admin_port=DEFAULT_ADMIN_PORT,
+        descriptor_path=IMAGE_DESCRIPTOR_PATH,
         otlp_endpoint=None,
     )
 
@@ -151,56 +224,107 @@ def render_local_config(
     service_targets: Mapping[str, str],
     descriptor_path: str,
     otlp_endpoint: str | None,
+    mesh_port: int | None = None,
     listen_address: str = "127.0.0.1",
 ) -> str:
     """Render the Envoy bootstrap (YAML) for a mesh on one machine.
 
     `edge_target` and the values of `service_targets` are `host:port` of the gRPC services;
     `service_targets` is keyed by child name: "router", "ledger", "health", "cache" and
-    "adapter-openai". `edge_http_target` (`host:port`) adds the OpenAI-compatible HTTP
-    routes; `otlp_endpoint` (`http://host:port` or `host:port`, OTLP/gRPC) turns tracing on.
-    `descriptor_path` is the protoset the transcoder reads, relative to Envoy's working
-    directory unless absolute. Raises `ValueError` for a missing or unknown target.
+    "adapter-<vendor>". `edge_http_target` (`host:port`) adds the OpenAI-compatible HTTP
+    routes; `mesh_port` adds the internal mesh listener; `otlp_endpoint` (`http://host:port`
+    or `host:port`, OTLP/gRPC) turns tracing on. See `render_config`.
     """
-    missing = sorted(_SERVICE_TARGET_KEYS - service_targets.keys())
-    unknown = sorted(service_targets.keys() - _SERVICE_TARGET_KEYS)
-    if missing or unknown:
-        raise ValueError(f"service_targets: missing {missing}, unknown {unknown}")
     targets = {"edge": edge_target, **service_targets}
+    if edge_http_target is not None:
+        targets["edge-http"] = edge_http_target
+    return render_config(
+        targets=targets,
+        listen_address=listen_address,
+        listen_port=listen_port,
+        mesh_port=mesh_port,
+        admin_port=admin_port,
+        descriptor_path=descriptor_path,
+        otlp_endpoint=otlp_endpoint,
+    )
+
+
+def render_config(
+    *,
+    targets: Mapping[str, str],
+    listen_address: str,
+    listen_port: int,
+    mesh_port: int | None,
+    admin_port: int,
+    descriptor_path: str,
+    otlp_endpoint: str | None,
+) -> str:
+    """Render the Envoy bootstrap (YAML): the local one and the cluster's differ only in targets.
+
+    `targets` maps "edge", "router", "ledger", "health", "cache" (all required), "edge-http"
+    (the OpenAI-compatible HTTP front, optional) and "adapter-<vendor>" to `host:port`; a host
+    name becomes a STRICT_DNS cluster (a headless Service in the cluster), an IP a STATIC one.
+
+    The ingress listener on `listen_port` exposes only the edge: gRPC, gRPC-Web, REST/JSON for
+    the `google.api.http` methods and the OpenAI routes. The mesh listener on `mesh_port` is
+    what the services call each other through: control planes by gRPC service path, adapters
+    by `:authority` (`adapter_authority`). `descriptor_path` is the protoset the transcoder
+    reads, relative to Envoy's working directory unless absolute. Raises `ValueError` for a
+    missing or unknown target.
+    """
+    required = {"edge", *_CONTROL_KEYS}
+    missing = sorted(required - targets.keys())
+    unknown = sorted(targets.keys() - required - _ADAPTER_KEYS - {"edge-http"})
+    if missing or unknown:
+        raise ValueError(f"targets: missing {missing}, unknown {unknown}")
+    adapters = [
+        adapter_upstream(key.removeprefix("adapter-")) for key in sorted(targets.keys() & _ADAPTER_KEYS)
+    ]
+    upstreams = [EDGE_UPSTREAM, *CONTROL_UPSTREAMS, *adapters]
     clusters = [
         _cluster(u.cluster, targets[u.target_key], http2=True, grpc_health_service=u.service)
-        for u in GRPC_UPSTREAMS
+        for u in upstreams
     ]
-    routes = [route for upstream in GRPC_UPSTREAMS for route in _grpc_routes(upstream)]
-    if edge_http_target is not None:
-        clusters.append(_cluster("edge_http", edge_http_target, http2=False, grpc_health_service=None))
-        routes.extend(_openai_routes())
-    hcm: dict[str, Any] = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-        ".HttpConnectionManager",
-        "stat_prefix": "ingress_http",
-        "codec_type": "AUTO",
-        "use_remote_address": True,
-        "normalize_path": True,
-        "merge_slashes": True,
-        # Keep a caller's x-request-id so its logs, Envoy's and the services' line up.
-        "preserve_external_request_id": True,
-        # Pass the id on verbatim: by default Envoy rewrites one character to carry its trace decision.
-        "request_id_extension": {
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
-                "pack_trace_reason": False,
+    ingress_routes = _grpc_routes(EDGE_UPSTREAM)
+    if "edge-http" in targets:
+        clusters.append(_cluster("edge_http", targets["edge-http"], http2=False, grpc_health_service=None))
+        ingress_routes.extend(_openai_routes())
+    tracing_on = otlp_endpoint is not None
+    listeners = [
+        _listener(
+            "ingress",
+            _socket_address(listen_address, listen_port),
+            [{"name": "switchyard", "domains": ["*"], "routes": ingress_routes}],
+            _ingress_filters(descriptor_path),
+            tracing=tracing_on,
+            edge=True,
+        )
+    ]
+    if mesh_port is not None:
+        virtual_hosts = [
+            {
+                "name": adapter_authority(u.target_key.removeprefix("adapter-")),
+                "domains": [
+                    adapter_authority(u.target_key.removeprefix("adapter-")),
+                    adapter_authority(u.target_key.removeprefix("adapter-")) + ":*",
+                ],
+                "routes": _grpc_routes(u),
             }
-        },
-        "access_log": [_access_log()],
-        "route_config": {
-            "name": "switchyard",
-            "virtual_hosts": [{"name": "switchyard", "domains": ["*"], "routes": routes}],
-        },
-        "http_filters": _http_filters(descriptor_path),
-    }
+            for u in adapters
+        ]
+        control_routes = [route for u in CONTROL_UPSTREAMS for route in _grpc_routes(u)]
+        virtual_hosts.append({"name": "control", "domains": ["*"], "routes": control_routes})
+        listeners.append(
+            _listener(
+                "mesh",
+                _socket_address(listen_address, mesh_port),
+                virtual_hosts,
+                [_router_filter()],
+                tracing=tracing_on,
+                edge=False,
+            )
+        )
     if otlp_endpoint is not None:
-        hcm["tracing"] = _tracing()
         clusters.append(
             _cluster("otel_collector", _otlp_target(otlp_endpoint), http2=True, outlier_detection=False)
         )
@@ -219,22 +343,7 @@ def render_local_config(
                 }
             ]
         },
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": _socket_address(listen_address, listen_port),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": clusters,
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
     if otlp_endpoint is not None:
         # Export spans every second (Envoy's default is 5 s), as the services do locally.
@@ -244,7 +353,49 @@ def render_local_config(
     return _HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
 
-def _http_filters(descriptor_path: str) -> list[dict[str, Any]]:
+def _listener(
+    name: str,
+    address: dict[str, Any],
+    virtual_hosts: list[dict[str, Any]],
+    http_filters: list[dict[str, Any]],
+    *,
+    tracing: bool,
+    edge: bool,
+) -> dict[str, Any]:
+    """One HTTP listener. `edge`: it faces clients (their address is the remote one)."""
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "use_remote_address": edge,
+        "normalize_path": True,
+        "merge_slashes": True,
+        # Keep a caller's x-request-id so its logs, Envoy's and the services' line up.
+        "preserve_external_request_id": True,
+        # Pass the id on verbatim: by default Envoy rewrites one character to carry its trace decision.
+        "request_id_extension": {
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                "pack_trace_reason": False,
+            }
+        },
+        "access_log": [_access_log(name)],
+        "route_config": {"name": name, "virtual_hosts": virtual_hosts},
+        "http_filters": http_filters,
+    }
+    if tracing:
+        hcm["tracing"] = _tracing()
+    return {
+        "name": name,
+        "address": address,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+
+
+def _ingress_filters(descriptor_path: str) -> list[dict[str, Any]]:
     return [
         {
             "name": "envoy.filters.http.grpc_web",
@@ -258,7 +409,7 @@ def _http_filters(descriptor_path: str) -> list[dict[str, Any]]:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3"
                 ".GrpcJsonTranscoder",
                 "proto_descriptor": descriptor_path,
-                "services": [u.service for u in GRPC_UPSTREAMS],
+                "services": [EDGE_UPSTREAM.service],
                 # Only methods with a google.api.http annotation are reachable as REST.
                 "auto_mapping": False,
                 "convert_grpc_status": True,
@@ -270,11 +421,15 @@ def _http_filters(descriptor_path: str) -> list[dict[str, Any]]:
                 },
             },
         },
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        },
+        _router_filter(),
     ]
+
+
+def _router_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
 
 
 def _grpc_routes(upstream: GrpcUpstream) -> list[dict[str, Any]]:
@@ -450,9 +605,10 @@ def _tracing() -> dict[str, Any]:
     }
 
 
-def _access_log() -> dict[str, Any]:
+def _access_log(listener: str) -> dict[str, Any]:
     # Metadata only: never bodies, never the authorization header.
     fields = {
+        "listener": listener,
         "start_time": "%START_TIME%",
         "method": "%REQ(X-ENVOY-ORIGINAL-METHOD?:METHOD)%",
         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
@@ -584,13 +740,86 @@ def validate_config(path: str | os.PathLike[str], *, cwd: str | os.PathLike[str]
         )
 
 
+def register(commands: Any) -> None:
+    """Add `switchyard envoy`: render the config from its arguments and become Envoy.
+
+    This is how the Helm chart runs Envoy, from the same image as the services: the chart
+    passes one `--upstream name=host:port` per service (its headless Services), tracing comes
+    from `OTEL_EXPORTER_OTLP_ENDPOINT`, and the descriptor set from the image
+    (`SWITCHYARD_ENVOY_DESCRIPTOR`).
+    """
+    envoy = commands.add_parser(
+        "envoy",
+        help="render the Envoy config for the given upstreams and run Envoy",
+        description=register.__doc__,
+    )
+    envoy.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="edge, edge-http, router, ledger, health, cache or adapter-<vendor> (repeat)",
+    )
+    envoy.add_argument("--listen-address", default="0.0.0.0")
+    envoy.add_argument("--listen-port", type=int, default=DEFAULT_LISTEN_PORT)
+    envoy.add_argument("--mesh-port", type=int, default=DEFAULT_MESH_PORT)
+    envoy.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
+    envoy.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"))
+    envoy.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads")
+    envoy.add_argument(
+        "--descriptor",
+        default=os.environ.get("SWITCHYARD_ENVOY_DESCRIPTOR", IMAGE_DESCRIPTOR_PATH),
+        help="the protoset for REST/JSON transcoding (default SWITCHYARD_ENVOY_DESCRIPTOR)",
+    )
+    envoy.add_argument(
+        "--config-out",
+        default=os.path.join(tempfile.gettempdir(), "switchyard-envoy.yaml"),
+        help="where the rendered config is written before Envoy starts",
+    )
+    envoy.add_argument("--print", action="store_true", help="print the config and exit")
+    envoy.set_defaults(handler=_envoy_command)
+
+
+def _envoy_command(args: argparse.Namespace) -> int:
+    targets: dict[str, str] = {}
+    for item in args.upstream:
+        name, sep, target = item.partition("=")
+        if not sep or not name or not target:
+            print(f"switchyard: error: --upstream wants NAME=HOST:PORT, got {item!r}", file=sys.stderr)
+            return 2
+        targets[name] = target
+    try:
+        text = render_config(
+            targets=targets,
+            listen_address=args.listen_address,
+            listen_port=args.listen_port,
+            mesh_port=args.mesh_port,
+            admin_port=args.admin_port,
+            descriptor_path=args.descriptor,
+            otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        )
+    except ValueError as exc:
+        print(f"switchyard: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print:
+        sys.stdout.write(text)
+        return 0
+    Path(args.config_out).write_text(text)
+    argv = envoy_argv(args.config_out, concurrency=args.concurrency, log_level=args.log_level)
+    # Envoy becomes this process: the container's signals and exit code are Envoy's own.
+    os.execv(argv[0], list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m switchyard.envoy_config [--write PATH] [--validate]`: the default local config."""
+    """`python -m switchyard.envoy_config [--cluster] [--write PATH] [--validate]`: a default config."""
     parser = argparse.ArgumentParser(prog="python -m switchyard.envoy_config", description=main.__doc__)
+    parser.add_argument(
+        "--cluster", action="store_true", help="the chart's default rendering instead of the local one"
+    )
     parser.add_argument("--write", metavar="PATH", help="write the config here instead of printing it")
     parser.add_argument("--validate", action="store_true", help="then check it with envoy --mode validate")
     args = parser.parse_args(argv)
-    text = default_local_config()
+    text = default_cluster_config() if args.cluster else default_local_config()
     if args.write is None:
         sys.stdout.write(text)
         return 0

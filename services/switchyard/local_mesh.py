@@ -23,6 +23,8 @@ from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_P
 from switchyard.envoy_config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_LISTEN_PORT,
+    DEFAULT_MESH_PORT,
+    adapter_authority,
     envoy_child_spec,
     render_local_config,
 )
@@ -56,23 +58,37 @@ def plan_mesh(
     simulate: bool,
     environ: Mapping[str, str] | None = None,
     envoy_config_dir: Path | None = None,
+    via_envoy: bool = False,
 ) -> MeshPlan:
     """Decide ports, simulators and environments for every child of the local mesh.
 
     With `envoy_config_dir`, Envoy is started last, in front of everything, with its
-    config rendered into that directory.
+    config rendered into that directory. With `via_envoy` too, the services call each other
+    through Envoy's mesh listener, as in a cluster, and Envoy starts before them.
     """
+    if via_envoy and envoy_config_dir is None:
+        raise ValueError("via_envoy needs envoy_config_dir")
     env = dict(os.environ if environ is None else environ)
     ports = {name: (free_port() if free_ports else port) for name, port in DEFAULT_PORTS.items()}
     http_port = free_port() if free_ports else EDGE_HTTP_PORT
     vendors = sorted({p.vendor for p in catalog.providers.values()})
     adapter_ports = {v: (free_port() if free_ports else ADAPTER_PORTS[v]) for v in vendors}
+    mesh_port = free_port() if free_ports else DEFAULT_MESH_PORT
+    mesh = f"127.0.0.1:{mesh_port}"
     common_env = {
         "SWITCHYARD_HOST": "127.0.0.1",
         "SWITCHYARD_LOG_FORMAT": env.get("SWITCHYARD_LOG_FORMAT", "console"),
         "SWITCHYARD_DEV_KEY": env.get("SWITCHYARD_DEV_KEY", LOCAL_DEV_KEY),
-        **{f"SWITCHYARD_{name.upper()}_TARGET": f"127.0.0.1:{ports[name]}" for name in CONTROL_PLANES},
-        **{f"SWITCHYARD_ADAPTER_{v.upper()}_TARGET": f"127.0.0.1:{p}" for v, p in adapter_ports.items()},
+        **{
+            f"SWITCHYARD_{name.upper()}_TARGET": mesh if via_envoy else f"127.0.0.1:{ports[name]}"
+            for name in CONTROL_PLANES
+        },
+        **{
+            f"SWITCHYARD_ADAPTER_{v.upper()}_TARGET": f"{adapter_authority(v)}@{mesh}"
+            if via_envoy
+            else f"127.0.0.1:{p}"
+            for v, p in adapter_ports.items()
+        },
     }
     exe = (sys.executable, "-m", "switchyard.cli")
     children: list[ChildSpec] = []
@@ -122,6 +138,7 @@ def plan_mesh(
             render_local_config(
                 listen_port=listen_port,
                 admin_port=admin_port,
+                mesh_port=mesh_port,
                 edge_target=f"127.0.0.1:{ports['edge']}",
                 edge_http_target=f"127.0.0.1:{http_port}",
                 service_targets={
@@ -134,7 +151,13 @@ def plan_mesh(
                 otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
             )
         )
-        children.append(envoy_child_spec(config, admin_port=admin_port))
+        envoy = envoy_child_spec(config, admin_port=admin_port)
+        # Through the mesh the services need Envoy from the start; Envoy's first health checks
+        # fail fast while they come up, and it routes to them as soon as they answer.
+        if via_envoy:
+            children.insert(0, envoy)
+        else:
+            children.append(envoy)
         envoy_target = f"127.0.0.1:{listen_port}"
     return MeshPlan(
         children=tuple(children),
@@ -182,12 +205,16 @@ def banner(plan: MeshPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run_mesh(*, free_ports: bool, simulate: bool, ready_timeout_s: float) -> int:
+async def run_mesh(*, free_ports: bool, simulate: bool, via_envoy: bool, ready_timeout_s: float) -> int:
     """Start the mesh, wait until it is ready, print the banner and supervise until Ctrl-C."""
     settings = Settings.from_env()
     with tempfile.TemporaryDirectory(prefix="switchyard-run-") as config_dir:
         plan = plan_mesh(
-            settings.catalog, free_ports=free_ports, simulate=simulate, envoy_config_dir=Path(config_dir)
+            settings.catalog,
+            free_ports=free_ports,
+            simulate=simulate,
+            envoy_config_dir=Path(config_dir),
+            via_envoy=via_envoy,
         )
         return await _supervise(plan, ready_timeout_s)
 

@@ -1,7 +1,9 @@
-"""Envoy in front of the real mesh: its config validates, and gRPC, gRPC-Web, REST/JSON and the
-OpenAI HTTP routes all reach the right service through it.
+"""Envoy in front of and between the real mesh: its configs validate; gRPC, gRPC-Web, REST/JSON
+and the OpenAI HTTP routes reach the edge through the ingress, which exposes nothing else; the
+mesh listener reaches the control planes by path and each adapter by authority.
 
-client ─▶ Envoy (real binary, free ports) ─▶ edge / router / ... (the session `mesh`)
+client ─▶ Envoy ingress (real binary, free ports) ─▶ edge (the session `mesh`)
+service ─▶ Envoy mesh listener ─▶ router / ledger / health / cache / adapter-<vendor>
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ import pytest
 import yaml
 from google.protobuf import descriptor_pb2
 
+from switchyard.cli import main as cli_main
+from switchyard.common.catalog import VENDORS
+from switchyard.common.channels import open_channel
 from switchyard.common.ports import free_port
 from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.envoy_config import (
+    IMAGE_DESCRIPTOR_PATH,
     EnvoyConfigError,
+    adapter_authority,
+    cluster_upstreams,
+    default_cluster_config,
     default_local_config,
     envoy_argv,
     envoy_child_spec,
@@ -34,12 +43,21 @@ from switchyard.envoy_config import (
     validate_config,
 )
 from switchyard.local_mesh import SIM_API_KEY
-from switchyard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
+from switchyard.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    provider_pb2,
+    provider_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from tests.conftest import REPO, Mesh, SimControl
 from tests.support.auth import keyed_channel
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 
 LOCAL_YAML = REPO / "deploy" / "envoy" / "local.yaml"
+CLUSTER_YAML = REPO / "deploy" / "envoy" / "cluster.yaml"
 DESCRIPTOR = REPO / "gen" / "switchyard.protoset"
 READY_TIMEOUT_S = 20.0
 
@@ -53,6 +71,7 @@ def render_for_tests(*, edge_http_target: str | None, otlp_endpoint: str | None)
     text = render_local_config(
         listen_port=listen_port,
         admin_port=admin_port,
+        mesh_port=free_port(),
         edge_target=f"127.0.0.1:{free_port()}",
         edge_http_target=edge_http_target,
         service_targets=targets,
@@ -69,6 +88,7 @@ def test_checked_in_local_config_is_the_default_rendering() -> None:
     expected = render_local_config(
         listen_port=8080,
         admin_port=9901,
+        mesh_port=9000,
         edge_target="127.0.0.1:50051",
         edge_http_target="127.0.0.1:8000",
         service_targets={
@@ -119,54 +139,163 @@ def test_broken_config_fails_with_envoys_reason(
 
 
 def test_render_refuses_missing_or_unknown_service_targets() -> None:
-    with pytest.raises(ValueError, match=r"missing \['adapter-openai', 'router'\], unknown \['routr'\]"):
+    with pytest.raises(ValueError, match=r"missing \['router'\], unknown \['adapter-acme', 'routr'\]"):
         render_local_config(
             listen_port=1,
             admin_port=2,
             edge_target="127.0.0.1:3",
             edge_http_target=None,
-            service_targets={"routr": "127.0.0.1:4", "ledger": "x:5", "health": "x:6", "cache": "x:7"},
+            service_targets={
+                "routr": "127.0.0.1:4",
+                "ledger": "x:5",
+                "health": "x:6",
+                "cache": "x:7",
+                "adapter-acme": "x:8",
+            },
             descriptor_path="d",
             otlp_endpoint=None,
         )
 
 
-def route_for(path: str) -> dict[str, Any]:
-    """The route Envoy picks for a gRPC call to `path` in the default config (first match wins)."""
+def route_for(
+    path: str, *, listener: str = "ingress", authority: str = "switchyard"
+) -> dict[str, Any] | None:
+    """The route Envoy picks for a gRPC call to `path` on a listener of the default config
+    (the first virtual host whose domains match `authority`, then the first matching route)."""
     config = yaml.safe_load(default_local_config())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+    (chosen,) = [item for item in config["static_resources"]["listeners"] if item["name"] == listener]
+    hcm = chosen["filter_chains"][0]["filters"][0]["typed_config"]
+    host = next(
+        v for v in hcm["route_config"]["virtual_hosts"] if authority in v["domains"] or "*" in v["domains"]
+    )
+    for route in host["routes"]:
         match = route["match"]
         if match.get("path") == path or path.startswith(match.get("prefix", "\0")):
             action: dict[str, Any] = route["route"]
             return action
-    raise AssertionError(f"no route for {path}")
+    return None
 
 
 @pytest.mark.parametrize(
-    ("path", "cluster", "timeout", "retried"),
+    ("path", "listener", "authority", "cluster", "timeout", "retried"),
     [
-        ("/switchyard.v1.GatewayService/ChatStream", "edge", "0s", False),
-        ("/switchyard.v1.GatewayService/Chat", "edge", "0s", False),
-        ("/switchyard.v1.GatewayService/ListModels", "edge", "15s", False),
-        ("/switchyard.v1.ProviderAdapterService/Generate", "adapter_openai", "0s", False),
-        ("/switchyard.v1.CostLedgerService/Commit", "ledger", "15s", False),
-        ("/switchyard.v1.CostLedgerService/Reserve", "ledger", "15s", False),
-        ("/switchyard.v1.RouterService/Plan", "router", "5s", True),
-        ("/switchyard.v1.HealthMonitorService/Snapshot", "health", "5s", True),
-        ("/switchyard.v1.HealthMonitorService/Watch", "health", "0s", False),
-        ("/switchyard.v1.CacheService/Lookup", "cache", "5s", True),
-        ("/switchyard.v1.CacheService/Store", "cache", "15s", False),
+        ("/switchyard.v1.GatewayService/ChatStream", "ingress", "any", "edge", "0s", False),
+        ("/switchyard.v1.GatewayService/Chat", "ingress", "any", "edge", "0s", False),
+        ("/switchyard.v1.GatewayService/ListModels", "ingress", "any", "edge", "15s", False),
+        (
+            "/switchyard.v1.ProviderAdapterService/Generate",
+            "mesh",
+            "adapter-openai",
+            "adapter_openai",
+            "0s",
+            False,
+        ),
+        (
+            "/switchyard.v1.ProviderAdapterService/Probe",
+            "mesh",
+            "adapter-openai",
+            "adapter_openai",
+            "5s",
+            True,
+        ),
+        ("/switchyard.v1.CostLedgerService/Commit", "mesh", "any", "ledger", "15s", False),
+        ("/switchyard.v1.CostLedgerService/Reserve", "mesh", "any", "ledger", "15s", False),
+        ("/switchyard.v1.RouterService/Plan", "mesh", "any", "router", "5s", True),
+        ("/switchyard.v1.RouterService/WatchRoutes", "mesh", "any", "router", "0s", False),
+        ("/switchyard.v1.HealthMonitorService/Snapshot", "mesh", "any", "health", "5s", True),
+        ("/switchyard.v1.HealthMonitorService/Watch", "mesh", "any", "health", "0s", False),
+        ("/switchyard.v1.CacheService/Lookup", "mesh", "any", "cache", "5s", True),
+        ("/switchyard.v1.CacheService/Store", "mesh", "any", "cache", "15s", False),
     ],
 )
 def test_routes_retry_only_idempotent_unary_calls_and_never_cut_streams(
-    path: str, cluster: str, timeout: str, retried: bool
+    path: str, listener: str, authority: str, cluster: str, timeout: str, retried: bool
 ) -> None:
-    route = route_for(path)
+    route = route_for(path, listener=listener, authority=authority)
+    assert route is not None
     assert (route["cluster"], route["timeout"]) == (cluster, timeout)
     assert ("retry_policy" in route) is retried
     if retried:
         assert route["retry_policy"]["retry_on"] == "unavailable,reset,connect-failure"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/switchyard.v1.ProviderAdapterService/Generate",
+        "/switchyard.v1.CostLedgerService/Commit",
+        "/switchyard.v1.RouterService/Plan",
+        "/switchyard.v1.HealthMonitorService/Report",
+        "/switchyard.v1.CacheService/Invalidate",
+    ],
+)
+def test_ingress_exposes_no_internal_service(path: str) -> None:
+    # The control planes and adapters trust their callers: only the mesh listener reaches them.
+    assert route_for(path, listener="ingress") is None
+
+
+def test_mesh_reaches_an_adapter_only_by_its_authority() -> None:
+    generate = "/switchyard.v1.ProviderAdapterService/Generate"
+    assert route_for(generate, listener="mesh", authority="router") is None
+    config = yaml.safe_load(default_local_config())
+    (mesh,) = [item for item in config["static_resources"]["listeners"] if item["name"] == "mesh"]
+    hosts = mesh["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+    assert hosts[0]["domains"] == ["adapter-openai", "adapter-openai:*"]
+
+
+def test_every_vendor_gets_an_adapter_cluster_and_authority(tmp_path: Path) -> None:
+    targets = {f"adapter-{vendor}": f"127.0.0.1:{free_port()}" for vendor in VENDORS}
+    text = render_local_config(
+        listen_port=free_port(),
+        admin_port=free_port(),
+        mesh_port=free_port(),
+        edge_target=f"127.0.0.1:{free_port()}",
+        edge_http_target=None,
+        service_targets={
+            **targets,
+            **{k: f"127.0.0.1:{free_port()}" for k in ("router", "ledger", "health", "cache")},
+        },
+        descriptor_path=str(DESCRIPTOR),
+        otlp_endpoint=None,
+    )
+    config = yaml.safe_load(text)
+    clusters = {c["name"] for c in config["static_resources"]["clusters"]}
+    assert {f"adapter_{vendor}" for vendor in VENDORS} <= clusters
+    assert "adapter-openai-compatible" in text
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    validate_config(path)
+
+
+def test_checked_in_cluster_config_is_the_charts_default_rendering_and_valid(tmp_path: Path) -> None:
+    assert CLUSTER_YAML.read_text() == default_cluster_config(), (
+        "deploy/envoy/cluster.yaml drifted: python -m switchyard.envoy_config --cluster --write "
+        "deploy/envoy/cluster.yaml"
+    )
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    # Headless Services by DNS name: every pod behind them is an endpoint, balanced per request.
+    assert clusters["router"]["type"] == "STRICT_DNS"
+    assert clusters["router"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"
+    ] == {"address": "switchyard-router", "port_value": 50052}
+    assert {item["name"] for item in config["static_resources"]["listeners"]} == {"ingress", "mesh"}
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # The image's descriptor path, swapped for this checkout's so Envoy can read it.
+    local = tmp_path / "cluster.yaml"
+    local.write_text(CLUSTER_YAML.read_text().replace(IMAGE_DESCRIPTOR_PATH, str(DESCRIPTOR)))
+    validate_config(local)
+
+
+def test_envoy_command_prints_the_config_for_its_upstreams(capsys: pytest.CaptureFixture[str]) -> None:
+    upstreams = cluster_upstreams("switchyard", ["openai"])
+    argv = ["envoy", "--print", *(f"--upstream={k}={v}" for k, v in upstreams.items())]
+    assert cli_main(argv) == 0
+    assert capsys.readouterr().out == default_cluster_config()
+    assert cli_main(["envoy", "--print", "--upstream", "edge"]) == 2
+    assert "NAME=HOST:PORT" in capsys.readouterr().err
+    assert cli_main(["envoy", "--print", "--upstream", "edge=x:1"]) == 2
+    assert "missing ['cache', 'health', 'ledger', 'router']" in capsys.readouterr().err
 
 
 def test_child_spec_waits_for_envoy_admin_ready() -> None:
@@ -184,6 +313,7 @@ class RunningEnvoy:
 
     url: str
     grpc_target: str
+    mesh_target: str
     log_path: Path
 
     def logs(self) -> str:
@@ -219,11 +349,12 @@ async def envoy(
 
     The OpenAI simulator stands in for the edge's HTTP front on the OpenAI routes.
     """
-    listen_port, admin_port = free_port(), free_port()
+    listen_port, admin_port, mesh_port = free_port(), free_port(), free_port()
     sim_url = httpx.URL(mesh.plan.simulator_urls["openai"])
     config = render_local_config(
         listen_port=listen_port,
         admin_port=admin_port,
+        mesh_port=mesh_port,
         edge_target=mesh.edge_target,
         edge_http_target=f"{sim_url.host}:{sim_url.port}",
         service_targets={
@@ -246,7 +377,10 @@ async def envoy(
     try:
         await wait_until_ready(proc, admin_port, log_path)
         yield RunningEnvoy(
-            url=f"http://127.0.0.1:{listen_port}", grpc_target=f"127.0.0.1:{listen_port}", log_path=log_path
+            url=f"http://127.0.0.1:{listen_port}",
+            grpc_target=f"127.0.0.1:{listen_port}",
+            mesh_target=f"127.0.0.1:{mesh_port}",
+            log_path=log_path,
         )
     finally:
         if proc.returncode is None:
@@ -359,11 +493,30 @@ async def test_rest_paths_without_annotation_are_not_transcoded(http: httpx.Asyn
     assert response.status_code == 404
 
 
-async def test_router_plan_through_envoy(envoy_channel: grpc.aio.Channel) -> None:
-    plan = await router_pb2_grpc.RouterServiceStub(envoy_channel).Plan(
-        router_pb2.PlanRequest(request=chat_request("openai/o4-mini"), tenant_id="default"), timeout=5
-    )
+async def test_router_plan_through_the_mesh_listener_not_the_ingress(
+    envoy: RunningEnvoy, envoy_channel: grpc.aio.Channel
+) -> None:
+    request = router_pb2.PlanRequest(request=chat_request("openai/o4-mini"), tenant_id="default")
+    async with grpc.aio.insecure_channel(envoy.mesh_target) as channel:
+        plan = await router_pb2_grpc.RouterServiceStub(channel).Plan(request, timeout=5)
     assert [c.model for c in plan.candidates][:1] == ["openai/o4-mini"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await router_pb2_grpc.RouterServiceStub(envoy_channel).Plan(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # Envoy: no route (HTTP 404)
+
+
+async def test_an_adapter_through_the_mesh_by_its_authority(envoy: RunningEnvoy) -> None:
+    probe = provider_pb2.ProbeRequest(provider="openai")
+    channel = open_channel(f"{adapter_authority('openai')}@{envoy.mesh_target}")
+    try:
+        reply = await provider_pb2_grpc.ProviderAdapterServiceStub(channel).Probe(probe, timeout=10)
+        assert reply.ok, reply
+    finally:
+        await channel.close()
+    async with grpc.aio.insecure_channel(envoy.mesh_target) as plain:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await provider_pb2_grpc.ProviderAdapterServiceStub(plain).Probe(probe, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_grpc_web_request_gets_grpc_web_response(http: httpx.AsyncClient) -> None:

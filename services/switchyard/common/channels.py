@@ -74,8 +74,29 @@ class ChannelPool:
             await channel.close()
 
 
+def split_target(target: str) -> tuple[str, str | None]:
+    """`authority@host:port` into (`host:port`, authority); a plain `host:port` has none.
+
+    Through Envoy's mesh listener every adapter is one target; the authority (HTTP/2
+    `:authority`) names which one, e.g. `adapter-openai@switchyard-mesh:9000`.
+    """
+    authority, sep, address = target.rpartition("@")
+    if not sep:
+        return target, None
+    if not authority or not address:
+        raise ValueError(f"expected [authority@]host:port, got {target!r}")
+    return address, authority
+
+
 def open_channel(target: str, *, default_timeout_s: float = 5.0) -> grpc.aio.Channel:
-    """An insecure channel (TLS ends at Envoy) with tracing, keepalive and default deadlines."""
+    """An insecure channel (TLS ends at Envoy) with tracing, keepalive and default deadlines.
+
+    `target` is `host:port`, or `authority@host:port` to send that `:authority` (see `split_target`).
+    """
     interceptors: list[grpc.aio.ClientInterceptor] = [DefaultDeadlineInterceptor(default_timeout_s)]
     interceptors.extend(tracing.client_interceptors())
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    address, authority = split_target(target)
+    options = (
+        CHANNEL_OPTIONS if authority is None else (*CHANNEL_OPTIONS, ("grpc.default_authority", authority))
+    )
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
