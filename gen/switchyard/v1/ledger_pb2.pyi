@@ -285,8 +285,13 @@ class CommitRequest(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int
     LEASE_IDS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """The reservation being settled (its whole hold is freed); empty when none was taken."""
+    traceparent: _builtins.str
+    """The W3C traceparent of the request's own trace (empty when it is not traced): commits
+    travel in batches, off the request path, and the ledger records each one as a span there.
+    """
     @_builtins.property
     def record(self) -> Global___UsageRecord: ...
     @_builtins.property
@@ -299,10 +304,11 @@ class CommitRequest(_message.Message):
         reservation_id: _builtins.str = ...,
         record: Global___UsageRecord | None = ...,
         lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ids", b"lease_ids", "record", b"record", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ids", b"lease_ids", "record", b"record", "reservation_id", b"reservation_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

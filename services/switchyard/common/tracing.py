@@ -274,6 +274,39 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
+def current_traceparent() -> str:
+    """The W3C ``traceparent`` of the current span, or "" when there is none (tracing off).
+
+    For work that leaves the request (a batched ledger commit) but belongs in its trace."""
+    if _STATE.provider is None:
+        return ""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def record_span_in(
+    traceparent: str,
+    name: str,
+    *,
+    start_time_ns: int,
+    attributes: otel_types.Attributes = None,
+    tracer_name: str = "switchyard",
+) -> None:
+    """Record a finished INTERNAL span, from `start_time_ns` to now, as a child of `traceparent`.
+
+    Nothing happens when tracing is off or `traceparent` is empty or malformed."""
+    if _STATE.provider is None or not traceparent:
+        return
+    parent = _PROPAGATOR.extract({"traceparent": traceparent})
+    if not trace.get_current_span(parent).get_span_context().is_valid:
+        return
+    span = _resolve_tracer(tracer_name).start_span(
+        name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start_time_ns
+    )
+    span.end()
+
+
 def inject_metadata(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Return *metadata* plus W3C ``traceparent``/``tracestate`` for the current
     span (replacing any existing ones). Unchanged copy when there is no valid span."""

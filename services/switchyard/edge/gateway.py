@@ -24,6 +24,7 @@ from typing import Any, Final
 import grpc
 
 from switchyard.cache.keys import CacheDecision
+from switchyard.common import tracing
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
@@ -389,4 +390,4 @@ class EdgeGateway:
             estimated_input_tokens=prompt.tokens,
         )
         record.finished_at.GetCurrentTime()
-        self._record(ledger_pb2.CommitRequest(record=record))
+        self._record(ledger_pb2.CommitRequest(record=record, traceparent=tracing.current_traceparent()))

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf import timestamp_pb2
 
+from switchyard.common import tracing
 from switchyard.common.catalog import Catalog
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
@@ -42,6 +43,7 @@ from switchyard.v1 import (
 )
 
 log = get_logger(__name__)
+_PLAN_TRACER = tracing.get_tracer("switchyard.router")
 
 # Failures worth trying the next candidate for, besides the retryable ones: another
 # provider may hold a working key or still serve the model.
@@ -143,8 +145,21 @@ class ChatPipeline:
         Planning costs no network hop: the planner runs on the newest routing snapshot the
         router pushed (health, breakers, weights, tenant rules), or on this edge's catalog
         until one arrives. The caller's allowed models (its key's scope within its tenant's)
-        filter the plan.
+        filter the plan. When tracing is on, the plan is a span of the request's trace: the
+        router's part in a request happens here, not in the router's process.
         """
+        if not tracing.tracing_enabled():
+            return self._plan(request, caller, input_tokens)
+        with _PLAN_TRACER.start_as_current_span("switchyard.router/plan") as span:
+            candidates = self._plan(request, caller, input_tokens)
+            span.set_attribute("switchyard.candidates", len(candidates))
+            if candidates:
+                span.set_attribute("gen_ai.request.model", candidates[0].model)
+            return candidates
+
+    def _plan(
+        self, request: common_pb2.ChatRequest, caller: Caller, input_tokens: int
+    ) -> list[router_pb2.Candidate]:
         plan = self.planner.plan(
             request,
             tenant_id=caller.tenant_id,
@@ -392,7 +407,11 @@ class ChatPipeline:
     ) -> None:
         if self._record is not None:
             self._record(
-                ledger_pb2.CommitRequest(record=outcome.record(usage, cost, status), lease_ids=lease_ids)
+                ledger_pb2.CommitRequest(
+                    record=outcome.record(usage, cost, status),
+                    lease_ids=lease_ids,
+                    traceparent=tracing.current_traceparent(),
+                )
             )
 
     def _adapter(self, vendor: str) -> provider_pb2_grpc.ProviderAdapterServiceStub:

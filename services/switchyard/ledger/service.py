@@ -30,6 +30,7 @@ from typing import Final
 import grpc
 from google.protobuf import timestamp_pb2
 
+from switchyard.common import tracing
 from switchyard.common.catalog import Catalog
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
@@ -585,13 +586,19 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         """Charge a finished request exactly once."""
         # Checked here too, so a refusal names this request's field path, not the batch's.
         _check_record(request.record, "record")
-        return (await self._ledger.commit_many([request]))[0]
+        started = time.time_ns()
+        results = await self._ledger.commit_many([request])
+        _trace_commits([request], results, started)
+        return results[0]
 
     async def CommitMany(
         self, request: ledger_pb2.CommitManyRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.CommitManyResponse:
         """Several commits in one call, each exactly once."""
-        return ledger_pb2.CommitManyResponse(results=await self._ledger.commit_many(request.commits))
+        started = time.time_ns()
+        results = await self._ledger.commit_many(request.commits)
+        _trace_commits(request.commits, results, started)
+        return ledger_pb2.CommitManyResponse(results=results)
 
     async def Release(
         self, request: ledger_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
@@ -777,3 +784,22 @@ async def _sweeper(ledger: Ledger, every_s: float) -> None:
                 log.info("holds_expired", count=freed)
         except Exception as exc:
             log.warning("ledger_sweep_failed", error=type(exc).__name__)
+
+
+def _trace_commits(
+    commits: Sequence[ledger_pb2.CommitRequest], results: Sequence[ledger_pb2.CommitResponse], started_ns: int
+) -> None:
+    """Each commit as a span in its own request's trace (the batch's RPC span is in none of them)."""
+    for commit, result in zip(commits, results, strict=True):
+        if commit.traceparent:
+            tracing.record_span_in(
+                commit.traceparent,
+                "switchyard.ledger/commit",
+                start_time_ns=started_ns,
+                tracer_name="switchyard.ledger",
+                attributes={
+                    "switchyard.request_id": commit.record.request_id,
+                    "switchyard.charged_micros": result.charged_micros,
+                    "switchyard.duplicate": result.duplicate,
+                },
+            )
