@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen gen-check lint types test test-fast run bench bench-plan clean
+.PHONY: help setup tools gen gen-check lint types test test-fast run bench bench-plan clean
 
 help: ## show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install the project with its dev extras
+
+tools: $(STAMP) ## fetch the helm binary into .tools/bin
+	$(PY) -c 'from tests.support.helm import helm_binary; print(helm_binary())'
 
 gen: $(STAMP) ## generate Python code, type stubs and the Envoy descriptor set from protos/ into $(GEN_OUT)
 	@mkdir -p $(GEN_OUT)/switchyard/v1
@@ -52,7 +55,7 @@ lint: $(STAMP) ## ruff over the code and tests
 types: $(STAMP) ## mypy (strict) over services/
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint types gen-check ## lint, types, gen check, then every test (unit and integration)
+test: $(STAMP) tools lint types gen-check ## lint, types, gen check, then every test (unit and integration)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit tests only
