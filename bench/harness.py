@@ -41,6 +41,8 @@ UNARY_KNOBS: dict[str, Any] = {"first_byte_delay_ms": 0, "chunk_delay_ms": 0, "c
 STREAM_KNOBS: dict[str, Any] = {"first_byte_delay_ms": 0, "chunk_delay_ms": 5, "chunks": 20, "text": ANSWER}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS: tuple[PathName, ...] = ("direct", "edge")
+# Through Envoy's ingress too, for the unary and streaming modes (cache hits: the edge only).
+ENVOY_PATHS: tuple[PathName, ...] = ("envoy", "envoy_http")
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def _bench_catalog() -> Path:
 
 
 async def start_mesh(log: Any) -> Mesh:
-    """Start the local mesh with simulated vendors on free ports; tracing off, logs to `log`.
+    """Start the local mesh with simulated vendors on free ports and Envoy in front (as `switchyard
+    run` does); tracing off, logs to `log`.
 
     The children inherit this process's CPU affinity.
     """
@@ -161,7 +164,14 @@ async def start_mesh(log: Any) -> Mesh:
         k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("OTEL_")
     }
     catalog_path = _bench_catalog()
-    plan = plan_mesh(load_catalog(catalog_path), free_ports=True, simulate=True, environ=environ)
+    envoy_dir = Path(tempfile.mkdtemp(prefix="switchyard-bench-envoy-"))
+    plan = plan_mesh(
+        load_catalog(catalog_path),
+        free_ports=True,
+        simulate=True,
+        environ=environ,
+        envoy_config_dir=envoy_dir,
+    )
     state_dir = tempfile.mkdtemp(prefix="switchyard-bench-state-")
     extra = {
         "SWITCHYARD_SHUTDOWN_GRACE_S": "1",
@@ -328,7 +338,8 @@ async def _measure_all(
     measured: list[Measured] = []
     try:
         sim_root = mesh.plan.simulator_urls["openai"]
-        config = LoadConfig(sim_root, SIM_API_KEY, mesh.plan.edge_target, load_core)
+        assert mesh.plan.envoy_target is not None
+        config = LoadConfig(sim_root, SIM_API_KEY, mesh.plan.edge_target, load_core, mesh.plan.envoy_target)
         with pinned_to(load_core):
             load = LoadGenerator(config)
         await load.ready()
@@ -339,8 +350,9 @@ async def _measure_all(
         )
         for mode, concurrencies, knobs in modes:
             await set_knobs(sim_root, knobs)
+            paths = PATHS if mode == "cached" else PATHS + ENVOY_PATHS
             for concurrency in concurrencies:
-                for path in PATHS:
+                for path in paths:
                     phase = Phase(path, mode, concurrency, duration_s, max_requests)
                     measured.append(await measure(load, mesh, phase, warmup_s))
         mesh.check_unchanged()

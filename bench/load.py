@@ -9,7 +9,11 @@ every phase is bounded both in time (`duration_s`) and in count (`max_requests`)
 Paths:
   * ``direct``: the OpenAI wire format straight to the simulator, with one
     `aiohttp.ClientSession` (the baseline client for every direct figure);
-  * ``edge``: the gateway's edge by `grpc.aio` stubs over one channel.
+  * ``edge``: the gateway's edge by `grpc.aio` stubs over one channel;
+  * ``envoy``: the same stubs through Envoy's ingress listener (gRPC);
+  * ``envoy_http``: the OpenAI wire format (what the official `openai` SDK sends: the same JSON
+    body and SSE as the direct path, with the gateway's API key) through Envoy to the edge's
+    OpenAI-compatible HTTP front, with one `aiohttp.ClientSession`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import orjson
 from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.v1 import common_pb2, gateway_pb2_grpc
 
-PathName = Literal["direct", "edge"]
+PathName = Literal["direct", "edge", "envoy", "envoy_http"]
 # "cached": the direct path is a plain completion; the edge path asks one deterministic
 # question again and again, so after the first call every answer is a cache hit.
 Mode = Literal["unary", "stream", "cached"]
@@ -45,12 +49,14 @@ GRPC_CLIENT = f"grpc.aio {grpc.__version__} (one insecure channel, HTTP/2)"
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """Where the load goes: the simulator's root URL, its API key and the edge's gRPC target."""
+    """Where the load goes: the simulator's root URL, its API key, the edge's gRPC target and
+    Envoy's ingress (`host:port`)."""
 
     sim_root: str
     sim_api_key: str
     edge_target: str
     core: int | None
+    envoy_target: str
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,14 @@ class Clients:
         )
         self.channel = grpc.aio.insecure_channel(config.edge_target)
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.envoy_channel = grpc.aio.insecure_channel(config.envoy_target)
+        self.envoy = gateway_pb2_grpc.GatewayServiceStub(self.envoy_channel)
+        self.envoy_http = aiohttp.ClientSession(
+            base_url=f"http://{config.envoy_target}",
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
+            headers={"Authorization": f"Bearer {LOCAL_DEV_KEY}", "Content-Type": "application/json"},
+        )
         self.unary_body = orjson.dumps(
             {"model": UPSTREAM_MODEL, "messages": [{"role": "user", "content": PROMPT}]}
         )
@@ -124,7 +138,9 @@ class Clients:
     async def close(self) -> None:
         """Close the HTTP session and the gRPC channel."""
         await self.http.close()
+        await self.envoy_http.close()
         await self.channel.close()
+        await self.envoy_channel.close()
 
     async def direct_unary(self) -> int:
         """One JSON chat completion from the simulator; returns its latency."""
@@ -137,10 +153,10 @@ class Clients:
             raise RuntimeError("direct: empty answer")
         return time.perf_counter_ns() - start
 
-    async def edge_unary(self) -> int:
-        """One `GatewayService.Chat` call; returns its latency."""
+    async def edge_unary(self, gateway: gateway_pb2_grpc.GatewayServiceStub | None = None) -> int:
+        """One `GatewayService.Chat` call (to the edge, or through `gateway`); returns its latency."""
         start = time.perf_counter_ns()
-        response = await self.gateway.Chat(
+        response = await (gateway or self.gateway).Chat(
             self._next_request(), metadata=self.metadata, timeout=CALL_TIMEOUT_S
         )
         elapsed = time.perf_counter_ns() - start
@@ -162,11 +178,69 @@ class Clients:
 
     async def direct_stream(self) -> tuple[int, int]:
         """One SSE chat completion; returns (time to first text, time to the end)."""
+        return await self._sse(self.http, self.stream_body, "direct stream")
+
+    async def edge_stream(
+        self, gateway: gateway_pb2_grpc.GatewayServiceStub | None = None
+    ) -> tuple[int, int]:
+        """One `GatewayService.ChatStream` call (to the edge, or through `gateway`); returns
+        (time to first text, time to the end)."""
         start = time.perf_counter_ns()
         first = 0
-        async with self.http.post("/v1/chat/completions", data=self.stream_body) as response:
+        async for chunk in (gateway or self.gateway).ChatStream(
+            self._next_request(), metadata=self.metadata, timeout=CALL_TIMEOUT_S
+        ):
+            if not first and chunk.WhichOneof("event") == "delta" and chunk.delta.text:
+                first = time.perf_counter_ns() - start
+        if not first:
+            raise RuntimeError("edge stream: no text")
+        return first, time.perf_counter_ns() - start
+
+    async def envoy_unary(self) -> int:
+        """One `GatewayService.Chat` call through Envoy's ingress; returns its latency."""
+        return await self.edge_unary(self.envoy)
+
+    async def envoy_stream(self) -> tuple[int, int]:
+        """One `GatewayService.ChatStream` call through Envoy's ingress."""
+        return await self.edge_stream(self.envoy)
+
+    def _openai_body(self, *, stream: bool) -> bytes:
+        """The OpenAI SDK's JSON for a chat completion, with a fresh prompt (as `_next_request`)."""
+        self._sent += 1
+        body: dict[str, object] = {
+            "model": EDGE_MODEL,
+            "messages": [{"role": "user", "content": f"{PROMPT} #{self._sent}"}],
+        }
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return orjson.dumps(body)
+
+    async def envoy_http_unary(self) -> int:
+        """One JSON chat completion through Envoy to the edge's OpenAI front; its latency."""
+        start = time.perf_counter_ns()
+        async with self.envoy_http.post(
+            "/v1/chat/completions", data=self._openai_body(stream=False)
+        ) as response:
+            body = await response.read()
             if response.status != 200:
-                raise RuntimeError(f"direct stream: HTTP {response.status}")
+                raise RuntimeError(f"envoy http: HTTP {response.status}: {body[:200]!r}")
+        elapsed = time.perf_counter_ns() - start
+        if not orjson.loads(body)["choices"][0]["message"]["content"]:
+            raise RuntimeError("envoy http: empty answer")
+        return elapsed
+
+    async def envoy_http_stream(self) -> tuple[int, int]:
+        """One SSE chat completion through Envoy to the edge's OpenAI front."""
+        return await self._sse(self.envoy_http, self._openai_body(stream=True), "envoy http stream")
+
+    async def _sse(self, session: aiohttp.ClientSession, body: bytes, what: str) -> tuple[int, int]:
+        """(time to first text, time to the end) of one SSE chat completion."""
+        start = time.perf_counter_ns()
+        first = 0
+        async with session.post("/v1/chat/completions", data=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"{what}: HTTP {response.status}")
             async for line in response.content:
                 if first or not line.startswith(b"data: {"):
                     continue
@@ -174,20 +248,7 @@ class Clients:
                 if choices and choices[0].get("delta", {}).get("content"):
                     first = time.perf_counter_ns() - start
         if not first:
-            raise RuntimeError("direct stream: no text")
-        return first, time.perf_counter_ns() - start
-
-    async def edge_stream(self) -> tuple[int, int]:
-        """One `GatewayService.ChatStream` call; returns (time to first text, time to the end)."""
-        start = time.perf_counter_ns()
-        first = 0
-        async for chunk in self.gateway.ChatStream(
-            self._next_request(), metadata=self.metadata, timeout=CALL_TIMEOUT_S
-        ):
-            if not first and chunk.WhichOneof("event") == "delta" and chunk.delta.text:
-                first = time.perf_counter_ns() - start
-        if not first:
-            raise RuntimeError("edge stream: no text")
+            raise RuntimeError(f"{what}: no text")
         return first, time.perf_counter_ns() - start
 
 
@@ -197,10 +258,14 @@ async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
     unary: dict[PathName, Callable[[], Awaitable[int]]] = {
         "direct": clients.direct_unary,
         "edge": clients.edge_cached if phase.mode == "cached" else clients.edge_unary,
+        "envoy": clients.envoy_unary,
+        "envoy_http": clients.envoy_http_unary,
     }
     stream: dict[PathName, Callable[[], Awaitable[tuple[int, int]]]] = {
         "direct": clients.direct_stream,
         "edge": clients.edge_stream,
+        "envoy": clients.envoy_stream,
+        "envoy_http": clients.envoy_http_stream,
     }
     issued = 0
     cpu_before = _own_cpu_s()

@@ -28,8 +28,6 @@ from bench.load import GRPC_CLIENT, HTTP_CLIENT, Mode, PathName
 REPO = Path(__file__).resolve().parents[1]
 
 UNMEASURED: tuple[tuple[str, str], ...] = (
-    ("Through Envoy by gRPC (added latency, TTFT, req/s, CPU)", "#8 (Envoy), #9"),
-    ("Through Envoy's OpenAI HTTP front with the `openai` SDK wire format", "#8 (Envoy), #9"),
     ("LiteLLM proxy on the same simulator, same cores", "#9"),
     ("Every feature on (auth, rate limit, cache, budget reserve/commit, 10% tracing)", "#4, #6, #7, #9"),
     ("Resident memory with 1,000 open idle streams", "#9"),
@@ -42,6 +40,11 @@ ROWS: tuple[tuple[Mode, str, str], ...] = (
     ("unary", "unary", "Unary latency"),
     ("stream", "ttft", "Time to first token"),
     ("cached", "cache_hit", "Cache hit latency (vs a direct completion)"),
+)
+# The paths through Envoy's ingress: (path, name in the report), measured unary and streaming.
+ENVOY_PATHS: tuple[tuple[PathName, str], ...] = (
+    ("envoy", "Envoy → edge, gRPC stubs"),
+    ("envoy_http", "Envoy → edge's OpenAI front, the OpenAI SDK's wire format"),
 )
 
 
@@ -157,6 +160,19 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
     for name, phase in (("direct", sat_direct), ("edge", sat_edge)):
         figures[f"cpu_s_per_1k_unary_sim_{name}"] = phase.per_1k(phase.mesh_cpu_s[SIM_CHILD])
         figures[f"cpu_s_per_1k_unary_client_{name}"] = phase.per_1k(phase.client_cpu_s)
+    for path, _ in ENVOY_PATHS:
+        for mode, prefix, _ in ROWS[:2]:
+            for c in _levels(phases, mode):
+                direct, through = _find(phases, "direct", mode, c), _find(phases, path, mode, c)
+                for q in ("p50", "p99"):
+                    d, e = getattr(direct, f"{q}_ms"), getattr(through, f"{q}_ms")
+                    figures[f"{path}_{prefix}_c{c}_{q}_ratio"] = e / d
+                    figures[f"{path}_{prefix}_c{c}_{q}_ms"] = e
+                    added[f"{path}_{prefix}_c{c}_{q}_added_ms"] = e - d
+        saturated = _find(phases, path, "unary", top)
+        figures[f"{path}_saturation_rps_ratio"] = saturated.calls_per_s / sat_direct.calls_per_s
+        figures[f"{path}_saturation_rps"] = saturated.calls_per_s
+        figures[f"{path}_cpu_s_per_1k_unary_gateway"] = saturated.per_1k(saturated.gateway_cpu_s())
     stream_edge = _find(phases, "edge", "stream", _levels(phases, "stream")[-1])
     figures["cpu_s_per_1k_streams_gateway"] = stream_edge.per_1k(stream_edge.gateway_cpu_s())
     figures["rss_mib_gateway_total"] = sum(
@@ -173,8 +189,10 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
             "simulator_knobs_stream": STREAM_KNOBS,
             "direct_client": HTTP_CLIENT,
             "edge_client": GRPC_CLIENT,
+            "envoy_clients": f"gRPC: {GRPC_CLIENT}; OpenAI HTTP: {HTTP_CLIENT}",
             "client_event_loop": "uvloop",
-            "mesh": "switchyard run's plan: simulated vendors, free ports, tracing off, logs to a temp file",
+            "mesh": "switchyard run's plan: simulated vendors, free ports, Envoy in front (services call "
+            "each other directly), tracing off, logs to a temp file",
         },
         "placement": dataclasses.asdict(data.placement) | {"mesh_processes": list(data.mesh_children)},
         "figures": figures,
@@ -319,6 +337,47 @@ def markdown(report: dict[str, Any]) -> str:
                 f"Note: the load generator kept its core {phase.client_busy:.0%} busy on the {phase.path} "
                 f"path at c={top}, so that path's requests/s is bounded by the client (a lower bound)."
             )
+    lines += ["", "## Through Envoy vs direct", ""]
+    lines += [
+        _row("Figure", "Through Envoy / direct", "Added", "Direct", "Through Envoy", "Calls"),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for path, path_name in ENVOY_PATHS:
+        for mode, prefix, name in ROWS[:2]:
+            for c in _levels(phases, mode):
+                through = _find(phases, path, mode, c)
+                for q in ("p50", "p99"):
+                    key = f"{path}_{prefix}_c{c}_{q}"
+                    lines.append(
+                        _row(
+                            f"{path_name}: {name.lower()} {q}, c={c}",
+                            f"{fig[key + '_ratio']:.2f}×",
+                            f"{added[key + '_added_ms']:+.2f} ms",
+                            _ms(fig[f"{prefix}_c{c}_{q}_ms_direct"]),
+                            _ms(fig[key + "_ms"]),
+                            f"{through.calls:,}",
+                        )
+                    )
+        lines.append(
+            _row(
+                f"{path_name}: requests/s at saturation (unary, c={top})",
+                f"{fig[path + '_saturation_rps_ratio']:.2f}×",
+                "",
+                f"{fig['saturation_rps_direct']:,.0f}/s",
+                f"{fig[path + '_saturation_rps']:,.0f}/s",
+                "",
+            )
+        )
+        lines.append(
+            _row(
+                f"{path_name}: CPU s per 1,000 unary requests, gateway processes with Envoy, c={top}",
+                "",
+                "",
+                "",
+                f"{fig[path + '_cpu_s_per_1k_unary_gateway']:.3f}",
+                "",
+            )
+        )
     lines += [
         "",
         "## Cost",

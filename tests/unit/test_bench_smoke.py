@@ -52,12 +52,25 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
         "rss_mib_gateway_total",
         "rss_mib_simulator",
     }
+    expected |= {
+        f"{path}_{prefix}_c{c}_{q}_{kind}"
+        for path in ("envoy", "envoy_http")
+        for prefix, levels in (("unary", (1, 16, 64)), ("ttft", (1, 16)))
+        for c in levels
+        for q in ("p50", "p99")
+        for kind in ("ratio", "ms")
+    } | {
+        f"{path}_{name}"
+        for path in ("envoy", "envoy_http")
+        for name in ("saturation_rps_ratio", "saturation_rps", "cpu_s_per_1k_unary_gateway")
+    }
     assert expected <= figures.keys()
     not_positive = {k: v for k, v in figures.items() if not (isinstance(v, int | float) and v > 0)}
     assert not not_positive
     # Added latency is a difference (edge minus direct): present and finite, sign not asserted.
-    # (3 unary + 2 streaming + 2 cache-hit levels) x (p50, p99)
-    assert len(report["added"]) == 14
+    # Edge: (3 unary + 2 streaming + 2 cache-hit levels) x (p50, p99); each Envoy path:
+    # (3 unary + 2 streaming levels) x (p50, p99).
+    assert len(report["added"]) == 14 + 2 * 10
     assert all(isinstance(v, int | float) and math.isfinite(v) for v in report["added"].values())
     assert all(p["errors"] == 0 for p in report["phases"])
     assert {u["value"] for u in report["unmeasured"]} == {"UNMEASURED"}
