@@ -380,6 +380,33 @@ def _sqlite_run(conn: sqlite3.Connection, sql: str) -> None:
     conn.execute(sql).close()
 
 
+def _sqlite_begun(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """`fn` preceded by BEGIN IMMEDIATE in the same call: a transaction's first statement costs
+    one trip to the connection's thread, not two."""
+
+    def begun(conn: sqlite3.Connection, *args: Any) -> _T:
+        _sqlite_run(conn, "BEGIN IMMEDIATE")
+        return fn(conn, *args)
+
+    return begun
+
+
+_SQLITE_BEGUN: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+@_sqlite_errors
+def _sqlite_executemany_atomic(conn: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]]) -> None:
+    """BEGIN IMMEDIATE, the statement for every row, COMMIT: one transaction in one call."""
+    conn.execute("BEGIN IMMEDIATE").close()
+    try:
+        conn.executemany(sql, rows).close()
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK").close()
+        raise
+    conn.execute("COMMIT").close()
+
+
 class _SqliteDatabase(Database):
     backend = Backend.SQLITE
 
@@ -413,8 +440,10 @@ class _SqliteDatabase(Database):
             return await self._call(_sqlite_execute, self._connection, sql, params)
 
     async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
-        async with self.transaction() as tx:
-            await tx.executemany(sql, rows)
+        # One trip to the connection's thread for the whole transaction.
+        batch = [tuple(row) for row in rows]
+        async with self._lock:
+            await self._call(_sqlite_executemany_atomic, self._connection, sql, batch)
 
     async def fetch_all(self, sql: str, params: Params = ()) -> list[Row]:
         async with self._lock:
@@ -431,16 +460,19 @@ class _SqliteDatabase(Database):
     async def _transaction(self) -> AsyncIterator[Statements]:
         async with self._lock:
             conn = self._connection
-            # IMMEDIATE takes the write lock now, so two writers never deadlock upgrading a read lock.
-            await self._call(_sqlite_run, conn, "BEGIN IMMEDIATE")
+            # BEGIN IMMEDIATE (the write lock now, so two writers never deadlock upgrading a read
+            # lock) runs with the transaction's first statement, in the same trip to the thread.
+            tx = _SqliteTransaction(self, conn)
             try:
-                yield _SqliteTransaction(self, conn)
+                yield tx
             except BaseException:
                 # SQLite may already have rolled back (some errors end the transaction): keep the first error.
-                with contextlib.suppress(DatabaseError):
-                    await self._call(_sqlite_run, conn, "ROLLBACK")
+                if tx.begun:
+                    with contextlib.suppress(DatabaseError):
+                        await self._call(_sqlite_run, conn, "ROLLBACK")
                 raise
-            await self._call(_sqlite_run, conn, "COMMIT")
+            if tx.begun:
+                await self._call(_sqlite_run, conn, "COMMIT")
 
     async def close(self) -> None:
         async with self._lock:
@@ -454,15 +486,28 @@ class _SqliteTransaction:
     def __init__(self, database: _SqliteDatabase, conn: sqlite3.Connection) -> None:
         self._db = database
         self._conn = conn
+        # Whether BEGIN has run (with the first statement); a transaction with no statement
+        # never touches the connection.
+        self.begun = False
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self.begun:
+            return await self._db._call(fn, self._conn, *args)
+        first = _SQLITE_BEGUN.get(fn)
+        if first is None:
+            first = _SQLITE_BEGUN.setdefault(fn, _sqlite_begun(fn))
+        # Marked before the call: if BEGIN ran and the statement failed, ROLLBACK must follow.
+        self.begun = True
+        return await self._db._call(first, self._conn, *args)
 
     async def execute(self, sql: str, params: Params = ()) -> int:
-        return await self._db._call(_sqlite_execute, self._conn, sql, params)
+        return await self._run(_sqlite_execute, sql, params)
 
     async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
-        await self._db._call(_sqlite_executemany, self._conn, sql, [tuple(row) for row in rows])
+        await self._run(_sqlite_executemany, sql, [tuple(row) for row in rows])
 
     async def fetch_all(self, sql: str, params: Params = ()) -> list[Row]:
-        return await self._db._call(_sqlite_fetch, self._conn, sql, params)
+        return await self._run(_sqlite_fetch, sql, params)
 
     async def fetch_one(self, sql: str, params: Params = ()) -> Row | None:
         rows = await self.fetch_all(sql, params)

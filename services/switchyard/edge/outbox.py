@@ -173,12 +173,12 @@ class CommitOutbox:
         now = _now_ms()
         rows = [(c.record.request_id, self._holder, c.SerializeToString(), now) for c in batch]
         try:
-            async with self._db.transaction() as tx:
-                await tx.executemany(
-                    "INSERT INTO commit_outbox (request_id, holder_id, payload, created_at_ms)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-                    rows,
-                )
+            # One transaction (for SQLite, one trip to its thread).
+            await self._db.executemany(
+                "INSERT INTO commit_outbox (request_id, holder_id, payload, created_at_ms)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                rows,
+            )
         except BaseException:
             self._buffer[:0] = batch  # not durable yet: keep them for the next try
             raise
@@ -214,10 +214,9 @@ class CommitOutbox:
                 self._next_sweep = 0.0
 
     async def _forget(self, request_ids: Sequence[str]) -> None:
-        async with self._db.transaction() as tx:
-            await tx.executemany(
-                "DELETE FROM commit_outbox WHERE request_id = ?", [(r,) for r in request_ids]
-            )
+        await self._db.executemany(
+            "DELETE FROM commit_outbox WHERE request_id = ?", [(r,) for r in request_ids]
+        )
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         """Wait until every queued commit has been acknowledged (or `timeout_s` passes)."""
