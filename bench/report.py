@@ -31,7 +31,6 @@ UNMEASURED: tuple[tuple[str, str], ...] = (
     ("LiteLLM proxy on the same simulator, same cores", "#9"),
     ("Every feature on (auth, rate limit, cache, budget reserve/commit, 10% tracing)", "#4, #6, #7, #9"),
     ("Resident memory with 1,000 open idle streams", "#9"),
-    ("Ledger reserve+commit per second (in-memory, Redis)", "#6, #9"),
 )
 # Above this share of a core used by other processes during a phase, the report warns.
 NOISY = 0.2
@@ -425,8 +424,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{max(p.steal_busy for p in phases):.0%}",
         ),
         "",
-        "Planning and cache lookups are measured on their own: `make bench-plan` (10 / 100 / 1,000"
-        " models) and `python -m bench.cache` (1,000 / 100,000 entries, exact and semantic).",
+        "Planning, cache lookups and the ledger are measured on their own: `make bench-plan` (10 / 100 /"
+        " 1,000 models), `python -m bench.cache` (1,000 / 100,000 entries, exact and semantic) and"
+        " `python -m bench.ledger` (reserve+commit pairs per second, in-memory and Redis budgets).",
         "",
         "## Not measured yet",
         "",

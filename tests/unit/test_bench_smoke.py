@@ -110,3 +110,21 @@ def test_cache_bench_measures_memory_hits_and_misses() -> None:
     assert report.semantic.startswith("Semantic lookup = an exact miss + one embedding + one search")
     table = cache_bench.markdown(report.rows)
     assert table.count("\n") == 1 + len(report.rows) and "| 100 | memory | exact miss |" in table
+
+
+def test_ledger_bench_charges_every_pair_on_both_budget_backends(redis_url: str) -> None:
+    import asyncio
+
+    from bench import ledger as ledger_bench
+
+    rows, notes = asyncio.run(ledger_bench._bench(0.2, redis_url))
+    assert notes == []
+    assert [(row.backend, row.concurrency) for row in rows] == [
+        ("in-memory", 1),
+        ("in-memory", 16),
+        ("Redis", 1),
+        ("Redis", 16),
+    ]
+    assert all(row.pairs > 0 and row.per_second > 0 for row in rows)
+    table = ledger_bench.markdown(rows)
+    assert table.count("\n") == 1 + len(rows) and "| Redis | 16 |" in table
