@@ -6,9 +6,11 @@ body) in, unified `GenerateResponse` events out; vendor HTTP error in, `Switchya
 out; response headers in, `RateLimitHeadroom` out. Everything else lives here once:
 
 * `SseParser` -- an incremental `text/event-stream` parser (bytes in, events out).
-* `ProviderClient` -- one pooled `httpx.AsyncClient` per provider, the streaming call with
-  its connect / first-byte / idle timeouts, the mapping of transport failures to statuses,
-  closing the upstream the moment the caller goes away, and the provider probe.
+* `ProviderClient` -- one pooled HTTP client per provider (an `aiohttp.ClientSession`, or an
+  `httpx.AsyncClient` for a provider with `http2: true`, behind one small transport
+  interface), the streaming call with its connect / first-byte / idle timeouts, the mapping
+  of transport failures to statuses, closing the upstream the moment the caller goes away,
+  and the provider probe.
 * Small shared helpers: Go-style durations, `retry-after`, token estimates, error metadata.
 
 Nothing here logs per chunk or holds prompt text beyond the call that needs it; error
@@ -19,18 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import math
+import os
 import re
+import ssl
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
+import aiohttp
+import aiohttp.http_exceptions
 import grpc
 import httpx
 import orjson
+import yarl
 from google.protobuf import timestamp_pb2
 
 from switchyard.common.catalog import Provider
@@ -273,8 +282,8 @@ class Translator(ABC):
 
     @abstractmethod
     def map_error(self, status: int, headers: Mapping[str, str], body: bytes) -> SwitchyardError:
-        """The unified error for a vendor HTTP error. `headers` must look names up
-        case-insensitively (as `httpx.Headers` does)."""
+        """The unified error for a vendor HTTP error. `headers` looks names up
+        case-insensitively (aiohttp's `CIMultiDictProxy` or `httpx.Headers`)."""
 
     @abstractmethod
     def headroom(self, headers: Mapping[str, str]) -> common_pb2.RateLimitHeadroom | None:
@@ -559,18 +568,351 @@ def estimated_usage(chat: common_pb2.ChatRequest, output_chars: int) -> common_p
 
 
 # --------------------------------------------------------------------------- #
+# Transports: aiohttp (HTTP/1.1, the default) and httpx (HTTP/2)
+# --------------------------------------------------------------------------- #
+
+# Distinct request paths whose joined URL is kept per provider (a path per model at most).
+_URL_CACHE_LIMIT: Final = 1_024
+
+
+class _Failure(enum.Enum):
+    """What kind of transport failure a `_TransportError` is, whichever library raised it."""
+
+    POOL = "pool"  # no free pooled connection within connect_ms
+    CONNECT_TIMEOUT = "connect_timeout"  # opening a connection took longer than connect_ms
+    TIMEOUT = "timeout"  # any other transport timeout (a backstop)
+    CONNECT = "connect"  # refused, DNS, TLS
+    DECODE = "decode"  # a body that could not be decoded (bad gzip, unknown encoding)
+    OTHER = "other"  # anything else: the connection lost, a broken response
+
+
+class _TransportError(Exception):
+    """A transport failure, classified. Its cause's text is never forwarded (it can hold URLs)."""
+
+    def __init__(self, failure: _Failure, error_type: str) -> None:
+        super().__init__(failure.value)
+        self.failure = failure
+        self.error_type = error_type
+
+
+class _Response(ABC):
+    """A vendor response whose headers have arrived and whose body is still unread.
+
+    `close()` must be called exactly once: it returns the connection to the pool when the
+    body was read to its end and closes it otherwise, which stops a vendor still generating.
+    """
+
+    __slots__ = ()
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def is_json(self) -> bool:
+        return self.headers.get("content-type", "").startswith("application/json")
+
+    @abstractmethod
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's decoded chunks as they arrive (one iterator per response); a failure
+        raises `_TransportError`."""
+
+    async def read_capped(self, limit: int) -> bytes:
+        """The body, or its first `limit` bytes (the rest is not needed to classify it)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+        return b"".join(parts)[:limit]
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection (body read to its end) or close it (anything else)."""
+
+
+class _Transport(Protocol):
+    """One provider's pooled HTTP client: `path` is relative to the provider's base URL."""
+
+    async def send(
+        self, method: str, path: str, headers: Mapping[str, str], content: bytes | None
+    ) -> _Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+def join_url(base_url: str, path: str) -> str:
+    """The URL of `path` under `base_url`, joined as httpx joins a client's `base_url` and a
+    relative request URL: the base path gets a trailing `/`, `path` loses its leading `/`,
+    and the merged path is normalised (dot segments resolved) and percent-encoded. `path`
+    may carry a query (`...:streamGenerateContent?alt=sse`)."""
+    base = httpx.URL(base_url)
+    if not base.raw_path.endswith(b"/"):
+        base = base.copy_with(raw_path=base.raw_path + b"/")
+    relative = httpx.URL(path)
+    if not relative.is_relative_url:
+        return str(relative)
+    return str(base.copy_with(raw_path=base.raw_path + relative.raw_path.lstrip(b"/")))
+
+
+def env_proxy(base_url: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The proxy the environment names for `base_url`: `HTTPS_PROXY` / `HTTP_PROXY` (either
+    case) by its scheme, unless `NO_PROXY` covers its host; as httpx and curl read them."""
+    env = os.environ if environ is None else environ
+    parts = urllib.parse.urlsplit(base_url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    proxy = (
+        env.get(f"{scheme}_proxy")
+        or env.get(f"{scheme.upper()}_PROXY")
+        or env.get("all_proxy")
+        or env.get("ALL_PROXY")
+    )
+    if not proxy or not host:
+        return None
+    for entry in (env.get("no_proxy") or env.get("NO_PROXY") or "").split(","):
+        entry = entry.strip().lower().lstrip(".")
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    return proxy
+
+
+def _aiohttp_failure(exc: aiohttp.ClientError) -> _TransportError:
+    kind = type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return _TransportError(_Failure.CONNECT_TIMEOUT, kind)
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return _TransportError(_Failure.TIMEOUT, kind)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _TransportError(_Failure.CONNECT, kind)
+    if isinstance(exc, aiohttp.ClientPayloadError) and isinstance(
+        exc.__cause__, aiohttp.http_exceptions.ContentEncodingError
+    ):
+        return _TransportError(_Failure.DECODE, kind)
+    return _TransportError(_Failure.OTHER, kind)
+
+
+class _AiohttpResponse(_Response):
+    __slots__ = ("_content", "_response", "_slots", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, slots: asyncio.Semaphore) -> None:
+        self.status = response.status
+        self.headers = response.headers
+        self._response = response
+        self._content = response.content
+        self._slots: asyncio.Semaphore | None = slots
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        # `readany` is what `content.iter_any()` calls: whatever has arrived, b"" at the end.
+        try:
+            chunk = await self._content.readany()
+        except aiohttp.ClientError as exc:
+            raise _aiohttp_failure(exc) from exc
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    async def close(self) -> None:
+        if self._slots is None:
+            return
+        if self._content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+        # The connector slot is free again (both calls above are synchronous).
+        self._slots.release()
+        self._slots = None
+
+
+class _AiohttpTransport:
+    """HTTP/1.1 over one `aiohttp.ClientSession`, opened on first use in the running loop.
+
+    The pool wait is bounded here, by a semaphore of `max_connections` slots acquired
+    within connect_ms (UNAVAILABLE / OVERLOADED when it is not), and released only once the
+    response has given its connection back; so aiohttp's own pool (of the same size) never
+    makes a request wait, and its `connect` timeout bounds DNS, TCP and TLS alone.
+    """
+
+    def __init__(self, base_url: str, max_connections: int, connect_s: float) -> None:
+        self._base_url = base_url
+        self._max_connections = max_connections
+        # The CAs httpx trusts (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), as before; loaded
+        # here, not in the event loop.
+        self._ssl: ssl.SSLContext | bool = (
+            httpx.create_ssl_context() if base_url.lower().startswith("https:") else True
+        )
+        self._connect_s = connect_s
+        # Read once: aiohttp's own trust_env reads the environment (and ~/.netrc) on every
+        # request, which costs more than the rest of the call.
+        self._proxy = env_proxy(base_url)
+        self._urls: dict[str, yarl.URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(max_connections)
+        self._closed = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the provider client is closed")
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self._connect_s, sock_connect=self._connect_s, sock_read=None
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # HTTP(S)_PROXY and NO_PROXY are honoured, as they were with httpx.
+            trust_env=False,
+            auto_decompress=True,
+            raise_for_status=False,
+            # Send the translator's headers; never invent a content type for a body.
+            skip_auto_headers=("Content-Type",),
+        )
+        return self._session
+
+    def _url(self, path: str) -> yarl.URL:
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) >= _URL_CACHE_LIMIT:
+                self._urls.clear()
+            url = self._urls[path] = yarl.URL(join_url(self._base_url, path), encoded=True)
+        return url
+
+    async def send(
+        self, method: str, path: str, headers: Mapping[str, str], content: bytes | None
+    ) -> _Response:
+        session = self._session if self._session is not None else self._open()
+        url = self._url(path)
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._connect_s):
+                    await slots.acquire()
+            except TimeoutError:
+                raise _TransportError(_Failure.POOL, "PoolTimeout") from None
+        else:
+            await slots.acquire()
+        try:
+            response = await session.request(
+                method, url, headers=headers, data=content, allow_redirects=False, proxy=self._proxy
+            )
+        except aiohttp.ClientError as exc:
+            slots.release()
+            raise _aiohttp_failure(exc) from exc
+        except BaseException:
+            slots.release()
+            raise
+        return _AiohttpResponse(response, slots)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+def _httpx_failure(exc: httpx.HTTPError) -> _TransportError:
+    kind = type(exc).__name__
+    if isinstance(exc, httpx.PoolTimeout):
+        return _TransportError(_Failure.POOL, kind)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return _TransportError(_Failure.CONNECT_TIMEOUT, kind)
+    if isinstance(exc, httpx.TimeoutException):
+        return _TransportError(_Failure.TIMEOUT, kind)
+    if isinstance(exc, httpx.ConnectError):
+        return _TransportError(_Failure.CONNECT, kind)
+    if isinstance(exc, httpx.DecodingError):
+        return _TransportError(_Failure.DECODE, kind)
+    return _TransportError(_Failure.OTHER, kind)
+
+
+class _HttpxResponse(_Response):
+    __slots__ = ("_response", "_stream", "headers", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        self.headers = response.headers
+        self._response = response
+        self._stream: AsyncIterator[bytes] | None = None
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._stream is None:
+            self._stream = self._response.aiter_bytes()
+        try:
+            return await anext(self._stream)
+        except httpx.HTTPError as exc:
+            raise _httpx_failure(exc) from exc
+
+    async def close(self) -> None:
+        # Close the byte iterator explicitly rather than leaving it to the garbage collector;
+        # closing an unfinished response closes its connection.
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self._response.aclose()
+
+
+class _HttpxTransport:
+    """HTTP/2 (for providers with `http2: true`) over one pooled `httpx.AsyncClient`."""
+
+    def __init__(
+        self, base_url: str, max_connections: int, connect_s: float, first_byte_s: float, idle_s: float
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            http2=True,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # The first-byte and idle deadlines are enforced around each wait (in
+            # `ProviderClient`); httpx's read timeout is only a backstop.
+            timeout=httpx.Timeout(
+                connect=connect_s, read=max(first_byte_s, idle_s), write=first_byte_s, pool=connect_s
+            ),
+            follow_redirects=False,
+        )
+
+    async def send(
+        self, method: str, path: str, headers: Mapping[str, str], content: bytes | None
+    ) -> _Response:
+        request = self._http.build_request(method, path, headers=headers, content=content)
+        try:
+            return _HttpxResponse(await self._http.send(request, stream=True))
+        except httpx.HTTPError as exc:
+            raise _httpx_failure(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+# --------------------------------------------------------------------------- #
 # The HTTP client of one provider
 # --------------------------------------------------------------------------- #
 
 
 class ProviderClient:
-    """One configured provider: its translator and one pooled `httpx.AsyncClient`.
+    """One configured provider: its translator and its pooled HTTP client -- aiohttp for
+    HTTP/1.1, or httpx for a provider with `http2: true` (aiohttp has no HTTP/2).
 
     Timeouts come from the provider's config: `connect_ms` bounds opening a connection
     (and waiting for a free one in the pool); `first_byte_ms` bounds the time from sending
     the request to the response headers and the first event; `idle_ms` bounds every gap
     between body chunks after that. Time the caller spends consuming events is not
-    counted: the deadlines only run while waiting on the vendor.
+    counted: the deadlines only run while waiting on the vendor. Request paths are joined
+    to the base URL as httpx joins `base_url` and a relative URL (see `join_url`).
     """
 
     def __init__(
@@ -581,7 +923,6 @@ class ProviderClient:
         *,
         base_url: str,
         probe_model: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         probe_mode = str(provider.options.get("probe", "models"))
         if probe_mode not in PROBE_MODES:
@@ -595,44 +936,35 @@ class ProviderClient:
         self._connect_s = timeouts.connect_ms / 1000.0
         self._first_byte_s = timeouts.first_byte_ms / 1000.0
         self._idle_s = timeouts.idle_ms / 1000.0
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            http2=provider.http2,
-            limits=httpx.Limits(
-                max_connections=provider.max_connections,
-                max_keepalive_connections=provider.max_connections,
-            ),
-            # The first-byte and idle deadlines are enforced around each wait (below);
-            # httpx's read timeout is only a backstop for anything outside them.
-            timeout=httpx.Timeout(
-                connect=self._connect_s,
-                read=max(self._first_byte_s, self._idle_s),
-                write=self._first_byte_s,
-                pool=self._connect_s,
-            ),
-            follow_redirects=False,
-            transport=transport,
+        # Neither transport touches the event loop before its first request, so the client
+        # can be built outside one.
+        self._http: _Transport = (
+            _HttpxTransport(
+                base_url, provider.max_connections, self._connect_s, self._first_byte_s, self._idle_s
+            )
+            if provider.http2
+            else _AiohttpTransport(base_url, provider.max_connections, self._connect_s)
         )
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
         await self._http.aclose()
 
-    def _http_request(self, vendor_request: VendorRequest) -> httpx.Request:
+    async def _send(self, vendor_request: VendorRequest) -> _Response:
         content = orjson.dumps(vendor_request.body) if vendor_request.body is not None else None
-        return self._http.build_request(
-            vendor_request.method, vendor_request.path, headers=vendor_request.headers, content=content
+        return await self._http.send(
+            vendor_request.method, vendor_request.path, vendor_request.headers, content
         )
 
     def _error(self, code: grpc.StatusCode, reason: Reason, message: str, **extra: str) -> SwitchyardError:
         metadata = {"provider": self.name, "vendor": self.translator.vendor, **extra}
         return SwitchyardError(code, reason, f"provider {self.name!r}: {message}", metadata=metadata)
 
-    def _transport_error(self, exc: httpx.HTTPError, phase: str) -> SwitchyardError:
+    def _transport_error(self, exc: _TransportError, phase: str) -> SwitchyardError:
         # The exception text is not forwarded: it can hold URLs, and it tells the
         # caller nothing the reason and phase do not.
-        kind = type(exc).__name__
-        if isinstance(exc, httpx.PoolTimeout):
+        failure, kind = exc.failure, exc.error_type
+        if failure is _Failure.POOL:
             return self._error(
                 grpc.StatusCode.UNAVAILABLE,
                 Reason.OVERLOADED,
@@ -640,15 +972,16 @@ class ProviderClient:
                 phase=phase,
                 error_type=kind,
             )
-        if isinstance(exc, httpx.TimeoutException):
+        if failure is _Failure.CONNECT_TIMEOUT or failure is _Failure.TIMEOUT:
+            phase = "connect" if failure is _Failure.CONNECT_TIMEOUT else phase
             return self._error(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 Reason.TIMEOUT,
                 f"{phase} timed out",
-                phase="connect" if isinstance(exc, httpx.ConnectTimeout) else phase,
+                phase=phase,
                 error_type=kind,
             )
-        if isinstance(exc, httpx.ConnectError):
+        if failure is _Failure.CONNECT:
             return self._error(
                 grpc.StatusCode.UNAVAILABLE,
                 Reason.PROVIDER_UNAVAILABLE,
@@ -656,7 +989,7 @@ class ProviderClient:
                 phase="connect",
                 error_type=kind,
             )
-        if isinstance(exc, httpx.DecodingError):
+        if failure is _Failure.DECODE:
             return self._error(
                 grpc.StatusCode.UNAVAILABLE,
                 Reason.UPSTREAM_PROTOCOL_ERROR,
@@ -694,43 +1027,45 @@ class ProviderClient:
         vendor_request = translator.build_request(request)
         decoder = translator.new_decoder(request)
         parser = SseParser()
-        http_request = self._http_request(vendor_request)
-        response: httpx.Response | None = None
+        response: _Response | None = None
         body_stream: AsyncIterator[bytes] | None = None
         reading = False
-        pending: list[provider_pb2.GenerateResponse] = []
+        body: bytes | None = None
+        events: list[SseEvent] = []
         try:
             try:
                 async with asyncio.timeout(self._first_byte_s):
-                    response = await self._http.send(http_request, stream=True)
+                    response = await self._send(vendor_request)
                     if not response.is_success:
-                        body = await _read_capped(response, ERROR_BODY_LIMIT)
-                        raise translator.map_error(response.status_code, response.headers, body)
+                        body = await response.read_capped(ERROR_BODY_LIMIT)
+                        raise translator.map_error(response.status, response.headers, body)
                     headroom = translator.headroom(response.headers)
                     vendor_request_id = translator.request_id(response.headers)
-                    if _is_json(response):
-                        pending = decoder.on_body(await _read_capped(response, JSON_BODY_LIMIT))
+                    if response.is_json:
+                        body = await response.read_capped(JSON_BODY_LIMIT)
                     else:
-                        body_stream = response.aiter_bytes()
+                        body_stream = response.chunks()
                         reading = True
-                        seen_event = False
-                        while not seen_event:
+                        while not events:
                             chunk = await anext(body_stream, None)
                             if chunk is None:
                                 reading = False
                                 break
-                            for event in parser.feed(chunk):
-                                seen_event = True
-                                pending.extend(decoder.on_event(event))
+                            events = parser.feed(chunk)
             except TimeoutError:
                 raise self._timeout("first_byte", self._first_byte_s) from None
-            except httpx.HTTPError as exc:
+            except _TransportError as exc:
                 raise self._transport_error(exc, "first_byte") from None
             except SseError:
                 raise translator.protocol_error("an oversized event") from None
-            for item in pending:
-                yield item
-            pending = []
+            # Decoded outside the first-byte deadline, and event by event: the deltas ahead
+            # of an in-stream error in the same chunk still reach the caller.
+            if body is not None:
+                for item in decoder.on_body(body):
+                    yield item
+            for event in events:
+                for item in decoder.on_event(event):
+                    yield item
             idle_s = self._idle_s
             while reading and not decoder.finished and body_stream is not None:
                 try:
@@ -742,7 +1077,7 @@ class ProviderClient:
                     break
                 except TimeoutError:
                     raise self._timeout("idle", idle_s) from None
-                except httpx.HTTPError as exc:
+                except _TransportError as exc:
                     raise self._transport_error(exc, "stream") from None
                 except SseError:
                     raise translator.protocol_error("an oversized event") from None
@@ -769,10 +1104,8 @@ class ProviderClient:
         finally:
             # Runs on success, on error and when the caller goes away: closing the response
             # of an unfinished body closes its connection, so the vendor stops generating.
-            if body_stream is not None:
-                await _aclose(body_stream)
             if response is not None:
-                await response.aclose()
+                await response.close()
 
     async def probe(self) -> provider_pb2.ProbeResponse:
         """Prove the provider answers; a provider failure is the answer, never raised."""
@@ -803,40 +1136,40 @@ class ProviderClient:
         for index, text in enumerate(request.inputs):
             if not text.strip():
                 raise invalid("an input is not empty", f"inputs[{index}]")
-        http_request = self._http_request(self.translator.embeddings_request(request))
+        vendor_request = self.translator.embeddings_request(request)
         try:
             async with asyncio.timeout(self._first_byte_s + self._idle_s):
-                response = await self._http.send(http_request, stream=True)
+                response = await self._send(vendor_request)
                 try:
-                    body = await _read_capped(response, MAX_EMBED_BODY)
+                    body = await response.read_capped(MAX_EMBED_BODY)
                 finally:
-                    await response.aclose()
+                    await response.close()
         except TimeoutError:
             raise self._timeout("first_byte", self._first_byte_s) from None
-        except httpx.HTTPError as exc:
+        except _TransportError as exc:
             raise self._transport_error(exc, "first_byte") from None
         if not response.is_success:
-            raise self.translator.map_error(response.status_code, response.headers, body)
+            raise self.translator.map_error(response.status, response.headers, body)
         result = self.translator.parse_embeddings(body, len(request.inputs))
         result.vendor_request_id = self.translator.request_id(response.headers)
         return result
 
     async def _probe_models(self) -> tuple[common_pb2.RateLimitHeadroom | None, SwitchyardError | None]:
-        http_request = self._http_request(self.translator.models_request())
+        vendor_request = self.translator.models_request()
         try:
             async with asyncio.timeout(self._first_byte_s):
-                response = await self._http.send(http_request, stream=True)
+                response = await self._send(vendor_request)
                 try:
-                    body = await _read_capped(response, ERROR_BODY_LIMIT)
+                    body = await response.read_capped(ERROR_BODY_LIMIT)
                 finally:
-                    await response.aclose()
+                    await response.close()
         except TimeoutError:
             return None, self._timeout("first_byte", self._first_byte_s)
-        except httpx.HTTPError as exc:
+        except _TransportError as exc:
             return None, self._transport_error(exc, "first_byte")
         headroom = self.translator.headroom(response.headers)
         if not response.is_success:
-            return headroom, self.translator.map_error(response.status_code, response.headers, body)
+            return headroom, self.translator.map_error(response.status, response.headers, body)
         return headroom, None
 
     async def _probe_completion(self, upstream_model: str) -> common_pb2.RateLimitHeadroom | None:
@@ -856,30 +1189,6 @@ class ProviderClient:
         return headroom
 
 
-async def _aclose(iterator: AsyncIterator[bytes]) -> None:
-    """Close an async generator explicitly rather than leaving it to the garbage collector."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-def _is_json(response: httpx.Response) -> bool:
-    content_type: str = response.headers.get("content-type", "")
-    return content_type.startswith("application/json")
-
-
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    """The body, or its first `limit` bytes (the rest is not needed to classify it)."""
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        parts.append(chunk)
-        size += len(chunk)
-        if size >= limit:
-            break
-    return b"".join(parts)[:limit]
-
-
 async def _drain(chunks: AsyncIterator[bytes]) -> None:
     """Read what follows the end marker so the connection can be reused; give up quietly
     (the connection is then closed instead) if the server lingers or fails."""
@@ -887,5 +1196,5 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             async for _ in chunks:
                 continue
-    except (TimeoutError, httpx.HTTPError):
+    except (TimeoutError, _TransportError):
         return
