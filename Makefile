@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools gen gen-check lint types test test-fast run bench bench-plan clean
+.PHONY: help setup tools gen gen-check lint types test test-fast run bench bench-litellm bench-plan clean
 
 help: ## show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -64,8 +64,19 @@ test-fast: $(STAMP) ## unit tests only
 run: $(STAMP) ## start the whole mesh on this machine (simulated vendors when no provider key is set)
 	$(VENV)/bin/switchyard run
 
-bench: $(STAMP) ## run the benchmarks and write bench/results/
-	$(PY) -m bench
+LITELLM_VENV := bench/.litellm-venv
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
+
+$(LITELLM_STAMP): bench/litellm/requirements.txt
+	@test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/python -m pip install -q -r bench/litellm/requirements.txt
+	@touch $(LITELLM_STAMP)
+
+bench-litellm: $(LITELLM_STAMP) ## install the LiteLLM proxy the benchmark compares against (its own venv)
+
+bench: $(STAMP) $(LITELLM_STAMP) ## run the benchmarks (with LiteLLM beside) and write bench/results/
+	$(PY) -m bench --litellm on
 
 bench-plan: $(STAMP) ## planner speed for 10, 100 and 1,000 models (exit 1 when a target is missed)
 	$(PY) -m bench.plan

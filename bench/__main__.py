@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results)"
     )
+    parser.add_argument(
+        "--litellm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compare with a LiteLLM proxy (auto: when `make bench-litellm` installed it; never in --smoke)",
+    )
     return parser
 
 
@@ -45,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     # Smoke: enough calls for the CPU counters (10 ms ticks) to move, still about 10 s in all.
     max_requests = 2_000 if args.smoke else 200_000
     config = {"duration_s": duration_s, "warmup_s": warmup_s, "max_requests": max_requests}
+    installed = harness.LITELLM_BIN.exists()
+    if args.litellm == "on" and not installed:
+        print(f"bench: no LiteLLM at {harness.LITELLM_BIN}: run `make bench-litellm`", file=sys.stderr)
+        return 2
+    compare = args.litellm == "on" or (args.litellm == "auto" and installed and not args.smoke)
     data = asyncio.run(
         harness.run(
             duration_s=duration_s,
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             max_requests=max_requests,
             unary_concurrency=UNARY_CONCURRENCY,
             stream_concurrency=STREAM_CONCURRENCY,
+            compare_litellm=compare,
         )
     )
     result = report.build(data, smoke=args.smoke, config=config)

@@ -11,10 +11,13 @@ around each measured window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +31,9 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.load import LoadConfig, Mode, PathName, Phase, PhaseResult, serve
+from bench.load import LITELLM_KEY, LoadConfig, Mode, PathName, Phase, PhaseResult, serve
 from switchyard.common.catalog import DEFAULT_CATALOG, DEFAULT_TIERS, load_catalog
+from switchyard.common.ports import free_port
 from switchyard.local_mesh import SIM_API_KEY, MeshPlan, plan_mesh
 from switchyard.supervisor import Supervisor
 
@@ -101,6 +105,8 @@ class Mesh:
         self.supervisor = supervisor
         self.names = tuple(child.name for child in plan.children)
         self.pids = self._current_pids()
+        # The LiteLLM proxy, when this run compares against one (not a mesh child).
+        self.litellm: LiteLLM | None = None
 
     def _current_pids(self) -> dict[str, int]:
         pids = {name: self.supervisor.pid(name) for name in self.names}
@@ -115,12 +121,18 @@ class Mesh:
             raise RuntimeError(f"a mesh child restarted during the run: {dict(self.supervisor.restarts)}")
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds used so far by every child."""
-        return {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+        """CPU seconds used so far by every child (and by LiteLLM's processes, as "litellm")."""
+        used = {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+        if self.litellm is not None:
+            used[LITELLM_CHILD] = self.litellm.cpu_s()
+        return used
 
     def rss_kib(self) -> dict[str, int]:
-        """Resident memory of every child."""
-        return {name: proc_rss_kib(pid) for name, pid in self.pids.items()}
+        """Resident memory of every child (and of LiteLLM's processes, as "litellm")."""
+        rss = {name: proc_rss_kib(pid) for name, pid in self.pids.items()}
+        if self.litellm is not None:
+            rss[LITELLM_CHILD] = self.litellm.rss_kib()
+        return rss
 
     def cores(self) -> tuple[int, ...]:
         """Union of the cores the children may run on."""
@@ -137,6 +149,116 @@ def pinned_to(core: int | None) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+REPO = Path(__file__).resolve().parents[1]
+# `make bench-litellm` installs the LiteLLM proxy here (bench/litellm/requirements.txt).
+LITELLM_BIN = REPO / "bench" / ".litellm-venv" / "bin" / "litellm"
+LITELLM_MODEL = "gpt-4o-mini"
+LITELLM_CHILD = "litellm"
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and every descendant (LiteLLM's workers), from /proc/<pid>/task/*/children."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                queue.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+class LiteLLM:
+    """A LiteLLM proxy on the same simulator (one model, no database, telemetry off), with as
+    many workers as the mesh has cores; it inherits the orchestrator's (the mesh's) core."""
+
+    def __init__(self, sim_root: str, workers: int, log: Any) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self._dir = Path(tempfile.mkdtemp(prefix="switchyard-bench-litellm-"))
+        config = {
+            "model_list": [
+                {
+                    "model_name": LITELLM_MODEL,
+                    "litellm_params": {
+                        "model": f"openai/{LITELLM_MODEL}",
+                        "api_base": f"{sim_root}/v1",
+                        "api_key": SIM_API_KEY,
+                    },
+                }
+            ],
+            "litellm_settings": {"telemetry": False},
+            "general_settings": {"master_key": LITELLM_KEY},
+        }
+        (self._dir / "config.yaml").write_text(yaml.safe_dump(config))
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "DATABASE_URL"}
+        env.update(
+            {"LITELLM_TELEMETRY": "False", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        )
+        self._process = subprocess.Popen(
+            [
+                str(LITELLM_BIN),
+                "--config",
+                str(self._dir / "config.yaml"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--num_workers",
+                str(workers),
+            ],
+            cwd=self._dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=2) as http:
+            while True:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"the LiteLLM proxy exited with {self._process.returncode}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{self.root}/health/liveliness")).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the LiteLLM proxy did not answer within {timeout_s} s")
+                await asyncio.sleep(0.5)
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for pid in tree_pids(self._process.pid):
+            with contextlib.suppress(OSError):
+                total += proc_cpu_s(pid)
+        return total
+
+    def rss_kib(self) -> int:
+        total = 0
+        for pid in tree_pids(self._process.pid):
+            with contextlib.suppress(OSError):
+                total += proc_rss_kib(pid)
+        return total
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait(5)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # The benchmark's tenant may send as fast as it can: rate limits are measured, not hit.
@@ -291,6 +413,7 @@ async def run(
     max_requests: int,
     unary_concurrency: Sequence[int],
     stream_concurrency: Sequence[int],
+    compare_litellm: bool = False,
 ) -> RunData:
     """Start everything, measure every phase (direct and edge interleaved), stop everything.
 
@@ -302,7 +425,7 @@ async def run(
     try:
         with (log_dir / "mesh.log").open("w") as log:
             levels = (unary_concurrency, stream_concurrency)
-            data = await _run_with_mesh(log, duration_s, warmup_s, max_requests, levels)
+            data = await _run_with_mesh(log, duration_s, warmup_s, max_requests, levels, compare_litellm)
     except BaseException:
         print(f"bench: the mesh's log is kept in {log_dir / 'mesh.log'}", file=sys.stderr)
         raise
@@ -317,11 +440,14 @@ async def _run_with_mesh(
     warmup_s: float,
     max_requests: int,
     levels: tuple[Sequence[int], Sequence[int]],
+    compare_litellm: bool,
 ) -> RunData:
     mesh_core, load_core = plan_placement()
     # The orchestrator (which is the mesh's supervisor) stays on the mesh's core for the run.
     with pinned_to(mesh_core):
-        return await _measure_all(log, mesh_core, load_core, duration_s, warmup_s, max_requests, levels)
+        return await _measure_all(
+            log, mesh_core, load_core, duration_s, warmup_s, max_requests, levels, compare_litellm
+        )
 
 
 async def _measure_all(
@@ -332,6 +458,7 @@ async def _measure_all(
     warmup_s: float,
     max_requests: int,
     levels: tuple[Sequence[int], Sequence[int]],
+    compare_litellm: bool,
 ) -> RunData:
     mesh = await start_mesh(log)
     load: LoadGenerator | None = None
@@ -339,7 +466,18 @@ async def _measure_all(
     try:
         sim_root = mesh.plan.simulator_urls["openai"]
         assert mesh.plan.envoy_target is not None
-        config = LoadConfig(sim_root, SIM_API_KEY, mesh.plan.edge_target, load_core, mesh.plan.envoy_target)
+        if compare_litellm:
+            # As many workers as the mesh has cores, on those cores (this process's affinity).
+            mesh.litellm = LiteLLM(sim_root, workers=len(mesh.cores()), log=log)
+            await mesh.litellm.ready()
+        config = LoadConfig(
+            sim_root,
+            SIM_API_KEY,
+            mesh.plan.edge_target,
+            load_core,
+            mesh.plan.envoy_target,
+            mesh.litellm.root if mesh.litellm is not None else None,
+        )
         with pinned_to(load_core):
             load = LoadGenerator(config)
         await load.ready()
@@ -351,6 +489,8 @@ async def _measure_all(
         for mode, concurrencies, knobs in modes:
             await set_knobs(sim_root, knobs)
             paths = PATHS if mode == "cached" else PATHS + ENVOY_PATHS
+            if mode != "cached" and mesh.litellm is not None:
+                paths += ("litellm",)
             for concurrency in concurrencies:
                 for path in paths:
                     phase = Phase(path, mode, concurrency, duration_s, max_requests)
@@ -366,4 +506,6 @@ async def _measure_all(
     finally:
         if load is not None:
             await load.close()
+        if mesh.litellm is not None:
+            mesh.litellm.stop()
         await mesh.supervisor.stop(grace_s=2)

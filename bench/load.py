@@ -13,7 +13,8 @@ Paths:
   * ``envoy``: the same stubs through Envoy's ingress listener (gRPC);
   * ``envoy_http``: the OpenAI wire format (what the official `openai` SDK sends: the same JSON
     body and SSE as the direct path, with the gateway's API key) through Envoy to the edge's
-    OpenAI-compatible HTTP front, with one `aiohttp.ClientSession`.
+    OpenAI-compatible HTTP front, with one `aiohttp.ClientSession`;
+  * ``litellm``: the same OpenAI wire format to a LiteLLM proxy in front of the same simulator.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ import orjson
 from switchyard.common.settings import LOCAL_DEV_KEY
 from switchyard.v1 import common_pb2, gateway_pb2_grpc
 
-PathName = Literal["direct", "edge", "envoy", "envoy_http"]
+# The LiteLLM proxy's master key in the benchmark (harness.LiteLLM configures it).
+LITELLM_KEY = "sk-bench-litellm-master-key-0123456789abcdef"
+
+PathName = Literal["direct", "edge", "envoy", "envoy_http", "litellm"]
 # "cached": the direct path is a plain completion; the edge path asks one deterministic
 # question again and again, so after the first call every answer is a cache hit.
 Mode = Literal["unary", "stream", "cached"]
@@ -57,6 +61,7 @@ class LoadConfig:
     edge_target: str
     core: int | None
     envoy_target: str
+    litellm_root: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,12 @@ class Clients:
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.envoy_channel = grpc.aio.insecure_channel(config.envoy_target)
         self.envoy = gateway_pb2_grpc.GatewayServiceStub(self.envoy_channel)
+        self.litellm = aiohttp.ClientSession(
+            base_url=config.litellm_root or "http://127.0.0.1:9",
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
+            headers={"Authorization": f"Bearer {LITELLM_KEY}", "Content-Type": "application/json"},
+        )
         self.envoy_http = aiohttp.ClientSession(
             base_url=f"http://{config.envoy_target}",
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300, ttl_dns_cache=None),
@@ -139,19 +150,13 @@ class Clients:
         """Close the HTTP session and the gRPC channel."""
         await self.http.close()
         await self.envoy_http.close()
+        await self.litellm.close()
         await self.channel.close()
         await self.envoy_channel.close()
 
     async def direct_unary(self) -> int:
         """One JSON chat completion from the simulator; returns its latency."""
-        start = time.perf_counter_ns()
-        async with self.http.post("/v1/chat/completions", data=self.unary_body) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"direct: HTTP {response.status}")
-        if not orjson.loads(body)["choices"][0]["message"]["content"]:
-            raise RuntimeError("direct: empty answer")
-        return time.perf_counter_ns() - start
+        return await self._completion(self.http, self.unary_body, "direct")
 
     async def edge_unary(self, gateway: gateway_pb2_grpc.GatewayServiceStub | None = None) -> int:
         """One `GatewayService.Chat` call (to the edge, or through `gateway`); returns its latency."""
@@ -204,11 +209,11 @@ class Clients:
         """One `GatewayService.ChatStream` call through Envoy's ingress."""
         return await self.edge_stream(self.envoy)
 
-    def _openai_body(self, *, stream: bool) -> bytes:
+    def _openai_body(self, *, stream: bool, model: str = EDGE_MODEL) -> bytes:
         """The OpenAI SDK's JSON for a chat completion, with a fresh prompt (as `_next_request`)."""
         self._sent += 1
         body: dict[str, object] = {
-            "model": EDGE_MODEL,
+            "model": model,
             "messages": [{"role": "user", "content": f"{PROMPT} #{self._sent}"}],
         }
         if stream:
@@ -218,21 +223,33 @@ class Clients:
 
     async def envoy_http_unary(self) -> int:
         """One JSON chat completion through Envoy to the edge's OpenAI front; its latency."""
-        start = time.perf_counter_ns()
-        async with self.envoy_http.post(
-            "/v1/chat/completions", data=self._openai_body(stream=False)
-        ) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"envoy http: HTTP {response.status}: {body[:200]!r}")
-        elapsed = time.perf_counter_ns() - start
-        if not orjson.loads(body)["choices"][0]["message"]["content"]:
-            raise RuntimeError("envoy http: empty answer")
-        return elapsed
+        return await self._completion(self.envoy_http, self._openai_body(stream=False), "envoy http")
 
     async def envoy_http_stream(self) -> tuple[int, int]:
         """One SSE chat completion through Envoy to the edge's OpenAI front."""
         return await self._sse(self.envoy_http, self._openai_body(stream=True), "envoy http stream")
+
+    async def litellm_unary(self) -> int:
+        """One JSON chat completion through the LiteLLM proxy; its latency."""
+        body = self._openai_body(stream=False, model=UPSTREAM_MODEL)
+        return await self._completion(self.litellm, body, "litellm")
+
+    async def litellm_stream(self) -> tuple[int, int]:
+        """One SSE chat completion through the LiteLLM proxy."""
+        body = self._openai_body(stream=True, model=UPSTREAM_MODEL)
+        return await self._sse(self.litellm, body, "litellm stream")
+
+    async def _completion(self, session: aiohttp.ClientSession, body: bytes, what: str) -> int:
+        """The latency of one JSON chat completion."""
+        start = time.perf_counter_ns()
+        async with session.post("/v1/chat/completions", data=body) as response:
+            answer = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{what}: HTTP {response.status}: {answer[:200]!r}")
+        elapsed = time.perf_counter_ns() - start
+        if not orjson.loads(answer)["choices"][0]["message"]["content"]:
+            raise RuntimeError(f"{what}: empty answer")
+        return elapsed
 
     async def _sse(self, session: aiohttp.ClientSession, body: bytes, what: str) -> tuple[int, int]:
         """(time to first text, time to the end) of one SSE chat completion."""
@@ -260,12 +277,14 @@ async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
         "edge": clients.edge_cached if phase.mode == "cached" else clients.edge_unary,
         "envoy": clients.envoy_unary,
         "envoy_http": clients.envoy_http_unary,
+        "litellm": clients.litellm_unary,
     }
     stream: dict[PathName, Callable[[], Awaitable[tuple[int, int]]]] = {
         "direct": clients.direct_stream,
         "edge": clients.edge_stream,
         "envoy": clients.envoy_stream,
         "envoy_http": clients.envoy_http_stream,
+        "litellm": clients.litellm_stream,
     }
     issued = 0
     cpu_before = _own_cpu_s()

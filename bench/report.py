@@ -22,15 +22,17 @@ from typing import Any
 
 import grpc
 
-from bench.harness import SIM_CHILD, STREAM_KNOBS, UNARY_KNOBS, Measured, RunData
+from bench.harness import LITELLM_CHILD, SIM_CHILD, STREAM_KNOBS, UNARY_KNOBS, Measured, RunData
 from bench.load import GRPC_CLIENT, HTTP_CLIENT, Mode, PathName
 
 REPO = Path(__file__).resolve().parents[1]
 
 UNMEASURED: tuple[tuple[str, str], ...] = (
-    ("LiteLLM proxy on the same simulator, same cores", "#9"),
     ("Every feature on (auth, rate limit, cache, budget reserve/commit, 10% tracing)", "#4, #6, #7, #9"),
     ("Resident memory with 1,000 open idle streams", "#9"),
+)
+LITELLM_UNMEASURED = (
+    "LiteLLM proxy on the same simulator, same cores (make bench installs it; not in this run)"
 )
 # Above this share of a core used by other processes during a phase, the report warns.
 NOISY = 0.2
@@ -109,8 +111,13 @@ class PhaseStats:
         )
 
     def gateway_cpu_s(self) -> float:
-        """CPU seconds of every mesh process but the simulator over this phase."""
-        return sum(v for name, v in self.mesh_cpu_s.items() if not name.startswith("sim-"))
+        """CPU seconds of the gateway on this phase's path: LiteLLM's processes for the
+        LiteLLM path, else every mesh process but the simulator."""
+        if self.path == "litellm":
+            return self.mesh_cpu_s[LITELLM_CHILD]
+        return sum(
+            v for name, v in self.mesh_cpu_s.items() if not name.startswith("sim-") and name != LITELLM_CHILD
+        )
 
     def per_1k(self, seconds: float) -> float:
         """`seconds` spread over this phase's calls, per 1,000 calls."""
@@ -172,11 +179,33 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
         figures[f"{path}_saturation_rps_ratio"] = saturated.calls_per_s / sat_direct.calls_per_s
         figures[f"{path}_saturation_rps"] = saturated.calls_per_s
         figures[f"{path}_cpu_s_per_1k_unary_gateway"] = saturated.per_1k(saturated.gateway_cpu_s())
+    litellm = any(p.path == "litellm" for p in phases)
+    if litellm:
+        for mode, prefix, _ in ROWS[:2]:
+            for c in _levels(phases, mode):
+                direct, through = _find(phases, "direct", mode, c), _find(phases, "litellm", mode, c)
+                edge = _find(phases, "edge", mode, c)
+                for q in ("p50", "p99"):
+                    d, e, ours = (getattr(x, f"{q}_ms") for x in (direct, through, edge))
+                    figures[f"litellm_{prefix}_c{c}_{q}_ms"] = e
+                    figures[f"litellm_{prefix}_c{c}_{q}_ratio"] = e / d
+                    added[f"litellm_{prefix}_c{c}_{q}_added_ms"] = e - d
+                    # How much less the edge adds than LiteLLM does (> 1: the edge adds less).
+                    if ours - d > 0:
+                        figures[f"litellm_{prefix}_c{c}_{q}_added_vs_edge"] = (e - d) / (ours - d)
+        saturated = _find(phases, "litellm", "unary", top)
+        figures["litellm_saturation_rps"] = saturated.calls_per_s
+        figures["edge_vs_litellm_saturation_rps_ratio"] = sat_edge.calls_per_s / saturated.calls_per_s
+        figures["litellm_cpu_s_per_1k_unary"] = saturated.per_1k(saturated.gateway_cpu_s())
     stream_edge = _find(phases, "edge", "stream", _levels(phases, "stream")[-1])
     figures["cpu_s_per_1k_streams_gateway"] = stream_edge.per_1k(stream_edge.gateway_cpu_s())
     figures["rss_mib_gateway_total"] = sum(
-        kib / 1024 for name, kib in data.rss_kib.items() if not name.startswith("sim-")
+        kib / 1024
+        for name, kib in data.rss_kib.items()
+        if not name.startswith("sim-") and name != LITELLM_CHILD
     )
+    if LITELLM_CHILD in data.rss_kib:
+        figures["rss_mib_litellm"] = data.rss_kib[LITELLM_CHILD] / 1024
     figures["rss_mib_simulator"] = data.rss_kib[SIM_CHILD] / 1024
     return {
         "label": machine_label(),
@@ -202,7 +231,8 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
         },
         "rss_mib": {name: round(kib / 1024, 1) for name, kib in data.rss_kib.items()},
         "phases": [dataclasses.asdict(p) for p in phases],
-        "unmeasured": [{"figure": f, "issues": i, "value": "UNMEASURED"} for f, i in UNMEASURED],
+        "unmeasured": [{"figure": f, "issues": i, "value": "UNMEASURED"} for f, i in UNMEASURED]
+        + ([] if litellm else [{"figure": LITELLM_UNMEASURED, "issues": "#9", "value": "UNMEASURED"}]),
         "wall_s": round(data.wall_s, 1),
     }
 
@@ -377,6 +407,57 @@ def markdown(report: dict[str, Any]) -> str:
                 "",
             )
         )
+    if any(p.path == "litellm" for p in phases):
+        lines += ["", "## Switchyard vs LiteLLM", ""]
+        lines += [
+            "LiteLLM proxy (`bench/litellm/requirements.txt`, one model pointed at the same simulator, no "
+            "database, telemetry off, a master key) with as many workers as the mesh has cores, on those "
+            "cores; the OpenAI wire format by the same aiohttp client as the direct path.",
+            "",
+            _row(
+                "Figure",
+                "Added by LiteLLM",
+                "Added by the edge",
+                "LiteLLM adds / the edge adds",
+                "Through LiteLLM",
+                "Calls",
+            ),
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for mode, prefix, name in ROWS[:2]:
+            for c in _levels(phases, mode):
+                through = _find(phases, "litellm", mode, c)
+                for q in ("p50", "p99"):
+                    key = f"{prefix}_c{c}_{q}"
+                    versus = fig.get(f"litellm_{key}_added_vs_edge")
+                    lines.append(
+                        _row(
+                            f"{name} {q}, c={c}",
+                            f"{added['litellm_' + key + '_added_ms']:+.2f} ms",
+                            f"{added[key + '_added_ms']:+.2f} ms",
+                            f"{versus:.2f}×" if versus is not None else "",
+                            _ms(fig[f"litellm_{key}_ms"]),
+                            f"{through.calls:,}",
+                        )
+                    )
+        lines += [
+            _row(
+                f"Requests/s at saturation (unary, c={top}): edge / LiteLLM",
+                f"{fig['litellm_saturation_rps']:,.0f}/s",
+                f"{fig['saturation_rps_edge']:,.0f}/s",
+                f"edge {fig['edge_vs_litellm_saturation_rps_ratio']:.2f}× LiteLLM",
+                "",
+                "",
+            ),
+            _row(
+                f"CPU s per 1,000 unary requests, c={top}: LiteLLM / the mesh",
+                f"{fig['litellm_cpu_s_per_1k_unary']:.3f}",
+                f"{fig['cpu_s_per_1k_unary_gateway']:.3f}",
+                "",
+                "",
+                "",
+            ),
+        ]
     lines += [
         "",
         "## Cost",
