@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             unary_concurrency=UNARY_CONCURRENCY,
             stream_concurrency=STREAM_CONCURRENCY,
             compare_litellm=compare,
+            idle_streams=50 if args.smoke else harness.IDLE_STREAMS,
         )
     )
     result = report.build(data, smoke=args.smoke, config=config)

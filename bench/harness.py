@@ -43,6 +43,14 @@ ANSWER = " ".join(f"word{i}" for i in range(40))
 # Fastest: no delays, one content chunk (the gateway streams from the vendor even for unary calls).
 UNARY_KNOBS: dict[str, Any] = {"first_byte_delay_ms": 0, "chunk_delay_ms": 0, "chunks": 1, "text": ANSWER}
 STREAM_KNOBS: dict[str, Any] = {"first_byte_delay_ms": 0, "chunk_delay_ms": 5, "chunks": 20, "text": ANSWER}
+# Idle streams: the vendor takes its time to answer, so every stream stays open and waiting.
+IDLE_KNOBS: dict[str, Any] = {
+    "first_byte_delay_ms": 120_000,
+    "chunk_delay_ms": 0,
+    "chunks": 1,
+    "text": ANSWER,
+}
+IDLE_STREAMS = 1_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS: tuple[PathName, ...] = ("direct", "edge")
 # Through Envoy's ingress too, for the unary and streaming modes (cache hits: the edge only).
@@ -271,6 +279,9 @@ def _bench_catalog() -> Path:
     data = yaml.safe_load(text)
     data["tiers"] = {**{k: v.model_dump() for k, v in DEFAULT_TIERS.items()}, "bench": BENCH_TIER}
     data["tenants"] = {**data.get("tenants", {}), "default": {"tier": "bench"}}
+    # One upstream connection per idle stream (the vendor has not answered any of them yet).
+    for provider in data["providers"].values():
+        provider["max_connections"] = 2 * IDLE_STREAMS
     path = Path(tempfile.mkdtemp(prefix="switchyard-bench-")) / "catalog.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -296,6 +307,8 @@ async def start_mesh(log: Any) -> Mesh:
     )
     state_dir = tempfile.mkdtemp(prefix="switchyard-bench-state-")
     extra = {
+        # Room for the idle-streams phase: every stream is admitted, none waits in the queue.
+        "SWITCHYARD_EDGE_MAX_CONCURRENT": str(2 * IDLE_STREAMS),
         "SWITCHYARD_SHUTDOWN_GRACE_S": "1",
         "SWITCHYARD_CATALOG": str(catalog_path),
         "SWITCHYARD_STATE_DIR": state_dir,
@@ -380,6 +393,13 @@ class RunData:
     placement: Placement
     mesh_children: tuple[str, ...]
     wall_s: float
+    # Idle streams: how many were asked for and still open at the end, and the mesh's
+    # memory just before they were opened and while they were held.
+    idle_asked: int = 0
+    idle_open: int = 0
+    idle_errors: str = ""
+    idle_rss_before_kib: dict[str, int] = dataclasses.field(default_factory=dict)
+    idle_rss_kib: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 async def set_knobs(sim_root: str, knobs: dict[str, Any]) -> None:
@@ -406,6 +426,27 @@ async def measure(load: LoadGenerator, mesh: Mesh, phase: Phase, warmup_s: float
     return Measured(result, mesh_cpu, other_cpu_s=other, steal_cpu_s=steal)
 
 
+async def measure_idle_streams(
+    load: LoadGenerator, mesh: Mesh, sim_root: str, streams: int, *, hold_s: float
+) -> dict[str, Any]:
+    """Open `streams` ChatStreams the simulator is slow to answer, read the mesh's memory while
+    they are held (three quarters into the hold), then let the load generator cancel them."""
+    await set_knobs(sim_root, IDLE_KNOBS)
+    before = mesh.rss_kib()
+    running = asyncio.create_task(load.run(Phase("edge", "idle", streams, hold_s, streams)))
+    await asyncio.sleep(hold_s * 0.75)
+    during = mesh.rss_kib()
+    result = await running
+    await set_knobs(sim_root, UNARY_KNOBS)
+    return {
+        "idle_asked": streams,
+        "idle_open": result.open_at_end,
+        "idle_errors": f"{result.errors} failed; first: {result.first_error}" if result.errors else "",
+        "idle_rss_before_kib": before,
+        "idle_rss_kib": during,
+    }
+
+
 async def run(
     *,
     duration_s: float,
@@ -414,6 +455,7 @@ async def run(
     unary_concurrency: Sequence[int],
     stream_concurrency: Sequence[int],
     compare_litellm: bool = False,
+    idle_streams: int = IDLE_STREAMS,
 ) -> RunData:
     """Start everything, measure every phase (direct and edge interleaved), stop everything.
 
@@ -425,7 +467,9 @@ async def run(
     try:
         with (log_dir / "mesh.log").open("w") as log:
             levels = (unary_concurrency, stream_concurrency)
-            data = await _run_with_mesh(log, duration_s, warmup_s, max_requests, levels, compare_litellm)
+            data = await _run_with_mesh(
+                log, duration_s, warmup_s, max_requests, levels, compare_litellm, idle_streams
+            )
     except BaseException:
         print(f"bench: the mesh's log is kept in {log_dir / 'mesh.log'}", file=sys.stderr)
         raise
@@ -441,12 +485,21 @@ async def _run_with_mesh(
     max_requests: int,
     levels: tuple[Sequence[int], Sequence[int]],
     compare_litellm: bool,
+    idle_streams: int,
 ) -> RunData:
     mesh_core, load_core = plan_placement()
     # The orchestrator (which is the mesh's supervisor) stays on the mesh's core for the run.
     with pinned_to(mesh_core):
         return await _measure_all(
-            log, mesh_core, load_core, duration_s, warmup_s, max_requests, levels, compare_litellm
+            log,
+            mesh_core,
+            load_core,
+            duration_s,
+            warmup_s,
+            max_requests,
+            levels,
+            compare_litellm,
+            idle_streams,
         )
 
 
@@ -459,6 +512,7 @@ async def _measure_all(
     max_requests: int,
     levels: tuple[Sequence[int], Sequence[int]],
     compare_litellm: bool,
+    idle_streams: int,
 ) -> RunData:
     mesh = await start_mesh(log)
     load: LoadGenerator | None = None
@@ -495,6 +549,10 @@ async def _measure_all(
                 for path in paths:
                     phase = Phase(path, mode, concurrency, duration_s, max_requests)
                     measured.append(await measure(load, mesh, phase, warmup_s))
+        rss_after_phases = mesh.rss_kib()
+        idle = await measure_idle_streams(
+            load, mesh, sim_root, idle_streams, hold_s=max(3.0, 1.25 * duration_s)
+        )
         mesh.check_unchanged()
         placement = Placement(
             pinned=mesh_core is not None,
@@ -502,7 +560,7 @@ async def _measure_all(
             loadgen_cores=load.cores,
             online_cores=os.cpu_count() or 0,
         )
-        return RunData(measured, mesh.rss_kib(), placement, mesh.names, 0.0)
+        return RunData(measured, rss_after_phases, placement, mesh.names, 0.0, **idle)
     finally:
         if load is not None:
             await load.close()

@@ -41,7 +41,9 @@ LITELLM_KEY = "sk-bench-litellm-master-key-0123456789abcdef"
 PathName = Literal["direct", "edge", "envoy", "envoy_http", "litellm"]
 # "cached": the direct path is a plain completion; the edge path asks one deterministic
 # question again and again, so after the first call every answer is a cache hit.
-Mode = Literal["unary", "stream", "cached"]
+# "idle": `concurrency` streams opened at once against a vendor that has not answered yet, held
+# open for the phase's duration (the orchestrator reads the mesh's memory meanwhile), then cancelled.
+Mode = Literal["unary", "stream", "cached", "idle"]
 
 PROMPT = "Benchmark: say something short."
 UPSTREAM_MODEL = "gpt-4o-mini"
@@ -86,6 +88,8 @@ class PhaseResult:
     totals_ns: list[int] = field(default_factory=list)
     errors: int = 0
     first_error: str = ""
+    # Idle streams only: how many were still open when the phase ended.
+    open_at_end: int = 0
     elapsed_s: float = 0.0
     client_cpu_s: float = 0.0
 
@@ -286,6 +290,8 @@ async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
         "envoy_http": clients.envoy_http_stream,
         "litellm": clients.litellm_stream,
     }
+    if phase.mode == "idle":
+        return await _idle_streams(clients, phase, result)
     issued = 0
     cpu_before = _own_cpu_s()
     started = time.perf_counter()
@@ -310,6 +316,40 @@ async def run_phase(clients: Clients, phase: Phase) -> PhaseResult:
     await asyncio.gather(*(worker() for _ in range(phase.concurrency)))
     result.elapsed_s = time.perf_counter() - started
     result.client_cpu_s = _own_cpu_s() - cpu_before
+    return result
+
+
+async def _idle_streams(clients: Clients, phase: Phase, result: PhaseResult) -> PhaseResult:
+    """Open `phase.concurrency` ChatStream calls to the edge, hold them, then cancel them."""
+    started = time.perf_counter()
+    open_now = 0
+
+    async def hold() -> None:
+        nonlocal open_now
+        open_now += 1
+        try:
+            async for _ in clients.gateway.ChatStream(
+                clients._next_request(), metadata=clients.metadata, timeout=phase.duration_s + 60
+            ):
+                continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # counted and reported, never silently dropped
+            result.errors += 1
+            if not result.first_error:
+                result.first_error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            open_now -= 1
+
+    tasks = [asyncio.create_task(hold()) for _ in range(phase.concurrency)]
+    await asyncio.sleep(phase.duration_s)
+    result.open_at_end = open_now
+    # Every stream held, one latency entry each: how long it has been open.
+    result.latencies_ns = [int((time.perf_counter() - started) * 1e9)] * open_now
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    result.elapsed_s = time.perf_counter() - started
     return result
 
 

@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 UNMEASURED: tuple[tuple[str, str], ...] = (
     ("Every feature on (auth, rate limit, cache, budget reserve/commit, 10% tracing)", "#4, #6, #7, #9"),
-    ("Resident memory with 1,000 open idle streams", "#9"),
 )
 LITELLM_UNMEASURED = (
     "LiteLLM proxy on the same simulator, same cores (make bench installs it; not in this run)"
@@ -204,6 +203,19 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
         for name, kib in data.rss_kib.items()
         if not name.startswith("sim-") and name != LITELLM_CHILD
     )
+
+    def gateway_mib(rss: dict[str, int]) -> float:
+        return (
+            sum(kib for name, kib in rss.items() if not name.startswith("sim-") and name != LITELLM_CHILD)
+            / 1024
+        )
+
+    if data.idle_open:
+        figures["rss_mib_gateway_idle_streams"] = gateway_mib(data.idle_rss_kib)
+        figures["idle_streams_open"] = data.idle_open
+        grown = gateway_mib(data.idle_rss_kib) - gateway_mib(data.idle_rss_before_kib)
+        if grown > 0:
+            figures["rss_kib_per_idle_stream"] = grown * 1024 / data.idle_open
     if LITELLM_CHILD in data.rss_kib:
         figures["rss_mib_litellm"] = data.rss_kib[LITELLM_CHILD] / 1024
     figures["rss_mib_simulator"] = data.rss_kib[SIM_CHILD] / 1024
@@ -230,6 +242,13 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
             name: round(sat_edge.per_1k(seconds), 3) for name, seconds in sat_edge.mesh_cpu_s.items()
         },
         "rss_mib": {name: round(kib / 1024, 1) for name, kib in data.rss_kib.items()},
+        "idle_streams": {
+            "asked": data.idle_asked,
+            "open": data.idle_open,
+            "errors": data.idle_errors,
+            "rss_mib_before": {name: round(kib / 1024, 1) for name, kib in data.idle_rss_before_kib.items()},
+            "rss_mib_held": {name: round(kib / 1024, 1) for name, kib in data.idle_rss_kib.items()},
+        },
         "phases": [dataclasses.asdict(p) for p in phases],
         "unmeasured": [{"figure": f, "issues": i, "value": "UNMEASURED"} for f, i in UNMEASURED]
         + ([] if litellm else [{"figure": LITELLM_UNMEASURED, "issues": "#9", "value": "UNMEASURED"}]),
@@ -499,6 +518,7 @@ def markdown(report: dict[str, Any]) -> str:
             "Resident memory per process (MiB)",
             ", ".join(f"{name} {mib:.0f}" for name, mib in report["rss_mib"].items()),
         ),
+        _idle_row(report),
         _row(
             "Noise: busiest phase for processes outside this run (share of one core); most stolen",
             f"{noisiest.other_busy:.0%} ({noisiest.path} {noisiest.mode} c={noisiest.concurrency}); "
@@ -525,6 +545,19 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _idle_row(report: dict[str, Any]) -> str:
+    idle, fig = report["idle_streams"], report["figures"]
+    name = f"Resident memory with {idle['asked']:,} open idle streams (edge, gRPC), gateway processes"
+    if not idle["open"]:
+        return _row(name, f"none stayed open ({idle['errors'] or 'no error reported'})")
+    per = fig.get("rss_kib_per_idle_stream")
+    value = f"{fig['rss_mib_gateway_idle_streams']:.0f} MiB"
+    value += f" ({idle['open']:,} open; +{per:.0f} KiB per stream)" if per else f" ({idle['open']:,} open)"
+    if idle["errors"]:
+        value += f"; {idle['errors']}"
+    return _row(name, value)
 
 
 def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
