@@ -35,7 +35,7 @@ from typing import Any, Final
 import yaml
 
 from switchyard.common.catalog import VENDORS
-from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT
+from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT, trace_sample_ratio
 from switchyard.supervisor import ChildSpec, ReadinessCheck
 
 __all__ = [
@@ -226,6 +226,7 @@ def render_local_config(
     otlp_endpoint: str | None,
     mesh_port: int | None = None,
     listen_address: str = "127.0.0.1",
+    sample_ratio: float = 1.0,
 ) -> str:
     """Render the Envoy bootstrap (YAML) for a mesh on one machine.
 
@@ -246,6 +247,7 @@ def render_local_config(
         admin_port=admin_port,
         descriptor_path=descriptor_path,
         otlp_endpoint=otlp_endpoint,
+        sample_ratio=sample_ratio,
     )
 
 
@@ -258,6 +260,7 @@ def render_config(
     admin_port: int,
     descriptor_path: str,
     otlp_endpoint: str | None,
+    sample_ratio: float = 1.0,
 ) -> str:
     """Render the Envoy bootstrap (YAML): the local one and the cluster's differ only in targets.
 
@@ -270,8 +273,11 @@ def render_config(
     what the services call each other through: control planes by gRPC service path, adapters
     by `:authority` (`adapter_authority`). `descriptor_path` is the protoset the transcoder
     reads, relative to Envoy's working directory unless absolute. Raises `ValueError` for a
-    missing or unknown target.
+    missing or unknown target. `sample_ratio` (0 to 1) is the share of new traces Envoy records
+    (OTEL_TRACES_SAMPLER_ARG, `trace_sample_ratio`).
     """
+    if not 0.0 <= sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be between 0 and 1, got {sample_ratio}")
     required = {"edge", *_CONTROL_KEYS}
     missing = sorted(required - targets.keys())
     unknown = sorted(targets.keys() - required - _ADAPTER_KEYS - {"edge-http"})
@@ -298,6 +304,7 @@ def render_config(
             _ingress_filters(descriptor_path),
             tracing=tracing_on,
             edge=True,
+            sample_ratio=sample_ratio,
         )
     ]
     if mesh_port is not None:
@@ -322,6 +329,7 @@ def render_config(
                 [_router_filter()],
                 tracing=tracing_on,
                 edge=False,
+                sample_ratio=sample_ratio,
             )
         )
     if otlp_endpoint is not None:
@@ -361,6 +369,7 @@ def _listener(
     *,
     tracing: bool,
     edge: bool,
+    sample_ratio: float = 1.0,
 ) -> dict[str, Any]:
     """One HTTP listener. `edge`: it faces clients (their address is the remote one)."""
     hcm: dict[str, Any] = {
@@ -385,7 +394,7 @@ def _listener(
         "http_filters": http_filters,
     }
     if tracing:
-        hcm["tracing"] = _tracing()
+        hcm["tracing"] = _tracing(sample_ratio)
     return {
         "name": name,
         "address": address,
@@ -589,11 +598,12 @@ def _cluster(
     return cluster
 
 
-def _tracing() -> dict[str, Any]:
+def _tracing(sample_ratio: float) -> dict[str, Any]:
     return {
-        # The services decide sampling; Envoy records whatever reaches it and passes the
-        # W3C traceparent on.
-        "random_sampling": {"value": 100},
+        # Envoy is where a request's trace starts, so it samples new traces at the services'
+        # ratio (OTEL_TRACES_SAMPLER_ARG); a caller's own traceparent decides for its request,
+        # and the services follow Envoy's decision (parent-based).
+        "random_sampling": {"value": round(100 * sample_ratio, 4)},
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typed_config": {
@@ -797,6 +807,7 @@ def _envoy_command(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             descriptor_path=args.descriptor,
             otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            sample_ratio=trace_sample_ratio(os.environ),
         )
     except ValueError as exc:
         print(f"switchyard: error: {exc}", file=sys.stderr)

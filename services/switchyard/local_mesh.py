@@ -19,7 +19,14 @@ from pathlib import Path
 import switchyard.v1
 from switchyard.common.catalog import Catalog, provider_api_key
 from switchyard.common.ports import free_port
-from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT, LOCAL_DEV_KEY, Settings
+from switchyard.common.settings import (
+    ADAPTER_PORTS,
+    DEFAULT_PORTS,
+    EDGE_HTTP_PORT,
+    LOCAL_DEV_KEY,
+    Settings,
+    trace_sample_ratio,
+)
 from switchyard.envoy_config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_LISTEN_PORT,
@@ -149,6 +156,7 @@ def plan_mesh(
                     Path(switchyard.v1.__file__).resolve().parents[2] / "switchyard.protoset"
                 ),
                 otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                sample_ratio=trace_sample_ratio(env),
             )
         )
         envoy = envoy_child_spec(config, admin_port=admin_port)

@@ -37,6 +37,7 @@ from switchyard.envoy_config import (
     cluster_upstreams,
     default_cluster_config,
     default_local_config,
+    default_service_targets,
     envoy_argv,
     envoy_child_spec,
     render_local_config,
@@ -574,3 +575,28 @@ async def test_access_log_is_json_without_secrets(http: httpx.AsyncClient, envoy
     assert (entry["response_code"], entry["grpc_status"], entry["upstream_cluster"]) == (200, 0, "edge")
     assert entry["traceparent"].startswith("00-") and entry["duration_ms"] >= 0
     assert secret not in envoy.logs()
+
+
+def test_envoy_samples_new_traces_at_the_services_ratio(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Envoy starts each request's trace, so its sampling is the mesh's; the services follow it.
+    upstreams = cluster_upstreams("switchyard", ["openai"])
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    assert cli_main(["envoy", "--print", *(f"--upstream={k}={v}" for k, v in upstreams.items())]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    for listener in config["static_resources"]["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["tracing"]["random_sampling"] == {"value": 10.0}, listener["name"]
+    with pytest.raises(ValueError, match="sample_ratio"):
+        render_local_config(
+            listen_port=1,
+            admin_port=2,
+            edge_target="127.0.0.1:3",
+            edge_http_target=None,
+            service_targets=default_service_targets(),
+            descriptor_path="d",
+            otlp_endpoint="http://c:4317",
+            sample_ratio=1.5,
+        )

@@ -34,6 +34,17 @@ EDGE_HTTP_PORT: Final = 8000
 LOCAL_DEV_KEY: Final = "sy-localdev-switchyardlocaldevelopmentkey00000000000"
 
 
+def trace_sample_ratio(environ: Mapping[str, str]) -> float:
+    """The share of new traces recorded: OTEL_TRACES_SAMPLER_ARG clamped to [0, 1]; 1 when it is
+    unset or not a number (tracing itself is on only with OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(raw) if raw else 1.0
+    except ValueError:
+        return 1.0
+    return min(1.0, max(0.0, ratio)) if ratio == ratio else 1.0
+
+
 class SettingsError(Exception):
     """A setting from the environment is unusable; the message names the variable."""
 

@@ -49,6 +49,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util import types as otel_types
 from opentelemetry.util._decorator import _agnosticcontextmanager
 
+from switchyard.common.settings import trace_sample_ratio
+
 __all__ = [
     "TracingServerInterceptor",
     "client_interceptors",
@@ -92,11 +94,7 @@ _NOOP_TRACER = trace.NoOpTracer()
 
 def _sample_ratio(sample_ratio: float | None) -> float:
     if sample_ratio is None:
-        raw = os.environ.get(SAMPLER_ARG_ENV, "").strip()
-        try:
-            sample_ratio = float(raw) if raw else 1.0
-        except ValueError:
-            sample_ratio = 1.0
+        return trace_sample_ratio(os.environ)
     return min(1.0, max(0.0, sample_ratio))
 
 
