@@ -28,14 +28,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import yaml
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench.load import LITELLM_KEY, LoadConfig, Mode, PathName, Phase, PhaseResult, serve
 from switchyard.common.catalog import DEFAULT_CATALOG, DEFAULT_TIERS, load_catalog
 from switchyard.common.ports import free_port
 from switchyard.local_mesh import SIM_API_KEY, MeshPlan, plan_mesh
 from switchyard.supervisor import Supervisor
+from switchyard.v1 import ledger_pb2, ledger_pb2_grpc
 
 SIM_CHILD = "sim-openai"
 # One fixed answer for every path and mode: 40 words, so 20 chunks carry 2 words each.
@@ -51,6 +54,8 @@ IDLE_KNOBS: dict[str, Any] = {
     "text": ANSWER,
 }
 IDLE_STREAMS = 1_000
+# Tracing as a production mesh would run it: one trace in ten recorded, exported over OTLP.
+TRACE_SAMPLE_RATIO = 0.1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS: tuple[PathName, ...] = ("direct", "edge")
 # Through Envoy's ingress too, for the unary and streaming modes (cache hits: the edge only).
@@ -287,15 +292,67 @@ def _bench_catalog() -> Path:
     return path
 
 
-async def start_mesh(log: Any) -> Mesh:
+class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    """Where the mesh's spans go: an OTLP/gRPC trace service that counts them and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self._server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self) -> None:
+        await self._server.stop(1)
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.spans += sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def set_bench_budget(ledger_target: str) -> None:
+    """A hard daily budget on the benchmark's tenant, far above what a run spends: every
+    request holds against the edge's lease and commits against it, as a budgeted tenant's does."""
+    async with grpc.aio.insecure_channel(ledger_target) as channel:
+        await ledger_pb2_grpc.CostLedgerServiceStub(channel).SetBudget(
+            ledger_pb2.SetBudgetRequest(
+                budget=ledger_pb2.Budget(
+                    budget_id="default:bench:daily",
+                    scope=ledger_pb2.BudgetScope(tenant_id="default"),
+                    window=ledger_pb2.BUDGET_WINDOW_DAILY,
+                    enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+                    limit_micros=10**12,
+                ),
+                actor="bench",
+            ),
+            timeout=10,
+        )
+
+
+async def start_mesh(log: Any, otlp_endpoint: str) -> Mesh:
     """Start the local mesh with simulated vendors on free ports and Envoy in front (as `switchyard
-    run` does); tracing off, logs to `log`.
+    run` does), with every feature on: tracing at `TRACE_SAMPLE_RATIO` to `otlp_endpoint` and a
+    hard budget on the tenant (see `set_bench_budget`); logs to `log`.
 
     The children inherit this process's CPU affinity.
     """
     environ = {
         k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("OTEL_")
     }
+    # Envoy's config is rendered from these too: it samples at the same ratio.
+    tracing = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+        "OTEL_TRACES_SAMPLER_ARG": str(TRACE_SAMPLE_RATIO),
+    }
+    environ.update(tracing)
     catalog_path = _bench_catalog()
     envoy_dir = Path(tempfile.mkdtemp(prefix="switchyard-bench-envoy-"))
     plan = plan_mesh(
@@ -307,6 +364,7 @@ async def start_mesh(log: Any) -> Mesh:
     )
     state_dir = tempfile.mkdtemp(prefix="switchyard-bench-state-")
     extra = {
+        **tracing,
         # Room for the idle-streams phase: every stream is admitted, none waits in the queue.
         "SWITCHYARD_EDGE_MAX_CONCURRENT": str(2 * IDLE_STREAMS),
         "SWITCHYARD_SHUTDOWN_GRACE_S": "1",
@@ -319,6 +377,9 @@ async def start_mesh(log: Any) -> Mesh:
     await supervisor.start()
     try:
         await supervisor.wait_ready(90)
+        # Before the first request, so every edge loads it with its budget directory.
+        ledger = next(c for c in children if c.name == "ledger")
+        await set_bench_budget(f"127.0.0.1:{ledger.env['SWITCHYARD_PORT']}")
     except BaseException:
         await supervisor.stop(grace_s=2)
         raise
@@ -400,6 +461,8 @@ class RunData:
     idle_errors: str = ""
     idle_rss_before_kib: dict[str, int] = dataclasses.field(default_factory=dict)
     idle_rss_kib: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Spans the mesh exported to the run's OTLP sink (tracing at TRACE_SAMPLE_RATIO).
+    spans_exported: int = 0
 
 
 async def set_knobs(sim_root: str, knobs: dict[str, Any]) -> None:
@@ -514,7 +577,38 @@ async def _measure_all(
     compare_litellm: bool,
     idle_streams: int,
 ) -> RunData:
-    mesh = await start_mesh(log)
+    sink = OtlpSink()
+    await sink.start()
+    try:
+        return await _measure_with_sink(
+            log,
+            sink,
+            mesh_core,
+            load_core,
+            duration_s,
+            warmup_s,
+            max_requests,
+            levels,
+            compare_litellm,
+            idle_streams,
+        )
+    finally:
+        await sink.stop()
+
+
+async def _measure_with_sink(
+    log: Any,
+    sink: OtlpSink,
+    mesh_core: int | None,
+    load_core: int | None,
+    duration_s: float,
+    warmup_s: float,
+    max_requests: int,
+    levels: tuple[Sequence[int], Sequence[int]],
+    compare_litellm: bool,
+    idle_streams: int,
+) -> RunData:
+    mesh = await start_mesh(log, sink.endpoint)
     load: LoadGenerator | None = None
     measured: list[Measured] = []
     try:
@@ -560,7 +654,9 @@ async def _measure_all(
             loadgen_cores=load.cores,
             online_cores=os.cpu_count() or 0,
         )
-        return RunData(measured, rss_after_phases, placement, mesh.names, 0.0, **idle)
+        return RunData(
+            measured, rss_after_phases, placement, mesh.names, 0.0, spans_exported=sink.spans, **idle
+        )
     finally:
         if load is not None:
             await load.close()

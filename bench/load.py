@@ -135,6 +135,9 @@ class Clients:
         )
         self.request = common_pb2.ChatRequest(model=EDGE_MODEL)
         self.request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=PROMPT)])
+        # Deterministic, so cacheable: every request through the gateway is looked up in the
+        # cache (a miss: each prompt is new) and its answer stored.
+        self.request.sampling.temperature = 0.0
         self.cached_request = common_pb2.ChatRequest(model=EDGE_MODEL)
         self.cached_request.messages.add(
             role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=PROMPT)]
@@ -219,6 +222,7 @@ class Clients:
         body: dict[str, object] = {
             "model": model,
             "messages": [{"role": "user", "content": f"{PROMPT} #{self._sent}"}],
+            "temperature": 0,
         }
         if stream:
             body["stream"] = True
