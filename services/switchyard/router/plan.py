@@ -32,6 +32,7 @@ How a plan is made (deterministic given the table and that state):
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -356,6 +357,8 @@ class _Entry:
 
 # A model that passed the filters: (route, reason, predicted cost micros, predicted latency ms).
 _Kept = tuple[ModelRoute, str, int, float]
+_COST: Final = operator.itemgetter(2)
+_LATENCY: Final = operator.itemgetter(3)
 
 
 @dataclass(slots=True)
@@ -482,8 +485,8 @@ class _Scores:
     def __init__(self, kept: Sequence[_Kept], preference: int, region: str) -> None:
         w_cost, w_latency, w_quality, w_health = self.weights = STRATEGY_WEIGHTS[preference]
         self.region = region
-        self.min_cost = min_cost = min(k[2] for k in kept)
-        self.min_latency = min_latency = min(k[3] for k in kept)
+        self.min_cost = min_cost = min(map(_COST, kept))
+        self.min_latency = min_latency = min(map(_LATENCY, kept))
         cost_top = w_cost * (min_cost + 1)
         latency_top = w_latency * (min_latency + 1.0)
         # The quality, health and free-tier parts per preference are precomputed in the table.
@@ -504,8 +507,8 @@ class _Scores:
                 + (REGION_BONUS if in_region else half)
                 for (r, _, cost, latency), in_region in zip(kept, local, strict=True)
             ]
-        tiers = [k[0].tiers[p] for k in kept]
-        keys = [tier - score for tier, score in zip(tiers, scores, strict=True)]
+        tiers = [r.tiers[p] for r, _, _, _ in kept]
+        keys = list(map(operator.sub, tiers, scores))
         self.scores = scores
         self.tiers = tiers
         self.keys = keys
