@@ -370,6 +370,10 @@ async def start_mesh(log: Any, otlp_endpoint: str) -> Mesh:
         "SWITCHYARD_SHUTDOWN_GRACE_S": "1",
         "SWITCHYARD_CATALOG": str(catalog_path),
         "SWITCHYARD_STATE_DIR": state_dir,
+        # Exact lookups: a semantic one embeds every question first, and that embedding (5-15 ms
+        # of CPU for a short question on this class of machine) is a cost the tenant chooses;
+        # `python -m bench.cache` measures it on its own.
+        "SWITCHYARD_CACHE_SEMANTIC": "false",
     }
     children = tuple(dataclasses.replace(c, env={**c.env, **extra}) for c in plan.children)
     plan = dataclasses.replace(plan, children=children)

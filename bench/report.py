@@ -239,8 +239,9 @@ def build(data: RunData, *, smoke: bool, config: dict[str, Any]) -> dict[str, An
             "client_event_loop": "uvloop",
             "mesh": "switchyard run's plan: simulated vendors, free ports, Envoy in front (services call "
             "each other directly), logs to a temp file; every feature on: API-key auth, rate limits "
-            "(a generous tier, checked on every request), a cache lookup on every gateway request "
-            "(temperature 0, each prompt new: a miss, then the answer stored), a hard daily budget on "
+            "(a generous tier, checked on every request), an exact cache lookup on every gateway request "
+            "(temperature 0, each prompt new: a miss, then the answer stored; semantic matching off, "
+            "its embedding is measured by `python -m bench.cache`), a hard daily budget on "
             "the tenant (held against the edge's lease, committed to the ledger), routing, and "
             f"tracing at {TRACE_SAMPLE_RATIO:.0%} sampling exported over OTLP "
             f"({data.spans_exported:,} spans in the run)",
