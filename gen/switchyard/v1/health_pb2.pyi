@@ -201,6 +201,7 @@ class ModelHealth(_message.Message):
     LATENCY_MS_PER_OUTPUT_TOKEN_FIELD_NUMBER: _builtins.int
     LATENCY_FIT_SAMPLES_FIELD_NUMBER: _builtins.int
     LATENCY_PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
+    LATENCY_FIT_OUTPUT_REACH_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     status: Global___HealthStatus.ValueType
@@ -231,6 +232,11 @@ class ModelHealth(_message.Message):
     latency_prediction_error: _builtins.float
     """Mean of |predicted - actual| / actual over recent outcomes, each predicted before it was
     learned from (0 when there is no prediction yet).
+    """
+    latency_fit_output_reach: _builtins.float
+    """Output tokens the fit has seen in practice: the weighted mean plus two standard deviations
+    of the outputs it learned from. Longer outputs are predicted at this size: a slope measured
+    over 10 to 30 tokens says little about 1,000 (0 when there is no fit).
     """
     @_builtins.property
     def last_error_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -270,10 +276,11 @@ class ModelHealth(_message.Message):
         latency_ms_per_output_token: _builtins.float = ...,
         latency_fit_samples: _builtins.int = ...,
         latency_prediction_error: _builtins.float = ...,
+        latency_fit_output_reach: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["breaker_retry_at", b"breaker_retry_at", "headroom", b"headroom", "last_error_at", b"last_error_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "breaker_retry_at", b"breaker_retry_at", "consecutive_failures", b"consecutive_failures", "error_rate", b"error_rate", "ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "half_open_trials", b"half_open_trials", "headroom", b"headroom", "last_error", b"last_error", "last_error_at", b"last_error_at", "latency_base_ms", b"latency_base_ms", "latency_fit_samples", b"latency_fit_samples", "latency_ms_per_input_token", b"latency_ms_per_input_token", "latency_ms_per_output_token", b"latency_ms_per_output_token", "latency_prediction_error", b"latency_prediction_error", "model", b"model", "output_tokens_per_second", b"output_tokens_per_second", "p50_latency_ms", b"p50_latency_ms", "p95_latency_ms", b"p95_latency_ms", "p99_latency_ms", b"p99_latency_ms", "provider", b"provider", "reason", b"reason", "samples", b"samples", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "breaker_retry_at", b"breaker_retry_at", "consecutive_failures", b"consecutive_failures", "error_rate", b"error_rate", "ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "half_open_trials", b"half_open_trials", "headroom", b"headroom", "last_error", b"last_error", "last_error_at", b"last_error_at", "latency_base_ms", b"latency_base_ms", "latency_fit_output_reach", b"latency_fit_output_reach", "latency_fit_samples", b"latency_fit_samples", "latency_ms_per_input_token", b"latency_ms_per_input_token", "latency_ms_per_output_token", b"latency_ms_per_output_token", "latency_prediction_error", b"latency_prediction_error", "model", b"model", "output_tokens_per_second", b"output_tokens_per_second", "p50_latency_ms", b"p50_latency_ms", "p95_latency_ms", b"p95_latency_ms", "p99_latency_ms", b"p99_latency_ms", "provider", b"provider", "reason", b"reason", "samples", b"samples", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

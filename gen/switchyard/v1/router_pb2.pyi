@@ -438,6 +438,7 @@ class LatencyModel(_message.Message):
     MS_PER_OUTPUT_TOKEN_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
     PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
+    OUTPUT_REACH_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     provider: _builtins.str
     base_ms: _builtins.float
@@ -446,6 +447,10 @@ class LatencyModel(_message.Message):
     samples: _builtins.int
     prediction_error: _builtins.float
     """Mean relative error of its predictions against what then happened."""
+    output_reach: _builtins.float
+    """Output tokens the fit has data for (see ModelHealth.latency_fit_output_reach); longer
+    outputs are predicted at this size. 0: no limit known.
+    """
     def __init__(
         self,
         *,
@@ -456,10 +461,11 @@ class LatencyModel(_message.Message):
         ms_per_output_token: _builtins.float = ...,
         samples: _builtins.int = ...,
         prediction_error: _builtins.float = ...,
+        output_reach: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ms", b"base_ms", "model", b"model", "ms_per_input_token", b"ms_per_input_token", "ms_per_output_token", b"ms_per_output_token", "prediction_error", b"prediction_error", "provider", b"provider", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ms", b"base_ms", "model", b"model", "ms_per_input_token", b"ms_per_input_token", "ms_per_output_token", b"ms_per_output_token", "output_reach", b"output_reach", "prediction_error", b"prediction_error", "provider", b"provider", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

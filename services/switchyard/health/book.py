@@ -369,6 +369,7 @@ class HealthBook:
             latency_ms_per_output_token=per_output,
             latency_fit_samples=min(entry.fit.samples, 2**32 - 1),
             latency_prediction_error=entry.prediction_error or 0.0,
+            latency_fit_output_reach=entry.fit.output_reach,
         )
         if entry.last_error_at is not None:
             result.last_error_at.CopyFrom(timestamp_of(entry.last_error_at))

@@ -48,6 +48,17 @@ class OnlineLatencyModel:
         """(base ms, ms per input token, ms per output token) of the current fit."""
         return self._coefficients
 
+    @property
+    def output_reach(self) -> float:
+        """Output tokens the fit has seen in practice: weighted mean plus two weighted standard
+        deviations of the observations' outputs (0 before the first)."""
+        weight = self._xx[0][0]
+        if weight <= 0:
+            return 0.0
+        mean = self._xx[0][2] / weight
+        variance = max(0.0, self._xx[2][2] / weight - mean * mean)
+        return mean + 2.0 * math.sqrt(variance)
+
     def update(self, input_tokens: int, output_tokens: int, latency_ms: float) -> None:
         """Learn from one observation."""
         x = (1.0, float(input_tokens), float(output_tokens))

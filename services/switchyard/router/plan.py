@@ -20,9 +20,10 @@ How a plan is made (deterministic given the table and that state):
    context window, required region, cost cap, breakers (open; half-open after its trials),
    rate-limit headroom.
 6. Ranking by a strategy (the request's preference): components normalised 0..1 over the
-   candidates (cost and latency as best / this), mixed by `STRATEGY_WEIGHTS`, plus a region
-   bonus. Free-tier models with headroom come first in every strategy, and the COST strategy
-   puts models of quality >= `QUALITY_FLOOR` before the others.
+   candidates (cost and latency as best / this; latency with `LATENCY_OFFSET_MS` added to both,
+   so milliseconds of noise between fast models do not split them), mixed by
+   `STRATEGY_WEIGHTS`, plus a region bonus. Free-tier models with headroom come first in every
+   strategy, and the COST strategy puts models of quality >= `QUALITY_FLOOR` before the others.
 7. Among the leading equals (same rank tier and region match, scores within `equal_score_band`
    of the best) the first position rotates by smooth weighted round robin on the table's
    weights, each member keeping at least `weight_floor` of the share. A half-open model with
@@ -54,6 +55,7 @@ from switchyard.router.table import (
     RoutingTable,
     default_settings,
 )
+from switchyard.router.weights import LATENCY_OFFSET_MS
 from switchyard.v1 import common_pb2, router_pb2
 
 __all__ = [
@@ -428,7 +430,7 @@ def _gather(
                     r,
                     reason,
                     -(-(inp * r.input_price + out * r.output_price) // 1_000_000),
-                    r.lat_base + r.lat_in * inp + r.lat_out * out,
+                    r.lat_base + r.lat_in * inp + r.lat_out * (out if out < r.lat_reach else r.lat_reach),
                 )
             )
         return
@@ -488,12 +490,13 @@ class _Scores:
         self.min_cost = min_cost = min(map(_COST, kept))
         self.min_latency = min_latency = min(map(_LATENCY, kept))
         cost_top = w_cost * (min_cost + 1)
-        latency_top = w_latency * (min_latency + 1.0)
+        offset = LATENCY_OFFSET_MS
+        latency_top = w_latency * (min_latency + offset)
         # The quality, health and free-tier parts per preference are precomputed in the table.
         p = preference
         if not region:
             scores = [
-                cost_top / (cost + 1) + latency_top / (latency + 1.0) + r.statics[p] + REGION_BONUS
+                cost_top / (cost + 1) + latency_top / (latency + offset) + r.statics[p] + REGION_BONUS
                 for r, _, cost, latency in kept
             ]
             local = [True] * len(kept)
@@ -502,7 +505,7 @@ class _Scores:
             local = [r.region == region for r, _, _, _ in kept]
             scores = [
                 cost_top / (cost + 1)
-                + latency_top / (latency + 1.0)
+                + latency_top / (latency + offset)
                 + r.statics[p]
                 + (REGION_BONUS if in_region else half)
                 for (r, _, cost, latency), in_region in zip(kept, local, strict=True)
@@ -518,7 +521,7 @@ class _Scores:
         """The named components of a score, for Explain."""
         return {
             "cost": min(1.0, (self.min_cost + 1) / (cost + 1)),
-            "latency": min(1.0, (self.min_latency + 1.0) / (latency + 1.0)),
+            "latency": min(1.0, (self.min_latency + LATENCY_OFFSET_MS) / (latency + LATENCY_OFFSET_MS)),
             "quality": route.quality / 100,
             "health": route.health_score,
             "region": 1.0 if not self.region or route.region == self.region else 0.5,
@@ -899,9 +902,8 @@ def _splice_fallbacks(
 def _predict(route: ModelRoute, input_tokens: int, output_tokens: int) -> tuple[int, float]:
     """(expected cost in micro-USD, rounded up; predicted latency in ms)."""
     micros = input_tokens * route.input_price + output_tokens * route.output_price
-    return -(
-        -micros // 1_000_000
-    ), route.lat_base + route.lat_in * input_tokens + route.lat_out * output_tokens
+    reach = min(output_tokens, route.lat_reach)
+    return -(-micros // 1_000_000), route.lat_base + route.lat_in * input_tokens + route.lat_out * reach
 
 
 def _candidate(entry: _Entry) -> router_pb2.Candidate:

@@ -160,6 +160,7 @@ def build_snapshot(
                 ms_per_output_token=entry.latency_ms_per_output_token,
                 samples=entry.latency_fit_samples,
                 prediction_error=entry.latency_prediction_error,
+                output_reach=entry.latency_fit_output_reach,
             )
     if catalog.default_model is not None:
         default = catalog.resolve(catalog.default_model)
@@ -205,7 +206,8 @@ class ModelRoute:
     reasoning price for a reasoning model when that is dearer). `blended2` is input + output
     price, twice the blended price, so a cost cap compares in exact integers. Times are epoch
     seconds; `blocked_until` 0 means no rate-limit block, `tokens_until` 0 means no token
-    headroom to check. Latency is predicted as `lat_base + lat_in·input + lat_out·output` ms.
+    headroom to check. Latency is predicted as `lat_base + lat_in·input + lat_out·output` ms,
+    the output held at `lat_reach` (what the fit has data for; infinite without a fit).
 
     For a request that sets no output limit: `room` is the prompt that still fits the context
     window, `default_expected` the expected output, and `out_cost` / `out_latency` its cost
@@ -244,6 +246,7 @@ class ModelRoute:
     lat_base: float
     lat_in: float
     lat_out: float
+    lat_reach: float
     confidence: float
     weight: float
     # Whether any breaker or rate-limit check applies (False lets planning skip them all).
@@ -425,8 +428,11 @@ class RoutingTable:
                 ):
                     tokens_remaining, tokens_until = block.tokens_remaining, block.tokens_until
 
+        lat_reach = math.inf
         if fit is not None:
             lat_base, lat_in, lat_out = fit.base_ms, fit.ms_per_input_token, fit.ms_per_output_token
+            if fit.output_reach > 0:
+                lat_reach = fit.output_reach
             confidence = min(1.0, fit.samples / CONFIDENT_SAMPLES) * (1.0 - min(1.0, fit.prediction_error))
         elif entry is not None and entry.samples > 0 and entry.ewma_latency_ms > 0:
             lat_base, lat_in, lat_out = entry.ewma_latency_ms, 0.0, 0.0
@@ -472,13 +478,14 @@ class RoutingTable:
             lat_base=lat_base,
             lat_in=lat_in,
             lat_out=lat_out,
+            lat_reach=lat_reach,
             confidence=max(0.0, confidence),
             weight=max(0.0, self.weights.get(key, UNMEASURED_WEIGHT)),
             gated=breaker != BREAKER_CLOSED or blocked_until > 0 or tokens_until > 0,
             room=info.context_window_tokens - default_output,
             default_expected=default_expected,
             out_cost=default_expected * output_price,
-            out_latency=lat_base + lat_out * default_expected,
+            out_latency=lat_base + lat_out * min(default_expected, lat_reach),
             statics=statics,
             tiers=tiers,
         )

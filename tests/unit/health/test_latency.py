@@ -148,6 +148,18 @@ def test_forgetting_follows_a_provider_that_changes() -> None:
     assert 10.5 < rigid.coefficients[2] < 19.5
 
 
+def test_output_reach_is_the_mean_plus_two_standard_deviations() -> None:
+    model = OnlineLatencyModel(1.0)
+    assert model.output_reach == 0.0
+    for output_tokens in (10, 20, 30):
+        model.update(5, output_tokens, 4.0)
+    assert model.output_reach == pytest.approx(20 + 2 * math.sqrt(200 / 3))
+    steady = OnlineLatencyModel()
+    for _ in range(10):
+        steady.update(5, 40, 4.0)
+    assert steady.output_reach == pytest.approx(40.0)
+
+
 def test_predictions_are_never_negative() -> None:
     model = OnlineLatencyModel()
     for output_tokens in (60, 100, 200, 300):

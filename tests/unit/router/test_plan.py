@@ -278,6 +278,28 @@ def test_predicted_latency_from_the_fit_then_the_ewma_then_the_category_default(
     assert by_model["beta/small"].confidence == pytest.approx(0.2)
 
 
+def test_outputs_longer_than_the_fit_has_seen_are_predicted_at_its_reach() -> None:
+    # A slope measured on outputs of 10 to 30 tokens, where noise decides it, says little about
+    # 256: the prediction holds the output at what the fit has seen.
+    fit = health_pb2.ModelHealth(
+        provider="alpha",
+        model="alpha/small",
+        latency_base_ms=2,
+        latency_ms_per_input_token=0.0,
+        latency_ms_per_output_token=0.5,
+        latency_fit_samples=50,
+        latency_fit_output_reach=30,
+    )
+    chooser = planner(health=[fit], max_candidates=3)
+    unlimited = chooser.plan(ask("alpha/small"), input_tokens=10, now=NOW).candidates[0]
+    assert unlimited.predicted_latency_ms == 17  # 2 + 0.5 x 30, not 2 + 0.5 x 256
+    short = chooser.plan(ask("alpha/small", max_output=10), input_tokens=10, now=NOW).candidates[0]
+    assert short.predicted_latency_ms == 7  # within the reach: 2 + 0.5 x 10
+    fit.latency_fit_output_reach = 0  # no reach known: the slope goes all the way
+    unknown = planner(health=[fit]).plan(ask("alpha/small"), input_tokens=10, now=NOW).candidates[0]
+    assert unknown.predicted_latency_ms == 130  # 2 + 0.5 x 256
+
+
 # --- auto ----------------------------------------------------------------------------------------
 
 
@@ -671,6 +693,24 @@ def test_round_robin_is_deterministic_and_survives_a_table_swap() -> None:
     assert swapping.table.version == 2
     assert swapping.plan(ask(task=CHAT), now=NOW).candidates[0].model == "beta/m"
     assert planner(TWINS, band=0.1, version=2).plan(ask(task=CHAT), now=NOW).candidates[0].model == "alpha/m"
+
+
+def test_milliseconds_of_latency_do_not_split_fast_equals() -> None:
+    # 3 ms against 9 ms is noise next to what a completion takes: both stay equals and share.
+    health = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/m", ewma_latency_ms=3, samples=100),
+        health_pb2.ModelHealth(provider="beta", model="beta/m", ewma_latency_ms=9, samples=100),
+    ]
+    weights = {"alpha/alpha/m": 1.0, "beta/beta/m": 1.0}
+    counts = first_counts(planner(TWINS, band=0.1, weights=weights, health=health), plans=100)
+    assert counts == {"alpha/m": 50, "beta/m": 50}
+    # 300 ms against 900 ms is not.
+    slower = [
+        health_pb2.ModelHealth(provider="alpha", model="alpha/m", ewma_latency_ms=300, samples=100),
+        health_pb2.ModelHealth(provider="beta", model="beta/m", ewma_latency_ms=900, samples=100),
+    ]
+    chooser = planner(TWINS, band=0.1, weights=weights, health=slower)
+    assert first_counts(chooser, plans=100) == {"alpha/m": 100}
 
 
 def test_scores_outside_the_band_are_not_equals() -> None:

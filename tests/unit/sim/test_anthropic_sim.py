@@ -567,10 +567,13 @@ async def test_dropped_connection(client: anthropic.AsyncAnthropic, sim: Running
         stream=True,
         extra_headers=knobs_header(drop_after_chunks=4),
     )
-    # The SDK does not wrap a body cut mid-stream: its HTTP client's error surfaces.
-    with pytest.raises(httpx2.RemoteProtocolError):
+    # A body cut mid-stream: older SDKs let their HTTP client's error through, newer ones wrap it
+    # in a connection error whose cause it is.
+    with pytest.raises((httpx2.RemoteProtocolError, anthropic.APIConnectionError)) as info:
         async for _ in stream:
             pass
+    cut = info.value if isinstance(info.value, httpx2.RemoteProtocolError) else info.value.__cause__
+    assert isinstance(cut, httpx2.RemoteProtocolError), repr(info.value)
     with pytest.raises(anthropic.APIConnectionError):
         await client.messages.create(
             model=MODEL, max_tokens=100, messages=MESSAGES, extra_headers=knobs_header(drop_after_chunks=0)
