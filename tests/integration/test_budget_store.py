@@ -376,6 +376,27 @@ async def test_set_spent_overwrites_spent_and_keeps_held(store: BudgetStore) -> 
     assert await counter(store, budget) == Counter(0, 300)
 
 
+async def test_forget_drops_every_window_of_a_budget_and_nothing_else(store: BudgetStore) -> None:
+    # Ids with glob characters and ids that prefix one another: only the named one goes.
+    odd = "user:*[a]?\\x"
+    windows = [ref(odd, window=w, limit=100) for w in ("2026-11", "2026-12", "2026-12-01")]
+    others = [ref("user:*[a]?\\xy", limit=100), ref("user:", limit=100), ref("user:b", limit=100)]
+    for budget in [*windows, *others]:
+        await store.set_spent(budget, 40, now_ms=NOW)
+    assert (await store.reserve("r1", [windows[0], others[0]], 10, ttl_ms=TTL, now_ms=NOW)).ok
+    assert await store.forget([odd, odd, "never-seen"]) == len(windows)
+    for budget in windows:
+        assert await counter(store, budget) == Counter(0, 0)
+    assert [await counter(store, b) for b in others] == [Counter(40, 10), Counter(40, 0), Counter(40, 0)]
+    # The hold that counted on the forgotten counter ends without touching it again.
+    assert await store.release("r1", now_ms=NOW)
+    assert await counter(store, windows[0]) == Counter(0, 0)
+    assert await counter(store, others[0]) == Counter(40, 0)
+    assert await store.forget([]) == 0
+    with pytest.raises(ValueError):
+        await store.forget([""])
+
+
 async def test_arguments_are_checked_alike(store: BudgetStore) -> None:
     budget = ref()
     with pytest.raises(ValueError):
@@ -491,16 +512,25 @@ async def test_the_scripts_are_reloaded_after_a_script_flush(redis_client: Redis
     assert await counter(store, budget) == Counter(0, 60)
 
 
-async def test_an_unreachable_redis_raises_unavailable_without_the_url() -> None:
+@pytest.fixture
+async def unreachable() -> AsyncIterator[RedisBudgetStore]:
+    """A store on a port nobody listens on, its URL carrying a password."""
     options = RedisOptions(connect_timeout_s=0.2, socket_timeout_s=0.2, pool_timeout_s=0.2)
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     store = RedisBudgetStore(open_redis(url, options=options), owns_client=True)
     try:
-        with pytest.raises(BudgetStoreUnavailable) as caught:
-            await store.reserve("r1", [ref()], 1, ttl_ms=TTL, now_ms=NOW)
-        assert "hunter2" not in str(caught.value)
+        yield store
     finally:
         await store.aclose()
+
+
+async def test_an_unreachable_redis_raises_unavailable_without_the_url(unreachable: RedisBudgetStore) -> None:
+    with pytest.raises(BudgetStoreUnavailable) as caught:
+        await unreachable.reserve("r1", [ref()], 1, ttl_ms=TTL, now_ms=NOW)
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(BudgetStoreUnavailable) as caught:
+        await unreachable.forget(["b1"])
+    assert "hunter2" not in str(caught.value)
 
 
 async def test_build_budget_store_picks_the_backend(redis_url: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
-import hashlib
+import hmac
 import io
 import json
 import time
@@ -42,6 +42,7 @@ from tests.support.service_process import running_service
 
 MODEL = "openai/gpt-4o-mini"
 SECRET = "whsec-ledger-e2e-0123456789abcdef"
+ERASURE_KEY = "erasure-key-ledger-e2e-0123456789"
 SWEEP_S = 0.2
 BACKENDS = ("sqlite-memory", "postgres-redis")
 # One micro-USD more than the budget counters hold exactly (2**53 - 1, about $9e9).
@@ -79,6 +80,7 @@ def ledger_env(state_dir: Path, *, database_url: str = "", redis_url: str = "") 
         "SWITCHYARD_SHUTDOWN_GRACE_S": "2",
         "SWITCHYARD_LEDGER_SWEEP_S": str(SWEEP_S),
         "SWITCHYARD_WEBHOOK_SECRET": SECRET,
+        "SWITCHYARD_LEDGER_ERASURE_KEY": ERASURE_KEY,
         "SWITCHYARD_LEASE_TTL_S": "10",
         "SWITCHYARD_GENERATE_TIMEOUT_S": "20",
     }
@@ -201,13 +203,15 @@ async def set_budget(
     return reply.budget
 
 
+async def list_budgets(stub: ledger_pb2_grpc.CostLedgerServiceStub, tenant: str) -> list[ledger_pb2.Budget]:
+    listed = await stub.ListBudgets(ledger_pb2.ListBudgetsRequest(tenant_id=tenant), timeout=10)
+    return list(listed.budgets)
+
+
 async def budget_state(
     stub: ledger_pb2_grpc.CostLedgerServiceStub, tenant: str, budget_id: str
 ) -> ledger_pb2.Budget:
-    listed: ledger_pb2.ListBudgetsResponse = await stub.ListBudgets(
-        ledger_pb2.ListBudgetsRequest(tenant_id=tenant), timeout=10
-    )
-    (found,) = [b for b in listed.budgets if b.budget_id == budget_id]
+    (found,) = [b for b in await list_budgets(stub, tenant) if b.budget_id == budget_id]
     return found
 
 
@@ -704,8 +708,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(ledger: LedgerProc
         assert (error.code, error.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field_path), (
             error
         )
-    listed = await stub.ListBudgets(ledger_pb2.ListBudgetsRequest(tenant_id=tenant), timeout=10)
-    assert list(listed.budgets) == []  # nothing refused was stored
+    assert await list_budgets(stub, tenant) == []  # nothing refused was stored
 
     scope = ledger_pb2.BudgetScope(tenant_id=tenant)
     for call, field_path in (
@@ -805,23 +808,67 @@ async def test_export_erase_and_estimate_accuracy(ledger: LedgerProcess) -> None
         r.request_id for r in alice
     }
 
+    # Alice's own budget goes with her; the tenant's stays.
+    hers = budget(tenant, 1_000_000, suffix="alice:daily")
+    hers.scope.end_user = "alice"
+    await set_budget(stub, hers)
+    await set_budget(stub, budget(tenant, 5_000_000))
+    alice_request = ledger_pb2.ReserveRequest(
+        request_id=str(uuid.uuid4()),
+        scope=ledger_pb2.BudgetScope(tenant_id=tenant, end_user="alice"),
+        amount_micros=2_000_000,
+        ttl_seconds=5,
+    )
+    refused = await rpc_error(stub.Reserve(alice_request, timeout=10))
+    assert refused.reason is Reason.BUDGET_EXCEEDED and refused.metadata["budget_id"] == hers.budget_id
+    later = usage_record(tenant, input_tokens=1000, output_tokens=500, end_user="alice")
+    await stub.Commit(ledger_pb2.CommitRequest(record=later), timeout=10)
+    spent = {b.budget_id: b.spent_micros for b in await list_budgets(stub, tenant)}
+    assert spent == {hers.budget_id: 450, f"{tenant}:daily": 450}
+
     erased = await stub.EraseEndUser(
         ledger_pb2.EraseEndUserRequest(tenant_id=tenant, end_user="alice", actor="dpo@example.com"),
         timeout=10,
     )
-    assert erased.rows_deleted == 2
-    assert [r["request_id"] for r in await export_rows(stub, tenant)] == [bob[0].request_id]
+    assert (erased.rows_anonymised, erased.budgets_deleted, erased.audit_entries_deleted) == (3, 1, 1)
+    assert [b.budget_id for b in await list_budgets(stub, tenant)] == [f"{tenant}:daily"]
+    # Her requests are held against the tenant's budget only now (hers refused 2 USD before).
+    reserved = await stub.Reserve(
+        ledger_pb2.ReserveRequest(
+            request_id=str(uuid.uuid4()),
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant, end_user="alice"),
+            amount_micros=2_000_000,
+            ttl_seconds=5,
+        ),
+        timeout=10,
+    )
+    await stub.Release(ledger_pb2.ReleaseRequest(reservation_id=reserved.reservation_id), timeout=10)
+    # Her rows stay for the tenant's totals, with no end user; the tenant's budget keeps her spend.
+    exported = {r["request_id"]: r["end_user"] for r in await export_rows(stub, tenant)}
+    assert exported == {
+        **{r.request_id: "" for r in [*alice, later]},
+        bob[0].request_id: 'bob, "the" builder',
+    }
+    assert await export_rows(stub, tenant, "alice") == []
     totals = await usage(stub, tenant)
-    assert (totals.requests, totals.cost_micros) == (1, 300)
+    assert (totals.requests, totals.cost_micros) == (4, 3 * 450 + 300)
+    # Her budget's counter went too: the same budget made again starts from nothing.
+    await set_budget(stub, hers)
+    spent = {b.budget_id: b.spent_micros for b in await list_budgets(stub, tenant)}
+    assert spent == {hers.budget_id: 0, f"{tenant}:daily": 450}
     # Another tenant's end user of the same name keeps their rows.
     assert (await usage(stub, other_tenant.scope.tenant_id)).requests == 1
     audit = await stub.ListBudgetAudit(ledger_pb2.ListBudgetAuditRequest(tenant_id=tenant), timeout=10)
     (entry,) = [e for e in audit.entries if e.action == "erase_end_user"]
     assert entry.actor == "dpo@example.com" and "alice" not in entry.detail
+    keyed = hmac.new(ERASURE_KEY.encode(), json.dumps([tenant, "alice"]).replace(" ", "").encode(), "sha256")
     assert json.loads(entry.detail) == {
         "tenant_id": tenant,
-        "end_user_sha256": hashlib.sha256(b"alice").hexdigest(),
-        "rows_deleted": 2,
+        "end_user_hmac_sha256": keyed.hexdigest(),
+        "rows_anonymised": 3,
+        "budgets_deleted": 1,
+        "audit_entries_deleted": 1,
+        "alerts_deleted": 0,
     }
 
     # Estimates against the vendor's counts, on a model no other test records estimates for:

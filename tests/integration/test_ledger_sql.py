@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import hmac
 import io
 import itertools
 import json
@@ -23,10 +24,12 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from switchyard.common.sql import Backend, Database, open_database
+from switchyard.ledger.alerts import AlertCenter
 from switchyard.ledger.history import (
     COMPONENT,
     CSV_COLUMNS,
     MIGRATIONS,
+    Erasure,
     InvalidPageToken,
     LedgerStore,
     month_start_ms,
@@ -749,7 +752,7 @@ async def test_export_is_quoted_csv_in_time_order_in_pieces(store: LedgerStore) 
 # --- GDPR erasure -------------------------------------------------------------------------------
 
 
-async def test_erasing_an_end_user_deletes_only_their_rows_and_audits_a_hash(
+async def test_erasing_an_end_user_anonymises_rows_deletes_budgets_audit_alerts_and_audits_a_keyed_hash(
     store: LedgerStore, database: Database
 ) -> None:
     tenant, other = unique("acme"), unique("globex")
@@ -761,33 +764,104 @@ async def test_erasing_an_end_user_deletes_only_their_rows_and_audits_a_hash(
         (usage_record(f"{other}-1", other, finished_ms=1, end_user=person), 1),
     ]
     assert all(await store.record_many(items, recorded_at_ms=5))
+    # Budgets: two of the person's (one changed once: two audit entries), the tenant's own,
+    # another user's, and the same id in another tenant: only the person's two go.
+    alerts = await AlertCenter.open(database, secret=None)
+    theirs = await store.put_budget(
+        budget(tenant, budget_id=f"{person}:monthly", end_user=person), actor="admin@acme", now_ms=1_000
+    )
+    changed = ledger_pb2.Budget()
+    changed.CopyFrom(theirs)
+    changed.limit_micros = 2_000_000
+    theirs = await store.put_budget(changed, actor="admin@acme", now_ms=1_500)
+    daily = await store.put_budget(
+        budget(tenant, end_user=person, window=ledger_pb2.BUDGET_WINDOW_DAILY),
+        actor="admin@acme",
+        now_ms=1_000,
+    )
+    # A budget once scoped to the person and since moved to someone else stays; the audit
+    # entries that named the person go.
+    moved = await store.put_budget(
+        budget(tenant, budget_id=unique("moved"), end_user=person), actor="admin@acme", now_ms=1_000
+    )
+    moved.scope.end_user = "someone-new"
+    moved = await store.put_budget(moved, actor="admin@acme", now_ms=1_200)
+    kept = [
+        await store.put_budget(budget(tenant), actor="admin@acme", now_ms=1_000),
+        await store.put_budget(budget(tenant, end_user="someone-else"), actor="admin@acme", now_ms=1_000),
+        await store.put_budget(budget(other, end_user=person), actor="admin@globex", now_ms=1_000),
+        moved,
+    ]
+    for b in (theirs, daily, *kept):
+        assert await alerts.observe(b, window_key="2030-01", spent_micros=b.limit_micros, now_ms=2_000)
 
-    assert await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=7_000) == 2
+    erased = await store.erase_end_user(
+        tenant, person, actor="admin@acme", now_ms=7_000, also=alerts.forget_budgets
+    )
+    assert sorted(erased.budget_ids) == sorted([theirs.budget_id, daily.budget_id])
+    assert (erased.rows, erased.audit_entries, erased.alerts) == (2, 5, 6)
+    # The rows stay for the tenant's totals, no longer linked to the person.
     assert await row_count(database, "tenant_id = ? AND end_user = ?", (tenant, person)) == 0
-    assert await row_count(database, "tenant_id = ?", (tenant,)) == 1
+    assert await row_count(database, "tenant_id = ? AND end_user = ''", (tenant,)) == 2
+    assert await row_count(database, "tenant_id = ?", (tenant,)) == 3
     assert await row_count(database, "tenant_id = ? AND end_user = ?", (other, person)) == 1
+    assert (
+        await store.get_budget(theirs.budget_id) is None and await store.get_budget(daily.budget_id) is None
+    )
+    assert [await store.get_budget(b.budget_id) for b in kept] == kept
+    remaining = (await alerts.list_alerts(tenant))[0] + (await alerts.list_alerts(other))[0]
+    assert {a.budget_id for a in remaining} == {b.budget_id for b in kept} and len(remaining) == 12
+    assert not {a.budget_id for a in remaining} & {theirs.budget_id, daily.budget_id}
 
     entries, token = await store.list_audit(tenant_id=tenant)
-    assert token == "" and len(entries) == 1
-    [entry] = entries
+    assert token == ""
+    assert [(e.action, e.budget_id) for e in entries] == [
+        ("erase_end_user", ""),
+        ("create", kept[1].budget_id),
+        ("create", kept[0].budget_id),
+    ]
+    entry = entries[0]
     assert (entry.action, entry.budget_id, entry.actor) == ("erase_end_user", "", "admin@acme")
     assert entry.at.ToMilliseconds() == 7_000
     assert not entry.HasField("old_budget") and not entry.HasField("new_budget")
+    # The database's own key (none configured), the same on every read: the holder of the key
+    # can show this user was erased; a bare hash of a guessed id matches nothing.
+    key = await store.erasure_key()
+    assert len(key) == 32 and key == await LedgerStore(database).erasure_key()
+    digest = hmac.new(key, json.dumps([tenant, person], separators=(",", ":")).encode(), hashlib.sha256)
     assert json.loads(entry.detail) == {
         "tenant_id": tenant,
-        "end_user_sha256": hashlib.sha256(person.encode()).hexdigest(),
-        "rows_deleted": 2,
+        "end_user_hmac_sha256": digest.hexdigest(),
+        "rows_anonymised": 2,
+        "budgets_deleted": 2,
+        "audit_entries_deleted": 5,
+        "alerts_deleted": 6,
     }
-    stored = json.dumps(
-        await database.fetch_all("SELECT * FROM ledger_budget_audit WHERE tenant_id = ?", (tenant,))
-    )
-    assert person not in stored
+    assert hashlib.sha256(person.encode()).hexdigest() not in entry.detail
+    # Nothing the tenant's tables keep names the person any more (the other tenant's do).
+    for table in ("ledger_budget_audit", "ledger_budgets", "ledger_usage", "budget_alerts"):
+        stored = await database.fetch_all(f"SELECT * FROM {table} WHERE tenant_id = ?", (tenant,))
+        assert stored and person not in json.dumps([dict(row) for row in stored], default=str)
+    assert await row_count(database, "tenant_id = ? AND end_user = ?", (other, person)) == 1
 
     # Erasing again finds nothing, and is audited too; an empty id would erase every anonymous row.
-    assert await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=8_000) == 0
-    assert len((await store.list_audit(tenant_id=tenant))[0]) == 2
+    again = await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=8_000)
+    assert again == Erasure(rows=0, budget_ids=(), audit_entries=0, alerts=0)
+    assert len((await store.list_audit(tenant_id=tenant))[0]) == 4
     with pytest.raises(ValueError):
         await store.erase_end_user(tenant, "", actor="admin@acme", now_ms=8_000)
+
+
+async def test_a_configured_erasure_key_hashes_erasures(database: Database) -> None:
+    key = b"k" * 32
+    store = await LedgerStore.open(database, erasure_key=key)
+    tenant = unique("acme")
+    await store.erase_end_user(tenant, "bob", actor="admin@acme", now_ms=1_000)
+    [entry], _ = await store.list_audit(tenant_id=tenant)
+    expected = hmac.new(key, json.dumps([tenant, "bob"], separators=(",", ":")).encode(), hashlib.sha256)
+    assert json.loads(entry.detail)["end_user_hmac_sha256"] == expected.hexdigest()
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        await LedgerStore.open(database, erasure_key=b"short")
 
 
 # --- budgets and their audit log ----------------------------------------------------------------

@@ -824,16 +824,29 @@ Global___EraseEndUserRequest: _TypeAlias = EraseEndUserRequest  # noqa: Y015
 class EraseEndUserResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    ROWS_DELETED_FIELD_NUMBER: _builtins.int
-    rows_deleted: _builtins.int
+    ROWS_ANONYMISED_FIELD_NUMBER: _builtins.int
+    BUDGETS_DELETED_FIELD_NUMBER: _builtins.int
+    AUDIT_ENTRIES_DELETED_FIELD_NUMBER: _builtins.int
+    ALERTS_DELETED_FIELD_NUMBER: _builtins.int
+    rows_anonymised: _builtins.int
+    """Usage rows anonymised: their end user is cleared, their costs stay the tenant's."""
+    budgets_deleted: _builtins.int
+    """Budgets scoped to the end user (tenant and end user both match), deleted."""
+    audit_entries_deleted: _builtins.int
+    """Audit entries of those budgets, or whose old or new scope named the end user, deleted."""
+    alerts_deleted: _builtins.int
+    """Alerts of those budgets (fired or waiting to be delivered), deleted."""
     def __init__(
         self,
         *,
-        rows_deleted: _builtins.int = ...,
+        rows_anonymised: _builtins.int = ...,
+        budgets_deleted: _builtins.int = ...,
+        audit_entries_deleted: _builtins.int = ...,
+        alerts_deleted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows_deleted", b"rows_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_deleted", b"alerts_deleted", "audit_entries_deleted", b"audit_entries_deleted", "budgets_deleted", b"budgets_deleted", "rows_anonymised", b"rows_anonymised"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -185,7 +185,10 @@ class CostLedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EraseEndUser(self, request, context):
-        """Delete an end user's rows (GDPR); the deletion itself is audited.
+        """Erase an end user (GDPR): their usage rows are anonymised (the end user cleared, the costs
+        kept for the tenant's totals and budgets); the budgets scoped to them are deleted with those
+        budgets' counters, audit history and alerts; all in one transaction (the counters just
+        after). The erasure itself is audited under a keyed hash of the id (HMAC-SHA256), never the id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,7 +54,11 @@ class CostLedgerServiceStub:
     ExportUsage: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]
-    """Delete an end user's rows (GDPR); the deletion itself is audited."""
+    """Erase an end user (GDPR): their usage rows are anonymised (the end user cleared, the costs
+    kept for the tenant's totals and budgets); the budgets scoped to them are deleted with those
+    budgets' counters, audit history and alerts; all in one transaction (the counters just
+    after). The erasure itself is audited under a keyed hash of the id (HMAC-SHA256), never the id.
+    """
     CommitMany: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]
     """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]
@@ -87,7 +91,11 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     ExportUsage: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]  # type: ignore[assignment]
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _aio.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]  # type: ignore[assignment]
-    """Delete an end user's rows (GDPR); the deletion itself is audited."""
+    """Erase an end user (GDPR): their usage rows are anonymised (the end user cleared, the costs
+    kept for the tenant's totals and budgets); the budgets scoped to them are deleted with those
+    budgets' counters, audit history and alerts; all in one transaction (the counters just
+    after). The erasure itself is audited under a keyed hash of the id (HMAC-SHA256), never the id.
+    """
     CommitMany: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]  # type: ignore[assignment]
     """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
     ListAlerts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]  # type: ignore[assignment]
@@ -183,7 +191,11 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.EraseEndUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.EraseEndUserResponse, _abc.Awaitable[_ledger_pb2.EraseEndUserResponse]]:
-        """Delete an end user's rows (GDPR); the deletion itself is audited."""
+        """Erase an end user (GDPR): their usage rows are anonymised (the end user cleared, the costs
+        kept for the tenant's totals and budgets); the budgets scoped to them are deleted with those
+        budgets' counters, audit history and alerts; all in one transaction (the counters just
+        after). The erasure itself is audited under a keyed hash of the id (HMAC-SHA256), never the id.
+        """
 
     @_abc_1.abstractmethod
     def CommitMany(

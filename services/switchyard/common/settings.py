@@ -96,6 +96,9 @@ class Settings(BaseModel):
     lease_ttl_s: float = Field(default=30.0, gt=0)
     # Key that signs budget alert webhooks (HMAC-SHA256); unset: alerts go unsigned.
     webhook_secret: str | None = Field(default=None, repr=False)
+    # Key that hashes the end user id an erasure is audited under (HMAC-SHA256, at least 16
+    # bytes); unset: a random key the ledger's database keeps for itself.
+    ledger_erasure_key: str | None = Field(default=None, repr=False, min_length=16)
     # Seconds between the ledger's sweeps of expired reservations and leases.
     ledger_sweep_s: float = Field(default=1.0, gt=0)
     # Health monitor: a (provider, model) breaker opens after this many failures in a row, or
@@ -175,6 +178,7 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_BUDGETS": "edge_budgets",
             "SWITCHYARD_LEASE_TTL_S": "lease_ttl_s",
             "SWITCHYARD_WEBHOOK_SECRET": "webhook_secret",
+            "SWITCHYARD_LEDGER_ERASURE_KEY": "ledger_erasure_key",
             "SWITCHYARD_LEDGER_SWEEP_S": "ledger_sweep_s",
             "SWITCHYARD_HEALTH_FAILURE_THRESHOLD": "health_failure_threshold",
             "SWITCHYARD_HEALTH_ERROR_RATE_THRESHOLD": "health_error_rate_threshold",

@@ -45,7 +45,7 @@ import httpx
 
 from switchyard.common.errors import invalid
 from switchyard.common.logging import get_logger
-from switchyard.common.sql import Database, Migration, Row, now_ms
+from switchyard.common.sql import Database, Migration, Row, Statements, now_ms
 from switchyard.v1 import ledger_pb2
 
 __all__ = [
@@ -476,6 +476,16 @@ class AlertCenter:
         log.info(
             "alert_webhook_retrying", alert_id=alert_id, attempts=attempt, error=error, delay_ms=delay_ms
         )
+
+    async def forget_budgets(self, tx: Statements, budget_ids: Sequence[str]) -> int:
+        """Delete the alerts of `budget_ids` (fired and pending alike) within `tx`; returns how
+        many. For erasures: an alert's payload and row name its budget."""
+        if not budget_ids:
+            return 0
+        for budget_id in budget_ids:
+            self._fired.pop(budget_id, None)
+        marks = ", ".join("?" * len(budget_ids))
+        return await tx.execute(f"DELETE FROM budget_alerts WHERE budget_id IN ({marks})", list(budget_ids))
 
     # --- reading ---
 

@@ -382,6 +382,13 @@ class BudgetStore(ABC):
             raise ValueError("limit must be at least 1")
         return await self._expire(now_ms, limit)
 
+    async def forget(self, budget_ids: Sequence[str]) -> int:
+        """Drop the counters of `budget_ids` in every window (the budgets were deleted); returns
+        how many counters went. Holds on them live on until they end, no longer counted there."""
+        for budget_id in budget_ids:
+            _check_id("budget_id", budget_id)
+        return await self._forget(tuple(dict.fromkeys(budget_ids)))
+
     async def counter(self, budget: BudgetRef, *, now_ms: int) -> Counter:
         """The budget's counter now (expired holds on it freed first); zeros if it has none."""
         return await self._counter(budget, now_ms)
@@ -440,6 +447,9 @@ class BudgetStore(ABC):
 
     @abstractmethod
     async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None: ...
+
+    @abstractmethod
+    async def _forget(self, budget_ids: tuple[str, ...]) -> int: ...
 
 
 @dataclass(slots=True)
@@ -656,6 +666,13 @@ class MemoryBudgetStore(BudgetStore):
 
     async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None:
         self._touch(budget, now_ms).spent = spent
+
+    async def _forget(self, budget_ids: tuple[str, ...]) -> int:
+        forgotten = set(budget_ids)
+        gone = [key for key in self._counters if key[0] in forgotten]
+        for key in gone:
+            del self._counters[key]
+        return len(gone)
 
     async def aclose(self) -> None:
         """Nothing to release."""

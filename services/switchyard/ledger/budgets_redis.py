@@ -28,7 +28,9 @@ since two replicas counting apart could overspend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import Final
 
@@ -310,6 +312,21 @@ def counter_suffix(budget_id: str, window_key: str) -> str:
     return f"{len(budget_id)}:{budget_id}:{window_key}"
 
 
+@contextmanager
+def _unavailable_on_error() -> Iterator[None]:
+    """Redis failures inside as `BudgetStoreUnavailable`."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        # The error's type only: a message could quote connection details.
+        raise BudgetStoreUnavailable(f"budget store unavailable ({type(exc).__name__})") from exc
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis glob pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def _int(raw: object) -> int:
     if not isinstance(raw, int):
         raise BudgetStoreUnavailable("unexpected reply from a budget script")
@@ -360,12 +377,9 @@ class RedisBudgetStore(BudgetStore):
         return self._prefix + "h:" + hold_id
 
     async def _run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> object:
-        try:
+        with _unavailable_on_error():
             reply: object = await script(keys=list(keys), args=list(args))
-            return reply
-        except (RedisError, OSError) as exc:
-            # The error's type only: a message could quote connection details.
-            raise BudgetStoreUnavailable(f"budget store unavailable ({type(exc).__name__})") from exc
+        return reply
 
     async def _reserve(
         self, hold_id: str, budgets: tuple[BudgetRef, ...], amount: int, ttl_ms: int, now_ms: int
@@ -494,6 +508,19 @@ class RedisBudgetStore(BudgetStore):
             self._counter_keys(budget),
             [self._prefix, now_ms, spent, counter_ttl_ms(budget, now_ms)],
         )
+
+    async def _forget(self, budget_ids: tuple[str, ...]) -> int:
+        counters = 0
+        with _unavailable_on_error():
+            for budget_id in budget_ids:
+                for kind in ("c:", "i:"):
+                    # Every window of the budget: the length prefix keeps other ids out.
+                    pattern = _glob_escape(self._prefix + kind + counter_suffix(budget_id, "")) + "*"
+                    keys = [key async for key in self._client.scan_iter(match=pattern, count=1000)]
+                    for start in range(0, len(keys), 1000):
+                        removed = int(await self._client.unlink(*keys[start : start + 1000]))
+                        counters += removed if kind == "c:" else 0
+        return counters
 
     async def aclose(self) -> None:
         """Close the client if this store opened it."""

@@ -28,15 +28,17 @@ import base64
 import binascii
 import csv
 import hashlib
+import hmac
 import io
 import json
 import math
+import secrets
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from google.protobuf import json_format
 
@@ -49,6 +51,7 @@ __all__ = [
     "COMPONENT",
     "CSV_COLUMNS",
     "DEFAULT_PAGE_SIZE",
+    "Erasure",
     "MAX_PAGE_SIZE",
     "MIGRATIONS",
     "InvalidPageToken",
@@ -67,6 +70,8 @@ MS_PER_DAY: Final = 86_400_000
 _INSERT_ROWS_PER_STATEMENT: Final = 39
 _MAX_BUDGET_ID_LENGTH: Final = 200
 _IDS_PER_STATEMENT: Final = 500
+_AUDIT_SCAN_PAGE: Final = 1000
+_Id = TypeVar("_Id", str, int)
 _PUT_BUDGET_ATTEMPTS: Final = 5
 _CACHE_HITS: Final = ("CACHE_STATUS_HIT_EXACT", "CACHE_STATUS_HIT_SEMANTIC", "CACHE_STATUS_DEDUPLICATED")
 
@@ -178,7 +183,18 @@ MIGRATIONS: Final = (
             "CREATE INDEX ledger_usage_unsettled_idx ON ledger_usage (recorded_at_ms) WHERE settled = 0",
         ),
     ),
+    Migration(
+        5,
+        "create_ledger_keys",
+        sql=(
+            # Keys the ledger makes for itself, once per database (every replica reads the same):
+            # "erasure" keys the hash an erasure is audited under, when none is configured.
+            "CREATE TABLE ledger_keys (name TEXT PRIMARY KEY, key_hex TEXT NOT NULL)",
+            "CREATE INDEX ledger_budgets_end_user_idx ON ledger_budgets (tenant_id, end_user)",
+        ),
+    ),
 )
+_ERASURE_KEY_NAME: Final = "erasure"
 
 _USAGE_COLUMNS: Final = (
     "request_id",
@@ -563,20 +579,61 @@ async def _insert_audit(
     )
 
 
+def _chunks(ids: Sequence[_Id]) -> list[Sequence[_Id]]:
+    """`ids` in pieces small enough for one `IN (...)` list."""
+    return [ids[start : start + _IDS_PER_STATEMENT] for start in range(0, len(ids), _IDS_PER_STATEMENT)]
+
+
+async def _audit_naming(tx: Statements, budget_ids: set[str], tenant_id: str, end_user: str) -> list[int]:
+    """Ids of the budget audit entries about `budget_ids`, or whose old or new budget is scoped
+    to `end_user` of `tenant_id` (a budget since moved to another scope still has them)."""
+    found: list[int] = []
+    after = 0
+    while True:
+        page = await tx.fetch_all(
+            "SELECT id, budget_id, old_budget, new_budget FROM ledger_budget_audit"
+            " WHERE budget_id <> '' AND id > ? ORDER BY id LIMIT ?",
+            (after, _AUDIT_SCAN_PAGE),
+        )
+        for row in page:
+            scopes = [_budget_from_json(str(row[c])).scope for c in ("old_budget", "new_budget") if row[c]]
+            if str(row["budget_id"]) in budget_ids or any(
+                scope.tenant_id == tenant_id and scope.end_user == end_user for scope in scopes
+            ):
+                found.append(int(row["id"]))
+        if len(page) < _AUDIT_SCAN_PAGE:
+            return found
+        after = int(page[-1]["id"])
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What erasing an end user did: rows anonymised, budgets (ids) and entries deleted."""
+
+    rows: int
+    budget_ids: tuple[str, ...]
+    audit_entries: int
+    alerts: int
+
+
 # --- the store ------------------------------------------------------------------------------
 
 
 class LedgerStore:
     """Usage rows, budgets and the audit log in SQL. Open with `await LedgerStore.open(database)`."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, erasure_key: bytes | None = None) -> None:
         self.database = database
+        self._erasure_key = erasure_key
 
     @classmethod
-    async def open(cls, database: Database) -> LedgerStore:
-        """A store on `database`, its tables created or upgraded."""
+    async def open(cls, database: Database, *, erasure_key: bytes | None = None) -> LedgerStore:
+        """A store on `database`, its tables created or upgraded. `erasure_key`: what erasures
+        are hashed with (see `end_user_digest`); None: a key this database keeps for itself."""
+        if erasure_key is not None and len(erasure_key) < 16:
+            raise ValueError("the erasure key must be at least 16 bytes")
         await database.migrate(COMPONENT, MIGRATIONS)
-        return cls(database)
+        return cls(database, erasure_key=erasure_key)
 
     def _text(self, column: str) -> str:
         # Byte-wise ordering on PostgreSQL too, whatever the database's default collation.
@@ -632,8 +689,7 @@ class LedgerStore:
         request id (ids not stored are absent)."""
         found: dict[str, tuple[int, bool]] = {}
         ids = list(dict.fromkeys(request_ids))
-        for start in range(0, len(ids), _IDS_PER_STATEMENT):
-            chunk = ids[start : start + _IDS_PER_STATEMENT]
+        for chunk in _chunks(ids):
             rows = await self.database.fetch_all(
                 "SELECT request_id, cost_micros, settled FROM ledger_usage WHERE request_id IN ("
                 + ", ".join("?" for _ in chunk)
@@ -648,8 +704,7 @@ class LedgerStore:
     async def mark_settled(self, request_ids: Sequence[str], *, settled: bool) -> None:
         """Note whether the budget counters of these stored requests were charged."""
         ids = list(dict.fromkeys(request_ids))
-        for start in range(0, len(ids), _IDS_PER_STATEMENT):
-            chunk = ids[start : start + _IDS_PER_STATEMENT]
+        for chunk in _chunks(ids):
             await self.database.execute(
                 "UPDATE ledger_usage SET settled = ? WHERE request_id IN ("
                 + ", ".join("?" for _ in chunk)
@@ -860,21 +915,86 @@ class LedgerStore:
                 return
             after = (int(rows[-1]["finished_at_ms"]), str(rows[-1]["request_id"]))
 
-    async def erase_end_user(self, tenant_id: str, end_user: str, *, actor: str, now_ms: int) -> int:
-        """Delete every usage row of `end_user` in `tenant_id` (GDPR erasure); returns the rows deleted.
+    async def erasure_key(self) -> bytes:
+        """The key erasures are hashed with: the configured one, else this database's own (made
+        on first use, the same for every replica)."""
+        if self._erasure_key is not None:
+            return self._erasure_key
+        async with self.database.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO ledger_keys (name, key_hex) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (_ERASURE_KEY_NAME, secrets.token_hex(32)),
+            )
+            row = await tx.fetch_one("SELECT key_hex FROM ledger_keys WHERE name = ?", (_ERASURE_KEY_NAME,))
+        assert row is not None  # inserted just above, or by another replica first
+        self._erasure_key = bytes.fromhex(str(row["key_hex"]))
+        return self._erasure_key
 
-        The deletion and its audit entry commit together. The entry names the tenant and the
-        SHA-256 of the end user id (to show later that a given user was erased), never the id.
+    async def end_user_digest(self, tenant_id: str, end_user: str) -> str:
+        """HMAC-SHA256 of the tenant and end user id under the erasure key (hex): what an erasure
+        is audited under. Whoever holds the key can show that a given user was erased; nobody
+        can test guesses of ids against the audit log without it."""
+        message = json.dumps([tenant_id, end_user], separators=(",", ":")).encode("utf-8")
+        return hmac.new(await self.erasure_key(), message, hashlib.sha256).hexdigest()
+
+    async def erase_end_user(
+        self,
+        tenant_id: str,
+        end_user: str,
+        *,
+        actor: str,
+        now_ms: int,
+        also: Callable[[Statements, Sequence[str]], Awaitable[int]] | None = None,
+    ) -> Erasure:
+        """Erase `end_user` of `tenant_id` (GDPR) and return what was done.
+
+        - Usage rows are anonymised, not deleted: their end user becomes "" so nothing links
+          them to the person, while the tenant's totals, invoices and budget spend (rebuilt from
+          the rows when a counter is lost) stay exact.
+        - Budgets scoped to the end user (tenant and end user both match) are deleted, with every
+          audit entry that names them or whose old or new scope names the end user.
+        - `also(tx, budget_ids)` removes what other tables hold of those budgets (the alerts) in
+          the same transaction and returns how many rows it removed.
+
+        Everything and the erasure's own audit entry commit together. The entry names the tenant
+        and the keyed digest of the id (`end_user_digest`), never the id.
         """
         if not tenant_id or not end_user:
             raise ValueError("erasing an end user needs both the tenant and the end user id")
-        digest = hashlib.sha256(end_user.encode("utf-8")).hexdigest()
+        digest = await self.end_user_digest(tenant_id, end_user)
         async with self.database.transaction() as tx:
-            deleted = await tx.execute(
-                "DELETE FROM ledger_usage WHERE tenant_id = ? AND end_user = ?", (tenant_id, end_user)
+            rows = await tx.execute(
+                "UPDATE ledger_usage SET end_user = '' WHERE tenant_id = ? AND end_user = ?",
+                (tenant_id, end_user),
             )
+            budget_ids = tuple(
+                str(row["budget_id"])
+                for row in await tx.fetch_all(
+                    "SELECT budget_id FROM ledger_budgets WHERE tenant_id = ? AND end_user = ?",
+                    (tenant_id, end_user),
+                )
+            )
+            alerts = 0
+            for chunk in _chunks(budget_ids):
+                marks = ", ".join("?" * len(chunk))
+                await tx.execute(f"DELETE FROM ledger_budgets WHERE budget_id IN ({marks})", chunk)
+                if also is not None:
+                    alerts += await also(tx, chunk)
+            audit_ids = await _audit_naming(tx, set(budget_ids), tenant_id, end_user)
+            for entries in _chunks(audit_ids):
+                marks = ", ".join("?" * len(entries))
+                await tx.execute(f"DELETE FROM ledger_budget_audit WHERE id IN ({marks})", entries)
+            erasure = Erasure(rows, budget_ids, len(audit_ids), alerts)
             detail = json.dumps(
-                {"tenant_id": tenant_id, "end_user_sha256": digest, "rows_deleted": deleted}, sort_keys=True
+                {
+                    "tenant_id": tenant_id,
+                    "end_user_hmac_sha256": digest,
+                    "rows_anonymised": rows,
+                    "budgets_deleted": len(budget_ids),
+                    "audit_entries_deleted": len(audit_ids),
+                    "alerts_deleted": alerts,
+                },
+                sort_keys=True,
             )
             await _insert_audit(
                 tx,
@@ -887,8 +1007,15 @@ class LedgerStore:
                 new=None,
                 detail=detail,
             )
-        log.info("end_user_erased", tenant_id=tenant_id, rows_deleted=deleted)
-        return deleted
+        log.info(
+            "end_user_erased",
+            tenant_id=tenant_id,
+            rows_anonymised=rows,
+            budgets_deleted=len(budget_ids),
+            audit_entries_deleted=len(audit_ids),
+            alerts_deleted=alerts,
+        )
+        return erasure
 
     async def estimate_accuracy(
         self, model: str = "", *, limit_per_model: int = 10_000

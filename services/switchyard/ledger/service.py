@@ -41,7 +41,13 @@ from switchyard.common.sql import Database, open_database
 from switchyard.common.tasks import cancel_all
 from switchyard.edge.budget import applies, scope_key
 from switchyard.ledger.alerts import AlertCenter
-from switchyard.ledger.budgets import MAX_MICROS, BudgetRef, BudgetStore, build_budget_store
+from switchyard.ledger.budgets import (
+    MAX_MICROS,
+    BudgetRef,
+    BudgetStore,
+    BudgetStoreUnavailable,
+    build_budget_store,
+)
 from switchyard.ledger.history import LedgerStore
 from switchyard.ledger.pricing import charge_micros, estimate_cost
 from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
@@ -662,15 +668,33 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
     async def EraseEndUser(
         self, request: ledger_pb2.EraseEndUserRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.EraseEndUserResponse:
-        """Delete one end user's rows; the deletion is audited."""
+        """Erase one end user: rows anonymised; their budgets with those budgets' counters, audit
+        and alerts deleted; the erasure audited."""
         if not request.tenant_id or not request.end_user:
             raise invalid("tenant_id and end_user are required", "end_user")
         if not request.actor:
             raise invalid("actor is required: erasures are audited", "actor")
-        deleted = await self._ledger.history.erase_end_user(
-            request.tenant_id, request.end_user, actor=request.actor, now_ms=_ms(_now())
+        ledger = self._ledger
+        erased = await ledger.history.erase_end_user(
+            request.tenant_id,
+            request.end_user,
+            actor=request.actor,
+            now_ms=_ms(_now()),
+            also=ledger.alerts.forget_budgets,
         )
-        return ledger_pb2.EraseEndUserResponse(rows_deleted=deleted)
+        if erased.budget_ids:
+            await ledger.refresh_budgets()
+            # After the commit: a failure here leaves counters that end with their window.
+            try:
+                await ledger.store.forget(erased.budget_ids)
+            except BudgetStoreUnavailable:
+                log.warning("erased_budget_counters_kept", budgets=len(erased.budget_ids))
+        return ledger_pb2.EraseEndUserResponse(
+            rows_anonymised=erased.rows,
+            budgets_deleted=len(erased.budget_ids),
+            audit_entries_deleted=erased.audit_entries,
+            alerts_deleted=erased.alerts,
+        )
 
     async def ListAlerts(
         self, request: ledger_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
@@ -745,7 +769,8 @@ def build(settings: Settings) -> ServiceParts:
     async def start() -> None:
         database = await open_database(settings.database_url)
         databases.append(database)
-        history = await LedgerStore.open(database)
+        erasure_key = settings.ledger_erasure_key.encode() if settings.ledger_erasure_key else None
+        history = await LedgerStore.open(database, erasure_key=erasure_key)
         store = build_budget_store(settings.redis_url)
         secret = settings.webhook_secret.encode() if settings.webhook_secret else None
         alerts = await AlertCenter.open(database, secret=secret)
