@@ -780,6 +780,50 @@ async def test_budget_changes_are_audited_with_old_and_new(ledger: LedgerProcess
     assert [e.action for e in by_tenant.entries] == ["update", "create"]
 
 
+async def test_a_deleted_budget_stops_refusing_and_its_counter_goes(ledger: LedgerProcess) -> None:
+    stub = ledger.stub
+    tenant = new_tenant()
+    small = await set_budget(stub, budget(tenant, 1_000))
+    await stub.Commit(ledger_pb2.CommitRequest(record=usage_record(tenant, input_tokens=1000)), timeout=10)
+    ask = ledger_pb2.ReserveRequest(scope=ledger_pb2.BudgetScope(tenant_id=tenant), amount_micros=5_000)
+    refused = await rpc_error(stub.Reserve(ask, timeout=10))
+    assert refused.reason is Reason.BUDGET_EXCEEDED
+
+    deleted = await stub.DeleteBudget(
+        ledger_pb2.DeleteBudgetRequest(budget_id=small.budget_id, actor="ops@example.com"), timeout=10
+    )
+    assert deleted.budget.budget_id == small.budget_id and deleted.budget.spent_micros == 150
+    assert await list_budgets(stub, tenant) == []
+    reserved = await stub.Reserve(ask, timeout=10)  # nothing applies any more
+    await stub.Release(ledger_pb2.ReleaseRequest(reservation_id=reserved.reservation_id), timeout=10)
+    audit = await stub.ListBudgetAudit(
+        ledger_pb2.ListBudgetAuditRequest(budget_id=small.budget_id), timeout=10
+    )
+    assert [(e.action, e.actor) for e in audit.entries] == [
+        ("delete", "ops@example.com"),
+        ("create", "ops@example.com"),
+    ]
+
+    # Made again, it counts its window's rows (the commit before and the one while it was gone),
+    # not the dropped counter (the first only); its version follows the deleted one's.
+    await stub.Commit(ledger_pb2.CommitRequest(record=usage_record(tenant, input_tokens=1000)), timeout=10)
+    again = await set_budget(stub, budget(tenant, 1_000))
+    assert again.version == 3 and (await budget_state(stub, tenant, again.budget_id)).spent_micros == 300
+
+    for request, field_path in (
+        (ledger_pb2.DeleteBudgetRequest(actor="ops@example.com"), "budget_id"),
+        (ledger_pb2.DeleteBudgetRequest(budget_id=again.budget_id), "actor"),
+    ):
+        error = await rpc_error(stub.DeleteBudget(request, timeout=10))
+        assert (error.code, error.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, field_path)
+    missing = await rpc_error(
+        stub.DeleteBudget(
+            ledger_pb2.DeleteBudgetRequest(budget_id="no-such", actor="ops@example.com"), timeout=10
+        )
+    )
+    assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, Reason.NOT_FOUND)
+
+
 # --- 7. reports -------------------------------------------------------------------------------
 
 
@@ -824,7 +868,8 @@ async def test_export_erase_and_estimate_accuracy(ledger: LedgerProcess) -> None
     later = usage_record(tenant, input_tokens=1000, output_tokens=500, end_user="alice")
     await stub.Commit(ledger_pb2.CommitRequest(record=later), timeout=10)
     spent = {b.budget_id: b.spent_micros for b in await list_budgets(stub, tenant)}
-    assert spent == {hers.budget_id: 450, f"{tenant}:daily": 450}
+    # A budget made mid-window covers the whole window: the rows before it count.
+    assert spent == {hers.budget_id: 3 * 450, f"{tenant}:daily": 3 * 450 + 300}
 
     erased = await stub.EraseEndUser(
         ledger_pb2.EraseEndUserRequest(tenant_id=tenant, end_user="alice", actor="dpo@example.com"),
@@ -852,10 +897,10 @@ async def test_export_erase_and_estimate_accuracy(ledger: LedgerProcess) -> None
     assert await export_rows(stub, tenant, "alice") == []
     totals = await usage(stub, tenant)
     assert (totals.requests, totals.cost_micros) == (4, 3 * 450 + 300)
-    # Her budget's counter went too: the same budget made again starts from nothing.
+    # Her budget's counter went too: the same budget made again finds none of her spend.
     await set_budget(stub, hers)
     spent = {b.budget_id: b.spent_micros for b in await list_budgets(stub, tenant)}
-    assert spent == {hers.budget_id: 0, f"{tenant}:daily": 450}
+    assert spent == {hers.budget_id: 0, f"{tenant}:daily": 3 * 450 + 300}
     # Another tenant's end user of the same name keeps their rows.
     assert (await usage(stub, other_tenant.scope.tenant_id)).requests == 1
     audit = await stub.ListBudgetAudit(ledger_pb2.ListBudgetAuditRequest(tenant_id=tenant), timeout=10)

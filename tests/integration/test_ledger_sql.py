@@ -928,6 +928,45 @@ async def test_put_budget_versions_each_change_and_audits_old_and_new(store: Led
         await store.put_budget(no_enforcement, actor="alice", now_ms=3_000)
 
 
+async def test_a_deleted_budget_is_gone_audited_and_made_again_after_its_last_version(
+    store: LedgerStore,
+) -> None:
+    tenant = unique("acme")
+    budget_id = f"{tenant}:daily"
+    made = await store.put_budget(
+        budget(tenant, budget_id=budget_id, window=ledger_pb2.BUDGET_WINDOW_DAILY), actor="alice", now_ms=1
+    )
+    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+    assert [b.budget_id for b in await store.budgets_for(scope)] == [budget_id]
+
+    deleted = await store.delete_budget(budget_id, actor="bob", now_ms=2)
+    assert deleted == made
+    assert await store.get_budget(budget_id) is None
+    assert await store.budgets_for(scope) == []
+    assert budget_id not in {b.budget_id for b in await store.all_budgets()}
+    assert (await store.list_budgets(tenant))[0] == []
+    assert await store.delete_budget(budget_id, actor="bob", now_ms=3) is None  # once only
+    assert await store.delete_budget(unique("never"), actor="bob", now_ms=3) is None
+
+    # Made again: a new budget whose version comes after every version of the old one, so an
+    # edge's lease of the old one (version 1) is stale for it.
+    again = await store.put_budget(
+        budget(tenant, budget_id=budget_id, limit=7, window=ledger_pb2.BUDGET_WINDOW_DAILY),
+        actor="carol",
+        now_ms=4,
+    )
+    assert again.version == 3 and again.limit_micros == 7
+    assert await store.get_budget(budget_id) == again
+    entries, _ = await store.list_audit(budget_id=budget_id)
+    assert [(e.action, e.actor) for e in entries] == [
+        ("create", "carol"),
+        ("delete", "bob"),
+        ("create", "alice"),
+    ]
+    assert entries[1].old_budget == made and not entries[1].HasField("new_budget")
+    assert not entries[0].HasField("old_budget") and entries[0].new_budget == again
+
+
 async def test_concurrent_writes_to_one_budget_each_get_their_own_version(store: LedgerStore) -> None:
     tenant = unique("acme")
     budget_id = f"{tenant}:daily"

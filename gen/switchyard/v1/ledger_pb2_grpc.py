@@ -80,6 +80,11 @@ class CostLedgerServiceStub:
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetsRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetsResponse.FromString,
                 _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/switchyard.v1.CostLedgerService/DeleteBudget',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
         self.ExportUsage = channel.unary_stream(
                 '/switchyard.v1.CostLedgerService/ExportUsage',
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.ExportUsageRequest.SerializeToString,
@@ -177,6 +182,15 @@ class CostLedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteBudget(self, request, context):
+        """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
+        history stay. Edges drop it with their next directory reload and give back its leases.
+        NOT_FOUND / NOT_FOUND when there is no such budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportUsage(self, request, context):
         """The usage rows of a period as CSV, streamed in pieces.
         """
@@ -269,6 +283,11 @@ def add_CostLedgerServiceServicer_to_server(servicer, server):
                     servicer.ListBudgets,
                     request_deserializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetsRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_ledger__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.SerializeToString,
             ),
             'ExportUsage': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportUsage,
@@ -544,6 +563,33 @@ class CostLedgerService:
             '/switchyard.v1.CostLedgerService/ListBudgets',
             switchyard_dot_v1_dot_ledger__pb2.ListBudgetsRequest.SerializeToString,
             switchyard_dot_v1_dot_ledger__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.CostLedgerService/DeleteBudget',
+            switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

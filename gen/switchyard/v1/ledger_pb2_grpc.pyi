@@ -51,6 +51,11 @@ class CostLedgerServiceStub:
     SetBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetRequest, _ledger_pb2.SetBudgetResponse]
     """Create or change a budget; written to the audit log."""
     ListBudgets: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetsRequest, _ledger_pb2.ListBudgetsResponse]
+    DeleteBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.DeleteBudgetRequest, _ledger_pb2.DeleteBudgetResponse]
+    """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
+    history stay. Edges drop it with their next directory reload and give back its leases.
+    NOT_FOUND / NOT_FOUND when there is no such budget.
+    """
     ExportUsage: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]
@@ -88,6 +93,11 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     SetBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetRequest, _ledger_pb2.SetBudgetResponse]  # type: ignore[assignment]
     """Create or change a budget; written to the audit log."""
     ListBudgets: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetsRequest, _ledger_pb2.ListBudgetsResponse]  # type: ignore[assignment]
+    DeleteBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.DeleteBudgetRequest, _ledger_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
+    """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
+    history stay. Edges drop it with their next directory reload and give back its leases.
+    NOT_FOUND / NOT_FOUND when there is no such budget.
+    """
     ExportUsage: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]  # type: ignore[assignment]
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _aio.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]  # type: ignore[assignment]
@@ -176,6 +186,17 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ListBudgetsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ListBudgetsResponse, _abc.Awaitable[_ledger_pb2.ListBudgetsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteBudget(
+        self,
+        request: _ledger_pb2.DeleteBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.DeleteBudgetResponse, _abc.Awaitable[_ledger_pb2.DeleteBudgetResponse]]:
+        """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
+        history stay. Edges drop it with their next directory reload and give back its leases.
+        NOT_FOUND / NOT_FOUND when there is no such budget.
+        """
 
     @_abc_1.abstractmethod
     def ExportUsage(

@@ -193,7 +193,17 @@ MIGRATIONS: Final = (
             "CREATE INDEX ledger_budgets_end_user_idx ON ledger_budgets (tenant_id, end_user)",
         ),
     ),
+    Migration(
+        6,
+        "ledger_budgets_deleted",
+        sql=(
+            # A deleted budget keeps its row (NULL: live) so that its version keeps rising: an
+            # edge's lease of the old budget is never taken for one of a budget made again.
+            "ALTER TABLE ledger_budgets ADD COLUMN deleted_at_ms BIGINT",
+        ),
+    ),
 )
+_LIVE: Final = "deleted_at_ms IS NULL"
 _ERASURE_KEY_NAME: Final = "erasure"
 
 _USAGE_COLUMNS: Final = (
@@ -1075,10 +1085,24 @@ class LedgerStore:
                 row = None
                 if not create_only:
                     row = await tx.fetch_one(
-                        f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets WHERE budget_id = ?{lock}",
+                        f"SELECT {_BUDGET_COLUMNS}, deleted_at_ms FROM ledger_budgets"
+                        f" WHERE budget_id = ?{lock}",
                         (budget_id,),
                     )
-                if row is None:
+                if row is not None and row["deleted_at_ms"] is not None:
+                    # Made again after a delete: a new budget, its version after the old one's.
+                    new = _stored_budget(budget, budget_id, int(row["version"]) + 1)
+                    changed = await tx.execute(
+                        "UPDATE ledger_budgets SET tenant_id = ?, end_user = ?, api_key_id = ?,"
+                        " model = ?, provider = ?, budget_window = ?, enforcement = ?, limit_micros = ?,"
+                        " webhook_url = ?, version = ?, created_at_ms = ?, updated_at_ms = ?,"
+                        " deleted_at_ms = NULL WHERE budget_id = ? AND version = ?",
+                        (*_budget_params(new), new.version, now_ms, now_ms, budget_id, int(row["version"])),
+                    )
+                    if changed != 1:
+                        raise _BudgetConflict
+                    old = None
+                elif row is None:
                     new = _stored_budget(budget, budget_id, 1)
                     inserted = await tx.fetch_all(
                         f"INSERT INTO ledger_budgets ({_BUDGET_COLUMNS}, created_at_ms, updated_at_ms)"
@@ -1115,10 +1139,42 @@ class LedgerStore:
             return None
         return new
 
+    async def delete_budget(self, budget_id: str, *, actor: str, now_ms: int) -> ledger_pb2.Budget | None:
+        """Delete a live budget; returns it as it was, or None when there is none. The row stays
+        (its version rises once more, so a budget made again with this id comes after it); the
+        delete and its audit entry (the old budget) commit together."""
+        lock = " FOR UPDATE" if self.database.backend is Backend.POSTGRESQL else ""
+        async with self.database.transaction() as tx:
+            row = await tx.fetch_one(
+                f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets WHERE budget_id = ? AND {_LIVE}{lock}",
+                (budget_id,),
+            )
+            if row is None:
+                return None
+            old = _budget_from_row(row)
+            changed = await tx.execute(
+                "UPDATE ledger_budgets SET deleted_at_ms = ?, version = ?, updated_at_ms = ?"
+                f" WHERE budget_id = ? AND version = ? AND {_LIVE}",
+                (now_ms, old.version + 1, now_ms, budget_id, old.version),
+            )
+            if changed != 1:
+                return None  # deleted or changed by another replica just now: nothing of ours
+            await _insert_audit(
+                tx,
+                budget_id=budget_id,
+                tenant_id=old.scope.tenant_id,
+                actor=actor,
+                at_ms=now_ms,
+                action="delete",
+                old=old,
+                new=None,
+            )
+        return old
+
     async def get_budget(self, budget_id: str) -> ledger_pb2.Budget | None:
         """The budget with `budget_id`, or None."""
         row = await self.database.fetch_one(
-            f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets WHERE budget_id = ?", (budget_id,)
+            f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets WHERE budget_id = ? AND {_LIVE}", (budget_id,)
         )
         return None if row is None else _budget_from_row(row)
 
@@ -1128,7 +1184,7 @@ class LedgerStore:
         """Budgets by id, of one tenant or ("") all: a page, and the next page's token ("" at the end)."""
         size = _page_size(page_size)
         fingerprint = _fingerprint("budgets", tenant_id)
-        where: list[str] = []
+        where: list[str] = [_LIVE]
         params: list[object] = []
         if tenant_id:
             where.append("tenant_id = ?")
@@ -1137,9 +1193,8 @@ class LedgerStore:
             position = _decode_token(page_token, "budgets", fingerprint)
             where.append(f"{self._text('budget_id')} > ?")
             params.append(_token_str(position, "after"))
-        where_sql = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self.database.fetch_all(
-            f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets{where_sql}"
+            f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets WHERE {' AND '.join(where)}"
             f" ORDER BY {self._text('budget_id')} LIMIT ?",
             [*params, size + 1],
         )
@@ -1155,7 +1210,7 @@ class LedgerStore:
         rows = await self.database.fetch_all(
             f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets"
             " WHERE tenant_id IN ('', ?) AND end_user IN ('', ?) AND api_key_id IN ('', ?)"
-            f" AND model IN ('', ?) AND provider IN ('', ?) ORDER BY {self._text('budget_id')}",
+            f" AND model IN ('', ?) AND provider IN ('', ?) AND {_LIVE} ORDER BY {self._text('budget_id')}",
             (scope.tenant_id, scope.end_user, scope.api_key_id, scope.model, scope.provider),
         )
         return [_budget_from_row(row) for row in rows]
@@ -1163,7 +1218,7 @@ class LedgerStore:
     async def all_budgets(self) -> list[ledger_pb2.Budget]:
         """Every budget, by id: what the service caches (a ledger holds few budgets)."""
         rows = await self.database.fetch_all(
-            f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets ORDER BY {self._text('budget_id')}"
+            f"SELECT {_BUDGET_COLUMNS} FROM ledger_budgets WHERE {_LIVE} ORDER BY {self._text('budget_id')}"
         )
         return [_budget_from_row(row) for row in rows]
 

@@ -169,11 +169,12 @@ class Ledger:
         key = scope_key(scope)
         return [b for b in await self._all_budgets() if applies(b.scope, key)]
 
-    async def reconcile(self) -> None:
-        """Give each budget's counter its spend in the current window from the rows, where the
-        counter has none (a fresh in-memory store, or a Redis that lost its data)."""
+    async def reconcile(self, budgets: Sequence[ledger_pb2.Budget] | None = None) -> None:
+        """Give each budget's (default: every budget's) counter its spend in the current window
+        from the rows, where the counter has none: a fresh in-memory store, a Redis that lost its
+        data, or a budget just made (it covers its whole window, as it will after a restart)."""
         now = _now()
-        for budget in await self._all_budgets():
+        for budget in await self._all_budgets() if budgets is None else budgets:
             ref = budget_ref(budget, now)
             counter = await self.store.counter(ref, now_ms=_ms(now))
             if counter.spent_micros or counter.held_micros:
@@ -217,8 +218,37 @@ class Ledger:
             # The store's own checks (the id's length and spaces): caller errors, not bugs.
             # Its messages name the rule, never the caller's values.
             raise invalid(str(exc), "budget.budget_id") from None
+        # Before this replica charges it (others reload their budgets within a few seconds).
+        await self.reconcile([stored])
         await self.refresh_budgets()
         return await self.describe(stored)
+
+    async def delete_budget(self, budget_id: str, actor: str) -> ledger_pb2.Budget:
+        """Delete a budget (audited); returns it as it was, with its spend and holds."""
+        if not budget_id:
+            raise invalid("budget_id is required", "budget_id")
+        if not actor:
+            raise invalid("actor is required: budget changes are audited", "actor")
+        deleted = await self.history.delete_budget(budget_id, actor=actor, now_ms=_ms(_now()))
+        if deleted is None:
+            raise SwitchyardError(
+                grpc.StatusCode.NOT_FOUND,
+                Reason.NOT_FOUND,
+                f"no budget {budget_id}",
+                metadata={"budget_id": budget_id},
+            )
+        described = await self.describe(deleted)
+        await self.refresh_budgets()
+        await self.forget_counters((budget_id,))
+        return described
+
+    async def forget_counters(self, budget_ids: Sequence[str]) -> None:
+        """Drop the counters of deleted budgets. After the SQL commit: should the store fail,
+        the counters are left to end with their windows (nothing applies them any more)."""
+        try:
+            await self.store.forget(budget_ids)
+        except BudgetStoreUnavailable:
+            log.warning("deleted_budget_counters_kept", budgets=len(budget_ids))
 
     # --- holds -----------------------------------------------------------------------------
 
@@ -638,6 +668,14 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
             budget=await self._ledger.set_budget(request.budget, request.actor)
         )
 
+    async def DeleteBudget(
+        self, request: ledger_pb2.DeleteBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.DeleteBudgetResponse:
+        """Delete a budget; audited."""
+        return ledger_pb2.DeleteBudgetResponse(
+            budget=await self._ledger.delete_budget(request.budget_id, request.actor)
+        )
+
     async def ListBudgets(
         self, request: ledger_pb2.ListBudgetsRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.ListBudgetsResponse:
@@ -684,11 +722,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         )
         if erased.budget_ids:
             await ledger.refresh_budgets()
-            # After the commit: a failure here leaves counters that end with their window.
-            try:
-                await ledger.store.forget(erased.budget_ids)
-            except BudgetStoreUnavailable:
-                log.warning("erased_budget_counters_kept", budgets=len(erased.budget_ids))
+            await ledger.forget_counters(erased.budget_ids)
         return ledger_pb2.EraseEndUserResponse(
             rows_anonymised=erased.rows,
             budgets_deleted=len(erased.budget_ids),

@@ -170,3 +170,20 @@ async def test_a_budget_change_retires_the_lease_and_returns_what_is_left() -> N
     fresh = await book.hold(SCOPE, 10)
     assert fresh.lease_ids != [old]
     await book.aclose()
+
+
+async def test_a_deleted_budget_no_longer_holds_and_its_lease_goes_back() -> None:
+    ledger = FakeLedger(budget("b", 1000, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1")
+    hold = await book.hold(SCOPE, 10)
+    (old,) = hold.lease_ids
+    del ledger.budgets["b"]  # DeleteBudget: the next directory no longer lists it
+    await book.load_directory()
+    leases_asked = ledger.calls.count("lease")
+    after = await book.hold(SCOPE, 10_000)  # beyond the old limit: nothing applies now
+    assert after.lease_ids == [] and ledger.calls.count("lease") == leases_asked
+    book.settle(hold, 7)
+    book.settle(after, 0)
+    await asyncio.sleep(0.01)  # the return runs in the background
+    assert old not in ledger.leases and ledger.left["b"] == 1000 - 7
+    await book.aclose()
