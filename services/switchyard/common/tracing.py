@@ -30,6 +30,7 @@ import asyncio
 import functools
 import inspect
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -44,7 +45,16 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util import types as otel_types
 from opentelemetry.util._decorator import _agnosticcontextmanager
@@ -72,6 +82,9 @@ SHUTDOWN_TIMEOUT_S = 5.0
 _PROPAGATOR = TraceContextTextMapPropagator()
 _PROPAGATION_KEYS = frozenset({"traceparent", "tracestate"})
 _STATUS_BY_INT: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+# A version-00 `traceparent` whose flags leave the sampled bit clear.
+_MAX_WRAPPED_METHODS = 1024
+_UNSAMPLED_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f][02468ace])")
 
 _T = TypeVar("_T")
 
@@ -294,7 +307,7 @@ def record_span_in(
     """Record a finished INTERNAL span, from `start_time_ns` to now, as a child of `traceparent`.
 
     Nothing happens when tracing is off or `traceparent` is empty or malformed."""
-    if _STATE.provider is None or not traceparent:
+    if _STATE.provider is None or not traceparent or _UNSAMPLED_TRACEPARENT.fullmatch(traceparent):
         return
     parent = _PROPAGATOR.extract({"traceparent": traceparent})
     if not trace.get_current_span(parent).get_span_context().is_valid:
@@ -385,30 +398,65 @@ def _server_outcome(
     return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}", exc
 
 
+def _unsampled_parent(metadata: Sequence[tuple[str, Any]] | None) -> Context | None:
+    """The context of a caller whose `traceparent` says "not sampled", else None.
+
+    The fast path for most requests at a low sampling ratio: nothing is recorded for them, so
+    no span is started at all; the caller's span context (ids, flags, tracestate) is made current
+    as it is, for logs and for the calls this handler makes. Anything else (sampled, malformed,
+    absent) takes the SDK's path."""
+    traceparent = tracestate = None
+    for key, value in metadata or ():
+        if key == "traceparent":
+            traceparent = value
+        elif key == "tracestate":
+            tracestate = value
+    if not isinstance(traceparent, str):
+        return None
+    match = _UNSAMPLED_TRACEPARENT.fullmatch(traceparent)
+    if match is None:
+        return None
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    if not trace_id or not span_id:
+        return None
+    state = TraceState.from_header([tracestate]) if isinstance(tracestate, str) and tracestate else None
+    parent = SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match[3], 16)), trace_state=state
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
 def _start_server_span(
-    handler_call_details: grpc.HandlerCallDetails,
-) -> tuple[Span, Context]:
-    name, attributes = _method_info(handler_call_details.method)
-    parent = _extract_parent(handler_call_details.invocation_metadata)
+    method: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> tuple[Span | None, Context]:
+    """The server span and the context to run the handler in; no span for an unsampled caller."""
+    metadata = context.invocation_metadata()
+    unsampled = _unsampled_parent(metadata)
+    if unsampled is not None:
+        return None, unsampled
+    name, attributes = _method_info(method)
+    parent = _extract_parent(metadata)
     span = _RPC_TRACER.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
     return span, trace.set_span_in_context(span, parent)
 
 
 def _wrap_unary_behavior(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
-    handler_call_details: grpc.HandlerCallDetails,
+    method: str,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Coroutine[Any, Any, Any]]:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        span, span_ctx = _start_server_span(handler_call_details)
+        span, span_ctx = _start_server_span(method, context)
         token = otel_context.attach(span_ctx)
         try:
             response = await behavior(request, context)
         except BaseException as exc:
-            _finish_span(span, *_server_outcome(context, exc))
+            if span is not None:
+                _finish_span(span, *_server_outcome(context, exc))
             raise
         finally:
             otel_context.detach(token)
-        _finish_span(span, *_server_outcome(context, None))
+        if span is not None:
+            _finish_span(span, *_server_outcome(context, None))
         return response
 
     return traced
@@ -416,10 +464,10 @@ def _wrap_unary_behavior(
 
 def _wrap_stream_behavior(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-    handler_call_details: grpc.HandlerCallDetails,
+    method: str,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        span, span_ctx = _start_server_span(handler_call_details)
+        span, span_ctx = _start_server_span(method, context)
         responses = behavior(request, context)
         error: BaseException | None = None
         try:
@@ -447,7 +495,8 @@ def _wrap_stream_behavior(
                     finally:
                         otel_context.detach(token)
             finally:
-                _finish_span(span, *_server_outcome(context, error))
+                if span is not None:
+                    _finish_span(span, *_server_outcome(context, error))
 
     return traced
 
@@ -460,6 +509,10 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
     pass through unchanged, as does everything while tracing is off.
     """
 
+    def __init__(self) -> None:
+        # method -> (the handler as registered, it wrapped): wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -468,28 +521,40 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         handler = await continuation(handler_call_details)
         if handler is None or _STATE.provider is None or handler.request_streaming:
             return handler
-        if handler.response_streaming:
-            stream_behavior = handler.unary_stream
-            wrapped_stream: Callable[..., Any]
-            if inspect.isasyncgenfunction(stream_behavior):
-                wrapped_stream = _wrap_stream_behavior(stream_behavior, handler_call_details)
-            elif inspect.iscoroutinefunction(stream_behavior):  # context.write() style
-                wrapped_stream = _wrap_unary_behavior(stream_behavior, handler_call_details)
-            else:
-                return handler
-            return grpc.unary_stream_rpc_method_handler(
-                wrapped_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        behavior = handler.unary_unary
-        if not inspect.iscoroutinefunction(behavior):
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _traced_handler(handler, method)
+        if len(self._wrapped) < _MAX_WRAPPED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _traced_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour in a server span (unchanged when it cannot be wrapped)."""
+    if handler.response_streaming:
+        stream_behavior = handler.unary_stream
+        wrapped_stream: Callable[..., Any]
+        if inspect.isasyncgenfunction(stream_behavior):
+            wrapped_stream = _wrap_stream_behavior(stream_behavior, method)
+        elif inspect.iscoroutinefunction(stream_behavior):  # context.write() style
+            wrapped_stream = _wrap_unary_behavior(stream_behavior, method)
+        else:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_behavior(behavior, handler_call_details),
+        return grpc.unary_stream_rpc_method_handler(
+            wrapped_stream,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    behavior = handler.unary_unary
+    if not inspect.iscoroutinefunction(behavior):
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        _wrap_unary_behavior(behavior, method),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
@@ -539,6 +604,23 @@ def _on_client_done(span: Span, call: grpc.aio.Call) -> None:
         span.end()
 
 
+def _with_trace_context(
+    details: grpc.aio.ClientCallDetails, context: SpanContext
+) -> grpc.aio.ClientCallDetails:
+    """`details` whose metadata carries `context` as `traceparent` (and `tracestate`)."""
+    carrier = [
+        ("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
+    ]
+    if context.trace_state:
+        carrier.append(("tracestate", context.trace_state.to_header()))
+    metadata = grpc.aio.Metadata(
+        *((k, v) for k, v in (details.metadata or ()) if k not in _PROPAGATION_KEYS), *carrier
+    )
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
 class _ClientTracing:
     @staticmethod
     def _start(
@@ -568,6 +650,10 @@ class _ClientTracing:
     ) -> Any:
         if _STATE.provider is None:
             return await continuation(client_call_details, request)
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and not current.trace_flags.sampled:
+            # Nothing is recorded in this trace: pass its context on, start no span.
+            return await continuation(_with_trace_context(client_call_details, current), request)
         span, ctx, details = self._start(client_call_details)
         token = otel_context.attach(ctx)  # visible to downstream interceptors
         try:

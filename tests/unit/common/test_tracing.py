@@ -60,9 +60,10 @@ def _handlers() -> grpc.GenericRpcHandler:
 
 
 class _Env:
-    def __init__(self, server: grpc.aio.Server, channel: grpc.aio.Channel) -> None:
+    def __init__(self, server: grpc.aio.Server, channel: grpc.aio.Channel, target: str) -> None:
         self.server = server
         self.channel = channel
+        self.target = target
         self.echo = channel.unary_unary(
             f"/{SERVICE}/Echo", request_serializer=_identity, response_deserializer=_identity
         )
@@ -77,7 +78,7 @@ async def _start_env(server_interceptors: list[grpc.aio.ServerInterceptor]) -> _
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=tracing.client_interceptors())
-    return _Env(server, channel)
+    return _Env(server, channel, f"127.0.0.1:{port}")
 
 
 async def _stop_env(env: _Env) -> None:
@@ -381,3 +382,68 @@ async def test_shutdown_is_bounded_when_collector_is_gone() -> None:
     await asyncio.to_thread(tracing.shutdown_tracing, 0.5)
     assert time.monotonic() - started < 1.5
     assert not tracing.tracing_enabled()
+
+
+@pytest.mark.asyncio
+async def test_an_unsampled_caller_gets_no_spans_and_its_context_flows_on(
+    exporter: InMemorySpanExporter,
+) -> None:
+    # A caller that decided "not sampled": the server starts no span (fast path), runs the
+    # handler in the caller's trace, and the calls it makes carry that trace on, still unsampled.
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    env = await _start_env([tracing.TracingServerInterceptor()])
+    # A caller of another process: no client interceptor of ours, its own headers.
+    plain = grpc.aio.insecure_channel(env.target)
+    echo = plain.unary_unary(f"/{SERVICE}/Echo")
+    try:
+        metadata = (("traceparent", f"00-{trace_id}-{span_id}-00"), ("tracestate", "vendor=x"))
+        reply = await echo(b"hi", metadata=metadata)
+        assert _finished(exporter) == []
+        # Sampled or malformed headers take the SDK's path: spans are recorded.
+        sampled = await echo(b"hi", metadata=(("traceparent", f"00-{trace_id}-{span_id}-01"),))
+        malformed = await echo(b"hi", metadata=(("traceparent", f"00-{trace_id}-{span_id}-0x"),))
+    finally:
+        await plain.close()
+        await _stop_env(env)
+    assert reply.split(b"|")[1] == trace_id.encode()
+    assert sampled.split(b"|")[1] == trace_id.encode()
+    assert malformed.split(b"|")[1] not in (b"", trace_id.encode())  # a new root
+    spans = await _wait_spans(exporter, 4)
+    assert {_hex(s.context.trace_id) for s in spans if s.name == "child"} == {
+        trace_id,
+        malformed.split(b"|")[1].decode(),
+    }
+
+
+@pytest.mark.asyncio
+async def test_an_unsampled_current_span_is_passed_on_without_a_client_span() -> None:
+    exp = InMemorySpanExporter()
+    assert tracing.configure_tracing("test", exporter=exp, sample_ratio=0.0)
+    seen: list[dict[str, str]] = []
+
+    async def echo_metadata(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        seen.append({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        return request
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo_metadata)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=tracing.client_interceptors())
+    try:
+        with tracing.get_tracer().start_as_current_span("unsampled root") as root:
+            await channel.unary_unary(f"/{SERVICE}/Echo")(b"x", metadata=(("traceparent", "stale"),))
+    finally:
+        await channel.close()
+        await server.stop(None)
+    context = root.get_span_context()
+    assert not context.trace_flags.sampled
+    flags = f"{context.trace_flags:02x}"
+    assert seen[0]["traceparent"] == f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
+    assert _finished(exp) == []
