@@ -44,6 +44,11 @@ class CacheServiceStub:
                 request_serializer=switchyard_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_cache__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.StoreMany = channel.unary_unary(
+                '/switchyard.v1.CacheService/StoreMany',
+                request_serializer=switchyard_dot_v1_dot_cache__pb2.StoreManyRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_cache__pb2.StoreManyResponse.FromString,
+                _registered_method=True)
         self.Invalidate = channel.unary_unary(
                 '/switchyard.v1.CacheService/Invalidate',
                 request_serializer=switchyard_dot_v1_dot_cache__pb2.InvalidateRequest.SerializeToString,
@@ -73,6 +78,15 @@ class CacheServiceServicer:
 
     def Store(self, request, context):
         """Offer an answer for caching; admission decides.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreMany(self, request, context):
+        """Offer several answers in one call (an edge gathers what it stores over a few
+        milliseconds): each decided as by Store, in order. One invalid offer refuses the call,
+        INVALID_ARGUMENT naming it (`stores[i]. ...`), and stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +125,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Store,
                     request_deserializer=switchyard_dot_v1_dot_cache__pb2.StoreRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_cache__pb2.StoreResponse.SerializeToString,
+            ),
+            'StoreMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreMany,
+                    request_deserializer=switchyard_dot_v1_dot_cache__pb2.StoreManyRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_cache__pb2.StoreManyResponse.SerializeToString,
             ),
             'Invalidate': grpc.unary_unary_rpc_method_handler(
                     servicer.Invalidate,
@@ -182,6 +201,33 @@ class CacheService:
             '/switchyard.v1.CacheService/Store',
             switchyard_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
             switchyard_dot_v1_dot_cache__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.CacheService/StoreMany',
+            switchyard_dot_v1_dot_cache__pb2.StoreManyRequest.SerializeToString,
+            switchyard_dot_v1_dot_cache__pb2.StoreManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,11 @@ class CacheServiceStub:
     """A cached answer for the request, if one may be served."""
     Store: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]
     """Offer an answer for caching; admission decides."""
+    StoreMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreManyRequest, _cache_pb2.StoreManyResponse]
+    """Offer several answers in one call (an edge gathers what it stores over a few
+    milliseconds): each decided as by Store, in order. One invalid offer refuses the call,
+    INVALID_ARGUMENT naming it (`stores[i]. ...`), and stores nothing.
+    """
     Invalidate: _grpc.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]
     """Remove entries by tenant, model or key pattern."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]
@@ -49,6 +54,11 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """A cached answer for the request, if one may be served."""
     Store: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]  # type: ignore[assignment]
     """Offer an answer for caching; admission decides."""
+    StoreMany: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreManyRequest, _cache_pb2.StoreManyResponse]  # type: ignore[assignment]
+    """Offer several answers in one call (an edge gathers what it stores over a few
+    milliseconds): each decided as by Store, in order. One invalid offer refuses the call,
+    INVALID_ARGUMENT naming it (`stores[i]. ...`), and stores nothing.
+    """
     Invalidate: _aio.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]  # type: ignore[assignment]
     """Remove entries by tenant, model or key pattern."""
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]  # type: ignore[assignment]
@@ -72,6 +82,17 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.StoreResponse, _abc.Awaitable[_cache_pb2.StoreResponse]]:
         """Offer an answer for caching; admission decides."""
+
+    @_abc_1.abstractmethod
+    def StoreMany(
+        self,
+        request: _cache_pb2.StoreManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.StoreManyResponse, _abc.Awaitable[_cache_pb2.StoreManyResponse]]:
+        """Offer several answers in one call (an edge gathers what it stores over a few
+        milliseconds): each decided as by Store, in order. One invalid offer refuses the call,
+        INVALID_ARGUMENT naming it (`stores[i]. ...`), and stores nothing.
+        """
 
     @_abc_1.abstractmethod
     def Invalidate(

@@ -110,13 +110,20 @@ def _rank(ordered: list[float], percent: int) -> float:
     return ordered[max(1, -(-percent * len(ordered) // 100)) - 1]
 
 
-def _require(tenant_id: str, model: str, request: common_pb2.ChatRequest) -> None:
+def _require(tenant_id: str, model: str, request: common_pb2.ChatRequest, at: str = "") -> None:
+    """The fields every cache call needs; `at` prefixes the field paths (an item of a batch)."""
     if not tenant_id.strip():
-        raise invalid("a cache request names its tenant", "tenant_id")
+        raise invalid("a cache request names its tenant", f"{at}tenant_id")
     if not model.strip():
-        raise invalid("a cache request names the catalog model (or auto)", "model")
+        raise invalid("a cache request names the catalog model (or auto)", f"{at}model")
     if not request.messages:
-        raise invalid("a request needs at least one message", "request.messages")
+        raise invalid("a request needs at least one message", f"{at}request.messages")
+
+
+def _check_store(request: cache_pb2.StoreRequest, at: str = "") -> None:
+    _require(request.tenant_id, request.model, request.request, at)
+    if request.answer.cost_micros < 0:
+        raise invalid("an answer's cost is at least 0", f"{at}answer.cost_micros")
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
@@ -207,12 +214,21 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.StoreResponse:
         """Offer an answer; finished answers of a bounded size are admitted by value."""
-        _require(request.tenant_id, request.model, request.request)
+        _check_store(request)
+        return await self._store_checked(request)
+
+    async def StoreMany(
+        self, request: cache_pb2.StoreManyRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.StoreManyResponse:
+        """Offer several answers, each decided as by Store; all checked before any is stored."""
+        for index, store in enumerate(request.stores):
+            _check_store(store, f"stores[{index}].")
+        return cache_pb2.StoreManyResponse(results=[await self._store_checked(s) for s in request.stores])
+
+    async def _store_checked(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
         answer = request.answer
         if answer.finish_reason not in _STORABLE:
             return cache_pb2.StoreResponse(admitted=False, reason="only finished answers are cached")
-        if answer.cost_micros < 0:
-            raise invalid("an answer's cost is at least 0", "answer.cost_micros")
         payload = answer.SerializeToString(deterministic=True)
         if len(payload) > MAX_ANSWER_BYTES:
             return cache_pb2.StoreResponse(admitted=False, reason=f"answer above {MAX_ANSWER_BYTES} bytes")

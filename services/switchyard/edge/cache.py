@@ -2,7 +2,10 @@
 
 The lookup is the one extra hop a cacheable request may take (DESIGN.md): bounded by
 `cache_lookup_timeout_s`, and a cache that is slow or down is a miss, never an error (logged
-once per outage). Storing happens after the answer, off the caller's path.
+once per outage). Storing happens after the answer, off the caller's path: offers are
+gathered for `STORE_LINGER_S` and sent together (`StoreMany`), one call where there would have
+been several (each call costs far more CPU than the entries it carries); at most
+`STORE_QUEUE` wait, beyond that an offer is dropped (the cache is best effort).
 
 A hit is replayed as the chunks a provider would have sent: a routing chunk (the model and
 provider that made the answer, reason "cache"), the deltas as they were streamed (tool-call
@@ -11,6 +14,8 @@ fragments included), the usage, and a done with cache status HIT_EXACT, cost 0 a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
@@ -25,6 +30,10 @@ __all__ = ["AnswerRecorder", "EdgeCache", "replay"]
 log = get_logger(__name__)
 
 CACHE_REASON: Final = "cache"
+# How long offers are gathered before they are sent, how many go in one call, how many may wait.
+STORE_LINGER_S: Final = 0.02
+STORE_BATCH: Final = 64
+STORE_QUEUE: Final = 1024
 
 
 class CacheCalls(Protocol):
@@ -34,22 +43,33 @@ class CacheCalls(Protocol):
         self, request: cache_pb2.LookupRequest, *, timeout: float | None = None
     ) -> cache_pb2.LookupResponse: ...
 
-    async def Store(
-        self, request: cache_pb2.StoreRequest, *, timeout: float | None = None
-    ) -> cache_pb2.StoreResponse: ...
+    async def StoreMany(
+        self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None
+    ) -> cache_pb2.StoreManyResponse: ...
 
 
 class EdgeCache:
     """Lookups and stores for one edge, with the outage logging."""
 
     def __init__(
-        self, stub: CacheCalls, *, max_temperature: float, lookup_timeout_s: float, store_timeout_s: float
+        self,
+        stub: CacheCalls,
+        *,
+        max_temperature: float,
+        lookup_timeout_s: float,
+        store_timeout_s: float,
+        store_linger_s: float = STORE_LINGER_S,
     ) -> None:
         self._stub = stub
         self._max_temperature = max_temperature
         self._lookup_timeout_s = lookup_timeout_s
         self._store_timeout_s = store_timeout_s
+        self._store_linger_s = store_linger_s
         self._down = False
+        self._offers: list[cache_pb2.StoreRequest] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._flush = asyncio.Event()  # set when the edge stops: send without gathering
+        self._dropping = False
 
     def decide(self, request: common_pb2.ChatRequest) -> CacheDecision:
         """What the cache may do for `request`."""
@@ -72,21 +92,46 @@ class EdgeCache:
             return None
         return response
 
-    async def store(
+    def offer(
         self, tenant_id: str, request: common_pb2.ChatRequest, model: str, answer: cache_pb2.CachedAnswer
     ) -> None:
-        """Offer `answer` (off the caller's path; failures are logged, not raised)."""
-        try:
-            await self._stub.Store(
-                cache_pb2.StoreRequest(
-                    tenant_id=tenant_id, request=request, model=model or AUTO, answer=answer
-                ),
-                timeout=self._store_timeout_s,
-            )
-        except (grpc.aio.AioRpcError, TimeoutError) as exc:
-            self._outage("store", exc)
+        """Queue `answer` to be stored with the next batch (failures are logged, not raised)."""
+        if len(self._offers) >= STORE_QUEUE:
+            if not self._dropping:
+                self._dropping = True
+                log.warning("cache_offers_dropped", waiting=len(self._offers))
             return
-        self._back()
+        self._dropping = False
+        self._offers.append(
+            cache_pb2.StoreRequest(tenant_id=tenant_id, request=request, model=model or AUTO, answer=answer)
+        )
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._offers:
+            if self._store_linger_s > 0 and len(self._offers) < STORE_BATCH and not self._flush.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush.wait(), self._store_linger_s)
+            batch, self._offers = self._offers[:STORE_BATCH], self._offers[STORE_BATCH:]
+            try:
+                await self._stub.StoreMany(
+                    cache_pb2.StoreManyRequest(stores=batch), timeout=self._store_timeout_s
+                )
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                self._outage("store", exc)
+                continue
+            self._back()
+
+    async def aclose(self) -> None:
+        """Send what waits (within the store timeout), then stop."""
+        self._flush.set()
+        writer = self._writer
+        if writer is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(writer), self._store_timeout_s)
+        writer.cancel()
 
     def _outage(self, step: str, exc: BaseException) -> None:
         if not self._down:

@@ -285,7 +285,7 @@ class EdgeGateway:
             await chunks.aclose()
         answer = recorder.answer()
         if answer is not None and decision.store:
-            self._in_background(cache.store(caller.tenant_id, request, model, answer))
+            cache.offer(caller.tenant_id, request, model, answer)
 
     def _provider_answer(
         self,

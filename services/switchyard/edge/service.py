@@ -225,6 +225,16 @@ def build(settings: Settings) -> ServiceParts:
     routes = RouteWatcher(
         router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target)), pipeline.planner, holder
     )
+    cache = (
+        EdgeCache(
+            cache_pb2_grpc.CacheServiceStub(channels.get(settings.cache_target)),
+            max_temperature=settings.cache_max_temperature,
+            lookup_timeout_s=settings.cache_lookup_timeout_s,
+            store_timeout_s=settings.call_timeout_s,
+        )
+        if settings.edge_cache
+        else None
+    )
     gateway = EdgeGateway(
         catalog,
         pipeline,
@@ -237,16 +247,7 @@ def build(settings: Settings) -> ServiceParts:
         ),
         dedup=dedup,
         record=record if settings.edge_budgets else None,
-        cache=(
-            EdgeCache(
-                cache_pb2_grpc.CacheServiceStub(channels.get(settings.cache_target)),
-                max_temperature=settings.cache_max_temperature,
-                lookup_timeout_s=settings.cache_lookup_timeout_s,
-                store_timeout_s=settings.call_timeout_s,
-            )
-            if settings.edge_cache
-            else None
-        ),
+        cache=cache,
     )
     servicer = GatewayServicer(catalog, gateway, ledger)
     http_app = build_openai_app(stream_chat=gateway.stream_as, authenticate=authenticate, catalog=catalog)
@@ -292,6 +293,8 @@ def build(settings: Settings) -> ServiceParts:
         await reporter.aclose()
         for outbox in outboxes:
             await outbox.aclose()
+        if cache is not None:
+            await cache.aclose()
         if budgets is not None:
             await budgets.aclose()
         await channels.close()

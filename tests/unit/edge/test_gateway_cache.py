@@ -11,12 +11,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 
 from switchyard.cache.service import CacheServicer
 from switchyard.cache.store import MemoryStore
 from switchyard.common.catalog import load_catalog
 from switchyard.common.channels import ChannelPool
+from switchyard.common.errors import SwitchyardError
 from switchyard.common.settings import Settings
+from switchyard.edge import cache as edge_cache_module
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.cache import EdgeCache
 from switchyard.edge.gateway import EdgeGateway
@@ -72,6 +75,7 @@ class InProcess:
     def __init__(self, servicer: CacheServicer) -> None:
         self.servicer = servicer
         self.down = False
+        self.batches: list[int] = []
 
     def _check(self) -> None:
         if self.down:
@@ -83,11 +87,12 @@ class InProcess:
         self._check()
         return await self.servicer.Lookup(request, None)  # type: ignore[arg-type]
 
-    async def Store(
-        self, request: cache_pb2.StoreRequest, *, timeout: float | None = None
-    ) -> cache_pb2.StoreResponse:
+    async def StoreMany(
+        self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None
+    ) -> cache_pb2.StoreManyResponse:
         self._check()
-        return await self.servicer.Store(request, None)  # type: ignore[arg-type]
+        self.batches.append(len(request.stores))
+        return await self.servicer.StoreMany(request, None)  # type: ignore[arg-type]
 
 
 async def _caller(authorization: str | None) -> Caller:
@@ -107,7 +112,8 @@ def edge(providers: Providers, cache: InProcess, records: list[ledger_pb2.Commit
         admission=AdmissionController(4, max_queue=4, queue_timeout_s=1),
         dedup=None,
         record=records.append,
-        cache=EdgeCache(cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1),
+        # Offers go at once here (no gathering), so a test sees its store right after the answer.
+        cache=EdgeCache(cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1, store_linger_s=0),
     )
 
 
@@ -196,3 +202,78 @@ async def test_a_cache_that_is_down_is_a_miss_and_recovers() -> None:
     hit = await answer(gateway, question())
     assert hit[-1].done.cache_status == common_pb2.CACHE_STATUS_HIT_EXACT
     assert providers.calls == 2
+
+
+def offer_of(text: str) -> tuple[common_pb2.ChatRequest, cache_pb2.CachedAnswer]:
+    request = question()
+    request.messages[0].parts[0].text = text
+    answer = cache_pb2.CachedAnswer(finish_reason=common_pb2.FINISH_REASON_STOP, model=MODEL, cost_micros=5)
+    answer.deltas.add(text=f"answer to {text}")
+    return request, answer
+
+
+async def entries(servicer: CacheServicer) -> int:
+    reply = await servicer.GetStats(cache_pb2.GetStatsRequest(tenant_id="acme"), None)  # type: ignore[arg-type]
+    return reply.entries
+
+
+def offer(edge_cache: EdgeCache, text: str) -> None:
+    request, answer = offer_of(text)
+    edge_cache.offer("acme", request, MODEL, answer)
+
+
+async def test_offers_are_gathered_into_one_call_and_flushed_on_close() -> None:
+    servicer, cache = cache_pair()
+    edge_cache = EdgeCache(
+        cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1, store_linger_s=0.05
+    )
+    for n in range(3):
+        offer(edge_cache, f"question {n}")
+    await asyncio.sleep(0.1)
+    assert cache.batches == [3]
+    assert (await entries(servicer)) == 3
+    # What waits when the edge stops goes at once, without the wait.
+    offer(edge_cache, "last one")
+    await asyncio.wait_for(edge_cache.aclose(), timeout=0.04)
+    assert cache.batches == [3, 1]
+
+
+async def test_offers_beyond_the_queue_are_dropped_and_a_cache_outage_loses_only_its_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(edge_cache_module, "STORE_QUEUE", 2)
+    servicer, cache = cache_pair()
+    edge_cache = EdgeCache(
+        cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1, store_linger_s=0.01
+    )
+    cache.down = True
+    for n in range(3):
+        offer(edge_cache, f"question {n}")
+    await asyncio.sleep(0.05)
+    assert (await entries(servicer)) == 0  # two sent while down, the third dropped
+    cache.down = False
+    offer(edge_cache, "after")
+    await edge_cache.aclose()
+    assert cache.batches == [1] and (await entries(servicer)) == 1
+
+
+async def test_store_many_checks_every_offer_before_storing_any() -> None:
+    servicer, _ = cache_pair()
+    good, bad = offer_of("fine"), offer_of("negative")
+    bad[1].cost_micros = -1
+    stores = [
+        cache_pb2.StoreRequest(tenant_id="acme", request=request, model=MODEL, answer=answer)
+        for request, answer in (good, bad)
+    ]
+    with pytest.raises(SwitchyardError) as caught:
+        await servicer.StoreMany(cache_pb2.StoreManyRequest(stores=stores), None)  # type: ignore[arg-type]
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.metadata["field"] == "stores[1].answer.cost_micros"
+    assert (await entries(servicer)) == 0
+    stores[1].answer.cost_micros = 0
+    unfinished = cache_pb2.StoreRequest()
+    unfinished.CopyFrom(stores[0])
+    unfinished.answer.finish_reason = common_pb2.FINISH_REASON_CONTENT_FILTER
+    stores.append(unfinished)
+    reply = await servicer.StoreMany(cache_pb2.StoreManyRequest(stores=stores), None)  # type: ignore[arg-type]
+    assert [r.admitted for r in reply.results] == [True, True, False]
