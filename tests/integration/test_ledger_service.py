@@ -780,6 +780,20 @@ async def test_budget_changes_are_audited_with_old_and_new(ledger: LedgerProcess
     assert [e.action for e in by_tenant.entries] == ["update", "create"]
 
 
+async def test_a_commit_is_charged_in_the_window_its_request_finished_in(ledger: LedgerProcess) -> None:
+    stub = ledger.stub
+    tenant = new_tenant()
+    daily = await set_budget(stub, budget(tenant, 1_000_000))
+    yesterday = usage_record(tenant, input_tokens=1000)
+    yesterday.finished_at.FromSeconds(yesterday.finished_at.seconds - 86_400)
+    ahead = usage_record(tenant, input_tokens=2000)  # an edge clock an hour fast: now, not then
+    ahead.finished_at.FromSeconds(ahead.finished_at.seconds + 3_600)
+    for record in (yesterday, ahead):
+        await stub.Commit(ledger_pb2.CommitRequest(record=record), timeout=10)
+    # Today's window holds only what finished today, as the rows say (a restart rebuilds it so).
+    assert (await budget_state(stub, tenant, daily.budget_id)).spent_micros == 300
+
+
 async def test_a_deleted_budget_stops_refusing_and_its_counter_goes(ledger: LedgerProcess) -> None:
     stub = ledger.stub
     tenant = new_tenant()

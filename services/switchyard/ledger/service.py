@@ -445,14 +445,19 @@ class Ledger:
         return results
 
     async def _settle(self, commit: ledger_pb2.CommitRequest, amount: int, now: datetime) -> bool:
-        """Charge the budgets of a stored request; False when the budget store failed."""
+        """Charge the budgets of a stored request, in the window it finished in (as its row
+        and a counter rebuilt from the rows count it; never a later one than now); False when
+        the budget store failed."""
+        record = commit.record
+        finished = record.finished_at.ToDatetime(UTC) if record.HasField("finished_at") else now
         return await self._charge_budgets(
-            commit.record.request_id,
-            record_scope(commit.record),
+            record.request_id,
+            record_scope(record),
             amount,
             now,
             reservation_id=commit.reservation_id,
             lease_ids=list(commit.lease_ids),
+            window_at=min(finished, now),
         )
 
     async def _charge_budgets(
