@@ -1089,20 +1089,7 @@ class LedgerStore:
                         f" WHERE budget_id = ?{lock}",
                         (budget_id,),
                     )
-                if row is not None and row["deleted_at_ms"] is not None:
-                    # Made again after a delete: a new budget, its version after the old one's.
-                    new = _stored_budget(budget, budget_id, int(row["version"]) + 1)
-                    changed = await tx.execute(
-                        "UPDATE ledger_budgets SET tenant_id = ?, end_user = ?, api_key_id = ?,"
-                        " model = ?, provider = ?, budget_window = ?, enforcement = ?, limit_micros = ?,"
-                        " webhook_url = ?, version = ?, created_at_ms = ?, updated_at_ms = ?,"
-                        " deleted_at_ms = NULL WHERE budget_id = ? AND version = ?",
-                        (*_budget_params(new), new.version, now_ms, now_ms, budget_id, int(row["version"])),
-                    )
-                    if changed != 1:
-                        raise _BudgetConflict
-                    old = None
-                elif row is None:
+                if row is None:
                     new = _stored_budget(budget, budget_id, 1)
                     inserted = await tx.fetch_all(
                         f"INSERT INTO ledger_budgets ({_BUDGET_COLUMNS}, created_at_ms, updated_at_ms)"
@@ -1114,14 +1101,17 @@ class LedgerStore:
                         raise _BudgetConflict
                     old = None
                 else:
-                    old = _budget_from_row(row)
-                    new = _stored_budget(budget, budget_id, old.version + 1)
+                    # A deleted budget made again is a new budget, its version after the old one's.
+                    version = int(row["version"])
+                    old = None if row["deleted_at_ms"] is not None else _budget_from_row(row)
+                    new = _stored_budget(budget, budget_id, version + 1)
                     changed = await tx.execute(
                         "UPDATE ledger_budgets SET tenant_id = ?, end_user = ?, api_key_id = ?,"
                         " model = ?, provider = ?, budget_window = ?, enforcement = ?, limit_micros = ?,"
-                        " webhook_url = ?, version = ?, updated_at_ms = ?"
+                        " webhook_url = ?, version = ?, updated_at_ms = ?, deleted_at_ms = NULL,"
+                        " created_at_ms = CASE WHEN deleted_at_ms IS NULL THEN created_at_ms ELSE ? END"
                         " WHERE budget_id = ? AND version = ?",
-                        (*_budget_params(new), new.version, now_ms, budget_id, old.version),
+                        (*_budget_params(new), new.version, now_ms, now_ms, budget_id, version),
                     )
                     if changed != 1:
                         raise _BudgetConflict
