@@ -780,6 +780,33 @@ async def test_budget_changes_are_audited_with_old_and_new(ledger: LedgerProcess
     assert [e.action for e in by_tenant.entries] == ["update", "create"]
 
 
+async def test_watch_budgets_pushes_the_directory_and_every_change(ledger: LedgerProcess) -> None:
+    stub = ledger.stub
+    tenant = new_tenant()
+    first = await set_budget(stub, budget(tenant, 1_000))
+    watch = stub.WatchBudgets(ledger_pb2.WatchBudgetsRequest(subscriber_id="test"))
+    stream = aiter(watch)
+
+    async def next_directory() -> tuple[int, dict[str, int]]:
+        response = await asyncio.wait_for(anext(stream), timeout=5)
+        mine = {b.budget_id: b.version for b in response.budgets if b.scope.tenant_id == tenant}
+        return response.version, mine
+
+    try:
+        version, mine = await next_directory()
+        assert mine == {first.budget_id: 1}
+        changed = await set_budget(stub, budget(tenant, 2_000))
+        version_after_set, mine = await next_directory()
+        assert version_after_set > version and mine == {changed.budget_id: 2}
+        await stub.DeleteBudget(
+            ledger_pb2.DeleteBudgetRequest(budget_id=changed.budget_id, actor="ops@example.com"), timeout=10
+        )
+        version_after_delete, mine = await next_directory()
+        assert version_after_delete > version_after_set and mine == {}
+    finally:
+        watch.cancel()
+
+
 async def test_a_commit_is_charged_in_the_window_its_request_finished_in(ledger: LedgerProcess) -> None:
     stub = ledger.stub
     tenant = new_tenant()

@@ -6,6 +6,7 @@ client ─▶ edge.ChatStream ─▶ router.Plan ─▶ adapter-openai.Generate 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -16,7 +17,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from switchyard.common.catalog import load_catalog
 from switchyard.common.errors import Reason, from_rpc_error
 from switchyard.common.money import TokenCounts, cost_micros
-from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, router_pb2, router_pb2_grpc
+from switchyard.v1 import (
+    cache_pb2,
+    cache_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from tests.conftest import Mesh, SimControl
 from tests.support.otlp import OtlpReceiver
 
@@ -374,3 +384,44 @@ async def test_each_answer_is_recorded_once_and_reported_in_get_usage(
     assert report.totals.cost_micros == cost
     (bucket,) = report.buckets
     assert bucket.key["model"] == "openai/gpt-4o-mini" and bucket.totals.requests == 3
+
+
+async def test_a_budget_change_is_pushed_to_the_edge(mesh: Mesh, openai_sim: SimControl) -> None:
+    # The edge follows the ledger's WatchBudgets: a budget made, then deleted, applies at once
+    # (its fallback, polling, would take up to 5 s). Propagation is printed (`-s`).
+    ledger = ledger_pb2_grpc.CostLedgerServiceStub(grpc.aio.insecure_channel(mesh.target("ledger")))
+    end_user = f"user-{uuid.uuid4().hex[:8]}"
+    tiny = ledger_pb2.Budget(
+        budget_id=f"default:{end_user}",
+        scope=ledger_pb2.BudgetScope(tenant_id="default", end_user=end_user),
+        window=ledger_pb2.BUDGET_WINDOW_DAILY,
+        enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+        limit_micros=1,  # below any request's worst case
+    )
+    request = chat_request("budget push question")
+    request.metadata.end_user = end_user
+    await mesh.gateway().Chat(request, timeout=30)  # the edge has its directory already
+
+    async def refused() -> bool:
+        try:
+            await mesh.gateway().Chat(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            assert from_rpc_error(exc).reason is Reason.BUDGET_EXCEEDED, exc
+            return True
+        return False
+
+    async def until(wanted: bool) -> float:
+        started = time.monotonic()
+        async with asyncio.timeout(3):
+            while True:
+                if await refused() == wanted:
+                    return time.monotonic() - started
+                await asyncio.sleep(0.02)
+
+    await ledger.SetBudget(ledger_pb2.SetBudgetRequest(budget=tiny, actor="test"), timeout=10)
+    made = await until(True)
+    await ledger.DeleteBudget(
+        ledger_pb2.DeleteBudgetRequest(budget_id=tiny.budget_id, actor="test"), timeout=10
+    )
+    deleted = await until(False)
+    print(f"budget made reached the edge in {made * 1000:.0f} ms, deleted in {deleted * 1000:.0f} ms")

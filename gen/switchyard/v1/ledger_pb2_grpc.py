@@ -85,6 +85,11 @@ class CostLedgerServiceStub:
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.FromString,
                 _registered_method=True)
+        self.WatchBudgets = channel.unary_stream(
+                '/switchyard.v1.CostLedgerService/WatchBudgets',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.WatchBudgetsRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.WatchBudgetsResponse.FromString,
+                _registered_method=True)
         self.ExportUsage = channel.unary_stream(
                 '/switchyard.v1.CostLedgerService/ExportUsage',
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.ExportUsageRequest.SerializeToString,
@@ -191,6 +196,15 @@ class CostLedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchBudgets(self, request, context):
+        """The budget directory pushed to edges: every budget (definitions, no spend) first, then
+        the whole directory again after each change: a set, a delete or an erasure on this ledger
+        at once, one made through another ledger replica within its next sweep (about a second).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportUsage(self, request, context):
         """The usage rows of a period as CSV, streamed in pieces.
         """
@@ -288,6 +302,11 @@ def add_CostLedgerServiceServicer_to_server(servicer, server):
                     servicer.DeleteBudget,
                     request_deserializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.SerializeToString,
+            ),
+            'WatchBudgets': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBudgets,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.WatchBudgetsRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.WatchBudgetsResponse.SerializeToString,
             ),
             'ExportUsage': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportUsage,
@@ -590,6 +609,33 @@ class CostLedgerService:
             '/switchyard.v1.CostLedgerService/DeleteBudget',
             switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.SerializeToString,
             switchyard_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchyard.v1.CostLedgerService/WatchBudgets',
+            switchyard_dot_v1_dot_ledger__pb2.WatchBudgetsRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.WatchBudgetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

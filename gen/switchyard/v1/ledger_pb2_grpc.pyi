@@ -56,6 +56,11 @@ class CostLedgerServiceStub:
     history stay. Edges drop it with their next directory reload and give back its leases.
     NOT_FOUND / NOT_FOUND when there is no such budget.
     """
+    WatchBudgets: _grpc.UnaryStreamMultiCallable[_ledger_pb2.WatchBudgetsRequest, _ledger_pb2.WatchBudgetsResponse]
+    """The budget directory pushed to edges: every budget (definitions, no spend) first, then
+    the whole directory again after each change: a set, a delete or an erasure on this ledger
+    at once, one made through another ledger replica within its next sweep (about a second).
+    """
     ExportUsage: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]
     """The usage rows of a period as CSV, streamed in pieces."""
     EraseEndUser: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.EraseEndUserRequest, _ledger_pb2.EraseEndUserResponse]
@@ -97,6 +102,11 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
     history stay. Edges drop it with their next directory reload and give back its leases.
     NOT_FOUND / NOT_FOUND when there is no such budget.
+    """
+    WatchBudgets: _aio.UnaryStreamMultiCallable[_ledger_pb2.WatchBudgetsRequest, _ledger_pb2.WatchBudgetsResponse]  # type: ignore[assignment]
+    """The budget directory pushed to edges: every budget (definitions, no spend) first, then
+    the whole directory again after each change: a set, a delete or an erasure on this ledger
+    at once, one made through another ledger replica within its next sweep (about a second).
     """
     ExportUsage: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]  # type: ignore[assignment]
     """The usage rows of a period as CSV, streamed in pieces."""
@@ -196,6 +206,17 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
         history stay. Edges drop it with their next directory reload and give back its leases.
         NOT_FOUND / NOT_FOUND when there is no such budget.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchBudgets(
+        self,
+        request: _ledger_pb2.WatchBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.WatchBudgetsResponse], _abc.AsyncIterator[_ledger_pb2.WatchBudgetsResponse]]:
+        """The budget directory pushed to edges: every budget (definitions, no spend) first, then
+        the whole directory again after each change: a set, a delete or an erasure on this ledger
+        at once, one made through another ledger replica within its next sweep (about a second).
         """
 
     @_abc_1.abstractmethod

@@ -3,9 +3,9 @@
 The ledger owns budgets; the edge must not ask it on every request (DESIGN.md: one hop
 costs more than our whole latency budget). So the edge keeps two things the ledger gives it:
 
-* the *budget directory*: every budget's id, scope and enforcement (`ListBudgets`, reloaded
-  every few seconds in the background), so the edge finds the budgets that apply to a
-  request locally;
+* the *budget directory*: every budget's id, scope and enforcement, pushed by the ledger on
+  every change (`WatchBudgets`; while that stream is down, `ListBudgets` every few seconds in
+  the background), so the edge finds the budgets that apply to a request locally;
 * *leases*: for each hard budget a request touches, a slice of that budget's remaining
   amount granted to this edge (`LeaseBudget`), with a version and an expiry.
 
@@ -42,6 +42,7 @@ import grpc
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
 from switchyard.common.logging import get_logger
 from switchyard.common.money import format_usd
+from switchyard.edge.routes import reconnect_delay
 from switchyard.v1 import ledger_pb2
 
 log = get_logger(__name__)
@@ -75,6 +76,10 @@ class LedgerLeases(Protocol):
     def ListBudgets(
         self, request: ledger_pb2.ListBudgetsRequest, *, timeout: float | None = None
     ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.ListBudgetsRequest, ledger_pb2.ListBudgetsResponse]: ...
+
+    def WatchBudgets(
+        self, request: ledger_pb2.WatchBudgetsRequest
+    ) -> grpc.aio.UnaryStreamCall[ledger_pb2.WatchBudgetsRequest, ledger_pb2.WatchBudgetsResponse]: ...
 
 
 def scope_key(scope: ledger_pb2.BudgetScope) -> ScopeKey:
@@ -164,6 +169,9 @@ class LeaseBook:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload: asyncio.Task[None] | None = None
         self._load_lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
+        # True while the ledger pushes the directory (WatchBudgets): no polling then.
+        self.watching = False
 
     # --- the directory -----------------------------------------------------------------
 
@@ -183,6 +191,10 @@ class LeaseBook:
             token = page.next_page_token
             if not token:
                 break
+        self._apply_directory(budgets)
+
+    def _apply_directory(self, budgets: dict[str, ledger_pb2.Budget]) -> None:
+        """Use `budgets` from now on: leases of budgets gone, turned soft or changed retire."""
         self._directory = budgets
         self._loaded_at = time.monotonic()
         self._memo.clear()
@@ -202,12 +214,42 @@ class LeaseBook:
             async with self._load_lock:
                 if self._directory is None:
                     await self.load_directory()
-        elif time.monotonic() - self._loaded_at > self._refresh_s and (
-            self._reload is None or self._reload.done()
+        elif (
+            not self.watching
+            and time.monotonic() - self._loaded_at > self._refresh_s
+            and (self._reload is None or self._reload.done())
         ):
             self._reload = self._spawn(self._reload_quietly())
         assert self._directory is not None
         return self._directory
+
+    def start_watching(self) -> None:
+        """Follow the ledger's pushed directory (WatchBudgets); polling covers its outages."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._follow(), name="budget-watch")
+
+    async def _follow(self) -> None:
+        failures = 0
+        while True:
+            call = self._ledger.WatchBudgets(ledger_pb2.WatchBudgetsRequest(subscriber_id=self._holder_id))
+            status = "ENDED"  # the ledger closed the stream without an error
+            try:
+                async for response in call:
+                    if not response.version:  # a ledger that has not read its budgets yet
+                        continue
+                    if not self.watching and failures:
+                        log.info("budget_watch_resumed", version=response.version)
+                    self.watching, failures = True, 0
+                    self._apply_directory({b.budget_id: b for b in response.budgets})
+            except grpc.aio.AioRpcError as exc:
+                status = exc.code().name
+            finally:
+                call.cancel()
+            if self.watching or not failures:
+                log.warning("budget_watch_lost", status=status)
+            self.watching = False
+            failures += 1
+            await asyncio.sleep(reconnect_delay(failures))
 
     async def _reload_quietly(self) -> None:
         try:
@@ -440,9 +482,13 @@ class LeaseBook:
                 if lease.unused > 0 and lease.inflight == 0:
                     lease.admitting = False
                     await self._return(lease)
-        for task in list(self._tasks):
+        tasks = [*self._tasks]
+        if self._watch is not None:
+            tasks.append(self._watch)
+            self._watch = None
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

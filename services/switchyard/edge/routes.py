@@ -35,6 +35,11 @@ class RouteSource(Protocol):
     ) -> grpc.aio.UnaryStreamCall[router_pb2.WatchRoutesRequest, router_pb2.WatchRoutesResponse]: ...
 
 
+def reconnect_delay(failures: int) -> float:
+    """Seconds before reconnecting a lost control-plane stream after `failures` in a row."""
+    return min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2.0 ** min(failures, 8))
+
+
 class RouteWatcher:
     """Keeps `planner` on the router's newest routing snapshot."""
 
@@ -115,4 +120,4 @@ class RouteWatcher:
                 log.warning("routes_lost", status=status, version=self.version)
             if self.connected:
                 self.connected, self._lost_at = False, time.monotonic()
-            await asyncio.sleep(min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(failures, 8)))
+            await asyncio.sleep(reconnect_delay(failures))

@@ -259,6 +259,8 @@ def build(settings: Settings) -> ServiceParts:
     async def start() -> None:
         routes.start()
         reporter.start()
+        if budgets is not None:
+            budgets.start_watching()
         database = await open_database(settings.database_url)
         databases.append(database)
         store = await KeyStore.open(database)

@@ -149,15 +149,42 @@ class Ledger:
         self._settle_ms = int((lease_ttl_s + settle_after_s + SETTLE_GRACE_S) * 1000)
         self._budgets: list[ledger_pb2.Budget] = []
         self._budgets_at = 0.0
+        # The directory pushed to edges (WatchBudgets): its version and the subscribers' queues.
+        self._directory = ledger_pb2.WatchBudgetsResponse()
+        self._watchers: set[asyncio.Queue[ledger_pb2.WatchBudgetsResponse]] = set()
         # (tenant, model, month key) -> (tokens, monotonic time they were read from SQL).
         self._volumes: dict[tuple[str, str, str], tuple[int, float]] = {}
 
     # --- budgets ---------------------------------------------------------------------------
 
     async def refresh_budgets(self) -> None:
-        """Reload budget definitions from SQL (other ledger replicas may have changed them)."""
-        self._budgets = await self.history.all_budgets()
+        """Reload budget definitions from SQL (other ledger replicas may have changed them);
+        a change goes to every WatchBudgets subscriber."""
+        budgets = await self.history.all_budgets()
+        self._budgets = budgets
         self._budgets_at = time.monotonic()
+        if [(b.budget_id, b.version) for b in budgets] == [
+            (b.budget_id, b.version) for b in self._directory.budgets
+        ] and self._directory.version:
+            return
+        self._directory = ledger_pb2.WatchBudgetsResponse(
+            budgets=budgets, version=max(self._directory.version + 1, int(time.time() * 1000))
+        )
+        for queue in self._watchers:
+            while not queue.empty():  # only the newest directory matters
+                queue.get_nowait()
+            queue.put_nowait(self._directory)
+
+    def watch_budgets(self) -> asyncio.Queue[ledger_pb2.WatchBudgetsResponse]:
+        """A queue that receives the directory now and again after every change."""
+        queue: asyncio.Queue[ledger_pb2.WatchBudgetsResponse] = asyncio.Queue()
+        queue.put_nowait(self._directory)
+        self._watchers.add(queue)
+        return queue
+
+    def unwatch_budgets(self, queue: asyncio.Queue[ledger_pb2.WatchBudgetsResponse]) -> None:
+        """Stop delivering to `queue`."""
+        self._watchers.discard(queue)
 
     async def _all_budgets(self) -> list[ledger_pb2.Budget]:
         if time.monotonic() - self._budgets_at > _BUDGETS_REFRESH_S:
@@ -519,6 +546,7 @@ class Ledger:
     async def sweep(self) -> int:
         """Free reservations and leases whose time is up, and charge the counters of requests
         whose settlement failed earlier."""
+        await self.refresh_budgets()  # changes made through other replicas reach this one's edges
         freed = await self.store.expire(now_ms=_ms(_now()))
         repaired = await self.settle_unsettled()
         if repaired:
@@ -680,6 +708,18 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         return ledger_pb2.DeleteBudgetResponse(
             budget=await self._ledger.delete_budget(request.budget_id, request.actor)
         )
+
+    async def WatchBudgets(
+        self, request: ledger_pb2.WatchBudgetsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ledger_pb2.WatchBudgetsResponse]:
+        """The budget directory now, then again after every change."""
+        queue = self._ledger.watch_budgets()
+        log.info("budgets_watched", subscriber=request.subscriber_id)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._ledger.unwatch_budgets(queue)
 
     async def ListBudgets(
         self, request: ledger_pb2.ListBudgetsRequest, context: grpc.aio.ServicerContext

@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.edge import routes
 from switchyard.edge.budget import LeaseBook, applies, scope_key
 from switchyard.v1 import ledger_pb2
 
@@ -22,6 +23,27 @@ def _down() -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
 
 
+class FakeWatch:
+    """A WatchBudgets call: yields what is pushed, fails when told to."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[ledger_pb2.WatchBudgetsResponse | None] = asyncio.Queue()
+        self.cancelled = False
+
+    def __aiter__(self) -> FakeWatch:
+        return self
+
+    async def __anext__(self) -> ledger_pb2.WatchBudgetsResponse:
+        item = await self.queue.get()
+        if item is None:
+            raise _down()
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
 class FakeLedger:
     """Budgets with limits; grants min(wanted, left), in whole multiples of min_micros."""
 
@@ -31,6 +53,7 @@ class FakeLedger:
         self.leases: dict[str, tuple[str, int]] = {}
         self.calls: list[str] = []
         self.down = False
+        self.watches: list[FakeWatch] = []
 
     async def ListBudgets(
         self, request: ledger_pb2.ListBudgetsRequest, *, timeout: float | None = None
@@ -39,6 +62,18 @@ class FakeLedger:
         if self.down:
             raise _down()
         return ledger_pb2.ListBudgetsResponse(budgets=list(self.budgets.values()))
+
+    def WatchBudgets(self, request: ledger_pb2.WatchBudgetsRequest) -> FakeWatch:
+        self.calls.append("watch")
+        watch = FakeWatch()
+        self.watches.append(watch)
+        return watch
+
+    def push(self, version: int) -> None:
+        """Push the current directory to the newest watcher."""
+        self.watches[-1].queue.put_nowait(
+            ledger_pb2.WatchBudgetsResponse(budgets=list(self.budgets.values()), version=version)
+        )
 
     async def LeaseBudget(
         self, request: ledger_pb2.LeaseBudgetRequest, *, timeout: float | None = None
@@ -186,4 +221,39 @@ async def test_a_deleted_budget_no_longer_holds_and_its_lease_goes_back() -> Non
     book.settle(after, 0)
     await asyncio.sleep(0.01)  # the return runs in the background
     assert old not in ledger.leases and ledger.left["b"] == 1000 - 7
+    await book.aclose()
+
+
+async def test_a_pushed_directory_retires_leases_at_once_and_replaces_polling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(routes, "RECONNECT_BASE_S", 0.001)
+    ledger = FakeLedger(budget("b", 1000, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1", directory_refresh_s=0.0)  # polling would reload every time
+    book.start_watching()
+    await asyncio.sleep(0)
+    ledger.push(version=1)
+    await asyncio.sleep(0.01)
+    assert book.watching
+    hold = await book.hold(SCOPE, 10)
+    (old,) = hold.lease_ids
+    ledger.budgets["b"].version = 2  # the limit changed on the ledger: pushed, not polled
+    ledger.push(version=2)
+    await asyncio.sleep(0.01)
+    book.settle(hold, 7)
+    await asyncio.sleep(0.01)
+    assert old not in ledger.leases  # retired by the push and returned once settled
+    for _ in range(3):
+        book.settle(await book.hold(SCOPE, 10), 0)
+    assert ledger.calls.count("list") == 0  # watching: no polling
+
+    ledger.watches[-1].queue.put_nowait(None)  # the stream breaks: polling takes over, then it comes back
+    await asyncio.sleep(0.01)
+    assert not book.watching and ledger.watches[0].cancelled
+    book.settle(await book.hold(SCOPE, 10), 0)
+    await asyncio.sleep(0.01)
+    assert ledger.calls.count("list") >= 1 and len(ledger.watches) == 2
+    ledger.push(version=3)
+    await asyncio.sleep(0.01)
+    assert book.watching
     await book.aclose()
