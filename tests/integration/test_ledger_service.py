@@ -780,6 +780,35 @@ async def test_budget_changes_are_audited_with_old_and_new(ledger: LedgerProcess
     assert [e.action for e in by_tenant.entries] == ["update", "create"]
 
 
+async def test_commit_stream_answers_each_batch_in_order_and_ends_on_a_bad_one(ledger: LedgerProcess) -> None:
+    stub = ledger.stub
+    tenant = new_tenant()
+    one, two = usage_record(tenant, input_tokens=1000), usage_record(tenant, input_tokens=2000)
+    call = stub.CommitStream()
+    await call.write(ledger_pb2.CommitManyRequest(commits=[ledger_pb2.CommitRequest(record=one)]))
+    first = await call.read()
+    await call.write(
+        ledger_pb2.CommitManyRequest(
+            commits=[ledger_pb2.CommitRequest(record=two), ledger_pb2.CommitRequest(record=one)]
+        )
+    )
+    second = await call.read()
+    assert [(r.request_id, r.duplicate) for r in first.results] == [(one.request_id, False)]
+    assert [(r.request_id, r.duplicate, r.charged_micros) for r in second.results] == [
+        (two.request_id, False, 300),
+        (one.request_id, True, 150),
+    ]
+    await call.write(ledger_pb2.CommitManyRequest(commits=[ledger_pb2.CommitRequest()]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    error = from_rpc_error(caught.value)
+    assert (error.code, error.metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "commits[0].record.request_id",
+    )
+    assert (await usage(stub, tenant)).requests == 2
+
+
 async def test_watch_budgets_pushes_the_directory_and_every_change(ledger: LedgerProcess) -> None:
     stub = ledger.stub
     tenant = new_tenant()

@@ -105,6 +105,11 @@ class CostLedgerServiceStub:
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.FromString,
                 _registered_method=True)
+        self.CommitStream = channel.stream_stream(
+                '/switchyard.v1.CostLedgerService/CommitStream',
+                request_serializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.FromString,
+                _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/switchyard.v1.CostLedgerService/ListAlerts',
                 request_serializer=switchyard_dot_v1_dot_ledger__pb2.ListAlertsRequest.SerializeToString,
@@ -229,6 +234,14 @@ class CostLedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitStream(self, request_iterator, context):
+        """CommitMany over one long-lived stream (an edge's outbox keeps one open): one response
+        per request, in order. A batch CommitMany would refuse ends the stream with that status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAlerts(self, request, context):
         """Budget threshold alerts and the state of their webhook deliveries.
         """
@@ -320,6 +333,11 @@ def add_CostLedgerServiceServicer_to_server(servicer, server):
             ),
             'CommitMany': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitMany,
+                    request_deserializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.SerializeToString,
+            ),
+            'CommitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CommitStream,
                     request_deserializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.SerializeToString,
             ),
@@ -715,6 +733,33 @@ class CostLedgerService:
             request,
             target,
             '/switchyard.v1.CostLedgerService/CommitMany',
+            switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.SerializeToString,
+            switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchyard.v1.CostLedgerService/CommitStream',
             switchyard_dot_v1_dot_ledger__pb2.CommitManyRequest.SerializeToString,
             switchyard_dot_v1_dot_ledger__pb2.CommitManyResponse.FromString,
             options,

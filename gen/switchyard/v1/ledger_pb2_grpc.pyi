@@ -71,6 +71,10 @@ class CostLedgerServiceStub:
     """
     CommitMany: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]
     """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
+    CommitStream: _grpc.StreamStreamMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]
+    """CommitMany over one long-lived stream (an edge's outbox keeps one open): one response
+    per request, in order. A batch CommitMany would refuse ends the stream with that status.
+    """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]
     """Budget threshold alerts and the state of their webhook deliveries."""
     GetEstimateAccuracy: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetEstimateAccuracyRequest, _ledger_pb2.GetEstimateAccuracyResponse]
@@ -118,6 +122,10 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     """
     CommitMany: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]  # type: ignore[assignment]
     """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
+    CommitStream: _aio.StreamStreamMultiCallable[_ledger_pb2.CommitManyRequest, _ledger_pb2.CommitManyResponse]  # type: ignore[assignment]
+    """CommitMany over one long-lived stream (an edge's outbox keeps one open): one response
+    per request, in order. A batch CommitMany would refuse ends the stream with that status.
+    """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Budget threshold alerts and the state of their webhook deliveries."""
     GetEstimateAccuracy: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetEstimateAccuracyRequest, _ledger_pb2.GetEstimateAccuracyResponse]  # type: ignore[assignment]
@@ -246,6 +254,16 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.CommitManyResponse, _abc.Awaitable[_ledger_pb2.CommitManyResponse]]:
         """Several commits in one call (an edge's outbox drains in batches); each exactly once."""
+
+    @_abc_1.abstractmethod
+    def CommitStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ledger_pb2.CommitManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.CommitManyResponse], _abc.AsyncIterator[_ledger_pb2.CommitManyResponse]]:
+        """CommitMany over one long-lived stream (an edge's outbox keeps one open): one response
+        per request, in order. A batch CommitMany would refuse ends the stream with that status.
+        """
 
     @_abc_1.abstractmethod
     def ListAlerts(

@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
-import grpc
-
 from switchyard.common.logging import get_logger
 from switchyard.common.sql import Database, Migration
 from switchyard.v1 import ledger_pb2
@@ -71,12 +69,20 @@ RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
 
 
+class CommitCall(Protocol):
+    """One open `CommitStream` call."""
+
+    async def write(self, request: ledger_pb2.CommitManyRequest) -> None: ...
+
+    async def read(self) -> ledger_pb2.CommitManyResponse | object: ...
+
+    def cancel(self) -> bool: ...
+
+
 class LedgerCommits(Protocol):
     """What the outbox calls on the ledger (a `CostLedgerServiceStub` fits)."""
 
-    def CommitMany(
-        self, request: ledger_pb2.CommitManyRequest, *, timeout: float | None = None
-    ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.CommitManyRequest, ledger_pb2.CommitManyResponse]: ...
+    def CommitStream(self) -> CommitCall: ...
 
 
 CommitResult = Callable[[ledger_pb2.CommitRequest, ledger_pb2.CommitResponse], None]
@@ -107,6 +113,8 @@ class CommitOutbox:
         self._closing = False
         self._failures = 0
         self._next_sweep = 0.0
+        # The open CommitStream (a batch on it costs a fraction of a call), or None.
+        self._stream: CommitCall | None = None
         self.sent = 0
         """Commits the ledger acknowledged (for stats and tests)."""
 
@@ -184,15 +192,36 @@ class CommitOutbox:
             raise
 
     async def _send(self, batch: Sequence[ledger_pb2.CommitRequest]) -> None:
-        response = await self._ledger.CommitMany(
-            ledger_pb2.CommitManyRequest(commits=batch), timeout=self._timeout
-        )
+        response = await self._exchange(ledger_pb2.CommitManyRequest(commits=batch))
         done = [c.record.request_id for c in batch]
         await self._forget(done)
         self.sent += len(batch)
         if self._on_result is not None:
             for commit, result in zip(batch, response.results, strict=False):
                 self._on_result(commit, result)
+
+    async def _exchange(self, request: ledger_pb2.CommitManyRequest) -> ledger_pb2.CommitManyResponse:
+        """One batch and its answer over the stream, opened when needed; on any failure the
+        stream is dropped (the next batch opens another) and the failure raised."""
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = self._ledger.CommitStream()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await stream.write(request)
+                response = await stream.read()
+        except BaseException:
+            self._drop_stream()
+            raise
+        if not isinstance(response, ledger_pb2.CommitManyResponse):  # the ledger ended the stream
+            self._drop_stream()
+            raise ConnectionError("the ledger closed the commit stream")
+        return response
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
 
     async def _sweep(self) -> None:
         """Send rows a failed send or an earlier (or dead) edge left in the table."""
@@ -249,6 +278,7 @@ class CommitOutbox:
             batch, self._buffer = self._buffer, []
             with contextlib.suppress(Exception):
                 await self._write(batch)
+        self._drop_stream()
 
 
 def _now_ms() -> int:

@@ -669,6 +669,13 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         _trace_commits(request.commits, results, started)
         return ledger_pb2.CommitManyResponse(results=results)
 
+    async def CommitStream(
+        self, requests: AsyncIterator[ledger_pb2.CommitManyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ledger_pb2.CommitManyResponse]:
+        """CommitMany for each batch on the stream, answered in order."""
+        async for request in requests:
+            yield await self.CommitMany(request, context)
+
     async def Release(
         self, request: ledger_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.ReleaseResponse:
