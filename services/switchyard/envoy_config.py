@@ -118,7 +118,12 @@ CONTROL_UPSTREAMS: Final = (
     GrpcUpstream(
         "switchyard.v1.RouterService", "router", "router", no_timeout=("WatchRoutes",), retryable=("Plan",)
     ),
-    GrpcUpstream("switchyard.v1.CostLedgerService", "ledger", "ledger", no_timeout=("ExportUsage",)),
+    GrpcUpstream(
+        "switchyard.v1.CostLedgerService",
+        "ledger",
+        "ledger",
+        no_timeout=("ExportUsage", "WatchBudgets", "CommitStream"),
+    ),
     GrpcUpstream(
         "switchyard.v1.HealthMonitorService",
         "health",

@@ -172,6 +172,7 @@ class LeaseBook:
         self._watch: asyncio.Task[None] | None = None
         # True while the ledger pushes the directory (WatchBudgets): no polling then.
         self.watching = False
+        self._pushed_version = 0
 
     # --- the directory -----------------------------------------------------------------
 
@@ -240,7 +241,9 @@ class LeaseBook:
                     if not self.watching and failures:
                         log.info("budget_watch_resumed", version=response.version)
                     self.watching, failures = True, 0
-                    self._apply_directory({b.budget_id: b for b in response.budgets})
+                    if response.version != self._pushed_version:  # else a heartbeat
+                        self._pushed_version = response.version
+                        self._apply_directory({b.budget_id: b for b in response.budgets})
             except grpc.aio.AioRpcError as exc:
                 status = exc.code().name
             finally:

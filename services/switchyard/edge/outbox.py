@@ -65,6 +65,8 @@ BATCH_SIZE: Final = 256
 BATCH_INTERVAL_S: Final = 0.005
 # Rows another edge wrote this long ago are treated as that edge's orphans and sent by us.
 ORPHAN_AFTER_S: Final = 60.0
+# A commit stream unused this long is opened afresh (a proxy may have ended it for idleness).
+STREAM_IDLE_S: Final = 60.0
 RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
 
@@ -115,6 +117,7 @@ class CommitOutbox:
         self._next_sweep = 0.0
         # The open CommitStream (a batch on it costs a fraction of a call), or None.
         self._stream: CommitCall | None = None
+        self._stream_used = 0.0
         self.sent = 0
         """Commits the ledger acknowledged (for stats and tests)."""
 
@@ -203,9 +206,12 @@ class CommitOutbox:
     async def _exchange(self, request: ledger_pb2.CommitManyRequest) -> ledger_pb2.CommitManyResponse:
         """One batch and its answer over the stream, opened when needed; on any failure the
         stream is dropped (the next batch opens another) and the failure raised."""
+        if self._stream is not None and time.monotonic() - self._stream_used > STREAM_IDLE_S:
+            self._drop_stream()
         stream = self._stream
         if stream is None:
             stream = self._stream = self._ledger.CommitStream()
+        self._stream_used = time.monotonic()
         try:
             async with asyncio.timeout(self._timeout):
                 await stream.write(request)

@@ -57,6 +57,9 @@ log = get_logger(__name__)
 # A stored row still unsettled after this long was not settled by its commit.
 UNSETTLED_AFTER_S: Final = 2.0
 SERVICE_NAME: Final = ledger_pb2.DESCRIPTOR.services_by_name["CostLedgerService"].full_name
+# A WatchBudgets stream with no change says the directory again this often (Envoy, between
+# an edge and the ledger in a cluster, ends streams idle for 5 minutes).
+WATCH_HEARTBEAT_S: Final = 60.0
 # How long a reservation lives when the caller does not say.
 DEFAULT_RESERVATION_TTL_S: Final = 300
 MAX_RESERVATION_TTL_S: Final = 3600
@@ -174,6 +177,11 @@ class Ledger:
             while not queue.empty():  # only the newest directory matters
                 queue.get_nowait()
             queue.put_nowait(self._directory)
+
+    @property
+    def directory(self) -> ledger_pb2.WatchBudgetsResponse:
+        """The budget directory as pushed to edges now."""
+        return self._directory
 
     def watch_budgets(self) -> asyncio.Queue[ledger_pb2.WatchBudgetsResponse]:
         """A queue that receives the directory now and again after every change."""
@@ -724,7 +732,11 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         log.info("budgets_watched", subscriber=request.subscriber_id)
         try:
             while True:
-                yield await queue.get()
+                try:
+                    directory = await asyncio.wait_for(queue.get(), WATCH_HEARTBEAT_S)
+                except TimeoutError:  # unchanged: said again, so no proxy takes the stream for idle
+                    directory = self._ledger.directory
+                yield directory
         finally:
             self._ledger.unwatch_budgets(queue)
 

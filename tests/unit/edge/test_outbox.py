@@ -152,3 +152,18 @@ async def test_what_a_stopped_edge_left_is_sent_by_the_next_one(database: Databa
     await again.flush(timeout_s=2)
     await again.aclose()
     assert ledger.charged == {f"req-{n}": 1 for n in range(4)} and await rows(database) == 0
+
+
+async def test_a_stream_left_idle_is_opened_afresh(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "STREAM_IDLE_S", 0.0)  # every batch finds it idle
+    ledger = FakeLedger()
+    outbox = await CommitOutbox.open(database, ledger, "edge-1")  # type: ignore[arg-type]
+    outbox.start()
+    for n in range(2):
+        outbox.add(commit(n))
+        await outbox.flush(timeout_s=2)
+    await outbox.aclose()
+    assert len(ledger.streams) == 2 and ledger.streams[0].cancelled
+    assert ledger.charged == {"req-0": 1, "req-1": 1}
