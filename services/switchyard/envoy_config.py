@@ -131,7 +131,9 @@ CONTROL_UPSTREAMS: Final = (
         no_timeout=("Watch",),
         retryable=("Snapshot",),
     ),
-    GrpcUpstream("switchyard.v1.CacheService", "cache", "cache", retryable=("Lookup",)),
+    GrpcUpstream(
+        "switchyard.v1.CacheService", "cache", "cache", no_timeout=("LookupStream",), retryable=("Lookup",)
+    ),
 )
 
 _ADAPTER_SERVICE: Final = "switchyard.v1.ProviderAdapterService"

@@ -16,6 +16,7 @@ import uuid
 
 import grpc
 
+from switchyard.common.errors import from_status
 from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2_grpc
 from tests.conftest import Mesh, SimControl
 from tests.support.auth import keyed_channel
@@ -161,3 +162,33 @@ async def test_a_paraphrase_is_answered_from_the_cache_with_its_similarity(
     different.cache.ClearField("semantic_threshold")
     assert (await gateway.Chat(different, timeout=30)).cache_status == common_pb2.CACHE_STATUS_MISS
     assert (await openai_sim.stats())["requests"] == 2
+
+
+async def test_the_lookup_stream_answers_each_lookup_by_id_and_goes_on_after_a_refusal(
+    mesh: Mesh, openai_sim: SimControl
+) -> None:
+    asked = question()
+    before = await entries_of(mesh, "default")
+    await mesh.gateway().Chat(asked, timeout=30)  # a miss, then stored
+    await stored(mesh, "default", before + 1)
+    cache = cache_pb2_grpc.CacheServiceStub(grpc.aio.insecure_channel(mesh.target("cache")))
+    call = cache.LookupStream()
+    lookups = {
+        7: cache_pb2.LookupRequest(tenant_id="default", request=asked, model=MODEL),
+        8: cache_pb2.LookupRequest(tenant_id="", request=asked, model=MODEL),  # refused
+        9: cache_pb2.LookupRequest(tenant_id="default", request=question(), model=MODEL),
+    }
+    try:
+        for ask_id, lookup in lookups.items():
+            await call.write(cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup))
+        answers = {}
+        async with asyncio.timeout(10):
+            while len(answers) < 3:
+                answer = await call.read()
+                answers[answer.id] = answer
+    finally:
+        call.cancel()
+    assert answers[7].lookup.status == common_pb2.CACHE_STATUS_HIT_EXACT
+    assert answers[9].lookup.status == common_pb2.CACHE_STATUS_MISS
+    refusal = from_status(answers[8].error)
+    assert (refusal.code, refusal.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "tenant_id")

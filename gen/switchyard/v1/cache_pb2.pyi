@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 from switchyard.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -120,6 +121,65 @@ class LookupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupResponse: _TypeAlias = LookupResponse  # noqa: Y015
+
+@_typing.final
+class LookupStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LOOKUP_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller, repeated in the answer."""
+    traceparent: _builtins.str
+    """The caller's W3C traceparent: the lookup is recorded in that request's trace."""
+    @_builtins.property
+    def lookup(self) -> Global___LookupRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        lookup: Global___LookupRequest | None = ...,
+        traceparent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lookup", b"lookup", "traceparent", b"traceparent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupStreamRequest: _TypeAlias = LookupStreamRequest  # noqa: Y015
+
+@_typing.final
+class LookupStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LOOKUP_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def lookup(self) -> Global___LookupResponse: ...
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Set instead of `lookup` when the lookup failed: the status Lookup would have ended with,
+        its ErrorInfo in the details.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        lookup: Global___LookupResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lookup", b"lookup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "lookup", b"lookup"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupStreamResponse: _TypeAlias = LookupStreamResponse  # noqa: Y015
 
 @_typing.final
 class StoreRequest(_message.Message):

@@ -39,6 +39,11 @@ class CacheServiceStub:
                 request_serializer=switchyard_dot_v1_dot_cache__pb2.LookupRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/switchyard.v1.CacheService/LookupStream',
+                request_serializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamResponse.FromString,
+                _registered_method=True)
         self.Store = channel.unary_unary(
                 '/switchyard.v1.CacheService/Store',
                 request_serializer=switchyard_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
@@ -71,6 +76,16 @@ class CacheServiceServicer:
 
     def Lookup(self, request, context):
         """A cached answer for the request, if one may be served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupStream(self, request_iterator, context):
+        """Lookups over one long-lived stream (an edge keeps one open; a lookup on it costs a
+        fraction of a call): each answer carries its request's id and comes when it is ready, in
+        no particular order. A lookup Lookup would refuse is answered with that error; the
+        stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +135,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_cache__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
+                    request_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamResponse.SerializeToString,
             ),
             'Store': grpc.unary_unary_rpc_method_handler(
                     servicer.Store,
@@ -174,6 +194,33 @@ class CacheService:
             '/switchyard.v1.CacheService/Lookup',
             switchyard_dot_v1_dot_cache__pb2.LookupRequest.SerializeToString,
             switchyard_dot_v1_dot_cache__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchyard.v1.CacheService/LookupStream',
+            switchyard_dot_v1_dot_cache__pb2.LookupStreamRequest.SerializeToString,
+            switchyard_dot_v1_dot_cache__pb2.LookupStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,12 @@ class CacheServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CacheServiceAsyncStub: ...
     Lookup: _grpc.UnaryUnaryMultiCallable[_cache_pb2.LookupRequest, _cache_pb2.LookupResponse]
     """A cached answer for the request, if one may be served."""
+    LookupStream: _grpc.StreamStreamMultiCallable[_cache_pb2.LookupStreamRequest, _cache_pb2.LookupStreamResponse]
+    """Lookups over one long-lived stream (an edge keeps one open; a lookup on it costs a
+    fraction of a call): each answer carries its request's id and comes when it is ready, in
+    no particular order. A lookup Lookup would refuse is answered with that error; the
+    stream goes on.
+    """
     Store: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]
     """Offer an answer for caching; admission decides."""
     StoreMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreManyRequest, _cache_pb2.StoreManyResponse]
@@ -52,6 +58,12 @@ class CacheServiceAsyncStub(CacheServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Lookup: _aio.UnaryUnaryMultiCallable[_cache_pb2.LookupRequest, _cache_pb2.LookupResponse]  # type: ignore[assignment]
     """A cached answer for the request, if one may be served."""
+    LookupStream: _aio.StreamStreamMultiCallable[_cache_pb2.LookupStreamRequest, _cache_pb2.LookupStreamResponse]  # type: ignore[assignment]
+    """Lookups over one long-lived stream (an edge keeps one open; a lookup on it costs a
+    fraction of a call): each answer carries its request's id and comes when it is ready, in
+    no particular order. A lookup Lookup would refuse is answered with that error; the
+    stream goes on.
+    """
     Store: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]  # type: ignore[assignment]
     """Offer an answer for caching; admission decides."""
     StoreMany: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreManyRequest, _cache_pb2.StoreManyResponse]  # type: ignore[assignment]
@@ -74,6 +86,18 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.LookupResponse, _abc.Awaitable[_cache_pb2.LookupResponse]]:
         """A cached answer for the request, if one may be served."""
+
+    @_abc_1.abstractmethod
+    def LookupStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_cache_pb2.LookupStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cache_pb2.LookupStreamResponse], _abc.AsyncIterator[_cache_pb2.LookupStreamResponse]]:
+        """Lookups over one long-lived stream (an edge keeps one open; a lookup on it costs a
+        fraction of a call): each answer carries its request's id and comes when it is ready, in
+        no particular order. A lookup Lookup would refuse is answered with that error; the
+        stream goes on.
+        """
 
     @_abc_1.abstractmethod
     def Store(

@@ -23,7 +23,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,8 +37,9 @@ from switchyard.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex, literals
 from switchyard.cache.store import CacheEntry, CacheStore, build_store
 from switchyard.cache.ttl import classify_ttl
 from switchyard.cache.vectors import IndexedQuestion, build_vector_feed
+from switchyard.common import tracing
 from switchyard.common.channels import ChannelPool
-from switchyard.common.errors import SwitchyardError, invalid
+from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
@@ -54,6 +55,8 @@ log = get_logger(__name__)
 SERVICE_NAME: Final = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 # An answer larger than this is not cached (it would crowd out many smaller ones).
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
+# Lookups of one stream in progress at once (a semantic one waits for its embedding).
+MAX_STREAMED_LOOKUPS: Final = 256
 # Lookup latencies kept for the percentiles.
 LATENCY_SAMPLES: Final = 10_000
 SEMANTIC_OFF: Final = "none: semantic matching needs an embedder, and none is configured"
@@ -153,6 +156,61 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.LookupResponse:
         """A cached answer for the request, if one is stored and fresh."""
+        return await self.lookup(request)
+
+    async def LookupStream(
+        self, requests: AsyncIterator[cache_pb2.LookupStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cache_pb2.LookupStreamResponse]:
+        """Lookups as they come, each answered when ready (with its id), errors included."""
+        answers: asyncio.Queue[cache_pb2.LookupStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_STREAMED_LOOKUPS)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(item: cache_pb2.LookupStreamRequest) -> None:
+            started = time.time_ns()
+            try:
+                reply = cache_pb2.LookupStreamResponse(id=item.id, lookup=await self.lookup(item.lookup))
+            except SwitchyardError as exc:
+                reply = cache_pb2.LookupStreamResponse(id=item.id, error=exc.to_status_proto())
+            except Exception as exc:  # a bug: logged, answered as INTERNAL, the stream goes on
+                log.error("lookup_failed", error_type=type(exc).__name__, exc_info=exc)
+                failure = SwitchyardError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
+                reply = cache_pb2.LookupStreamResponse(id=item.id, error=failure.to_status_proto())
+            finally:
+                slots.release()
+            if item.traceparent:
+                tracing.record_span_in(
+                    item.traceparent,
+                    "switchyard.cache/lookup",
+                    start_time_ns=started,
+                    tracer_name="switchyard.cache",
+                    attributes={"switchyard.cache_status": common_pb2.CacheStatus.Name(reply.lookup.status)},
+                )
+            answers.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for item in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(item))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await answers.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+        """What Lookup answers (raises SwitchyardError for a request it refuses)."""
         _require(request.tenant_id, request.model, request.request)
         if request.request.cache.HasField("semantic_threshold"):
             wanted = request.request.cache.semantic_threshold

@@ -157,6 +157,11 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> SwitchyardErr
     return SwitchyardError(code, _reason_for_bare_code(code), message)
 
 
+def from_status(status: status_pb2.Status) -> SwitchyardError:
+    """A `google.rpc.Status` carried in a message (a failed item of a stream) as a `SwitchyardError`."""
+    return _from_status(_CODES_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN), status)
+
+
 def _from_status(code: grpc.StatusCode, status: status_pb2.Status) -> SwitchyardError:
     reason = _reason_for_bare_code(code)
     metadata: dict[str, str] = {}

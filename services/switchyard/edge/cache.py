@@ -22,10 +22,12 @@ from typing import Final, Protocol
 import grpc
 
 from switchyard.cache.keys import AUTO, CacheDecision, cache_decision
+from switchyard.common.errors import SwitchyardError, from_status
 from switchyard.common.logging import get_logger
+from switchyard.common.tracing import current_traceparent
 from switchyard.v1 import cache_pb2, common_pb2
 
-__all__ = ["AnswerRecorder", "EdgeCache", "replay"]
+__all__ = ["AnswerRecorder", "EdgeCache", "StreamedLookups", "replay"]
 
 log = get_logger(__name__)
 
@@ -36,12 +38,20 @@ STORE_BATCH: Final = 64
 STORE_QUEUE: Final = 1024
 
 
+class LookupCall(Protocol):
+    """One open `LookupStream` call."""
+
+    async def write(self, request: cache_pb2.LookupStreamRequest) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[cache_pb2.LookupStreamResponse]: ...
+
+    def cancel(self) -> bool: ...
+
+
 class CacheCalls(Protocol):
     """What the edge calls on the cache (a `CacheServiceStub` fits)."""
 
-    async def Lookup(
-        self, request: cache_pb2.LookupRequest, *, timeout: float | None = None
-    ) -> cache_pb2.LookupResponse: ...
+    def LookupStream(self) -> LookupCall: ...
 
     async def StoreMany(
         self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None
@@ -66,6 +76,7 @@ class EdgeCache:
         self._store_timeout_s = store_timeout_s
         self._store_linger_s = store_linger_s
         self._down = False
+        self._lookups = StreamedLookups(stub)
         self._offers: list[cache_pb2.StoreRequest] = []
         self._writer: asyncio.Task[None] | None = None
         self._flush = asyncio.Event()  # set when the edge stops: send without gathering
@@ -80,11 +91,11 @@ class EdgeCache:
     ) -> cache_pb2.LookupResponse | None:
         """The hit for `request`, or None (a miss, or the cache could not answer in time)."""
         try:
-            response = await self._stub.Lookup(
+            response = await self._lookups.ask(
                 cache_pb2.LookupRequest(tenant_id=tenant_id, request=request, model=model or AUTO),
-                timeout=self._lookup_timeout_s,
+                timeout_s=self._lookup_timeout_s,
             )
-        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+        except (grpc.aio.AioRpcError, TimeoutError, ConnectionError, SwitchyardError) as exc:
             self._outage("lookup", exc)
             return None
         self._back()
@@ -125,6 +136,7 @@ class EdgeCache:
 
     async def aclose(self) -> None:
         """Send what waits (within the store timeout), then stop."""
+        self._lookups.close()
         self._flush.set()
         writer = self._writer
         if writer is None:
@@ -136,13 +148,87 @@ class EdgeCache:
     def _outage(self, step: str, exc: BaseException) -> None:
         if not self._down:
             self._down = True
-            status = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "DEADLINE_EXCEEDED"
+            if isinstance(exc, grpc.aio.AioRpcError):
+                status = exc.code().name
+            elif isinstance(exc, SwitchyardError):
+                status = exc.code.name
+            elif isinstance(exc, TimeoutError):
+                status = "DEADLINE_EXCEEDED"
+            else:
+                status = "UNAVAILABLE"
             log.warning("cache_unavailable", step=step, status=status)
 
     def _back(self) -> None:
         if self._down:
             self._down = False
             log.info("cache_available")
+
+
+class StreamedLookups:
+    """Lookups multiplexed on one `LookupStream` call, opened when needed: each waits for the
+    answer with its id; when the stream breaks, those waiting fail and the next opens another."""
+
+    def __init__(self, stub: CacheCalls) -> None:
+        self._stub = stub
+        self._call: LookupCall | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
+        self._next_id = 0
+        self._write_lock = asyncio.Lock()  # one write at a time on a call
+
+    async def ask(self, lookup: cache_pb2.LookupRequest, *, timeout_s: float) -> cache_pb2.LookupResponse:
+        """The answer to `lookup`; raises what the cache answered, or why no answer came."""
+        self._next_id += 1
+        ask_id = self._next_id
+        answer: asyncio.Future[cache_pb2.LookupStreamResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[ask_id] = answer
+        item = cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent())
+        try:
+            async with asyncio.timeout(timeout_s):
+                call = self._open()
+                async with self._write_lock:
+                    await call.write(item)
+                response = await answer
+        except BaseException:
+            if self._waiting.pop(ask_id, None) is not None and not answer.done():
+                answer.cancel()
+            raise
+        if response.HasField("error"):
+            raise from_status(response.error)
+        return response.lookup
+
+    def _open(self) -> LookupCall:
+        if self._call is None:
+            self._call = self._stub.LookupStream()
+            self._reader = asyncio.create_task(self._read(self._call), name="cache-lookups")
+        return self._call
+
+    async def _read(self, call: LookupCall) -> None:
+        failure: BaseException = ConnectionError("the cache ended the lookup stream")
+        try:
+            async for response in call:
+                waiting = self._waiting.pop(response.id, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            failure = exc
+        finally:
+            if self._call is call:
+                self._call = None
+                call.cancel()
+                waiting_now, self._waiting = self._waiting, {}
+                for waiting in waiting_now.values():
+                    if not waiting.done():
+                        waiting.set_exception(failure)
+
+    def close(self) -> None:
+        """End the stream (lookups still waiting fail)."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
 
 
 async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:

@@ -69,6 +69,39 @@ class Providers(ChatPipeline):
         )
 
 
+class InProcessLookups:
+    """A LookupStream call answered by the servicer in process."""
+
+    def __init__(self, owner: InProcess) -> None:
+        self.owner = owner
+        self.answers: asyncio.Queue[cache_pb2.LookupStreamResponse | None] = asyncio.Queue()
+
+    async def write(self, request: cache_pb2.LookupStreamRequest) -> None:
+        if self.owner.down:
+            self.answers.put_nowait(None)  # the stream breaks
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        try:
+            lookup = await self.owner.servicer.lookup(request.lookup)
+        except SwitchyardError as exc:
+            failed = cache_pb2.LookupStreamResponse(id=request.id, error=exc.to_status_proto())
+            self.answers.put_nowait(failed)
+            return
+        self.answers.put_nowait(cache_pb2.LookupStreamResponse(id=request.id, lookup=lookup))
+
+    def __aiter__(self) -> InProcessLookups:
+        return self
+
+    async def __anext__(self) -> cache_pb2.LookupStreamResponse:
+        answer = await self.answers.get()
+        if answer is None:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        return answer
+
+    def cancel(self) -> bool:
+        self.answers.put_nowait(None)
+        return True
+
+
 class InProcess:
     """A `CacheServicer` called like a stub; `down` makes every call fail as UNAVAILABLE."""
 
@@ -76,16 +109,15 @@ class InProcess:
         self.servicer = servicer
         self.down = False
         self.batches: list[int] = []
+        self.streams = 0
 
     def _check(self) -> None:
         if self.down:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
 
-    async def Lookup(
-        self, request: cache_pb2.LookupRequest, *, timeout: float | None = None
-    ) -> cache_pb2.LookupResponse:
-        self._check()
-        return await self.servicer.Lookup(request, None)  # type: ignore[arg-type]
+    def LookupStream(self) -> InProcessLookups:
+        self.streams += 1
+        return InProcessLookups(self)
 
     async def StoreMany(
         self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None
@@ -277,3 +309,18 @@ async def test_store_many_checks_every_offer_before_storing_any() -> None:
     stores.append(unfinished)
     reply = await servicer.StoreMany(cache_pb2.StoreManyRequest(stores=stores), None)  # type: ignore[arg-type]
     assert [r.admitted for r in reply.results] == [True, True, False]
+
+
+async def test_lookups_share_one_stream_and_a_refused_one_is_a_miss() -> None:
+    providers = Providers()
+    servicer, cache = cache_pair()
+    gateway = edge(providers, cache, [])
+    for _ in range(3):
+        await answer(gateway, question())
+    assert cache.streams == 1 and providers.calls == 1
+    edge_cache = EdgeCache(cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1)
+    bad = question()
+    bad.cache.semantic_threshold = 2.0  # the cache refuses it: the edge takes it for a miss
+    assert await edge_cache.lookup("acme", bad, MODEL) is None
+    assert await edge_cache.lookup("acme", question(), MODEL) is not None  # the stream went on
+    await edge_cache.aclose()
