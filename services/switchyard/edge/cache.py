@@ -98,6 +98,9 @@ class EdgeCache:
         except (grpc.aio.AioRpcError, TimeoutError, ConnectionError, SwitchyardError) as exc:
             self._outage("lookup", exc)
             return None
+        except Exception as exc:  # a slow or broken cache is a miss, never the caller's error
+            log.error("cache_lookup_failed", error_type=type(exc).__name__, exc_info=exc)
+            return None
         self._back()
         if response.status not in (common_pb2.CACHE_STATUS_HIT_EXACT, common_pb2.CACHE_STATUS_HIT_SEMANTIC):
             return None
@@ -165,16 +168,21 @@ class EdgeCache:
 
 
 class StreamedLookups:
-    """Lookups multiplexed on one `LookupStream` call, opened when needed: each waits for the
-    answer with its id; when the stream breaks, those waiting fail and the next opens another."""
+    """Lookups multiplexed on one `LookupStream` call, opened when needed.
+
+    A writer task puts the lookups on the stream one at a time (a caller that stops waiting
+    never interrupts a write, which would cancel the whole call); a reader task hands each
+    answer to the lookup with its id. When the stream fails, every lookup waiting on it fails
+    and the next one opens another stream.
+    """
 
     def __init__(self, stub: CacheCalls) -> None:
         self._stub = stub
         self._call: LookupCall | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._outgoing: asyncio.Queue[cache_pb2.LookupStreamRequest] = asyncio.Queue()
+        self._tasks: tuple[asyncio.Task[None], ...] = ()
         self._waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
         self._next_id = 0
-        self._write_lock = asyncio.Lock()  # one write at a time on a call
 
     async def ask(self, lookup: cache_pb2.LookupRequest, *, timeout_s: float) -> cache_pb2.LookupResponse:
         """The answer to `lookup`; raises what the cache answered, or why no answer came."""
@@ -182,53 +190,66 @@ class StreamedLookups:
         ask_id = self._next_id
         answer: asyncio.Future[cache_pb2.LookupStreamResponse] = asyncio.get_running_loop().create_future()
         self._waiting[ask_id] = answer
-        item = cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent())
+        self._open()
+        self._outgoing.put_nowait(
+            cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent())
+        )
         try:
             async with asyncio.timeout(timeout_s):
-                call = self._open()
-                async with self._write_lock:
-                    await call.write(item)
                 response = await answer
-        except BaseException:
-            if self._waiting.pop(ask_id, None) is not None and not answer.done():
-                answer.cancel()
-            raise
+        finally:
+            self._waiting.pop(ask_id, None)
         if response.HasField("error"):
             raise from_status(response.error)
         return response.lookup
 
-    def _open(self) -> LookupCall:
-        if self._call is None:
-            self._call = self._stub.LookupStream()
-            self._reader = asyncio.create_task(self._read(self._call), name="cache-lookups")
-        return self._call
+    def _open(self) -> None:
+        if self._call is not None:
+            return
+        call = self._call = self._stub.LookupStream()
+        self._tasks = (
+            asyncio.create_task(self._write(call), name="cache-lookups-out"),
+            asyncio.create_task(self._read(call), name="cache-lookups-in"),
+        )
+
+    async def _write(self, call: LookupCall) -> None:
+        try:
+            while True:
+                await call.write(await self._outgoing.get())
+        except Exception as exc:  # the call ended or failed
+            self._fail(call, exc)
 
     async def _read(self, call: LookupCall) -> None:
-        failure: BaseException = ConnectionError("the cache ended the lookup stream")
         try:
             async for response in call:
                 waiting = self._waiting.pop(response.id, None)
                 if waiting is not None and not waiting.done():
                     waiting.set_result(response)
-        except grpc.aio.AioRpcError as exc:
-            failure = exc
-        finally:
-            if self._call is call:
-                self._call = None
-                call.cancel()
-                waiting_now, self._waiting = self._waiting, {}
-                for waiting in waiting_now.values():
-                    if not waiting.done():
-                        waiting.set_exception(failure)
+        except Exception as exc:
+            self._fail(call, exc)
+        else:
+            self._fail(call, ConnectionError("the cache ended the lookup stream"))
+
+    def _fail(self, call: LookupCall, error: BaseException) -> None:
+        """`call` is over: fail what waits on it (once), so the next lookup opens another."""
+        if self._call is not call:
+            return
+        self._call = None
+        call.cancel()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        self._outgoing = asyncio.Queue()  # lookups not written yet fail with the others
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"lookup stream lost ({type(error).__name__})"))
 
     def close(self) -> None:
         """End the stream (lookups still waiting fail)."""
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
+        if self._call is not None:
+            self._fail(self._call, ConnectionError("closed"))
 
 
 async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:

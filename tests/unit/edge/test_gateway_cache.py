@@ -75,8 +75,18 @@ class InProcessLookups:
     def __init__(self, owner: InProcess) -> None:
         self.owner = owner
         self.answers: asyncio.Queue[cache_pb2.LookupStreamResponse | None] = asyncio.Queue()
+        self.cancelled = False
 
     async def write(self, request: cache_pb2.LookupStreamRequest) -> None:
+        # As grpc.aio does: a write on a finished call is refused, and an interrupted write
+        # cancels the whole call.
+        if self.cancelled:
+            raise asyncio.InvalidStateError("RPC already finished.")
+        try:
+            await asyncio.sleep(self.owner.write_delay_s)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
         if self.owner.down:
             self.answers.put_nowait(None)  # the stream breaks
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
@@ -98,6 +108,7 @@ class InProcessLookups:
         return answer
 
     def cancel(self) -> bool:
+        self.cancelled = True
         self.answers.put_nowait(None)
         return True
 
@@ -110,6 +121,7 @@ class InProcess:
         self.down = False
         self.batches: list[int] = []
         self.streams = 0
+        self.write_delay_s = 0.0
 
     def _check(self) -> None:
         if self.down:
@@ -323,4 +335,30 @@ async def test_lookups_share_one_stream_and_a_refused_one_is_a_miss() -> None:
     bad.cache.semantic_threshold = 2.0  # the cache refuses it: the edge takes it for a miss
     assert await edge_cache.lookup("acme", bad, MODEL) is None
     assert await edge_cache.lookup("acme", question(), MODEL) is not None  # the stream went on
+    await edge_cache.aclose()
+
+
+async def test_a_lookup_that_times_out_is_a_miss_and_the_stream_goes_on() -> None:
+    _, cache = cache_pair()
+    edge_cache = EdgeCache(cache, max_temperature=0.0, lookup_timeout_s=0.02, store_timeout_s=1)
+    cache.write_delay_s = 0.05  # the write itself outlasts the caller's wait
+    slow = [edge_cache.lookup("acme", question(), MODEL) for _ in range(5)]
+    assert await asyncio.gather(*slow) == [None] * 5
+    cache.write_delay_s = 0.0
+    await asyncio.sleep(0.3)  # the late answers arrive and are dropped
+    assert await edge_cache.lookup("acme", question(), MODEL) is None  # a miss, answered
+    assert cache.streams == 1  # never broken by the callers that gave up
+    await edge_cache.aclose()
+
+
+async def test_a_broken_lookup_stream_fails_what_waits_and_the_next_lookup_opens_another() -> None:
+    _, cache = cache_pair()
+    edge_cache = EdgeCache(cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1)
+    assert await edge_cache.lookup("acme", question(), MODEL) is None
+    cache.down = True
+    assert await edge_cache.lookup("acme", question(), MODEL) is None  # the stream breaks: a miss
+    cache.down = False
+    await answer(edge(Providers(), cache, []), question())  # stores the answer on its own edge
+    assert await edge_cache.lookup("acme", question(), MODEL) is not None
+    assert cache.streams >= 2
     await edge_cache.aclose()
