@@ -32,7 +32,16 @@ import inspect
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -613,6 +622,13 @@ def _with_trace_context(
     ]
     if context.trace_state:
         carrier.append(("tracestate", context.trace_state.to_header()))
+    return _with_propagation(details, carrier)
+
+
+def _with_propagation(
+    details: grpc.aio.ClientCallDetails, carrier: Iterable[tuple[str, str]]
+) -> grpc.aio.ClientCallDetails:
+    """`details` with `carrier` in place of any trace headers its metadata had."""
     metadata = grpc.aio.Metadata(
         *((k, v) for k, v in (details.metadata or ()) if k not in _PROPAGATION_KEYS), *carrier
     )
@@ -633,14 +649,7 @@ class _ClientTracing:
         ctx = trace.set_span_in_context(span)
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=ctx)
-        metadata = grpc.aio.Metadata(
-            *((k, v) for k, v in (details.metadata or ()) if k not in _PROPAGATION_KEYS),
-            *carrier.items(),
-        )
-        new_details = grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-        return span, ctx, new_details
+        return span, ctx, _with_propagation(details, carrier.items())
 
     async def _intercept(
         self,
