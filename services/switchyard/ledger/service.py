@@ -390,7 +390,7 @@ class Ledger:
             reasoning_tokens=usage.reasoning_tokens,
             cache_write_input_tokens=usage.cache_write_input_tokens,
         )
-        finished = record.finished_at.ToDatetime(UTC) if record.HasField("finished_at") else _now()
+        finished = _finished_at(record, _now())
         return charge_micros(model, tokens, at=finished, month_tokens=month_tokens)
 
     async def _month_tokens(self, tenant_id: str, model: str, at: datetime) -> int:
@@ -484,7 +484,7 @@ class Ledger:
         and a counter rebuilt from the rows count it; never a later one than now); False when
         the budget store failed."""
         record = commit.record
-        finished = record.finished_at.ToDatetime(UTC) if record.HasField("finished_at") else now
+        finished = _finished_at(record, now)
         return await self._charge_budgets(
             record.request_id,
             record_scope(record),
@@ -572,6 +572,11 @@ def _effective(record: ledger_pb2.UsageRecord) -> ledger_pb2.UsageRecord:
     out.CopyFrom(record)
     out.scope.CopyFrom(scope)
     return out
+
+
+def _finished_at(record: ledger_pb2.UsageRecord, default: datetime) -> datetime:
+    """When the request finished, as its record says, else `default`."""
+    return record.finished_at.ToDatetime(UTC) if record.HasField("finished_at") else default
 
 
 def _tokens(record: ledger_pb2.UsageRecord) -> int:
