@@ -181,15 +181,20 @@ async def test_one_request_is_one_trace_from_envoy_through_every_service(
         ids = {s.span_id for s in spans}
         return [s for s in spans if s.parent_span_id not in ids]
 
+    caller_span_id = traceparent.split("-")[2]
+
     def complete(spans: list[ReceivedSpan]) -> bool:
         mine = in_trace(spans)
         names = {s.name for s in mine}
-        # Each span is exported when it ends (Envoy's once a second): wait for the last ones too,
-        # until every span but the first has its parent.
+        # Each span is exported when it ends (Envoy's in batches, once a second): wait for the
+        # last ones too, until every span but the first has its parent and the first is the one
+        # whose parent is the caller's (Envoy's ingress span ends last, so it may come last).
+        found = roots(mine)
         return (
             wanted <= {s.service_name for s in mine}
             and {"switchyard.ledger/commit", "switchyard.v1.GatewayService/Chat"} <= names
-            and len(roots(mine)) == 1
+            and len(found) == 1
+            and found[0].parent_span_id == caller_span_id
         )
 
     try:
@@ -203,7 +208,7 @@ async def test_one_request_is_one_trace_from_envoy_through_every_service(
     # One root within the trace: Envoy's ingress span, a child of the caller's own span.
     (root,) = roots(spans)
     assert root.service_name == "switchyard-envoy"
-    assert root.parent_span_id == traceparent.split("-")[2]
+    assert root.parent_span_id == caller_span_id
 
     def parent(span: ReceivedSpan) -> ReceivedSpan:
         return by_id[span.parent_span_id]
