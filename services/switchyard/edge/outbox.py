@@ -3,12 +3,14 @@
 The client's last chunk never waits for the ledger. A finished request's commit is put in
 a memory buffer (no I/O); a writer task then, in batches:
 
-1. writes the batch to the `commit_outbox` table (one transaction) -- from here on the
-   usage survives this process dying: whichever edge starts next, or any live edge once the
-   rows are older than `orphan_after_s`, sends them;
-2. sends the batch to the ledger in one `CommitMany` call (each commit is idempotent by
-   request id, so sending a row twice -- after a crash between the call and the delete,
-   or from two edges picking up the same orphan -- charges it once);
+1. writes the batch to the `commit_outbox` table (one transaction), every few milliseconds
+   -- from here on the usage survives this process dying: whichever edge starts next, or
+   any live edge once the rows are older than `orphan_after_s`, sends them;
+2. sends what it wrote to the ledger on its commit stream, gathered for up to
+   `SEND_INTERVAL_S` (each commit is idempotent by request id, so sending a row twice --
+   after a crash between the send and the delete, or from two edges picking up the same
+   orphan -- charges it once). Fewer, larger sends are what keeps the ledger's cost per
+   request low when traffic is light;
 3. deletes the rows the ledger acknowledged.
 
 If the ledger is unreachable, rows stay in the table and are retried with backoff; the
@@ -63,6 +65,8 @@ MIGRATIONS: Final = (
 BATCH_SIZE: Final = 256
 # The writer wakes at most this often under load, so a batch gathers what arrived meanwhile.
 BATCH_INTERVAL_S: Final = 0.005
+# Written rows are sent to the ledger once the oldest has waited this long (or a batch is full).
+SEND_INTERVAL_S: Final = 0.02
 # Rows another edge wrote this long ago are treated as that edge's orphans and sent by us.
 ORPHAN_AFTER_S: Final = 60.0
 # A commit stream unused this long is opened afresh (a proxy may have ended it for idleness).
@@ -110,6 +114,9 @@ class CommitOutbox:
         self._on_result = on_result
         self._orphan_after_ms = int(orphan_after_s * 1000)
         self._buffer: list[ledger_pb2.CommitRequest] = []
+        # Written to the table, not yet sent; the oldest was written at `_unsent_since`.
+        self._unsent: list[ledger_pb2.CommitRequest] = []
+        self._unsent_since = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -148,7 +155,7 @@ class CommitOutbox:
         while True:
             if not self._buffer and not self._closing:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._sweep_in())
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._idle_for())
             self._wake.clear()
             try:
                 await self._cycle()
@@ -164,18 +171,35 @@ class CommitOutbox:
                 await asyncio.sleep(delay)
                 self._next_sweep = 0.0
                 continue
-            if self._closing and not self._buffer:
+            if self._closing and not self._buffer and not self._unsent:
                 return
             await asyncio.sleep(BATCH_INTERVAL_S)
 
-    def _sweep_in(self) -> float:
-        return max(0.05, self._next_sweep - time.monotonic())
+    def _idle_for(self) -> float:
+        """How long the writer may wait for new commits: until the next sweep, or until the
+        written rows are due to be sent."""
+        now = time.monotonic()
+        wait = max(0.05, self._next_sweep - now)
+        if self._unsent:
+            wait = min(wait, max(0.0, self._unsent_since + SEND_INTERVAL_S - now))
+        return wait
 
     async def _cycle(self) -> None:
         batch, self._buffer = self._buffer[:BATCH_SIZE], self._buffer[BATCH_SIZE:]
         if batch:
             await self._write(batch)
-            await self._send(batch)
+            if not self._unsent:
+                self._unsent_since = time.monotonic()
+            self._unsent.extend(batch)
+        if self._unsent and (
+            self._closing
+            or len(self._unsent) >= BATCH_SIZE
+            or time.monotonic() - self._unsent_since >= SEND_INTERVAL_S
+        ):
+            # On failure the rows stay in the table and the sweep sends them.
+            sending, self._unsent = self._unsent[:BATCH_SIZE], self._unsent[BATCH_SIZE:]
+            self._unsent_since = time.monotonic()
+            await self._send(sending)
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + (1.0 if self._failures == 0 else RETRY_BASE_S)
             await self._sweep()
@@ -237,7 +261,7 @@ class CommitOutbox:
             " WHERE holder_id = ? OR created_at_ms < ? ORDER BY created_at_ms LIMIT ?",
             (self._holder, cutoff, BATCH_SIZE),
         )
-        pending = {c.record.request_id for c in self._buffer}
+        pending = {c.record.request_id for c in (*self._buffer, *self._unsent)}
         batch = [
             ledger_pb2.CommitRequest.FromString(bytes(row["payload"]))
             for row in rows

@@ -102,6 +102,30 @@ async def test_commits_go_over_one_stream_each_once_and_leave_the_table(database
     assert await rows(database) == 0 and outbox.sent == 8
 
 
+async def test_commits_are_durable_at_once_and_sent_together(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Light traffic: one commit every few milliseconds. Each is in the table within a batch
+    # interval, and the ledger gets them in one send per send interval, not one send each.
+    monkeypatch.setattr(outbox_module, "SEND_INTERVAL_S", 1.0)
+    ledger = FakeLedger()
+    outbox = await CommitOutbox.open(database, ledger, "edge-1")  # type: ignore[arg-type]
+    outbox.start()
+    for n in range(4):
+        outbox.add(commit(n))
+        for _ in range(100):  # written within a few batch intervals
+            await asyncio.sleep(outbox_module.BATCH_INTERVAL_S)
+            if await rows(database) == n + 1:
+                break
+        assert outbox.pending == 0 and await rows(database) == n + 1
+    assert ledger.batches == []  # written, not sent yet
+    await outbox.flush(timeout_s=2)
+    assert ledger.batches == [4] and ledger.charged == {f"req-{n}": 1 for n in range(4)}
+    outbox.add(commit(4))
+    await outbox.aclose()  # closing sends at once
+    assert ledger.batches == [4, 1] and await rows(database) == 0
+
+
 async def test_a_ledger_outage_keeps_commits_in_the_table_until_it_answers(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
