@@ -176,22 +176,32 @@ class GenerateResponse(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    THEN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def delta(self) -> _common_pb2.Delta: ...
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     @_builtins.property
     def done(self) -> Global___GenerateDone: ...
+    @_builtins.property
+    def then(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateResponse]:
+        """The events that followed this one and were ready at the same moment, in order (their
+        own `then` is empty). The adapter sends everything one read of the vendor's body
+        decoded as one message, so a short answer (its text, usage and done in one read) is
+        one message, not three or more; nothing is held back to fill a message.
+        """
+
     def __init__(
         self,
         *,
         delta: _common_pb2.Delta | None = ...,
         usage: _common_pb2.Usage | None = ...,
         done: Global___GenerateDone | None = ...,
+        then: _abc.Iterable[Global___GenerateResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "then", b"then", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["delta", "usage", "done"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015

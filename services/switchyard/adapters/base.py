@@ -1017,8 +1017,23 @@ class ProviderClient:
     async def generate(
         self, request: provider_pb2.GenerateRequest
     ) -> AsyncGenerator[provider_pb2.GenerateResponse, None]:
-        """Call the vendor and yield unified events as they arrive: deltas, then exactly
-        one `usage`, then `done`. Raises `SwitchyardError` for every failure.
+        """Call the vendor and yield unified events one by one as they arrive: deltas, then
+        exactly one `usage`, then `done` (`generate_batches`, flattened)."""
+        batches = self.generate_batches(request)
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(
+        self, request: provider_pb2.GenerateRequest
+    ) -> AsyncGenerator[list[provider_pb2.GenerateResponse], None]:
+        """Call the vendor and yield unified events as they arrive, as lists: each list is
+        what one read of the vendor's body decoded (never empty), yielded before waiting
+        for the next read; the last list ends with exactly one `usage`, then `done`. Raises
+        `SwitchyardError` for every failure, after yielding the events decoded ahead of it.
 
         Closing this generator (the gRPC caller cancelled) closes the upstream response at
         once, which aborts the vendor's generation.
@@ -1032,6 +1047,7 @@ class ProviderClient:
         reading = False
         body: bytes | None = None
         events: list[SseEvent] = []
+        ready: list[provider_pb2.GenerateResponse] = []
         try:
             try:
                 async with asyncio.timeout(self._first_byte_s):
@@ -1058,39 +1074,44 @@ class ProviderClient:
                 raise self._transport_error(exc, "first_byte") from None
             except SseError:
                 raise translator.protocol_error("an oversized event") from None
-            # Decoded outside the first-byte deadline, and event by event: the deltas ahead
-            # of an in-stream error in the same chunk still reach the caller.
-            if body is not None:
-                for item in decoder.on_body(body):
-                    yield item
-            for event in events:
-                for item in decoder.on_event(event):
-                    yield item
-            idle_s = self._idle_s
-            while reading and not decoder.finished and body_stream is not None:
-                try:
-                    async with asyncio.timeout(idle_s):
-                        chunk = await anext(body_stream)
-                    events = parser.feed(chunk)
-                except StopAsyncIteration:
-                    reading = False
-                    break
-                except TimeoutError:
-                    raise self._timeout("idle", idle_s) from None
-                except _TransportError as exc:
-                    raise self._transport_error(exc, "stream") from None
-                except SseError:
-                    raise translator.protocol_error("an oversized event") from None
+            # Decoded outside the first-byte deadline. `list.extend` keeps what a decoder
+            # yielded before raising, so the deltas ahead of an in-stream error in the same
+            # read still reach the caller, ahead of the error.
+            try:
+                if body is not None:
+                    ready.extend(decoder.on_body(body))
                 for event in events:
-                    for item in decoder.on_event(event):
-                        yield item
-            if not decoder.finished:
-                for event in parser.close():
-                    for item in decoder.on_event(event):
-                        yield item
-                decoder.on_eof()
+                    ready.extend(decoder.on_event(event))
+                idle_s = self._idle_s
+                while reading and not decoder.finished and body_stream is not None:
+                    if ready:
+                        yield ready
+                        ready = []
+                    try:
+                        async with asyncio.timeout(idle_s):
+                            chunk = await anext(body_stream)
+                        events = parser.feed(chunk)
+                    except StopAsyncIteration:
+                        reading = False
+                        break
+                    except TimeoutError:
+                        raise self._timeout("idle", idle_s) from None
+                    except _TransportError as exc:
+                        raise self._transport_error(exc, "stream") from None
+                    except SseError:
+                        raise translator.protocol_error("an oversized event") from None
+                    for event in events:
+                        ready.extend(decoder.on_event(event))
+                if not decoder.finished:
+                    for event in parser.close():
+                        ready.extend(decoder.on_event(event))
+                    decoder.on_eof()
+            except SwitchyardError:
+                if ready:
+                    yield ready
+                raise
             outcome = decoder.outcome()
-            yield provider_pb2.GenerateResponse(usage=outcome.usage)
+            ready.append(provider_pb2.GenerateResponse(usage=outcome.usage))
             done = provider_pb2.GenerateDone(
                 finish_reason=outcome.finish_reason,
                 vendor_request_id=vendor_request_id or outcome.vendor_request_id,
@@ -1098,7 +1119,8 @@ class ProviderClient:
             )
             if headroom is not None:
                 done.headroom.CopyFrom(headroom)
-            yield provider_pb2.GenerateResponse(done=done)
+            ready.append(provider_pb2.GenerateResponse(done=done))
+            yield ready
             if reading and body_stream is not None:
                 await _drain(body_stream)
         finally:

@@ -13,6 +13,7 @@ import grpc
 
 from switchyard.adapters.base import ProviderClient
 from switchyard.adapters.vendors import load_translator
+from switchyard.common import answer_events
 from switchyard.common.catalog import Catalog, provider_api_key, provider_base_url
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.errors import Reason, SwitchyardError, invalid
@@ -55,11 +56,12 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
     async def Generate(
         self, request: provider_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[provider_pb2.GenerateResponse]:
-        """Stream the vendor's answer as it arrives: deltas, one usage, then done."""
-        stream = self._client(request.provider).generate(request)
+        """Stream the vendor's answer as it arrives: deltas, one usage, then done; what one
+        read of the vendor's body decoded goes as one message (`answer_events.pack`)."""
+        stream = self._client(request.provider).generate_batches(request)
         try:
-            async for event in stream:
-                yield event
+            async for batch in stream:
+                yield answer_events.pack(batch)
         except SwitchyardError as exc:
             # One line per failed call (never per chunk); the metadata is prompt-free by design.
             log.warning(

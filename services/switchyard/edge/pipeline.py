@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf import timestamp_pb2
 
-from switchyard.common import tracing
+from switchyard.common import answer_events, tracing
 from switchyard.common.catalog import Catalog
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
@@ -250,21 +250,22 @@ class ChatPipeline:
                     )
                 )
                 try:
-                    async for event in call:
-                        kind = event.WhichOneof("event")
-                        if kind == "delta":
-                            if first_token is None:
-                                first_token = time.monotonic()
-                            delta = event.delta
-                            sent_chars += len(delta.text)
-                            if delta.tool_calls:
-                                sent_chars += sum(len(t.arguments_fragment) for t in delta.tool_calls)
-                            yield common_pb2.ChatChunk(delta=event.delta)
-                        elif kind == "usage":
-                            usage = event.usage
-                        elif kind == "done":
-                            finish = event.done.finish_reason
-                            headroom = event.done.headroom
+                    async for message in call:
+                        for event in answer_events.unpack(message):
+                            kind = event.WhichOneof("event")
+                            if kind == "delta":
+                                if first_token is None:
+                                    first_token = time.monotonic()
+                                delta = event.delta
+                                sent_chars += len(delta.text)
+                                if delta.tool_calls:
+                                    sent_chars += sum(len(t.arguments_fragment) for t in delta.tool_calls)
+                                yield common_pb2.ChatChunk(delta=event.delta)
+                            elif kind == "usage":
+                                usage = event.usage
+                            elif kind == "done":
+                                finish = event.done.finish_reason
+                                headroom = event.done.headroom
                 except grpc.aio.AioRpcError as exc:
                     attempt.error = from_rpc_error(exc)
                     self._observe(attempt, request, first_token, None, None)

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from switchyard.common.answer_events import each_event
 from switchyard.common.errors import SwitchyardError, from_rpc_error
 from switchyard.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 
@@ -36,7 +37,7 @@ def request(provider: str, model: str, **chat: Any) -> provider_pb2.GenerateRequ
 async def collect(
     stub: provider_pb2_grpc.ProviderAdapterServiceStub, req: provider_pb2.GenerateRequest
 ) -> list[provider_pb2.GenerateResponse]:
-    return [event async for event in stub.Generate(req, timeout=15)]
+    return [event async for event in each_event(stub.Generate(req, timeout=15))]
 
 
 async def failure(
@@ -45,7 +46,7 @@ async def failure(
     """The error a call ends with, and the events that arrived before it."""
     received: list[provider_pb2.GenerateResponse] = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for event in stub.Generate(req, timeout=15):
+        async for event in each_event(stub.Generate(req, timeout=15)):
             received.append(event)
     return from_rpc_error(caught.value), received
 

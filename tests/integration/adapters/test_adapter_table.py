@@ -17,6 +17,7 @@ import grpc
 import orjson
 import pytest
 
+from switchyard.common.answer_events import each_event, unpack
 from switchyard.common.errors import Reason
 from switchyard.v1 import common_pb2, provider_pb2
 
@@ -51,7 +52,7 @@ async def test_streams_text_incrementally(env: VendorEnv) -> None:
     await env.sim.knobs(text=ANSWER, chunks=6, chunk_delay_ms=80)
     arrivals: list[float] = []
     events: list[provider_pb2.GenerateResponse] = []
-    async for event in env.adapter.stub.Generate(ask(env), timeout=15):
+    async for event in each_event(env.adapter.stub.Generate(ask(env), timeout=15)):
         arrivals.append(time.monotonic())
         events.append(event)
     assert_well_formed(events)
@@ -256,11 +257,24 @@ async def test_idle_gap_times_out(env: VendorEnv) -> None:
     assert text_of(received) != ANSWER
 
 
+async def test_events_read_together_travel_as_one_message(env: VendorEnv) -> None:
+    # A one-chunk answer: what one read decoded goes as one message (usage and done always
+    # share the last one), and unpacked the events are the same, in order.
+    await env.sim.knobs(text=ANSWER, chunks=1)
+    messages = [m async for m in env.adapter.stub.Generate(ask(env), timeout=15)]
+    events = [e for m in messages for e in unpack(m)]
+    assert_well_formed(events)
+    assert text_of(events) == ANSWER
+    assert kinds(list(unpack(messages[-1])))[-2:] == ["usage", "done"]
+    assert len(messages) < len(events)
+    assert all(not e.then for m in messages for e in m.then)
+
+
 async def test_slow_consumer_is_not_an_idle_timeout(env: VendorEnv) -> None:
     # The idle deadline covers waiting on the vendor, not the caller's own pace.
     await env.sim.knobs(text=ANSWER, chunks=4)
     events: list[provider_pb2.GenerateResponse] = []
-    async for event in env.adapter.stub.Generate(ask(env, "-slow"), timeout=15):
+    async for event in each_event(env.adapter.stub.Generate(ask(env, "-slow"), timeout=15)):
         events.append(event)
         await asyncio.sleep(0.15)
     assert_well_formed(events)
@@ -270,7 +284,7 @@ async def test_cancellation_closes_the_upstream(env: VendorEnv) -> None:
     await env.sim.knobs(chunks=40, chunk_delay_ms=100)
     call = env.adapter.stub.Generate(ask(env), timeout=30)
     received = 0
-    async for event in call:
+    async for event in each_event(call):
         if event.HasField("delta"):
             received += 1
             if received == 2:
