@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from switchyard.edge.ratelimit import build_rate_limiter
 from switchyard.edge.reporter import OutcomeReporter
 from switchyard.edge.routes import RouteWatcher
 from switchyard.ledger.pricing import estimate_cost
-from switchyard.ledger.tokens import count_prompt_tokens
+from switchyard.ledger.tokens import count_prompt_tokens, warm_up
 from switchyard.v1 import (
     cache_pb2_grpc,
     common_pb2,
@@ -261,6 +262,9 @@ def build(settings: Settings) -> ServiceParts:
         reporter.start()
         if budgets is not None:
             budgets.start_watching()
+        # Every request counts its prompt's tokens: load the encodings before serving (~0.3 s),
+        # not on the first request.
+        await asyncio.to_thread(warm_up)
         database = await open_database(settings.database_url)
         databases.append(database)
         store = await KeyStore.open(database)
