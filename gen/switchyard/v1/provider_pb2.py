@@ -22,36 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchyard/v1/provider.proto\x12\rswitchyard.v1\x1a\x1aswitchyard/v1/common.proto\"\\\n\x0c\x45mbedRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"}\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.switchyard.v1.Embedding\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x19\n\x11vendor_request_id\x18\x03 \x01(\t\"h\n\x0fGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\"\xa7\x01\n\x0cGenerateDone\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.switchyard.v1.FinishReason\x12\x32\n\x08headroom\x18\x02 \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\x12\x19\n\x11vendor_request_id\x18\x03 \x01(\t\x12\x14\n\x0cvendor_model\x18\x04 \x01(\t\"\xc5\x01\n\x10GenerateResponse\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.switchyard.v1.DeltaH\x00\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x14.switchyard.v1.UsageH\x00\x12+\n\x04\x64one\x18\x05 \x01(\x0b\x32\x1b.switchyard.v1.GenerateDoneH\x00\x12-\n\x04then\x18\x06 \x03(\x0b\x32\x1f.switchyard.v1.GenerateResponseB\x07\n\x05\x65vent\" \n\x0cProbeRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"y\n\rProbeResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x12\n\nlatency_ms\x18\x02 \x01(\r\x12\x14\n\x0c\x65rror_reason\x18\x03 \x01(\t\x12\x32\n\x08headroom\x18\x04 \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\"\'\n\x13\x43\x61pabilitiesRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"c\n\x14\x43\x61pabilitiesResponse\x12\x0e\n\x06vendor\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.switchyard.v1.ModelInfo2\xc8\x02\n\x16ProviderAdapterService\x12M\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1f.switchyard.v1.GenerateResponse0\x01\x12\x42\n\x05Probe\x12\x1b.switchyard.v1.ProbeRequest\x1a\x1c.switchyard.v1.ProbeResponse\x12W\n\x0c\x43\x61pabilities\x12\".switchyard.v1.CapabilitiesRequest\x1a#.switchyard.v1.CapabilitiesResponse\x12\x42\n\x05\x45mbed\x12\x1b.switchyard.v1.EmbedRequest\x1a\x1c.switchyard.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchyard/v1/provider.proto\x12\rswitchyard.v1\x1a\x17google/rpc/status.proto\x1a\x1aswitchyard/v1/common.proto\"\\\n\x0c\x45mbedRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"}\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.switchyard.v1.Embedding\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x19\n\x11vendor_request_id\x18\x03 \x01(\t\"h\n\x0fGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\"\xa7\x01\n\x0cGenerateDone\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.switchyard.v1.FinishReason\x12\x32\n\x08headroom\x18\x02 \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\x12\x19\n\x11vendor_request_id\x18\x03 \x01(\t\x12\x14\n\x0cvendor_model\x18\x04 \x01(\t\"\xc5\x01\n\x10GenerateResponse\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.switchyard.v1.DeltaH\x00\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x14.switchyard.v1.UsageH\x00\x12+\n\x04\x64one\x18\x05 \x01(\x0b\x32\x1b.switchyard.v1.GenerateDoneH\x00\x12-\n\x04then\x18\x06 \x03(\x0b\x32\x1f.switchyard.v1.GenerateResponseB\x07\n\x05\x65vent\"\x99\x01\n\x15GenerateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x05start\x18\x02 \x01(\x0b\x32\x1e.switchyard.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\rB\x08\n\x06\x61\x63tion\"x\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1f.switchyard.v1.GenerateResponse\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\" \n\x0cProbeRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"y\n\rProbeResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x12\n\nlatency_ms\x18\x02 \x01(\r\x12\x14\n\x0c\x65rror_reason\x18\x03 \x01(\t\x12\x32\n\x08headroom\x18\x04 \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\"\'\n\x13\x43\x61pabilitiesRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"c\n\x14\x43\x61pabilitiesResponse\x12\x0e\n\x06vendor\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.switchyard.v1.ModelInfo2\xab\x03\n\x16ProviderAdapterService\x12M\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1f.switchyard.v1.GenerateResponse0\x01\x12\x61\n\x0eGenerateStream\x12$.switchyard.v1.GenerateStreamRequest\x1a%.switchyard.v1.GenerateStreamResponse(\x01\x30\x01\x12\x42\n\x05Probe\x12\x1b.switchyard.v1.ProbeRequest\x1a\x1c.switchyard.v1.ProbeResponse\x12W\n\x0c\x43\x61pabilities\x12\".switchyard.v1.CapabilitiesRequest\x1a#.switchyard.v1.CapabilitiesResponse\x12\x42\n\x05\x45mbed\x12\x1b.switchyard.v1.EmbedRequest\x1a\x1c.switchyard.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchyard.v1.provider_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMBEDREQUEST']._serialized_start=75
-  _globals['_EMBEDREQUEST']._serialized_end=167
-  _globals['_EMBEDDING']._serialized_start=169
-  _globals['_EMBEDDING']._serialized_end=196
-  _globals['_EMBEDRESPONSE']._serialized_start=198
-  _globals['_EMBEDRESPONSE']._serialized_end=323
-  _globals['_GENERATEREQUEST']._serialized_start=325
-  _globals['_GENERATEREQUEST']._serialized_end=429
-  _globals['_GENERATEDONE']._serialized_start=432
-  _globals['_GENERATEDONE']._serialized_end=599
-  _globals['_GENERATERESPONSE']._serialized_start=602
-  _globals['_GENERATERESPONSE']._serialized_end=799
-  _globals['_PROBEREQUEST']._serialized_start=801
-  _globals['_PROBEREQUEST']._serialized_end=833
-  _globals['_PROBERESPONSE']._serialized_start=835
-  _globals['_PROBERESPONSE']._serialized_end=956
-  _globals['_CAPABILITIESREQUEST']._serialized_start=958
-  _globals['_CAPABILITIESREQUEST']._serialized_end=997
-  _globals['_CAPABILITIESRESPONSE']._serialized_start=999
-  _globals['_CAPABILITIESRESPONSE']._serialized_end=1098
-  _globals['_PROVIDERADAPTERSERVICE']._serialized_start=1101
-  _globals['_PROVIDERADAPTERSERVICE']._serialized_end=1429
+  _globals['_EMBEDREQUEST']._serialized_start=100
+  _globals['_EMBEDREQUEST']._serialized_end=192
+  _globals['_EMBEDDING']._serialized_start=194
+  _globals['_EMBEDDING']._serialized_end=221
+  _globals['_EMBEDRESPONSE']._serialized_start=223
+  _globals['_EMBEDRESPONSE']._serialized_end=348
+  _globals['_GENERATEREQUEST']._serialized_start=350
+  _globals['_GENERATEREQUEST']._serialized_end=454
+  _globals['_GENERATEDONE']._serialized_start=457
+  _globals['_GENERATEDONE']._serialized_end=624
+  _globals['_GENERATERESPONSE']._serialized_start=627
+  _globals['_GENERATERESPONSE']._serialized_end=824
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=827
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=980
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=982
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1102
+  _globals['_PROBEREQUEST']._serialized_start=1104
+  _globals['_PROBEREQUEST']._serialized_end=1136
+  _globals['_PROBERESPONSE']._serialized_start=1138
+  _globals['_PROBERESPONSE']._serialized_end=1259
+  _globals['_CAPABILITIESREQUEST']._serialized_start=1261
+  _globals['_CAPABILITIESREQUEST']._serialized_end=1300
+  _globals['_CAPABILITIESRESPONSE']._serialized_start=1302
+  _globals['_CAPABILITIESRESPONSE']._serialized_end=1401
+  _globals['_PROVIDERADAPTERSERVICE']._serialized_start=1404
+  _globals['_PROVIDERADAPTERSERVICE']._serialized_end=1831
 # @@protoc_insertion_point(module_scope)

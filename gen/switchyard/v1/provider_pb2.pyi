@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 from switchyard.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -208,6 +209,79 @@ class GenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class GenerateStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller, unique among its generations on the call; repeated in answers."""
+    cancel: _builtins.bool
+    """Stop the generation: its upstream is closed and nothing more is sent for it."""
+    traceparent: _builtins.str
+    """With `start`: the caller's W3C traceparent; the generation is recorded in that trace."""
+    timeout_ms: _builtins.int
+    """With `start`: the time the caller gives the generation, in milliseconds (0: no limit
+    beyond the adapter's own timeouts). When it passes, the answer is DEADLINE_EXCEEDED.
+    """
+    @_builtins.property
+    def start(self) -> Global___GenerateRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        start: Global___GenerateRequest | None = ...,
+        cancel: _builtins.bool = ...,
+        traceparent: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "id", b"id", "start", b"start", "timeout_ms", b"timeout_ms", "traceparent", b"traceparent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["start", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___GenerateStreamRequest: _TypeAlias = GenerateStreamRequest  # noqa: Y015
+
+@_typing.final
+class GenerateStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def events(self) -> Global___GenerateResponse:
+        """The events one read of the vendor's body decoded, packed as Generate sends them."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Set instead of `events` when the generation failed: the status Generate would have
+        ended with, its ErrorInfo in the details. Nothing follows it for this id.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        events: Global___GenerateResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "events", b"events"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "events", b"events", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
 
 @_typing.final
 class ProbeRequest(_message.Message):

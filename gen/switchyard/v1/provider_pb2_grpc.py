@@ -39,6 +39,11 @@ class ProviderAdapterServiceStub:
                 request_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/switchyard.v1.ProviderAdapterService/GenerateStream',
+                request_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Probe = channel.unary_unary(
                 '/switchyard.v1.ProviderAdapterService/Probe',
                 request_serializer=switchyard_dot_v1_dot_provider__pb2.ProbeRequest.SerializeToString,
@@ -63,6 +68,17 @@ class ProviderAdapterServiceServicer:
         """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
         reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
         vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many generations on one long-lived call (an edge keeps a few open per adapter, so a
+        request costs two messages instead of a call). A `start` begins one under the caller's
+        id; its events come back under that id exactly as Generate would stream them, the last
+        message holding `done`, or an `error` (the status Generate would have ended with). A
+        `cancel` stops one generation (its upstream is closed), nothing else.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +113,11 @@ def add_ProviderAdapterServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Probe': grpc.unary_unary_rpc_method_handler(
                     servicer.Probe,
@@ -141,6 +162,33 @@ class ProviderAdapterService:
             '/switchyard.v1.ProviderAdapterService/Generate',
             switchyard_dot_v1_dot_provider__pb2.GenerateRequest.SerializeToString,
             switchyard_dot_v1_dot_provider__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchyard.v1.ProviderAdapterService/GenerateStream',
+            switchyard_dot_v1_dot_provider__pb2.GenerateStreamRequest.SerializeToString,
+            switchyard_dot_v1_dot_provider__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

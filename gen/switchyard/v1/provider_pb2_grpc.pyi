@@ -38,6 +38,13 @@ class ProviderAdapterServiceStub:
     reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
     vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
     """
+    GenerateStream: _grpc.StreamStreamMultiCallable[_provider_pb2.GenerateStreamRequest, _provider_pb2.GenerateStreamResponse]
+    """Many generations on one long-lived call (an edge keeps a few open per adapter, so a
+    request costs two messages instead of a call). A `start` begins one under the caller's
+    id; its events come back under that id exactly as Generate would stream them, the last
+    message holding `done`, or an `error` (the status Generate would have ended with). A
+    `cancel` stops one generation (its upstream is closed), nothing else.
+    """
     Probe: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ProbeRequest, _provider_pb2.ProbeResponse]
     """The cheapest call that proves the provider answers."""
     Capabilities: _grpc.UnaryUnaryMultiCallable[_provider_pb2.CapabilitiesRequest, _provider_pb2.CapabilitiesResponse]
@@ -54,6 +61,13 @@ class ProviderAdapterServiceAsyncStub(ProviderAdapterServiceStub):
     """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
     reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
     vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
+    """
+    GenerateStream: _aio.StreamStreamMultiCallable[_provider_pb2.GenerateStreamRequest, _provider_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """Many generations on one long-lived call (an edge keeps a few open per adapter, so a
+    request costs two messages instead of a call). A `start` begins one under the caller's
+    id; its events come back under that id exactly as Generate would stream them, the last
+    message holding `done`, or an `error` (the status Generate would have ended with). A
+    `cancel` stops one generation (its upstream is closed), nothing else.
     """
     Probe: _aio.UnaryUnaryMultiCallable[_provider_pb2.ProbeRequest, _provider_pb2.ProbeResponse]  # type: ignore[assignment]
     """The cheapest call that proves the provider answers."""
@@ -74,6 +88,19 @@ class ProviderAdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         """Call the vendor and stream its answer. Errors are gRPC statuses with an ErrorInfo
         reason; its metadata carries `provider`, `http_status`, `vendor_code` and, when the
         vendor sent rate-limit headers, `remaining_requests` / `remaining_tokens`.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_provider_pb2.GenerateStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_provider_pb2.GenerateStreamResponse], _abc.AsyncIterator[_provider_pb2.GenerateStreamResponse]]:
+        """Many generations on one long-lived call (an edge keeps a few open per adapter, so a
+        request costs two messages instead of a call). A `start` begins one under the caller's
+        id; its events come back under that id exactly as Generate would stream them, the last
+        message holding `done`, or an `error` (the status Generate would have ended with). A
+        `cancel` stops one generation (its upstream is closed), nothing else.
         """
 
     @_abc_1.abstractmethod
