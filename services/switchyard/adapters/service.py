@@ -7,13 +7,18 @@ it (several accounts or regions may share a format). Failures are raised as
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Final
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from switchyard.adapters.base import ProviderClient
 from switchyard.adapters.vendors import load_translator
-from switchyard.common import answer_events
+from switchyard.common import answer_events, tracing
 from switchyard.common.catalog import Catalog, provider_api_key, provider_base_url
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.errors import Reason, SwitchyardError, invalid
@@ -25,6 +30,25 @@ from switchyard.v1 import provider_pb2, provider_pb2_grpc
 log = get_logger(__name__)
 
 SERVICE_NAME = provider_pb2.DESCRIPTOR.services_by_name["ProviderAdapterService"].full_name
+
+
+# Generations one GenerateStream call runs at once; past it the call stops reading (HTTP/2
+# flow control then holds the caller back) until one finishes.
+MAX_STREAMED_GENERATIONS: Final = 1024
+GENERATE_METHOD: Final = f"/{SERVICE_NAME}/Generate"
+
+
+def _log_failure(request: provider_pb2.GenerateRequest, exc: SwitchyardError) -> None:
+    """One line per failed generation (never per chunk); the metadata is prompt-free by design."""
+    log.warning(
+        "generate_failed",
+        provider=request.provider,
+        reason=exc.reason.value,
+        status=exc.code.name,
+        http_status=exc.metadata.get("http_status"),
+        vendor_code=exc.metadata.get("vendor_code"),
+        phase=exc.metadata.get("phase"),
+    )
 
 
 class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
@@ -63,21 +87,124 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
             async for batch in stream:
                 yield answer_events.pack(batch)
         except SwitchyardError as exc:
-            # One line per failed call (never per chunk); the metadata is prompt-free by design.
-            log.warning(
-                "generate_failed",
-                provider=request.provider,
-                reason=exc.reason.value,
-                status=exc.code.name,
-                http_status=exc.metadata.get("http_status"),
-                vendor_code=exc.metadata.get("vendor_code"),
-                phase=exc.metadata.get("phase"),
-            )
+            _log_failure(request, exc)
             raise
         finally:
             # Closing at once (not at garbage collection) is what closes the upstream
             # connection when the caller cancels.
             await stream.aclose()
+
+    async def GenerateStream(
+        self,
+        requests: AsyncIterator[provider_pb2.GenerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[provider_pb2.GenerateStreamResponse]:
+        """Generations multiplexed on one call: each `start` runs as Generate would, its
+        messages sent under its id as they come; a `cancel` stops one. When the caller ends
+        the call, its generations still running are stopped."""
+        out: asyncio.Queue[provider_pb2.GenerateStreamResponse | None] = asyncio.Queue()
+        running: dict[int, asyncio.Task[None]] = {}
+        slots = asyncio.Semaphore(MAX_STREAMED_GENERATIONS)
+
+        def finished(generation_id: int, task: asyncio.Task[None]) -> None:
+            slots.release()
+            if running.get(generation_id) is task:
+                del running[generation_id]
+
+        async def read() -> None:
+            try:
+                async for item in requests:
+                    action = item.WhichOneof("action")
+                    if action == "cancel":
+                        task = running.get(item.id)
+                        if task is not None:
+                            task.cancel()
+                    elif action == "start":
+                        if item.id in running:
+                            duplicate = invalid("a generation with this id is running", "id")
+                            out.put_nowait(
+                                provider_pb2.GenerateStreamResponse(
+                                    id=item.id, error=duplicate.to_status_proto()
+                                )
+                            )
+                            continue
+                        await slots.acquire()
+                        task = asyncio.create_task(self._generate_one(item, out.put_nowait))
+                        running[item.id] = task
+                        task.add_done_callback(functools.partial(finished, item.id))
+                if running:
+                    await asyncio.wait(set(running.values()))
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await out.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(running.values()):
+                task.cancel()
+
+    async def _generate_one(
+        self,
+        item: provider_pb2.GenerateStreamRequest,
+        send: Callable[[provider_pb2.GenerateStreamResponse], None],
+    ) -> None:
+        """One generation of a GenerateStream call, answered through `send`."""
+        started = time.time_ns()
+        request = item.start
+        code, details = grpc.StatusCode.OK, None
+        done = False  # once `done` is sent, nothing more goes out for this id
+        failure: SwitchyardError | None = None
+        try:
+            async with asyncio.timeout(item.timeout_ms / 1000 if item.timeout_ms else None):
+                stream = self._client(request.provider).generate_batches(request)
+                try:
+                    async for batch in stream:
+                        done = batch[-1].HasField("done")
+                        send(
+                            provider_pb2.GenerateStreamResponse(id=item.id, events=answer_events.pack(batch))
+                        )
+                finally:
+                    await stream.aclose()
+        except SwitchyardError as exc:
+            _log_failure(request, exc)
+            failure = exc
+        except TimeoutError:
+            failure = SwitchyardError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                Reason.TIMEOUT,
+                "the caller's deadline for the generation passed",
+                metadata={"provider": request.provider},
+            )
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # a bug: logged, answered as INTERNAL, the stream goes on
+            log.error(
+                "generate_failed_internal",
+                provider=request.provider,
+                error_type=type(exc).__name__,
+                exc_info=exc,
+            )
+            failure = SwitchyardError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
+        finally:
+            if failure is not None:
+                code, details = failure.code, failure.message
+                if not done:
+                    send(provider_pb2.GenerateStreamResponse(id=item.id, error=failure.to_status_proto()))
+            if item.traceparent:
+                tracing.record_span_in(
+                    item.traceparent,
+                    GENERATE_METHOD[1:],
+                    start_time_ns=started,
+                    tracer_name="switchyard.grpc",
+                    kind=SpanKind.SERVER,
+                    attributes=tracing.rpc_span_attributes(GENERATE_METHOD),
+                    code=code,
+                    details=details,
+                )
 
     async def Probe(
         self, request: provider_pb2.ProbeRequest, context: grpc.aio.ServicerContext

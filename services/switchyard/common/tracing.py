@@ -312,19 +312,59 @@ def record_span_in(
     start_time_ns: int,
     attributes: otel_types.Attributes = None,
     tracer_name: str = "switchyard",
+    kind: SpanKind = SpanKind.INTERNAL,
+    code: grpc.StatusCode | None = None,
+    details: str | None = None,
 ) -> None:
-    """Record a finished INTERNAL span, from `start_time_ns` to now, as a child of `traceparent`.
+    """Record a finished span (INTERNAL unless told), from `start_time_ns` to now, as a child
+    of `traceparent`; with `code`, the gRPC status of the work it stands for (an RPC carried as
+    a message on a shared stream is recorded as a SERVER span with its status).
 
-    Nothing happens when tracing is off or `traceparent` is empty or malformed."""
+    Nothing happens when tracing is off or `traceparent` is empty, unsampled or malformed."""
     if _STATE.provider is None or not traceparent or _UNSAMPLED_TRACEPARENT.fullmatch(traceparent):
         return
     parent = _PROPAGATOR.extract({"traceparent": traceparent})
     if not trace.get_current_span(parent).get_span_context().is_valid:
         return
     span = _resolve_tracer(tracer_name).start_span(
-        name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start_time_ns
+        name, context=parent, kind=kind, attributes=attributes, start_time=start_time_ns
     )
-    span.end()
+    if code is None:
+        span.end()
+    else:
+        _finish_span(span, code, details)
+
+
+def rpc_span_attributes(full_method: str) -> Mapping[str, str]:
+    """The `rpc.*` attributes of a span for `/package.Service/Method`."""
+    return _method_info(full_method)[1]
+
+
+def start_client_span(full_method: str) -> tuple[Span | None, str]:
+    """For an RPC carried as a message on a shared stream (`/package.Service/Method`): its
+    CLIENT span, as the client interceptor would start for a call of its own, and the
+    `traceparent` to send with the message. No span when tracing is off ("" then) or the
+    current trace is not sampled (its own traceparent then); end a span with `end_client_span`."""
+    if _STATE.provider is None:
+        return None, ""
+    current = trace.get_current_span().get_span_context()
+    if current.is_valid and not current.trace_flags.sampled:
+        return None, _traceparent_of(current)
+    name, attributes = _method_info(full_method)
+    span = _RPC_TRACER.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    context = span.get_span_context()
+    if not span.is_recording():
+        return None, _traceparent_of(context) if context.is_valid else ""
+    return span, _traceparent_of(context)
+
+
+def end_client_span(span: Span, code: grpc.StatusCode, details: str | None = None) -> None:
+    """End a span from `start_client_span` with the status its RPC ended with."""
+    _finish_span(span, code, details)
+
+
+def _traceparent_of(context: SpanContext) -> str:
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def inject_metadata(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -617,9 +657,7 @@ def _with_trace_context(
     details: grpc.aio.ClientCallDetails, context: SpanContext
 ) -> grpc.aio.ClientCallDetails:
     """`details` whose metadata carries `context` as `traceparent` (and `tracestate`)."""
-    carrier = [
-        ("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
-    ]
+    carrier = [("traceparent", _traceparent_of(context))]
     if context.trace_state:
         carrier.append(("tracestate", context.trace_state.to_header()))
     return _with_propagation(details, carrier)
