@@ -154,7 +154,7 @@ def adapter_upstream(vendor: str) -> GrpcUpstream:
         _ADAPTER_SERVICE,
         "adapter_" + vendor,
         "adapter-" + vendor,
-        no_timeout=("Generate",),
+        no_timeout=("Generate", "GenerateStream"),
         retryable=("Probe",),
     )
 

@@ -56,6 +56,8 @@ class MeshPlan:
     envoy_target: str | None = None
     # The edge's OpenAI-compatible HTTP front ("127.0.0.1:8000").
     edge_http_target: str = ""
+    # Envoy's admin interface ("127.0.0.1:9901": stats, clusters), or None without Envoy.
+    envoy_admin: str | None = None
 
 
 def plan_mesh(
@@ -136,7 +138,7 @@ def plan_mesh(
         children.append(_service(name, (name,), ports[name], common_env, exe))
     edge_env = {**common_env, "SWITCHYARD_HTTP_PORT": str(http_port)}
     children.append(_service("edge", ("edge",), ports["edge"], edge_env, exe))
-    envoy_target = None
+    envoy_target = envoy_admin = None
     if envoy_config_dir is not None:
         listen_port = free_port() if free_ports else DEFAULT_LISTEN_PORT
         admin_port = free_port() if free_ports else DEFAULT_ADMIN_PORT
@@ -167,6 +169,7 @@ def plan_mesh(
         else:
             children.append(envoy)
         envoy_target = f"127.0.0.1:{listen_port}"
+        envoy_admin = f"127.0.0.1:{admin_port}"
     return MeshPlan(
         children=tuple(children),
         edge_target=f"127.0.0.1:{ports['edge']}",
@@ -175,6 +178,7 @@ def plan_mesh(
         simulator_urls=simulator_urls,
         envoy_target=envoy_target,
         edge_http_target=f"127.0.0.1:{http_port}",
+        envoy_admin=envoy_admin,
     )
 
 

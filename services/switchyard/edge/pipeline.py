@@ -22,11 +22,12 @@ from google.protobuf import timestamp_pb2
 from switchyard.common import answer_events, tracing
 from switchyard.common.catalog import Catalog
 from switchyard.common.channels import ChannelPool
-from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
+from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts
 from switchyard.common.settings import Settings
 from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
+from switchyard.edge.generations import GenerationStreams
 from switchyard.edge.reporter import outcome as attempt_outcome
 from switchyard.ledger.pricing import charge_micros, estimate_cost
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
@@ -130,6 +131,8 @@ class ChatPipeline:
         self._report = report
         self.planner = planner or Planner(RoutingTable.from_catalog(catalog))
         self._month_tokens: dict[tuple[str, str], int] = {}
+        # Adapter target -> the generation streams to it.
+        self._adapters: dict[str, GenerationStreams] = {}
 
     def observe_commit(self, commit: ledger_pb2.CommitRequest, result: ledger_pb2.CommitResponse) -> None:
         """Learn the tenant's month-to-date tokens on a model from the ledger's answer, so the
@@ -234,11 +237,11 @@ class ChatPipeline:
             outcome = last = _Outcome(
                 request, caller, candidate, counted, started, attempts, hold, cache_status
             )
-            call = self._adapter(candidate.vendor).Generate(
+            call = self._generations(candidate.vendor).generate(
                 provider_pb2.GenerateRequest(
                     request=request, provider=candidate.provider, upstream_model=candidate.upstream_model
                 ),
-                timeout=remaining,
+                timeout_s=remaining,
             )
             try:
                 yield common_pb2.ChatChunk(
@@ -266,8 +269,8 @@ class ChatPipeline:
                             elif kind == "done":
                                 finish = event.done.finish_reason
                                 headroom = event.done.headroom
-                except grpc.aio.AioRpcError as exc:
-                    attempt.error = from_rpc_error(exc)
+                except SwitchyardError as exc:  # how the generation failed
+                    attempt.error = exc
                     self._observe(attempt, request, first_token, None, None)
                     log.info(
                         "attempt_failed",
@@ -415,10 +418,19 @@ class ChatPipeline:
                 )
             )
 
-    def _adapter(self, vendor: str) -> provider_pb2_grpc.ProviderAdapterServiceStub:
-        return provider_pb2_grpc.ProviderAdapterServiceStub(
-            self._channels.get(self._settings.adapter_target(vendor))
-        )
+    def _generations(self, vendor: str) -> GenerationStreams:
+        target = self._settings.adapter_target(vendor)
+        generations = self._adapters.get(target)
+        if generations is None:
+            stub = provider_pb2_grpc.ProviderAdapterServiceStub(self._channels.get(target))
+            generations = self._adapters[target] = GenerationStreams(stub)
+        return generations
+
+    def close(self) -> None:
+        """End the streams to the adapters (generations still running fail)."""
+        adapters, self._adapters = self._adapters, {}
+        for generations in adapters.values():
+            generations.close()
 
     def _cost(self, tenant_id: str, model_id: str, usage: common_pb2.Usage | None) -> int:
         model = self._catalog.model(model_id)

@@ -301,6 +301,7 @@ def build(settings: Settings) -> ServiceParts:
             await outbox.aclose()
         if cache is not None:
             await cache.aclose()
+        pipeline.close()
         if budgets is not None:
             await budgets.aclose()
         await channels.close()

@@ -342,6 +342,9 @@ class FakeAdapterChannel:
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         return self.unexpected
 
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        return self.unexpected
+
     @staticmethod
     def unexpected(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("only Probe is called")

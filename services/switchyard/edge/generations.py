@@ -1,0 +1,307 @@
+"""Generations on long-lived `GenerateStream` calls: the adapter hop as messages, not calls.
+
+A call of its own costs both sides several times what a message on an open call does, and
+the adapter hop is on every request. So an edge keeps up to `STREAMS_PER_TARGET` streams
+open per adapter target, opened when first needed and used in turn (through Envoy each
+stream may reach another replica of the adapter). A generation is a `start` message under
+an id of this edge's choosing; the adapter's answers come back under that id, the last one
+holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes the upstream).
+
+* One writer task per stream puts messages on it (a caller that stops waiting never
+  interrupts a write, which would cancel the whole call); one reader task hands each answer
+  to its generation's queue.
+* When a stream fails, every generation waiting on it fails UNAVAILABLE (reason
+  DEPENDENCY_UNAVAILABLE, as a call to an adapter that is down), and the next generation
+  opens another stream. A generation's own failure comes as its `error` message.
+  A stream nobody used for `STREAM_IDLE_S` is opened afresh (a proxy may have ended it).
+* The caller's deadline is the generation's: sent to the adapter, and kept here too (the
+  answer is then DEADLINE_EXCEEDED, reason TIMEOUT, and the generation is cancelled).
+* Failures are raised as `SwitchyardError`s.
+* An adapter without GenerateStream (UNIMPLEMENTED: an older build) is called with
+  `Generate` instead, for this generation and every later one.
+* Answers wait in the generation's queue until the caller reads them: a slow reader never
+  holds up the other generations on the stream (answers are bounded by max tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Final, Protocol
+
+import grpc
+from opentelemetry.trace import Span
+
+from switchyard.common import answer_events, tracing
+from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error, from_status
+from switchyard.common.logging import get_logger
+from switchyard.v1 import provider_pb2
+
+log = get_logger(__name__)
+
+STREAMS_PER_TARGET: Final = 4
+STREAM_IDLE_S: Final = 60.0
+GENERATE_METHOD: Final = "/switchyard.v1.ProviderAdapterService/Generate"
+
+
+class StreamCall(Protocol):
+    """One open `GenerateStream` call."""
+
+    async def write(self, request: provider_pb2.GenerateStreamRequest) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[provider_pb2.GenerateStreamResponse]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class AdapterCalls(Protocol):
+    """What generations call on an adapter (a `ProviderAdapterServiceStub` fits)."""
+
+    def GenerateStream(self) -> StreamCall: ...
+
+    def Generate(
+        self, request: provider_pb2.GenerateRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[provider_pb2.GenerateRequest, provider_pb2.GenerateResponse]: ...
+
+
+class _Lost:
+    """What a generation's queue gets when its stream failed."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_Answer = provider_pb2.GenerateStreamResponse | _Lost
+
+
+class _Stream:
+    """One open GenerateStream call and the generations waiting on it."""
+
+    def __init__(self, call: StreamCall) -> None:
+        self.call = call
+        self.open = True
+        self.used = time.monotonic()
+        self.outgoing: asyncio.Queue[provider_pb2.GenerateStreamRequest] = asyncio.Queue()
+        self.waiting: dict[int, asyncio.Queue[_Answer]] = {}
+        self.tasks = (
+            asyncio.create_task(self._write(), name="adapter-generations-out"),
+            asyncio.create_task(self._read(), name="adapter-generations-in"),
+        )
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.call.write(await self.outgoing.get())
+        except Exception as exc:  # the call ended or failed
+            self.fail(exc)
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                waiting = self.waiting.get(response.id)
+                if waiting is not None:
+                    waiting.put_nowait(response)
+        except Exception as exc:
+            self.fail(exc)
+        else:
+            self.fail(ConnectionError("the adapter ended the generation stream"))
+
+    def fail(self, error: BaseException) -> None:
+        """The call is over: every generation waiting on it gets `error` (once)."""
+        if not self.open:
+            return
+        self.open = False
+        self.call.cancel()
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+        waiting, self.waiting = self.waiting, {}
+        for queue in waiting.values():
+            queue.put_nowait(_Lost(error))
+
+
+class GenerationStreams:
+    """Generations to one adapter target over a few shared GenerateStream calls."""
+
+    def __init__(self, stub: AdapterCalls, *, streams: int = STREAMS_PER_TARGET) -> None:
+        self.stub = stub
+        self._streams: list[_Stream | None] = [None] * max(1, streams)
+        self._turn = 0
+        self._next_id = 0
+        self.unary = False
+        """The adapter has no GenerateStream: generations call Generate instead."""
+
+    def generate(self, request: provider_pb2.GenerateRequest, *, timeout_s: float) -> Generation:
+        """Start a generation; iterate the result for its `GenerateResponse` messages."""
+        return Generation(self, request, time.monotonic() + timeout_s)
+
+    def _stream(self) -> _Stream:
+        self._turn = (self._turn + 1) % len(self._streams)
+        stream = self._streams[self._turn]
+        now = time.monotonic()
+        if stream is not None and stream.open and not stream.waiting and now - stream.used > STREAM_IDLE_S:
+            stream.fail(ConnectionError("idle"))
+        if stream is None or not stream.open:
+            stream = self._streams[self._turn] = _Stream(self.stub.GenerateStream())
+        stream.used = now
+        return stream
+
+    def _start(
+        self, request: provider_pb2.GenerateRequest, timeout_s: float, traceparent: str
+    ) -> tuple[_Stream, int, asyncio.Queue[_Answer]]:
+        self._next_id += 1
+        stream = self._stream()
+        queue: asyncio.Queue[_Answer] = asyncio.Queue()
+        stream.waiting[self._next_id] = queue
+        stream.outgoing.put_nowait(
+            provider_pb2.GenerateStreamRequest(
+                id=self._next_id,
+                start=request,
+                traceparent=traceparent,
+                timeout_ms=max(1, int(timeout_s * 1000)),
+            )
+        )
+        return stream, self._next_id, queue
+
+    def close(self) -> None:
+        """End every stream (generations still waiting fail)."""
+        for stream in self._streams:
+            if stream is not None:
+                stream.fail(ConnectionError("closed"))
+        self._streams = [None] * len(self._streams)
+
+
+class Generation:
+    """One generation: iterate it for the adapter's messages (the last holds `done`); a
+    failure is raised as a `SwitchyardError`, as `from_rpc_error` reads a Generate call's.
+    `cancel()` stops it when it is not over."""
+
+    def __init__(
+        self, owner: GenerationStreams, request: provider_pb2.GenerateRequest, deadline: float
+    ) -> None:
+        self._owner = owner
+        self._request = request
+        self._deadline = deadline
+        self._span: Span | None = None
+        self._stream: _Stream | None = None
+        self._id = 0
+        self._queue: asyncio.Queue[_Answer] | None = None
+        self._call: (
+            grpc.aio.UnaryStreamCall[provider_pb2.GenerateRequest, provider_pb2.GenerateResponse] | None
+        ) = None
+        self._received = False
+        self._over = False
+        if owner.unary:
+            self._call_generate()
+        else:
+            # The call's own CLIENT span (Generate's channel interceptor starts one otherwise).
+            self._span, traceparent = tracing.start_client_span(GENERATE_METHOD)
+            self._stream, self._id, self._queue = owner._start(request, self._remaining(), traceparent)
+
+    def _remaining(self) -> float:
+        return max(0.001, self._deadline - time.monotonic())
+
+    def _call_generate(self) -> None:
+        self._call = self._owner.stub.Generate(self._request, timeout=self._remaining())
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> provider_pb2.GenerateResponse:
+        if self._over:
+            raise StopAsyncIteration
+        if self._call is not None:
+            return await self._next_from_call()
+        assert self._queue is not None
+        try:
+            async with asyncio.timeout(self._deadline - time.monotonic()):
+                answer = await self._queue.get()
+        except TimeoutError:
+            self.cancel()
+            raise SwitchyardError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                Reason.TIMEOUT,
+                "the adapter did not answer within the deadline",
+                metadata={"provider": self._request.provider},
+            ) from None
+        if isinstance(answer, _Lost):
+            error = answer.error
+            if (
+                not self._received
+                and isinstance(error, grpc.aio.AioRpcError)
+                and error.code() is grpc.StatusCode.UNIMPLEMENTED
+            ):
+                if not self._owner.unary:
+                    log.info("adapter_without_generate_stream", provider=self._request.provider)
+                self._owner.unary = True
+                self._forget()
+                self._end_span(grpc.StatusCode.UNIMPLEMENTED)
+                self._call_generate()
+                return await self._next_from_call()
+            # The stream, not the generation, failed (the adapter went away, a proxy reset the
+            # call): the adapter is unavailable to this generation, as a refused call would be.
+            self._forget()
+            cause = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
+            raise self._failed(
+                SwitchyardError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    Reason.DEPENDENCY_UNAVAILABLE,
+                    "the stream to the adapter was lost",
+                    metadata={"provider": self._request.provider, "cause": cause},
+                )
+            )
+        self._received = True
+        if answer.HasField("error"):
+            self._forget()
+            raise self._failed(from_status(answer.error))
+        message = answer.events
+        if answer_events.unpack(message)[-1].HasField("done"):
+            self._forget()
+            self._finish(grpc.StatusCode.OK)
+        return message
+
+    async def _next_from_call(self) -> provider_pb2.GenerateResponse:
+        assert self._call is not None
+        try:
+            message: provider_pb2.GenerateResponse = await anext(aiter(self._call))
+        except StopAsyncIteration:
+            self._finish(grpc.StatusCode.OK)
+            raise
+        except grpc.aio.AioRpcError as exc:
+            raise self._failed(from_rpc_error(exc)) from None
+        self._received = True
+        return message
+
+    def _forget(self) -> None:
+        if self._stream is not None:
+            self._stream.waiting.pop(self._id, None)
+
+    def _failed(self, error: SwitchyardError) -> SwitchyardError:
+        self._finish(error.code, error.message)
+        return error
+
+    def _finish(self, code: grpc.StatusCode, details: str | None = None) -> None:
+        """The generation is over: end its span with `code`."""
+        self._over = True
+        self._end_span(code, details)
+
+    def _end_span(self, code: grpc.StatusCode, details: str | None = None) -> None:
+        span, self._span = self._span, None
+        if span is not None:
+            tracing.end_client_span(span, code, details)
+
+    def cancel(self) -> None:
+        """Stop the generation if it is not over (the adapter closes its upstream)."""
+        if self._over:
+            return
+        self._finish(grpc.StatusCode.CANCELLED)
+        if self._call is not None:
+            self._call.cancel()
+            return
+        stream = self._stream
+        if stream is not None and stream.waiting.pop(self._id, None) is not None and stream.open:
+            stream.outgoing.put_nowait(provider_pb2.GenerateStreamRequest(id=self._id, cancel=True))

@@ -1,0 +1,206 @@
+"""Generations multiplexed on `GenerateStream`, end to end: the edge's `GenerationStreams`
+against the real adapter over gRPC, in front of the OpenAI simulator.
+
+Each generation gets its own answer, whole and in order, on a shared call; one cancelled,
+failed or timed out generation leaves the others alone; an adapter without GenerateStream is
+called with Generate; a lost stream fails its generations as an unavailable adapter would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from switchyard.common.answer_events import unpack
+from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
+from switchyard.edge.generations import Generation, GenerationStreams
+from switchyard.v1 import provider_pb2, provider_pb2_grpc
+
+from .conftest import VendorEnv
+from .support import ANSWER, assert_well_formed, request, text_of, wait_for
+
+
+class CountingStub:
+    """The adapter's stub, counting the calls the generations open."""
+
+    def __init__(self, stub: provider_pb2_grpc.ProviderAdapterServiceStub) -> None:
+        self.stub = stub
+        self.streams = 0
+        self.unary = 0
+
+    def GenerateStream(self) -> object:
+        self.streams += 1
+        return self.stub.GenerateStream()
+
+    def Generate(self, req: provider_pb2.GenerateRequest, *, timeout: float | None = None) -> object:
+        self.unary += 1
+        return self.stub.Generate(req, timeout=timeout)
+
+
+def ask(env: VendorEnv, provider: str | None = None) -> provider_pb2.GenerateRequest:
+    return request(provider or env.provider(), env.case.model)
+
+
+async def events(generation: Generation) -> list[provider_pb2.GenerateResponse]:
+    return [event async for message in generation for event in unpack(message)]
+
+
+async def test_generations_share_one_call_and_each_gets_its_own_answer(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=5, chunk_delay_ms=20)
+    stub = CountingStub(openai_env.adapter.stub)
+    generations = GenerationStreams(stub, streams=1)  # type: ignore[arg-type]
+    try:
+        answers = await asyncio.gather(
+            *(events(generations.generate(ask(openai_env), timeout_s=10)) for _ in range(6))
+        )
+    finally:
+        generations.close()
+    for answer in answers:
+        assert_well_formed(answer)
+        assert text_of(answer) == ANSWER
+    assert (stub.streams, stub.unary) == (1, 0)
+    assert (await openai_env.sim.stats())["completed"] == 6
+
+
+async def test_calls_are_opened_in_turn_up_to_the_limit(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    stub = CountingStub(openai_env.adapter.stub)
+    generations = GenerationStreams(stub, streams=3)  # type: ignore[arg-type]
+    try:
+        for _ in range(7):
+            assert text_of(await events(generations.generate(ask(openai_env), timeout_s=10)))
+    finally:
+        generations.close()
+    assert stub.streams == 3
+
+
+async def test_a_cancelled_generation_closes_its_upstream_and_spares_the_others(
+    openai_env: VendorEnv,
+) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=12, chunk_delay_ms=40)
+    generations = GenerationStreams(openai_env.adapter.stub, streams=1)  # type: ignore[arg-type]
+    try:
+        other = asyncio.create_task(events(generations.generate(ask(openai_env), timeout_s=10)))
+        cancelled = generations.generate(ask(openai_env), timeout_s=10)
+        deltas = 0
+        async for message in cancelled:
+            deltas += sum(1 for e in unpack(message) if e.HasField("delta"))
+            if deltas >= 2:
+                break
+        cancelled.cancel()
+        stats = await wait_for(lambda s: s["disconnects"] == 1, openai_env.sim)
+        assert stats["disconnects"] == 1
+        answer = await other
+    finally:
+        generations.close()
+    assert_well_formed(answer)
+    assert text_of(answer) == ANSWER
+    assert [m async for m in cancelled] == []  # over: nothing more comes
+    stats = await wait_for(lambda s: s["active"] == 0, openai_env.sim)
+    assert (stats["completed"], stats["disconnects"], stats["active"]) == (1, 1, 0)
+
+
+async def test_a_failed_generation_fails_alone(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=4, chunk_delay_ms=30)
+    generations = GenerationStreams(openai_env.adapter.stub, streams=1)  # type: ignore[arg-type]
+    try:
+        good = asyncio.create_task(events(generations.generate(ask(openai_env), timeout_s=10)))
+        with pytest.raises(SwitchyardError) as caught:
+            await events(generations.generate(ask(openai_env, "no-such-provider"), timeout_s=10))
+        answer = await good
+    finally:
+        generations.close()
+    assert caught.value.code is grpc.StatusCode.NOT_FOUND
+    assert caught.value.reason is Reason.NOT_FOUND
+    assert text_of(answer) == ANSWER
+
+
+async def test_the_callers_deadline_ends_the_generation(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=6, chunk_delay_ms=300)
+    generations = GenerationStreams(openai_env.adapter.stub, streams=1)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(SwitchyardError) as caught:
+            await events(generations.generate(ask(openai_env), timeout_s=0.5))
+        stats = await wait_for(lambda s: s["disconnects"] == 1 and s["active"] == 0, openai_env.sim)
+        # The stream is still good for the next generation.
+        await openai_env.sim.knobs(text=ANSWER, chunks=2)
+        assert text_of(await events(generations.generate(ask(openai_env), timeout_s=10))) == ANSWER
+    finally:
+        generations.close()
+    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, Reason.TIMEOUT)
+    assert (stats["disconnects"], stats["completed"]) == (1, 0)
+
+
+async def serve(servicer: provider_pb2_grpc.ProviderAdapterServiceServicer) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    provider_pb2_grpc.add_ProviderAdapterServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+class OlderAdapter(provider_pb2_grpc.ProviderAdapterServiceServicer):
+    """An adapter build from before GenerateStream: Generate only (the rest UNIMPLEMENTED)."""
+
+    def __init__(self, env: VendorEnv) -> None:
+        self._env = env
+
+    def Generate(
+        self, request: provider_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[provider_pb2.GenerateResponse]:
+        return self._env.adapter.servicer.Generate(request, context)
+
+
+async def test_an_adapter_without_generate_stream_is_called_with_generate(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=3)
+    server, port = await serve(OlderAdapter(openai_env))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = CountingStub(provider_pb2_grpc.ProviderAdapterServiceStub(channel))
+    generations = GenerationStreams(stub, streams=1)  # type: ignore[arg-type]
+    try:
+        first = await events(generations.generate(ask(openai_env), timeout_s=10))
+        second = await events(generations.generate(ask(openai_env), timeout_s=10))
+    finally:
+        generations.close()
+        await channel.close()
+        await server.stop(grace=None)
+    assert text_of(first) == text_of(second) == ANSWER
+    assert_well_formed(second)
+    assert generations.unary and (stub.streams, stub.unary) == (1, 2)
+
+
+async def test_a_lost_stream_fails_its_generations_as_an_unavailable_adapter(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=20, chunk_delay_ms=100)
+    server, port = await serve(openai_env.adapter.servicer)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    generations = GenerationStreams(provider_pb2_grpc.ProviderAdapterServiceStub(channel), streams=1)  # type: ignore[arg-type]
+    try:
+        generation = generations.generate(ask(openai_env), timeout_s=10)
+        first = await anext(generation)
+        assert first.HasField("delta") or any(e.HasField("delta") for e in unpack(first))
+        await server.stop(grace=None)  # the adapter goes away mid-answer
+        with pytest.raises(SwitchyardError) as caught:
+            async for _ in generation:
+                continue
+        # The next generation opens another stream, which finds no adapter either.
+        with pytest.raises(SwitchyardError) as again:
+            await events(generations.generate(ask(openai_env), timeout_s=5))
+    finally:
+        generations.close()
+        await channel.close()
+    assert (caught.value.code, caught.value.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.DEPENDENCY_UNAVAILABLE,
+    )
+    assert again.value.code is grpc.StatusCode.UNAVAILABLE
+    await wait_for(lambda s: s["active"] == 0, openai_env.sim)
