@@ -8,7 +8,6 @@ it (several accounts or regions may share a format). Failures are raised as
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final
@@ -23,6 +22,7 @@ from switchyard.common.catalog import Catalog, provider_api_key, provider_base_u
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
+from switchyard.common.multiplex import Multiplexer
 from switchyard.common.server import ServiceBinding
 from switchyard.common.settings import Settings
 from switchyard.v1 import provider_pb2, provider_pb2_grpc
@@ -102,49 +102,25 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
         """Generations multiplexed on one call: each `start` runs as Generate would, its
         messages sent under its id as they come; a `cancel` stops one. When the caller ends
         the call, its generations still running are stopped."""
-        out: asyncio.Queue[provider_pb2.GenerateStreamResponse | None] = asyncio.Queue()
-        running: dict[int, asyncio.Task[None]] = {}
-        slots = asyncio.Semaphore(MAX_STREAMED_GENERATIONS)
+        mux: Multiplexer[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse] = (
+            Multiplexer(MAX_STREAMED_GENERATIONS)
+        )
 
-        def finished(generation_id: int, task: asyncio.Task[None]) -> None:
-            slots.release()
-            if running.get(generation_id) is task:
-                del running[generation_id]
+        async def on_item(item: provider_pb2.GenerateStreamRequest) -> None:
+            action = item.WhichOneof("action")
+            if action == "cancel":
+                mux.cancel(item.id)
+            elif action == "start":
+                if mux.running(item.id):
+                    duplicate = invalid("a generation with this id is running", "id")
+                    mux.send(
+                        provider_pb2.GenerateStreamResponse(id=item.id, error=duplicate.to_status_proto())
+                    )
+                else:
+                    await mux.start(item.id, self._generate_one(item, mux.send))
 
-        async def read() -> None:
-            try:
-                async for item in requests:
-                    action = item.WhichOneof("action")
-                    if action == "cancel":
-                        task = running.get(item.id)
-                        if task is not None:
-                            task.cancel()
-                    elif action == "start":
-                        if item.id in running:
-                            duplicate = invalid("a generation with this id is running", "id")
-                            out.put_nowait(
-                                provider_pb2.GenerateStreamResponse(
-                                    id=item.id, error=duplicate.to_status_proto()
-                                )
-                            )
-                            continue
-                        await slots.acquire()
-                        task = asyncio.create_task(self._generate_one(item, out.put_nowait))
-                        running[item.id] = task
-                        task.add_done_callback(functools.partial(finished, item.id))
-                if running:
-                    await asyncio.wait(set(running.values()))
-            finally:
-                out.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await out.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
-            for task in list(running.values()):
-                task.cancel()
+        async for reply in mux.serve(requests, on_item):
+            yield reply
 
     async def _generate_one(
         self,

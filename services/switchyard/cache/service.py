@@ -41,6 +41,7 @@ from switchyard.common import tracing
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
+from switchyard.common.multiplex import Multiplexer
 from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
@@ -162,9 +163,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, requests: AsyncIterator[cache_pb2.LookupStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cache_pb2.LookupStreamResponse]:
         """Lookups as they come, each answered when ready (with its id), errors included."""
-        answers: asyncio.Queue[cache_pb2.LookupStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(MAX_STREAMED_LOOKUPS)
-        running: set[asyncio.Task[None]] = set()
+        mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse] = Multiplexer(
+            MAX_STREAMED_LOOKUPS
+        )
 
         async def answer(item: cache_pb2.LookupStreamRequest) -> None:
             started = time.time_ns()
@@ -176,8 +177,6 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 log.error("lookup_failed", error_type=type(exc).__name__, exc_info=exc)
                 failure = SwitchyardError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
                 reply = cache_pb2.LookupStreamResponse(id=item.id, error=failure.to_status_proto())
-            finally:
-                slots.release()
             if item.traceparent:
                 tracing.record_span_in(
                     item.traceparent,
@@ -186,28 +185,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                     tracer_name="switchyard.cache",
                     attributes={"switchyard.cache_status": common_pb2.CacheStatus.Name(reply.lookup.status)},
                 )
-            answers.put_nowait(reply)
+            mux.send(reply)
 
-        async def read() -> None:
-            try:
-                async for item in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(item))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if running:
-                    await asyncio.wait(set(running))
-            finally:
-                answers.put_nowait(None)
+        async def on_item(item: cache_pb2.LookupStreamRequest) -> None:
+            await mux.start(item.id, answer(item))
 
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await answers.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        async for reply in mux.serve(requests, on_item):
+            yield reply
 
     async def lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
         """What Lookup answers (raises SwitchyardError for a request it refuses)."""

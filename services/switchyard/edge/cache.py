@@ -25,6 +25,7 @@ from switchyard.cache.keys import AUTO, CacheDecision, cache_decision
 from switchyard.common.errors import SwitchyardError, from_status
 from switchyard.common.logging import get_logger
 from switchyard.common.tracing import current_traceparent
+from switchyard.edge.mux import BidiCall, MuxCall
 from switchyard.v1 import cache_pb2, common_pb2
 
 __all__ = ["AnswerRecorder", "EdgeCache", "StreamedLookups", "replay"]
@@ -38,20 +39,10 @@ STORE_BATCH: Final = 64
 STORE_QUEUE: Final = 1024
 
 
-class LookupCall(Protocol):
-    """One open `LookupStream` call."""
-
-    async def write(self, request: cache_pb2.LookupStreamRequest) -> None: ...
-
-    def __aiter__(self) -> AsyncIterator[cache_pb2.LookupStreamResponse]: ...
-
-    def cancel(self) -> bool: ...
-
-
 class CacheCalls(Protocol):
     """What the edge calls on the cache (a `CacheServiceStub` fits)."""
 
-    def LookupStream(self) -> LookupCall: ...
+    def LookupStream(self) -> BidiCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse]: ...
 
     async def StoreMany(
         self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None
@@ -168,19 +159,15 @@ class EdgeCache:
 
 
 class StreamedLookups:
-    """Lookups multiplexed on one `LookupStream` call, opened when needed.
+    """Lookups multiplexed on one `LookupStream` call (a `MuxCall`), opened when needed.
 
-    A writer task puts the lookups on the stream one at a time (a caller that stops waiting
-    never interrupts a write, which would cancel the whole call); a reader task hands each
-    answer to the lookup with its id. When the stream fails, every lookup waiting on it fails
-    and the next one opens another stream.
+    Each answer goes to the lookup with its id. When the call fails, every lookup waiting on
+    it fails and the next one opens another call.
     """
 
     def __init__(self, stub: CacheCalls) -> None:
         self._stub = stub
-        self._call: LookupCall | None = None
-        self._outgoing: asyncio.Queue[cache_pb2.LookupStreamRequest] = asyncio.Queue()
-        self._tasks: tuple[asyncio.Task[None], ...] = ()
+        self._mux: MuxCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse] | None = None
         self._waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
         self._next_id = 0
 
@@ -190,10 +177,12 @@ class StreamedLookups:
         ask_id = self._next_id
         answer: asyncio.Future[cache_pb2.LookupStreamResponse] = asyncio.get_running_loop().create_future()
         self._waiting[ask_id] = answer
-        self._open()
-        self._outgoing.put_nowait(
-            cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent())
-        )
+        mux = self._mux
+        if mux is None or not mux.open:
+            mux = self._mux = MuxCall(
+                self._stub.LookupStream(), deliver=self._deliver, lost=self._lost, name="cache-lookups"
+            )
+        mux.send(cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent()))
         try:
             async with asyncio.timeout(timeout_s):
                 response = await answer
@@ -203,44 +192,13 @@ class StreamedLookups:
             raise from_status(response.error)
         return response.lookup
 
-    def _open(self) -> None:
-        if self._call is not None:
-            return
-        call = self._call = self._stub.LookupStream()
-        self._tasks = (
-            asyncio.create_task(self._write(call), name="cache-lookups-out"),
-            asyncio.create_task(self._read(call), name="cache-lookups-in"),
-        )
+    def _deliver(self, response: cache_pb2.LookupStreamResponse) -> None:
+        waiting = self._waiting.pop(response.id, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(response)
 
-    async def _write(self, call: LookupCall) -> None:
-        try:
-            while True:
-                await call.write(await self._outgoing.get())
-        except Exception as exc:  # the call ended or failed
-            self._fail(call, exc)
-
-    async def _read(self, call: LookupCall) -> None:
-        try:
-            async for response in call:
-                waiting = self._waiting.pop(response.id, None)
-                if waiting is not None and not waiting.done():
-                    waiting.set_result(response)
-        except Exception as exc:
-            self._fail(call, exc)
-        else:
-            self._fail(call, ConnectionError("the cache ended the lookup stream"))
-
-    def _fail(self, call: LookupCall, error: BaseException) -> None:
-        """`call` is over: fail what waits on it (once), so the next lookup opens another."""
-        if self._call is not call:
-            return
-        self._call = None
-        call.cancel()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        self._outgoing = asyncio.Queue()  # lookups not written yet fail with the others
+    def _lost(self, error: BaseException) -> None:
+        """The call is over: fail what waits on it (lookups not written yet included)."""
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
@@ -248,8 +206,8 @@ class StreamedLookups:
 
     def close(self) -> None:
         """End the stream (lookups still waiting fail)."""
-        if self._call is not None:
-            self._fail(self._call, ConnectionError("closed"))
+        if self._mux is not None:
+            self._mux.fail(ConnectionError("closed"))
 
 
 async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:

@@ -7,9 +7,8 @@ stream may reach another replica of the adapter). A generation is a `start` mess
 an id of this edge's choosing; the adapter's answers come back under that id, the last one
 holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes the upstream).
 
-* One writer task per stream puts messages on it (a caller that stops waiting never
-  interrupts a write, which would cancel the whole call); one reader task hands each answer
-  to its generation's queue.
+* Each stream is a `MuxCall` (one writer task, one reader task); the reader hands each
+  answer to its generation's queue.
 * When a stream fails, every generation waiting on it fails UNAVAILABLE (reason
   DEPENDENCY_UNAVAILABLE, as a call to an adapter that is down), and the next generation
   opens another stream. A generation's own failure comes as its `error` message.
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
 import grpc
@@ -36,6 +34,7 @@ from opentelemetry.trace import Span
 from switchyard.common import answer_events, tracing
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error, from_status
 from switchyard.common.logging import get_logger
+from switchyard.edge.mux import BidiCall, MuxCall
 from switchyard.v1 import provider_pb2
 
 log = get_logger(__name__)
@@ -45,20 +44,12 @@ STREAM_IDLE_S: Final = 60.0
 GENERATE_METHOD: Final = "/switchyard.v1.ProviderAdapterService/Generate"
 
 
-class StreamCall(Protocol):
-    """One open `GenerateStream` call."""
-
-    async def write(self, request: provider_pb2.GenerateStreamRequest) -> None: ...
-
-    def __aiter__(self) -> AsyncIterator[provider_pb2.GenerateStreamResponse]: ...
-
-    def cancel(self) -> bool: ...
-
-
 class AdapterCalls(Protocol):
     """What generations call on an adapter (a `ProviderAdapterServiceStub` fits)."""
 
-    def GenerateStream(self) -> StreamCall: ...
+    def GenerateStream(
+        self,
+    ) -> BidiCall[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse]: ...
 
     def Generate(
         self, request: provider_pb2.GenerateRequest, *, timeout: float | None = None
@@ -78,47 +69,21 @@ _Answer = provider_pb2.GenerateStreamResponse | _Lost
 
 
 class _Stream:
-    """One open GenerateStream call and the generations waiting on it."""
+    """One GenerateStream call (a `MuxCall`) and the generations waiting on it."""
 
-    def __init__(self, call: StreamCall) -> None:
-        self.call = call
-        self.open = True
-        self.used = time.monotonic()
-        self.outgoing: asyncio.Queue[provider_pb2.GenerateStreamRequest] = asyncio.Queue()
+    def __init__(
+        self, call: BidiCall[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse]
+    ) -> None:
         self.waiting: dict[int, asyncio.Queue[_Answer]] = {}
-        self.tasks = (
-            asyncio.create_task(self._write(), name="adapter-generations-out"),
-            asyncio.create_task(self._read(), name="adapter-generations-in"),
-        )
+        self.mux = MuxCall(call, deliver=self._deliver, lost=self._lost, name="adapter-generations")
 
-    async def _write(self) -> None:
-        try:
-            while True:
-                await self.call.write(await self.outgoing.get())
-        except Exception as exc:  # the call ended or failed
-            self.fail(exc)
+    def _deliver(self, response: provider_pb2.GenerateStreamResponse) -> None:
+        waiting = self.waiting.get(response.id)
+        if waiting is not None:
+            waiting.put_nowait(response)
 
-    async def _read(self) -> None:
-        try:
-            async for response in self.call:
-                waiting = self.waiting.get(response.id)
-                if waiting is not None:
-                    waiting.put_nowait(response)
-        except Exception as exc:
-            self.fail(exc)
-        else:
-            self.fail(ConnectionError("the adapter ended the generation stream"))
-
-    def fail(self, error: BaseException) -> None:
-        """The call is over: every generation waiting on it gets `error` (once)."""
-        if not self.open:
-            return
-        self.open = False
-        self.call.cancel()
-        current = asyncio.current_task()
-        for task in self.tasks:
-            if task is not current:
-                task.cancel()
+    def _lost(self, error: BaseException) -> None:
+        """Every generation waiting on the call gets `error`."""
         waiting, self.waiting = self.waiting, {}
         for queue in waiting.values():
             queue.put_nowait(_Lost(error))
@@ -142,12 +107,10 @@ class GenerationStreams:
     def _stream(self) -> _Stream:
         self._turn = (self._turn + 1) % len(self._streams)
         stream = self._streams[self._turn]
-        now = time.monotonic()
-        if stream is not None and stream.open and not stream.waiting and now - stream.used > STREAM_IDLE_S:
-            stream.fail(ConnectionError("idle"))
-        if stream is None or not stream.open:
+        if stream is not None and not stream.waiting and time.monotonic() - stream.mux.used > STREAM_IDLE_S:
+            stream.mux.fail(ConnectionError("idle"))
+        if stream is None or not stream.mux.open:
             stream = self._streams[self._turn] = _Stream(self.stub.GenerateStream())
-        stream.used = now
         return stream
 
     def _start(
@@ -157,7 +120,7 @@ class GenerationStreams:
         stream = self._stream()
         queue: asyncio.Queue[_Answer] = asyncio.Queue()
         stream.waiting[self._next_id] = queue
-        stream.outgoing.put_nowait(
+        stream.mux.send(
             provider_pb2.GenerateStreamRequest(
                 id=self._next_id,
                 start=request,
@@ -171,7 +134,7 @@ class GenerationStreams:
         """End every stream (generations still waiting fail)."""
         for stream in self._streams:
             if stream is not None:
-                stream.fail(ConnectionError("closed"))
+                stream.mux.fail(ConnectionError("closed"))
         self._streams = [None] * len(self._streams)
 
 
@@ -303,5 +266,5 @@ class Generation:
             self._call.cancel()
             return
         stream = self._stream
-        if stream is not None and stream.waiting.pop(self._id, None) is not None and stream.open:
-            stream.outgoing.put_nowait(provider_pb2.GenerateStreamRequest(id=self._id, cancel=True))
+        if stream is not None and stream.waiting.pop(self._id, None) is not None and stream.mux.open:
+            stream.mux.send(provider_pb2.GenerateStreamRequest(id=self._id, cancel=True))
