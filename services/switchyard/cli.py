@@ -144,6 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
                 port=settings.port_for(args.service, args.vendor),
                 grace_s=settings.shutdown_grace_s,
                 on_shutdown=closers,
+                on_drain=[parts.drain] if parts.drain else [],
             )
         except OSError as exc:
             print(f"switchyard: error: {label}: {exc}", file=sys.stderr)
@@ -157,11 +158,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _build_parts(service: str, vendor: str | None, settings: Settings) -> Any:
     if service == "adapter":
-        from switchyard.adapters.service import adapter_bindings
-        from switchyard.common.server import ServiceParts
+        from switchyard.adapters.service import adapter_parts
 
-        bindings, close = adapter_bindings(settings, vendor or "openai")
-        return ServiceParts(bindings, close)
+        return adapter_parts(settings, vendor or "openai")
     builders = {
         "edge": "switchyard.edge.service",
         "router": "switchyard.router.service",

@@ -2,5 +2,5 @@
 
 `base` holds the vendor-neutral machinery (translator interface, SSE parser, pooled
 streaming HTTP client with its timeouts), `vendors` one translator per vendor, and
-`service` the gRPC servicer and `adapter_bindings` for the server bootstrap.
+`service` the gRPC servicer and `adapter_parts` for the server bootstrap.
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 import grpc
@@ -22,8 +22,8 @@ from switchyard.common.catalog import Catalog, provider_api_key, provider_base_u
 from switchyard.common.catalog_proto import model_info
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
-from switchyard.common.multiplex import Multiplexer
-from switchyard.common.server import ServiceBinding
+from switchyard.common.multiplex import Multiplexer, Multiplexers
+from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.v1 import provider_pb2, provider_pb2_grpc
 
@@ -36,6 +36,9 @@ SERVICE_NAME = provider_pb2.DESCRIPTOR.services_by_name["ProviderAdapterService"
 # flow control then holds the caller back) until one finishes.
 MAX_STREAMED_GENERATIONS: Final = 1024
 GENERATE_METHOD: Final = f"/{SERVICE_NAME}/Generate"
+_SHUTTING_DOWN: Final = SwitchyardError(
+    grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE, "the adapter is shutting down"
+)
 
 
 def _log_failure(request: provider_pb2.GenerateRequest, exc: SwitchyardError) -> None:
@@ -58,6 +61,9 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
         self.vendor = vendor
         self._catalog = catalog
         self._clients = dict(clients)
+        self._streams: Multiplexers[
+            provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse
+        ] = Multiplexers(MAX_STREAMED_GENERATIONS)
 
     async def aclose(self) -> None:
         """Close every provider's connection pool."""
@@ -102,25 +108,34 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
         """Generations multiplexed on one call: each `start` runs as Generate would, its
         messages sent under its id as they come; a `cancel` stops one. When the caller ends
         the call, its generations still running are stopped."""
-        mux: Multiplexer[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse] = (
-            Multiplexer(MAX_STREAMED_GENERATIONS)
-        )
 
-        async def on_item(item: provider_pb2.GenerateStreamRequest) -> None:
+        async def on_item(
+            mux: Multiplexer[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse],
+            item: provider_pb2.GenerateStreamRequest,
+        ) -> None:
             action = item.WhichOneof("action")
             if action == "cancel":
                 mux.cancel(item.id)
             elif action == "start":
-                if mux.running(item.id):
-                    duplicate = invalid("a generation with this id is running", "id")
-                    mux.send(
-                        provider_pb2.GenerateStreamResponse(id=item.id, error=duplicate.to_status_proto())
-                    )
+                refusal = (
+                    _SHUTTING_DOWN
+                    if mux.draining
+                    else invalid("a generation with this id is running", "id")
+                    if mux.running(item.id)
+                    else None
+                )
+                if refusal is not None:
+                    mux.send(provider_pb2.GenerateStreamResponse(id=item.id, error=refusal.to_status_proto()))
                 else:
                     await mux.start(item.id, self._generate_one(item, mux.send))
 
-        async for reply in mux.serve(requests, on_item):
+        async for reply in self._streams.serve(requests, on_item):
             yield reply
+
+    def drain(self) -> None:
+        """Shutdown begins: generation streams take no new generation (each is answered
+        UNAVAILABLE, so the caller tries elsewhere) and end once their running ones are done."""
+        self._streams.drain()
 
     async def _generate_one(
         self,
@@ -232,14 +247,14 @@ def build_adapter(
     return ProviderAdapterServicer(vendor, catalog, clients)
 
 
-def adapter_bindings(
-    settings: Settings, vendor: str
-) -> tuple[list[ServiceBinding], Callable[[], Awaitable[None]]]:
-    """The `ProviderAdapterService` binding for `vendor` and the coroutine that closes its
-    HTTP clients on shutdown."""
+def adapter_parts(settings: Settings, vendor: str) -> ServiceParts:
+    """The `ProviderAdapterService` for `vendor`: its binding, the drain of its generation
+    streams when shutdown begins, and the close of its HTTP clients at the end."""
     servicer = build_adapter(settings.catalog, vendor)
 
     def register(server: grpc.aio.Server) -> None:
         provider_pb2_grpc.add_ProviderAdapterServiceServicer_to_server(servicer, server)
 
-    return [ServiceBinding(name=SERVICE_NAME, register=register)], servicer.aclose
+    return ServiceParts(
+        [ServiceBinding(name=SERVICE_NAME, register=register)], servicer.aclose, drain=servicer.drain
+    )

@@ -41,7 +41,7 @@ from switchyard.common import tracing
 from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
-from switchyard.common.multiplex import Multiplexer
+from switchyard.common.multiplex import Multiplexer, Multiplexers
 from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
@@ -58,6 +58,9 @@ SERVICE_NAME: Final = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
 # Lookups of one stream in progress at once (a semantic one waits for its embedding).
 MAX_STREAMED_LOOKUPS: Final = 256
+_SHUTTING_DOWN: Final = SwitchyardError(
+    grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE, "the cache is shutting down"
+)
 # Lookup latencies kept for the percentiles.
 LATENCY_SAMPLES: Final = 10_000
 SEMANTIC_OFF: Final = "none: semantic matching needs an embedder, and none is configured"
@@ -152,6 +155,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._threshold = semantic_threshold
         self._semantic_off_reason = semantic_off_reason
         self.stats = CacheStats()
+        self._lookup_streams: Multiplexers[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse] = (
+            Multiplexers(MAX_STREAMED_LOOKUPS)
+        )
 
     async def Lookup(
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext
@@ -163,11 +169,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, requests: AsyncIterator[cache_pb2.LookupStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cache_pb2.LookupStreamResponse]:
         """Lookups as they come, each answered when ready (with its id), errors included."""
-        mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse] = Multiplexer(
-            MAX_STREAMED_LOOKUPS
-        )
 
-        async def answer(item: cache_pb2.LookupStreamRequest) -> None:
+        async def answer(
+            mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
+            item: cache_pb2.LookupStreamRequest,
+        ) -> None:
             started = time.time_ns()
             try:
                 reply = cache_pb2.LookupStreamResponse(id=item.id, lookup=await self.lookup(item.lookup))
@@ -187,11 +193,21 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 )
             mux.send(reply)
 
-        async def on_item(item: cache_pb2.LookupStreamRequest) -> None:
-            await mux.start(item.id, answer(item))
+        async def on_item(
+            mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
+            item: cache_pb2.LookupStreamRequest,
+        ) -> None:
+            if mux.draining:  # the caller takes it as a miss
+                mux.send(cache_pb2.LookupStreamResponse(id=item.id, error=_SHUTTING_DOWN.to_status_proto()))
+            else:
+                await mux.start(item.id, answer(mux, item))
 
-        async for reply in mux.serve(requests, on_item):
+        async for reply in self._lookup_streams.serve(requests, on_item):
             yield reply
+
+    def drain(self) -> None:
+        """Shutdown begins: lookup streams take no new lookup and end once theirs are answered."""
+        self._lookup_streams.drain()
 
     async def lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
         """What Lookup answers (raises SwitchyardError for a request it refuses)."""
@@ -482,4 +498,5 @@ def build(settings: Settings) -> ServiceParts:
         ],
         close=close,
         start=start,
+        drain=servicer.drain,
     )

@@ -54,6 +54,9 @@ class ServiceParts:
     close: Callable[[], Awaitable[None]] | None = None
     # Awaited before the server binds its port (and so before it reports SERVING).
     start: Callable[[], Awaitable[None]] | None = None
+    # Called when shutdown begins, before in-flight calls get their grace period: long-lived
+    # calls stop taking new work and end once their work is done.
+    drain: Callable[[], None] | None = None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -197,8 +200,10 @@ async def serve(
     grace_s: float,
     on_started: Callable[[RunningServer], Awaitable[None]] | None = None,
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_drain: Sequence[Callable[[], None]] = (),
 ) -> None:
-    """Run a service until SIGTERM or SIGINT, then shut down gracefully and return."""
+    """Run a service until SIGTERM or SIGINT, then shut down gracefully and return: `on_drain`
+    first, then in-flight calls get `grace_s`, then `on_shutdown`."""
     running = await build_server(bindings, host=host, port=port)
     log.info(
         "server_started", service=service, host=host, port=running.port, services=list(running.service_names)
@@ -215,6 +220,8 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        for drain in on_drain:
+            drain()
         await running.stop(grace_s)
         for close in on_shutdown:
             await close()

@@ -14,13 +14,16 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from switchyard.adapters.service import build_adapter
 from switchyard.common.answer_events import unpack
-from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.catalog import parse_catalog
+from switchyard.common.errors import Reason, SwitchyardError, from_status
+from switchyard.common.ports import free_port
 from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
 from switchyard.edge.generations import Generation, GenerationStreams
 from switchyard.v1 import provider_pb2, provider_pb2_grpc
 
-from .conftest import VendorEnv
+from .conftest import VendorEnv, key_env, table_catalog
 from .support import ANSWER, assert_well_formed, request, text_of, wait_for
 
 
@@ -204,3 +207,42 @@ async def test_a_lost_stream_fails_its_generations_as_an_unavailable_adapter(ope
     )
     assert again.value.code is grpc.StatusCode.UNAVAILABLE
     await wait_for(lambda s: s["active"] == 0, openai_env.sim)
+
+
+async def test_a_draining_adapter_finishes_its_generations_and_takes_no_new_ones(
+    openai_env: VendorEnv,
+) -> None:
+    # Shutdown begins: the generation running on the stream is answered in full, a new one
+    # is refused UNAVAILABLE (the edge tries elsewhere), and the stream then ends by itself,
+    # well within the grace period instead of being cut at its end.
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=6, chunk_delay_ms=60)
+    case = openai_env.case
+    catalog = parse_catalog(
+        table_catalog(case, openai_env.sim.sim.base_url + case.base_url_suffix, free_port())
+    )
+    servicer = build_adapter(catalog, case.vendor, key_env(case))
+    server, port = await serve(servicer)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    call = provider_pb2_grpc.ProviderAdapterServiceStub(channel).GenerateStream()
+    try:
+        await call.write(provider_pb2.GenerateStreamRequest(id=1, start=ask(openai_env), timeout_ms=10_000))
+        first = await call.read()
+        assert first.id == 1 and not first.HasField("error")
+        servicer.drain()
+        await call.write(provider_pb2.GenerateStreamRequest(id=2, start=ask(openai_env), timeout_ms=10_000))
+        answers: dict[int, list[provider_pb2.GenerateStreamResponse]] = {1: [first], 2: []}
+        async with asyncio.timeout(5):
+            while (response := await call.read()) is not grpc.aio.EOF:  # ends once 1 is done
+                answers[response.id].append(response)
+        assert await call.code() is grpc.StatusCode.OK
+    finally:
+        await channel.close()
+        await server.stop(grace=None)
+        await servicer.aclose()
+    whole = [e for r in answers[1] for e in unpack(r.events)]
+    assert_well_formed(whole)
+    assert text_of(whole) == ANSWER
+    (refused,) = answers[2]
+    error = from_status(refused.error)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE)

@@ -1,0 +1,49 @@
+"""The cache's LookupStream over real gRPC: answers by id, and drains at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from switchyard.cache.service import CacheServicer
+from switchyard.cache.store import MemoryStore
+from switchyard.common.errors import Reason, from_status
+from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
+from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+
+
+def lookup(text: str) -> cache_pb2.LookupRequest:
+    message = common_pb2.Message(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])
+    return cache_pb2.LookupRequest(
+        tenant_id="acme", model="openai/gpt-4o-mini", request=common_pb2.ChatRequest(messages=[message])
+    )
+
+
+async def test_a_draining_cache_refuses_new_lookups_and_ends_the_stream() -> None:
+    servicer = CacheServicer(MemoryStore(max_bytes=1_000_000))
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    call = cache_pb2_grpc.CacheServiceStub(channel).LookupStream()
+    try:
+        await call.write(cache_pb2.LookupStreamRequest(id=1, lookup=lookup("first")))
+        first = await call.read()
+        assert first.id == 1 and first.lookup.status == common_pb2.CACHE_STATUS_MISS
+        servicer.drain()
+        await call.write(cache_pb2.LookupStreamRequest(id=2, lookup=lookup("second")))
+        async with asyncio.timeout(5):
+            answers = []
+            while (answer := await call.read()) is not grpc.aio.EOF:
+                answers.append(answer)
+        assert await call.code() is grpc.StatusCode.OK  # the stream ended by itself
+    finally:
+        await channel.close()
+        await server.stop(grace=None)
+    # Lookup 2 raced the end of the stream: refused (a miss to the edge) or never read.
+    assert all(a.id == 2 for a in answers)
+    for answer in answers:
+        error = from_status(answer.error)
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE)
