@@ -17,7 +17,7 @@ from bench import harness, report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 UNARY_CONCURRENCY = (1, 16, 64)  # the last one is the saturation point
-STREAM_CONCURRENCY = (1, 16)
+STREAM_CONCURRENCY = (1, 32)  # the time-to-first-token targets are set at 1 and 32 streams
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.__main__ import STREAM_CONCURRENCY, UNARY_CONCURRENCY
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,7 +37,11 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     figures = report["figures"]
     expected = {
         f"{prefix}_c{c}_{q}_{kind}"
-        for prefix, levels in (("unary", (1, 16, 64)), ("ttft", (1, 16)), ("cache_hit", (1, 16)))
+        for prefix, levels in (
+            ("unary", UNARY_CONCURRENCY),
+            ("ttft", STREAM_CONCURRENCY),
+            ("cache_hit", STREAM_CONCURRENCY),  # cache hits are measured at the stream levels
+        )
         for c in levels
         for q in ("p50", "p99")
         for kind in ("ratio", "ms_direct", "ms_edge")
@@ -55,7 +61,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path) -> None:
     expected |= {
         f"{path}_{prefix}_c{c}_{q}_{kind}"
         for path in ("envoy", "envoy_http")
-        for prefix, levels in (("unary", (1, 16, 64)), ("ttft", (1, 16)))
+        for prefix, levels in (("unary", UNARY_CONCURRENCY), ("ttft", STREAM_CONCURRENCY))
         for c in levels
         for q in ("p50", "p99")
         for kind in ("ratio", "ms")
