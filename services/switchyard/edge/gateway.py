@@ -28,6 +28,7 @@ from switchyard.common import tracing
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
+from switchyard.common.timestamps import set_now
 from switchyard.edge.admission import AdmissionController, rank
 from switchyard.edge.cache import AnswerRecorder, EdgeCache, replay
 from switchyard.edge.dedup import Dedup, request_key
@@ -389,5 +390,5 @@ class EdgeGateway:
             attempts=len(done.attempts),
             estimated_input_tokens=prompt.tokens,
         )
-        record.finished_at.GetCurrentTime()
+        set_now(record.finished_at)
         self._record(ledger_pb2.CommitRequest(record=record, traceparent=tracing.current_traceparent()))

@@ -26,6 +26,7 @@ from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts
 from switchyard.common.settings import Settings
+from switchyard.common.timestamps import set_now
 from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
 from switchyard.edge.generations import GenerationStreams
 from switchyard.edge.reporter import outcome as attempt_outcome
@@ -477,7 +478,7 @@ class _Outcome:
 
     def record(self, usage: common_pb2.Usage | None, cost: int, status: str) -> ledger_pb2.UsageRecord:
         finished_at = timestamp_pb2.Timestamp()
-        finished_at.GetCurrentTime()
+        set_now(finished_at)
         return ledger_pb2.UsageRecord(
             request_id=self.request.request_id,
             scope=_scope(self.request, self.caller, self.candidate),

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Final, Protocol
 
 import grpc
@@ -22,6 +21,7 @@ from google.protobuf import timestamp_pb2
 
 from switchyard.common.errors import SwitchyardError
 from switchyard.common.logging import get_logger
+from switchyard.common.timestamps import set_now
 from switchyard.v1 import common_pb2, health_pb2
 
 log = get_logger(__name__)
@@ -56,7 +56,7 @@ def outcome(
     `remaining_tokens`) and its retry delay; a success's from the adapter's `done` event.
     """
     finished = timestamp_pb2.Timestamp()
-    finished.FromDatetime(datetime.now(UTC))
+    set_now(finished)
     total_ms = max(0, round(total_s * 1000))
     result = health_pb2.AttemptOutcome(
         provider=provider,
