@@ -75,8 +75,9 @@ $(LITELLM_STAMP): bench/litellm/requirements.txt
 
 bench-litellm: $(LITELLM_STAMP) ## install the LiteLLM proxy the benchmark compares against (its own venv)
 
-bench: $(STAMP) $(LITELLM_STAMP) ## run the benchmarks (with LiteLLM beside) and write bench/results/
+bench: $(STAMP) $(LITELLM_STAMP) ## run the benchmarks (with LiteLLM beside) and the scale curves; write bench/results/
 	$(PY) -m bench --litellm on
+	$(PY) -m bench.scale
 
 bench-plan: $(STAMP) ## planner speed for 10, 100 and 1,000 models (exit 1 when a target is missed)
 	$(PY) -m bench.plan

@@ -537,9 +537,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{max(p.steal_busy for p in phases):.0%}",
         ),
         "",
-        "Planning, cache lookups and the ledger are measured on their own: `make bench-plan` (10 / 100 /"
-        " 1,000 models), `python -m bench.cache` (1,000 / 100,000 entries, exact and semantic) and"
-        " `python -m bench.ledger` (reserve+commit pairs per second, in-memory and Redis budgets).",
+        "Planning, cache lookups and the ledger are measured on their own, by `make bench` after this"
+        " report (`python -m bench.scale`, in `scale-latest.md`): planning at 10 / 100 / 1,000 models,"
+        " cache lookups at 1,000 / 100,000 entries (exact and semantic), reserve+commit pairs per"
+        " second (in-memory and Redis budgets).",
         "",
     ]
     if report["unmeasured"]:

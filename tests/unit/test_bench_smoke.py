@@ -134,3 +134,24 @@ def test_ledger_bench_charges_every_pair_on_both_budget_backends(redis_url: str)
     assert all(row.pairs > 0 and row.per_second > 0 for row in rows)
     table = ledger_bench.markdown(rows)
     assert table.count("\n") == 1 + len(rows) and "| Redis | 16 |" in table
+
+
+def test_scale_curves_write_one_labelled_report(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "scale-latest.json").read_text())
+    assert {"cpu_model", "cores", "python", "git_commit", "date"} <= report["label"].keys()
+    assert {row["models"] for row in report["planning"]["rows"]} == {10, 100}
+    assert all(row["p99_us"] >= row["p50_us"] > 0 for row in report["planning"]["rows"])
+    assert {row["lookup"] for row in report["cache"]["rows"]} >= {"exact hit", "exact miss"}
+    assert {row["backend"] for row in report["ledger"]["rows"]} >= {"in-memory"}
+    assert all(row["pairs"] > 0 for row in report["ledger"]["rows"])
+    text = (tmp_path / "scale-latest.md").read_text()
+    assert text.startswith("# Switchyard scale curves")
+    assert "## Local planning" in text and "## Cache lookups" in text and "## Ledger reserve+commit" in text
