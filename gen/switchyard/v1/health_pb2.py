@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/health.proto\x12\rswitchyard.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchyard/v1/common.proto\"\xe9\x02\n\x0e\x41ttemptOutcome\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07success\x18\x05 \x01(\x08\x12\x14\n\x0c\x65rror_reason\x18\x06 \x01(\t\x12\x1e\n\x16time_to_first_token_ms\x18\x07 \x01(\r\x12\x18\n\x10total_latency_ms\x18\x08 \x01(\r\x12\x14\n\x0cinput_tokens\x18\t \x01(\r\x12\x15\n\routput_tokens\x18\n \x01(\r\x12 \n\x18output_tokens_per_second\x18\x0b \x01(\x01\x12\x32\n\x08headroom\x18\x0c \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\x12\r\n\x05probe\x18\r \x01(\x08\"U\n\rReportRequest\x12/\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1d.switchyard.v1.AttemptOutcome\x12\x13\n\x0breporter_id\x18\x02 \x01(\t\"\"\n\x0eReportResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\xc2\x06\n\x0bModelHealth\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.switchyard.v1.HealthStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12,\n\x07\x62reaker\x18\x05 \x01(\x0e\x32\x1b.switchyard.v1.BreakerState\x12\x17\n\x0f\x65wma_latency_ms\x18\x06 \x01(\x01\x12\x16\n\x0ep50_latency_ms\x18\x07 \x01(\x01\x12\x16\n\x0ep95_latency_ms\x18\x08 \x01(\x01\x12\x16\n\x0ep99_latency_ms\x18\t \x01(\x01\x12#\n\x1b\x65wma_time_to_first_token_ms\x18\n \x01(\x01\x12\x12\n\nerror_rate\x18\x0b \x01(\x01\x12 \n\x18output_tokens_per_second\x18\x0c \x01(\x01\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x31\n\rlast_error_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08headroom\x18\x0f \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\x12\x0f\n\x07samples\x18\x10 \x01(\x04\x12.\n\nupdated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x12 \x01(\r\x12\x34\n\x10\x62reaker_retry_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10half_open_trials\x18\x14 \x01(\r\x12\x17\n\x0flatency_base_ms\x18\x15 \x01(\x01\x12\"\n\x1alatency_ms_per_input_token\x18\x16 \x01(\x01\x12#\n\x1blatency_ms_per_output_token\x18\x17 \x01(\x01\x12\x1b\n\x13latency_fit_samples\x18\x18 \x01(\r\x12 \n\x18latency_prediction_error\x18\x19 \x01(\x01\x12 \n\x18latency_fit_output_reach\x18\x1a \x01(\x01\"\x80\x01\n\x0eHealthSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.switchyard.v1.ModelHealth\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x0fSnapshotRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"C\n\x10SnapshotResponse\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.switchyard.v1.HealthSnapshot\"%\n\x0cWatchRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"z\n\rWatchResponse\x12\x31\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.switchyard.v1.HealthSnapshotH\x00\x12-\n\x06update\x18\x02 \x01(\x0b\x32\x1b.switchyard.v1.HealthUpdateH\x00\x42\x07\n\x05\x65vent\"L\n\x0cHealthUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.switchyard.v1.ModelHealth*|\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x16\n\x12HEALTH_STATUS_DOWN\x10\x03*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\x84\x02\n\x14HealthMonitorService\x12\x45\n\x06Report\x12\x1c.switchyard.v1.ReportRequest\x1a\x1d.switchyard.v1.ReportResponse\x12_\n\x08Snapshot\x12\x1e.switchyard.v1.SnapshotRequest\x1a\x1f.switchyard.v1.SnapshotResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/health\x12\x44\n\x05Watch\x12\x1b.switchyard.v1.WatchRequest\x1a\x1c.switchyard.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/health.proto\x12\rswitchyard.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchyard/v1/common.proto\"\x97\x03\n\x0e\x41ttemptOutcome\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07success\x18\x05 \x01(\x08\x12\x14\n\x0c\x65rror_reason\x18\x06 \x01(\t\x12\x1e\n\x16time_to_first_token_ms\x18\x07 \x01(\r\x12\x18\n\x10total_latency_ms\x18\x08 \x01(\r\x12\x14\n\x0cinput_tokens\x18\t \x01(\r\x12\x15\n\routput_tokens\x18\n \x01(\r\x12 \n\x18output_tokens_per_second\x18\x0b \x01(\x01\x12\x32\n\x08headroom\x18\x0c \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\x12\r\n\x05probe\x18\r \x01(\x08\x12\x0e\n\x06region\x18\x0e \x01(\t\x12\x1c\n\x14predicted_latency_ms\x18\x0f \x01(\r\"U\n\rReportRequest\x12/\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1d.switchyard.v1.AttemptOutcome\x12\x13\n\x0breporter_id\x18\x02 \x01(\t\"\"\n\x0eReportResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\xd1\x07\n\x0bModelHealth\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.switchyard.v1.HealthStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12,\n\x07\x62reaker\x18\x05 \x01(\x0e\x32\x1b.switchyard.v1.BreakerState\x12\x17\n\x0f\x65wma_latency_ms\x18\x06 \x01(\x01\x12\x16\n\x0ep50_latency_ms\x18\x07 \x01(\x01\x12\x16\n\x0ep95_latency_ms\x18\x08 \x01(\x01\x12\x16\n\x0ep99_latency_ms\x18\t \x01(\x01\x12#\n\x1b\x65wma_time_to_first_token_ms\x18\n \x01(\x01\x12\x12\n\nerror_rate\x18\x0b \x01(\x01\x12 \n\x18output_tokens_per_second\x18\x0c \x01(\x01\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x31\n\rlast_error_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08headroom\x18\x0f \x01(\x0b\x32 .switchyard.v1.RateLimitHeadroom\x12\x0f\n\x07samples\x18\x10 \x01(\x04\x12.\n\nupdated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x12 \x01(\r\x12\x34\n\x10\x62reaker_retry_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10half_open_trials\x18\x14 \x01(\r\x12\x17\n\x0flatency_base_ms\x18\x15 \x01(\x01\x12\"\n\x1alatency_ms_per_input_token\x18\x16 \x01(\x01\x12#\n\x1blatency_ms_per_output_token\x18\x17 \x01(\x01\x12\x1b\n\x13latency_fit_samples\x18\x18 \x01(\r\x12 \n\x18latency_prediction_error\x18\x19 \x01(\x01\x12 \n\x18latency_fit_output_reach\x18\x1a \x01(\x01\x12-\n\x07regions\x18\x1b \x03(\x0b\x32\x1c.switchyard.v1.RegionLatency\x12\x1a\n\x12plan_latency_error\x18\x1c \x01(\x01\x12\x1e\n\x16plan_latency_error_p95\x18\x1d \x01(\x01\x12\"\n\x1aplan_latency_error_samples\x18\x1e \x01(\r\"\x94\x02\n\rRegionLatency\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12\x17\n\x0f\x65wma_latency_ms\x18\x03 \x01(\x01\x12#\n\x1b\x65wma_time_to_first_token_ms\x18\x04 \x01(\x01\x12\x17\n\x0flatency_base_ms\x18\x05 \x01(\x01\x12\"\n\x1alatency_ms_per_input_token\x18\x06 \x01(\x01\x12#\n\x1blatency_ms_per_output_token\x18\x07 \x01(\x01\x12 \n\x18latency_prediction_error\x18\x08 \x01(\x01\x12 \n\x18latency_fit_output_reach\x18\t \x01(\x01\"\x80\x01\n\x0eHealthSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.switchyard.v1.ModelHealth\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x0fSnapshotRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"C\n\x10SnapshotResponse\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.switchyard.v1.HealthSnapshot\"%\n\x0cWatchRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"z\n\rWatchResponse\x12\x31\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.switchyard.v1.HealthSnapshotH\x00\x12-\n\x06update\x18\x02 \x01(\x0b\x32\x1b.switchyard.v1.HealthUpdateH\x00\x42\x07\n\x05\x65vent\"L\n\x0cHealthUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.switchyard.v1.ModelHealth*|\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x16\n\x12HEALTH_STATUS_DOWN\x10\x03*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\x84\x02\n\x14HealthMonitorService\x12\x45\n\x06Report\x12\x1c.switchyard.v1.ReportRequest\x1a\x1d.switchyard.v1.ReportResponse\x12_\n\x08Snapshot\x12\x1e.switchyard.v1.SnapshotRequest\x1a\x1f.switchyard.v1.SnapshotResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/health\x12\x44\n\x05Watch\x12\x1b.switchyard.v1.WatchRequest\x1a\x1c.switchyard.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEALTHMONITORSERVICE'].methods_by_name['Snapshot']._loaded_options = None
   _globals['_HEALTHMONITORSERVICE'].methods_by_name['Snapshot']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/health'
-  _globals['_HEALTHSTATUS']._serialized_start=1938
-  _globals['_HEALTHSTATUS']._serialized_end=2062
-  _globals['_BREAKERSTATE']._serialized_start=2064
-  _globals['_BREAKERSTATE']._serialized_end=2188
+  _globals['_HEALTHSTATUS']._serialized_start=2406
+  _globals['_HEALTHSTATUS']._serialized_end=2530
+  _globals['_BREAKERSTATE']._serialized_start=2532
+  _globals['_BREAKERSTATE']._serialized_end=2656
   _globals['_ATTEMPTOUTCOME']._serialized_start=137
-  _globals['_ATTEMPTOUTCOME']._serialized_end=498
-  _globals['_REPORTREQUEST']._serialized_start=500
-  _globals['_REPORTREQUEST']._serialized_end=585
-  _globals['_REPORTRESPONSE']._serialized_start=587
-  _globals['_REPORTRESPONSE']._serialized_end=621
-  _globals['_MODELHEALTH']._serialized_start=624
-  _globals['_MODELHEALTH']._serialized_end=1458
-  _globals['_HEALTHSNAPSHOT']._serialized_start=1461
-  _globals['_HEALTHSNAPSHOT']._serialized_end=1589
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1591
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1626
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1628
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1695
-  _globals['_WATCHREQUEST']._serialized_start=1697
-  _globals['_WATCHREQUEST']._serialized_end=1734
-  _globals['_WATCHRESPONSE']._serialized_start=1736
-  _globals['_WATCHRESPONSE']._serialized_end=1858
-  _globals['_HEALTHUPDATE']._serialized_start=1860
-  _globals['_HEALTHUPDATE']._serialized_end=1936
-  _globals['_HEALTHMONITORSERVICE']._serialized_start=2191
-  _globals['_HEALTHMONITORSERVICE']._serialized_end=2451
+  _globals['_ATTEMPTOUTCOME']._serialized_end=544
+  _globals['_REPORTREQUEST']._serialized_start=546
+  _globals['_REPORTREQUEST']._serialized_end=631
+  _globals['_REPORTRESPONSE']._serialized_start=633
+  _globals['_REPORTRESPONSE']._serialized_end=667
+  _globals['_MODELHEALTH']._serialized_start=670
+  _globals['_MODELHEALTH']._serialized_end=1647
+  _globals['_REGIONLATENCY']._serialized_start=1650
+  _globals['_REGIONLATENCY']._serialized_end=1926
+  _globals['_HEALTHSNAPSHOT']._serialized_start=1929
+  _globals['_HEALTHSNAPSHOT']._serialized_end=2057
+  _globals['_SNAPSHOTREQUEST']._serialized_start=2059
+  _globals['_SNAPSHOTREQUEST']._serialized_end=2094
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=2096
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=2163
+  _globals['_WATCHREQUEST']._serialized_start=2165
+  _globals['_WATCHREQUEST']._serialized_end=2202
+  _globals['_WATCHRESPONSE']._serialized_start=2204
+  _globals['_WATCHRESPONSE']._serialized_end=2326
+  _globals['_HEALTHUPDATE']._serialized_start=2328
+  _globals['_HEALTHUPDATE']._serialized_end=2404
+  _globals['_HEALTHMONITORSERVICE']._serialized_start=2659
+  _globals['_HEALTHMONITORSERVICE']._serialized_end=2919
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,8 @@ class AttemptOutcome(_message.Message):
     OUTPUT_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     HEADROOM_FIELD_NUMBER: _builtins.int
     PROBE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    PREDICTED_LATENCY_MS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     """"vendor/model"; empty for a provider-level probe."""
@@ -98,6 +100,14 @@ class AttemptOutcome(_message.Message):
     output_tokens_per_second: _builtins.float
     probe: _builtins.bool
     """True for an active probe rather than a caller's request."""
+    region: _builtins.str
+    """The reporting edge's region (its SWITCHYARD_EDGE_REGION); empty when it has none. Latency
+    is also kept per region, so each edge can plan on what is measured from where it runs.
+    """
+    predicted_latency_ms: _builtins.int
+    """The latency the plan predicted for this candidate (Candidate.predicted_latency_ms), to
+    track predictions against what happened; 0: none.
+    """
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -118,10 +128,12 @@ class AttemptOutcome(_message.Message):
         output_tokens_per_second: _builtins.float = ...,
         headroom: _common_pb2.RateLimitHeadroom | None = ...,
         probe: _builtins.bool = ...,
+        region: _builtins.str = ...,
+        predicted_latency_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "headroom", b"headroom"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_reason", b"error_reason", "finished_at", b"finished_at", "headroom", b"headroom", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "output_tokens_per_second", b"output_tokens_per_second", "probe", b"probe", "provider", b"provider", "request_id", b"request_id", "success", b"success", "time_to_first_token_ms", b"time_to_first_token_ms", "total_latency_ms", b"total_latency_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_reason", b"error_reason", "finished_at", b"finished_at", "headroom", b"headroom", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "output_tokens_per_second", b"output_tokens_per_second", "predicted_latency_ms", b"predicted_latency_ms", "probe", b"probe", "provider", b"provider", "region", b"region", "request_id", b"request_id", "success", b"success", "time_to_first_token_ms", b"time_to_first_token_ms", "total_latency_ms", b"total_latency_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,7 +184,11 @@ Global___ReportResponse: _TypeAlias = ReportResponse  # noqa: Y015
 
 @_typing.final
 class ModelHealth(_message.Message):
-    """Health of one (provider, model); model empty for the provider as a whole."""
+    """Health of one (provider, model); model empty for the provider as a whole. The provider's
+    entry aggregates the statistics of every outcome of its models and of its probes, but its
+    breaker, consecutive failures and status come from probes alone: one model failing opens
+    no breaker for the others.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -202,6 +218,10 @@ class ModelHealth(_message.Message):
     LATENCY_FIT_SAMPLES_FIELD_NUMBER: _builtins.int
     LATENCY_PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
     LATENCY_FIT_OUTPUT_REACH_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    PLAN_LATENCY_ERROR_FIELD_NUMBER: _builtins.int
+    PLAN_LATENCY_ERROR_P95_FIELD_NUMBER: _builtins.int
+    PLAN_LATENCY_ERROR_SAMPLES_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     status: Global___HealthStatus.ValueType
@@ -238,6 +258,14 @@ class ModelHealth(_message.Message):
     of the outputs it learned from. Longer outputs are predicted at this size: a slope measured
     over 10 to 30 tokens says little about 1,000 (0 when there is no fit).
     """
+    plan_latency_error: _builtins.float
+    """The plans' latency predictions (AttemptOutcome.predicted_latency_ms) against the actual
+    total latency of successes: the mean of |predicted - actual| / actual over recent outcomes
+    (an EWMA, like latency_prediction_error) and its p95 over the window (0 without predictions).
+    """
+    plan_latency_error_p95: _builtins.float
+    plan_latency_error_samples: _builtins.int
+    """Successes in the window whose outcome carried a prediction."""
     @_builtins.property
     def last_error_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -247,6 +275,10 @@ class ModelHealth(_message.Message):
     @_builtins.property
     def breaker_retry_at(self) -> _timestamp_pb2.Timestamp:
         """When an open breaker lets trial requests through (half-open)."""
+
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionLatency]:
+        """Latency measured from each region that reported one (AttemptOutcome.region), by region."""
 
     def __init__(
         self,
@@ -277,14 +309,67 @@ class ModelHealth(_message.Message):
         latency_fit_samples: _builtins.int = ...,
         latency_prediction_error: _builtins.float = ...,
         latency_fit_output_reach: _builtins.float = ...,
+        regions: _abc.Iterable[Global___RegionLatency] | None = ...,
+        plan_latency_error: _builtins.float = ...,
+        plan_latency_error_p95: _builtins.float = ...,
+        plan_latency_error_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["breaker_retry_at", b"breaker_retry_at", "headroom", b"headroom", "last_error_at", b"last_error_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "breaker_retry_at", b"breaker_retry_at", "consecutive_failures", b"consecutive_failures", "error_rate", b"error_rate", "ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "half_open_trials", b"half_open_trials", "headroom", b"headroom", "last_error", b"last_error", "last_error_at", b"last_error_at", "latency_base_ms", b"latency_base_ms", "latency_fit_output_reach", b"latency_fit_output_reach", "latency_fit_samples", b"latency_fit_samples", "latency_ms_per_input_token", b"latency_ms_per_input_token", "latency_ms_per_output_token", b"latency_ms_per_output_token", "latency_prediction_error", b"latency_prediction_error", "model", b"model", "output_tokens_per_second", b"output_tokens_per_second", "p50_latency_ms", b"p50_latency_ms", "p95_latency_ms", b"p95_latency_ms", "p99_latency_ms", b"p99_latency_ms", "provider", b"provider", "reason", b"reason", "samples", b"samples", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "breaker_retry_at", b"breaker_retry_at", "consecutive_failures", b"consecutive_failures", "error_rate", b"error_rate", "ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "half_open_trials", b"half_open_trials", "headroom", b"headroom", "last_error", b"last_error", "last_error_at", b"last_error_at", "latency_base_ms", b"latency_base_ms", "latency_fit_output_reach", b"latency_fit_output_reach", "latency_fit_samples", b"latency_fit_samples", "latency_ms_per_input_token", b"latency_ms_per_input_token", "latency_ms_per_output_token", b"latency_ms_per_output_token", "latency_prediction_error", b"latency_prediction_error", "model", b"model", "output_tokens_per_second", b"output_tokens_per_second", "p50_latency_ms", b"p50_latency_ms", "p95_latency_ms", b"p95_latency_ms", "p99_latency_ms", b"p99_latency_ms", "plan_latency_error", b"plan_latency_error", "plan_latency_error_p95", b"plan_latency_error_p95", "plan_latency_error_samples", b"plan_latency_error_samples", "provider", b"provider", "reason", b"reason", "regions", b"regions", "samples", b"samples", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelHealth: _TypeAlias = ModelHealth  # noqa: Y015
+
+@_typing.final
+class RegionLatency(_message.Message):
+    """The latency of one (provider, model) measured from one region: the outcomes reported by
+    the edges there. The fields mean what ModelHealth's of the same name mean, over these
+    outcomes only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    EWMA_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    EWMA_TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_BASE_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_PER_INPUT_TOKEN_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_PER_OUTPUT_TOKEN_FIELD_NUMBER: _builtins.int
+    LATENCY_PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
+    LATENCY_FIT_OUTPUT_REACH_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    samples: _builtins.int
+    """Successes with a total latency learned from (the fit's samples)."""
+    ewma_latency_ms: _builtins.float
+    ewma_time_to_first_token_ms: _builtins.float
+    latency_base_ms: _builtins.float
+    latency_ms_per_input_token: _builtins.float
+    latency_ms_per_output_token: _builtins.float
+    latency_prediction_error: _builtins.float
+    latency_fit_output_reach: _builtins.float
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        ewma_latency_ms: _builtins.float = ...,
+        ewma_time_to_first_token_ms: _builtins.float = ...,
+        latency_base_ms: _builtins.float = ...,
+        latency_ms_per_input_token: _builtins.float = ...,
+        latency_ms_per_output_token: _builtins.float = ...,
+        latency_prediction_error: _builtins.float = ...,
+        latency_fit_output_reach: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ewma_latency_ms", b"ewma_latency_ms", "ewma_time_to_first_token_ms", b"ewma_time_to_first_token_ms", "latency_base_ms", b"latency_base_ms", "latency_fit_output_reach", b"latency_fit_output_reach", "latency_ms_per_input_token", b"latency_ms_per_input_token", "latency_ms_per_output_token", b"latency_ms_per_output_token", "latency_prediction_error", b"latency_prediction_error", "region", b"region", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionLatency: _TypeAlias = RegionLatency  # noqa: Y015
 
 @_typing.final
 class HealthSnapshot(_message.Message):

@@ -503,6 +503,8 @@ class BudgetLease(_message.Message):
     SETTLE_BY_FIELD_NUMBER: _builtins.int
     LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     SPENT_MICROS_FIELD_NUMBER: _builtins.int
+    HELD_MICROS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     budget_id: _builtins.str
     amount_micros: _builtins.int
@@ -512,6 +514,12 @@ class BudgetLease(_message.Message):
     limit_micros: _builtins.int
     """The budget as the ledger saw it when granting, for the edge's refusal messages."""
     spent_micros: _builtins.int
+    held_micros: _builtins.int
+    epoch: _builtins.str
+    """The budget store's epoch the lease was granted in. A store that lost its holds (a ledger
+    restarted on the in-memory store, a Redis that lost its data) has a new epoch: the edge
+    then admits nothing more on leases of the old one.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """The edge may admit requests against the lease until then."""
@@ -534,10 +542,12 @@ class BudgetLease(_message.Message):
         settle_by: _timestamp_pb2.Timestamp | None = ...,
         limit_micros: _builtins.int = ...,
         spent_micros: _builtins.int = ...,
+        held_micros: _builtins.int = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "settle_by", b"settle_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "budget_id", b"budget_id", "enforcement", b"enforcement", "expires_at", b"expires_at", "lease_id", b"lease_id", "limit_micros", b"limit_micros", "settle_by", b"settle_by", "spent_micros", b"spent_micros", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "budget_id", b"budget_id", "enforcement", b"enforcement", "epoch", b"epoch", "expires_at", b"expires_at", "held_micros", b"held_micros", "lease_id", b"lease_id", "limit_micros", b"limit_micros", "settle_by", b"settle_by", "spent_micros", b"spent_micros", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,6 +597,9 @@ class LeaseBudgetResponse(_message.Message):
 
     LEASES_FIELD_NUMBER: _builtins.int
     BUDGET_IDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.str
+    """The budget store's epoch now (see `BudgetLease.epoch`)."""
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetLease]:
         """One lease per hard budget that applies to the scope (amount 0 when nothing is left);
@@ -602,10 +615,11 @@ class LeaseBudgetResponse(_message.Message):
         *,
         leases: _abc.Iterable[Global___BudgetLease] | None = ...,
         budget_ids: _abc.Iterable[_builtins.str] | None = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "epoch", b"epoch", "leases", b"leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,8 +737,13 @@ class WatchBudgetsResponse(_message.Message):
 
     BUDGETS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Rises with every change."""
+    epoch: _builtins.str
+    """The budget store's epoch now (see `BudgetLease.epoch`); a change is pushed at once on
+    the ledger that sees it, on other replicas within their next sweep.
+    """
     @_builtins.property
     def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Budget]:
         """Every budget, by id."""
@@ -734,10 +753,11 @@ class WatchBudgetsResponse(_message.Message):
         *,
         budgets: _abc.Iterable[Global___Budget] | None = ...,
         version: _builtins.int = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "epoch", b"epoch", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

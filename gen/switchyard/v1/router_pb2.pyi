@@ -439,6 +439,7 @@ class LatencyModel(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
     OUTPUT_REACH_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     provider: _builtins.str
     base_ms: _builtins.float
@@ -451,6 +452,11 @@ class LatencyModel(_message.Message):
     """Output tokens the fit has data for (see ModelHealth.latency_fit_output_reach); longer
     outputs are predicted at this size. 0: no limit known.
     """
+    region: _builtins.str
+    """The region the outcomes were measured from (AttemptOutcome.region); empty: every region
+    together. An edge in that region predicts on this model rather than the global one once
+    it has enough samples.
+    """
     def __init__(
         self,
         *,
@@ -462,10 +468,11 @@ class LatencyModel(_message.Message):
         samples: _builtins.int = ...,
         prediction_error: _builtins.float = ...,
         output_reach: _builtins.float = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ms", b"base_ms", "model", b"model", "ms_per_input_token", b"ms_per_input_token", "ms_per_output_token", b"ms_per_output_token", "output_reach", b"output_reach", "prediction_error", b"prediction_error", "provider", b"provider", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ms", b"base_ms", "model", b"model", "ms_per_input_token", b"ms_per_input_token", "ms_per_output_token", b"ms_per_output_token", "output_reach", b"output_reach", "prediction_error", b"prediction_error", "provider", b"provider", "region", b"region", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,7 +541,9 @@ class RoutingSnapshot(_message.Message):
         """Load-balancing weights per "provider/model" key."""
 
     @_builtins.property
-    def latency_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatencyModel]: ...
+    def latency_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatencyModel]:
+        """One per (provider, model) over every region, plus one per region that measured it."""
+
     @_builtins.property
     def settings(self) -> Global___RoutingSettings:
         """The router's settings that planning reads (for example the half-open trial share)."""
