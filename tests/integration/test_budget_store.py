@@ -467,7 +467,48 @@ async def test_concurrent_reserves_never_overdraw_a_hard_budget(store: BudgetSto
     await _race([store])
 
 
+# --- epochs ---------------------------------------------------------------------------------
+
+
+async def test_leases_carry_the_epoch_which_stays_while_the_store_keeps_its_holds(store: BudgetStore) -> None:
+    epoch = await store.epoch()
+    budget = ref(limit=1000)
+    granted = await store.lease("l1", budget, 100, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+    again = await store.lease("l1", budget, 100, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+    nothing = await store.lease("l2", budget, 5000, min_micros=5000, ttl_ms=TTL, now_ms=NOW)
+    assert (granted.granted_micros, nothing.granted_micros) == (100, 0)
+    assert epoch and granted.epoch == again.epoch == nothing.epoch == epoch
+    assert await store.epoch() == epoch
+
+
+async def test_a_new_memory_store_is_a_new_epoch() -> None:
+    # A ledger restarted on the in-memory store lost its leases' holds: its epoch says so.
+    assert await MemoryBudgetStore().epoch() != await MemoryBudgetStore().epoch()
+
+
 # --- Redis only -----------------------------------------------------------------------------
+
+
+async def test_the_redis_epoch_is_shared_and_changes_only_when_redis_lost_its_data(
+    redis_url: str, redis_client: Redis
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    first = RedisBudgetStore(redis_client, prefix=prefix)
+    # Another replica, or this ledger restarted: the same Redis, the same epoch.
+    second = RedisBudgetStore(open_redis(redis_url), prefix=prefix, owns_client=True)
+    try:
+        budget = ref(limit=1000)
+        granted = await first.lease("l1", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+        assert granted.granted_micros == 1000
+        assert await second.epoch() == granted.epoch == await first.epoch()
+        # Redis loses its data (here: this store's keys): the lease's hold is gone with it.
+        await redis_client.delete(*[key async for key in redis_client.scan_iter(match=prefix + "*")])
+        regranted = await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+        assert regranted.granted_micros == 1000  # the whole budget again: hence the new epoch
+        assert regranted.epoch != granted.epoch
+        assert await first.epoch() == regranted.epoch
+    finally:
+        await second.aclose()
 
 
 async def test_stores_on_separate_connections_share_one_budget(redis_url: str) -> None:
@@ -501,6 +542,8 @@ async def test_every_key_carries_a_ttl(redis_client: Redis) -> None:
     assert 39 * DAY < ttls[prefix + "r:req-1"] <= 40 * DAY
     assert SETTLED_RETENTION_MS - 60_000 < ttls[prefix + "r:req-2"] <= SETTLED_RETENTION_MS
     assert ttls[prefix + "h:l1"] > TTL
+    # The epoch outlives every lease granted in it.
+    assert ttls[prefix + "e"] >= ttls[prefix + "h:l1"] - 1000
 
 
 async def test_the_scripts_are_reloaded_after_a_script_flush(redis_client: Redis) -> None:

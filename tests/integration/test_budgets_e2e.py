@@ -9,6 +9,7 @@ case. Whatever the interleaving across the two edges' leases:
 * once the edges have stopped (returning their leases), nothing is left held.
 
 It runs twice: SQLite with the ledger's in-memory budget store, and PostgreSQL with Redis.
+A last test restarts the ledger (on the in-memory store) under an edge holding a lease.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import asyncio
 import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import pytest
 
 from switchyard.common.catalog import load_catalog
-from switchyard.common.errors import Reason, from_rpc_error
+from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
 from switchyard.common.ports import free_port
 from switchyard.common.sql import open_database
 from switchyard.ledger.pricing import estimate_cost
@@ -47,6 +49,10 @@ class BudgetMesh:
     edge_targets: tuple[str, str]
     database_url: str
     edges: Supervisor
+    ledger: Supervisor
+    # To start the ledger again, on the same port and state.
+    ledger_spec: ChildSpec
+    edges_log: Path
 
 
 @asynccontextmanager
@@ -63,15 +69,17 @@ async def _supervised(children: list[ChildSpec], log: Path) -> AsyncIterator[Sup
 
 @asynccontextmanager
 async def budget_mesh(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[BudgetMesh]:
-    """The OpenAI simulator and adapter, one ledger, and two edges, as real processes."""
+    """The OpenAI simulator and adapter, one ledger, and two edges, as real processes (the
+    ledger under a supervisor of its own, so a test can stop it and start it again)."""
     environ = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     plan = plan_mesh(load_catalog(None), free_ports=True, simulate=True, environ=environ)
     by_name = {c.name: c for c in plan.children}
     extra = {"SWITCHYARD_LOG_FORMAT": "json", "SWITCHYARD_SHUTDOWN_GRACE_S": "5", **env}
     backend = [
         dataclasses.replace(by_name[name], env={**by_name[name].env, **extra})
-        for name in ("sim-openai", "adapter-openai", "ledger")
+        for name in ("sim-openai", "adapter-openai")
     ]
+    ledger = dataclasses.replace(by_name["ledger"], env={**by_name["ledger"].env, **extra})
     edge = by_name["edge"]
     edges = []
     targets = []
@@ -90,8 +98,17 @@ async def budget_mesh(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Budg
     database_url = env.get("DATABASE_URL") or f"sqlite:///{env['SWITCHYARD_STATE_DIR']}/switchyard.db"
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(_supervised(backend, tmp_path / "backend.log"))
+        ledger_running = await stack.enter_async_context(_supervised([ledger], tmp_path / "ledger.log"))
         running = await stack.enter_async_context(_supervised(edges, tmp_path / "edges.log"))
-        yield BudgetMesh(f"127.0.0.1:{ledger_port}", (targets[0], targets[1]), database_url, running)
+        yield BudgetMesh(
+            f"127.0.0.1:{ledger_port}",
+            (targets[0], targets[1]),
+            database_url,
+            running,
+            ledger_running,
+            ledger,
+            tmp_path / "edges.log",
+        )
 
 
 def _request(index: int) -> common_pb2.ChatRequest:
@@ -103,11 +120,27 @@ def _request(index: int) -> common_pb2.ChatRequest:
     return request
 
 
-async def _run_budget_race(mesh: BudgetMesh, tmp_path: Path) -> None:
-    catalog = load_catalog(None)
-    model = catalog.model(MODEL)
+def _worst(request: common_pb2.ChatRequest) -> int:
+    model = load_catalog(None).model(MODEL)
     assert model is not None
-    worst = estimate_cost(_request(0), model, at=datetime.now(UTC)).worst_case_cost_micros
+    return estimate_cost(request, model, at=datetime.now(UTC)).worst_case_cost_micros
+
+
+def _assert_refusal_says(
+    error: SwitchyardError, budget_id: str, limit: int, request: common_pb2.ChatRequest
+) -> None:
+    """A refusal names the budget, its limit, what was spent and held of it (as the ledger last
+    saw it) and what the request asked for: its worst case."""
+    metadata = error.metadata
+    assert metadata["budget_id"] == budget_id
+    assert metadata["limit_micros"] == str(limit)
+    assert metadata["requested_micros"] == str(_worst(request))
+    spent, held = int(metadata["spent_micros"]), int(metadata["held_micros"])
+    assert spent >= 0 and held >= 0 and spent + held <= limit  # as the ledger granted: within
+
+
+async def _run_budget_race(mesh: BudgetMesh, tmp_path: Path) -> None:
+    worst = _worst(_request(0))
     limit = worst * 50
     async with grpc.aio.insecure_channel(mesh.ledger_target) as channel:
         ledger = ledger_pb2_grpc.CostLedgerServiceStub(channel)
@@ -141,7 +174,7 @@ async def _run_budget_race(mesh: BudgetMesh, tmp_path: Path) -> None:
                     error = from_rpc_error(exc)
                     if error.reason is Reason.BUDGET_EXCEEDED:
                         assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-                        assert error.metadata["budget_id"] == budget.budget_id
+                        _assert_refusal_says(error, budget.budget_id, limit, request)
                         refused.append(request.request_id)
                     else:
                         other.append(f"{error.code.name} {error.reason.value}: {error.message}")
@@ -197,3 +230,111 @@ async def test_two_edges_never_overrun_a_hard_budget_postgres_redis(tmp_path: Pa
                 await _run_budget_race(mesh, tmp_path)
     except PostgresUnavailable as exc:
         skip_or_fail(str(exc))
+
+
+async def _budget(ledger: ledger_pb2_grpc.CostLedgerServiceStub, budget_id: str) -> ledger_pb2.Budget:
+    listed: ledger_pb2.ListBudgetsResponse = await ledger.ListBudgets(
+        ledger_pb2.ListBudgetsRequest(tenant_id="default"), timeout=10
+    )
+    (found,) = [b for b in listed.budgets if b.budget_id == budget_id]
+    return found
+
+
+async def _until(
+    ledger: ledger_pb2_grpc.CostLedgerServiceStub, budget_id: str, check: Callable[[ledger_pb2.Budget], bool]
+) -> ledger_pb2.Budget:
+    for _ in range(200):
+        found = await _budget(ledger, budget_id)
+        if check(found):
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the budget never got there: {await _budget(ledger, budget_id)}")
+
+
+async def test_a_restarted_ledgers_new_epoch_retires_the_lease_an_edge_holds(tmp_path: Path) -> None:
+    """The ledger restarts on the in-memory store while edge A holds a lease. The holds behind
+    leases died with the old process; the restarted ledger rebuilds the spend from the rows and
+    would grant all the rest of the budget again -- here edge B takes it. Were A to go on
+    admitting on its old lease, the budget would be overrun by what that lease had left. The
+    new store epoch makes A retire the lease as soon as it hears from the restarted ledger.
+
+    Requests go one at a time and none is in flight across the restart, so nothing falls under
+    the epoch's one exception (spend admitted on an old lease that the new epoch's grants do
+    not know of): the committed spend never exceeds the limit.
+    """
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    numbers = iter(range(100, 1000))  # three digits: one token each, so every request costs alike at worst
+
+    def request() -> common_pb2.ChatRequest:
+        return _request(next(numbers))
+
+    per_request = _worst(request())
+    limit = 20 * per_request
+    async with budget_mesh(tmp_path, {"SWITCHYARD_STATE_DIR": str(state_dir)}) as mesh:
+        channels = [keyed_channel(t) for t in mesh.edge_targets]
+        try:
+            edge_a, edge_b = (gateway_pb2_grpc.GatewayServiceStub(c) for c in channels)
+            async with grpc.aio.insecure_channel(mesh.ledger_target) as channel:
+                ledger = ledger_pb2_grpc.CostLedgerServiceStub(channel)
+                budget = (
+                    await ledger.SetBudget(
+                        ledger_pb2.SetBudgetRequest(
+                            budget=ledger_pb2.Budget(
+                                scope=ledger_pb2.BudgetScope(tenant_id="default"),
+                                window=ledger_pb2.BUDGET_WINDOW_DAILY,
+                                enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+                                limit_micros=limit,
+                            ),
+                            actor="test",
+                        ),
+                        timeout=10,
+                    )
+                ).budget
+                before = sum([(await edge_a.Chat(request(), timeout=60)).cost_micros for _ in range(2)])
+                held = await _until(ledger, budget.budget_id, lambda b: b.spent_micros == before)
+                assert held.held_micros >= per_request  # A's lease has room for more requests
+
+            await mesh.ledger.stop(grace_s=10)
+            async with (
+                _supervised([mesh.ledger_spec], tmp_path / "ledger-restarted.log"),
+                grpc.aio.insecure_channel(mesh.ledger_target) as channel,
+            ):
+                ledger = ledger_pb2_grpc.CostLedgerServiceStub(channel)
+                # The spend, rebuilt from the rows; A's lease is unknown here.
+                restarted = await _until(ledger, budget.budget_id, lambda b: b.spent_micros == before)
+                assert restarted.held_micros == 0
+                for _ in range(200):
+                    if "budget_leases_retired" in mesh.edges_log.read_text(errors="replace"):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("edge A kept its lease of the lost epoch")
+
+                after = 0
+                for _ in range(100):  # B takes what the restarted ledger grants, until refused
+                    try:
+                        after += (await edge_b.Chat(request(), timeout=60)).cost_micros
+                    except grpc.aio.AioRpcError as exc:
+                        assert from_rpc_error(exc).reason is Reason.BUDGET_EXCEEDED
+                        break
+                else:
+                    raise AssertionError("edge B was never refused")
+                # A's old lease still had room; it admits nothing any more.
+                asked = request()
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await edge_a.Chat(asked, timeout=60)
+                error = from_rpc_error(caught.value)
+                assert (error.code, error.reason) == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Reason.BUDGET_EXCEEDED,
+                )
+                _assert_refusal_says(error, budget.budget_id, limit, asked)
+
+                await mesh.edges.stop(grace_s=10)  # sends what the outboxes hold
+                final = await _until(ledger, budget.budget_id, lambda b: b.spent_micros == before + after)
+                assert before + after <= limit
+                assert final.held_micros == 0
+        finally:
+            for channel_ in channels:
+                await channel_.close()

@@ -1015,6 +1015,78 @@ async def test_export_erase_and_estimate_accuracy(ledger: LedgerProcess) -> None
     assert model in {m.model for m in everything.models}
 
 
+# --- 8. estimates -----------------------------------------------------------------------------
+
+
+def estimate_chat(model: str = MODEL) -> common_pb2.ChatRequest:
+    # "tiktoken is great!" is 6 tokens in cl100k_base and o200k_base (OpenAI's cookbook).
+    text = common_pb2.ContentPart(text="tiktoken is great!")
+    return common_pb2.ChatRequest(
+        model=model,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, parts=[text])],
+        sampling=common_pb2.SamplingParams(max_output_tokens=1_000),
+    )
+
+
+async def test_estimate_prices_a_catalog_model(ledger: LedgerProcess) -> None:
+    stub = ledger.stub
+    reply = await stub.Estimate(ledger_pb2.EstimateRequest(request=estimate_chat()), timeout=10)
+    # 6 text tokens, "user" 1, 3 for the message and 3 priming the reply.
+    assert (reply.model, reply.input_tokens, reply.expected_output_tokens, reply.max_output_tokens) == (
+        MODEL,
+        13,
+        256,
+        1_000,
+    )
+    # $0.15 input and $0.60 output per 1M: 13 x 0.15 + 256 x 0.60 = 155.55, rounded half up.
+    assert reply.expected_cost_micros == 156
+    # The worst case: the 1,000-token cap x 0.60 = 600, plus 13 x 0.15 = 1.95 -> 602 when the
+    # model's own o200k counted; where it is not installed cl100k stands in, the whole count is a
+    # guess and the worst case takes a quarter more prompt: 17 x 0.15 = 2.55 -> 603.
+    if reply.encoding == "o200k_base":
+        assert (reply.approximate, reply.worst_case_cost_micros) == (False, 602)
+    else:
+        assert (reply.encoding, reply.approximate, reply.worst_case_cost_micros) == (
+            "cl100k_base~o200k_base",
+            True,
+            603,
+        )
+    # The model by alias, named in EstimateRequest.model over the request's own: the same answer.
+    aliased = await stub.Estimate(
+        ledger_pb2.EstimateRequest(request=estimate_chat("auto"), model="fast"), timeout=10
+    )
+    assert aliased == reply
+
+
+async def test_estimate_of_an_unknown_model_is_invalid_argument_and_writes_nothing(
+    ledger: LedgerProcess,
+) -> None:
+    stub = ledger.stub
+    everyone = gateway_pb2.GetUsageRequest()  # every tenant, this month
+
+    async def state() -> tuple[gateway_pb2.GetUsageResponse, ledger_pb2.ListBudgetAuditResponse]:
+        return (
+            await stub.GetUsage(everyone, timeout=10),
+            await stub.ListBudgetAudit(ledger_pb2.ListBudgetAuditRequest(page_size=1), timeout=10),
+        )
+
+    before = await state()
+    for request, field_path in (
+        (ledger_pb2.EstimateRequest(request=estimate_chat(), model="acme/unknown"), "model"),
+        (ledger_pb2.EstimateRequest(request=estimate_chat("acme/unknown")), "request.model"),
+    ):
+        error = await rpc_error(stub.Estimate(request, timeout=10))
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST)
+        assert (error.metadata["field"], error.metadata["model"]) == (field_path, "acme/unknown")
+    error = await rpc_error(stub.Estimate(ledger_pb2.EstimateRequest(request=estimate_chat("")), timeout=10))
+    assert (error.code, error.reason, error.metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_REQUEST,
+        "model",
+    )
+    assert await state() == before
+
+
 # --- sharing: two replicas on one PostgreSQL and one Redis -----------------------------------
 
 

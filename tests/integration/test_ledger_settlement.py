@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from switchyard.common.catalog import load_catalog
+from switchyard.common.catalog import load_catalog, parse_catalog
 from switchyard.common.sql import open_database
 from switchyard.ledger import service as ledger_service
 from switchyard.ledger.alerts import AlertCenter
@@ -160,3 +160,56 @@ async def test_a_retried_commit_completes_a_settlement_a_crash_cut_short(
     (again,) = await service.commit_many([first])
     assert again.duplicate and again.charged_micros == 123_456
     assert await spent(service, budget) == 123_456
+
+
+PRICE_CHANGE_CATALOG = """\
+providers:
+  openai: {{vendor: openai, base_url: https://api.openai.com/v1}}
+models:
+  - id: openai/repriced
+    provider: openai
+    upstream_model: repriced
+    context_window: 128000
+    max_output_tokens: 16384
+    prices: {{input: "1", output: "2"}}
+    price_changes:
+      - effective_from: "{change}"
+        prices: {{input: "3", output: "4"}}
+"""
+
+
+async def test_a_commit_is_priced_when_its_request_finished_not_when_it_arrived(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    service, _ = ledger
+    # The price rose an hour ago; commits of requests that finished before that arrive only now
+    # (an edge's outbox, a ledger outage) and are still charged the old price.
+    change = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    service.catalog = parse_catalog(PRICE_CHANGE_CATALOG.format(change=change.isoformat()))
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+
+    def finished(request_id: str, at: datetime | None) -> ledger_pb2.CommitRequest:
+        request = commit(tenant, request_id)
+        request.record.model = "openai/repriced"
+        if at is None:
+            request.record.ClearField("finished_at")
+        else:
+            request.record.finished_at.FromDatetime(at)
+        return request
+
+    commits = [
+        finished("req-before", change - timedelta(hours=1)),
+        finished("req-just-before", change - timedelta(milliseconds=1)),
+        finished("req-at", change),
+        finished("req-after", change + timedelta(minutes=30)),
+        finished("req-undated", None),  # no finish time: priced as of its arrival
+    ]
+    results = await service.commit_many(commits)
+    # 1M input + 100k output: $1 and $2 per 1M before the change, $3 and $4 from it.
+    old, new = 1_000_000 + 200_000, 3_000_000 + 400_000
+    assert [r.charged_micros for r in results] == [old, old, new, new, new]
+    stored = await service.history.charged([c.record.request_id for c in commits])
+    assert [stored[c.record.request_id][0] for c in commits] == [old, old, new, new, new]
+    # A retry of the old request, later still, answers with what it was charged.
+    (retry,) = await service.commit_many([commits[0]])
+    assert retry.duplicate and retry.charged_micros == old

@@ -864,6 +864,122 @@ async def test_a_configured_erasure_key_hashes_erasures(database: Database) -> N
         await LedgerStore.open(database, erasure_key=b"short")
 
 
+async def end_users(database: Database, tenant: str) -> dict[str, str]:
+    rows = await database.fetch_all(
+        "SELECT request_id, end_user FROM ledger_usage WHERE tenant_id = ?", (tenant,)
+    )
+    return {str(row["request_id"]): str(row["end_user"]) for row in rows}
+
+
+async def test_a_late_commit_of_an_erased_end_user_is_stored_anonymised(
+    store: LedgerStore, database: Database
+) -> None:
+    tenant, other = unique("acme"), unique("globex")
+    person = unique("jane.doe@example.com")
+    assert await store.record(
+        usage_record(f"{tenant}-early", tenant, finished_ms=5_000, end_user=person), 1, recorded_at_ms=5_000
+    )
+    await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=10_000)
+
+    # An edge's outbox delivers after the erasure: requests that finished by then lose the end
+    # user, as the erasure left the person's other rows; one that finished after it keeps it,
+    # as do other users and the same id in another tenant.
+    late = [
+        (usage_record(f"{tenant}-before", tenant, finished_ms=9_999, end_user=person), 1),
+        (usage_record(f"{tenant}-at", tenant, finished_ms=10_000, end_user=person), 1),
+        (usage_record(f"{tenant}-after", tenant, finished_ms=10_001, end_user=person), 1),
+        (usage_record(f"{tenant}-else", tenant, finished_ms=9_000, end_user="someone-else"), 1),
+        (usage_record(f"{tenant}-nobody", tenant, finished_ms=9_000), 1),
+        (usage_record(f"{other}-same", other, finished_ms=9_000, end_user=person), 1),
+    ]
+    assert await store.record_many(late, recorded_at_ms=20_000) == [True] * len(late)
+    assert await store.record(
+        usage_record(f"{tenant}-single", tenant, finished_ms=8_000, end_user=person), 1, recorded_at_ms=20_000
+    )
+    assert await end_users(database, tenant) == {
+        f"{tenant}-early": "",
+        f"{tenant}-before": "",
+        f"{tenant}-at": "",
+        f"{tenant}-after": person,
+        f"{tenant}-else": "someone-else",
+        f"{tenant}-nobody": "",
+        f"{tenant}-single": "",
+    }
+    assert await end_users(database, other) == {f"{other}-same": person}
+
+    # Erased again later: the time moves on, so the row after the first erasure goes now and a
+    # late one from before the second follows it. A replica whose clock is behind cannot move
+    # the time back.
+    again = await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=30_000)
+    assert again.rows == 1
+    await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=15_000)
+    assert await store.record(
+        usage_record(f"{tenant}-late2", tenant, finished_ms=29_000, end_user=person), 1, recorded_at_ms=40_000
+    )
+    assert await store.record(
+        usage_record(f"{tenant}-new", tenant, finished_ms=30_001, end_user=person), 1, recorded_at_ms=40_000
+    )
+    found = await end_users(database, tenant)
+    assert (found[f"{tenant}-after"], found[f"{tenant}-late2"], found[f"{tenant}-new"]) == ("", "", person)
+    # The erasures table keeps the keyed digest only, never the id.
+    stored = await database.fetch_all("SELECT * FROM ledger_erasures")
+    assert person not in json.dumps([dict(row) for row in stored], default=str)
+
+
+async def test_commits_racing_an_erasure_never_keep_the_end_user(
+    store: LedgerStore, database: Database
+) -> None:
+    tenant, person = unique("acme"), unique("racer")
+    erased_at = 50_000
+    # Every request finished before the erasure, whichever of the commit and the erasure wins.
+    commits = [
+        store.record(
+            usage_record(f"{tenant}-{i}", tenant, finished_ms=erased_at - i, end_user=person),
+            1,
+            recorded_at_ms=erased_at,
+        )
+        for i in range(30)
+    ]
+    erasure = store.erase_end_user(tenant, person, actor="admin@acme", now_ms=erased_at)
+    await asyncio.gather(*commits[:15], erasure, *commits[15:])
+    found = await end_users(database, tenant)
+    assert len(found) == 30 and set(found.values()) == {""}
+
+
+async def test_erasures_audited_before_the_erasures_table_are_remembered(
+    database_url: str, tmp_path: Path
+) -> None:
+    """An erasure made by a release without `ledger_erasures` is carried over from its audit entry."""
+    key = b"e" * 32
+    tenant, person = unique("acme"), unique("jane")
+    digest = hmac.new(key, json.dumps([tenant, person], separators=(",", ":")).encode(), hashlib.sha256)
+
+    async def check(url: str) -> None:
+        database = await open_database(url)
+        try:
+            await database.migrate(COMPONENT, MIGRATIONS[:6])
+            await database.execute(
+                "INSERT INTO ledger_budget_audit (budget_id, tenant_id, actor, at_ms, action, detail)"
+                " VALUES ('', ?, 'admin@acme', 10000, 'erase_end_user', ?)",
+                (tenant, json.dumps({"tenant_id": tenant, "end_user_hmac_sha256": digest.hexdigest()})),
+            )
+            store = await LedgerStore.open(database, erasure_key=key)
+            late = [
+                (usage_record(f"{tenant}-before", tenant, finished_ms=9_000, end_user=person), 1),
+                (usage_record(f"{tenant}-after", tenant, finished_ms=11_000, end_user=person), 1),
+            ]
+            assert await store.record_many(late, recorded_at_ms=20_000) == [True, True]
+            assert await end_users(database, tenant) == {f"{tenant}-before": "", f"{tenant}-after": person}
+        finally:
+            await database.close()
+
+    if database_url.startswith("sqlite"):
+        await check(f"sqlite:///{tmp_path / 'old' / 'ledger.db'}")
+    else:
+        async with fresh_postgres_database("switchyard_ledger_upgrade") as url:
+            await check(url)
+
+
 # --- budgets and their audit log ----------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -17,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from switchyard.common.catalog import load_catalog
 from switchyard.common.errors import Reason, from_rpc_error
 from switchyard.common.money import TokenCounts, cost_micros
+from switchyard.ledger.pricing import estimate_cost
 from switchyard.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -425,3 +428,87 @@ async def test_a_budget_change_is_pushed_to_the_edge(mesh: Mesh, openai_sim: Sim
     )
     deleted = await until(False)
     print(f"budget made reached the edge in {made * 1000:.0f} ms, deleted in {deleted * 1000:.0f} ms")
+
+
+async def test_a_lowered_limit_binds_an_edge_that_holds_a_lease(mesh: Mesh, openai_sim: SimControl) -> None:
+    """A hard limit is lowered below what the lease an edge holds still allows: what the edge
+    admits from then on fits in what the new limit leaves, and beyond it requests are refused.
+
+    The invariant asserted: spend admitted before the change (S0) stands as admitted, and the
+    total committed never exceeds max(new limit, S0) -- here the new limit, set above S0. It
+    holds because the ledger grants only while spent + held + grant <= the limit, the old
+    lease stays held until the edge returns it (so S0 is counted, committed or not), and the
+    edge admits nothing on a lease of an older budget version. Between the change and the edge
+    hearing of it (a push, milliseconds), the edge cannot know and may still admit on the old
+    lease; such requests count as admitted before the change, so the test waits for the edge to
+    give the old lease back before it sends more.
+    """
+    ledger = ledger_pb2_grpc.CostLedgerServiceStub(grpc.aio.insecure_channel(mesh.target("ledger")))
+    model = load_catalog(None).model("openai/gpt-4o-mini")
+    assert model is not None
+    end_user = f"user-{uuid.uuid4().hex[:8]}"
+    numbers = iter(range(100, 1000))  # three digits: one token each, so every request costs alike at worst
+
+    def request() -> common_pb2.ChatRequest:
+        asked = chat_request(f"lowered limit question {next(numbers)}, briefly")
+        asked.metadata.end_user = end_user
+        asked.sampling.max_output_tokens = 64
+        return asked
+
+    def worst(asked: common_pb2.ChatRequest) -> int:
+        return estimate_cost(asked, model, at=datetime.now(UTC)).worst_case_cost_micros
+
+    async def state() -> ledger_pb2.Budget:
+        listed: ledger_pb2.ListBudgetsResponse = await ledger.ListBudgets(
+            ledger_pb2.ListBudgetsRequest(tenant_id="default"), timeout=10
+        )
+        (found,) = [b for b in listed.budgets if b.budget_id == wanted.budget_id]
+        return found
+
+    async def until(check: Callable[[ledger_pb2.Budget], bool], what: str) -> ledger_pb2.Budget:
+        for _ in range(200):
+            found = await state()
+            if check(found):
+                return found
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"{what}: {await state()}")
+
+    per_request = worst(request())
+    wanted = ledger_pb2.Budget(
+        budget_id=f"default:{end_user}:lowered",
+        scope=ledger_pb2.BudgetScope(tenant_id="default", end_user=end_user),
+        window=ledger_pb2.BUDGET_WINDOW_DAILY,
+        enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+        limit_micros=100 * per_request,
+    )
+    await ledger.SetBudget(ledger_pb2.SetBudgetRequest(budget=wanted, actor="test"), timeout=10)
+    before = [await mesh.gateway().Chat(request(), timeout=30) for _ in range(2)]
+    spent_before = sum(r.cost_micros for r in before)
+    held = await until(lambda b: b.spent_micros == spent_before, "the commits did not arrive")
+    new_limit = spent_before + 3 * per_request
+    # The edge's lease allows more than the new limit will leave: it must not be used for that.
+    assert held.held_micros > new_limit - spent_before
+
+    wanted.limit_micros = new_limit
+    await ledger.SetBudget(ledger_pb2.SetBudgetRequest(budget=wanted, actor="test"), timeout=10)
+    await until(lambda b: b.held_micros == 0, "the edge did not give its stale lease back")
+    after: list[int] = []
+    refusal = None
+    for _ in range(50):
+        asked = request()
+        try:
+            after.append((await mesh.gateway().Chat(asked, timeout=30)).cost_micros)
+        except grpc.aio.AioRpcError as exc:
+            refusal = from_rpc_error(exc)
+            break
+    assert refusal is not None, "requests beyond the new limit were admitted"
+    assert (refusal.code, refusal.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.BUDGET_EXCEEDED)
+    assert refusal.metadata["budget_id"] == wanted.budget_id
+    assert refusal.metadata["limit_micros"] == str(new_limit)
+    assert refusal.metadata["requested_micros"] == str(worst(asked))
+    assert after, "the new limit left room for requests"
+    final = await until(lambda b: b.spent_micros == spent_before + sum(after), "the commits did not arrive")
+    assert final.spent_micros <= new_limit
+    await ledger.DeleteBudget(
+        ledger_pb2.DeleteBudgetRequest(budget_id=wanted.budget_id, actor="test"), timeout=10
+    )

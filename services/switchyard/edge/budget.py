@@ -21,8 +21,20 @@ grant, the edge first gives back its own idle leases and asks once more, then re
 After the request, its actual cost is drawn from the leases it held (the ledger does the
 same when the commit arrives, naming the lease ids), and the rest of the hold is freed.
 A lease that expired or was made stale by a budget change admits nothing more; once its
-last request settles, what is left of it is returned. An edge that dies returns nothing:
-the ledger takes its leases back at their `settle_by`.
+last request settles, what is left of it is returned. A grant that arrives already stale
+(decided before a change this edge has been told of, say a limit lowered while the grant was
+on its way) is given back at once, unused, and asked for again. An edge that dies returns
+nothing: the ledger takes its leases back at their `settle_by`.
+
+Epochs. A lease is only as good as the hold the ledger keeps for it, and those holds are lost
+when the budget store loses its state (a ledger restarted on the in-memory store, a Redis that
+lost its data): the ledger would then grant the whole budget again. So every lease names the
+store epoch it was granted in, and every pushed directory and lease answer names the epoch now;
+as soon as the edge sees a new epoch, its leases of older ones admit nothing more (requests
+already admitted on them finish and commit as usual; the ledger records their spend). What was
+admitted on old leases -- before the loss, or after it but before this edge heard of the new
+epoch, which it cannot do sooner -- is the one exception to the invariant below: the new
+epoch's grants do not know of it.
 
 Invariant (the ledger's): the sum of outstanding leases plus committed spend never exceeds a
 hard budget; the edge never holds more than a lease has, so it never overruns one.
@@ -59,6 +71,9 @@ LEASE_SECONDS: Final = 10.0
 REFILL_BELOW: Final = 0.5
 # Half-life of the spend-rate average, in seconds.
 RATE_HALF_LIFE_S: Final = 5.0
+# Asks for a lease that may come back stale before giving up (a ledger replica behind the
+# directory this edge has catches up within its next sweep).
+STALE_ASKS: Final = 3
 _MAX_MEMO: Final = 50_000
 
 
@@ -101,6 +116,7 @@ class _Lease:
     granted: int
     version: int
     expires_at: float  # wall clock, seconds
+    epoch: str = ""
     used: int = 0
     inflight: int = 0
     admitting: bool = True
@@ -126,6 +142,7 @@ class _BudgetState:
     rate_at: float = 0.0
     last_limit: int = 0
     last_spent: int = 0
+    last_held: int = 0
 
 
 @dataclass(slots=True)
@@ -156,12 +173,14 @@ class LeaseBook:
         call_timeout_s: float = 2.0,
         directory_refresh_s: float = DIRECTORY_REFRESH_S,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
         self._holder_id = holder_id
         self._timeout = call_timeout_s
         self._refresh_s = directory_refresh_s
         self._clock = clock
+        self._monotonic = monotonic
         self._directory: dict[str, ledger_pb2.Budget] | None = None
         self._loaded_at = 0.0
         self._memo: dict[ScopeKey, tuple[str, ...]] = {}
@@ -173,6 +192,9 @@ class LeaseBook:
         # True while the ledger pushes the directory (WatchBudgets): no polling then.
         self.watching = False
         self._pushed_version = 0
+        # The budget store's epoch as last heard, and the ones before it (never current again).
+        self._epoch = ""
+        self._old_epochs: set[str] = set()
 
     # --- the directory -----------------------------------------------------------------
 
@@ -186,7 +208,7 @@ class LeaseBook:
                     ledger_pb2.ListBudgetsRequest(page_size=1000, page_token=token), timeout=self._timeout
                 )
             except grpc.aio.AioRpcError as exc:
-                raise _unavailable(from_rpc_error(exc)) from None
+                raise _unavailable(from_rpc_error(exc).reason.value) from None
             for budget in page.budgets:
                 budgets[budget.budget_id] = budget
             token = page.next_page_token
@@ -197,7 +219,7 @@ class LeaseBook:
     def _apply_directory(self, budgets: dict[str, ledger_pb2.Budget]) -> None:
         """Use `budgets` from now on: leases of budgets gone, turned soft or changed retire."""
         self._directory = budgets
-        self._loaded_at = time.monotonic()
+        self._loaded_at = self._monotonic()
         self._memo.clear()
         for budget_id, state in list(self._states.items()):
             fresh = budgets.get(budget_id)
@@ -217,7 +239,7 @@ class LeaseBook:
                     await self.load_directory()
         elif (
             not self.watching
-            and time.monotonic() - self._loaded_at > self._refresh_s
+            and self._monotonic() - self._loaded_at > self._refresh_s
             and (self._reload is None or self._reload.done())
         ):
             self._reload = self._spawn(self._reload_quietly())
@@ -241,6 +263,7 @@ class LeaseBook:
                     if not self.watching and failures:
                         log.info("budget_watch_resumed", version=response.version)
                     self.watching, failures = True, 0
+                    self._note_epoch(response.epoch)
                     if response.version != self._pushed_version:  # else a heartbeat
                         self._pushed_version = response.version
                         self._apply_directory({b.budget_id: b for b in response.budgets})
@@ -260,7 +283,7 @@ class LeaseBook:
         except SwitchyardError as exc:
             # Keep serving on the last directory and leases (DESIGN.md); say so in the log.
             log.warning("budget_directory_stale", reason=exc.reason.value)
-            self._loaded_at = time.monotonic()
+            self._loaded_at = self._monotonic()
 
     def hard_budgets(self, directory: dict[str, ledger_pb2.Budget], key: ScopeKey) -> tuple[str, ...]:
         """The hard budgets that apply to a request scope (memoised per scope)."""
@@ -368,7 +391,12 @@ class LeaseBook:
     async def _acquire(
         self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int
     ) -> _Lease | None:
-        """Ask the ledger for a lease on this budget; the new one joins this edge's leases."""
+        """Ask the ledger for a lease on this budget; the new one joins this edge's leases.
+
+        A grant that is stale on arrival (an older budget version or store epoch than this edge
+        already knows) is returned unused and asked for again: admitting on it could overrun
+        the budget as it is now. Raises DEPENDENCY_UNAVAILABLE when every ask came back stale.
+        """
         wanted = max(amount * LEASE_REQUESTS, int(state.rate * LEASE_SECONDS), amount)
         request = ledger_pb2.LeaseBudgetRequest(
             holder_id=self._holder_id,
@@ -377,15 +405,14 @@ class LeaseBook:
             budget_ids=[state.budget.budget_id],
             min_micros=amount,
         )
-        try:
-            response = await self._ledger.LeaseBudget(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(from_rpc_error(exc)) from None
-        for granted in response.leases:
-            if granted.budget_id != state.budget.budget_id:
-                continue
-            state.last_limit, state.last_spent = granted.limit_micros, granted.spent_micros
-            if granted.amount_micros <= 0 or not granted.lease_id:
+        for _ in range(STALE_ASKS):
+            try:
+                response = await self._ledger.LeaseBudget(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise _unavailable(from_rpc_error(exc).reason.value) from None
+            self._note_epoch(response.epoch)
+            granted = next((g for g in response.leases if g.budget_id == state.budget.budget_id), None)
+            if granted is None:
                 return None
             lease = _Lease(
                 lease_id=granted.lease_id,
@@ -393,10 +420,21 @@ class LeaseBook:
                 granted=granted.amount_micros,
                 version=granted.version,
                 expires_at=granted.expires_at.ToSeconds() + granted.expires_at.nanos / 1e9,
+                epoch=granted.epoch,
             )
+            # Read after the await: a push may have changed the budget while the call was out.
+            if granted.version < state.budget.version or (granted.epoch and granted.epoch != self._epoch):
+                if lease.granted > 0 and lease.lease_id:
+                    await self._return(lease)
+                continue
+            state.last_limit, state.last_spent = granted.limit_micros, granted.spent_micros
+            state.last_held = granted.held_micros
+            if lease.granted <= 0 or not lease.lease_id:
+                return None
             state.leases.append(lease)
             return lease
-        return None
+        log.warning("budget_lease_stale", budget_id=state.budget.budget_id, asks=STALE_ASKS)
+        raise _unavailable("STALE_LEASE", "the cost ledger's budgets are behind this edge's")
 
     async def _refill(
         self, state: _BudgetState, scope: ledger_pb2.BudgetScope, amount: int, *, quiet: bool
@@ -419,8 +457,25 @@ class LeaseBook:
             await self._return(lease)
         return bool(idle)
 
+    def _note_epoch(self, epoch: str) -> None:
+        """Follow the budget store's epoch (module docstring): on a new one, leases of older
+        epochs admit nothing more. An epoch this edge has left is old news, never current again."""
+        if not epoch or epoch == self._epoch or epoch in self._old_epochs:
+            return
+        if self._epoch:
+            self._old_epochs.add(self._epoch)
+        self._epoch = epoch
+        retired = 0
+        for state in self._states.values():
+            for lease in list(state.leases):
+                if lease.epoch != epoch:
+                    self._retire(state, lease)
+                    retired += 1
+        if retired:
+            log.warning("budget_leases_retired", cause="store_epoch", leases=retired)
+
     def _note_spend(self, state: _BudgetState, amount: int) -> None:
-        now = time.monotonic()
+        now = self._monotonic()
         if state.rate_at:
             decay = 0.5 ** ((now - state.rate_at) / RATE_HALF_LIFE_S)
             state.rate = state.rate * decay + amount * (1 - decay) / max(now - state.rate_at, 1e-3)
@@ -497,28 +552,30 @@ class LeaseBook:
 
 
 def _budget_exceeded(state: _BudgetState, amount: int) -> SwitchyardError:
+    """The refusal, with the budget as the ledger last saw it (the same metadata as its own)."""
     budget = state.budget
     limit = state.last_limit or budget.limit_micros
     return SwitchyardError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         Reason.BUDGET_EXCEEDED,
-        f"budget {budget.budget_id} cannot cover this request: its worst case is {format_usd(amount)} "
-        f"and {format_usd(max(0, limit - state.last_spent))} of {format_usd(limit)} is left unspent "
-        "(some of it may be held by requests in flight)",
+        f"budget {budget.budget_id} cannot cover this request: its worst case is {format_usd(amount)}, "
+        f"and {format_usd(state.last_spent)} of {format_usd(limit)} is spent and "
+        f"{format_usd(state.last_held)} held for requests in flight",
         metadata={
             "budget_id": budget.budget_id,
             "limit_micros": str(limit),
             "spent_micros": str(state.last_spent),
+            "held_micros": str(state.last_held),
             "requested_micros": str(amount),
         },
     )
 
 
-def _unavailable(cause: SwitchyardError) -> SwitchyardError:
+def _unavailable(cause: str, why: str = "the cost ledger is unreachable") -> SwitchyardError:
     return SwitchyardError(
         grpc.StatusCode.UNAVAILABLE,
         Reason.DEPENDENCY_UNAVAILABLE,
-        "budgets cannot be checked: the cost ledger is unreachable",
-        metadata={"dependency": "cost-ledger", "cause": cause.reason.value},
+        f"budgets cannot be checked: {why}",
+        metadata={"dependency": "cost-ledger", "cause": cause},
         retry_after_s=1.0,
     )

@@ -38,6 +38,12 @@ at most `LAZY_EXPIRY_PER_COUNTER` per counter, at the start of `reserve`, `lease
 their `expires_at_ms` (at least `MIN_KEY_TTL_MS` after their last write), settled request ids
 as above, so nothing accumulates forever.
 
+Epoch. Every store has an epoch id that changes only when the store lost its holds: the
+memory backend draws a random one at each process start, the Redis backend keeps one in Redis
+(`SET NX`, so a new one appears only once Redis lost its data). Each lease is granted in the
+current epoch and says so; an edge holding leases of an older epoch admits nothing more on them,
+since the holds that backed them are gone and the budget may be granted again in full.
+
 Failure. Budgets are money: the Redis backend never falls back to local counters. It raises
 `BudgetStoreUnavailable`, and the caller refuses or retries (every call but `return_lease` is
 safe to retry, even after a timeout whose script may have run).
@@ -46,6 +52,7 @@ safe to retry, even after a timeout whose script may have run).
 from __future__ import annotations
 
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -153,13 +160,15 @@ class Grant:
     """What `lease` granted: 0 means no lease was created (and `expires_at_ms` is 0).
 
     `counter` is the budget after granting. Asking again for a live lease id returns its
-    original grant and expiry (the current counter) and creates nothing.
+    original grant and expiry (the current counter) and creates nothing. `epoch` is the
+    store's epoch the grant was decided in.
     """
 
     lease_id: str
     granted_micros: int
     expires_at_ms: int
     counter: Counter
+    epoch: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +402,10 @@ class BudgetStore(ABC):
         """The budget's counter now (expired holds on it freed first); zeros if it has none."""
         return await self._counter(budget, now_ms)
 
+    async def epoch(self) -> str:
+        """The store's epoch now: it changes only when the store lost its holds (module docstring)."""
+        return await self._epoch()
+
     async def set_spent(self, budget: BudgetRef, spent_micros: int, *, now_ms: int | None = None) -> None:
         """Overwrite the committed spend (reconciliation from SQL at ledger start); `held` is kept.
 
@@ -451,6 +464,9 @@ class BudgetStore(ABC):
     @abstractmethod
     async def _forget(self, budget_ids: tuple[str, ...]) -> int: ...
 
+    @abstractmethod
+    async def _epoch(self) -> str: ...
+
 
 @dataclass(slots=True)
 class _MemCounter:
@@ -484,6 +500,8 @@ class MemoryBudgetStore(BudgetStore):
     """
 
     def __init__(self) -> None:
+        # Everything this store holds dies with the process: a new process is a new epoch.
+        self._epoch_id = uuid.uuid4().hex
         self._counters: dict[tuple[str, str], _MemCounter] = {}
         self._holds: dict[str, _MemHold] = {}
         self._settled: dict[str, _MemSettled] = {}
@@ -595,15 +613,15 @@ class MemoryBudgetStore(BudgetStore):
                 raise HoldConflict("the lease id names a live reservation")
             if existing.expires_at > now_ms:
                 counter = self._snapshot(budget.key, now_ms)
-                return Grant(lease_id, existing.granted, existing.expires_at, counter)
+                return Grant(lease_id, existing.granted, existing.expires_at, counter, self._epoch_id)
             self._free(lease_id)
         before = self._snapshot(budget.key, now_ms)
         grant = lease_grant(budget, before, wanted, min_micros, max_share)
         if grant == 0:
-            return Grant(lease_id, 0, 0, before)
+            return Grant(lease_id, 0, 0, before, self._epoch_id)
         expires_at = now_ms + ttl_ms
         self._add_hold(lease_id, LEASE, (budget,), grant, expires_at, now_ms)
-        return Grant(lease_id, grant, expires_at, self._snapshot(budget.key, now_ms))
+        return Grant(lease_id, grant, expires_at, self._snapshot(budget.key, now_ms), self._epoch_id)
 
     async def _settle(
         self,
@@ -673,6 +691,9 @@ class MemoryBudgetStore(BudgetStore):
         for key in gone:
             del self._counters[key]
         return len(gone)
+
+    async def _epoch(self) -> str:
+        return self._epoch_id
 
     async def aclose(self) -> None:
         """Nothing to release."""

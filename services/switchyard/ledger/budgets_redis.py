@@ -15,7 +15,10 @@ id>:<window key>`, unambiguous whatever the ids contain):
 - `h:ID`  hash `k` ('r' reservation / 'l' lease), `rem`, `exp`, `g` (granted), `cs` (JSON list
           of its counters' suffixes): one hold; kept while its counters may live;
 - `x`     zset hold id -> expiry: every live hold, for `expire()`;
-- `r:ID`  the amount charged for a settled request id; kept per `settled_ttl_ms`.
+- `r:ID`  the amount charged for a settled request id; kept per `settled_ttl_ms`;
+- `e`     the store's epoch: created with `SET NX` by the first script that needs it, so a
+          new one appears only when Redis lost its data; kept as long as any lease granted in
+          it (and a day after the last read), so it never lapses under a live lease.
 
 The scripts reach holds and counters they discover (through `x`, `i:S` and `cs`) by building
 their names from the prefix, so under Redis Cluster the prefix must carry a hash tag
@@ -29,6 +32,7 @@ since two replicas counting apart could overspend.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -41,6 +45,7 @@ from redis.exceptions import RedisError
 from switchyard.ledger.budgets import (
     DEFAULT_PREFIX,
     LAZY_EXPIRY_PER_COUNTER,
+    MIN_KEY_TTL_MS,
     BudgetRef,
     BudgetStore,
     BudgetStoreUnavailable,
@@ -52,6 +57,7 @@ from switchyard.ledger.budgets import (
     counter_ttl_ms,
     hold_ttl_ms,
     settled_ttl_ms,
+    wall_clock_ms,
 )
 
 __all__ = ["RedisBudgetStore", "counter_suffix"]
@@ -115,6 +121,13 @@ local function touch(ck, ik, ttl)
   redis.call('PEXPIRE', ck, ttl)
   redis.call('PEXPIRE', ik, ttl)
 end
+-- The store's epoch, created from `candidate` when missing, kept at least `ttl` ms from now.
+local function epoch(candidate, ttl)
+  local ek = prefix .. 'e'
+  redis.call('SET', ek, candidate, 'NX')
+  if redis.call('PTTL', ek) < ttl then redis.call('PEXPIRE', ek, ttl) end
+  return redis.call('GET', ek)
+end
 local function add_hold(hk, hid, kind, amount, exp, hold_ttl, sfxs)
   redis.call('HSET', hk, 'k', kind, 'rem', fmt(amount), 'exp', fmt(exp), 'g', fmt(amount),
     'cs', cjson.encode(sfxs))
@@ -162,11 +175,11 @@ return {1, exp}
 """
 )
 
-# KEYS: hold, x, c:S, i:S.
+# KEYS: hold, x, c:S, i:S, e.
 # ARGV: prefix, now, lease id, wanted, min, ttl, hold key ttl, suffix, limit, hard, counter ttl,
-#       share numerator, share denominator (0: no share).
-# Returns {status, granted, expires, spent, held}: status 1 granted, 2 the live lease of that id,
-# 0 nothing granted; {-1} when the id names a reservation. Mirrors `lease_grant`.
+#       share numerator, share denominator (0: no share), a new epoch (used if there is none).
+# Returns {status, granted, expires, spent, held, epoch}: status 1 granted, 2 the live lease of
+# that id, 0 nothing granted; {-1} when the id names a reservation. Mirrors `lease_grant`.
 _LEASE: Final = (
     _PRELUDE
     + """
@@ -177,11 +190,13 @@ local snum, sden = tonumber(ARGV[12]), tonumber(ARGV[13])
 local ck, ik = KEYS[3], KEYS[4]
 expire_counter(sfx)
 local h = redis.call('HMGET', KEYS[1], 'k', 'exp', 'g')
+if h[1] and h[1] ~= 'l' then return {-1} end
+-- The epoch outlives every lease granted in it: the hold's record outlives the hold.
+local ep = epoch(ARGV[14], tonumber(hold_ttl))
 if h[1] then
-  if h[1] ~= 'l' then return {-1} end
   if tonumber(h[2]) > now then
     local c = redis.call('HMGET', ck, 'spent', 'held')
-    return {2, tonumber(h[3]), tonumber(h[2]), num(c[1]), num(c[2])}
+    return {2, tonumber(h[3]), tonumber(h[2]), num(c[1]), num(c[2]), ep}
   end
   free_hold(lid)
 end
@@ -201,13 +216,13 @@ if hard == '1' then
   if grant > cap then grant = cap end
   if minm > 0 then grant = grant - (grant % minm) end
 end
-if grant <= 0 or grant < minm then return {0, 0, 0, spent, held} end
+if grant <= 0 or grant < minm then return {0, 0, 0, spent, held, ep} end
 local exp = now + ttl
 redis.call('ZADD', ik, fmt(exp), lid)
 touch(ck, ik, cttl)
 redis.call('HINCRBY', ck, 'held', fmt(grant))
 add_hold(KEYS[1], lid, 'l', grant, exp, hold_ttl, {sfx})
-return {1, grant, exp, spent, held + grant}
+return {1, grant, exp, spent, held + grant, ep}
 """
 )
 
@@ -296,6 +311,14 @@ return {num(c[1]), num(c[2])}
 """
 )
 
+# KEYS: e. ARGV: prefix, now, a new epoch (used if there is none), ttl. Returns the epoch.
+_EPOCH: Final = (
+    _PRELUDE
+    + """
+return epoch(ARGV[3], tonumber(ARGV[4]))
+"""
+)
+
 # KEYS: c:S, i:S. ARGV: prefix, now, spent, counter ttl.
 _SET_SPENT: Final = (
     _PRELUDE
@@ -339,6 +362,12 @@ def _ints(raw: object, *, at_least: int) -> list[int]:
     return [_int(v) for v in raw]
 
 
+def _text(raw: object) -> str:
+    if not isinstance(raw, bytes | str) or not raw:
+        raise BudgetStoreUnavailable("unexpected reply from a budget script")
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 class RedisBudgetStore(BudgetStore):
     """The shared backend: one Lua script per operation, same semantics as `MemoryBudgetStore`.
 
@@ -359,6 +388,7 @@ class RedisBudgetStore(BudgetStore):
         self._expire_script = client.register_script(_EXPIRE)
         self._counter_script = client.register_script(_COUNTER)
         self._set_spent_script = client.register_script(_SET_SPENT)
+        self._epoch_script = client.register_script(_EPOCH)
 
     @property
     def prefix(self) -> str:
@@ -428,7 +458,7 @@ class RedisBudgetStore(BudgetStore):
         now_ms: int,
         max_share: Fraction | None,
     ) -> Grant:
-        keys = [self._hold_key(lease_id), self._prefix + "x", *self._counter_keys(budget)]
+        keys = [self._hold_key(lease_id), self._prefix + "x", *self._counter_keys(budget), self._prefix + "e"]
         args: list[str | int] = [
             self._prefix,
             now_ms,
@@ -443,12 +473,15 @@ class RedisBudgetStore(BudgetStore):
             counter_ttl_ms(budget, now_ms),
             0 if max_share is None else max_share.numerator,
             0 if max_share is None else max_share.denominator,
+            uuid.uuid4().hex,
         ]
-        reply = _ints(await self._run(self._lease_script, keys, args), at_least=1)
+        reply = await self._run(self._lease_script, keys, args)
+        if not isinstance(reply, list) or len(reply) not in (1, 6):
+            raise BudgetStoreUnavailable("unexpected reply from a budget script")
         if reply[0] == -1:
             raise HoldConflict("the lease id names a live reservation")
-        _, granted, expires_at, spent, held = _ints(reply, at_least=5)
-        return Grant(lease_id, granted, expires_at, Counter(spent, held))
+        _, granted, expires_at, spent, held = _ints(reply[:5], at_least=5)
+        return Grant(lease_id, granted, expires_at, Counter(spent, held), _text(reply[5]))
 
     async def _settle(
         self,
@@ -508,6 +541,15 @@ class RedisBudgetStore(BudgetStore):
             self._counter_keys(budget),
             [self._prefix, now_ms, spent, counter_ttl_ms(budget, now_ms)],
         )
+
+    async def _epoch(self) -> str:
+        # Read every sweep: a running ledger keeps it alive even while no lease is granted.
+        reply = await self._run(
+            self._epoch_script,
+            [self._prefix + "e"],
+            [self._prefix, wall_clock_ms(), uuid.uuid4().hex, MIN_KEY_TTL_MS],
+        )
+        return _text(reply)
 
     async def _forget(self, budget_ids: tuple[str, ...]) -> int:
         counters = 0

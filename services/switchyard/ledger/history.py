@@ -13,6 +13,9 @@ cost-ledger service calls. Three tables:
   (Redis counters); this table keeps only what an administrator set, plus a version.
 - `ledger_budget_audit`: who changed which budget from what to what, written in the same
   transaction as the change, and the GDPR erasures of end users (by hash, never in clear).
+- `ledger_erasures`: each erased end user's hash with the latest erasure's time, so a commit
+  that arrives after an erasure (from an edge's outbox) for a request that finished before it
+  is stored anonymised, as the erasure would have left it.
 
 Arguments the caller can get wrong (unknown dimensions, foreign page tokens, a window that ends
 before it starts, a budget without a window) raise `ValueError`; the service maps it to
@@ -38,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from google.protobuf import json_format
 
@@ -202,9 +205,33 @@ MIGRATIONS: Final = (
             "ALTER TABLE ledger_budgets ADD COLUMN deleted_at_ms BIGINT",
         ),
     ),
+    Migration(
+        7,
+        "create_ledger_erasures",
+        # Erased end users by `end_user_digest` and the latest erasure's time, filled from the
+        # erasures already audited (the same digest, in the audit entry's JSON detail).
+        sqlite=(
+            "CREATE TABLE ledger_erasures (end_user_hmac TEXT PRIMARY KEY, erased_at_ms BIGINT NOT NULL)",
+            "INSERT INTO ledger_erasures (end_user_hmac, erased_at_ms)"
+            " SELECT json_extract(detail, '$.end_user_hmac_sha256'), MAX(at_ms) FROM ledger_budget_audit"
+            " WHERE action = 'erase_end_user' AND json_extract(detail, '$.end_user_hmac_sha256') IS NOT NULL"
+            " GROUP BY 1",
+        ),
+        postgresql=(
+            "CREATE TABLE ledger_erasures (end_user_hmac TEXT PRIMARY KEY, erased_at_ms BIGINT NOT NULL)",
+            "INSERT INTO ledger_erasures (end_user_hmac, erased_at_ms)"
+            " SELECT detail::jsonb ->> 'end_user_hmac_sha256', MAX(at_ms) FROM ledger_budget_audit"
+            " WHERE action = 'erase_end_user' AND detail::jsonb ->> 'end_user_hmac_sha256' IS NOT NULL"
+            " GROUP BY 1",
+        ),
+    ),
 )
 _LIVE: Final = "deleted_at_ms IS NULL"
 _ERASURE_KEY_NAME: Final = "erasure"
+# PostgreSQL advisory lock between commits (shared) and erasures (exclusive): without it a commit
+# could read no erasure, an erasure anonymise the rows it can see, and the commit's row land
+# after both, naming the person. (SQLite's write transactions are serial already.)
+_PG_ERASURE_LOCK: Final = 0x5357_4C45_5241  # "SWLERA"
 
 _USAGE_COLUMNS: Final = (
     "request_id",
@@ -235,6 +262,9 @@ _USAGE_COLUMNS: Final = (
     "settled",
 )
 _USAGE_ROW_PLACEHOLDERS: Final = "(" + ", ".join("?" for _ in _USAGE_COLUMNS) + ")"
+_TENANT_AT: Final = _USAGE_COLUMNS.index("tenant_id")
+_END_USER_AT: Final = _USAGE_COLUMNS.index("end_user")
+_FINISHED_AT: Final = _USAGE_COLUMNS.index("finished_at_ms")
 
 _BUDGET_COLUMNS: Final = (
     "budget_id, tenant_id, end_user, api_key_id, model, provider, budget_window, enforcement,"
@@ -589,6 +619,41 @@ async def _insert_audit(
     )
 
 
+def _digest(key: bytes, tenant_id: str, end_user: str) -> str:
+    message = json.dumps([tenant_id, end_user], separators=(",", ":")).encode("utf-8")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+async def _without_erased_end_users(
+    tx: Statements, rows: list[tuple[object, ...]], key: bytes
+) -> list[tuple[object, ...]]:
+    """`rows` with the end user blanked where that user was erased at or after the request finished."""
+    digests = {
+        index: _digest(key, str(row[_TENANT_AT]), str(row[_END_USER_AT]))
+        for index, row in enumerate(rows)
+        if row[_END_USER_AT]
+    }
+    erased: dict[str, int] = {}
+    for chunk in _chunks(sorted(set(digests.values()))):
+        found = await tx.fetch_all(
+            "SELECT end_user_hmac, erased_at_ms FROM ledger_erasures WHERE end_user_hmac IN ("
+            + ", ".join("?" for _ in chunk)
+            + ")",
+            chunk,
+        )
+        erased.update({str(row["end_user_hmac"]): int(row["erased_at_ms"]) for row in found})
+    if not erased:
+        return rows
+    out = list(rows)
+    for index, digest in digests.items():
+        erased_at = erased.get(digest)
+        if erased_at is not None and cast(int, out[index][_FINISHED_AT]) <= erased_at:
+            row = list(out[index])
+            row[_END_USER_AT] = ""
+            out[index] = tuple(row)
+    return out
+
+
 def _chunks(ids: Sequence[_Id]) -> list[Sequence[_Id]]:
     """`ids` in pieces small enough for one `IN (...)` list."""
     return [ids[start : start + _IDS_PER_STATEMENT] for start in range(0, len(ids), _IDS_PER_STATEMENT)]
@@ -659,12 +724,8 @@ class LedgerStore:
         `charged_micros` is what the ledger charged (kept as `cost_micros`); the record's own
         `cost_micros` is kept beside it as what the caller reported. A duplicate changes nothing.
         """
-        rows = await self.database.fetch_all(
-            f"INSERT INTO ledger_usage ({', '.join(_USAGE_COLUMNS)}) VALUES {_USAGE_ROW_PLACEHOLDERS}"
-            " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            _usage_row(record, charged_micros, recorded_at_ms),
-        )
-        return len(rows) == 1
+        (stored,) = await self.record_many([(record, charged_micros)], recorded_at_ms=recorded_at_ms)
+        return stored
 
     async def record_many(
         self, items: Sequence[tuple[ledger_pb2.UsageRecord, int]], *, recorded_at_ms: int
@@ -672,6 +733,8 @@ class LedgerStore:
         """Store several rows in one transaction; per item, in order, True when stored now.
 
         An item whose request id is already stored, or appeared earlier in `items`, is False.
+        A row of an erased end user whose request finished at or before the (latest) erasure is
+        stored without its end user, as the erasure left that user's other rows.
         """
         rows = [_usage_row(record, charged, recorded_at_ms) for record, charged in items]
         first_index: dict[str, int] = {}
@@ -680,7 +743,12 @@ class LedgerStore:
         fresh = [rows[index] for index in sorted(first_index.values())]
         inserted: set[str] = set()
         if fresh:
+            key = await self.erasure_key() if any(row[_END_USER_AT] for row in fresh) else b""
             async with self.database.transaction() as tx:
+                if self.database.backend is Backend.POSTGRESQL:
+                    await tx.execute("SELECT pg_advisory_xact_lock_shared(?)", (_PG_ERASURE_LOCK,))
+                if key:
+                    fresh = await _without_erased_end_users(tx, fresh, key)
                 for start in range(0, len(fresh), _INSERT_ROWS_PER_STATEMENT):
                     chunk = fresh[start : start + _INSERT_ROWS_PER_STATEMENT]
                     returned = await tx.fetch_all(
@@ -944,8 +1012,7 @@ class LedgerStore:
         """HMAC-SHA256 of the tenant and end user id under the erasure key (hex): what an erasure
         is audited under. Whoever holds the key can show that a given user was erased; nobody
         can test guesses of ids against the audit log without it."""
-        message = json.dumps([tenant_id, end_user], separators=(",", ":")).encode("utf-8")
-        return hmac.new(await self.erasure_key(), message, hashlib.sha256).hexdigest()
+        return _digest(await self.erasure_key(), tenant_id, end_user)
 
     async def erase_end_user(
         self,
@@ -966,13 +1033,26 @@ class LedgerStore:
         - `also(tx, budget_ids)` removes what other tables hold of those budgets (the alerts) in
           the same transaction and returns how many rows it removed.
 
+        - The digest and `now_ms` are remembered (`ledger_erasures`): a row of this end user
+          that arrives later for a request finished by then is stored anonymised (`record_many`).
+
         Everything and the erasure's own audit entry commit together. The entry names the tenant
-        and the keyed digest of the id (`end_user_digest`), never the id.
+        and the keyed digest of the id (`end_user_digest`), never the id. On PostgreSQL, commits
+        wait while an erasure runs (see `_PG_ERASURE_LOCK`); erasures are rare.
         """
         if not tenant_id or not end_user:
             raise ValueError("erasing an end user needs both the tenant and the end user id")
         digest = await self.end_user_digest(tenant_id, end_user)
         async with self.database.transaction() as tx:
+            if self.database.backend is Backend.POSTGRESQL:
+                await tx.execute("SELECT pg_advisory_xact_lock(?)", (_PG_ERASURE_LOCK,))
+            await tx.execute(
+                "INSERT INTO ledger_erasures (end_user_hmac, erased_at_ms) VALUES (?, ?)"
+                " ON CONFLICT (end_user_hmac) DO UPDATE SET erased_at_ms = CASE"
+                " WHEN excluded.erased_at_ms > ledger_erasures.erased_at_ms THEN excluded.erased_at_ms"
+                " ELSE ledger_erasures.erased_at_ms END",
+                (digest, now_ms),
+            )
             rows = await tx.execute(
                 "UPDATE ledger_usage SET end_user = '' WHERE tenant_id = ? AND end_user = ?",
                 (tenant_id, end_user),

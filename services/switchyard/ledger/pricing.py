@@ -9,14 +9,19 @@ micro-USD, so a discount never compounds a rounding.
 
 Estimates come before the vendor answers: the prompt is counted (`switchyard.ledger.tokens`),
 the output is a heuristic for the expected cost and the request's output cap for the worst case
-(what a budget reserves).
+(what a budget reserves). The worst case is an upper bound on the charge, so a hold never falls
+short of it: every prompt token at the dearest input price that can apply (a prompt-cache write
+can cost more than plain input), the guessed part of the prompt count raised by
+`WORST_CASE_MARGIN`, and every output token at the dearer of the output and reasoning prices.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 from typing import Final
 
 from switchyard.common.catalog import Capability, Model, Prices
@@ -27,6 +32,7 @@ from switchyard.v1 import common_pb2
 __all__ = [
     "EXPECTED_OUTPUT_TOKENS",
     "EXPECTED_REASONING_OUTPUT_TOKENS",
+    "WORST_CASE_MARGIN",
     "CostEstimate",
     "charge_micros",
     "discount_percent",
@@ -39,6 +45,15 @@ __all__ = [
 # a reasoning model also spends hidden reasoning tokens. Capped by the request's output limit.
 EXPECTED_OUTPUT_TOKENS: Final = 256
 EXPECTED_REASONING_OUTPUT_TOKENS: Final = 1_024
+# Added to the guessed part of a prompt count (`PromptCount.approximate_tokens`) in the worst
+# case. On English prose the vendor factors' documented spread is within about 10% of the
+# vendor's count (Claude 1.1-1.3x cl100k around 1.2, more for code; SentencePiece models 10-20%
+# above cl100k against 1.1), and
+# tool, schema and image accounting follow published rules up to the vendor's rendering: 25%
+# covers more than twice that. Holding too much only holds it until the commit; holding too
+# little lets a hard budget be overrun. Check it against the p95 that `GetEstimateAccuracy`
+# reports per model (estimated vs the vendor's prompt tokens).
+WORST_CASE_MARGIN: Final = Fraction(1, 4)
 
 _HUNDRED: Final = Decimal(100)
 
@@ -100,10 +115,14 @@ def charge_micros(model: Model, tokens: TokenCounts, *, at: datetime, month_toke
 class CostEstimate:
     """A request's cost before it is sent.
 
-    `expected_cost_micros` prices the prompt plus `expected_output_tokens`;
-    `worst_case_cost_micros` prices the prompt at the full input price (no prompt-cache
-    discount) plus `max_output_tokens` at the dearer of the output and, for reasoning models,
-    reasoning price. Both include the volume tier already reached, nothing more.
+    `expected_cost_micros` prices the prompt at the input price plus `expected_output_tokens`
+    (at the reasoning price when a reasoning model's is dearer). `worst_case_cost_micros` is an
+    upper bound on the charge: the prompt, its guessed part raised by `WORST_CASE_MARGIN`, all
+    at the dearest input price (plain, cached or cache-write), plus the output cap at the
+    dearer of the output and reasoning prices; an approximate prompt may leave the model more
+    room than `max_output_tokens` (its count may run high), so the cap there is bounded by the
+    room the exactly counted part leaves. Both include the volume tier already reached, nothing
+    more.
     """
 
     model: str
@@ -141,13 +160,16 @@ def estimate_cost(
     expected_output = min(
         max_output, EXPECTED_REASONING_OUTPUT_TOKENS if reasoning else EXPECTED_OUTPUT_TOKENS
     )
+    guessed = prompt.approximate_tokens or (input_tokens if prompt.approximate else 0)
+    worst_input = input_tokens + math.ceil(guessed * WORST_CASE_MARGIN)
+    worst_output = max(0, min(limit, model.context_window - (input_tokens - guessed)))
     return CostEstimate(
         model=model.id,
         input_tokens=input_tokens,
         expected_output_tokens=expected_output,
         max_output_tokens=max_output,
         expected_cost_micros=_price_of(model, input_tokens, expected_output, reasoning, at, month_tokens),
-        worst_case_cost_micros=_price_of(model, input_tokens, max_output, reasoning, at, month_tokens),
+        worst_case_cost_micros=_worst_price_of(model, worst_input, worst_output, at, month_tokens),
         encoding=prompt.encoding,
         approximate=prompt.approximate,
     )
@@ -164,5 +186,27 @@ def _price_of(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         reasoning_tokens=output_tokens if as_reasoning else 0,
+    )
+    return charge_micros(model, tokens, at=at, month_tokens=month_tokens)
+
+
+def _worst_price_of(
+    model: Model, input_tokens: int, output_tokens: int, at: datetime, month_tokens: int
+) -> int:
+    """Every input token at the dearest input price (all of it could be billed as a cache write,
+    or, in an odd catalog, as cached) and every output token at the dearer of the output and
+    reasoning prices, whether or not the catalog says the model reasons."""
+    unit = prices_at(model, at).unit_prices()
+    written = cached = 0
+    if unit.cache_write_input >= max(unit.input, unit.cached_input):
+        written = input_tokens
+    elif unit.cached_input > unit.input:
+        cached = input_tokens
+    tokens = TokenCounts(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached,
+        cache_write_input_tokens=written,
+        reasoning_tokens=output_tokens if unit.reasoning > unit.output else 0,
     )
     return charge_micros(model, tokens, at=at, month_tokens=month_tokens)

@@ -14,7 +14,9 @@ Where each part lives:
 A commit writes the row first (the truth; a duplicate request id stops there, charging
 nothing), then settles the budget counters, then lets the alert center look at the new
 totals. A ledger that restarts with the in-memory store rebuilds each budget's spend in
-its current window from the rows.
+its current window from the rows. Its leases' holds are gone with the old process, so the
+store's epoch is new: every lease and every pushed directory carries the epoch, and edges
+stop admitting on leases of an older one (`edge.budget`).
 """
 
 from __future__ import annotations
@@ -161,17 +163,30 @@ class Ledger:
     # --- budgets ---------------------------------------------------------------------------
 
     async def refresh_budgets(self) -> None:
-        """Reload budget definitions from SQL (other ledger replicas may have changed them);
-        a change goes to every WatchBudgets subscriber."""
+        """Reload budget definitions from SQL (other ledger replicas may have changed them) and
+        the store's epoch; a change goes to every WatchBudgets subscriber."""
         budgets = await self.history.all_budgets()
         self._budgets = budgets
         self._budgets_at = time.monotonic()
-        if [(b.budget_id, b.version) for b in budgets] == [
-            (b.budget_id, b.version) for b in self._directory.budgets
-        ] and self._directory.version:
+        try:
+            epoch = await self.store.epoch()
+        except BudgetStoreUnavailable:
+            epoch = self._directory.epoch  # kept until the store answers again
+        if (
+            [(b.budget_id, b.version) for b in budgets]
+            == [(b.budget_id, b.version) for b in self._directory.budgets]
+            and epoch == self._directory.epoch
+            and self._directory.version
+        ):
             return
+        self._publish(budgets, epoch)
+
+    def _publish(self, budgets: Sequence[ledger_pb2.Budget], epoch: str) -> None:
+        """Push a new directory to every WatchBudgets subscriber."""
+        if epoch != self._directory.epoch and self._directory.epoch:
+            log.warning("budget_store_epoch_changed")
         self._directory = ledger_pb2.WatchBudgetsResponse(
-            budgets=budgets, version=max(self._directory.version + 1, int(time.time() * 1000))
+            budgets=budgets, version=max(self._directory.version + 1, int(time.time() * 1000)), epoch=epoch
         )
         for queue in self._watchers:
             while not queue.empty():  # only the newest directory matters
@@ -331,7 +346,9 @@ class Ledger:
         now = _now()
         now_ms = _ms(now)
         budgets = await self.budgets_for(request.scope)
-        response = ledger_pb2.LeaseBudgetResponse(budget_ids=[b.budget_id for b in budgets])
+        response = ledger_pb2.LeaseBudgetResponse(
+            budget_ids=[b.budget_id for b in budgets], epoch=self._directory.epoch
+        )
         wanted_ids = set(request.budget_ids)
         for budget in budgets:
             if budget.enforcement != ledger_pb2.BUDGET_ENFORCEMENT_HARD:
@@ -360,8 +377,14 @@ class Ledger:
                     enforcement=budget.enforcement,
                     limit_micros=budget.limit_micros,
                     spent_micros=grant.counter.spent_micros,
+                    held_micros=grant.counter.held_micros,
+                    epoch=grant.epoch,
                 )
             )
+            if grant.epoch != response.epoch:
+                # The store lost its holds since the last sweep: say so to the edges at once.
+                response.epoch = grant.epoch
+                self._publish(self._directory.budgets, grant.epoch)
         return response
 
     async def return_lease(self, request: ledger_pb2.ReturnLeaseRequest) -> ledger_pb2.ReturnLeaseResponse:
@@ -639,11 +662,15 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
     async def Estimate(
         self, request: ledger_pb2.EstimateRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.EstimateResponse:
-        """Prompt tokens and the expected and worst-case cost on a model."""
+        """Prompt tokens and the expected and worst-case cost on a model. An unknown model is
+        INVALID_ARGUMENT naming the field it came from (the ledger does not route `auto`)."""
         name = request.model or request.request.model
+        field = "model" if request.model else "request.model"
+        if not name:
+            raise invalid("model is required: the catalog model to price", "model")
         model = self._ledger.catalog.resolve(name)
         if model is None:
-            raise invalid(f"unknown model or alias {name!r}", "model")
+            raise invalid(f"unknown model or alias {name!r}", field, model=name)
         found = estimate_cost(request.request, model, at=_now())
         return ledger_pb2.EstimateResponse(
             model=found.model,

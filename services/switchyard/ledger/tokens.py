@@ -176,11 +176,15 @@ class PromptCount:
     `encoding` names the tokenizer used; ``cl100k_base~X`` means cl100k stood in for X (a vendor
     whose tokenizer we cannot run, or an encoding that could not be loaded). `approximate` is
     False only when the count should match the vendor's reported prompt tokens exactly.
+    `approximate_tokens` is the part of `tokens` that is a guess (all of it under a stand-in
+    encoding; images, tools, schemas and sampled texts otherwise): what a worst-case estimate
+    adds its safety margin to.
     """
 
     tokens: int
     encoding: str
     approximate: bool
+    approximate_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,8 +330,9 @@ def count_prompt_tokens(request: common_pb2.ChatRequest, model: Model | None) ->
     format overhead, tool definitions and images; see the module docstring for the rules."""
     counter = _counter(model)
     encoding = counter.encoding
-    approximate = not counter.exact
     text_tokens = REPLY_PRIMING_TOKENS
+    # Text whose count is a guess even with the model's own encoding (sampled, tools, schemas).
+    guessed_text = 0
     image_tokens = 0
     for message in request.messages:
         text_tokens += TOKENS_PER_MESSAGE + _role_tokens(encoding, message.role)
@@ -337,36 +342,48 @@ def count_prompt_tokens(request: common_pb2.ChatRequest, model: Model | None) ->
             kind = part.WhichOneof("part")
             if kind == "text":
                 text = part.text
-                text_tokens += _text_tokens(encoding, text)
+                counted = _text_tokens(encoding, text)
+                text_tokens += counted
                 if len(text) > EXACT_TEXT_CHARS:
-                    approximate = True  # sampled, see _text_tokens
+                    guessed_text += counted  # sampled, see _text_tokens
             elif kind == "image":
                 image_tokens += _image_tokens(part.image, counter.family)
-                approximate = True
         for call in message.tool_calls:
-            text_tokens += (
+            counted = (
                 TOOL_CALL_OVERHEAD
                 + _text_tokens(encoding, call.name)
                 + _text_tokens(encoding, call.arguments_json)
             )
-            approximate = True
+            text_tokens += counted
+            guessed_text += counted
     if request.tools:
-        text_tokens += TOOLS_PREAMBLE
+        counted = TOOLS_PREAMBLE
         for tool in request.tools:
-            text_tokens += (
+            counted += (
                 TOOL_DEFINITION_OVERHEAD
                 + _text_tokens(encoding, tool.name)
                 + _text_tokens(encoding, tool.description)
                 + _text_tokens(encoding, tool.parameters_json_schema)
             )
-        approximate = True
+        text_tokens += counted
+        guessed_text += counted
     response_format = request.response_format
     if response_format.type == common_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA and response_format.json_schema:
-        text_tokens += _text_tokens(encoding, response_format.schema_name)
-        text_tokens += _text_tokens(encoding, response_format.json_schema)
-        approximate = True
+        counted = _text_tokens(encoding, response_format.schema_name) + _text_tokens(
+            encoding, response_format.json_schema
+        )
+        text_tokens += counted
+        guessed_text += counted
     tokens = _scaled(text_tokens, counter.factor) + image_tokens
-    return PromptCount(tokens=tokens, encoding=counter.label, approximate=approximate)
+    # Under a stand-in encoding (factor or fallback) every token is a guess; with the model's
+    # own, only the parts whose rendering or billing the vendor does not document.
+    guessed = tokens if not counter.exact else guessed_text + image_tokens
+    return PromptCount(
+        tokens=tokens,
+        encoding=counter.label,
+        approximate=guessed > 0 or not counter.exact,
+        approximate_tokens=guessed,
+    )
 
 
 _role_cache: dict[tuple[str, int], int] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -12,7 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.edge import routes
-from switchyard.edge.budget import LeaseBook, applies, scope_key
+from switchyard.edge.budget import LEASE_REQUESTS, LEASE_SECONDS, LeaseBook, applies, scope_key
 from switchyard.v1 import ledger_pb2
 
 HARD = ledger_pb2.BUDGET_ENFORCEMENT_HARD
@@ -52,8 +53,25 @@ class FakeLedger:
         self.left = {b.budget_id: b.limit_micros for b in budgets}
         self.leases: dict[str, tuple[str, int]] = {}
         self.calls: list[str] = []
+        self.requested: list[int] = []  # what each LeaseBudget asked for
         self.down = False
         self.watches: list[FakeWatch] = []
+        self.epoch = "epoch-1"
+        # Run after a grant is decided, before it is answered (a race on the way back).
+        self.on_grant: Callable[[], Awaitable[None]] | None = None
+
+    def set_limit(self, budget_id: str, limit: int) -> None:
+        """Change a budget's limit (a new version); what is left moves by the difference."""
+        changed = self.budgets[budget_id]
+        self.left[budget_id] += limit - changed.limit_micros
+        changed.limit_micros = limit
+        changed.version += 1
+
+    def restart(self) -> None:
+        """A ledger restarted on the in-memory store: its leases' holds are gone, a new epoch."""
+        self.epoch += "-restarted"
+        self.leases.clear()
+        self.left = {b.budget_id: b.limit_micros for b in self.budgets.values()}
 
     async def ListBudgets(
         self, request: ledger_pb2.ListBudgetsRequest, *, timeout: float | None = None
@@ -72,19 +90,22 @@ class FakeLedger:
     def push(self, version: int) -> None:
         """Push the current directory to the newest watcher."""
         self.watches[-1].queue.put_nowait(
-            ledger_pb2.WatchBudgetsResponse(budgets=list(self.budgets.values()), version=version)
+            ledger_pb2.WatchBudgetsResponse(
+                budgets=list(self.budgets.values()), version=version, epoch=self.epoch
+            )
         )
 
     async def LeaseBudget(
         self, request: ledger_pb2.LeaseBudgetRequest, *, timeout: float | None = None
     ) -> ledger_pb2.LeaseBudgetResponse:
         self.calls.append("lease")
+        self.requested.append(request.requested_micros)
         if self.down:
             raise _down()
         await asyncio.sleep(0)
-        response = ledger_pb2.LeaseBudgetResponse()
+        response = ledger_pb2.LeaseBudgetResponse(epoch=self.epoch)
         for budget_id in request.budget_ids:
-            grant = min(request.requested_micros, self.left[budget_id])
+            grant = max(0, min(request.requested_micros, self.left[budget_id]))
             grant -= grant % max(1, request.min_micros)
             lease_id = f"lease-{uuid.uuid4().hex[:6]}" if grant else ""
             self.left[budget_id] -= grant
@@ -100,14 +121,19 @@ class FakeLedger:
                     version=self.budgets[budget_id].version,
                     expires_at=expires,
                     limit_micros=self.budgets[budget_id].limit_micros,
+                    epoch=self.epoch,
                 )
             )
+        if self.on_grant is not None:
+            await self.on_grant()
         return response
 
     async def ReturnLease(
         self, request: ledger_pb2.ReturnLeaseRequest, *, timeout: float | None = None
     ) -> ledger_pb2.ReturnLeaseResponse:
         self.calls.append("return")
+        if request.lease_id not in self.leases:  # unknown here (granted before a restart)
+            return ledger_pb2.ReturnLeaseResponse(returned_micros=0)
         budget_id, _ = self.leases.pop(request.lease_id)
         self.left[budget_id] += request.unused_micros
         return ledger_pb2.ReturnLeaseResponse(returned_micros=request.unused_micros)
@@ -256,4 +282,134 @@ async def test_a_pushed_directory_retires_leases_at_once_and_replaces_polling(
     ledger.push(version=3)
     await asyncio.sleep(0.01)
     assert book.watching
+    await book.aclose()
+
+
+async def test_a_grant_decided_before_a_pushed_change_is_returned_unused_and_asked_again() -> None:
+    # The limit is lowered while a grant made under the old one is on its way back, and the
+    # edge hears of the change first: admitting on that grant could overrun the new limit.
+    ledger = FakeLedger(budget("b", 1000, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1")
+    book.start_watching()
+    await asyncio.sleep(0)
+    ledger.push(version=1)
+    await asyncio.sleep(0.01)
+    stale: list[str] = []
+
+    async def lower_the_limit_meanwhile() -> None:
+        ledger.on_grant = None
+        stale.extend(ledger.leases)  # the grant just made, under the old limit
+        ledger.set_limit("b", 30)
+        ledger.push(version=2)
+        await asyncio.sleep(0.01)  # the edge applies the change before the grant arrives
+
+    ledger.on_grant = lower_the_limit_meanwhile
+    admitted = [await book.hold(SCOPE, 10)]
+    (old,) = stale
+    assert admitted[0].lease_ids != [old] and old not in ledger.leases  # given back, unused
+    assert ledger.calls.count("lease") == 2 and ledger.calls.count("return") == 1
+    with pytest.raises(SwitchyardError) as caught:
+        for _ in range(20):
+            admitted.append(await book.hold(SCOPE, 10))
+    # The new limit's 30, and nothing of the 80 granted under the old one.
+    assert len(admitted) == 3
+    assert caught.value.reason is Reason.BUDGET_EXCEEDED and caught.value.metadata["limit_micros"] == "30"
+    await book.aclose()
+
+
+async def test_a_new_store_epoch_retires_the_old_leases_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routes, "RECONNECT_BASE_S", 0.001)
+    ledger = FakeLedger(budget("b", 100, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1")
+    book.start_watching()
+    await asyncio.sleep(0)
+    ledger.push(version=1)
+    await asyncio.sleep(0.01)
+    in_flight = await book.hold(SCOPE, 10)
+    (old,) = in_flight.lease_ids  # 80 of the 100, 70 of it still free
+    ledger.restart()  # the ledger lost the lease's hold: all 100 may be granted again
+    ledger.watches[-1].queue.put_nowait(None)  # the stream ended with the old process
+    await asyncio.sleep(0.01)
+    ledger.push(version=2)  # the restarted ledger's directory, in its new epoch
+    await asyncio.sleep(0.01)
+    admitted = []
+    with pytest.raises(SwitchyardError) as caught:
+        for _ in range(20):
+            admitted.append(await book.hold(SCOPE, 10))
+    assert caught.value.reason is Reason.BUDGET_EXCEEDED
+    # Only what the new epoch granted was admitted; the old lease's 70 admitted nothing more.
+    assert len(admitted) == 10 and all(hold.lease_ids != [old] for hold in admitted)
+    # The request admitted before the restart still settles, and commits naming its lease.
+    assert book.settle(in_flight, 7) == [old]
+    await book.aclose()
+
+
+async def test_a_lease_answer_in_a_new_epoch_retires_old_leases_and_a_lost_epoch_stays_lost() -> None:
+    ledger = FakeLedger(budget("b", 10_000, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1")  # not watching: only lease answers tell it the epoch
+    first = await book.hold(SCOPE, 10)
+    (old,) = first.lease_ids  # 80, with room for 7 more such requests
+    ledger.restart()
+    big = await book.hold(SCOPE, 100)  # more than the old lease has: a lease answer, new epoch
+    assert big.lease_ids != [old]
+    # The old lease (the oldest, with room) would come first; it admits nothing any more.
+    assert (await book.hold(SCOPE, 10)).lease_ids == big.lease_ids
+    # A replica still answering in the lost epoch: its grants are given back, never used.
+    ledger.epoch = "epoch-1"
+    with pytest.raises(SwitchyardError) as caught:
+        await book.hold(SCOPE, 750)  # more than the current lease has left
+    assert (caught.value.code, caught.value.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.DEPENDENCY_UNAVAILABLE,
+    )
+    assert ledger.left["b"] == 10_000 - 800  # only the current epoch's lease is out
+    assert (await book.hold(SCOPE, 10)).lease_ids == big.lease_ids
+    assert book.settle(first, 10) == [old]
+    await book.aclose()
+
+
+async def test_the_lease_asked_for_follows_the_edges_recent_rate_of_spend() -> None:
+    now = [0.0]
+    ledger = FakeLedger(budget("b", 10**12, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1", monotonic=lambda: now[0])
+    worst = 1000
+
+    async def requests(count: int, every_s: float) -> None:
+        for _ in range(count):
+            book.settle(await book.hold(SCOPE, worst), worst)
+            now[0] += every_s
+
+    # A quiet edge (a request a minute) asks for LEASE_REQUESTS worst cases each time.
+    await requests(30, every_s=60.0)
+    assert len(ledger.requested) > 1 and set(ledger.requested) == {LEASE_REQUESTS * worst}
+    # A busy one (two a second) for LEASE_SECONDS of its spend, once its average has caught up.
+    ledger.requested.clear()
+    await requests(200, every_s=0.5)
+    steady = LEASE_SECONDS * worst / 0.5
+    assert steady > LEASE_REQUESTS * worst and len(ledger.requested) > 1
+    assert ledger.requested == sorted(ledger.requested)  # growing with the average
+    assert 0.95 * steady <= ledger.requested[-1] <= steady
+    # Quiet again: back to LEASE_REQUESTS worst cases.
+    ledger.requested.clear()
+    await requests(60, every_s=60.0)
+    assert ledger.requested and set(ledger.requested) == {LEASE_REQUESTS * worst}
+    await book.aclose()
+
+
+async def test_an_idle_lease_too_small_for_a_request_is_given_back_so_the_request_fits() -> None:
+    # The rest of the budget sits in this edge's one idle lease, which is too small for the
+    # next request: the ledger can grant it only once the lease is back, as one piece.
+    ledger = FakeLedger(budget("b", 100, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1")
+    first = await book.hold(SCOPE, 40)
+    (small,) = first.lease_ids  # 80 (two requests of 40); 20 left at the ledger
+    book.settle(first, 30)  # 50 left in the lease, nothing in flight on it
+    assert ledger.left["b"] == 20
+    bigger = await book.hold(SCOPE, 60)  # 70 of the budget is left: 50 in the lease, 20 not leased
+    assert bigger.lease_ids != [small] and small not in ledger.leases
+    assert ledger.calls[-3:] == ["lease", "return", "lease"]
+    book.settle(bigger, 60)
+    with pytest.raises(SwitchyardError) as caught:  # 10 left: no request of 60 fits any more
+        await book.hold(SCOPE, 60)
+    assert caught.value.reason is Reason.BUDGET_EXCEEDED
     await book.aclose()

@@ -178,6 +178,35 @@ async def test_what_a_stopped_edge_left_is_sent_by_the_next_one(database: Databa
     assert ledger.charged == {f"req-{n}": 1 for n in range(4)} and await rows(database) == 0
 
 
+async def test_what_a_dead_edge_left_is_sent_by_another_once_it_is_orphaned(database: Database) -> None:
+    ledger = FakeLedger()
+    ledger.down = True
+    dead = await CommitOutbox.open(database, ledger, "edge-1")  # type: ignore[arg-type]
+    dead.start()
+    for n in range(4):
+        dead.add(commit(n))
+    await dead.aclose(timeout_s=0.2)  # never comes back: its commits stay in the shared table
+    assert await rows(database) == 4
+    ledger.down = False
+    # Another edge, live: rows younger than its orphan delay may still be their edge's to send.
+    live = await CommitOutbox.open(database, ledger, "edge-2")  # type: ignore[arg-type]
+    live.start()
+    live.add(commit(10))
+    await live.flush(timeout_s=2)  # its first cycle swept the table too
+    await live.aclose()
+    assert ledger.charged == {"req-10": 1} and await rows(database) == 4
+    # Once they are older than the orphan delay (here a millisecond), another edge sends them.
+    adopter = await CommitOutbox.open(database, ledger, "edge-3", orphan_after_s=0.001)  # type: ignore[arg-type]
+    adopter.start()
+    for _ in range(200):
+        if await rows(database) == 0:
+            break
+        await asyncio.sleep(0.01)
+    await adopter.aclose()
+    assert ledger.charged == {"req-10": 1, **{f"req-{n}": 1 for n in range(4)}}
+    assert await rows(database) == 0
+
+
 async def test_a_stream_left_idle_is_opened_afresh(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

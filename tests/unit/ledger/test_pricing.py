@@ -7,6 +7,7 @@ import random
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 
@@ -15,6 +16,7 @@ from switchyard.common.money import TokenCounts, cost_micros
 from switchyard.ledger.pricing import (
     EXPECTED_OUTPUT_TOKENS,
     EXPECTED_REASONING_OUTPUT_TOKENS,
+    WORST_CASE_MARGIN,
     charge_micros,
     discount_percent,
     estimate_cost,
@@ -28,6 +30,9 @@ providers:
   openai:
     vendor: openai
     base_url: https://api.openai.com/v1
+  anthropic:
+    vendor: anthropic
+    base_url: https://api.anthropic.com
 models:
   - id: openai/gpt-4o-mini
     provider: openai
@@ -57,6 +62,12 @@ models:
     prices: {input: "1.10", output: "4.40", reasoning: "8.80"}
     capabilities: [reasoning, streaming]
     category: reasoning
+  - id: anthropic/claude
+    provider: anthropic
+    upstream_model: claude-sonnet-4
+    context_window: 200000
+    max_output_tokens: 64000
+    prices: {input: "3", output: "15", cached_input: "0.30", cache_write_input: "3.75"}
 """
 
 CHANGE_1 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -68,6 +79,13 @@ TICK = timedelta(microseconds=1)
 @pytest.fixture(scope="module")
 def mini() -> Model:
     found = parse_catalog(CATALOG).model("openai/gpt-4o-mini")
+    assert found is not None
+    return found
+
+
+@pytest.fixture(scope="module")
+def claude() -> Model:
+    found = parse_catalog(CATALOG).model("anthropic/claude")
     assert found is not None
     return found
 
@@ -244,6 +262,113 @@ def test_worst_case_ignores_cached_input_prices(mini: Model) -> None:
     prompt = PromptCount(tokens=10_000, encoding="o200k_base", approximate=False)
     estimate = estimate_cost(request(1), mini, at=BEFORE, prompt=prompt)
     assert estimate.worst_case_cost_micros == 10_000 + 4  # input at $1/M, never the $0.50 cached price
+
+
+# --------------------------------------------------------------------------- #
+# The worst case bounds the charge
+# --------------------------------------------------------------------------- #
+
+
+def test_worst_case_covers_all_input_billed_as_cache_writes(claude: Model) -> None:
+    prompt = PromptCount(tokens=10_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(2_000), claude, at=BEFORE, prompt=prompt)
+    # 10,000 x $3.75/M (the cache-write price, above the $3 input price) + 2,000 x $15/M.
+    assert estimate.worst_case_cost_micros == 37_500 + 30_000
+    # The vendor writes the whole prompt to its cache and answers at the cap: charged exactly that.
+    at_the_bound = TokenCounts(input_tokens=10_000, cache_write_input_tokens=10_000, output_tokens=2_000)
+    assert charge_micros(claude, at_the_bound, at=BEFORE) == estimate.worst_case_cost_micros
+    # The expected cost stays the best guess: plain input, the typical answer.
+    assert estimate.expected_cost_micros == 30_000 + EXPECTED_OUTPUT_TOKENS * 15
+
+
+def test_worst_case_adds_the_margin_to_the_guessed_part_of_the_prompt(claude: Model) -> None:
+    assert Fraction(1, 4) == WORST_CASE_MARGIN
+    # 4,000 of the 10,000 tokens are a guess (images, tools, a vendor factor): 1,000 more.
+    prompt = PromptCount(
+        tokens=10_000, encoding="cl100k_base~anthropic", approximate=True, approximate_tokens=4_000
+    )
+    estimate = estimate_cost(request(2_000), claude, at=BEFORE, prompt=prompt)
+    assert estimate.input_tokens == 10_000  # reported as counted; the margin is only in the money
+    assert estimate.worst_case_cost_micros == 11_000 * 375 // 100 + 30_000
+    # The vendor counted the guessed part 25% higher and wrote it all to its cache.
+    at_the_bound = TokenCounts(input_tokens=11_000, cache_write_input_tokens=11_000, output_tokens=2_000)
+    assert charge_micros(claude, at_the_bound, at=BEFORE) == estimate.worst_case_cost_micros
+    assert estimate.expected_cost_micros == 30_000 + EXPECTED_OUTPUT_TOKENS * 15  # no margin
+    # A count that says it is approximate but not which part: all of it is taken as a guess.
+    whole = PromptCount(tokens=10_000, encoding="cl100k_base~anthropic", approximate=True)
+    assert estimate_cost(request(2_000), claude, at=BEFORE, prompt=whole).worst_case_cost_micros == (
+        12_500 * 375 // 100 + 30_000
+    )
+
+
+def test_worst_case_of_a_counted_claude_prompt_covers_a_quarter_more_input(claude: Model) -> None:
+    chat = request(100)
+    counted = count_prompt_tokens(chat, claude)
+    assert counted.approximate and counted.approximate_tokens == counted.tokens  # Claude: all a guess
+    estimate = estimate_cost(chat, claude, at=BEFORE)
+    vendor_input = counted.tokens + -(-counted.tokens // 4)
+    at_the_bound = TokenCounts(
+        input_tokens=vendor_input, cache_write_input_tokens=vendor_input, output_tokens=100
+    )
+    assert charge_micros(claude, at_the_bound, at=BEFORE) == estimate.worst_case_cost_micros
+
+
+def test_an_overcounted_prompt_near_the_context_edge_still_bounds_the_output(reasoner: Model) -> None:
+    # o4-mini here: 1,000-token window, 600 output cap. A prompt counted 700, all a guess, leaves
+    # 300 by our count; if the vendor counts fewer tokens it lets the answer run to the cap.
+    prompt = PromptCount(
+        tokens=700, encoding="cl100k_base~o200k_base", approximate=True, approximate_tokens=700
+    )
+    estimate = estimate_cost(request(), reasoner, at=BEFORE, prompt=prompt)
+    assert estimate.max_output_tokens == 300
+    for vendor_input in range(0, 876, 25):
+        output = min(600, 1_000 - vendor_input)
+        usage = TokenCounts(input_tokens=vendor_input, output_tokens=output, reasoning_tokens=output)
+        assert charge_micros(reasoner, usage, at=BEFORE) <= estimate.worst_case_cost_micros, vendor_input
+    # 875 input x $1.10/M + 600 reasoning x $8.80/M, rounded half up.
+    assert estimate.worst_case_cost_micros == 963 + 5_280
+
+
+def test_worst_case_bounds_every_charge_at_the_limits_on_random_catalogs() -> None:
+    """Random prices (cache writes dearer or cheaper than input, a cached price above input, a
+    reasoning price on a model that does not say it reasons), prompts and usage at the limits
+    the estimate allows: the charge never exceeds the worst case."""
+    rng = random.Random(11)
+    for _ in range(200):
+        input_price, output_price = rng.randrange(1, 20_000), rng.randrange(1, 80_000)
+        prices = {
+            "input": f"{input_price / 1000:.3f}",
+            "output": f"{output_price / 1000:.3f}",
+            "cached_input": f"{rng.randrange(0, 2 * input_price) / 1000:.3f}",
+            "cache_write_input": f"{rng.randrange(0, 2 * input_price) / 1000:.3f}",
+            "reasoning": f"{rng.randrange(0, 2 * output_price) / 1000:.3f}",
+        }
+        text = (
+            "providers:\n  openai: {vendor: openai, base_url: https://api.openai.com/v1}\nmodels:\n"
+            "  - id: openai/m\n    provider: openai\n    upstream_model: m\n"
+            f"    context_window: 8000\n    max_output_tokens: 4000\n    prices: {prices}\n"
+        ).replace("'", '"')
+        chosen = parse_catalog(text).model("openai/m")
+        assert chosen is not None
+        counted = rng.randrange(1, 8_000)
+        guessed = rng.choice([0, rng.randrange(0, counted + 1), counted])
+        prompt = PromptCount(counted, "cl100k_base", guessed > 0, approximate_tokens=guessed)
+        chat = request(rng.choice([None, rng.randrange(1, 6_000)]))
+        worst = estimate_cost(chat, chosen, at=BEFORE, prompt=prompt).worst_case_cost_micros
+        limit = chat.sampling.max_output_tokens or 4_000
+        highest_input = counted + -(-guessed // 4)
+        for vendor_input in {counted - guessed, counted, highest_input}:
+            output = max(0, min(limit, 4_000, 8_000 - vendor_input))
+            for cached, written in ((0, 0), (vendor_input, 0), (0, vendor_input)):
+                for reasoning in (0, output):
+                    usage = TokenCounts(
+                        input_tokens=vendor_input,
+                        output_tokens=output,
+                        cached_input_tokens=cached,
+                        cache_write_input_tokens=written,
+                        reasoning_tokens=reasoning,
+                    )
+                    assert charge_micros(chosen, usage, at=BEFORE) <= worst, (prices, prompt, usage)
 
 
 @pytest.mark.parametrize(

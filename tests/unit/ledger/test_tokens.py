@@ -42,6 +42,8 @@ providers:
 models:
   - {id: openai/gpt-4, provider: openai, upstream_model: gpt-4, context_window: 8192,
      max_output_tokens: 4096, prices: {input: "30", output: "60"}}
+  - {id: openai/gpt-35, provider: openai, upstream_model: gpt-3.5-turbo-0613, context_window: 4096,
+     max_output_tokens: 4096, prices: {input: "1.50", output: "2"}}
   - {id: openai/gpt-4o, provider: openai, upstream_model: gpt-4o-2024-08-06, context_window: 128000,
      max_output_tokens: 16384, prices: {input: "2.50", output: "10"}}
   - {id: openai/future-model, provider: openai, upstream_model: future-model, context_window: 128000,
@@ -100,6 +102,56 @@ def chat(*messages: common_pb2.Message, **fields: object) -> common_pb2.ChatRequ
 # --------------------------------------------------------------------------- #
 
 
+# Published counts from OpenAI's cookbook, "How to count tokens with tiktoken"
+# (openai-cookbook, examples/How_to_count_tokens_with_tiktoken.ipynb): numbers printed there, not
+# worked out here with the encoder under test.
+COOKBOOK_CL100K_TEXTS = [
+    ("tiktoken is great!", 6),  # [83, 1609, 5963, 374, 2294, 0]
+    ("antidisestablishmentarianism", 6),
+    ("2 + 2 = 4", 7),
+    ("お誕生日おめでとう", 9),
+]
+COOKBOOK_EXAMPLE_MESSAGES = [
+    (
+        "system",
+        "",
+        "You are a helpful, pattern-following assistant that translates corporate jargon into plain English.",
+    ),
+    ("system", "example_user", "New synergies will help drive top-line growth."),
+    ("system", "example_assistant", "Things working well together will increase revenue."),
+    (
+        "system",
+        "example_user",
+        "Let's circle back when we have more bandwidth to touch base on opportunities"
+        " for increased leverage.",
+    ),
+    ("system", "example_assistant", "Let's talk later when we're less busy about how to do better."),
+    ("user", "", "This late pivot means we don't have time to boil the ocean for the client deliverable."),
+]
+# What the OpenAI API reported as prompt_tokens for those messages on gpt-3.5-turbo-0613,
+# gpt-4-0314, gpt-4-0613 and gpt-4.
+COOKBOOK_EXAMPLE_PROMPT_TOKENS = 129
+
+
+@pytest.mark.parametrize(("text", "expected"), COOKBOOK_CL100K_TEXTS)
+def test_cookbook_text_counts_in_cl100k(catalog: Catalog, text: str, expected: int) -> None:
+    assert count_text_tokens(text, model(catalog, "openai/gpt-4")) == expected
+    assert count_text_tokens(text, model(catalog, "openai/gpt-35")) == expected
+
+
+@pytest.mark.parametrize("model_id", ["openai/gpt-4", "openai/gpt-35"])
+def test_cookbook_example_messages_count_what_the_api_reported(catalog: Catalog, model_id: str) -> None:
+    roles = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER}
+    request = chat(
+        *(
+            common_pb2.Message(role=roles[role], name=name, parts=[common_pb2.ContentPart(text=text)])
+            for role, name, text in COOKBOOK_EXAMPLE_MESSAGES
+        )
+    )
+    count = count_prompt_tokens(request, model(catalog, model_id))
+    assert count == tokens.PromptCount(COOKBOOK_EXAMPLE_PROMPT_TOKENS, "cl100k_base", False, 0)
+
+
 def test_one_message_is_its_text_plus_the_documented_overhead(
     catalog: Catalog, cl100k: tiktoken.Encoding
 ) -> None:
@@ -155,6 +207,7 @@ def test_huge_text_is_sampled_close_to_exact_and_marked_approximate(
     exact = len(cl100k.encode(huge))
     count = count_prompt_tokens(chat(user(huge)), gpt4)
     assert count.approximate
+    assert count.approximate_tokens == count.tokens - 7  # the sampled text, not the overhead
     assert abs(count.tokens - 7 - exact) / exact < 0.03
     at_limit = huge[: tokens.EXACT_TEXT_CHARS]
     exact_count = count_prompt_tokens(chat(user(at_limit)), gpt4)
@@ -176,6 +229,9 @@ def test_tool_definitions_add_their_text_and_overhead(catalog: Catalog, cl100k: 
     definition = sum(len(cl100k.encode(t)) for t in ("get_weather", "Weather for a city.", schema))
     assert with_tool.tokens - plain.tokens == TOOLS_PREAMBLE + TOOL_DEFINITION_OVERHEAD + definition
     assert with_tool.approximate and not plain.approximate
+    # Only the tool definitions are a guess; the messages are counted exactly.
+    assert with_tool.approximate_tokens == TOOLS_PREAMBLE + TOOL_DEFINITION_OVERHEAD + definition
+    assert plain.approximate_tokens == 0
     two = count_prompt_tokens(chat(user(SENTENCE), tools=[tool, tool]), gpt4)
     assert two.tokens - with_tool.tokens == TOOL_DEFINITION_OVERHEAD + definition
 
@@ -190,7 +246,7 @@ def test_tool_calls_and_json_schema_format_add_tokens(catalog: Catalog, cl100k: 
         TOOL_CALL_OVERHEAD + len(cl100k.encode("get_weather")) + len(cl100k.encode('{"city":"Paris"}'))
     )
     assert with_call.tokens - base == TOKENS_PER_MESSAGE + 1 + expected_call
-    assert with_call.approximate
+    assert with_call.approximate and with_call.approximate_tokens == expected_call
 
     schema = '{"type":"object","properties":{"answer":{"type":"string"}}}'
     response_format = common_pb2.ResponseFormat(
@@ -198,7 +254,7 @@ def test_tool_calls_and_json_schema_format_add_tokens(catalog: Catalog, cl100k: 
     )
     shaped = count_prompt_tokens(chat(user(SENTENCE), response_format=response_format), gpt4)
     assert shaped.tokens - base == len(cl100k.encode("reply")) + len(cl100k.encode(schema))
-    assert shaped.approximate
+    assert shaped.approximate and shaped.approximate_tokens == shaped.tokens - base
 
 
 # --------------------------------------------------------------------------- #
@@ -256,7 +312,7 @@ def test_openai_images_add_the_documented_tokens(
     text_only = count_prompt_tokens(chat(user(SENTENCE)), gpt4)
     with_image = count_prompt_tokens(image_request(image), gpt4)
     assert with_image.tokens - text_only.tokens == added
-    assert with_image.approximate
+    assert with_image.approximate and with_image.approximate_tokens == added
 
 
 def test_openai_tile_rule_examples() -> None:
@@ -315,14 +371,20 @@ def test_encoding_factor_and_approximate_flag_per_vendor(
     request = chat(user(SENTENCE))
     base = len(cl100k.encode(SENTENCE)) + 3 + 1 + 3
     count = count_prompt_tokens(request, model(catalog, model_id))
+    expected = math.ceil(base * factor[0] / factor[1])
     assert count == tokens.PromptCount(
-        tokens=math.ceil(base * factor[0] / factor[1]), encoding=encoding, approximate=approximate
+        tokens=expected,
+        encoding=encoding,
+        approximate=approximate,
+        # Under a stand-in encoding the whole count is a guess; with the model's own, none of it.
+        approximate_tokens=expected if approximate else 0,
     )
 
 
 def test_no_model_counts_with_cl100k_approximately(cl100k: tiktoken.Encoding) -> None:
     count = count_prompt_tokens(chat(user(SENTENCE)), None)
-    assert count == tokens.PromptCount(len(cl100k.encode(SENTENCE)) + 7, "cl100k_base", True)
+    expected = len(cl100k.encode(SENTENCE)) + 7
+    assert count == tokens.PromptCount(expected, "cl100k_base", True, approximate_tokens=expected)
 
 
 def test_count_text_tokens_has_no_overhead_and_applies_the_factor(
