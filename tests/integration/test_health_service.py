@@ -1,7 +1,9 @@
 """The HealthMonitorService end to end: real `switchyard serve health` processes over real gRPC.
 
 * one replica with the in-memory feed: Report validation, breakers opening from reported
-  failures, Watch (snapshot first, then updates, the half-open turn driven by the clock);
+  failures, Watch (snapshot first, then updates, the half-open turn driven by the clock),
+  latency per reporting region, plan predictions against actual latency, and the provider's
+  aggregate of its models' traffic;
 * two replicas on one real Redis: an outcome reported to one shows in the other's picture,
   and a replica started later warms up from the feed's recent history.
 
@@ -215,6 +217,39 @@ async def test_statistics_and_headroom_reach_the_snapshot(
     assert found.status == health_pb2.HEALTH_STATUS_DEGRADED
     assert found.reason == "rate-limit headroom low: 3 of 1000 requests left"
     assert found.headroom.remaining_requests == 3
+
+
+async def test_regions_predictions_and_the_provider_aggregate_reach_the_snapshot(
+    memory_health: health_pb2_grpc.HealthMonitorServiceStub,
+) -> None:
+    outcomes: list[health_pb2.AttemptOutcome] = []
+    for index in range(4):
+        near = success("geo", "geo/fast", latency_ms=100)
+        near.region, near.predicted_latency_ms = "us", 125  # off by 25 %
+        far = success("geo", "geo/fast", latency_ms=400)
+        far.region, far.predicted_latency_ms = "eu", 100 if index == 3 else 400  # once off by 75 %
+        outcomes += [near, far]
+    outcomes += [failure("geo", "geo/broken")] * 5
+    await memory_health.Report(health_pb2.ReportRequest(outcomes=outcomes), timeout=5)
+    fast = await wait_for_samples(memory_health, "geo", "geo/fast", 8)
+    assert [(r.region, r.samples) for r in fast.regions] == [("eu", 4), ("us", 4)]
+    assert (fast.regions[0].ewma_latency_ms, fast.regions[1].ewma_latency_ms) == (400.0, 100.0)
+    assert fast.plan_latency_error_samples == 8
+    assert fast.plan_latency_error_p95 == pytest.approx(0.75)
+    assert 0 < fast.plan_latency_error < 0.75
+    broken = await wait_for_entry(memory_health, "geo", "geo/broken", health_pb2.BREAKER_STATE_OPEN)
+    assert broken.status == health_pb2.HEALTH_STATUS_DOWN
+    # The provider's entry has every model's traffic, but one broken model opens nothing else.
+    provider = await wait_for_samples(memory_health, "geo", "", 13)
+    assert provider.error_rate == pytest.approx(5 / 13)
+    assert provider.last_error == "PROVIDER_UNAVAILABLE"
+    assert [r.region for r in provider.regions] == ["eu", "us"]
+    assert (provider.breaker, provider.status) == (
+        health_pb2.BREAKER_STATE_CLOSED,
+        health_pb2.HEALTH_STATUS_HEALTHY,
+    )
+    still = await entry_of(memory_health, "geo", "geo/fast")
+    assert still is not None and still.breaker == health_pb2.BREAKER_STATE_CLOSED
 
 
 async def test_two_replicas_on_one_redis_share_the_picture_and_a_late_one_warms_up(

@@ -2,13 +2,15 @@
 
 Real processes: three simulated OpenAI-compatible vendors, their adapter, the health
 monitor (breakers from the edge's outcome reports and from its own probes), the router
-(snapshots pushed to the edge) and the edge planning locally. Breakers turn half-open after
-1 s here so recovery fits in a test. Propagation times are printed (`-s`), not asserted.
+(snapshots pushed to the edge) and the edge planning locally; a second edge joins for the
+propagation test. Breakers turn half-open after 1 s here so recovery fits in a test.
+Propagation times are printed (`-s`), not asserted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -17,8 +19,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from switchyard.v1 import common_pb2, health_pb2, health_pb2_grpc, router_pb2, router_pb2_grpc
+from switchyard.common.ports import free_port
+from switchyard.supervisor import ReadinessCheck, Supervisor
+from switchyard.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    health_pb2,
+    health_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from tests.conftest import Mesh, SimControl, running_mesh
+from tests.support.auth import keyed_channel
 from tests.support.otlp import OtlpReceiver
 
 PROVIDERS = ("alpha", "beta", "gamma")
@@ -63,6 +76,40 @@ async def routing_mesh(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFact
     }
     async with running_mesh(otlp, workdir, catalog_path=catalog, env=env) as mesh:
         yield mesh
+
+
+@pytest.fixture(scope="module")
+async def second_edge(
+    routing_mesh: Mesh, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[gateway_pb2_grpc.GatewayServiceStub]:
+    """Another edge process, configured as the mesh's own, subscribed to the same router."""
+    edge = next(c for c in routing_mesh.plan.children if c.name == "edge")
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    spec = dataclasses.replace(
+        edge,
+        name="edge-2",
+        env={**edge.env, "SWITCHYARD_PORT": str(port), "SWITCHYARD_HTTP_PORT": "0"},
+        readiness=ReadinessCheck.grpc_health(target),
+    )
+    log_path = tmp_path_factory.mktemp("second-edge") / "edge.log"
+    with log_path.open("w") as out:
+        supervisor = Supervisor([spec], out=out, color=False)
+        await supervisor.start()
+        channel = keyed_channel(target)
+        try:
+            await supervisor.wait_ready(60)
+            # Ready to serve is not yet following the router: wait for its WatchRoutes call.
+            async with asyncio.timeout(15):
+                while True:
+                    lines = routing_mesh.logs().splitlines()
+                    if any("routes_subscribed" in line and f"-{port}" in line for line in lines):
+                        break
+                    await asyncio.sleep(0.05)
+            yield gateway_pb2_grpc.GatewayServiceStub(channel)
+        finally:
+            await channel.close()
+            await supervisor.stop(grace_s=5)
 
 
 @pytest.fixture
@@ -192,6 +239,13 @@ async def test_traffic_leaves_a_failing_provider_and_returns_after_recovery(
     await until_not_attempted(routing_mesh, "beta", "left", within_s=5)
     served = await serve(routing_mesh, 10, "without-beta")
     assert all("beta" not in attempted for _, attempted in served)
+    # What beta served moves to both of the others, not to one of them.
+    during = Counter(provider for provider, _ in served)
+    deadline = time.monotonic() + 10
+    while min(during["alpha"], during["gamma"]) < 3 and time.monotonic() < deadline:
+        during.update(provider for provider, _ in await serve(routing_mesh, 10, "without-beta"))
+    assert set(during) == {"alpha", "gamma"}, (during, await state(routing_mesh))
+    assert min(during.values()) >= 3, (during, await state(routing_mesh))
     entries = [await health_entry(routing_mesh, "beta", model) for model in ("", "beta/small")]
     assert any(e is not None and e.status == health_pb2.HEALTH_STATUS_DOWN for e in entries), entries
 
@@ -203,9 +257,52 @@ async def test_traffic_leaves_a_failing_provider_and_returns_after_recovery(
     while returned["beta"] < 3 and time.monotonic() < deadline:
         returned.update(provider for provider, _ in await serve(routing_mesh, 10, "up"))
     assert returned["beta"] >= 3, (returned, await state(routing_mesh))
+    # Beta takes its share back beside the others, which keep theirs.
+    assert set(returned) == set(PROVIDERS), (returned, await state(routing_mesh))
 
 
-async def test_a_breaker_reported_open_reaches_the_edge_snapshot(routing_mesh: Mesh) -> None:
+def gamma_request(tag: str) -> common_pb2.ChatRequest:
+    request = auto_request(f"gamma please {tag}")
+    request.model = "gamma/small"
+    return request
+
+
+async def asked_for_gamma(gateway: gateway_pb2_grpc.GatewayServiceStub, tag: str) -> gateway_pb2.ChatResponse:
+    """A request naming gamma/small: the edge plans gamma first unless its snapshot gates it."""
+    response: gateway_pb2.ChatResponse = await gateway.Chat(gamma_request(tag), timeout=10)
+    return response
+
+
+async def until_edge_plans_gamma(
+    gateway: gateway_pb2_grpc.GatewayServiceStub, tag: str, within_s: float
+) -> None:
+    """Wait until a request naming gamma/small is answered by gamma at this edge."""
+    async with asyncio.timeout(within_s):
+        while True:
+            if (await asked_for_gamma(gateway, tag)).routing.provider == "gamma":
+                return
+            await asyncio.sleep(0.05)
+
+
+async def until_edge_avoids_gamma(gateway: gateway_pb2_grpc.GatewayServiceStub, tag: str) -> float:
+    """When (monotonic) a request naming gamma/small was first planned without gamma here."""
+    index = 0
+    while True:
+        index += 1
+        response = await asked_for_gamma(gateway, f"{tag} {index}")
+        if all(attempt.provider != "gamma" for attempt in response.attempts):
+            return time.monotonic()
+
+
+async def test_a_breaker_reported_open_reaches_every_subscribed_edge(
+    routing_mesh: Mesh,
+    second_edge: gateway_pb2_grpc.GatewayServiceStub,
+    sims: dict[str, SimControl],
+) -> None:
+    edges = {"edge": routing_mesh.gateway(), "edge-2": second_edge}
+    # Both edges plan gamma first for a request naming it, so avoiding it later shows the change.
+    for name, gateway in edges.items():
+        await until_edge_plans_gamma(gateway, f"{name} before", within_s=10)
     router = router_pb2_grpc.RouterServiceStub(grpc.aio.insecure_channel(routing_mesh.target("router")))
     watch = router.WatchRoutes(router_pb2.WatchRoutesRequest(subscriber_id="test"))
     first = await anext(aiter(watch))
@@ -220,18 +317,34 @@ async def test_a_breaker_reported_open_reaches_the_edge_snapshot(routing_mesh: M
     await health_stub(routing_mesh).Report(
         health_pb2.ReportRequest(outcomes=failures, reporter_id="test"), timeout=5
     )
-    key = ("gamma", "gamma/small")
-    async with asyncio.timeout(5):
+    # Gamma fails from now on, so each half-open trial (after 1 s) opens the breaker again and
+    # an edge slower than that still ends up gated: no timing hides in the waits below.
+    await sims["gamma"].knobs(status=500)
+
+    async def subscriber_sees_open() -> float:
+        key = ("gamma", "gamma/small")
         async for response in watch:
             entry = next((h for h in response.snapshot.health if (h.provider, h.model) == key), None)
             if entry is not None and entry.breaker == health_pb2.BREAKER_STATE_OPEN:
-                break
-    propagation_s = time.monotonic() - reported
-    watch.cancel()
-    print(f"breaker open reached a WatchRoutes subscriber in {propagation_s * 1000:.0f} ms")
-    # The edge gets the same stream: it stops planning gamma (the breaker stays open 1 s).
-    served = await serve(routing_mesh, 6, "gamma-open")
-    assert all("gamma" not in attempted for _, attempted in served)
+                return time.monotonic()
+        raise AssertionError("the WatchRoutes stream ended")
+
+    try:
+        async with asyncio.timeout(20):
+            arrivals = await asyncio.gather(
+                subscriber_sees_open(),
+                *(until_edge_avoids_gamma(gateway, f"{name} after") for name, gateway in edges.items()),
+            )
+    finally:
+        watch.cancel()
+    # An edge's time is its first request planned without gamma: an upper bound, request included.
+    for name, arrived in zip(("a WatchRoutes subscriber", *edges), arrivals, strict=True):
+        print(f"breaker open reached {name} in {(arrived - reported) * 1000:.0f} ms")
+
+    await sims["gamma"].reset()
+    # Recovery reaches every edge too: each plans gamma first again.
+    for name, gateway in edges.items():
+        await until_edge_plans_gamma(gateway, f"{name} back", within_s=15)
 
 
 async def test_a_rule_edit_in_the_catalog_file_reaches_the_edge(routing_mesh: Mesh) -> None:

@@ -84,6 +84,9 @@ class Settings(BaseModel):
     edge_queue_timeout_s: float = Field(default=5.0, gt=0)
     # Identical in-flight requests of one tenant share one upstream call.
     edge_dedup: bool = True
+    # The region this edge runs in (for example "us-east"): its outcome reports carry it, and
+    # it plans on the latency measured from there. Empty: latency of every region together.
+    edge_region: str = ""
     # A clear API key the edge stores (hashed) for the `default` tenant at start: the key
     # `switchyard run` prints. Unset in a cluster, where keys come from `switchyard keys`.
     dev_key: str | None = Field(default=None, repr=False)
@@ -164,6 +167,7 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_MAX_QUEUE": "edge_max_queue",
             "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "edge_queue_timeout_s",
             "SWITCHYARD_EDGE_DEDUP": "edge_dedup",
+            "SWITCHYARD_EDGE_REGION": "edge_region",
             "SWITCHYARD_EDGE_CACHE": "edge_cache",
             "SWITCHYARD_CACHE_MAX_TEMPERATURE": "cache_max_temperature",
             "SWITCHYARD_CACHE_LOOKUP_TIMEOUT_S": "cache_lookup_timeout_s",

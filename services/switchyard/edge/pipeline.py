@@ -85,6 +85,8 @@ class _Attempt:
     number: int
     model: str
     provider: str
+    # The plan's predicted latency for the candidate (0: none), reported with the outcome.
+    predicted_latency_ms: int = 0
     started: float = field(default_factory=time.monotonic)
     error: SwitchyardError | None = None
 
@@ -228,7 +230,7 @@ class ChatPipeline:
                 refusals.append(exc)  # another candidate may fall under other budgets
                 continue
             number = len(attempts) + 1
-            attempt = _Attempt(number, candidate.model, candidate.provider)
+            attempt = _Attempt(number, candidate.model, candidate.provider, candidate.predicted_latency_ms)
             first_token: float | None = None
             headroom: common_pb2.RateLimitHeadroom | None = None
             attempts.append(attempt)
@@ -356,6 +358,8 @@ class ChatPipeline:
                 total_s=time.monotonic() - attempt.started,
                 usage=usage,
                 headroom=headroom,
+                region=self._settings.edge_region,
+                predicted_latency_ms=attempt.predicted_latency_ms,
             )
         )
 

@@ -49,9 +49,13 @@ def outcome(
     total_s: float,
     usage: common_pb2.Usage | None = None,
     headroom: common_pb2.RateLimitHeadroom | None = None,
+    region: str = "",
+    predicted_latency_ms: int = 0,
 ) -> health_pb2.AttemptOutcome:
     """One attempt's outcome as the health monitor takes it.
 
+    `region` is the reporting edge's, `predicted_latency_ms` the plan's prediction for the
+    candidate (0: none), so the monitor keeps latency per region and scores the predictions.
     A failure's rate-limit state comes from its ErrorInfo metadata (`remaining_requests`,
     `remaining_tokens`) and its retry delay; a success's from the adapter's `done` event.
     """
@@ -67,6 +71,8 @@ def outcome(
         error_reason=error.reason.value if error is not None else "",
         time_to_first_token_ms=max(0, round(first_token_s * 1000)) if first_token_s is not None else 0,
         total_latency_ms=total_ms,
+        region=region,
+        predicted_latency_ms=max(0, predicted_latency_ms),
     )
     if usage is not None:
         result.input_tokens = max(0, usage.input_tokens)

@@ -43,9 +43,13 @@ def reconnect_delay(failures: int) -> float:
 class RouteWatcher:
     """Keeps `planner` on the router's newest routing snapshot."""
 
-    def __init__(self, router: RouteSource, planner: Planner, subscriber_id: str) -> None:
+    def __init__(
+        self, router: RouteSource, planner: Planner, subscriber_id: str, *, region: str = ""
+    ) -> None:
         self._router = router
         self._planner = planner
+        # Snapshots are compiled for this edge's region: it plans on the latency measured here.
+        self._region = region
         self._subscriber_id = subscriber_id
         self._task: asyncio.Task[None] | None = None
         self._received = asyncio.Event()
@@ -67,7 +71,7 @@ class RouteWatcher:
         """Plan on `snapshot` from now on, unless it is older than the one in use."""
         if snapshot.version <= self._planner.table.version:
             return False
-        self._planner.swap(RoutingTable.from_snapshot(snapshot))
+        self._planner.swap(RoutingTable.from_snapshot(snapshot, region=self._region))
         self.snapshots += 1
         self._received.set()
         return True

@@ -224,7 +224,10 @@ def build(settings: Settings) -> ServiceParts:
         report=reporter.add,
     )
     routes = RouteWatcher(
-        router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target)), pipeline.planner, holder
+        router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target)),
+        pipeline.planner,
+        holder,
+        region=settings.edge_region,
     )
     cache = (
         EdgeCache(

@@ -5,12 +5,18 @@ is placed at its own `finished_at` (never later than the clock), so replicas tha
 same outcomes in the same order, and a replica warming up from the recent history, end with
 the same picture.
 
-A caller's attempt updates its (provider, model) entry; an active probe (model "") updates
-the provider's entry. Per entry the book keeps EWMAs of total latency, time to first token
-and output tokens/s (successes only), a window of recent outcomes (`window_s`, at most
-`max_window_samples`) for the error rate and the nearest-rank p50/p95/p99 of successful
-latencies, the last error, the latest non-empty rate-limit headroom, consecutive failures,
-and an online latency fit (see `latency.py`).
+A caller's attempt updates its (provider, model) entry and the statistics of its provider's
+entry (model ""); an active probe updates the provider's entry alone. Per entry the book keeps
+EWMAs of total latency, time to first token and output tokens/s (successes only), a window of
+recent outcomes (`window_s`, at most `max_window_samples`) for the error rate and the
+nearest-rank p50/p95/p99 of successful latencies, the last error, the latest non-empty
+rate-limit headroom, consecutive failures, an online latency fit (see `latency.py`), the EWMAs
+and fit again per reporting edge's region (at most `MAX_REGIONS`), and the error of the plans'
+latency predictions (EWMA and windowed p95).
+
+Breakers and statuses judge the outcomes that are about the entry itself: a model's entry
+every outcome of the model, a provider's entry its probes. Traffic reaches the provider's entry
+as statistics only, so one model failing opens no breaker for the provider's other models.
 
 Breaker: CLOSED → OPEN after `failure_threshold` counted failures in a row, or when a failure
 brings the window's error rate to `error_rate_threshold` with at least `min_samples` outcomes
@@ -38,9 +44,11 @@ __all__ = [
     "CALLER_SIDE_REASONS",
     "HEADROOM_DEFAULT_RESET_S",
     "HEADROOM_LOW_FRACTION",
+    "MAX_REGIONS",
     "HealthBook",
     "HealthConfig",
     "counts_as_failure",
+    "relative_error",
 ]
 
 # Failures caused by the caller (or by us refusing the caller), not by the provider: they
@@ -61,7 +69,10 @@ CALLER_SIDE_REASONS: Final = frozenset(
 HEADROOM_LOW_FRACTION: Final = 0.05
 # A low headroom without a reset time counts for this long after it was observed.
 HEADROOM_DEFAULT_RESET_S: Final = 60.0
+# Regions kept per entry; outcomes from further regions count only in the global figures.
+MAX_REGIONS: Final = 32
 _REASON_PREFIX: Final = "ERROR_REASON_"
+_MAX_UINT32: Final = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -102,12 +113,44 @@ def counts_as_failure(outcome: health_pb2.AttemptOutcome) -> bool | None:
     return None if reason in CALLER_SIDE_REASONS else True
 
 
+def relative_error(predicted: float, actual: float) -> float:
+    """|predicted - actual| / actual: how far off a latency prediction was (actual > 0)."""
+    return abs(predicted - actual) / actual
+
+
 @dataclass(slots=True)
 class _Sample:
     at: float
     failed: bool
     # Total latency of a success; None for a failure.
     latency_ms: float | None
+    # Whether it counts for the breaker and the status (False: a provider entry's traffic).
+    judged: bool = True
+    # The relative error of the plan's latency prediction; None without one.
+    plan_error: float | None = None
+
+
+@dataclass
+class _Latency:
+    """Latency of successes (globally or from one region): EWMAs of total latency and time to
+    first token, and the online fit with the error of its predictions, each made before the
+    outcome was learned from."""
+
+    ewma_ms: float | None = None
+    ewma_ttft_ms: float | None = None
+    fit: OnlineLatencyModel = field(default_factory=OnlineLatencyModel)
+    fit_error: float | None = None
+
+    def learn(self, outcome: health_pb2.AttemptOutcome, alpha: float) -> None:
+        if outcome.total_latency_ms > 0:
+            latency = float(outcome.total_latency_ms)
+            self.ewma_ms = _ewma(self.ewma_ms, latency, alpha)
+            if self.fit.samples >= MIN_FIT_SAMPLES:
+                predicted = self.fit.predict(outcome.input_tokens, outcome.output_tokens)
+                self.fit_error = _ewma(self.fit_error, relative_error(predicted, latency), alpha)
+            self.fit.update(outcome.input_tokens, outcome.output_tokens, latency)
+        if outcome.time_to_first_token_ms > 0:
+            self.ewma_ttft_ms = _ewma(self.ewma_ttft_ms, float(outcome.time_to_first_token_ms), alpha)
 
 
 @dataclass
@@ -120,24 +163,33 @@ class _Entry:
     trip_reason: str = ""
     consecutive_failures: int = 0
     window: deque[_Sample] = field(default_factory=deque)
-    ewma_latency_ms: float | None = None
-    ewma_ttft_ms: float | None = None
+    latency: _Latency = field(default_factory=_Latency)
+    regions: dict[str, _Latency] = field(default_factory=dict)
     ewma_tokens_per_second: float | None = None
+    plan_error: float | None = None
     last_error: str = ""
     last_error_at: float | None = None
     headroom: common_pb2.RateLimitHeadroom | None = None
     samples: int = 0
     updated_at: float = 0.0
-    fit: OnlineLatencyModel = field(default_factory=OnlineLatencyModel)
-    prediction_error: float | None = None
     # The status and reason last published, to notice time-driven status changes.
     status: health_pb2.HealthStatus.ValueType = health_pb2.HEALTH_STATUS_UNSPECIFIED
     reason: str = ""
 
     def error_rate(self) -> float:
+        """Over every outcome in the window."""
         if not self.window:
             return 0.0
         return sum(1 for s in self.window if s.failed) / len(self.window)
+
+    def judged(self) -> tuple[int, float]:
+        """(outcomes, error rate) over the window's outcomes that count for the breaker."""
+        total = failed = 0
+        for s in self.window:
+            if s.judged:
+                total += 1
+                failed += s.failed
+        return total, failed / total if total else 0.0
 
     def expire(self, cutoff: float) -> int:
         """Drop window samples older than `cutoff`; how many went."""
@@ -189,8 +241,7 @@ class HealthBook:
         now = self._clock()
         changed: dict[tuple[str, str], _Entry] = {}
         for outcome in outcomes:
-            entry = self._apply(outcome, now)
-            if entry is not None:
+            for entry in self._apply(outcome, now):
                 changed[(entry.provider, entry.model)] = entry
         return self._publish(changed.values(), now)
 
@@ -237,7 +288,8 @@ class HealthBook:
             self._version = max(self._version + 1, int(now * 1000))
         return rendered
 
-    def _apply(self, outcome: health_pb2.AttemptOutcome, now: float) -> _Entry | None:
+    def _apply(self, outcome: health_pb2.AttemptOutcome, now: float) -> list[_Entry]:
+        """Learn from one outcome; the entries it changed."""
         config = self._config
         verdict = counts_as_failure(outcome)
         has_headroom = outcome.HasField("headroom") and outcome.headroom.ByteSize() > 0
@@ -251,7 +303,7 @@ class HealthBook:
         entry = self._entries.get(key)
         if entry is None:
             if verdict is None and not has_headroom:
-                return None
+                return []
             entry = self._entries[key] = _Entry(outcome.provider, outcome.model)
         if has_headroom:
             entry.headroom = common_pb2.RateLimitHeadroom()
@@ -259,55 +311,81 @@ class HealthBook:
             if not entry.headroom.HasField("observed_at"):
                 entry.headroom.observed_at.CopyFrom(timestamp_of(at))
         if verdict is None:
-            return entry if has_headroom else None
-        entry.expire(now - config.window_s)
+            return [entry] if has_headroom else []
+        self._count(entry, outcome, verdict, at, now, judged=True)
+        if not outcome.model or outcome.probe:
+            return [entry]
+        # The provider's aggregate learns from its models' traffic too, but judges only probes.
+        provider_key = (outcome.provider, "")
+        aggregate = self._entries.get(provider_key)
+        if aggregate is None:
+            aggregate = self._entries[provider_key] = _Entry(outcome.provider, "")
+        self._count(aggregate, outcome, verdict, at, now, judged=False)
+        return [entry, aggregate]
+
+    def _count(
+        self,
+        entry: _Entry,
+        outcome: health_pb2.AttemptOutcome,
+        failed: bool,
+        at: float,
+        now: float,
+        *,
+        judged: bool,
+    ) -> None:
+        entry.expire(now - self._config.window_s)
         self._maybe_half_open(entry, at)
         entry.samples += 1
-        if verdict:
-            self._failure(entry, outcome, at)
+        if failed:
+            self._failure(entry, outcome, at, judged)
         else:
-            self._success(entry, outcome, at)
-        return entry
+            self._success(entry, outcome, at, judged)
 
-    def _success(self, entry: _Entry, outcome: health_pb2.AttemptOutcome, at: float) -> None:
+    def _success(self, entry: _Entry, outcome: health_pb2.AttemptOutcome, at: float, judged: bool) -> None:
         config = self._config
-        latency = float(outcome.total_latency_ms)
-        entry.record(_Sample(at, False, latency), config.max_window_samples)
-        entry.consecutive_failures = 0
         alpha = config.ewma_alpha
-        if outcome.total_latency_ms > 0:
-            entry.ewma_latency_ms = _ewma(entry.ewma_latency_ms, latency, alpha)
-            if entry.fit.samples >= MIN_FIT_SAMPLES:
-                predicted = entry.fit.predict(outcome.input_tokens, outcome.output_tokens)
-                error = abs(predicted - latency) / latency
-                entry.prediction_error = _ewma(entry.prediction_error, error, alpha)
-            entry.fit.update(outcome.input_tokens, outcome.output_tokens, latency)
-        if outcome.time_to_first_token_ms > 0:
-            entry.ewma_ttft_ms = _ewma(entry.ewma_ttft_ms, float(outcome.time_to_first_token_ms), alpha)
+        latency = float(outcome.total_latency_ms)
+        plan_error: float | None = None
+        if outcome.predicted_latency_ms > 0 and latency > 0:
+            plan_error = relative_error(float(outcome.predicted_latency_ms), latency)
+            entry.plan_error = _ewma(entry.plan_error, plan_error, alpha)
+        entry.record(_Sample(at, False, latency, judged, plan_error), config.max_window_samples)
+        entry.latency.learn(outcome, alpha)
+        if outcome.region:
+            regional = entry.regions.get(outcome.region)
+            if regional is None and len(entry.regions) < MAX_REGIONS:
+                regional = entry.regions[outcome.region] = _Latency()
+            if regional is not None:
+                regional.learn(outcome, alpha)
         if outcome.output_tokens_per_second > 0:
             entry.ewma_tokens_per_second = _ewma(
                 entry.ewma_tokens_per_second, outcome.output_tokens_per_second, alpha
             )
+        if not judged:
+            return
+        entry.consecutive_failures = 0
         if entry.breaker == health_pb2.BREAKER_STATE_HALF_OPEN:
             entry.breaker = health_pb2.BREAKER_STATE_CLOSED
             entry.trip_reason = ""
             entry.opened_at = entry.retry_at = 0.0
             # The failures that tripped it would trip it again on the next failure.
-            entry.window = deque(s for s in entry.window if not s.failed)
+            entry.window = deque(s for s in entry.window if not (s.failed and s.judged))
 
-    def _failure(self, entry: _Entry, outcome: health_pb2.AttemptOutcome, at: float) -> None:
+    def _failure(self, entry: _Entry, outcome: health_pb2.AttemptOutcome, at: float, judged: bool) -> None:
         config = self._config
-        entry.record(_Sample(at, True, None), config.max_window_samples)
-        entry.consecutive_failures += 1
+        entry.record(_Sample(at, True, None, judged), config.max_window_samples)
         entry.last_error = outcome.error_reason.removeprefix(_REASON_PREFIX) or "UNKNOWN"
         entry.last_error_at = at
+        if not judged:
+            return
+        entry.consecutive_failures += 1
         if entry.breaker == health_pb2.BREAKER_STATE_HALF_OPEN:
             self._open(entry, at, "breaker open: trial failed")
         elif entry.breaker == health_pb2.BREAKER_STATE_CLOSED:
-            rate = entry.error_rate()
+            outcomes, rate = entry.judged()
             if entry.consecutive_failures >= config.failure_threshold:
                 self._open(entry, at, f"breaker open: {entry.consecutive_failures} consecutive failures")
-            elif len(entry.window) >= config.min_samples and rate >= config.error_rate_threshold:
+            elif outcomes >= config.min_samples and rate >= config.error_rate_threshold:
                 self._open(entry, at, f"breaker open: error rate {rate:.0%} over {config.window_s:g} s")
 
     def _open(self, entry: _Entry, at: float, reason: str) -> None:
@@ -329,8 +407,8 @@ class HealthBook:
             return health_pb2.HEALTH_STATUS_DOWN, entry.trip_reason
         if entry.breaker == health_pb2.BREAKER_STATE_HALF_OPEN:
             return health_pb2.HEALTH_STATUS_DEGRADED, "half-open: trial requests"
-        rate = entry.error_rate()
-        if entry.window and rate >= self._config.degraded_error_rate:
+        outcomes, rate = entry.judged()
+        if outcomes and rate >= self._config.degraded_error_rate:
             return (
                 health_pb2.HEALTH_STATUS_DEGRADED,
                 f"error rate {rate:.0%} over {self._config.window_s:g} s",
@@ -345,18 +423,20 @@ class HealthBook:
 
     def _render(self, entry: _Entry, now: float) -> health_pb2.ModelHealth:
         p50, p95, p99 = _percentiles(sorted(s.latency_ms for s in entry.window if s.latency_ms is not None))
-        base, per_input, per_output = entry.fit.coefficients
+        plan_errors = sorted(s.plan_error for s in entry.window if s.plan_error is not None)
+        latency = entry.latency
+        base, per_input, per_output = latency.fit.coefficients
         result = health_pb2.ModelHealth(
             provider=entry.provider,
             model=entry.model,
             status=entry.status,
             reason=entry.reason,
             breaker=entry.breaker,
-            ewma_latency_ms=entry.ewma_latency_ms or 0.0,
+            ewma_latency_ms=latency.ewma_ms or 0.0,
             p50_latency_ms=p50,
             p95_latency_ms=p95,
             p99_latency_ms=p99,
-            ewma_time_to_first_token_ms=entry.ewma_ttft_ms or 0.0,
+            ewma_time_to_first_token_ms=latency.ewma_ttft_ms or 0.0,
             error_rate=entry.error_rate(),
             output_tokens_per_second=entry.ewma_tokens_per_second or 0.0,
             last_error=entry.last_error,
@@ -367,9 +447,13 @@ class HealthBook:
             latency_base_ms=base,
             latency_ms_per_input_token=per_input,
             latency_ms_per_output_token=per_output,
-            latency_fit_samples=min(entry.fit.samples, 2**32 - 1),
-            latency_prediction_error=entry.prediction_error or 0.0,
-            latency_fit_output_reach=entry.fit.output_reach,
+            latency_fit_samples=min(latency.fit.samples, _MAX_UINT32),
+            latency_prediction_error=latency.fit_error or 0.0,
+            latency_fit_output_reach=latency.fit.output_reach,
+            regions=[_render_region(region, entry.regions[region]) for region in sorted(entry.regions)],
+            plan_latency_error=entry.plan_error or 0.0,
+            plan_latency_error_p95=_percentiles(plan_errors)[1],
+            plan_latency_error_samples=len(plan_errors),
         )
         if entry.last_error_at is not None:
             result.last_error_at.CopyFrom(timestamp_of(entry.last_error_at))
@@ -378,6 +462,21 @@ class HealthBook:
         if entry.breaker == health_pb2.BREAKER_STATE_OPEN:
             result.breaker_retry_at.CopyFrom(timestamp_of(entry.retry_at))
         return result
+
+
+def _render_region(region: str, latency: _Latency) -> health_pb2.RegionLatency:
+    base, per_input, per_output = latency.fit.coefficients
+    return health_pb2.RegionLatency(
+        region=region,
+        samples=min(latency.fit.samples, _MAX_UINT32),
+        ewma_latency_ms=latency.ewma_ms or 0.0,
+        ewma_time_to_first_token_ms=latency.ewma_ttft_ms or 0.0,
+        latency_base_ms=base,
+        latency_ms_per_input_token=per_input,
+        latency_ms_per_output_token=per_output,
+        latency_prediction_error=latency.fit_error or 0.0,
+        latency_fit_output_reach=latency.fit.output_reach,
+    )
 
 
 def _ewma(previous: float | None, value: float, alpha: float) -> float:

@@ -64,8 +64,8 @@ def validate_report(request: health_pb2.ReportRequest) -> None:
         path = f"outcomes[{index}]"
         if not outcome.provider.strip():
             raise invalid("an outcome names its provider", f"{path}.provider")
-        if len(outcome.provider) > MAX_NAME_CHARS or len(outcome.model) > MAX_NAME_CHARS:
-            raise invalid(f"provider and model names are at most {MAX_NAME_CHARS} characters", path)
+        if max(len(outcome.provider), len(outcome.model), len(outcome.region)) > MAX_NAME_CHARS:
+            raise invalid(f"provider, model and region names are at most {MAX_NAME_CHARS} characters", path)
         reason = outcome.error_reason.removeprefix("ERROR_REASON_")
         if outcome.success and reason:
             raise invalid("a successful outcome has no error reason", f"{path}.error_reason")

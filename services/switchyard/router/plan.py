@@ -3,7 +3,7 @@
 This is a plain library (no gRPC): the router's `Plan` and `Explain` RPCs and every edge (on
 the snapshot the router pushed) run the same code. A `Planner` holds the table and the little
 state planning keeps between requests: the weighted round-robin position among equals, and the
-half-open trials this planner has handed out on the current snapshot version.
+half-open trials this planner has handed out in each breaker's current half-open episode.
 
 How a plan is made (deterministic given the table and that state):
 
@@ -22,19 +22,22 @@ How a plan is made (deterministic given the table and that state):
 6. Ranking by a strategy (the request's preference): components normalised 0..1 over the
    candidates (cost and latency as best / this; latency with `LATENCY_OFFSET_MS` added to both,
    so milliseconds of noise between fast models do not split them), mixed by
-   `STRATEGY_WEIGHTS`, plus a region bonus. Free-tier models with headroom come first in every
-   strategy, and the COST strategy puts models of quality >= `QUALITY_FLOOR` before the others.
+   `STRATEGY_WEIGHTS`, plus a region bonus (a tiebreak: the predicted latency already is what
+   was measured from the table's region, see `table.py`). Free-tier models with headroom come
+   first in every strategy, and the COST strategy puts models of quality >= `QUALITY_FLOOR`
+   before the others.
 7. Among the leading equals (same rank tier and region match, scores within `equal_score_band`
    of the best) the first position rotates by smooth weighted round robin on the table's
    weights, each member keeping at least `weight_floor` of the share. A half-open model with
-   trials left goes first among the ranked ones, so its breaker can close again.
+   trials left goes first among the ranked ones, so its breaker can close again; a plan it
+   leads counts one of its trials, until the breaker leaves half-open.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -178,6 +181,10 @@ class Explanation:
             matched_rule=self.matched_rule,
             preference=self.preference,  # type: ignore[arg-type]
         )
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def plan_response(plan: RoutePlan) -> router_pb2.PlanResponse:
@@ -543,16 +550,20 @@ class _Scores:
 
 
 class Planner:
-    """Plans requests on a routing table; keeps the round-robin and half-open trial state."""
+    """Plans requests on a routing table; keeps the round-robin and half-open trial state.
 
-    def __init__(self, table: RoutingTable) -> None:
+    `clock` is the time tenant rules see (hours, weekdays) when a call passes no `now`.
+    """
+
+    def __init__(self, table: RoutingTable, *, clock: Callable[[], datetime] = _utc_now) -> None:
         self._table = table
         # Smooth weighted round robin: current weights per group of equals (keys sorted).
         self._rr: dict[tuple[str, ...], list[int]] = {}
         # The integer round-robin weights of each group on the current table (its weights and floor).
         self._rr_weights: dict[tuple[str, ...], list[int]] = {}
-        # Half-open trials handed out on the current snapshot version, by trial key.
+        # Half-open trials handed out while each breaker has been half-open, by trial key.
         self._trials: dict[str, int] = {}
+        self._clock = clock
 
     @property
     def table(self) -> RoutingTable:
@@ -560,11 +571,18 @@ class Planner:
         return self._table
 
     def swap(self, table: RoutingTable) -> None:
-        """Plan on `table` from now on; round-robin positions carry over, half-open trials
-        start afresh when the version changes."""
+        """Plan on `table` from now on; round-robin positions carry over, and so do the trials
+        of a breaker that is still half-open. Statistics alone make a new snapshot up to once
+        a second, so a count reset per version would let a half-open model take a few trials
+        per edge per second instead of a few per episode. Between two episodes a breaker
+        leaves half-open (closed by a trial's success, or open again for `open_s` after a
+        failure), and the snapshot that shows it so ends the count."""
         self._rr_weights = {}
-        if table.version != self._table.version:
-            self._trials.clear()
+        trials = self._trials
+        if trials:
+            half_open = {r.trial_key for r in table.models.values() if r.breaker == BREAKER_HALF_OPEN}
+            for key in [key for key in trials if key not in half_open]:
+                del trials[key]
         self._table = table
 
     def plan(
@@ -654,9 +672,12 @@ class Planner:
             requested = table.names.get(name)
             if requested is None:
                 raise invalid(f"unknown model or alias {name!r}", "model", model=name)
-        moment = now if now is not None else datetime.now(UTC)
+        moment = now if now is not None else self._clock()
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
+        elif moment.tzinfo is not UTC:
+            # Rules name UTC hours and weekdays: an aware time in another zone is converted.
+            moment = moment.astimezone(UTC)
         need = _Need(request, input_tokens, moment.timestamp(), self._trials)
         tenant = table.tenants.get(tenant_id)
         rules: Sequence[Rule] = ()
@@ -801,12 +822,11 @@ class Planner:
         ev.chosen = [entry(i) for i in sequence[:limit]]
         if explain:
             ev.ranked_rest = [entry(i) for i in sequence[limit:]]
-        else:
-            trials = self._trials
-            for chosen in ev.chosen:
-                if chosen.route.breaker == BREAKER_HALF_OPEN:
-                    key = chosen.route.trial_key
-                    trials[key] = trials.get(key, 0) + 1
+        elif ev.chosen and (lead := ev.chosen[0].route).breaker == BREAKER_HALF_OPEN:
+            # Only the lead is surely tried. A trial counted for a model listed further down
+            # (tried only if those before it fail) would be spent without an outcome, and the
+            # count lasts the episode: the breaker could stay half-open with no trial left.
+            self._trials[lead.trial_key] = self._trials.get(lead.trial_key, 0) + 1
         return ev
 
     def _rotate(

@@ -5,6 +5,10 @@ monitor's picture and pushes it to every edge; the router and each edge compile 
 `RoutingTable` (`RoutingTable.from_snapshot`) and plan on that. `RoutingTable.from_catalog`
 goes through the same snapshot, so there is one code path whatever the source.
 
+A table is compiled for a region (an edge's `edge_region`; empty on the router): a model's
+latency is predicted from the latency model measured from that region once it has
+`REGION_MIN_SAMPLES` samples, and from the one of every region together otherwise.
+
 Everything a plan needs that does not depend on the request is computed here, once per
 snapshot: per model a slotted `ModelRoute` with its prices, capabilities, breaker state,
 rate-limit headroom, latency model and weight; name resolution; models by category; tenants
@@ -35,6 +39,7 @@ __all__ = [
     "DEFAULT_LATENCY_MS",
     "PROVIDER_DOWN",
     "QUALITY_FLOOR",
+    "REGION_MIN_SAMPLES",
     "STRATEGY_WEIGHTS",
     "TIER_STEP",
     "ModelRoute",
@@ -52,6 +57,8 @@ DEFAULT_CONFIDENCE: Final = 0.2
 CONFIDENT_SAMPLES: Final = 50
 # An EWMA ignores prompt and answer size, so it is trusted less than a fitted model.
 EWMA_CONFIDENCE: Final = 0.6
+# Samples a region's own latency model needs before it replaces the global one there.
+REGION_MIN_SAMPLES: Final = 10
 # When a provider gives no reset time, a rate-limit observation holds this long.
 DEFAULT_RESET_S: Final = 60.0
 # A context-window check assumes this many output tokens when the request sets no limit.
@@ -162,6 +169,19 @@ def build_snapshot(
                 prediction_error=entry.latency_prediction_error,
                 output_reach=entry.latency_fit_output_reach,
             )
+            for measured in entry.regions:
+                if measured.samples > 0:
+                    snapshot.latency_models.add(
+                        model=entry.model,
+                        provider=entry.provider,
+                        base_ms=measured.latency_base_ms,
+                        ms_per_input_token=measured.latency_ms_per_input_token,
+                        ms_per_output_token=measured.latency_ms_per_output_token,
+                        samples=measured.samples,
+                        prediction_error=measured.latency_prediction_error,
+                        output_reach=measured.latency_fit_output_reach,
+                        region=measured.region,
+                    )
     if catalog.default_model is not None:
         default = catalog.resolve(catalog.default_model)
         snapshot.default_model = default.id if default is not None else ""
@@ -304,6 +324,7 @@ class RoutingTable:
         "models",
         "names",
         "providers",
+        "region",
         "tenants",
         "version",
         "weight_floor",
@@ -327,10 +348,13 @@ class RoutingTable:
     equal_score_band: float
     weight_floor: float
     headroom_reserve: float
+    # The region whose measured latency predictions use ("": every region together).
+    region: str
 
-    def __init__(self, snapshot: router_pb2.RoutingSnapshot) -> None:
+    def __init__(self, snapshot: router_pb2.RoutingSnapshot, *, region: str = "") -> None:
         settings = snapshot.settings if snapshot.HasField("settings") else default_settings()
         self.version = snapshot.version
+        self.region = region
         self.generated_at = _seconds(snapshot.generated_at) or 0.0
         self.max_candidates = settings.max_candidates or DEFAULT_MAX_CANDIDATES
         self.equal_score_band = max(0.0, settings.equal_score_band)
@@ -346,7 +370,17 @@ class RoutingTable:
                 model_health[(entry.provider, entry.model)] = entry
             else:
                 provider_health[entry.provider] = entry
-        fits = {(lm.provider, lm.model): lm for lm in snapshot.latency_models if lm.samples > 0}
+        fits = {
+            (lm.provider, lm.model): lm for lm in snapshot.latency_models if lm.samples > 0 and not lm.region
+        }
+        if region:
+            # Measured from here, once there is enough of it: another region's latency (or all
+            # regions mixed) misleads where network distance differs.
+            fits.update(
+                ((lm.provider, lm.model), lm)
+                for lm in snapshot.latency_models
+                if lm.region == region and lm.samples >= REGION_MIN_SAMPLES
+            )
         chains = {chain.model: tuple(chain.fallbacks) for chain in snapshot.fallbacks}
 
         models: dict[str, ModelRoute] = {}
@@ -416,7 +450,11 @@ class RoutingTable:
         key = weight_key(info.provider, info.id)
 
         breaker, breaker_detail, trial_key, trials = _breaker(info, entry, provider_entry)
-        health_score = _health_score(entry) * (_health_score(provider_entry) if provider_entry else 1.0)
+        # The provider's error rate aggregates all its models' traffic: one failing model must not
+        # weigh on the others, so the provider's entry counts by its (probe-driven) status only.
+        health_score = _health_score(entry) * (
+            _health_score(provider_entry, error_rate=False) if provider_entry else 1.0
+        )
         blocked_until, blocked_detail, tokens_remaining, tokens_until = 0.0, "", 0, 0.0
         for source in (entry, provider_entry):
             if source is not None and source.HasField("headroom"):
@@ -491,9 +529,10 @@ class RoutingTable:
         )
 
     @classmethod
-    def from_snapshot(cls, snapshot: router_pb2.RoutingSnapshot) -> RoutingTable:
-        """Compile a routing snapshot (the router's own or one pushed to an edge)."""
-        return cls(snapshot)
+    def from_snapshot(cls, snapshot: router_pb2.RoutingSnapshot, *, region: str = "") -> RoutingTable:
+        """Compile a routing snapshot (the router's own or one pushed to an edge), predicting
+        latency as measured from `region` where it has been."""
+        return cls(snapshot, region=region)
 
     @classmethod
     def from_catalog(
@@ -503,9 +542,10 @@ class RoutingTable:
         version: int = 0,
         health: Iterable[health_pb2.ModelHealth] = (),
         settings: router_pb2.RoutingSettings | None = None,
+        region: str = "",
     ) -> RoutingTable:
         """The table of `build_snapshot(catalog, ...)`: the same path a pushed snapshot takes."""
-        return cls(build_snapshot(catalog, version=version, health=health, settings=settings))
+        return cls(build_snapshot(catalog, version=version, health=health, settings=settings), region=region)
 
     def resolve(self, name: str) -> ModelRoute | None:
         """A model id or alias to its model."""
@@ -538,8 +578,9 @@ def _seconds(stamp: timestamp_pb2.Timestamp) -> float | None:
     return stamp.seconds + stamp.nanos / 1e9
 
 
-def _health_score(entry: health_pb2.ModelHealth | None) -> float:
-    """1 when healthy or unknown, 0.5 when degraded (or half-open), scaled down by the error rate."""
+def _health_score(entry: health_pb2.ModelHealth | None, *, error_rate: bool = True) -> float:
+    """1 when healthy or unknown, 0.5 when degraded (or half-open), 0.25 when down; scaled down
+    by the error rate unless `error_rate` is False."""
     if entry is None:
         return 1.0
     status = entry.status
@@ -549,6 +590,8 @@ def _health_score(entry: health_pb2.ModelHealth | None) -> float:
         base = 0.25
     else:
         base = 1.0
+    if not error_rate:
+        return base
     return base * (1.0 - min(1.0, max(0.0, entry.error_rate)))
 
 

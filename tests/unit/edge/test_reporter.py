@@ -1,5 +1,6 @@
-"""The edge's outcome reporter: `outcome()` field by field, and `OutcomeReporter` batching,
-bounding, retrying and closing against a fake health monitor."""
+"""The edge's outcome reporter: `outcome()` field by field (and what the pipeline puts in it:
+the edge's region and the plan's predicted latency), and `OutcomeReporter` batching, bounding,
+retrying and closing against a fake health monitor."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from switchyard.adapters.service import build_adapter
+from switchyard.common.catalog import parse_catalog
+from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
+from switchyard.common.settings import Settings
 from switchyard.edge import reporter
+from switchyard.edge.pipeline import Caller, ChatPipeline, collect
 from switchyard.edge.reporter import MAX_BATCH, RETRY_CAP_S, HealthReports, OutcomeReporter, outcome
-from switchyard.v1 import common_pb2, health_pb2
+from switchyard.router.plan import Planner
+from switchyard.router.table import RoutingTable, build_snapshot
+from switchyard.sim.faults import FaultKnobs, start_simulator
+from switchyard.v1 import common_pb2, health_pb2, provider_pb2_grpc
 
 _real_sleep = asyncio.sleep
+SIM_KEY = "sk-sim-reporter-test-key"
 
 
 def _down() -> grpc.aio.AioRpcError:
@@ -186,6 +197,84 @@ def test_no_throughput_without_output_or_generating_time_and_no_tokens_without_u
     assert instant.output_tokens == 5 and instant.output_tokens_per_second == 0.0
     no_usage = outcome(provider="a", model="a/m", request_id="r", error=None, first_token_s=0.1, total_s=0.3)
     assert (no_usage.input_tokens, no_usage.output_tokens, no_usage.output_tokens_per_second) == (0, 0, 0.0)
+
+
+def test_outcome_carries_the_edge_region_and_the_plans_prediction() -> None:
+    plain = outcome(provider="a", model="a/m", request_id="r", error=None, first_token_s=0.1, total_s=0.3)
+    assert (plain.region, plain.predicted_latency_ms) == ("", 0)  # none known: the proto defaults
+    placed = outcome(
+        provider="a",
+        model="a/m",
+        request_id="r",
+        error=SwitchyardError(grpc.StatusCode.UNAVAILABLE, Reason.PROVIDER_UNAVAILABLE, "down"),
+        first_token_s=None,
+        total_s=0.3,
+        region="eu-west",
+        predicted_latency_ms=640,
+    )
+    assert (placed.region, placed.predicted_latency_ms) == ("eu-west", 640)
+    assert (
+        outcome(
+            provider="a",
+            model="a/m",
+            request_id="r",
+            error=None,
+            first_token_s=None,
+            total_s=0.3,
+            predicted_latency_ms=-5,
+        ).predicted_latency_ms
+        == 0
+    )
+
+
+async def test_the_pipeline_reports_its_region_and_the_candidates_predicted_latency() -> None:
+    # A real pipeline, its adapter a gRPC server in front of the OpenAI simulator, planning on
+    # a table whose latency model predicts 1,234 ms for the model (measured from this region).
+    sim = await start_simulator("openai", port=0, knobs=FaultKnobs(text="Fine.", chunks=2), api_key=SIM_KEY)
+    catalog = parse_catalog(
+        f"""
+providers:
+  up: {{vendor: openai, base_url: "{sim.base_url}"}}
+models:
+  - {{id: up/m, provider: up, upstream_model: gpt-4o-mini, context_window: 128000,
+     max_output_tokens: 1000, prices: {{input: "1", output: "2"}}}}
+"""
+    )
+    servicer = build_adapter(catalog, "openai", {"SWITCHYARD_PROVIDER_UP_API_KEY": SIM_KEY})
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    provider_pb2_grpc.add_ProviderAdapterServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settings = Settings.from_env(
+        {"SWITCHYARD_ADAPTER_OPENAI_TARGET": f"127.0.0.1:{port}", "SWITCHYARD_EDGE_REGION": "eu-west"}
+    )
+    assert settings.edge_region == "eu-west"
+    measured = health_pb2.ModelHealth(
+        provider="up",
+        model="up/m",
+        latency_base_ms=9_999,
+        latency_fit_samples=40,
+        regions=[health_pb2.RegionLatency(region="eu-west", samples=40, latency_base_ms=1_234)],
+    )
+    snapshot = build_snapshot(catalog, version=3, health=[measured])
+    planner = Planner(RoutingTable.from_snapshot(snapshot, region=settings.edge_region))
+    channels = ChannelPool()
+    reported: list[health_pb2.AttemptOutcome] = []
+    pipeline = ChatPipeline(settings, catalog, channels, planner=planner, report=reported.append)
+    request = common_pb2.ChatRequest(model="up/m", request_id="req-geo")
+    request.messages.add(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text="Hello?")])
+    try:
+        response = await collect(pipeline.stream(request, Caller("t"), timeout_s=15))
+        assert response.message.parts[0].text == "Fine."
+    finally:
+        pipeline.close()
+        await channels.close()
+        await server.stop(grace=None)
+        await servicer.aclose()
+        await sim.close()
+    [sent] = reported
+    assert (sent.model, sent.success) == ("up/m", True)
+    assert (sent.region, sent.predicted_latency_ms) == ("eu-west", 1_234)
 
 
 def test_latencies_are_rounded_to_ms_and_never_negative() -> None:

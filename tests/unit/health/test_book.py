@@ -15,11 +15,12 @@ from switchyard.common.settings import Settings
 from switchyard.health.book import (
     CALLER_SIDE_REASONS,
     HEADROOM_DEFAULT_RESET_S,
+    MAX_REGIONS,
     HealthBook,
     HealthConfig,
     counts_as_failure,
 )
-from switchyard.health.latency import MIN_FIT_SAMPLES, OnlineLatencyModel
+from switchyard.health.latency import DEFAULT_FORGETTING, MIN_FIT_SAMPLES, OnlineLatencyModel
 from switchyard.v1 import common_pb2, health_pb2
 
 START = 1_000.0
@@ -69,10 +70,14 @@ def success(
     input_tokens: int = 0,
     output_tokens: int = 0,
     headroom: common_pb2.RateLimitHeadroom | None = None,
+    region: str = "",
+    predicted_ms: int = 0,
 ) -> health_pb2.AttemptOutcome:
     outcome = health_pb2.AttemptOutcome(
         provider=provider,
         model=model,
+        region=region,
+        predicted_latency_ms=predicted_ms,
         success=True,
         total_latency_ms=latency_ms,
         time_to_first_token_ms=ttft_ms,
@@ -184,7 +189,8 @@ def test_unknown_entry_is_none_and_the_first_success_makes_it_healthy() -> None:
     book = make_book(fake)
     assert book.entry(PROVIDER, MODEL) is None
     changed = book.apply(success(120))
-    assert [(e.provider, e.model) for e in changed] == [(PROVIDER, MODEL)]
+    # The model's entry, and the provider's aggregate it feeds.
+    assert [(e.provider, e.model) for e in changed] == [(PROVIDER, MODEL), (PROVIDER, "")]
     entry = current(book)
     assert entry.status == HEALTHY
     assert entry.reason == ""
@@ -229,7 +235,7 @@ def test_breaker_opens_after_exactly_failure_threshold_consecutive_failures() ->
         assert entry.consecutive_failures == count
         assert entry.status == DEGRADED  # all failures: a 100% error rate
     changed = book.apply(failure())
-    assert len(changed) == 1
+    assert [e.model for e in changed] == [MODEL, ""]
     entry = changed[0]
     assert entry.breaker == OPEN
     assert entry.status == DOWN
@@ -584,7 +590,7 @@ def test_window_samples_expire_via_tick() -> None:
     assert book.tick() == []  # exactly window_s old: still in
     fake.advance(0.001)
     changed = book.tick()
-    assert len(changed) == 1
+    assert [e.model for e in changed] == [MODEL, ""]  # the provider's aggregate expires too
     entry = changed[0]
     assert entry.status == HEALTHY
     assert entry.error_rate == 0.0
@@ -826,7 +832,11 @@ def test_apply_many_bumps_the_version_once_and_reports_each_entry_once() -> None
     changed = book.apply_many(
         [success(), success(), failure(), success(model="m2"), failure("INVALID_REQUEST", model="m3")]
     )
-    assert sorted((e.provider, e.model) for e in changed) == [(PROVIDER, MODEL), (PROVIDER, "m2")]
+    assert sorted((e.provider, e.model) for e in changed) == [
+        (PROVIDER, ""),
+        (PROVIDER, MODEL),
+        (PROVIDER, "m2"),
+    ]
     assert book.version == version + 1
     assert current(book).samples == 3
     assert book.apply_many([]) == []
@@ -848,7 +858,9 @@ def test_probe_outcomes_update_the_provider_entry() -> None:
     assert entry.samples == 1
     assert entry.ewma_latency_ms == 33.0
     book.apply(success(model=MODEL))
-    assert current(book, PROVIDER, "").samples == 1
+    assert current(book, PROVIDER, "").samples == 2  # traffic feeds the provider's statistics
+    book.apply(probe)
+    assert current(book, PROVIDER, MODEL).samples == 1  # a probe feeds no model's entry
 
 
 def test_snapshot_is_sorted_and_filters_by_provider() -> None:
@@ -861,6 +873,7 @@ def test_snapshot_is_sorted_and_filters_by_provider() -> None:
     fake.advance(3)
     snapshot = book.snapshot()
     assert [(e.provider, e.model) for e in snapshot.entries] == [
+        ("anthropic", ""),
         ("anthropic", "z"),
         ("openai", ""),
         ("openai", "a"),
@@ -882,3 +895,176 @@ def test_two_books_given_the_same_outcomes_agree() -> None:
         first.apply(outcome)
     second.apply_many(outcomes)
     assert list(first.snapshot().entries) == list(second.snapshot().entries)
+
+
+# --- latency per region -------------------------------------------------------------------------
+
+
+def test_latency_is_kept_per_reporting_region_beside_the_global_figures() -> None:
+    fake = FakeClock()
+    book = make_book(fake, ewma_alpha=0.5)
+    book.apply(success(100, ttft_ms=40, region="us"))
+    book.apply(success(500, ttft_ms=200, region="eu"))
+    book.apply(success(300, ttft_ms=80, region="us"))
+    book.apply(success(700))  # an edge without a region: global figures only
+    entry = current(book)
+    assert entry.ewma_latency_ms == pytest.approx(500.0)  # 100, 500, 300, 700 at alpha 0.5
+    assert [r.region for r in entry.regions] == ["eu", "us"]
+    eu, us = entry.regions
+    assert (us.samples, us.ewma_latency_ms, us.ewma_time_to_first_token_ms) == (2, 200.0, 60.0)
+    assert (eu.samples, eu.ewma_latency_ms, eu.ewma_time_to_first_token_ms) == (1, 500.0, 200.0)
+    # Each region's own fit: below MIN_FIT_SAMPLES it is the region's (forgetting-weighted) mean.
+    assert us.latency_base_ms == pytest.approx((DEFAULT_FORGETTING * 100 + 300) / (DEFAULT_FORGETTING + 1))
+    assert (us.latency_ms_per_input_token, us.latency_ms_per_output_token) == (0.0, 0.0)
+    assert eu.latency_base_ms == 500.0
+    # Failures say nothing about latency, in a region or globally.
+    failed = failure()
+    failed.region = "ap"
+    book.apply(failed)
+    assert [r.region for r in current(book).regions] == ["eu", "us"]
+
+
+def test_a_region_fit_learns_the_latency_seen_from_that_region() -> None:
+    fake = FakeClock()
+    book = make_book(fake)
+    rng = random.Random(5)
+    for _ in range(30):
+        input_tokens, output_tokens = 2 * rng.randint(5, 2000), rng.randint(1, 800)
+        base = 100 + input_tokens // 2 + 20 * output_tokens
+        # The same provider seen from far away: 400 ms more on every call.
+        book.apply(success(base, input_tokens=input_tokens, output_tokens=output_tokens, region="near"))
+        book.apply(success(base + 400, input_tokens=input_tokens, output_tokens=output_tokens, region="far"))
+    far, near = current(book).regions
+    assert (far.region, near.region) == ("far", "near")
+    assert near.latency_base_ms == pytest.approx(100.0, abs=0.5)
+    assert far.latency_base_ms == pytest.approx(500.0, abs=0.5)
+    for region in (far, near):
+        assert region.samples == 30
+        assert region.latency_ms_per_input_token == pytest.approx(0.5, abs=1e-3)
+        assert region.latency_ms_per_output_token == pytest.approx(20.0, abs=1e-3)
+        assert region.latency_prediction_error == pytest.approx(0.0, abs=1e-4)
+        assert region.latency_fit_output_reach > 0
+    # The global fit mixes both: its base lies between them.
+    assert 100.0 < current(book).latency_base_ms < 500.0
+
+
+def test_regions_per_entry_are_capped() -> None:
+    fake = FakeClock()
+    book = make_book(fake)
+    for index in range(MAX_REGIONS + 3):
+        book.apply(success(100 + index, region=f"r{index:03d}"))
+    entry = current(book)
+    assert len(entry.regions) == MAX_REGIONS
+    assert entry.regions[-1].region == f"r{MAX_REGIONS - 1:03d}"
+    assert entry.samples == MAX_REGIONS + 3  # the rest still count globally
+
+
+# --- the provider's aggregate -------------------------------------------------------------------
+
+
+def test_traffic_of_every_model_feeds_the_provider_statistics() -> None:
+    fake = FakeClock()
+    book = make_book(fake, ewma_alpha=0.5)
+    book.apply(success(100, model="a", ttft_ms=20, tokens_per_s=10.0, region="us"))
+    book.apply(success(300, model="b", ttft_ms=60, tokens_per_s=30.0))
+    fake.advance(1)
+    book.apply(failure("ERROR_REASON_TIMEOUT", model="b"))
+    book.apply(failure("INVALID_REQUEST", model="a"))  # caller-side: counts nowhere
+    provider = current(book, PROVIDER, "")
+    assert provider.samples == 3
+    assert provider.ewma_latency_ms == pytest.approx(200.0)
+    assert provider.ewma_time_to_first_token_ms == pytest.approx(40.0)
+    assert provider.output_tokens_per_second == pytest.approx(20.0)
+    assert (provider.p50_latency_ms, provider.p95_latency_ms) == (100.0, 300.0)
+    assert provider.error_rate == pytest.approx(1 / 3)
+    assert provider.last_error == "TIMEOUT"
+    assert seconds_of(provider.last_error_at) == START + 1
+    assert [(r.region, r.samples) for r in provider.regions] == [("us", 1)]
+    # Its breaker and status are the probes' business: traffic failures leave them alone.
+    assert (provider.status, provider.breaker, provider.consecutive_failures) == (HEALTHY, CLOSED, 0)
+    # Headroom stays with the model that reported it (limits are often per model).
+    low = common_pb2.RateLimitHeadroom(remaining_requests=0)
+    book.apply(success(100, model="a", headroom=low))
+    assert current(book, PROVIDER, "a").HasField("headroom")
+    assert not current(book, PROVIDER, "").HasField("headroom")
+
+
+def test_one_model_failing_opens_no_breaker_for_the_provider_or_its_other_models() -> None:
+    fake = FakeClock()
+    book = make_book(fake, failure_threshold=5, min_samples=4)
+    book.apply(success(model="healthy"))
+    for _ in range(10):
+        book.apply(failure(model="broken"))
+    assert current(book, PROVIDER, "broken").breaker == OPEN
+    assert current(book, PROVIDER, "healthy").breaker == CLOSED
+    assert current(book, PROVIDER, "healthy").status == HEALTHY
+    provider = current(book, PROVIDER, "")
+    assert provider.error_rate == pytest.approx(10 / 11)  # over 4 samples and past both thresholds
+    assert (provider.breaker, provider.status, provider.reason) == (CLOSED, HEALTHY, "")
+
+
+def test_the_provider_breaker_and_status_follow_its_probes_alone() -> None:
+    fake = FakeClock()
+    book = make_book(fake, failure_threshold=2, open_s=10.0)
+
+    def probe(ok: bool) -> health_pb2.AttemptOutcome:
+        if ok:
+            return health_pb2.AttemptOutcome(provider=PROVIDER, probe=True, success=True, total_latency_ms=30)
+        return health_pb2.AttemptOutcome(
+            provider=PROVIDER, probe=True, success=False, error_reason="PROVIDER_UNAVAILABLE"
+        )
+
+    book.apply(probe(False))
+    for _ in range(20):
+        book.apply(success())  # traffic successes do not dilute the probes' error rate
+    entry = current(book, PROVIDER, "")
+    assert (entry.status, entry.reason) == (DEGRADED, "error rate 100% over 60 s")
+    assert entry.consecutive_failures == 1
+    book.apply(probe(False))
+    assert current(book, PROVIDER, "").breaker == OPEN
+    fake.advance(10)
+    book.tick()
+    assert current(book, PROVIDER, "").breaker == HALF_OPEN
+    book.apply(success())  # a model's success is no probe of the provider
+    book.apply(failure())  # nor is a model's failure
+    assert current(book, PROVIDER, "").breaker == HALF_OPEN
+    book.apply(probe(True))
+    entry = current(book, PROVIDER, "")
+    assert (entry.breaker, entry.status) == (CLOSED, HEALTHY)
+    # Closing dropped the probe failures, not the traffic failure the statistics hold.
+    assert entry.error_rate > 0
+
+
+# --- plan predictions against actual latency ----------------------------------------------------
+
+
+def test_plan_prediction_error_is_a_mean_and_a_windowed_p95_per_model() -> None:
+    fake = FakeClock()
+    book = make_book(fake, ewma_alpha=0.5, window_s=60.0)
+    entry = book.apply(success(100))[0]  # no prediction carried
+    assert (entry.plan_latency_error, entry.plan_latency_error_p95, entry.plan_latency_error_samples) == (
+        0.0,
+        0.0,
+        0,
+    )
+    book.apply(success(200, predicted_ms=100))  # off by 50 %
+    book.apply(success(100, predicted_ms=110))  # off by 10 %
+    book.apply(failure())  # a failure has no latency to compare
+    entry = current(book)
+    assert entry.plan_latency_error == pytest.approx(0.3)  # 0.5, then 0.5 + 0.5 x (0.1 - 0.5)
+    assert entry.plan_latency_error_p95 == pytest.approx(0.5)
+    assert entry.plan_latency_error_samples == 2
+    for _ in range(18):
+        book.apply(success(100, predicted_ms=100))
+    entry = current(book)
+    assert entry.plan_latency_error_samples == 20
+    assert entry.plan_latency_error_p95 == pytest.approx(0.1)  # nearest rank 19 of 20
+    # Tracked per model: another model's predictions are its own, the provider's aggregate has all.
+    book.apply(success(100, model="other", predicted_ms=300))
+    assert current(book, PROVIDER, "other").plan_latency_error == pytest.approx(2.0)
+    assert current(book, PROVIDER, "").plan_latency_error_samples == 21
+    fake.advance(60.001)
+    book.tick()
+    entry = current(book)
+    assert (entry.plan_latency_error_p95, entry.plan_latency_error_samples) == (0.0, 0)
+    assert entry.plan_latency_error == pytest.approx(0.3 * 0.5**18)  # the mean is an EWMA: it stays

@@ -198,6 +198,14 @@ def test_names_are_bounded(provider: str, model: str) -> None:
     assert invalid_field(health_pb2.ReportRequest(outcomes=[ok(provider, model)])) == "outcomes[0]"
 
 
+def test_the_reporting_region_is_bounded_like_the_names() -> None:
+    placed = ok()
+    placed.region = "r" * MAX_NAME_CHARS
+    validate_report(health_pb2.ReportRequest(outcomes=[placed]))
+    placed.region += "r"
+    assert invalid_field(health_pb2.ReportRequest(outcomes=[ok(), placed])) == "outcomes[1]"
+
+
 def test_a_success_with_an_error_reason_is_refused() -> None:
     outcome = ok()
     outcome.error_reason = "TIMEOUT"
@@ -240,12 +248,20 @@ async def test_apply_broadcasts_the_version_and_changed_entries_to_every_watcher
         assert event is not None
         version, entries = event
         assert version == monitor.book.version
-        assert sorted((e.provider, e.model) for e in entries) == [("openai", "gpt-4o"), ("openai", "o4-mini")]
+        assert sorted((e.provider, e.model) for e in entries) == [
+            ("openai", ""),
+            ("openai", "gpt-4o"),
+            ("openai", "o4-mini"),
+        ]
         assert all(e.status == health_pb2.HEALTH_STATUS_HEALTHY for e in entries)
     monitor.apply([failed()])
     event = first.get_nowait()
     assert event is not None
-    assert [(e.model, e.status) for e in event[1]] == [("gpt-4o", health_pb2.HEALTH_STATUS_DEGRADED)]
+    # The provider's aggregate counts the failure but judges only probes: still healthy.
+    assert [(e.model, e.status) for e in event[1]] == [
+        ("gpt-4o", health_pb2.HEALTH_STATUS_DEGRADED),
+        ("", health_pb2.HEALTH_STATUS_HEALTHY),
+    ]
     assert event[0] == monitor.book.version
 
 
@@ -340,7 +356,7 @@ async def test_start_warms_up_from_history_then_follows_the_feed() -> None:
         await feed.publish([ok(model="new")])
         event = await asyncio.wait_for(queue.get(), timeout=2)
         assert event is not None
-        assert [(e.provider, e.model) for e in event[1]] == [("openai", "new")]
+        assert [(e.provider, e.model) for e in event[1]] == [("openai", "new"), ("openai", "")]
     finally:
         await monitor.close()
     # Closed: the feed no longer delivers to the monitor.
@@ -371,7 +387,7 @@ async def test_a_batch_that_fails_to_apply_does_not_stop_following(monkeypatch: 
         await feed.publish([ok(model="second")])
         event = await asyncio.wait_for(queue.get(), timeout=2)
         assert event is not None
-        assert [e.model for e in event[1]] == ["second"]
+        assert [e.model for e in event[1]] == ["second", ""]
         assert monitor.book.entry("openai", "first") is None
     finally:
         await monitor.close()
@@ -414,10 +430,18 @@ async def test_snapshot_returns_the_book_filtered_by_provider() -> None:
     monitor.apply([ok(provider="openai"), ok(provider="anthropic", model="claude")])
     servicer = HealthMonitorServicer(monitor)
     everything = await servicer.Snapshot(health_pb2.SnapshotRequest(), None)
-    assert [e.provider for e in everything.snapshot.entries] == ["anthropic", "openai"]
+    assert [(e.provider, e.model) for e in everything.snapshot.entries] == [
+        ("anthropic", ""),
+        ("anthropic", "claude"),
+        ("openai", ""),
+        ("openai", "gpt-4o"),
+    ]
     assert everything.snapshot.version == monitor.book.version
     only = await servicer.Snapshot(health_pb2.SnapshotRequest(provider="anthropic"), None)
-    assert [(e.provider, e.model) for e in only.snapshot.entries] == [("anthropic", "claude")]
+    assert [(e.provider, e.model) for e in only.snapshot.entries] == [
+        ("anthropic", ""),
+        ("anthropic", "claude"),
+    ]
 
 
 async def test_watch_streams_a_snapshot_then_updates_and_starts_over_after_falling_behind() -> None:
@@ -430,17 +454,17 @@ async def test_watch_streams_a_snapshot_then_updates_and_starts_over_after_falli
     try:
         first = await next_of(stream)
         assert first.WhichOneof("event") == "snapshot"
-        assert [e.model for e in first.snapshot.entries] == ["a"]
+        assert [e.model for e in first.snapshot.entries] == ["", "a"]
         monitor.apply([ok(model="b")])
         second = await next_of(stream)
         assert second.WhichOneof("event") == "update"
         assert second.update.version == monitor.book.version
-        assert [e.model for e in second.update.entries] == ["b"]
+        assert [e.model for e in second.update.entries] == ["b", ""]
         for index in range(WATCH_QUEUE + 1):
             monitor.apply([ok(model="c", latency_ms=index + 1)])
         third = await next_of(stream)
         assert third.WhichOneof("event") == "snapshot"
-        assert [e.model for e in third.snapshot.entries] == ["a", "b", "c"]
+        assert [e.model for e in third.snapshot.entries] == ["", "a", "b", "c"]
         assert third.snapshot.version == monitor.book.version
     finally:
         await stream.aclose()

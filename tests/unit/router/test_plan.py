@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta, timezone
 
 import grpc
 import pytest
@@ -78,6 +78,12 @@ tenants:
   tiered:
     tier: free
     routing_rules: [{{when: {{tier: [pro]}}, then: {{pin: gamma/small}}}}]
+  spender:
+    routing_rules: [{{name: big, when: {{estimated_cost_above_usd: "0.01"}}, then: {{pin: beta/large}}}}]
+  office:
+    routing_rules: [{{name: day, when: {{hours_utc: "09-17"}}, then: {{pin: gamma/small}}}}]
+  nightly:
+    routing_rules: [{{name: night, when: {{hours_utc: "22-06"}}, then: {{pin: gamma/small}}}}]
 """
 MESH = parse_catalog(MESH_YAML)
 
@@ -436,16 +442,23 @@ def test_open_breaker_and_down_provider_filters() -> None:
     assert explained.plan is not None and ids(explained.plan) == ["beta/small"]
 
 
-def test_half_open_breaker_allows_its_trials_per_snapshot_version() -> None:
-    health = [
-        health_pb2.ModelHealth(
-            provider="beta",
-            model="beta/small",
-            breaker=health_pb2.BREAKER_STATE_HALF_OPEN,
-            status=health_pb2.HEALTH_STATUS_DEGRADED,
-            half_open_trials=2,
-        )
-    ]
+def half_open(model: str, *, trials: int = 2, error_rate: float = 0.0) -> health_pb2.ModelHealth:
+    return health_pb2.ModelHealth(
+        provider=model.split("/")[0],
+        model=model,
+        breaker=health_pb2.BREAKER_STATE_HALF_OPEN,
+        status=health_pb2.HEALTH_STATUS_DEGRADED,
+        half_open_trials=trials,
+        error_rate=error_rate,
+    )
+
+
+def breaker(model: str, state: health_pb2.BreakerState.ValueType) -> health_pb2.ModelHealth:
+    return health_pb2.ModelHealth(provider=model.split("/")[0], model=model, breaker=state)
+
+
+def test_half_open_breaker_allows_its_trials_once_per_half_open_episode() -> None:
+    health = [half_open("beta/small")]
     trials = planner(health=health)
     for _ in range(2):
         plan = trials.plan(ask(task=CHAT), now=NOW)
@@ -456,10 +469,40 @@ def test_half_open_breaker_allows_its_trials_per_snapshot_version() -> None:
     rows = rows_by_model(trials.explain(ask(task=CHAT), now=NOW))
     assert rows["beta/small"].filter_reason == "breaker half-open, trials used (2)"
     assert "beta/small" not in ids(trials.plan(ask(task=CHAT), now=NOW))
-    trials.swap(table(health=health, version=1))  # the same version: trials stay used
+    # Statistics alone make new versions (the same breaker, other numbers): the episode goes on.
+    for version, rate in ((2, 0.0), (3, 0.25), (4, 0.5)):
+        trials.swap(table(health=[half_open("beta/small", error_rate=rate)], version=version))
+        assert "beta/small" not in ids(trials.plan(ask(task=CHAT), now=NOW))
+    # A failed trial opened it again; half-open once more is a new episode with new trials.
+    trials.swap(table(health=[breaker("beta/small", health_pb2.BREAKER_STATE_OPEN)], version=5))
     assert "beta/small" not in ids(trials.plan(ask(task=CHAT), now=NOW))
-    trials.swap(table(health=health, version=2))  # a new snapshot: new trials
+    trials.swap(table(health=health, version=6))
+    for _ in range(2):
+        assert trials.plan(ask(task=CHAT), now=NOW).candidates[0].model == "beta/small"
+    assert "beta/small" not in ids(trials.plan(ask(task=CHAT), now=NOW))
+
+
+def test_a_breaker_that_closes_ends_only_its_own_episode() -> None:
+    both = [half_open("beta/small", trials=1), half_open("gamma/small", trials=1)]
+    trials = planner(health=both)
+    firsts = [trials.plan(ask(task=CHAT), now=NOW).candidates[0].model for _ in range(3)]
+    assert sorted(firsts[:2]) == ["beta/small", "gamma/small"] and firsts[2] == "alpha/small"
+    # gamma's trial succeeded (closed) while beta's is still out.
+    closed = breaker("gamma/small", health_pb2.BREAKER_STATE_CLOSED)
+    trials.swap(table(health=[both[0], closed], version=2))
+    trials.swap(table(health=both, version=3))  # gamma tripped and half-opened again
+    firsts = [trials.plan(ask(task=CHAT), now=NOW).candidates[0].model for _ in range(2)]
+    assert firsts == ["gamma/small", "alpha/small"]
+
+
+def test_a_trial_is_counted_only_when_the_half_open_model_leads_the_plan() -> None:
+    trials = planner(health=[half_open("beta/small", trials=1)])
+    for _ in range(3):
+        # Behind the requested model, beta is tried only if alpha fails: no trial spent.
+        plan = trials.plan(ask("alpha/small"), now=NOW)
+        assert ids(plan)[:2] == ["alpha/small", "beta/small"]
     assert trials.plan(ask(task=CHAT), now=NOW).candidates[0].model == "beta/small"
+    assert "beta/small" not in ids(trials.plan(ask("alpha/small"), now=NOW))
 
 
 def test_low_request_headroom_is_avoided_before_a_429_until_the_reset() -> None:
@@ -652,6 +695,76 @@ def test_the_first_matching_rule_wins() -> None:
 def test_the_callers_tier_overrides_the_tenants_for_rules() -> None:
     assert planner().plan(ask(task=CHAT), tenant_id="tiered", now=NOW).matched_rule == ""
     assert ids(planner().plan(ask(task=CHAT), tenant_id="tiered", tier="pro", now=NOW)) == ["gamma/small"]
+
+
+def test_a_rule_on_estimated_cost_sees_the_requests_predicted_cost() -> None:
+    # alpha/large costs 2 micro-USD per input token and 8 per output token: 100 output tokens
+    # and 4,600 input tokens are exactly $0.01, which is not above the rule's $0.01.
+    spender = planner()
+
+    def plan(max_output: int, input_tokens: int) -> RoutePlan:
+        request = ask("alpha/large", max_output=max_output)
+        return spender.plan(request, tenant_id="spender", input_tokens=input_tokens, now=NOW)
+
+    at_limit = plan(100, 4_600)
+    assert at_limit.matched_rule == "" and ids(at_limit)[0] == "alpha/large"
+    over = plan(100, 4_601)
+    assert over.matched_rule == "rule 1 (big)" and ids(over) == ["beta/large"]
+    assert over.candidates[0].reason == "rule 1 (big): pin"
+    # The output counted is the smaller of the request's maximum and the expected output (256).
+    assert plan(1_000, 3_976).matched_rule == ""
+    assert plan(1_000, 3_977).matched_rule == "rule 1 (big)"
+    assert ids(plan(1_000, 20_000)) == ["beta/large"]
+    small = plan(100, 100)
+    assert small.matched_rule == "" and ids(small)[0] == "alpha/large"
+
+
+def test_a_rule_on_estimated_cost_for_auto_estimates_on_the_default_model() -> None:
+    # alpha/small (the default) costs 0.2 and 0.4 micro-USD per input and output token:
+    # 49,488 input and 256 output tokens are exactly $0.01; one more input token is above.
+    spender = planner()
+    for input_tokens, matched in ((49_488, ""), (49_489, "rule 1 (big)"), (100, "")):
+        plan = spender.plan(ask(task=CHAT), tenant_id="spender", input_tokens=input_tokens, now=NOW)
+        assert plan.matched_rule == matched
+        assert (ids(plan) == ["beta/large"]) == bool(matched)
+
+
+def office_rule(chooser: Planner, tenant: str = "office", at: datetime | None = None) -> str:
+    return chooser.plan(ask("alpha/small", task=CHAT), tenant_id=tenant, now=at).matched_rule
+
+
+def test_a_rule_on_hours_matches_only_inside_them() -> None:
+    chooser = planner()
+    day = NOW.replace(hour=0)
+    inside = [hour for hour in range(24) if office_rule(chooser, at=day.replace(hour=hour))]
+    assert inside == list(range(9, 17))
+    assert ids(chooser.plan(ask("alpha/small"), tenant_id="office", now=day.replace(hour=9))) == [
+        "gamma/small"
+    ]
+    assert (
+        ids(chooser.plan(ask("alpha/small"), tenant_id="office", now=day.replace(hour=17)))[0]
+        == "alpha/small"
+    )
+    # A range over midnight.
+    night = [hour for hour in range(24) if office_rule(chooser, "nightly", day.replace(hour=hour))]
+    assert night == [0, 1, 2, 3, 4, 5, 22, 23]
+
+
+def test_rule_hours_are_utc_whatever_zone_the_time_comes_in() -> None:
+    chooser = planner()
+    minus_five = timezone(timedelta(hours=-5))
+    assert (
+        office_rule(chooser, at=datetime(2030, 6, 1, 8, 0, tzinfo=minus_five)) == "rule 1 (day)"
+    )  # 13:00 UTC
+    assert office_rule(chooser, at=datetime(2030, 6, 1, 14, 0, tzinfo=minus_five)) == ""  # 19:00 UTC
+
+
+def test_without_a_time_rules_see_the_planners_clock() -> None:
+    def at(hour: int) -> Callable[[], datetime]:
+        return lambda: NOW.replace(hour=hour)
+
+    assert office_rule(Planner(table(), clock=at(10))) == "rule 1 (day)"
+    assert office_rule(Planner(table(), clock=at(20))) == ""
 
 
 # --- load balancing among equals -------------------------------------------------------------------

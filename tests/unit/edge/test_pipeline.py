@@ -1,0 +1,153 @@
+"""The pipeline's reports to the health monitor: one outcome per attempt, failed or not, with
+what the attempt measured. The vendor hop is real: the OpenAI adapter as a `grpc.aio` server
+on a loopback port, in front of the in-process OpenAI simulator (and a closed port)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import orjson
+
+from switchyard.adapters.service import build_adapter
+from switchyard.common.catalog import parse_catalog
+from switchyard.common.channels import ChannelPool
+from switchyard.common.ports import free_port
+from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
+from switchyard.common.settings import Settings
+from switchyard.edge.pipeline import Caller, ChatPipeline, collect
+from switchyard.sim.faults import FaultKnobs, RateLimitKnobs, start_simulator
+from switchyard.v1 import common_pb2, gateway_pb2, health_pb2, provider_pb2_grpc
+
+SIM_KEY = "sk-sim-pipeline-test-key"
+ANSWER = "Harbors shelter ships from storms and let cargo move between sea and land."
+# Fixed rate-limit figures the simulator reports, so the success's headroom can be checked.
+REMAINING_REQUESTS = 4_321
+REMAINING_TOKENS = 765_432
+
+
+def catalog_text(sim_url: str, dead_port: int) -> str:
+    timeouts = {"connect_ms": 1000, "first_byte_ms": 5000, "idle_ms": 5000}
+    model = {
+        "upstream_model": "gpt-4o-mini",
+        "context_window": 128000,
+        "max_output_tokens": 1000,
+        "prices": {"input": "1", "output": "2"},
+    }
+    return orjson.dumps(
+        {
+            "providers": {
+                # Nothing listens there: every attempt fails before its first token.
+                "down": {
+                    "vendor": "openai",
+                    "base_url": f"http://127.0.0.1:{dead_port}/v1",
+                    "timeouts": timeouts,
+                },
+                "up": {"vendor": "openai", "base_url": sim_url, "timeouts": timeouts},
+            },
+            "models": [
+                {"id": "down/m", "provider": "down", "fallbacks": ["up/m"], **model},
+                {"id": "up/m", "provider": "up", **model},
+            ],
+        }
+    ).decode()
+
+
+@dataclass
+class Edge:
+    pipeline: ChatPipeline
+    reported: list[health_pb2.AttemptOutcome]
+
+
+@asynccontextmanager
+async def edge() -> AsyncIterator[Edge]:
+    """A pipeline reporting into a list, its adapter a real gRPC server before the simulator."""
+    knobs = FaultKnobs(
+        text=ANSWER,
+        chunks=4,
+        first_byte_delay_ms=20,
+        chunk_delay_ms=5,
+        ratelimit=RateLimitKnobs(remaining_requests=REMAINING_REQUESTS, remaining_tokens=REMAINING_TOKENS),
+    )
+    sim = await start_simulator("openai", port=0, knobs=knobs, api_key=SIM_KEY)
+    catalog = parse_catalog(catalog_text(sim.base_url, free_port()))
+    keys = {"SWITCHYARD_PROVIDER_DOWN_API_KEY": SIM_KEY, "SWITCHYARD_PROVIDER_UP_API_KEY": SIM_KEY}
+    servicer = build_adapter(catalog, "openai", keys)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    provider_pb2_grpc.add_ProviderAdapterServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channels = ChannelPool()
+    settings = Settings.from_env({"SWITCHYARD_ADAPTER_OPENAI_TARGET": f"127.0.0.1:{port}"})
+    reported: list[health_pb2.AttemptOutcome] = []
+    pipeline = ChatPipeline(settings, catalog, channels, report=reported.append)
+    try:
+        yield Edge(pipeline, reported)
+    finally:
+        pipeline.close()
+        await channels.close()
+        await server.stop(grace=None)
+        await servicer.aclose()
+        await sim.close()
+
+
+def ask(model: str) -> common_pb2.ChatRequest:
+    request = common_pb2.ChatRequest(model=model, request_id=f"req-{model.replace('/', '-')}")
+    request.messages.add(
+        role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text="Tell me about harbors.")]
+    )
+    return request
+
+
+async def answer(pipeline: ChatPipeline, request: common_pb2.ChatRequest) -> gateway_pb2.ChatResponse:
+    return await collect(pipeline.stream(request, Caller("t"), timeout_s=15))
+
+
+def assert_measured_success(outcome: health_pb2.AttemptOutcome, response: gateway_pb2.ChatResponse) -> None:
+    assert (outcome.success, outcome.error_reason) == (True, "")
+    assert response.usage.output_tokens > 0
+    assert (outcome.input_tokens, outcome.output_tokens) == (
+        response.usage.input_tokens,
+        response.usage.output_tokens,
+    )
+    # The simulator holds its headers back a while: the first token comes after some time,
+    # and the rest of the answer after it.
+    assert 0 < outcome.time_to_first_token_ms <= outcome.total_latency_ms
+    assert outcome.output_tokens_per_second > 0
+    assert (outcome.headroom.remaining_requests, outcome.headroom.remaining_tokens) == (
+        REMAINING_REQUESTS,
+        REMAINING_TOKENS,
+    )
+    assert outcome.HasField("finished_at")
+
+
+async def test_a_successful_request_reports_its_latency_first_token_and_output() -> None:
+    async with edge() as running:
+        response = await answer(running.pipeline, ask("up/m"))
+        assert response.message.parts[0].text == ANSWER
+        [outcome] = running.reported
+        assert (outcome.provider, outcome.model, outcome.request_id) == ("up", "up/m", "req-up-m")
+        assert_measured_success(outcome, response)
+
+
+async def test_a_failover_reports_the_failed_attempt_and_the_one_that_answered() -> None:
+    async with edge() as running:
+        response = await answer(running.pipeline, ask("down/m"))
+        assert response.message.parts[0].text == ANSWER
+        assert [(a.model, a.provider, a.error_reason) for a in response.attempts] == [
+            ("down/m", "down", "PROVIDER_UNAVAILABLE"),
+            ("up/m", "up", ""),
+        ]
+        failed, answered = running.reported
+        assert (failed.provider, failed.model, failed.request_id) == ("down", "down/m", "req-down-m")
+        assert (failed.success, failed.error_reason) == (False, "PROVIDER_UNAVAILABLE")
+        # It failed before its first token, and produced nothing.
+        assert (failed.time_to_first_token_ms, failed.output_tokens, failed.output_tokens_per_second) == (
+            0,
+            0,
+            0,
+        )
+        assert (answered.provider, answered.model, answered.request_id) == ("up", "up/m", "req-down-m")
+        assert_measured_success(answered, response)
