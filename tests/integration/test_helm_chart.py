@@ -26,7 +26,13 @@ import yaml
 
 from switchyard.cli import main as cli_main
 from switchyard.common.catalog import VENDORS
-from switchyard.common.settings import ADAPTER_PORTS, DEFAULT_PORTS, EDGE_HTTP_PORT, LOCAL_DEV_KEY
+from switchyard.common.settings import (
+    ADAPTER_PORTS,
+    DEFAULT_PORTS,
+    EDGE_HTTP_PORT,
+    LOCAL_DEV_KEY,
+    Settings,
+)
 from switchyard.envoy_config import IMAGE_DESCRIPTOR_PATH, validate_config
 from switchyard.keys_cli import add_commands as add_keys_commands
 from tests.support.helm import fake_cluster, helm_binary
@@ -308,6 +314,21 @@ def test_default_rendering_autoscales_the_edge_only(helm: Helm) -> None:
     assert adapter_components(docs) == {"openai": "adapter-openai"}
 
 
+def test_edge_region_reaches_the_edge_only_when_set(helm: Helm) -> None:
+    # By default no edge names a region: each plans on the latency of every region together.
+    for deployment in switchyard_deployments(render(helm)):
+        assert "SWITCHYARD_EDGE_REGION" not in env_of(deployment), deployment["metadata"]["name"]
+    docs = render(helm, "--set", "edge.region=eu-west")
+    for deployment in switchyard_deployments(docs):
+        env = env_of(deployment)
+        if component(deployment) == "edge":
+            assert env["SWITCHYARD_EDGE_REGION"] == "eu-west"
+        else:
+            assert "SWITCHYARD_EDGE_REGION" not in env, deployment["metadata"]["name"]
+    # The variable is the one the edge's settings read.
+    assert Settings.from_env({"SWITCHYARD_EDGE_REGION": "eu-west"}).edge_region == "eu-west"
+
+
 # --- secrets ------------------------------------------------------------------------------------
 
 
@@ -546,6 +567,8 @@ BAD_VALUES = {
         ["edge.autoscaling", "minReplicas (20)"],
     ),
     "secret-without-key": ({"database": {"existingSecret": {"name": "db"}}}, ["database.existingSecret.key"]),
+    # The router's Plan and Explain refuse such a region too.
+    "edge-region": ({"edge": {"region": "eu west"}}, ["edge.region"]),
 }
 
 

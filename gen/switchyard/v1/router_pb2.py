@@ -27,7 +27,7 @@ from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
 from switchyard.v1 import health_pb2 as switchyard_dot_v1_dot_health__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/router.proto\x12\rswitchyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchyard/v1/common.proto\x1a\x1aswitchyard/v1/health.proto\"c\n\x0bPlanRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\"\xc4\x01\n\tCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06vendor\x18\x03 \x01(\t\x12\x16\n\x0eupstream_model\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1d\n\x15predicted_cost_micros\x18\x06 \x01(\x03\x12\x1c\n\x14predicted_latency_ms\x18\x07 \x01(\r\x12\x12\n\nconfidence\x18\x08 \x01(\x01\x12\r\n\x05score\x18\t \x01(\x01\"\x98\x01\n\x0cPlanResponse\x12,\n\ncandidates\x18\x01 \x03(\x0b\x32\x18.switchyard.v1.Candidate\x12\x18\n\x10snapshot_version\x18\x02 \x01(\x04\x12*\n\ttask_type\x18\x03 \x01(\x0e\x32\x17.switchyard.v1.TaskType\x12\x14\n\x0cmatched_rule\x18\x04 \x01(\t\"f\n\x0e\x45xplainRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\"\xfc\x01\n\x0fScoredCandidate\x12+\n\tcandidate\x18\x01 \x01(\x0b\x32\x18.switchyard.v1.Candidate\x12\x10\n\x08\x66iltered\x18\x02 \x01(\x08\x12\x15\n\rfilter_reason\x18\x03 \x01(\t\x12M\n\x10score_components\x18\x04 \x03(\x0b\x32\x33.switchyard.v1.ScoredCandidate.ScoreComponentsEntry\x12\x0c\n\x04rank\x18\x05 \x01(\r\x1a\x36\n\x14ScoreComponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x95\x02\n\x0f\x45xplainResponse\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.switchyard.v1.ScoredCandidate\x12\x18\n\x10snapshot_version\x18\x02 \x01(\x04\x12*\n\ttask_type\x18\x03 \x01(\x0e\x32\x17.switchyard.v1.TaskType\x12\x12\n\ncomplexity\x18\x04 \x01(\x01\x12.\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32\x1c.switchyard.v1.ModelCategory\x12\x14\n\x0cmatched_rule\x18\x06 \x01(\t\x12\x34\n\npreference\x18\x07 \x01(\x0e\x32 .switchyard.v1.RoutingPreference\"B\n\x12WatchRoutesRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"G\n\x13WatchRoutesResponse\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1e.switchyard.v1.RoutingSnapshot\"+\n\nModelAlias\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\"1\n\rFallbackChain\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tfallbacks\x18\x02 \x03(\t\"g\n\x0cProviderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06vendor\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x11\n\tfree_tier\x18\x04 \x01(\x08\x12\x16\n\x0e\x61\x64\x61pter_target\x18\x05 \x01(\t\"\\\n\rTenantRouting\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x12\n\nrules_json\x18\x04 \x01(\t\"\xca\x01\n\x0cLatencyModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61se_ms\x18\x03 \x01(\x01\x12\x1a\n\x12ms_per_input_token\x18\x04 \x01(\x01\x12\x1b\n\x13ms_per_output_token\x18\x05 \x01(\x01\x12\x0f\n\x07samples\x18\x06 \x01(\r\x12\x18\n\x10prediction_error\x18\x07 \x01(\x01\x12\x14\n\x0coutput_reach\x18\x08 \x01(\x01\x12\x0e\n\x06region\x18\t \x01(\t\"\xd2\x04\n\x0fRoutingSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.switchyard.v1.ModelInfo\x12.\n\tproviders\x18\x04 \x03(\x0b\x32\x1b.switchyard.v1.ProviderInfo\x12*\n\x07\x61liases\x18\x05 \x03(\x0b\x32\x19.switchyard.v1.ModelAlias\x12/\n\tfallbacks\x18\x06 \x03(\x0b\x32\x1c.switchyard.v1.FallbackChain\x12-\n\x07tenants\x18\x07 \x03(\x0b\x32\x1c.switchyard.v1.TenantRouting\x12*\n\x06health\x18\x08 \x03(\x0b\x32\x1a.switchyard.v1.ModelHealth\x12<\n\x07weights\x18\t \x03(\x0b\x32+.switchyard.v1.RoutingSnapshot.WeightsEntry\x12\x33\n\x0elatency_models\x18\n \x03(\x0b\x32\x1b.switchyard.v1.LatencyModel\x12\x15\n\rdefault_model\x18\x0b \x01(\t\x12\x30\n\x08settings\x18\x0c \x01(\x0b\x32\x1e.switchyard.v1.RoutingSettings\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"s\n\x0fRoutingSettings\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x18\n\x10\x65qual_score_band\x18\x02 \x01(\x01\x12\x14\n\x0cweight_floor\x18\x03 \x01(\x01\x12\x18\n\x10headroom_reserve\x18\x04 \x01(\x01\x32\xf2\x01\n\rRouterService\x12?\n\x04Plan\x12\x1a.switchyard.v1.PlanRequest\x1a\x1b.switchyard.v1.PlanResponse\x12H\n\x07\x45xplain\x12\x1d.switchyard.v1.ExplainRequest\x1a\x1e.switchyard.v1.ExplainResponse\x12V\n\x0bWatchRoutes\x12!.switchyard.v1.WatchRoutesRequest\x1a\".switchyard.v1.WatchRoutesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/router.proto\x12\rswitchyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aswitchyard/v1/common.proto\x1a\x1aswitchyard/v1/health.proto\"s\n\x0bPlanRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\x12\x0e\n\x06region\x18\x04 \x01(\t\"\xc4\x01\n\tCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06vendor\x18\x03 \x01(\t\x12\x16\n\x0eupstream_model\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1d\n\x15predicted_cost_micros\x18\x06 \x01(\x03\x12\x1c\n\x14predicted_latency_ms\x18\x07 \x01(\r\x12\x12\n\nconfidence\x18\x08 \x01(\x01\x12\r\n\x05score\x18\t \x01(\x01\"\x98\x01\n\x0cPlanResponse\x12,\n\ncandidates\x18\x01 \x03(\x0b\x32\x18.switchyard.v1.Candidate\x12\x18\n\x10snapshot_version\x18\x02 \x01(\x04\x12*\n\ttask_type\x18\x03 \x01(\x0e\x32\x17.switchyard.v1.TaskType\x12\x14\n\x0cmatched_rule\x18\x04 \x01(\t\"v\n\x0e\x45xplainRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\x12\x0e\n\x06region\x18\x04 \x01(\t\"\xfc\x01\n\x0fScoredCandidate\x12+\n\tcandidate\x18\x01 \x01(\x0b\x32\x18.switchyard.v1.Candidate\x12\x10\n\x08\x66iltered\x18\x02 \x01(\x08\x12\x15\n\rfilter_reason\x18\x03 \x01(\t\x12M\n\x10score_components\x18\x04 \x03(\x0b\x32\x33.switchyard.v1.ScoredCandidate.ScoreComponentsEntry\x12\x0c\n\x04rank\x18\x05 \x01(\r\x1a\x36\n\x14ScoreComponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x95\x02\n\x0f\x45xplainResponse\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.switchyard.v1.ScoredCandidate\x12\x18\n\x10snapshot_version\x18\x02 \x01(\x04\x12*\n\ttask_type\x18\x03 \x01(\x0e\x32\x17.switchyard.v1.TaskType\x12\x12\n\ncomplexity\x18\x04 \x01(\x01\x12.\n\x08\x63\x61tegory\x18\x05 \x01(\x0e\x32\x1c.switchyard.v1.ModelCategory\x12\x14\n\x0cmatched_rule\x18\x06 \x01(\t\x12\x34\n\npreference\x18\x07 \x01(\x0e\x32 .switchyard.v1.RoutingPreference\"B\n\x12WatchRoutesRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"G\n\x13WatchRoutesResponse\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1e.switchyard.v1.RoutingSnapshot\"+\n\nModelAlias\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\"1\n\rFallbackChain\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tfallbacks\x18\x02 \x03(\t\"g\n\x0cProviderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06vendor\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x11\n\tfree_tier\x18\x04 \x01(\x08\x12\x16\n\x0e\x61\x64\x61pter_target\x18\x05 \x01(\t\"\\\n\rTenantRouting\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x12\n\nrules_json\x18\x04 \x01(\t\"\xca\x01\n\x0cLatencyModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61se_ms\x18\x03 \x01(\x01\x12\x1a\n\x12ms_per_input_token\x18\x04 \x01(\x01\x12\x1b\n\x13ms_per_output_token\x18\x05 \x01(\x01\x12\x0f\n\x07samples\x18\x06 \x01(\r\x12\x18\n\x10prediction_error\x18\x07 \x01(\x01\x12\x14\n\x0coutput_reach\x18\x08 \x01(\x01\x12\x0e\n\x06region\x18\t \x01(\t\"\xd2\x04\n\x0fRoutingSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.switchyard.v1.ModelInfo\x12.\n\tproviders\x18\x04 \x03(\x0b\x32\x1b.switchyard.v1.ProviderInfo\x12*\n\x07\x61liases\x18\x05 \x03(\x0b\x32\x19.switchyard.v1.ModelAlias\x12/\n\tfallbacks\x18\x06 \x03(\x0b\x32\x1c.switchyard.v1.FallbackChain\x12-\n\x07tenants\x18\x07 \x03(\x0b\x32\x1c.switchyard.v1.TenantRouting\x12*\n\x06health\x18\x08 \x03(\x0b\x32\x1a.switchyard.v1.ModelHealth\x12<\n\x07weights\x18\t \x03(\x0b\x32+.switchyard.v1.RoutingSnapshot.WeightsEntry\x12\x33\n\x0elatency_models\x18\n \x03(\x0b\x32\x1b.switchyard.v1.LatencyModel\x12\x15\n\rdefault_model\x18\x0b \x01(\t\x12\x30\n\x08settings\x18\x0c \x01(\x0b\x32\x1e.switchyard.v1.RoutingSettings\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"s\n\x0fRoutingSettings\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x18\n\x10\x65qual_score_band\x18\x02 \x01(\x01\x12\x14\n\x0cweight_floor\x18\x03 \x01(\x01\x12\x18\n\x10headroom_reserve\x18\x04 \x01(\x01\x32\xf2\x01\n\rRouterService\x12?\n\x04Plan\x12\x1a.switchyard.v1.PlanRequest\x1a\x1b.switchyard.v1.PlanResponse\x12H\n\x07\x45xplain\x12\x1d.switchyard.v1.ExplainRequest\x1a\x1e.switchyard.v1.ExplainResponse\x12V\n\x0bWatchRoutes\x12!.switchyard.v1.WatchRoutesRequest\x1a\".switchyard.v1.WatchRoutesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,39 +39,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTINGSNAPSHOT_WEIGHTSENTRY']._loaded_options = None
   _globals['_ROUTINGSNAPSHOT_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_PLANREQUEST']._serialized_start=134
-  _globals['_PLANREQUEST']._serialized_end=233
-  _globals['_CANDIDATE']._serialized_start=236
-  _globals['_CANDIDATE']._serialized_end=432
-  _globals['_PLANRESPONSE']._serialized_start=435
-  _globals['_PLANRESPONSE']._serialized_end=587
-  _globals['_EXPLAINREQUEST']._serialized_start=589
-  _globals['_EXPLAINREQUEST']._serialized_end=691
-  _globals['_SCOREDCANDIDATE']._serialized_start=694
-  _globals['_SCOREDCANDIDATE']._serialized_end=946
-  _globals['_SCOREDCANDIDATE_SCORECOMPONENTSENTRY']._serialized_start=892
-  _globals['_SCOREDCANDIDATE_SCORECOMPONENTSENTRY']._serialized_end=946
-  _globals['_EXPLAINRESPONSE']._serialized_start=949
-  _globals['_EXPLAINRESPONSE']._serialized_end=1226
-  _globals['_WATCHROUTESREQUEST']._serialized_start=1228
-  _globals['_WATCHROUTESREQUEST']._serialized_end=1294
-  _globals['_WATCHROUTESRESPONSE']._serialized_start=1296
-  _globals['_WATCHROUTESRESPONSE']._serialized_end=1367
-  _globals['_MODELALIAS']._serialized_start=1369
-  _globals['_MODELALIAS']._serialized_end=1412
-  _globals['_FALLBACKCHAIN']._serialized_start=1414
-  _globals['_FALLBACKCHAIN']._serialized_end=1463
-  _globals['_PROVIDERINFO']._serialized_start=1465
-  _globals['_PROVIDERINFO']._serialized_end=1568
-  _globals['_TENANTROUTING']._serialized_start=1570
-  _globals['_TENANTROUTING']._serialized_end=1662
-  _globals['_LATENCYMODEL']._serialized_start=1665
-  _globals['_LATENCYMODEL']._serialized_end=1867
-  _globals['_ROUTINGSNAPSHOT']._serialized_start=1870
-  _globals['_ROUTINGSNAPSHOT']._serialized_end=2464
-  _globals['_ROUTINGSNAPSHOT_WEIGHTSENTRY']._serialized_start=2418
-  _globals['_ROUTINGSNAPSHOT_WEIGHTSENTRY']._serialized_end=2464
-  _globals['_ROUTINGSETTINGS']._serialized_start=2466
-  _globals['_ROUTINGSETTINGS']._serialized_end=2581
-  _globals['_ROUTERSERVICE']._serialized_start=2584
-  _globals['_ROUTERSERVICE']._serialized_end=2826
+  _globals['_PLANREQUEST']._serialized_end=249
+  _globals['_CANDIDATE']._serialized_start=252
+  _globals['_CANDIDATE']._serialized_end=448
+  _globals['_PLANRESPONSE']._serialized_start=451
+  _globals['_PLANRESPONSE']._serialized_end=603
+  _globals['_EXPLAINREQUEST']._serialized_start=605
+  _globals['_EXPLAINREQUEST']._serialized_end=723
+  _globals['_SCOREDCANDIDATE']._serialized_start=726
+  _globals['_SCOREDCANDIDATE']._serialized_end=978
+  _globals['_SCOREDCANDIDATE_SCORECOMPONENTSENTRY']._serialized_start=924
+  _globals['_SCOREDCANDIDATE_SCORECOMPONENTSENTRY']._serialized_end=978
+  _globals['_EXPLAINRESPONSE']._serialized_start=981
+  _globals['_EXPLAINRESPONSE']._serialized_end=1258
+  _globals['_WATCHROUTESREQUEST']._serialized_start=1260
+  _globals['_WATCHROUTESREQUEST']._serialized_end=1326
+  _globals['_WATCHROUTESRESPONSE']._serialized_start=1328
+  _globals['_WATCHROUTESRESPONSE']._serialized_end=1399
+  _globals['_MODELALIAS']._serialized_start=1401
+  _globals['_MODELALIAS']._serialized_end=1444
+  _globals['_FALLBACKCHAIN']._serialized_start=1446
+  _globals['_FALLBACKCHAIN']._serialized_end=1495
+  _globals['_PROVIDERINFO']._serialized_start=1497
+  _globals['_PROVIDERINFO']._serialized_end=1600
+  _globals['_TENANTROUTING']._serialized_start=1602
+  _globals['_TENANTROUTING']._serialized_end=1694
+  _globals['_LATENCYMODEL']._serialized_start=1697
+  _globals['_LATENCYMODEL']._serialized_end=1899
+  _globals['_ROUTINGSNAPSHOT']._serialized_start=1902
+  _globals['_ROUTINGSNAPSHOT']._serialized_end=2496
+  _globals['_ROUTINGSNAPSHOT_WEIGHTSENTRY']._serialized_start=2450
+  _globals['_ROUTINGSNAPSHOT_WEIGHTSENTRY']._serialized_end=2496
+  _globals['_ROUTINGSETTINGS']._serialized_start=2498
+  _globals['_ROUTINGSETTINGS']._serialized_end=2613
+  _globals['_ROUTERSERVICE']._serialized_start=2616
+  _globals['_ROUTERSERVICE']._serialized_end=2858
 # @@protoc_insertion_point(module_scope)

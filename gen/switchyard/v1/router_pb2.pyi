@@ -31,10 +31,16 @@ class PlanRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant whose rules and allowed models apply."""
     input_tokens: _builtins.int
     """Prompt tokens if the caller already counted them; 0: the router estimates."""
+    region: _builtins.str
+    """The region the plan is computed from (for example "eu-west"): latency is predicted as
+    measured from there once it has samples. Empty: every region together, like an edge with
+    no SWITCHYARD_EDGE_REGION. At most 64 characters of [A-Za-z0-9._-].
+    """
     @_builtins.property
     def request(self) -> _common_pb2.ChatRequest: ...
     def __init__(
@@ -43,10 +49,11 @@ class PlanRequest(_message.Message):
         request: _common_pb2.ChatRequest | None = ...,
         tenant_id: _builtins.str = ...,
         input_tokens: _builtins.int = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "request", b"request", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "region", b"region", "request", b"request", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,8 +151,14 @@ class ExplainRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     input_tokens: _builtins.int
+    region: _builtins.str
+    """The region the plan is computed from (for example "eu-west"): latency is predicted as
+    measured from there once it has samples. Empty: every region together, like an edge with
+    no SWITCHYARD_EDGE_REGION. At most 64 characters of [A-Za-z0-9._-].
+    """
     @_builtins.property
     def request(self) -> _common_pb2.ChatRequest: ...
     def __init__(
@@ -154,10 +167,11 @@ class ExplainRequest(_message.Message):
         request: _common_pb2.ChatRequest | None = ...,
         tenant_id: _builtins.str = ...,
         input_tokens: _builtins.int = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "request", b"request", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "region", b"region", "request", b"request", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,9 +1,10 @@
 """Route planning: the ordered candidates for a request, computed on a routing table.
 
 This is a plain library (no gRPC): the router's `Plan` and `Explain` RPCs and every edge (on
-the snapshot the router pushed) run the same code. A `Planner` holds the table and the little
-state planning keeps between requests: the weighted round-robin position among equals, and the
-half-open trials this planner has handed out in each breaker's current half-open episode.
+the snapshot the router pushed) run the same code, on a table compiled for the edge's region or
+the request's `region`. A `Planner` holds the table and the little state planning keeps between
+requests: the weighted round-robin position among equals, and the half-open trials this planner
+has handed out in each breaker's current half-open episode.
 
 How a plan is made (deterministic given the table and that state):
 

@@ -1,6 +1,8 @@
 """The router: a control plane that turns the catalog and the health monitor's picture into
 versioned routing snapshots, pushes them to every edge (`WatchRoutes`), and answers `Plan`
-and `Explain` with the same plan library the edges run on those snapshots.
+and `Explain` with the same plan library the edges run on those snapshots. A request's
+`region` plans on the snapshot compiled for that region, as an edge there does (latency as
+measured from it); empty, on every region's latency together.
 
 What reaches the edges, and how fast:
 - a breaker or status change from the health monitor: a new snapshot within
@@ -19,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Final
@@ -48,6 +52,11 @@ STATS_INTERVAL_S: Final = 1.0
 SUBSCRIBER_QUEUE: Final = 4
 RECONNECT_BASE_S: Final = 0.2
 RECONNECT_CAP_S: Final = 5.0
+# Regions Plan and Explain keep a planner for; beyond it the least recently asked is dropped,
+# so callers naming arbitrary regions cannot grow memory.
+REGION_PLANNERS: Final = 32
+REGION_MAX_CHARS: Final = 64
+_REGION_NAME: Final = re.compile(rf"[A-Za-z0-9._-]{{1,{REGION_MAX_CHARS}}}")
 
 HealthKey = tuple[str, str]
 
@@ -91,6 +100,8 @@ class RoutingState:
         self._subscribers: set[asyncio.Queue[router_pb2.RoutingSnapshot]] = set()
         self.snapshot = router_pb2.RoutingSnapshot()
         self.planner = Planner(RoutingTable.from_catalog(catalog, settings=settings))
+        # Planners for named regions, least recently asked first; see `planner_for`.
+        self._regional: OrderedDict[str, Planner] = OrderedDict()
         self.rebuild()
 
     @property
@@ -123,6 +134,26 @@ class RoutingState:
         self._critical.clear()
         self._changed.clear()
         return self.snapshot
+
+    def planner_for(self, region: str) -> Planner:
+        """The planner on the current snapshot compiled for `region` ("": `planner`, every
+        region together), as an edge in that region plans.
+
+        A region's table is compiled when first asked for on a snapshot, not on every rebuild.
+        Its planner is kept across snapshots, like an edge's, so round robin and half-open
+        trial counts carry over; at most `REGION_PLANNERS` regions are kept.
+        """
+        if not region:
+            return self.planner
+        planner = self._regional.pop(region, None)
+        if planner is None:
+            planner = Planner(RoutingTable.from_snapshot(self.snapshot, region=region))
+        elif planner.table.version != self.snapshot.version:
+            planner.swap(RoutingTable.from_snapshot(self.snapshot, region=region))
+        self._regional[region] = planner
+        while len(self._regional) > REGION_PLANNERS:
+            self._regional.popitem(last=False)
+        return planner
 
     def set_catalog(self, catalog: Catalog) -> None:
         """A new catalog (an edited file): rebuild at once."""
@@ -195,22 +226,31 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         name = request.model.strip()
         return count_prompt_tokens(request, self._state.catalog.resolve(name) if name else None).tokens
 
+    def _planner(
+        self, request: common_pb2.ChatRequest, region: str, given_tokens: int
+    ) -> tuple[Planner, int]:
+        """The planner for the requested region (a plausible region name) and the prompt tokens."""
+        if region and not _REGION_NAME.fullmatch(region):
+            raise invalid(
+                f"a region is at most {REGION_MAX_CHARS} letters, digits, '.', '_' or '-'", "region"
+            )
+        tokens = self._input_tokens(request, given_tokens)
+        return self._state.planner_for(region), tokens
+
     async def Plan(
         self, request: router_pb2.PlanRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PlanResponse:
-        """The ordered candidates for a request, on the current snapshot."""
-        tokens = self._input_tokens(request.request, request.input_tokens)
-        plan = self._state.planner.plan(request.request, tenant_id=request.tenant_id, input_tokens=tokens)
+        """The ordered candidates for a request, on the current snapshot as seen from its region."""
+        planner, tokens = self._planner(request.request, request.region, request.input_tokens)
+        plan = planner.plan(request.request, tenant_id=request.tenant_id, input_tokens=tokens)
         return plan_response(plan)
 
     async def Explain(
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ExplainResponse:
-        """The whole scoring table, filtered-out candidates included."""
-        tokens = self._input_tokens(request.request, request.input_tokens)
-        explained = self._state.planner.explain(
-            request.request, tenant_id=request.tenant_id, input_tokens=tokens
-        )
+        """The whole scoring table, filtered-out candidates included, as seen from its region."""
+        planner, tokens = self._planner(request.request, request.region, request.input_tokens)
+        explained = planner.explain(request.request, tenant_id=request.tenant_id, input_tokens=tokens)
         return explained.to_proto()
 
     async def WatchRoutes(

@@ -5,9 +5,10 @@ monitor's picture and pushes it to every edge; the router and each edge compile 
 `RoutingTable` (`RoutingTable.from_snapshot`) and plan on that. `RoutingTable.from_catalog`
 goes through the same snapshot, so there is one code path whatever the source.
 
-A table is compiled for a region (an edge's `edge_region`; empty on the router): a model's
-latency is predicted from the latency model measured from that region once it has
-`REGION_MIN_SAMPLES` samples, and from the one of every region together otherwise.
+A table is compiled for a region (an edge's `edge_region`, or a Plan / Explain request's
+`region` on the router; empty: every region together): a model's latency is predicted from the
+latency model measured from that region once it has `REGION_MIN_SAMPLES` samples, and from the
+one of every region together otherwise.
 
 Everything a plan needs that does not depend on the request is computed here, once per
 snapshot: per model a slotted `ModelRoute` with its prices, capabilities, breaker state,

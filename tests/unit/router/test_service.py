@@ -20,7 +20,10 @@ from switchyard.common.catalog import Catalog, load_catalog, parse_catalog
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.settings import Settings
 from switchyard.router import service
+from switchyard.router.plan import Planner, plan_response
 from switchyard.router.service import (
+    REGION_MAX_CHARS,
+    REGION_PLANNERS,
     SUBSCRIBER_QUEUE,
     RouterServicer,
     RoutingState,
@@ -29,7 +32,7 @@ from switchyard.router.service import (
     follow_health,
     routing_settings,
 )
-from switchyard.router.table import default_settings
+from switchyard.router.table import REGION_MIN_SAMPLES, RoutingTable, default_settings
 from switchyard.v1 import common_pb2, health_pb2, health_pb2_grpc, router_pb2
 
 URL = "http://127.0.0.1:9/v1"
@@ -655,3 +658,175 @@ async def test_follow_health_reconnects_after_the_stream_ends(monkeypatch: pytes
     assert delays == pytest.approx([0.01, 0.01])
     health = health_of(state.rebuild())
     assert (health["alpha/small"].breaker, health["beta/small"].status) == (OPEN, DOWN)
+
+
+# --- Plan and Explain from a region -----------------------------------------------------------
+
+# Three interchangeable models (same price, quality and catalog region): only latency sets them apart.
+GEO_CATALOG = parse_catalog(
+    "providers:\n"
+    f'  near: {{vendor: openai, base_url: "{URL}", region: us}}\n'
+    f'  mid: {{vendor: anthropic, base_url: "{URL}", region: us}}\n'
+    f'  far: {{vendor: mistral, base_url: "{URL}", region: us}}\n'
+    "models:\n"
+    + "".join(
+        f"  - {{id: {p}/m, provider: {p}, upstream_model: m, category: small, quality: 70,\n"
+        '     context_window: 8000, max_output_tokens: 500, prices: {input: "0.2", output: "0.4"}}\n'
+        for p in ("near", "mid", "far")
+    )
+    + "tenants:\n  acme:\n    tier: pro\n"
+)
+# Milliseconds each model takes as measured from each region; "ap" has too few samples to trust.
+REGIONAL_MS = {
+    "us": {"near/m": 100.0, "mid/m": 300.0, "far/m": 900.0},
+    "eu": {"near/m": 900.0, "mid/m": 300.0, "far/m": 100.0},
+}
+SPARSE = "ap"
+# Over every region together: the mean of the two.
+GLOBAL_MS = {"near/m": 500.0, "mid/m": 300.0, "far/m": 500.0}
+
+
+def regional_entry(model: str, *, scale: float = 1.0) -> health_pb2.ModelHealth:
+    """The health monitor's entry for `model`: a global latency fit and one per region."""
+
+    def region(name: str, ms: float, samples: int) -> health_pb2.RegionLatency:
+        return health_pb2.RegionLatency(region=name, samples=samples, ewma_latency_ms=ms, latency_base_ms=ms)
+
+    regions = [region(name, ms[model] * scale, REGION_MIN_SAMPLES) for name, ms in REGIONAL_MS.items()]
+    regions.append(region(SPARSE, 50.0, REGION_MIN_SAMPLES - 1))
+    return health_pb2.ModelHealth(
+        provider=model.partition("/")[0],
+        model=model,
+        breaker=CLOSED,
+        status=HEALTHY,
+        samples=2 * REGION_MIN_SAMPLES,
+        ewma_latency_ms=GLOBAL_MS[model] * scale,
+        latency_base_ms=GLOBAL_MS[model] * scale,
+        latency_fit_samples=2 * REGION_MIN_SAMPLES,
+        regions=regions,
+    )
+
+
+def geo_state(*, scale: float = 1.0) -> RoutingState:
+    state = make_state(GEO_CATALOG)
+    state.replace_health([regional_entry(model, scale=scale) for model in GLOBAL_MS])
+    state.rebuild()
+    return state
+
+
+def fastest_first(text: str = "hi") -> common_pb2.ChatRequest:
+    """An `auto` request under the latency preference."""
+    request = chat(text, model="auto")
+    request.routing.CopyFrom(
+        common_pb2.RoutingHints(
+            task_type=common_pb2.TASK_TYPE_SIMPLE_CHAT, preference=common_pb2.ROUTING_PREFERENCE_LATENCY
+        )
+    )
+    return request
+
+
+async def plan_from(
+    servicer: RouterServicer, request: common_pb2.ChatRequest, region: str
+) -> router_pb2.PlanResponse:
+    return await servicer.Plan(
+        router_pb2.PlanRequest(request=request, tenant_id="acme", region=region), NO_CONTEXT
+    )
+
+
+async def test_plan_predicts_latency_as_measured_from_the_requested_region() -> None:
+    servicer = RouterServicer(geo_state())
+
+    async def predicted(model: str, region: str) -> int:
+        plan = await plan_from(servicer, chat(model=model), region)
+        assert plan.candidates[0].model == model
+        return plan.candidates[0].predicted_latency_ms
+
+    assert await predicted("near/m", "") == 500
+    assert await predicted("near/m", "us") == 100  # near from us: faster than every region together
+    assert await predicted("near/m", "eu") == 900  # and slower from eu
+    assert await predicted("far/m", "eu") == 100
+    # Fewer than REGION_MIN_SAMPLES from "ap", nothing from "sa": the global figure stands.
+    assert await predicted("near/m", SPARSE) == 500
+    assert await predicted("near/m", "sa") == 500
+
+
+async def test_the_latency_preference_ranks_by_the_requested_regions_latency() -> None:
+    servicer = RouterServicer(geo_state())
+    us = await plan_from(servicer, fastest_first(), "us")
+    eu = await plan_from(servicer, fastest_first(), "eu")
+    everywhere = await plan_from(servicer, fastest_first(), "")
+    assert [c.model for c in us.candidates] == ["near/m", "mid/m", "far/m"]
+    assert [c.model for c in eu.candidates] == ["far/m", "mid/m", "near/m"]
+    # Seen from every region at once, the model that is never slow leads.
+    assert everywhere.candidates[0].model == "mid/m"
+    explained = await servicer.Explain(
+        router_pb2.ExplainRequest(request=fastest_first(), tenant_id="acme", region="eu"), NO_CONTEXT
+    )
+    assert sorted((r.rank, r.candidate.model) for r in explained.rows) == [
+        (1, "far/m"),
+        (2, "mid/m"),
+        (3, "near/m"),
+    ]
+
+
+async def test_a_regions_plan_is_what_an_edge_in_that_region_computes() -> None:
+    state = geo_state()
+    servicer = RouterServicer(state)
+    for region in ("us", "eu", SPARSE, ""):
+        # An edge in `region` compiles the same snapshot for its region and plans with the library.
+        edge = Planner(RoutingTable.from_snapshot(state.snapshot, region=region))
+        for request in (fastest_first(), chat(model="near/m"), fastest_first("a longer question?")):
+            tokens = servicer._input_tokens(request, 0)  # what the router counts for it
+            plan = await plan_from(servicer, request, region)
+            assert plan == plan_response(edge.plan(request, tenant_id="acme", input_tokens=tokens))
+            explained = await servicer.Explain(
+                router_pb2.ExplainRequest(request=request, tenant_id="acme", region=region), NO_CONTEXT
+            )
+            assert explained == edge.explain(request, tenant_id="acme", input_tokens=tokens).to_proto()
+            assert plan.snapshot_version == explained.snapshot_version == state.version
+
+
+async def test_a_regions_plan_follows_new_snapshots() -> None:
+    state = geo_state()
+    servicer = RouterServicer(state)
+    first = await plan_from(servicer, chat(model="near/m"), "us")
+    assert first.candidates[0].predicted_latency_ms == 100
+    # The health monitor now sees everything three times slower: the next snapshot carries it.
+    state.replace_health([regional_entry(model, scale=3.0) for model in GLOBAL_MS])
+    state.rebuild()
+    second = await plan_from(servicer, chat(model="near/m"), "us")
+    assert second.snapshot_version == state.version > first.snapshot_version
+    assert second.candidates[0].predicted_latency_ms == 300
+
+
+async def test_regional_planners_are_kept_per_region_and_bounded() -> None:
+    state = geo_state()
+    us = state.planner_for("us")
+    assert state.planner_for("us") is us
+    assert state.planner_for("") is state.planner
+    # Kept across snapshots (round robin and half-open trials carry over, as on an edge)...
+    state.rebuild()
+    assert state.planner_for("us") is us
+    assert us.table.version == state.version and us.table.region == "us"
+    # ...but only the REGION_PLANNERS most recently asked for.
+    for n in range(REGION_PLANNERS + 5):
+        state.planner_for(f"r{n}")
+    assert len(state._regional) == REGION_PLANNERS
+    assert "us" not in state._regional
+    assert f"r{REGION_PLANNERS + 4}" in state._regional
+
+
+async def test_plan_and_explain_reject_an_invalid_region() -> None:
+    servicer = RouterServicer(geo_state())
+    for region in ("x" * (REGION_MAX_CHARS + 1), "eu west", "eu/west", "eu\n", "région", "us;drop"):
+        plan = router_pb2.PlanRequest(request=chat(model="near/m"), region=region)
+        explain = router_pb2.ExplainRequest(request=chat(model="near/m"), region=region)
+        for call in (servicer.Plan(plan, NO_CONTEXT), servicer.Explain(explain, NO_CONTEXT)):
+            with pytest.raises(SwitchyardError) as caught:
+                await call
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.reason == Reason.INVALID_REQUEST
+            assert caught.value.metadata == {"field": "region"}
+    # Names of any usual shape pass.
+    for region in ("x" * REGION_MAX_CHARS, "eu-west-1", "us_east.2", "AP"):
+        assert (await plan_from(servicer, chat(model="near/m"), region)).candidates

@@ -323,7 +323,8 @@ spec:
 {{/*
 One Switchyard service: Deployment, headless Service, HPA and PDB. Call with (dict "root" $
 "component" "edge" "key" "edge" "cfg" .Values.edge "args" (list "serve" "edge") "port" 50051
-"httpPort" 8000 (edge only) "providerKeys" true (adapters only)).
+"httpPort" 8000 (edge only) "env" (list (dict "name" ... "value" ...)) (this service's own settings)
+"providerKeys" true (adapters only)).
 */}}
 {{- define "switchyard.service" -}}
 {{- $root := .root }}
@@ -370,6 +371,10 @@ spec:
             {{- if .httpPort }}
             - name: SWITCHYARD_HTTP_PORT
               value: {{ .httpPort | quote }}
+            {{- end }}
+            {{- range .env }}
+            - name: {{ .name }}
+              value: {{ .value | quote }}
             {{- end }}
             {{- include "switchyard.sharedEnv" $root | trim | nindent 12 }}
             {{- with $root.Values.extraEnv }}
