@@ -152,6 +152,7 @@ def usage_record(
     model: str = MODEL,
     estimated_input_tokens: int = 0,
     reported_cost_micros: int = 0,
+    estimated_cost_micros: int = 0,
 ) -> ledger_pb2.UsageRecord:
     """A finished request on `model` for `tenant`, finished now."""
     record = ledger_pb2.UsageRecord(
@@ -169,6 +170,7 @@ def usage_record(
         status="ok",
         attempts=1,
         estimated_input_tokens=estimated_input_tokens,
+        estimated_cost_micros=estimated_cost_micros,
     )
     record.finished_at.GetCurrentTime()
     return record
@@ -987,30 +989,40 @@ async def test_export_erase_and_estimate_accuracy(ledger: LedgerProcess) -> None
     }
 
     # Estimates against the vendor's counts, on a model no other test records estimates for:
-    # relative errors 0.1, 0.1 and 0.5; signed +0.1, -0.1, +0.5.
+    # relative errors 0.1, 0.1 and 0.5; signed +0.1, -0.1, +0.5. Cost estimates against the
+    # charges (input at $0.40 per 1M: 400, 400 and 80 micro-USD): +0.1, -0.25, +0.5.
     model = "openai/gpt-4.1-mini"
-    samples = [(1100, 1000), (900, 1000), (300, 200)]
-    await stub.CommitMany(
+    samples = [(1100, 1000, 440), (900, 1000, 300), (300, 200, 120)]
+    committed = await stub.CommitMany(
         ledger_pb2.CommitManyRequest(
             commits=[
                 ledger_pb2.CommitRequest(
                     record=usage_record(
-                        tenant, input_tokens=actual, estimated_input_tokens=estimate, model=model
+                        tenant,
+                        input_tokens=actual,
+                        estimated_input_tokens=estimate,
+                        estimated_cost_micros=cost_estimate,
+                        model=model,
                     )
                 )
-                for estimate, actual in samples
+                for estimate, actual, cost_estimate in samples
             ]
             # A record without an estimate is no sample.
             + [ledger_pb2.CommitRequest(record=usage_record(tenant, input_tokens=500, model=model))]
         ),
         timeout=10,
     )
+    assert [r.charged_micros for r in committed.results] == [400, 400, 80, 200]
     accuracy = await stub.GetEstimateAccuracy(ledger_pb2.GetEstimateAccuracyRequest(model=model), timeout=10)
     (found,) = accuracy.models
     assert (found.model, found.samples) == (model, 3)
     assert found.mean_relative_error == pytest.approx(0.7 / 3)
     assert found.p95_relative_error == pytest.approx(0.5)
     assert found.mean_signed_error == pytest.approx(0.5 / 3)
+    assert found.cost_samples == 3
+    assert found.cost_mean_relative_error == pytest.approx(0.85 / 3)
+    assert found.cost_p95_relative_error == pytest.approx(0.5)
+    assert found.cost_mean_signed_error == pytest.approx(0.35 / 3)
     everything = await stub.GetEstimateAccuracy(ledger_pb2.GetEstimateAccuracyRequest(), timeout=10)
     assert model in {m.model for m in everything.models}
 

@@ -108,6 +108,7 @@ def usage_record(
     status: str = "ok",
     attempts: int = 1,
     estimated_input_tokens: int = 0,
+    estimated_cost_micros: int = 0,
 ) -> ledger_pb2.UsageRecord:
     record = ledger_pb2.UsageRecord(
         request_id=request_id,
@@ -134,6 +135,7 @@ def usage_record(
         status=status,
         attempts=attempts,
         estimated_input_tokens=estimated_input_tokens,
+        estimated_cost_micros=estimated_cost_micros,
     )
     if finished_ms is not None:
         record.finished_at.FromMilliseconds(finished_ms)
@@ -694,6 +696,203 @@ async def test_estimate_accuracy_per_model(store: LedgerStore) -> None:
     assert everyone[large].mean_relative_error == pytest.approx(0.105)
     assert everyone[large].p95_relative_error == pytest.approx(0.19)  # nearest rank: the 19th of 20
     assert await store.estimate_accuracy(unique("no-such-model")) == []
+    # No cost estimates among these rows.
+    assert {
+        (a.cost_samples, a.cost_mean_relative_error, a.cost_p95_relative_error) for a in everyone.values()
+    } == {(0, 0.0, 0.0)}
+
+
+async def test_cost_estimate_accuracy_per_model(store: LedgerStore, database: Database) -> None:
+    """The expected cost predicted vs the cost charged (`cost_micros`, what the ledger charged,
+    not what the record reported), beside and independent of the prompt-token accuracy."""
+    small, large, tokens_only = unique("model-small"), unique("model-large"), unique("model-tokens")
+    tenant = unique("acme")
+    items: list[tuple[ledger_pb2.UsageRecord, int]] = []
+    # Charged 1 000 each; estimates 1 200, 800, 1 000, 1 500: errors +0.2, -0.2, 0, +0.5, oldest first.
+    for i, estimate in enumerate((1_200, 800, 1_000, 1_500)):
+        items.append(
+            (
+                usage_record(
+                    f"{small}-{i}",
+                    tenant,
+                    finished_ms=1_000 + i,
+                    model=small,
+                    input_tokens=100,
+                    reported_cost=7,
+                    estimated_cost_micros=estimate,
+                ),
+                1_000,
+            )
+        )
+    # Left out of the cost figures: no cost estimate (but a token one, which counts there), nothing
+    # charged (a cache hit or a failure), usage itself estimated (the charge is a guess too).
+    items += [
+        (
+            usage_record(
+                f"{small}-t",
+                tenant,
+                finished_ms=900,
+                model=small,
+                input_tokens=100,
+                estimated_input_tokens=110,
+            ),
+            1_000,
+        ),
+        (
+            usage_record(
+                f"{small}-free",
+                tenant,
+                finished_ms=901,
+                model=small,
+                input_tokens=100,
+                cache_status=common_pb2.CACHE_STATUS_HIT_EXACT,
+                estimated_cost_micros=900,
+            ),
+            0,
+        ),
+        (
+            usage_record(
+                f"{small}-e",
+                tenant,
+                finished_ms=902,
+                model=small,
+                input_tokens=100,
+                estimated=True,
+                estimated_cost_micros=5_000,
+            ),
+            1_000,
+        ),
+    ]
+    for k in range(1, 21):  # charged 2 000; estimates 1 980 ... 1 600: errors -0.01 ... -0.20
+        items.append(
+            (
+                usage_record(
+                    f"{large}-{k}",
+                    tenant,
+                    finished_ms=2_000 + k,
+                    model=large,
+                    input_tokens=100,
+                    estimated_cost_micros=2_000 - 20 * k,
+                ),
+                2_000,
+            )
+        )
+    items.append(
+        (
+            usage_record(
+                f"{tokens_only}-1",
+                tenant,
+                finished_ms=3_000,
+                model=tokens_only,
+                input_tokens=100,
+                estimated_input_tokens=90,
+            ),
+            500,
+        )
+    )
+    assert all(await store.record_many(items, recorded_at_ms=4_000))
+
+    # Stored as given, 0 where the record had none.
+    rows = await database.fetch_all(
+        "SELECT request_id, estimated_cost_micros, cost_micros FROM ledger_usage WHERE model = ?"
+        " ORDER BY request_id",
+        (small,),
+    )
+    assert {str(r["request_id"]): (int(r["estimated_cost_micros"]), int(r["cost_micros"])) for r in rows} == {
+        f"{small}-0": (1_200, 1_000),
+        f"{small}-1": (800, 1_000),
+        f"{small}-2": (1_000, 1_000),
+        f"{small}-3": (1_500, 1_000),
+        f"{small}-t": (0, 1_000),
+        f"{small}-free": (900, 0),
+        f"{small}-e": (5_000, 1_000),
+    }
+
+    [acc] = await store.estimate_accuracy(small)
+    assert (acc.model, acc.cost_samples) == (small, 4)
+    assert acc.cost_mean_relative_error == pytest.approx(0.9 / 4)
+    assert acc.cost_mean_signed_error == pytest.approx(0.5 / 4)
+    assert acc.cost_p95_relative_error == pytest.approx(0.5)  # nearest rank: the 4th of 4
+    # The prompt-token figures count their own rows: only the one with a token estimate.
+    assert (acc.samples, acc.mean_relative_error, acc.p95_relative_error) == (
+        1,
+        pytest.approx(0.1),
+        pytest.approx(0.1),
+    )
+
+    [recent] = await store.estimate_accuracy(small, limit_per_model=2)  # the two newest: 0 and +0.5
+    assert recent.cost_samples == 2
+    assert recent.cost_mean_relative_error == pytest.approx(0.25)
+    assert recent.cost_mean_signed_error == pytest.approx(0.25)
+    assert recent.cost_p95_relative_error == pytest.approx(0.5)
+
+    everyone = {a.model: a for a in await store.estimate_accuracy() if a.model in (small, large, tokens_only)}
+    assert list(everyone) == sorted([small, large, tokens_only])
+    big = everyone[large]
+    assert (big.samples, big.mean_relative_error) == (0, 0.0)  # no token estimates on this model
+    assert big.cost_samples == 20
+    assert big.cost_mean_relative_error == pytest.approx(0.105)
+    assert big.cost_mean_signed_error == pytest.approx(-0.105)
+    assert big.cost_p95_relative_error == pytest.approx(0.19)  # nearest rank: the 19th of 20
+    only = everyone[tokens_only]
+    assert (only.samples, only.mean_signed_error) == (1, pytest.approx(-0.1))
+    assert (only.cost_samples, only.cost_mean_relative_error, only.cost_p95_relative_error) == (0, 0.0, 0.0)
+
+
+async def test_rows_stored_before_cost_estimates_are_kept_and_left_out_of_cost_accuracy(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Upgrading a database from before `estimated_cost_micros`: its rows stay as they were (no cost
+    estimate), their prompt-token accuracy still counts, and only new rows give cost samples."""
+    tenant, model = unique("acme"), unique("model")
+
+    async def check(url: str) -> None:
+        database = await open_database(url)
+        try:
+            await database.migrate(COMPONENT, MIGRATIONS[:7])
+            for i, estimate in enumerate((120, 80)):  # as the release before wrote them
+                await database.execute(
+                    "INSERT INTO ledger_usage (request_id, tenant_id, model, input_tokens, cost_micros,"
+                    " estimated_input_tokens, finished_at_ms, recorded_at_ms)"
+                    " VALUES (?, ?, ?, 100, 1000, ?, ?, ?)",
+                    (f"{tenant}-old-{i}", tenant, model, estimate, 1_000 + i, 1_000 + i),
+                )
+            store = await LedgerStore.open(database)
+            assert await database.migrate(COMPONENT, MIGRATIONS) == []
+            old = await database.fetch_all(
+                "SELECT request_id, estimated_cost_micros, cost_micros FROM ledger_usage"
+                " WHERE tenant_id = ? ORDER BY request_id",
+                (tenant,),
+            )
+            assert [(r["request_id"], r["estimated_cost_micros"], r["cost_micros"]) for r in old] == [
+                (f"{tenant}-old-0", 0, 1_000),
+                (f"{tenant}-old-1", 0, 1_000),
+            ]
+            new = usage_record(
+                f"{tenant}-new",
+                tenant,
+                finished_ms=2_000,
+                model=model,
+                input_tokens=100,
+                estimated_input_tokens=100,
+                estimated_cost_micros=1_100,
+            )
+            assert await store.record(new, 1_000, recorded_at_ms=2_000)
+            [acc] = await store.estimate_accuracy(model)
+            assert (acc.samples, acc.mean_relative_error) == (3, pytest.approx(0.4 / 3))
+            assert (acc.cost_samples, acc.cost_mean_relative_error, acc.cost_p95_relative_error) == (
+                1,
+                pytest.approx(0.1),
+                pytest.approx(0.1),
+            )
+        finally:
+            await database.close()
+
+    if database_url.startswith("sqlite"):
+        await check(f"sqlite:///{tmp_path / 'old' / 'ledger.db'}")
+    else:
+        async with fresh_postgres_database("switchyard_ledger_cost_upgrade") as url:
+            await check(url)
 
 
 # --- CSV export ---------------------------------------------------------------------------------

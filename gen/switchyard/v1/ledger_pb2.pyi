@@ -234,6 +234,7 @@ class UsageRecord(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     ESTIMATED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_MICROS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """The catalog model and provider that answered."""
@@ -247,6 +248,12 @@ class UsageRecord(_message.Message):
     attempts: _builtins.int
     estimated_input_tokens: _builtins.int
     """What the estimate said, to track its error."""
+    estimated_cost_micros: _builtins.int
+    """The expected (not worst-case) cost the gateway predicted for the model that answered,
+    before sending the request (the edge's plan, at list prices: no volume discount); 0: no
+    estimate (a cache hit, a shared flight, no prompt count). GetEstimateAccuracy compares it
+    with the cost charged.
+    """
     @_builtins.property
     def scope(self) -> Global___BudgetScope: ...
     @_builtins.property
@@ -269,10 +276,11 @@ class UsageRecord(_message.Message):
         attempts: _builtins.int = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         estimated_input_tokens: _builtins.int = ...,
+        estimated_cost_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "scope", b"scope", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cache_saved_micros", b"cache_saved_micros", "cache_status", b"cache_status", "cost_micros", b"cost_micros", "estimated_input_tokens", b"estimated_input_tokens", "finished_at", b"finished_at", "latency_ms", b"latency_ms", "model", b"model", "provider", b"provider", "request_id", b"request_id", "scope", b"scope", "status", b"status", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cache_saved_micros", b"cache_saved_micros", "cache_status", b"cache_status", "cost_micros", b"cost_micros", "estimated_cost_micros", b"estimated_cost_micros", "estimated_input_tokens", b"estimated_input_tokens", "finished_at", b"finished_at", "latency_ms", b"latency_ms", "model", b"model", "provider", b"provider", "request_id", b"request_id", "scope", b"scope", "status", b"status", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1086,7 +1094,9 @@ Global___GetEstimateAccuracyRequest: _TypeAlias = GetEstimateAccuracyRequest  # 
 
 @_typing.final
 class ModelEstimateAccuracy(_message.Message):
-    """|estimated - actual| / actual of prompt tokens over a model's recorded requests."""
+    """|estimated - actual| / actual over a model's recorded requests: of prompt tokens (estimated
+    vs the vendor's count), and of cost (the expected cost predicted vs the cost charged).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1095,12 +1105,29 @@ class ModelEstimateAccuracy(_message.Message):
     MEAN_RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
     P95_RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
     MEAN_SIGNED_ERROR_FIELD_NUMBER: _builtins.int
+    COST_SAMPLES_FIELD_NUMBER: _builtins.int
+    COST_MEAN_RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
+    COST_P95_RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
+    COST_MEAN_SIGNED_ERROR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     samples: _builtins.int
+    """Requests with a prompt-token estimate and a vendor count (usage not itself estimated); the
+    token figures below are 0 when there are none (a model listed for its cost samples only).
+    """
     mean_relative_error: _builtins.float
     p95_relative_error: _builtins.float
+    """Nearest rank."""
     mean_signed_error: _builtins.float
     """Mean of (estimated - actual) / actual: positive when estimates run high."""
+    cost_samples: _builtins.int
+    """Requests with a cost estimate and a charge above 0 (usage not itself estimated); the cost
+    figures below are 0 when there are none.
+    """
+    cost_mean_relative_error: _builtins.float
+    cost_p95_relative_error: _builtins.float
+    """Nearest rank."""
+    cost_mean_signed_error: _builtins.float
+    """Mean of (estimated - charged) / charged: positive when cost estimates run high."""
     def __init__(
         self,
         *,
@@ -1109,10 +1136,14 @@ class ModelEstimateAccuracy(_message.Message):
         mean_relative_error: _builtins.float = ...,
         p95_relative_error: _builtins.float = ...,
         mean_signed_error: _builtins.float = ...,
+        cost_samples: _builtins.int = ...,
+        cost_mean_relative_error: _builtins.float = ...,
+        cost_p95_relative_error: _builtins.float = ...,
+        cost_mean_signed_error: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_relative_error", b"mean_relative_error", "mean_signed_error", b"mean_signed_error", "model", b"model", "p95_relative_error", b"p95_relative_error", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_mean_relative_error", b"cost_mean_relative_error", "cost_mean_signed_error", b"cost_mean_signed_error", "cost_p95_relative_error", b"cost_p95_relative_error", "cost_samples", b"cost_samples", "mean_relative_error", b"mean_relative_error", "mean_signed_error", b"mean_signed_error", "model", b"model", "p95_relative_error", b"p95_relative_error", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

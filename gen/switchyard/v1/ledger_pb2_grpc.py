@@ -250,7 +250,8 @@ class CostLedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEstimateAccuracy(self, request, context):
-        """How far token estimates were from the vendors' counts, per model.
+        """How far estimates were from the truth, per model: prompt tokens vs the vendors' counts,
+        and the expected cost predicted vs the cost charged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

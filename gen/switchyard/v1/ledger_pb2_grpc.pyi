@@ -78,7 +78,9 @@ class CostLedgerServiceStub:
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]
     """Budget threshold alerts and the state of their webhook deliveries."""
     GetEstimateAccuracy: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetEstimateAccuracyRequest, _ledger_pb2.GetEstimateAccuracyResponse]
-    """How far token estimates were from the vendors' counts, per model."""
+    """How far estimates were from the truth, per model: prompt tokens vs the vendors' counts,
+    and the expected cost predicted vs the cost charged.
+    """
     ListBudgetAudit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetAuditRequest, _ledger_pb2.ListBudgetAuditResponse]
     """Who changed which budget, when, from what to what."""
 
@@ -129,7 +131,9 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     ListAlerts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListAlertsRequest, _ledger_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Budget threshold alerts and the state of their webhook deliveries."""
     GetEstimateAccuracy: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetEstimateAccuracyRequest, _ledger_pb2.GetEstimateAccuracyResponse]  # type: ignore[assignment]
-    """How far token estimates were from the vendors' counts, per model."""
+    """How far estimates were from the truth, per model: prompt tokens vs the vendors' counts,
+    and the expected cost predicted vs the cost charged.
+    """
     ListBudgetAudit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetAuditRequest, _ledger_pb2.ListBudgetAuditResponse]  # type: ignore[assignment]
     """Who changed which budget, when, from what to what."""
 
@@ -279,7 +283,9 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetEstimateAccuracyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetEstimateAccuracyResponse, _abc.Awaitable[_ledger_pb2.GetEstimateAccuracyResponse]]:
-        """How far token estimates were from the vendors' counts, per model."""
+        """How far estimates were from the truth, per model: prompt tokens vs the vendors' counts,
+        and the expected cost predicted vs the cost charged.
+        """
 
     @_abc_1.abstractmethod
     def ListBudgetAudit(

@@ -202,6 +202,9 @@ class ChatPipeline:
             timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s
         )
         queue = self.plan(request, caller, prompt.tokens if prompt is not None else 0)
+        # The plan's predicted cost of each candidate is the expected cost the ledger row keeps
+        # (to track its error), unless the plan priced no prompt (none was counted yet).
+        priced = prompt is not None
         attempts: list[_Attempt] = []
         refusals: list[SwitchyardError] = []
         retries: dict[tuple[str, str], int] = {}
@@ -238,7 +241,15 @@ class ChatPipeline:
             usage: common_pb2.Usage | None = None
             finish = common_pb2.FINISH_REASON_UNSPECIFIED
             outcome = last = _Outcome(
-                request, caller, candidate, counted, started, attempts, hold, cache_status
+                request,
+                caller,
+                candidate,
+                counted,
+                started,
+                attempts,
+                hold,
+                cache_status,
+                estimated_cost_micros=candidate.predicted_cost_micros if priced else 0,
             )
             call = self._generations(candidate.vendor).generate(
                 provider_pb2.GenerateRequest(
@@ -478,6 +489,8 @@ class _Outcome:
     attempts: list[_Attempt]
     hold: BudgetHold
     cache_status: common_pb2.CacheStatus.ValueType
+    # The expected cost the plan predicted for this candidate (0: none).
+    estimated_cost_micros: int = 0
     finished: bool = False
 
     def record(self, usage: common_pb2.Usage | None, cost: int, status: str) -> ledger_pb2.UsageRecord:
@@ -496,6 +509,7 @@ class _Outcome:
             attempts=len(self.attempts),
             finished_at=finished_at,
             estimated_input_tokens=self.prompt.tokens,
+            estimated_cost_micros=self.estimated_cost_micros,
         )
 
 

@@ -8,7 +8,8 @@ cost-ledger service calls. Three tables:
   outbox, or sent by two replicas at once, is stored (and charged) exactly once. Reports
   (`usage()`, `export_csv()`, `spent()`, `month_tokens()`) select by `finished_at_ms`, the
   time the request finished, so a request is counted in the day and month it ran in, whenever
-  its commit arrived.
+  its commit arrived. Each row also keeps what was estimated before the request was sent (its
+  prompt tokens, its expected cost), so `estimate_accuracy()` can report how far off that was.
 - `ledger_budgets`: budget definitions. Spend, holds and the window start live in the service
   (Redis counters); this table keeps only what an administrator set, plus a version.
 - `ledger_budget_audit`: who changed which budget from what to what, written in the same
@@ -68,9 +69,6 @@ COMPONENT: Final = "ledger"
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
 MS_PER_DAY: Final = 86_400_000
-# Rows per multi-row INSERT in record_many: 25 columns x 39 rows stays under SQLite's oldest
-# variable limit (999), so the statement works on any build.
-_INSERT_ROWS_PER_STATEMENT: Final = 39
 _MAX_BUDGET_ID_LENGTH: Final = 200
 _IDS_PER_STATEMENT: Final = 500
 _AUDIT_SCAN_PAGE: Final = 1000
@@ -225,6 +223,15 @@ MIGRATIONS: Final = (
             " GROUP BY 1",
         ),
     ),
+    Migration(
+        8,
+        "ledger_usage_estimated_cost",
+        sql=(
+            # The expected cost the gateway predicted for the request, to compare with what it
+            # was charged (`estimate_accuracy`); 0: no estimate, as for every row stored before.
+            "ALTER TABLE ledger_usage ADD COLUMN estimated_cost_micros BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 _LIVE: Final = "deleted_at_ms IS NULL"
 _ERASURE_KEY_NAME: Final = "erasure"
@@ -260,8 +267,12 @@ _USAGE_COLUMNS: Final = (
     "recorded_at_ms",
     # Stored as 0; set to 1 once the request's budget counters are charged (`mark_settled`).
     "settled",
+    "estimated_cost_micros",
 )
 _USAGE_ROW_PLACEHOLDERS: Final = "(" + ", ".join("?" for _ in _USAGE_COLUMNS) + ")"
+# Rows per multi-row INSERT in record_many: their variables stay under SQLite's oldest limit
+# (999), so the statement works on any build (26 columns: 38 rows).
+_INSERT_ROWS_PER_STATEMENT: Final = 999 // len(_USAGE_COLUMNS)
 _TENANT_AT: Final = _USAGE_COLUMNS.index("tenant_id")
 _END_USER_AT: Final = _USAGE_COLUMNS.index("end_user")
 _FINISHED_AT: Final = _USAGE_COLUMNS.index("finished_at_ms")
@@ -464,6 +475,7 @@ def _usage_row(
         finished,
         recorded_at_ms,
         0,
+        record.estimated_cost_micros,
     )
 
 
@@ -1110,31 +1122,43 @@ class LedgerStore:
     async def estimate_accuracy(
         self, model: str = "", *, limit_per_model: int = 10_000
     ) -> list[ledger_pb2.ModelEstimateAccuracy]:
-        """How far prompt-token estimates were from the vendors' counts, per model (sorted by model).
+        """How far estimates were from the truth, per model (sorted by model): prompt tokens
+        against the vendors' counts, and the expected cost predicted against the cost charged.
 
-        Uses each model's most recent `limit_per_model` rows that have an estimate and a vendor
-        count (rows whose usage was itself estimated are left out); `model` "" covers every model.
-        The p95 is nearest-rank.
+        Each uses the model's most recent `limit_per_model` rows that have an estimate and a
+        truth above 0 (an estimate, a vendor count / an estimated cost, a charge); rows whose
+        usage was itself estimated are left out of both, as their truth is a guess too. A model
+        appears when it has samples of either kind. `model` "" covers every model. The p95 is
+        nearest-rank.
         """
         if limit_per_model < 1:
             raise ValueError("limit_per_model must be at least 1")
+        tokens = await self._estimate_pairs("estimated_input_tokens", "input_tokens", model, limit_per_model)
+        costs = await self._estimate_pairs("estimated_cost_micros", "cost_micros", model, limit_per_model)
+        return [
+            _accuracy(name, tokens.get(name, []), costs.get(name, []))
+            for name in sorted(tokens.keys() | costs.keys())
+        ]
+
+    async def _estimate_pairs(
+        self, estimated: str, actual: str, model: str, limit_per_model: int
+    ) -> dict[str, list[tuple[int, int]]]:
+        """(estimated, actual) of each model's most recent rows where both are above 0."""
         model_filter = " AND model = ?" if model else ""
         params: list[object] = [model] if model else []
         rows = await self.database.fetch_all(
-            "SELECT model, estimated_input_tokens, input_tokens FROM ("
-            " SELECT model, estimated_input_tokens, input_tokens, ROW_NUMBER() OVER ("
+            f"SELECT model, {estimated} AS estimated, {actual} AS actual FROM ("
+            f" SELECT model, {estimated}, {actual}, ROW_NUMBER() OVER ("
             "  PARTITION BY model ORDER BY finished_at_ms DESC, request_id DESC) AS recency"
             " FROM ledger_usage"
-            " WHERE estimated_input_tokens > 0 AND input_tokens > 0 AND NOT usage_estimated"
+            f" WHERE {estimated} > 0 AND {actual} > 0 AND NOT usage_estimated"
             f"{model_filter}) recent WHERE recency <= ? ORDER BY model",
             [*params, limit_per_model],
         )
-        samples: dict[str, list[tuple[int, int]]] = {}
+        pairs: dict[str, list[tuple[int, int]]] = {}
         for row in rows:
-            samples.setdefault(str(row["model"]), []).append(
-                (int(row["estimated_input_tokens"]), int(row["input_tokens"]))
-            )
-        return [_accuracy(name, pairs) for name, pairs in sorted(samples.items())]
+            pairs.setdefault(str(row["model"]), []).append((int(row["estimated"]), int(row["actual"])))
+        return pairs
 
     # --- budgets ----------------------------------------------------------------------------
 
@@ -1328,17 +1352,41 @@ class LedgerStore:
         return entries, token
 
 
-def _accuracy(model: str, pairs: list[tuple[int, int]]) -> ledger_pb2.ModelEstimateAccuracy:
-    relative = sorted(abs(estimated - actual) / actual for estimated, actual in pairs)
-    signed = [(estimated - actual) / actual for estimated, actual in pairs]
-    count = len(pairs)
-    rank = (95 * count + 99) // 100  # nearest rank: ceil(0.95 n), in integers
+@dataclass(frozen=True, slots=True)
+class _Errors:
+    """Relative errors of (estimated, actual) pairs: count, mean |error|, its p95, mean signed error."""
+
+    samples: int = 0
+    mean: float = 0.0
+    p95: float = 0.0
+    signed: float = 0.0
+
+    @classmethod
+    def of(cls, pairs: list[tuple[int, int]]) -> _Errors:
+        if not pairs:
+            return cls()
+        relative = sorted(abs(estimated - actual) / actual for estimated, actual in pairs)
+        signed = [(estimated - actual) / actual for estimated, actual in pairs]
+        count = len(pairs)
+        rank = (95 * count + 99) // 100  # nearest rank: ceil(0.95 n), in integers
+        return cls(count, math.fsum(relative) / count, relative[rank - 1], math.fsum(signed) / count)
+
+
+def _accuracy(
+    model: str, tokens: list[tuple[int, int]], costs: list[tuple[int, int]]
+) -> ledger_pb2.ModelEstimateAccuracy:
+    token = _Errors.of(tokens)
+    cost = _Errors.of(costs)
     return ledger_pb2.ModelEstimateAccuracy(
         model=model,
-        samples=count,
-        mean_relative_error=math.fsum(relative) / count,
-        p95_relative_error=relative[rank - 1],
-        mean_signed_error=math.fsum(signed) / count,
+        samples=token.samples,
+        mean_relative_error=token.mean,
+        p95_relative_error=token.p95,
+        mean_signed_error=token.signed,
+        cost_samples=cost.samples,
+        cost_mean_relative_error=cost.mean,
+        cost_p95_relative_error=cost.p95,
+        cost_mean_signed_error=cost.signed,
     )
 
 

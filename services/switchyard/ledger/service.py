@@ -841,7 +841,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
     async def GetEstimateAccuracy(
         self, request: ledger_pb2.GetEstimateAccuracyRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.GetEstimateAccuracyResponse:
-        """Estimate error per model."""
+        """Estimate error per model: prompt tokens vs the vendors' counts, expected cost vs the charge."""
         models = await self._ledger.history.estimate_accuracy(request.model)
         return ledger_pb2.GetEstimateAccuracyResponse(models=models)
 

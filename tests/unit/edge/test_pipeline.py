@@ -1,25 +1,29 @@
 """The pipeline's reports to the health monitor: one outcome per attempt, failed or not, with
-what the attempt measured. The vendor hop is real: the OpenAI adapter as a `grpc.aio` server
-on a loopback port, in front of the in-process OpenAI simulator (and a closed port)."""
+what the attempt measured; and its ledger commits, with the estimates the edge made. The vendor
+hop is real: the OpenAI adapter as a `grpc.aio` server on a loopback port, in front of the
+in-process OpenAI simulator (and a closed port)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 import orjson
 
 from switchyard.adapters.service import build_adapter
-from switchyard.common.catalog import parse_catalog
+from switchyard.common.catalog import Catalog, parse_catalog
 from switchyard.common.channels import ChannelPool
 from switchyard.common.ports import free_port
 from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
 from switchyard.common.settings import Settings
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
+from switchyard.ledger.pricing import estimate_cost
+from switchyard.ledger.tokens import count_prompt_tokens
 from switchyard.sim.faults import FaultKnobs, RateLimitKnobs, start_simulator
-from switchyard.v1 import common_pb2, gateway_pb2, health_pb2, provider_pb2_grpc
+from switchyard.v1 import common_pb2, gateway_pb2, health_pb2, ledger_pb2, provider_pb2_grpc
 
 SIM_KEY = "sk-sim-pipeline-test-key"
 ANSWER = "Harbors shelter ships from storms and let cargo move between sea and land."
@@ -49,7 +53,8 @@ def catalog_text(sim_url: str, dead_port: int) -> str:
             },
             "models": [
                 {"id": "down/m", "provider": "down", "fallbacks": ["up/m"], **model},
-                {"id": "up/m", "provider": "up", **model},
+                # Dearer than down/m, so the plan's predicted costs of the two differ.
+                {"id": "up/m", "provider": "up", **model, "prices": {"input": "3", "output": "5"}},
             ],
         }
     ).decode()
@@ -59,6 +64,8 @@ def catalog_text(sim_url: str, dead_port: int) -> str:
 class Edge:
     pipeline: ChatPipeline
     reported: list[health_pb2.AttemptOutcome]
+    committed: list[ledger_pb2.CommitRequest]
+    catalog: Catalog
 
 
 @asynccontextmanager
@@ -82,9 +89,10 @@ async def edge() -> AsyncIterator[Edge]:
     channels = ChannelPool()
     settings = Settings.from_env({"SWITCHYARD_ADAPTER_OPENAI_TARGET": f"127.0.0.1:{port}"})
     reported: list[health_pb2.AttemptOutcome] = []
-    pipeline = ChatPipeline(settings, catalog, channels, report=reported.append)
+    committed: list[ledger_pb2.CommitRequest] = []
+    pipeline = ChatPipeline(settings, catalog, channels, report=reported.append, record=committed.append)
     try:
-        yield Edge(pipeline, reported)
+        yield Edge(pipeline, reported, committed, catalog)
     finally:
         pipeline.close()
         await channels.close()
@@ -151,3 +159,33 @@ async def test_a_failover_reports_the_failed_attempt_and_the_one_that_answered()
         )
         assert (answered.provider, answered.model, answered.request_id) == ("up", "up/m", "req-down-m")
         assert_measured_success(answered, response)
+
+
+async def test_the_ledger_row_keeps_the_cost_the_plan_predicted_for_the_model_that_answered() -> None:
+    async with edge() as running:
+        pipeline = running.pipeline
+        request = ask("down/m")
+        caller = Caller("t")
+        # As the gateway does: the prompt counted (for the requested model) before planning.
+        prompt = count_prompt_tokens(request, running.catalog.model("down/m"))
+        planned = {c.model: c.predicted_cost_micros for c in pipeline.plan(request, caller, prompt.tokens)}
+        # $3 in, $5 out per 1M on up/m, 256 output tokens expected: exact in micro-USD.
+        assert planned["up/m"] == 3 * prompt.tokens + 1_280
+        assert planned["down/m"] != planned["up/m"]
+
+        response = await collect(pipeline.stream(request, caller, timeout_s=15, prompt=prompt))
+        assert [a.model for a in response.attempts] == ["down/m", "up/m"]
+        [commit] = running.committed
+        row = commit.record
+        assert (row.model, row.status, row.estimated_input_tokens) == ("up/m", "ok", prompt.tokens)
+        assert row.estimated_cost_micros == planned["up/m"]
+        assert row.cost_micros == response.cost_micros > 0
+        # The same expected cost the ledger's Estimate gives for up/m (no volume discount here).
+        up = running.catalog.model("up/m")
+        assert up is not None
+        expected = estimate_cost(request, up, at=datetime.now(UTC), prompt=prompt).expected_cost_micros
+        assert row.estimated_cost_micros == expected
+
+        # Without a prompt count the plan priced no prompt: no cost estimate is recorded.
+        await collect(pipeline.stream(ask("up/m"), caller, timeout_s=15))
+        assert running.committed[-1].record.estimated_cost_micros == 0
