@@ -7,6 +7,12 @@ gathered for `STORE_LINGER_S` and sent together (`StoreMany`), one call where th
 been several (each call costs far more CPU than the entries it carries); at most
 `STORE_QUEUE` wait, beyond that an offer is dropped (the cache is best effort).
 
+Lookups travel as messages on one long-lived `LookupStream` call (`StreamedLookups`), retired
+by age like the edge's other multiplexed calls (`switchyard.edge.mux`): past
+`STREAM_MAX_AGE_S` the next lookup opens a fresh call, so cache replicas added by a scale-out
+get lookups from busy edges too, and the old call ends once its lookups are answered.
+Stores go on `StoreMany` calls of their own, each free to reach any replica.
+
 A hit is replayed as the chunks a provider would have sent: a routing chunk (the model and
 provider that made the answer, reason "cache"), the deltas as they were streamed (tool-call
 fragments included), the usage, and a done with cache status HIT_EXACT, cost 0 and the saving.
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Final, Protocol
 
 import grpc
@@ -25,7 +32,7 @@ from switchyard.cache.keys import AUTO, CacheDecision, cache_decision
 from switchyard.common.errors import SwitchyardError, from_status
 from switchyard.common.logging import get_logger
 from switchyard.common.tracing import current_traceparent
-from switchyard.edge.mux import BidiCall, MuxCall
+from switchyard.edge.mux import STREAM_MAX_AGE_S, BidiCall, MuxCall
 from switchyard.v1 import cache_pb2, common_pb2
 
 __all__ = ["AnswerRecorder", "EdgeCache", "StreamedLookups", "replay"]
@@ -158,17 +165,70 @@ class EdgeCache:
             log.info("cache_available")
 
 
+class _LookupCall:
+    """One `LookupStream` call (a `MuxCall`) and the lookups waiting on it."""
+
+    def __init__(
+        self,
+        call: BidiCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
+        *,
+        now: float,
+        max_age_s: float,
+    ) -> None:
+        self.waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
+        self.retired = False
+        """Past its age: no new lookup goes on it; it ends once none waits."""
+        self.mux = MuxCall(
+            call, deliver=self._deliver, lost=self._lost, name="cache-lookups", now=now, max_age_s=max_age_s
+        )
+
+    def _deliver(self, response: cache_pb2.LookupStreamResponse) -> None:
+        waiting = self.waiting.pop(response.id, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(response)
+
+    def _lost(self, error: BaseException) -> None:
+        """The call is over: fail what waits on it (lookups not written yet included)."""
+        waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"lookup stream lost ({type(error).__name__})"))
+
+    def forget(self, ask_id: int) -> None:
+        """The lookup under `ask_id` is over (answered or not); a retired call ends after its last."""
+        self.waiting.pop(ask_id, None)
+        if self.retired and not self.waiting:
+            self.mux.end()
+
+    def retire(self) -> None:
+        """Take no new lookup; end the call once none waits (at once if none does)."""
+        self.retired = True
+        if not self.waiting:
+            self.mux.end()
+
+
 class StreamedLookups:
     """Lookups multiplexed on one `LookupStream` call (a `MuxCall`), opened when needed.
 
     Each answer goes to the lookup with its id. When the call fails, every lookup waiting on
-    it fails and the next one opens another call.
+    it fails and the next one opens another call. A call older than `max_age_s` (jittered,
+    see `switchyard.edge.mux`) is retired: the next lookup opens a fresh call (through Envoy,
+    perhaps to a cache replica added since), and the old one ends, quietly, once the lookups
+    on it are over. `clock` is the monotonic clock the age is measured on.
     """
 
-    def __init__(self, stub: CacheCalls) -> None:
+    def __init__(
+        self,
+        stub: CacheCalls,
+        *,
+        max_age_s: float = STREAM_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._stub = stub
-        self._mux: MuxCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse] | None = None
-        self._waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._call: _LookupCall | None = None
+        self._retired: list[_LookupCall] = []  # retired, maybe still open: `close` ends them too
         self._next_id = 0
 
     async def ask(self, lookup: cache_pb2.LookupRequest, *, timeout_s: float) -> cache_pb2.LookupResponse:
@@ -176,38 +236,38 @@ class StreamedLookups:
         self._next_id += 1
         ask_id = self._next_id
         answer: asyncio.Future[cache_pb2.LookupStreamResponse] = asyncio.get_running_loop().create_future()
-        self._waiting[ask_id] = answer
-        mux = self._mux
-        if mux is None or not mux.open:
-            mux = self._mux = MuxCall(
-                self._stub.LookupStream(), deliver=self._deliver, lost=self._lost, name="cache-lookups"
-            )
-        mux.send(cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent()))
+        now = self._clock()
+        call = self._call
+        if call is None or not call.mux.open or now >= call.mux.retire_at:
+            if call is not None and call.mux.open:
+                self._retire(call)
+            call = self._call = _LookupCall(self._stub.LookupStream(), now=now, max_age_s=self._max_age_s)
+        call.waiting[ask_id] = answer
+        call.mux.send(
+            cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent()), now
+        )
         try:
             async with asyncio.timeout(timeout_s):
                 response = await answer
         finally:
-            self._waiting.pop(ask_id, None)
+            call.forget(ask_id)
         if response.HasField("error"):
             raise from_status(response.error)
         return response.lookup
 
-    def _deliver(self, response: cache_pb2.LookupStreamResponse) -> None:
-        waiting = self._waiting.pop(response.id, None)
-        if waiting is not None and not waiting.done():
-            waiting.set_result(response)
-
-    def _lost(self, error: BaseException) -> None:
-        """The call is over: fail what waits on it (lookups not written yet included)."""
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(ConnectionError(f"lookup stream lost ({type(error).__name__})"))
+    def _retire(self, call: _LookupCall) -> None:
+        call.retire()
+        self._retired = [c for c in self._retired if c.mux.open]
+        if call.mux.open:
+            self._retired.append(call)
 
     def close(self) -> None:
-        """End the stream (lookups still waiting fail)."""
-        if self._mux is not None:
-            self._mux.fail(ConnectionError("closed"))
+        """End the stream, retired ones included (lookups still waiting fail)."""
+        for call in (self._call, *self._retired):
+            if call is not None:
+                call.mux.fail(ConnectionError("closed"))
+        self._call = None
+        self._retired = []
 
 
 async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:

@@ -13,6 +13,11 @@ holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes th
   DEPENDENCY_UNAVAILABLE, as a call to an adapter that is down), and the next generation
   opens another stream. A generation's own failure comes as its `error` message.
   A stream nobody used for `STREAM_IDLE_S` is opened afresh (a proxy may have ended it).
+* A stream older than its maximum age (`STREAM_MAX_AGE_S`, jittered per stream) is retired:
+  its slot's next generation opens a fresh stream (through Envoy, perhaps to a replica added
+  since), and the old one ends by itself once the generations on it are over, so scaling
+  the adapters out reaches busy edges too. Ending a retired stream fails nothing; a retired
+  stream that fails before then fails what waits on it, as any stream does.
 * The caller's deadline is the generation's: sent to the adapter, and kept here too (the
   answer is then DEADLINE_EXCEEDED, reason TIMEOUT, and the generation is cancelled).
 * Failures are raised as `SwitchyardError`s.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import grpc
@@ -34,7 +40,7 @@ from opentelemetry.trace import Span
 from switchyard.common import answer_events, tracing
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error, from_status
 from switchyard.common.logging import get_logger
-from switchyard.edge.mux import BidiCall, MuxCall
+from switchyard.edge.mux import STREAM_MAX_AGE_S, BidiCall, MuxCall
 from switchyard.v1 import provider_pb2
 
 log = get_logger(__name__)
@@ -72,10 +78,23 @@ class _Stream:
     """One GenerateStream call (a `MuxCall`) and the generations waiting on it."""
 
     def __init__(
-        self, call: BidiCall[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse]
+        self,
+        call: BidiCall[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse],
+        *,
+        now: float,
+        max_age_s: float,
     ) -> None:
         self.waiting: dict[int, asyncio.Queue[_Answer]] = {}
-        self.mux = MuxCall(call, deliver=self._deliver, lost=self._lost, name="adapter-generations")
+        self.retired = False
+        """Past its age (or idle): no new generation goes on it; it ends once none waits."""
+        self.mux = MuxCall(
+            call,
+            deliver=self._deliver,
+            lost=self._lost,
+            name="adapter-generations",
+            now=now,
+            max_age_s=max_age_s,
+        )
 
     def _deliver(self, response: provider_pb2.GenerateStreamResponse) -> None:
         waiting = self.waiting.get(response.id)
@@ -88,15 +107,39 @@ class _Stream:
         for queue in waiting.values():
             queue.put_nowait(_Lost(error))
 
+    def retire(self) -> None:
+        """Take no new generation; end the call once none waits (at once if none does)."""
+        self.retired = True
+        self.settle()
+
+    def settle(self) -> None:
+        """A generation left `waiting`: a retired stream ends when it was the last."""
+        if self.retired and not self.waiting:
+            self.mux.end()
+
 
 class GenerationStreams:
-    """Generations to one adapter target over a few shared GenerateStream calls."""
+    """Generations to one adapter target over a few shared GenerateStream calls.
 
-    def __init__(self, stub: AdapterCalls, *, streams: int = STREAMS_PER_TARGET) -> None:
+    `max_age_s` is how long a stream takes new generations (see the module's docstring);
+    `clock` is the monotonic clock it is measured on.
+    """
+
+    def __init__(
+        self,
+        stub: AdapterCalls,
+        *,
+        streams: int = STREAMS_PER_TARGET,
+        max_age_s: float = STREAM_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stub = stub
         self._streams: list[_Stream | None] = [None] * max(1, streams)
+        self._retired: list[_Stream] = []  # retired, maybe still open: `close` ends them too
         self._turn = 0
         self._next_id = 0
+        self._max_age_s = max_age_s
+        self.clock = clock
         self.unary = False
         """The adapter has no GenerateStream: generations call Generate instead."""
 
@@ -104,20 +147,31 @@ class GenerationStreams:
         """Start a generation; iterate the result for its `GenerateResponse` messages."""
         return Generation(self, request, time.monotonic() + timeout_s)
 
-    def _stream(self) -> _Stream:
+    def _stream(self, now: float) -> _Stream:
         self._turn = (self._turn + 1) % len(self._streams)
         stream = self._streams[self._turn]
-        if stream is not None and not stream.waiting and time.monotonic() - stream.mux.used > STREAM_IDLE_S:
-            stream.mux.fail(ConnectionError("idle"))
-        if stream is None or not stream.mux.open:
-            stream = self._streams[self._turn] = _Stream(self.stub.GenerateStream())
+        if stream is not None and stream.mux.open:
+            if now < stream.mux.retire_at and (stream.waiting or now - stream.mux.used <= STREAM_IDLE_S):
+                return stream
+            self._retire(stream)
+        stream = self._streams[self._turn] = _Stream(
+            self.stub.GenerateStream(), now=now, max_age_s=self._max_age_s
+        )
         return stream
+
+    def _retire(self, stream: _Stream) -> None:
+        """Old or idle: the slot gets a fresh stream, this one ends when its work is over."""
+        stream.retire()
+        self._retired = [s for s in self._retired if s.mux.open]
+        if stream.mux.open:
+            self._retired.append(stream)
 
     def _start(
         self, request: provider_pb2.GenerateRequest, timeout_s: float, traceparent: str
     ) -> tuple[_Stream, int, asyncio.Queue[_Answer]]:
         self._next_id += 1
-        stream = self._stream()
+        now = self.clock()
+        stream = self._stream(now)
         queue: asyncio.Queue[_Answer] = asyncio.Queue()
         stream.waiting[self._next_id] = queue
         stream.mux.send(
@@ -126,16 +180,18 @@ class GenerationStreams:
                 start=request,
                 traceparent=traceparent,
                 timeout_ms=max(1, int(timeout_s * 1000)),
-            )
+            ),
+            now,
         )
         return stream, self._next_id, queue
 
     def close(self) -> None:
-        """End every stream (generations still waiting fail)."""
-        for stream in self._streams:
+        """End every stream, retired ones included (generations still waiting fail)."""
+        for stream in (*self._streams, *self._retired):
             if stream is not None:
                 stream.mux.fail(ConnectionError("closed"))
         self._streams = [None] * len(self._streams)
+        self._retired = []
 
 
 class Generation:
@@ -240,8 +296,11 @@ class Generation:
         return message
 
     def _forget(self) -> None:
-        if self._stream is not None:
-            self._stream.waiting.pop(self._id, None)
+        stream = self._stream
+        if stream is not None:
+            stream.waiting.pop(self._id, None)
+            if stream.retired:
+                stream.settle()
 
     def _failed(self, error: SwitchyardError) -> SwitchyardError:
         self._finish(error.code, error.message)
@@ -267,4 +326,6 @@ class Generation:
             return
         stream = self._stream
         if stream is not None and stream.waiting.pop(self._id, None) is not None and stream.mux.open:
-            stream.mux.send(provider_pb2.GenerateStreamRequest(id=self._id, cancel=True))
+            stream.mux.send(provider_pb2.GenerateStreamRequest(id=self._id, cancel=True), self._owner.clock())
+            if stream.retired:
+                stream.settle()  # after the cancel is queued: it is written before the call ends

@@ -10,25 +10,44 @@ the call's two tasks:
 
 When the call ends or fails, `lost` is called once with why, the tasks stop, and the owner
 opens another call for what comes next.
+
+A call is retired by age (`retire_at`: `STREAM_MAX_AGE_S` after it opened, plus up to
+`STREAM_MAX_AGE_JITTER` of that, chosen at random so calls do not all turn over at once), as
+a server's MAX_CONNECTION_AGE would, but from the caller's side and losing nothing: a call
+that stays open under load would otherwise stay on the replica it first reached, and a
+replica added when the peer's deployment scales out would get none of its work. The owner
+gives an old call no new work (the next request opens a fresh call, which may reach another
+replica through Envoy) and calls `end` once nothing waits on it: the writer puts on what is
+queued, closes its side, and the peer ends the call once it has answered; that end is
+routine, never reported to `lost`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Request_contra = TypeVar("_Request_contra", contravariant=True)
 _Response_co = TypeVar("_Response_co", covariant=True)
 
+# A call takes no new work this long after it opened (plus up to this fraction more, at random).
+STREAM_MAX_AGE_S: Final = 30.0
+STREAM_MAX_AGE_JITTER: Final = 0.25
+# How long an ended call waits for the peer to finish it before it is cancelled.
+END_GRACE_S: Final = 5.0
+
 
 class BidiCall(Protocol[_Request_contra, _Response_co]):
     """What `MuxCall` uses of a grpc.aio stream-stream call."""
 
     async def write(self, request: _Request_contra) -> None: ...
+
+    async def done_writing(self) -> None: ...
 
     def __aiter__(self) -> AsyncIterator[_Response_co]: ...
 
@@ -45,30 +64,50 @@ class MuxCall(Generic[_Request, _Response]):
         deliver: Callable[[_Response], None],
         lost: Callable[[BaseException], None],
         name: str,
+        now: float | None = None,
+        max_age_s: float = STREAM_MAX_AGE_S,
+        end_grace_s: float = END_GRACE_S,
     ) -> None:
         self.call = call
         self.open = True
-        self.used = time.monotonic()
+        self.used = time.monotonic() if now is None else now
         """When a request was last sent (for owners that reopen idle calls)."""
+        self.retire_at = self.used + max_age_s * random.uniform(1.0, 1.0 + STREAM_MAX_AGE_JITTER)
+        """From when the call takes no new work (on the clock `now` came from)."""
+        self.ending = False
+        """`end` was called: nothing waits on the call, and no more goes on it."""
+        self._end_grace_s = end_grace_s
         self._deliver = deliver
         self._lost = lost
-        self._outgoing: asyncio.Queue[_Request] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[_Request | None] = asyncio.Queue()  # None: end
         self._tasks = (
             asyncio.create_task(self._write(), name=f"{name}-out"),
             asyncio.create_task(self._read(), name=f"{name}-in"),
         )
 
-    def send(self, request: _Request) -> None:
-        """Queue `request` for the writer (never blocks)."""
-        self.used = time.monotonic()
+    def send(self, request: _Request, now: float | None = None) -> None:
+        """Queue `request` for the writer (never blocks); `now` saves reading the clock."""
+        self.used = time.monotonic() if now is None else now
         self._outgoing.put_nowait(request)
+
+    def end(self) -> None:
+        """The owner is done with the call (nothing waits on it): write what is queued, close
+        this side, and let the peer end the call (cancelled after `end_grace_s`), quietly."""
+        if self.open and not self.ending:
+            self.ending = True
+            self._outgoing.put_nowait(None)
 
     async def _write(self) -> None:
         try:
-            while True:
-                await self.call.write(await self._outgoing.get())
+            while (request := await self._outgoing.get()) is not None:
+                await self.call.write(request)
+            await self.call.done_writing()
         except Exception as exc:  # the call ended or failed
             self.fail(exc)
+            return
+        # The peer ends the call once it has answered what it runs; the reader sees that end.
+        await asyncio.wait((self._tasks[1],), timeout=self._end_grace_s)
+        self._close()
 
     async def _read(self) -> None:
         try:
@@ -80,13 +119,19 @@ class MuxCall(Generic[_Request, _Response]):
             self.fail(ConnectionError("the peer ended the call"))
 
     def fail(self, error: BaseException) -> None:
-        """End the call (once): cancel it and its tasks, then tell the owner why."""
+        """End the call (once): cancel it and its tasks, then tell the owner why (unless the
+        owner ended it: nothing waits on it then, so its end is no loss)."""
+        if self.open:
+            self._close()
+            if not self.ending:
+                self._lost(error)
+
+    def _close(self) -> None:
         if not self.open:
             return
         self.open = False
-        self.call.cancel()
+        self.call.cancel()  # a call the peer already ended stays as it is
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        self._lost(error)

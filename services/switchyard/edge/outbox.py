@@ -10,7 +10,9 @@ a memory buffer (no I/O); a writer task then, in batches:
    `SEND_INTERVAL_S` (each commit is idempotent by request id, so sending a row twice --
    after a crash between the send and the delete, or from two edges picking up the same
    orphan -- charges it once). Fewer, larger sends are what keeps the ledger's cost per
-   request low when traffic is light;
+   request low when traffic is light. The stream is replaced when idle or past
+   `STREAM_MAX_AGE_S` (between batches, when nothing is on it), so ledger replicas added by
+   a scale-out get a share of busy edges' commits too;
 3. deletes the rows the ledger acknowledged.
 
 If the ledger is unreachable, rows stay in the table and are retried with backoff; the
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from switchyard.common.logging import get_logger
 from switchyard.common.sql import Database, Migration
+from switchyard.edge.mux import STREAM_MAX_AGE_JITTER
 from switchyard.v1 import ledger_pb2
 
 log = get_logger(__name__)
@@ -71,6 +75,8 @@ SEND_INTERVAL_S: Final = 0.02
 ORPHAN_AFTER_S: Final = 60.0
 # A commit stream unused this long is opened afresh (a proxy may have ended it for idleness).
 STREAM_IDLE_S: Final = 60.0
+# ... and one older than this (jittered) too, so a ledger replica added since gets a share.
+STREAM_MAX_AGE_S: Final = 30.0
 RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
 
@@ -106,6 +112,7 @@ class CommitOutbox:
         call_timeout_s: float = 5.0,
         on_result: CommitResult | None = None,
         orphan_after_s: float = ORPHAN_AFTER_S,
+        stream_max_age_s: float = STREAM_MAX_AGE_S,
     ) -> None:
         self._db = db
         self._ledger = ledger
@@ -125,6 +132,8 @@ class CommitOutbox:
         # The open CommitStream (a batch on it costs a fraction of a call), or None.
         self._stream: CommitCall | None = None
         self._stream_used = 0.0
+        self._stream_retire_at = 0.0
+        self._stream_max_age_s = stream_max_age_s
         self.sent = 0
         """Commits the ledger acknowledged (for stats and tests)."""
 
@@ -229,13 +238,20 @@ class CommitOutbox:
 
     async def _exchange(self, request: ledger_pb2.CommitManyRequest) -> ledger_pb2.CommitManyResponse:
         """One batch and its answer over the stream, opened when needed; on any failure the
-        stream is dropped (the next batch opens another) and the failure raised."""
-        if self._stream is not None and time.monotonic() - self._stream_used > STREAM_IDLE_S:
+        stream is dropped (the next batch opens another) and the failure raised. A stream
+        idle or past its age is dropped before the batch: between batches nothing is on it."""
+        now = time.monotonic()
+        if self._stream is not None and (
+            now >= self._stream_retire_at or now - self._stream_used > STREAM_IDLE_S
+        ):
             self._drop_stream()
         stream = self._stream
         if stream is None:
             stream = self._stream = self._ledger.CommitStream()
-        self._stream_used = time.monotonic()
+            self._stream_retire_at = now + self._stream_max_age_s * random.uniform(
+                1.0, 1.0 + STREAM_MAX_AGE_JITTER
+            )
+        self._stream_used = now
         try:
             async with asyncio.timeout(self._timeout):
                 await stream.write(request)

@@ -246,3 +246,85 @@ async def test_a_draining_adapter_finishes_its_generations_and_takes_no_new_ones
     (refused,) = answers[2]
     error = from_status(refused.error)
     assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE)
+
+
+class CountedReplica(provider_pb2_grpc.ProviderAdapterServiceServicer):
+    """One replica of the adapter: the real servicer, counting the generations it starts."""
+
+    def __init__(self, servicer: provider_pb2_grpc.ProviderAdapterServiceServicer) -> None:
+        self._servicer = servicer
+        self.started = 0
+
+    async def GenerateStream(
+        self,
+        requests: AsyncIterator[provider_pb2.GenerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[provider_pb2.GenerateStreamResponse]:
+        async def counted() -> AsyncIterator[provider_pb2.GenerateStreamRequest]:
+            async for item in requests:
+                self.started += item.HasField("start")
+                yield item
+
+        async for reply in self._servicer.GenerateStream(counted(), context):
+            yield reply
+
+
+class Balancer:
+    """Each new call goes to the next replica, as through Envoy; `replicas` may grow."""
+
+    def __init__(self, *replicas: provider_pb2_grpc.ProviderAdapterServiceStub) -> None:
+        self.replicas = list(replicas)
+        self.calls: list[grpc.aio.StreamStreamCall] = []
+
+    def GenerateStream(self) -> object:
+        call = self.replicas[len(self.calls) % len(self.replicas)].GenerateStream()
+        self.calls.append(call)
+        return call
+
+
+async def test_streams_past_their_age_move_to_a_replica_added_under_load(openai_env: VendorEnv) -> None:
+    # Busy generations never leave a stream idle; retired by age, the streams reach the
+    # replica added mid-run, every answer arrives whole, and each old call ends cleanly
+    # (the adapter finishes it once the edge closed its side: OK, not cancelled).
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=4, chunk_delay_ms=20)
+    first, added = CountedReplica(openai_env.adapter.servicer), CountedReplica(openai_env.adapter.servicer)
+    (server_a, port_a), (server_b, port_b) = await serve(first), await serve(added)
+    channel_a = grpc.aio.insecure_channel(f"127.0.0.1:{port_a}")
+    channel_b = grpc.aio.insecure_channel(f"127.0.0.1:{port_b}")
+    stub = Balancer(provider_pb2_grpc.ProviderAdapterServiceStub(channel_a))
+    generations = GenerationStreams(stub, streams=2, max_age_s=0.2)  # type: ignore[arg-type]
+    answers: list[list[provider_pb2.GenerateResponse]] = []
+
+    async def load(until: float) -> None:
+        while asyncio.get_running_loop().time() < until:
+            answers.append(await events(generations.generate(ask(openai_env), timeout_s=10)))
+
+    async def run_for(seconds: float) -> None:
+        until = asyncio.get_running_loop().time() + seconds
+        await asyncio.gather(*(load(until) for _ in range(4)))
+
+    try:
+        await run_for(0.3)
+        assert added.started == 0
+        stub.replicas.append(provider_pb2_grpc.ProviderAdapterServiceStub(channel_b))  # scale out
+        before = first.started
+        await run_for(0.8)
+        current = {stream.mux.call for stream in generations._streams if stream is not None}
+        retired = [call for call in stub.calls if call not in current]
+        async with asyncio.timeout(5):  # each ends once its last answer is out
+            codes = {await call.code() for call in retired}
+    finally:
+        generations.close()
+        await channel_a.close()
+        await channel_b.close()
+        await server_a.stop(grace=None)
+        await server_b.stop(grace=None)
+    for answer in answers:
+        assert_well_formed(answer)
+        assert text_of(answer) == ANSWER
+    assert added.started > 0 and first.started > before  # both replicas share the load
+    assert first.started + added.started == len(answers)
+    assert len(stub.calls) > 4 and retired
+    assert codes == {grpc.StatusCode.OK}
+    assert (await openai_env.sim.stats())["completed"] == len(answers)

@@ -98,6 +98,9 @@ class InProcessLookups:
             return
         self.answers.put_nowait(cache_pb2.LookupStreamResponse(id=request.id, lookup=lookup))
 
+    async def done_writing(self) -> None:
+        self.cancel()  # the edge ended the call: nothing more comes
+
     def __aiter__(self) -> InProcessLookups:
         return self
 

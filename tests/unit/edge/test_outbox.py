@@ -22,6 +22,7 @@ class FakeStream:
     def __init__(self, ledger: FakeLedger) -> None:
         self.ledger = ledger
         self.cancelled = False
+        self.unread_at_cancel = 0
         self._answers: asyncio.Queue[ledger_pb2.CommitManyResponse] = asyncio.Queue()
 
     async def write(self, request: ledger_pb2.CommitManyRequest) -> None:
@@ -50,6 +51,7 @@ class FakeStream:
 
     def cancel(self) -> bool:
         self.cancelled = True
+        self.unread_at_cancel = self._answers.qsize()  # answers the outbox never read
         return True
 
 
@@ -220,3 +222,20 @@ async def test_a_stream_left_idle_is_opened_afresh(
     await outbox.aclose()
     assert len(ledger.streams) == 2 and ledger.streams[0].cancelled
     assert ledger.charged == {"req-0": 1, "req-1": 1}
+
+
+async def test_a_stream_past_its_age_is_replaced_between_batches_losing_nothing(database: Database) -> None:
+    # Busy, never idle: without an age the stream would stay on the ledger replica it first
+    # reached. With it, a batch finds its stream past the age and opens another, after the
+    # old one's last answer was read.
+    ledger = FakeLedger()
+    outbox = await CommitOutbox.open(database, ledger, "edge-1", stream_max_age_s=0.0)  # type: ignore[arg-type]
+    outbox.start()
+    for n in range(3):
+        outbox.add(commit(n))
+        await outbox.flush(timeout_s=2)
+    await outbox.aclose()
+    assert len(ledger.streams) >= 3
+    assert all(s.cancelled and s.unread_at_cancel == 0 for s in ledger.streams)
+    assert ledger.charged == {f"req-{n}": 1 for n in range(3)}
+    assert await rows(database) == 0 and outbox.sent == 3
