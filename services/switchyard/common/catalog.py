@@ -226,12 +226,56 @@ class PriceChange(_Strict):
 Tokenizer = Literal["o200k_base", "cl100k_base"]
 
 
+class ImageTokens(_Strict):
+    """How a model bills an image in prompt tokens, where it differs from its vendor's usual rule
+    (`switchyard.ledger.tokens` applies it). Exactly one of OpenAI's two documented rules:
+
+    * tiles, `base` and `tile`: fit in 2048x2048, scale the short side down to 768, then `base`
+      plus `tile` per 512x512 tile; low detail costs `base` alone. gpt-4o and gpt-4.1 bill
+      85 + 170 (the rule when this is unset); gpt-4o-mini 2833 + 5667.
+    * patches, `patch_multiplier`: one per 32x32 patch, at most 1536, times the multiplier,
+      whatever the detail. gpt-4.1-mini 1.62, gpt-4.1-nano 2.46, o4-mini 1.72.
+    """
+
+    base: int | None = Field(default=None, ge=0)
+    tile: int | None = Field(default=None, ge=0)
+    patch_multiplier: Decimal | None = None
+
+    @field_validator("patch_multiplier", mode="before")
+    @classmethod
+    def _multiplier(cls, value: Any) -> Decimal | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+            raise ValueError("patch_multiplier must be a number, for example '1.62'")
+        try:
+            # str() first: a YAML float such as 1.62 becomes exactly Decimal("1.62").
+            multiplier = Decimal(str(value))
+        except InvalidOperation as exc:
+            raise ValueError(f"not a decimal number: {value!r}") from exc
+        if not multiplier.is_finite() or multiplier <= 0:
+            raise ValueError("patch_multiplier must be above 0")
+        return multiplier
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ImageTokens:
+        tiles = (self.base is not None, self.tile is not None)
+        if self.patch_multiplier is not None:
+            if any(tiles):
+                raise ValueError("give base and tile (tiles) or patch_multiplier (patches), not both")
+        elif not all(tiles):
+            raise ValueError("give both base and tile (tiles), or patch_multiplier (patches)")
+        return self
+
+
 class Model(_Strict):
     """A model in the catalog, by its `vendor/model` id.
 
     `prices` apply until the first of `price_changes` (ascending by `effective_from`).
     `tokenizer` names the model's exact tokenizer where the id does not reveal it (an OpenAI
     model behind an OpenAI-compatible provider); unset, it follows from the id's vendor part.
+    `image_tokens` is how the model bills images where its vendor's usual rule is wrong for it
+    (OpenAI's mini models); unset, the vendor's rule.
     """
 
     id: str
@@ -250,6 +294,7 @@ class Model(_Strict):
     tokens_per_minute: int | None = Field(default=None, gt=0)
     price_changes: tuple[PriceChange, ...] = ()
     tokenizer: Tokenizer | None = None
+    image_tokens: ImageTokens | None = None
 
     @field_validator("id")
     @classmethod

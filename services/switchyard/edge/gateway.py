@@ -166,7 +166,7 @@ class EdgeGateway:
         model = self.resolve_model(request, caller)
         prompt = count_prompt_tokens(request, model)
         if model is not None:
-            validate_for_model(request, model, prompt.tokens)
+            validate_for_model(request, model, prompt.window_tokens)
         return Admitted(caller, model, prompt)
 
     def resolve_model(self, request: common_pb2.ChatRequest, caller: Caller) -> Model | None:

@@ -133,18 +133,37 @@ class ChatPipeline:
         self._record = record
         self._report = report
         self.planner = planner or Planner(RoutingTable.from_catalog(catalog))
+        # (tenant, model) -> tokens this UTC month (`_month`, year * 12 + month - 1): the volume
+        # a discount tier counts, started afresh when the month turns, as the ledger's does.
         self._month_tokens: dict[tuple[str, str], int] = {}
+        self._month = _month_of(datetime.now(UTC))
         # Adapter target -> the generation streams to it.
         self._adapters: dict[str, GenerationStreams] = {}
 
     def observe_commit(self, commit: ledger_pb2.CommitRequest, result: ledger_pb2.CommitResponse) -> None:
         """Learn the tenant's month-to-date tokens on a model from the ledger's answer, so the
         cost this edge reports carries the same volume discount the ledger charges."""
-        key = (commit.record.scope.tenant_id, commit.record.model)
+        record = commit.record
+        month = _month_of(record.finished_at.ToDatetime(UTC)) if record.HasField("finished_at") else None
+        if month != self._month_now():
+            return  # priced in a month that is over (or undated): its volume no longer counts
+        key = (record.scope.tenant_id, record.model)
         self._month_tokens[key] = max(self._month_tokens.get(key, 0), result.month_tokens)
 
+    def _month_now(self, now: datetime | None = None) -> int:
+        """This UTC month; when it has turned since the last call, the volumes start afresh."""
+        month = _month_of(now if now is not None else datetime.now(UTC))
+        if month != self._month:
+            self._month = month
+            self._month_tokens.clear()
+        return month
+
     def plan(
-        self, request: common_pb2.ChatRequest, caller: Caller, input_tokens: int = 0
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        input_tokens: int = 0,
+        context_tokens: int | None = None,
     ) -> list[router_pb2.Candidate]:
         """The candidates to try, planned here with the router's own plan library.
 
@@ -155,16 +174,20 @@ class ChatPipeline:
         router's part in a request happens here, not in the router's process.
         """
         if not tracing.tracing_enabled():
-            return self._plan(request, caller, input_tokens)
+            return self._plan(request, caller, input_tokens, context_tokens)
         with _PLAN_TRACER.start_as_current_span("switchyard.router/plan") as span:
-            candidates = self._plan(request, caller, input_tokens)
+            candidates = self._plan(request, caller, input_tokens, context_tokens)
             span.set_attribute("switchyard.candidates", len(candidates))
             if candidates:
                 span.set_attribute("gen_ai.request.model", candidates[0].model)
             return candidates
 
     def _plan(
-        self, request: common_pb2.ChatRequest, caller: Caller, input_tokens: int
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller,
+        input_tokens: int,
+        context_tokens: int | None,
     ) -> list[router_pb2.Candidate]:
         plan = self.planner.plan(
             request,
@@ -172,6 +195,7 @@ class ChatPipeline:
             input_tokens=input_tokens,
             allowed_models=caller.allowed_models,
             tier=caller.tier,
+            context_tokens=context_tokens,
         )
         return list(plan.candidates)
 
@@ -201,7 +225,11 @@ class ChatPipeline:
         deadline = started + min(
             timeout_s or self._settings.generate_timeout_s, self._settings.generate_timeout_s
         )
-        queue = self.plan(request, caller, prompt.tokens if prompt is not None else 0)
+        queue = (
+            self.plan(request, caller, prompt.tokens, prompt.window_tokens)
+            if prompt is not None
+            else self.plan(request, caller)
+        )
         # The plan's predicted cost of each candidate is the expected cost the ledger row keeps
         # (to track its error), unless the plan priced no prompt (none was counted yet).
         priced = prompt is not None
@@ -395,6 +423,7 @@ class ChatPipeline:
                 at=datetime.now(UTC),
                 month_tokens=self._month_tokens.get((caller.tenant_id, model.id), 0),
                 prompt=prompt,
+                horizon_s=self._settings.generate_timeout_s,
             ).worst_case_cost_micros
 
         return await self._budgets.hold(_scope(request, caller, candidate), worst)
@@ -459,10 +488,16 @@ class ChatPipeline:
             reasoning_tokens=usage.reasoning_tokens,
             cache_write_input_tokens=usage.cache_write_input_tokens,
         )
+        now = datetime.now(UTC)
+        self._month_now(now)
         key = (tenant_id, model_id)
         before = self._month_tokens.get(key, 0)
         self._month_tokens[key] = before + usage.input_tokens + usage.output_tokens
-        return charge_micros(model, tokens, at=datetime.now(UTC), month_tokens=before)
+        return charge_micros(model, tokens, at=now, month_tokens=before)
+
+
+def _month_of(moment: datetime) -> int:
+    return moment.year * 12 + moment.month - 1
 
 
 def _scope(

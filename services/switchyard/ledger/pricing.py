@@ -12,14 +12,18 @@ the output is a heuristic for the expected cost and the request's output cap for
 (what a budget reserves). The worst case is an upper bound on the charge, so a hold never falls
 short of it: every prompt token at the dearest input price that can apply (a prompt-cache write
 can cost more than plain input), the guessed part of the prompt count raised by
-`WORST_CASE_MARGIN`, and every output token at the dearer of the output and reasoning prices.
+`WORST_CASE_MARGIN`, images of unknown size at the largest the vendor bills, and every output
+token at the dearer of the output and reasoning prices. A charge is priced when the request
+finishes, so the worst case takes the dearest prices in effect at any moment the request may
+still be running (`horizon_s` after the estimate), and no volume discount: the tier reached
+at admission is gone if the request finishes in the next month.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Final
@@ -30,8 +34,10 @@ from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.v1 import common_pb2
 
 __all__ = [
+    "DEFAULT_HORIZON_S",
     "EXPECTED_OUTPUT_TOKENS",
     "EXPECTED_REASONING_OUTPUT_TOKENS",
+    "FINISH_GRACE_S",
     "WORST_CASE_MARGIN",
     "CostEstimate",
     "charge_micros",
@@ -39,6 +45,7 @@ __all__ = [
     "estimate_cost",
     "exact_cost_micros",
     "prices_at",
+    "prices_between",
 ]
 
 # Expected output when nothing better is known: a typical chat answer is a few hundred tokens;
@@ -54,6 +61,11 @@ EXPECTED_REASONING_OUTPUT_TOKENS: Final = 1_024
 # little lets a hard budget be overrun. Check it against the p95 that `GetEstimateAccuracy`
 # reports per model (estimated vs the vendor's prompt tokens).
 WORST_CASE_MARGIN: Final = Fraction(1, 4)
+# How long after its estimate a request may still finish (and be priced): the default generate
+# timeout (`Settings.generate_timeout_s`); the edge passes its own. Plus a grace for the moment
+# between the deadline cancelling a stream and its record being dated.
+DEFAULT_HORIZON_S: Final = 300.0
+FINISH_GRACE_S: Final = 60.0
 
 _HUNDRED: Final = Decimal(100)
 
@@ -70,6 +82,15 @@ def prices_at(model: Model, at: datetime) -> Prices:
         if change.effective_from <= moment:
             return change.prices
     return model.prices
+
+
+def prices_between(model: Model, start: datetime, end: datetime) -> tuple[Prices, ...]:
+    """Every set of prices in effect at some moment from `start` to `end` (naive means UTC):
+    those at `start`, then those of each change up to `end`."""
+    first, last = _utc(start), _utc(end)
+    found = [prices_at(model, first)]
+    found.extend(c.prices for c in model.price_changes if first < c.effective_from <= last)
+    return tuple(found)
 
 
 def discount_percent(prices: Prices, month_tokens: int) -> Decimal:
@@ -121,8 +142,10 @@ class CostEstimate:
     at the dearest input price (plain, cached or cache-write), plus the output cap at the
     dearer of the output and reasoning prices; an approximate prompt may leave the model more
     room than `max_output_tokens` (its count may run high), so the cap there is bounded by the
-    room the exactly counted part leaves. Both include the volume tier already reached, nothing
-    more.
+    room the exactly counted part leaves; images of unknown size count at the largest the vendor
+    bills (`PromptCount.headroom_tokens`). The expected cost is at the prices in effect at the
+    estimate, less the volume tier already reached; the worst case at the dearest prices in
+    effect until the request must have finished, with no volume discount.
     """
 
     model: str
@@ -142,9 +165,12 @@ def estimate_cost(
     at: datetime,
     month_tokens: int = 0,
     prompt: PromptCount | None = None,
+    horizon_s: float = DEFAULT_HORIZON_S,
 ) -> CostEstimate:
     """Estimate `request` on `model` at time `at`; pass `prompt` when it is already counted.
 
+    `horizon_s` is the longest the request may run from `at` (its generate timeout): the worst
+    case covers a price change up to then (and `FINISH_GRACE_S` after).
     The output cap is the request's `max_output_tokens` (0 counts as unset), else the model's;
     never above the model's own cap nor the room the prompt leaves in the context window (0 when
     there is none: the request cannot fit, which the caller refuses).
@@ -152,24 +178,31 @@ def estimate_cost(
     if prompt is None:
         prompt = count_prompt_tokens(request, model)
     input_tokens = prompt.tokens
+    # The room left for output is what the prompt leaves of the context window, where images a
+    # model bills at a multiple fill only their standard size.
+    window = prompt.window_tokens
     sampling = request.sampling
     requested = sampling.max_output_tokens if sampling.HasField("max_output_tokens") else 0
     limit = min(requested, model.max_output_tokens) if requested > 0 else model.max_output_tokens
-    max_output = max(0, min(limit, model.context_window - input_tokens))
+    max_output = max(0, min(limit, model.context_window - window))
     reasoning = Capability.REASONING in model.capabilities
     expected_output = min(
         max_output, EXPECTED_REASONING_OUTPUT_TOKENS if reasoning else EXPECTED_OUTPUT_TOKENS
     )
     guessed = prompt.approximate_tokens or (input_tokens if prompt.approximate else 0)
-    worst_input = input_tokens + math.ceil(guessed * WORST_CASE_MARGIN)
-    worst_output = max(0, min(limit, model.context_window - (input_tokens - guessed)))
+    worst_input = input_tokens + math.ceil(guessed * WORST_CASE_MARGIN) + prompt.headroom_tokens
+    finished_by = _utc(at) + timedelta(seconds=max(0.0, horizon_s) + FINISH_GRACE_S)
+    worst_output = max(0, min(limit, model.context_window - max(0, window - guessed)))
     return CostEstimate(
         model=model.id,
         input_tokens=input_tokens,
         expected_output_tokens=expected_output,
         max_output_tokens=max_output,
         expected_cost_micros=_price_of(model, input_tokens, expected_output, reasoning, at, month_tokens),
-        worst_case_cost_micros=_worst_price_of(model, worst_input, worst_output, at, month_tokens),
+        worst_case_cost_micros=max(
+            _worst_price_of(prices, worst_input, worst_output)
+            for prices in prices_between(model, at, finished_by)
+        ),
         encoding=prompt.encoding,
         approximate=prompt.approximate,
     )
@@ -190,13 +223,11 @@ def _price_of(
     return charge_micros(model, tokens, at=at, month_tokens=month_tokens)
 
 
-def _worst_price_of(
-    model: Model, input_tokens: int, output_tokens: int, at: datetime, month_tokens: int
-) -> int:
+def _worst_price_of(prices: Prices, input_tokens: int, output_tokens: int) -> int:
     """Every input token at the dearest input price (all of it could be billed as a cache write,
     or, in an odd catalog, as cached) and every output token at the dearer of the output and
-    reasoning prices, whether or not the catalog says the model reasons."""
-    unit = prices_at(model, at).unit_prices()
+    reasoning prices, whether or not the catalog says the model reasons; no volume discount."""
+    unit = prices.unit_prices()
     written = cached = 0
     if unit.cache_write_input >= max(unit.input, unit.cached_input):
         written = input_tokens
@@ -209,4 +240,5 @@ def _worst_price_of(
         cache_write_input_tokens=written,
         reasoning_tokens=output_tokens if unit.reasoning > unit.output else 0,
     )
-    return charge_micros(model, tokens, at=at, month_tokens=month_tokens)
+    exact = exact_cost_micros(tokens, unit)
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))

@@ -65,13 +65,20 @@ Images
 ------
 OpenAI (and any vendor without its own rule): ``detail: low`` costs 85 tokens; high or auto
 scales the image to fit 2048x2048, then its short side to 768, and costs 85 + 170 per 512x512
-tile; a 1024x1024 image costs 765, which is also the figure used when the size cannot be read.
-Anthropic: width x height / 750 after scaling the long side to at most 1568 px, at most 1,600
-(also the figure when the size is unknown). Gemini: 258 per image up to 384x384, else 258 per
-768x768 tile (1,032 when unknown). The size is read from the header of inline PNG, JPEG, GIF
-or WebP bytes (or ``data:`` URLs); remote URLs are never fetched. Image accounting varies by
-model (OpenAI's mini models bill images differently) so a request with images is approximate.
-Vendor factors apply to text only.
+tile; a 1024x1024 image costs 765. A model's ``image_tokens`` in the catalog replaces its
+vendor's rule: other base and tile tokens (gpt-4o-mini bills 2833 + 5667 per tile), or OpenAI's
+patch rule (gpt-4.1-mini, o4-mini: one token per 32x32 patch, at most 1536 patches, times a
+per-model multiplier, whatever the detail). Anthropic: width x height / 750 after scaling the
+long side to at most 1568 px, at most 1,600 (also the figure when the size is unknown). Gemini:
+258 per image up to 384x384, else 258 per 768x768 tile (1,032 when unknown). The size is read
+from the header of inline PNG, JPEG, GIF or WebP bytes (or ``data:`` URLs); remote URLs are
+never fetched. An image whose size cannot be read is counted as 1024x1024 (the typical figure
+the expected cost uses), and the most its rule can bill beyond that is the count's
+`PromptCount.headroom_tokens`, which the worst case adds: 8 tiles under the tile rule (the long
+side fits in 2048 = 4 tiles, the short side in 768 = 2), 1536 patches under the patch rule.
+Gemini's rule has no documented largest image, so an unknown Gemini image has no headroom.
+Image accounting follows published rules up to the vendor's resizing, so a request with images
+is approximate. Vendor factors apply to text only.
 
 Speed (2-core CI machine, encoding loaded): a ~1 KB single-message English prompt counts in
 about 60 µs, nearly all of it tiktoken's ``encode_ordinary`` (no special-token scan); text
@@ -94,11 +101,12 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Final
 
 import tiktoken
 
-from switchyard.common.catalog import VENDORS, Model
+from switchyard.common.catalog import VENDORS, ImageTokens, Model
 from switchyard.common.logging import get_logger
 from switchyard.v1 import common_pb2
 
@@ -111,6 +119,7 @@ __all__ = [
     "count_prompt_tokens",
     "count_text_tokens",
     "openai_image_tokens",
+    "openai_patch_image_tokens",
     "relative_errors",
     "warm_up",
 ]
@@ -153,11 +162,18 @@ TOOLS_PREAMBLE: Final = 12
 TOOL_DEFINITION_OVERHEAD: Final = 8
 TOOL_CALL_OVERHEAD: Final = 3
 
-# OpenAI's tile rule.
+# OpenAI's tile rule (gpt-4o, gpt-4.1), unless the catalog gives a model its own.
 IMAGE_LOW_DETAIL_TOKENS: Final = 85
 IMAGE_BASE_TOKENS: Final = 85
 IMAGE_TILE_TOKENS: Final = 170
-IMAGE_UNKNOWN_SIZE: Final = (1024, 1024)  # 765 tokens under the tile rule
+# The most tiles the rule bills: the long side fits in 2048 (4 tiles), the short side in 768 (2).
+IMAGE_MAX_TILES: Final = 8
+# OpenAI's patch rule: 32x32 patches, at most this many, times the model's multiplier.
+IMAGE_PATCH_PIXELS: Final = 32
+IMAGE_MAX_PATCHES: Final = 1536
+# What an image whose size cannot be read is counted as (765 tokens under the tile rule); the
+# worst case adds the rest of what the rule can bill (`PromptCount.headroom_tokens`).
+IMAGE_UNKNOWN_SIZE: Final = (1024, 1024)
 # Anthropic scales larger images down to about this many tokens.
 ANTHROPIC_IMAGE_MAX_TOKENS: Final = 1_600
 
@@ -178,13 +194,26 @@ class PromptCount:
     False only when the count should match the vendor's reported prompt tokens exactly.
     `approximate_tokens` is the part of `tokens` that is a guess (all of it under a stand-in
     encoding; images, tools, schemas and sampled texts otherwise): what a worst-case estimate
-    adds its safety margin to.
+    adds its safety margin to. `headroom_tokens` is how many more tokens than `tokens` the
+    vendor may bill beyond what the margin covers: images whose size could not be read are
+    counted at a typical size but may be as large as the vendor bills (the worst case adds it).
+    `context_tokens` is how much of the model's context window the prompt fills: `tokens`,
+    except that images count at their vendor's standard rule where a model bills them at a
+    multiple (gpt-4o-mini's inflated tiles, the patch multipliers), which is billing only.
+    Context-window checks use it; prices use `tokens`. -1 (the default): the same as `tokens`.
     """
 
     tokens: int
     encoding: str
     approximate: bool
     approximate_tokens: int = 0
+    headroom_tokens: int = 0
+    context_tokens: int = -1
+
+    @property
+    def window_tokens(self) -> int:
+        """The tokens the prompt fills of the model's context window (see `context_tokens`)."""
+        return self.tokens if self.context_tokens < 0 else self.context_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,22 +302,23 @@ def _require(name: str) -> tiktoken.Encoding:
 class _Counter:
     encoding: tiktoken.Encoding
     label: str
-    family: str
+    images: _ImageRule
     factor: tuple[int, int]
     exact: bool
 
 
 def _counter(model: Model | None) -> _Counter:
     if model is None:
-        return _Counter(_require(CL100K), CL100K, "auto", (1, 1), False)
+        return _Counter(_require(CL100K), CL100K, _image_rule("auto", None), (1, 1), False)
     wanted, family, exact = _tokenizer_of(model.id, model.upstream_model, model.tokenizer)
+    images = _image_rule(family, model.image_tokens)
     if wanted is None:
         factor = VENDOR_TOKEN_FACTORS[family]
-        return _Counter(_require(CL100K), f"{CL100K}~{family}", family, factor, False)
+        return _Counter(_require(CL100K), f"{CL100K}~{family}", images, factor, False)
     encoding = _encoding(wanted)
     if encoding is None:
-        return _Counter(_require(CL100K), f"{CL100K}~{wanted}", family, (1, 1), False)
-    return _Counter(encoding, wanted, family, (1, 1), exact)
+        return _Counter(_require(CL100K), f"{CL100K}~{wanted}", images, (1, 1), False)
+    return _Counter(encoding, wanted, images, (1, 1), exact)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -334,6 +364,9 @@ def count_prompt_tokens(request: common_pb2.ChatRequest, model: Model | None) ->
     # Text whose count is a guess even with the model's own encoding (sampled, tools, schemas).
     guessed_text = 0
     image_tokens = 0
+    # What the images fill of the context window, when the model bills them at a multiple.
+    image_window_tokens = 0
+    headroom = 0
     for message in request.messages:
         text_tokens += TOKENS_PER_MESSAGE + _role_tokens(encoding, message.role)
         if message.name:
@@ -347,7 +380,10 @@ def count_prompt_tokens(request: common_pb2.ChatRequest, model: Model | None) ->
                 if len(text) > EXACT_TEXT_CHARS:
                     guessed_text += counted  # sampled, see _text_tokens
             elif kind == "image":
-                image_tokens += _image_tokens(part.image, counter.family)
+                counted, more, window = _image_tokens(part.image, counter.images)
+                image_tokens += counted
+                image_window_tokens += window
+                headroom += more
         for call in message.tool_calls:
             counted = (
                 TOOL_CALL_OVERHEAD
@@ -383,6 +419,10 @@ def count_prompt_tokens(request: common_pb2.ChatRequest, model: Model | None) ->
         encoding=counter.label,
         approximate=guessed > 0 or not counter.exact,
         approximate_tokens=guessed,
+        headroom_tokens=headroom,
+        context_tokens=-1
+        if image_window_tokens == image_tokens
+        else tokens - image_tokens + image_window_tokens,
     )
 
 
@@ -440,29 +480,82 @@ def _role_tokens(encoding: tiktoken.Encoding, role: int) -> int:
 # --------------------------------------------------------------------------- #
 
 
-def _image_tokens(image: common_pb2.ImagePart, family: str) -> int:
+@dataclass(frozen=True, slots=True)
+class _ImageRule:
+    """How one model bills an image. `kind` is "tiles" or "patches" (OpenAI's rules, with
+    `base` and `tile` tokens or the patch `multiplier`), "anthropic" or "gemini". `typical` is
+    what an image whose size cannot be read is counted as, `largest` the most one can cost."""
+
+    kind: str
+    base: int
+    tile: int
+    multiplier: Fraction
+    typical: int
+    largest: int
+
+
+@functools.lru_cache(maxsize=256)
+def _image_rule(family: str, rule: ImageTokens | None) -> _ImageRule:
+    """The image rule of a model (worked out once per model): its catalog `image_tokens`, else
+    its vendor's."""
+    if rule is not None and rule.patch_multiplier is not None:
+        multiplier = Fraction(rule.patch_multiplier)
+        typical = openai_patch_image_tokens(*IMAGE_UNKNOWN_SIZE, multiplier=multiplier)
+        largest = math.ceil(IMAGE_MAX_PATCHES * multiplier)
+        return _ImageRule("patches", 0, 0, multiplier, typical, largest)
+    if rule is None and family == "anthropic":
+        most = ANTHROPIC_IMAGE_MAX_TOKENS  # also what an image of unknown size is counted as
+        return _ImageRule("anthropic", 0, 0, Fraction(1), most, most)
+    if rule is None and family == "gemini":
+        typical = _gemini_image_tokens(*IMAGE_UNKNOWN_SIZE)
+        return _ImageRule("gemini", 0, 0, Fraction(1), typical, typical)  # no documented largest
+    base = IMAGE_BASE_TOKENS if rule is None or rule.base is None else rule.base
+    tile = IMAGE_TILE_TOKENS if rule is None or rule.tile is None else rule.tile
+    typical = openai_image_tokens(*IMAGE_UNKNOWN_SIZE, base=base, tile=tile)
+    return _ImageRule("tiles", base, tile, Fraction(1), typical, base + tile * IMAGE_MAX_TILES)
+
+
+def _image_tokens(image: common_pb2.ImagePart, rule: _ImageRule) -> tuple[int, int, int]:
+    """(tokens billed for the image, how many more it may cost, tokens it fills of the context
+    window). The second is not 0 only for an image whose size cannot be read, counted as
+    `rule.typical` but billable up to `rule.largest`. The third differs from the first only
+    where the model bills images at a multiple of its vendor's standard rule."""
+    if rule.kind == "tiles" and image.detail == common_pb2.IMAGE_DETAIL_LOW:
+        return rule.base, 0, IMAGE_BASE_TOKENS
     size = _image_size(image)
-    if family == "anthropic":
+    width, height = size if size is not None else IMAGE_UNKNOWN_SIZE
+    if rule.kind == "tiles":
+        window = openai_image_tokens(width, height)
         if size is None:
-            return ANTHROPIC_IMAGE_MAX_TOKENS
-        width, height = size
+            return rule.typical, rule.largest - rule.typical, window
+        return openai_image_tokens(width, height, base=rule.base, tile=rule.tile), 0, window
+    if rule.kind == "patches":
+        window = openai_patch_image_tokens(width, height, multiplier=Fraction(1))
+        if size is None:
+            return rule.typical, rule.largest - rule.typical, window
+        return openai_patch_image_tokens(width, height, multiplier=rule.multiplier), 0, window
+    if size is None:
+        return rule.typical, rule.largest - rule.typical, rule.typical
+    if rule.kind == "anthropic":
         scale = min(1.0, 1568 / max(width, height))
         tokens = math.ceil(round(width * scale) * round(height * scale) / 750)
-        return max(1, min(ANTHROPIC_IMAGE_MAX_TOKENS, tokens))
-    if family == "gemini":
-        width, height = size or IMAGE_UNKNOWN_SIZE
-        if width <= 384 and height <= 384:
-            return 258
-        return 258 * math.ceil(width / 768) * math.ceil(height / 768)
-    if image.detail == common_pb2.IMAGE_DETAIL_LOW:
-        return IMAGE_LOW_DETAIL_TOKENS
-    width, height = size or IMAGE_UNKNOWN_SIZE
-    return openai_image_tokens(width, height)
+        tokens = max(1, min(ANTHROPIC_IMAGE_MAX_TOKENS, tokens))
+        return tokens, 0, tokens
+    tokens = _gemini_image_tokens(width, height)
+    return tokens, 0, tokens
 
 
-def openai_image_tokens(width: int, height: int) -> int:
+def _gemini_image_tokens(width: int, height: int) -> int:
+    if width <= 384 and height <= 384:
+        return 258
+    return 258 * math.ceil(width / 768) * math.ceil(height / 768)
+
+
+def openai_image_tokens(
+    width: int, height: int, *, base: int = IMAGE_BASE_TOKENS, tile: int = IMAGE_TILE_TOKENS
+) -> int:
     """OpenAI's high-detail tile rule: fit in 2048x2048, scale the short side down to 768, then
-    85 + 170 per 512x512 tile (1024x1024 costs 765)."""
+    `base` + `tile` per 512x512 tile (1024x1024 costs 765 at gpt-4o's 85 + 170)."""
     w, h = float(width), float(height)
     if max(w, h) > 2048:
         scale = 2048 / max(w, h)
@@ -471,7 +564,15 @@ def openai_image_tokens(width: int, height: int) -> int:
         scale = 768 / min(w, h)
         w, h = w * scale, h * scale
     tiles = math.ceil(w / 512) * math.ceil(h / 512)
-    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
+    return base + tile * tiles
+
+
+def openai_patch_image_tokens(width: int, height: int, *, multiplier: Fraction) -> int:
+    """OpenAI's patch rule (gpt-4.1-mini, o4-mini): 32x32 patches covering the image, at most
+    1536 (a larger image is scaled down to fit), times the model's multiplier, rounded up. The
+    cap stands in for the scaled-down count, which is at most the cap."""
+    patches = math.ceil(width / IMAGE_PATCH_PIXELS) * math.ceil(height / IMAGE_PATCH_PIXELS)
+    return math.ceil(min(patches, IMAGE_MAX_PATCHES) * multiplier)
 
 
 _DATA_URL_PREFIX_CHARS: Final = 87_384  # base64 of 64 KiB: enough to reach a JPEG's frame header

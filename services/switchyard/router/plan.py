@@ -207,6 +207,7 @@ class _Need:
         "cap2",
         "cap_source",
         "caps",
+        "context_tokens",
         "exclude_kind",
         "excluded",
         "half_open",
@@ -227,8 +228,12 @@ class _Need:
         input_tokens: int,
         now_s: float,
         trials: Mapping[str, int],
+        context_tokens: int | None = None,
     ) -> None:
         self.input_tokens = max(0, input_tokens)
+        # What the prompt fills of a context window (images a model bills at a multiple count
+        # at their standard size); the input tokens otherwise.
+        self.context_tokens = self.input_tokens if context_tokens is None else max(0, context_tokens)
         self.now_s = now_s
         self.trials = trials
         sampling = request.sampling
@@ -288,7 +293,7 @@ class _Need:
             return self.exclude_kind
         if self.caps and not self.caps <= r.capabilities:
             return "no " + ", ".join(_CAPABILITY_NAMES[c] for c in sorted(self.caps - r.capabilities))
-        if r.context_window < self.input_tokens + (self.req_max or r.default_output):
+        if r.context_window < self.context_tokens + (self.req_max or r.default_output):
             return CONTEXT_TOO_SMALL
         if self.region_required and r.region != self.region:
             return self.region_kind
@@ -311,7 +316,7 @@ class _Need:
     def detail(self, r: ModelRoute, kind: str) -> str:
         """The Explain text for a filter kind."""
         if kind == CONTEXT_TOO_SMALL:
-            needed = self.input_tokens + (self.req_max or r.default_output)
+            needed = self.context_tokens + (self.req_max or r.default_output)
             return f"context window {r.context_window} < {needed} tokens needed"
         if kind == OVER_COST_CAP:
             return (
@@ -412,6 +417,7 @@ def _gather(
     """Filter `routes` (skipping those already considered) and predict cost and latency of the
     rest. The hot loop of planning: everything is inlined and read into locals."""
     inp = need.input_tokens
+    ctx = need.context_tokens  # what the context window holds of the prompt (<= inp)
     req_max = need.req_max
     # Most requests restrict nothing a route carries: only the context window and the
     # breaker/headroom checks (routes flagged `gated`) can reject a model then.
@@ -425,7 +431,7 @@ def _gather(
             if model_id in seen:
                 continue
             add_seen(model_id)
-            if not simple or r.gated or r.context_window < inp + req_max:
+            if not simple or r.gated or r.context_window < ctx + req_max:
                 kind = reject(r)
                 if kind is not None:
                     filtered.append((r, reason, kind))
@@ -448,7 +454,7 @@ def _gather(
         if model_id in seen:
             continue
         add_seen(model_id)
-        if not simple or r.gated or r.room < inp:
+        if not simple or r.gated or r.room < ctx:
             kind = reject(r)
             if kind is not None:
                 filtered.append((r, reason, kind))
@@ -473,7 +479,7 @@ def _gather_category(
     if split is None:
         return
     inp = need.input_tokens
-    if not need.simple or need.req_max or need.panic or inp > split.min_room:
+    if not need.simple or need.req_max or need.panic or need.context_tokens > split.min_room:
         _gather(table.by_category[category], reason, need, seen, kept, filtered)
         return
     ungated = [r for r in split.ungated if r.id not in seen] if seen else split.ungated
@@ -595,6 +601,7 @@ class Planner:
         allowed_models: frozenset[str] | None = None,
         tier: str | None = None,
         now: datetime | None = None,
+        context_tokens: int | None = None,
     ) -> RoutePlan:
         """The candidates for `request`, best first, at most the table's `max_candidates`.
 
@@ -602,7 +609,9 @@ class Planner:
         NO_ROUTE when no candidate passes the filters. Advances the round robin and counts
         half-open trials.
         """
-        ev = self._evaluate(request, tenant_id, input_tokens, allowed_models, tier, now, explain=False)
+        ev = self._evaluate(
+            request, tenant_id, input_tokens, allowed_models, tier, now, context_tokens, explain=False
+        )
         if not ev.chosen:
             raise _no_route(ev)
         return ev.route_plan(tuple(_candidate(e) for e in ev.chosen))
@@ -616,10 +625,13 @@ class Planner:
         allowed_models: frozenset[str] | None = None,
         tier: str | None = None,
         now: datetime | None = None,
+        context_tokens: int | None = None,
     ) -> Explanation:
         """Every candidate considered, filtered ones included, with score components and the
         rank each has in the plan `plan` would return now. Changes no planner state."""
-        ev = self._evaluate(request, tenant_id, input_tokens, allowed_models, tier, now, explain=True)
+        ev = self._evaluate(
+            request, tenant_id, input_tokens, allowed_models, tier, now, context_tokens, explain=True
+        )
         rows: list[ScoredRow] = []
         for rank, entry in enumerate(ev.chosen, start=1):
             rows.append(ScoredRow(_candidate(entry), False, "", entry.parts or {}, rank))
@@ -659,6 +671,7 @@ class Planner:
         allowed_models: frozenset[str] | None,
         tier: str | None,
         now: datetime | None,
+        context_tokens: int | None,
         *,
         explain: bool,
     ) -> _Evaluation:
@@ -679,7 +692,7 @@ class Planner:
         elif moment.tzinfo is not UTC:
             # Rules name UTC hours and weekdays: an aware time in another zone is converted.
             moment = moment.astimezone(UTC)
-        need = _Need(request, input_tokens, moment.timestamp(), self._trials)
+        need = _Need(request, input_tokens, moment.timestamp(), self._trials, context_tokens)
         tenant = table.tenants.get(tenant_id)
         rules: Sequence[Rule] = ()
         if tenant is not None:

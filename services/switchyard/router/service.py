@@ -217,40 +217,47 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, state: RoutingState) -> None:
         self._state = state
 
-    def _input_tokens(self, request: common_pb2.ChatRequest, given: int) -> int:
-        """The prompt tokens the caller counted, or our own count of them."""
+    def _input_tokens(self, request: common_pb2.ChatRequest, given: int) -> tuple[int, int | None]:
+        """The prompt tokens the caller counted, or our own count of them, and what they fill
+        of a context window (None: the same)."""
         if not request.messages:
             raise invalid("a request needs at least one message", "request.messages")
         if given:
-            return given
+            return given, None
         name = request.model.strip()
-        return count_prompt_tokens(request, self._state.catalog.resolve(name) if name else None).tokens
+        count = count_prompt_tokens(request, self._state.catalog.resolve(name) if name else None)
+        return count.tokens, count.window_tokens
 
     def _planner(
         self, request: common_pb2.ChatRequest, region: str, given_tokens: int
-    ) -> tuple[Planner, int]:
-        """The planner for the requested region (a plausible region name) and the prompt tokens."""
+    ) -> tuple[Planner, int, int | None]:
+        """The planner for the requested region (a plausible region name), the prompt tokens
+        and what they fill of a context window."""
         if region and not _REGION_NAME.fullmatch(region):
             raise invalid(
                 f"a region is at most {REGION_MAX_CHARS} letters, digits, '.', '_' or '-'", "region"
             )
-        tokens = self._input_tokens(request, given_tokens)
-        return self._state.planner_for(region), tokens
+        tokens, window = self._input_tokens(request, given_tokens)
+        return self._state.planner_for(region), tokens, window
 
     async def Plan(
         self, request: router_pb2.PlanRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PlanResponse:
         """The ordered candidates for a request, on the current snapshot as seen from its region."""
-        planner, tokens = self._planner(request.request, request.region, request.input_tokens)
-        plan = planner.plan(request.request, tenant_id=request.tenant_id, input_tokens=tokens)
+        planner, tokens, window = self._planner(request.request, request.region, request.input_tokens)
+        plan = planner.plan(
+            request.request, tenant_id=request.tenant_id, input_tokens=tokens, context_tokens=window
+        )
         return plan_response(plan)
 
     async def Explain(
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ExplainResponse:
         """The whole scoring table, filtered-out candidates included, as seen from its region."""
-        planner, tokens = self._planner(request.request, request.region, request.input_tokens)
-        explained = planner.explain(request.request, tenant_id=request.tenant_id, input_tokens=tokens)
+        planner, tokens, window = self._planner(request.request, request.region, request.input_tokens)
+        explained = planner.explain(
+            request.request, tenant_id=request.tenant_id, input_tokens=tokens, context_tokens=window
+        )
         return explained.to_proto()
 
     async def WatchRoutes(

@@ -95,6 +95,23 @@ def test_context_window_counts_prompt_and_output() -> None:
     )
 
 
+def test_images_a_model_bills_at_a_multiple_fill_only_their_standard_size_of_the_window() -> None:
+    # gpt-4o-mini bills an image of unknown size at 2,833 + 4 x 5,667 tokens, but it fills the
+    # window as gpt-4o's 765 do: five of them and a long answer fit its 128,000 tokens.
+    request = ask(max_output=16_000)
+    image = common_pb2.ContentPart(image=common_pb2.ImagePart(url="https://example.com/cat.png"))
+    request.messages[0].parts.extend([image] * 5)
+    admitted = gateway().check(request, Caller("t"))
+    assert admitted.prompt.tokens > 5 * 25_000 > 128_000 - 16_000  # billed: would not fit
+    assert admitted.prompt.window_tokens < 5 * 800
+    # Past the window by what it holds, the request is refused with that count.
+    request.messages[0].parts.add(text="word " * 120_000)
+    error = refused(request, Caller("t"))
+    assert error.reason == Reason.CONTEXT_TOO_LONG
+    window = count_prompt_tokens(request, CATALOG.model("openai/gpt-4o-mini")).window_tokens
+    assert error.metadata["prompt_tokens"] == str(window)
+
+
 def test_backoff_grows_is_capped_and_jittered() -> None:
     rng = random.Random(7)
     waits = [backoff_s(n, rng) for n in range(1, 8)]

@@ -189,3 +189,42 @@ async def test_the_ledger_row_keeps_the_cost_the_plan_predicted_for_the_model_th
         # Without a prompt count the plan priced no prompt: no cost estimate is recorded.
         await collect(pipeline.stream(ask("up/m"), caller, timeout_s=15))
         assert running.committed[-1].record.estimated_cost_micros == 0
+
+
+TIERED_CATALOG = """
+providers:
+  up: {vendor: openai, base_url: "http://127.0.0.1:9/v1"}
+models:
+  - id: up/m
+    provider: up
+    upstream_model: m
+    context_window: 128000
+    max_output_tokens: 1000
+    prices:
+      input: "1"
+      output: "1"
+      volume_tiers: [{above_monthly_tokens: 1000, discount_percent: "50"}]
+"""
+
+
+def test_the_edges_volume_discount_starts_afresh_when_the_month_turns() -> None:
+    catalog = parse_catalog(TIERED_CATALOG)
+    pipeline = ChatPipeline(Settings.from_env({}), catalog, ChannelPool())
+    usage = common_pb2.Usage(input_tokens=1_000, output_tokens=1_000)
+    assert pipeline._cost("acme", "up/m", usage) == 2_000  # the first 2,000 tokens: list price
+    assert pipeline._cost("acme", "up/m", usage) == 1_000  # past 1,000 this month: half
+    # The ledger says the tenant is far into the tier, for a request finished this month...
+    commit = ledger_pb2.CommitRequest(record=ledger_pb2.UsageRecord(model="up/m"))
+    commit.record.scope.tenant_id = "other"
+    commit.record.finished_at.FromDatetime(datetime.now(UTC))
+    pipeline.observe_commit(commit, ledger_pb2.CommitResponse(month_tokens=50_000))
+    assert pipeline._cost("other", "up/m", usage) == 1_000
+    # ... but an answer about a request priced last month no longer counts.
+    commit.record.scope.tenant_id = "late"
+    commit.record.finished_at.FromDatetime(datetime(2020, 1, 31, 23, 59, tzinfo=UTC))
+    pipeline.observe_commit(commit, ledger_pb2.CommitResponse(month_tokens=50_000))
+    assert pipeline._cost("late", "up/m", usage) == 2_000
+    # The month turns (as if the edge had last priced in an earlier one): volumes start over.
+    pipeline._month -= 1
+    assert pipeline._cost("acme", "up/m", usage) == 2_000
+    assert pipeline._cost("other", "up/m", usage) == 2_000

