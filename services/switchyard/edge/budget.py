@@ -81,7 +81,11 @@ class LedgerLeases(Protocol):
     """What the lease book calls on the ledger (a `CostLedgerServiceStub` fits)."""
 
     def LeaseBudget(
-        self, request: ledger_pb2.LeaseBudgetRequest, *, timeout: float | None = None
+        self,
+        request: ledger_pb2.LeaseBudgetRequest,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
     ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.LeaseBudgetRequest, ledger_pb2.LeaseBudgetResponse]: ...
 
     def ReturnLease(
@@ -407,7 +411,9 @@ class LeaseBook:
         )
         for _ in range(STALE_ASKS):
             try:
-                response = await self._ledger.LeaseBudget(request, timeout=self._timeout)
+                # A request may wait on this call: ride out a ledger restart (the channel is
+                # reconnecting) within the timeout rather than fail at once.
+                response = await self._ledger.LeaseBudget(request, timeout=self._timeout, wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
                 raise _unavailable(from_rpc_error(exc).reason.value) from None
             self._note_epoch(response.epoch)

@@ -12,9 +12,10 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.ports import free_port
 from switchyard.edge import routes
 from switchyard.edge.budget import LEASE_REQUESTS, LEASE_SECONDS, LeaseBook, applies, scope_key
-from switchyard.v1 import ledger_pb2
+from switchyard.v1 import ledger_pb2, ledger_pb2_grpc
 
 HARD = ledger_pb2.BUDGET_ENFORCEMENT_HARD
 SOFT = ledger_pb2.BUDGET_ENFORCEMENT_SOFT
@@ -96,7 +97,11 @@ class FakeLedger:
         )
 
     async def LeaseBudget(
-        self, request: ledger_pb2.LeaseBudgetRequest, *, timeout: float | None = None
+        self,
+        request: ledger_pb2.LeaseBudgetRequest,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
     ) -> ledger_pb2.LeaseBudgetResponse:
         self.calls.append("lease")
         self.requested.append(request.requested_micros)
@@ -413,3 +418,66 @@ async def test_an_idle_lease_too_small_for_a_request_is_given_back_so_the_reques
         await book.hold(SCOPE, 60)
     assert caught.value.reason is Reason.BUDGET_EXCEEDED
     await book.aclose()
+
+
+class _LedgerServer(ledger_pb2_grpc.CostLedgerServiceServicer):
+    """The fake ledger behind a real gRPC server (WatchBudgets left UNIMPLEMENTED: polling)."""
+
+    def __init__(self, ledger: FakeLedger) -> None:
+        self.ledger = ledger
+
+    async def ListBudgets(
+        self, request: ledger_pb2.ListBudgetsRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListBudgetsResponse:
+        return await self.ledger.ListBudgets(request)
+
+    async def LeaseBudget(
+        self, request: ledger_pb2.LeaseBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.LeaseBudgetResponse:
+        return await self.ledger.LeaseBudget(request)
+
+    async def ReturnLease(
+        self, request: ledger_pb2.ReturnLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ReturnLeaseResponse:
+        return await self.ledger.ReturnLease(request)
+
+
+async def _serve(ledger: FakeLedger, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    ledger_pb2_grpc.add_CostLedgerServiceServicer_to_server(_LedgerServer(ledger), server)
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    await server.start()
+    return server
+
+
+async def test_a_lease_asked_while_the_ledger_restarts_waits_for_it_within_the_timeout() -> None:
+    """Over real gRPC: the ledger goes away and comes back half a second later. A request that
+    needs a lease meanwhile waits for the channel to reconnect (within the call timeout) instead
+    of failing UNAVAILABLE at once because the channel is between connection attempts."""
+    ledger = FakeLedger(budget("b", 1_000, tenant_id="acme"))
+    port = free_port()
+    server = await _serve(ledger, port)
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.initial_reconnect_backoff_ms", 200)]
+    )
+    book = LeaseBook(ledger_pb2_grpc.CostLedgerServiceStub(channel), "edge-1", call_timeout_s=5.0)
+    try:
+        # The whole budget, spent: the next hold needs a new lease (the restarted fake grants
+        # its limit again, as an in-memory ledger rebuilt from no rows would).
+        book.settle(await book.hold(SCOPE, 1_000), 1_000)
+        await server.stop(grace=None)
+        await asyncio.sleep(0.1)
+
+        async def restart() -> grpc.aio.Server:
+            await asyncio.sleep(0.5)
+            ledger.restart()
+            return await _serve(ledger, port)
+
+        comeback = asyncio.create_task(restart())
+        hold = await book.hold(SCOPE, 100)
+        assert hold.lease_ids
+        server = await comeback
+    finally:
+        await book.aclose()
+        await channel.close()
+        await server.stop(grace=None)
