@@ -48,6 +48,20 @@ class CatalogError(Exception):
     """The catalog cannot be used; the message names the file, the key path and the reason."""
 
 
+def _decimal_number(value: Any, name: str, example: str) -> Decimal:
+    """A number written in YAML (a string, int or float) as an exact finite Decimal: str()
+    first, so a YAML float such as 12.5 becomes exactly Decimal("12.5")."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise ValueError(f"{name} must be a number, for example '{example}'")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise ValueError(f"not a decimal number: {value!r}") from exc
+    if not number.is_finite():
+        raise ValueError(f"{name} must be a finite number")
+    return number
+
+
 def _usd_per_million_to_micros(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
         raise ValueError("price must be a decimal string of USD per 1M tokens, for example '0.15'")
@@ -80,14 +94,8 @@ class VolumeTier(_Strict):
     @field_validator("discount_percent", mode="before")
     @classmethod
     def _percent(cls, value: Any) -> Decimal:
-        if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
-            raise ValueError("discount_percent must be a number, for example '12.5'")
-        try:
-            # str() first: a YAML float such as 12.5 becomes exactly Decimal("12.5").
-            percent = Decimal(str(value))
-        except InvalidOperation as exc:
-            raise ValueError(f"not a decimal number: {value!r}") from exc
-        if not percent.is_finite() or not 0 < percent < 100:
+        percent = _decimal_number(value, "discount_percent", "12.5")
+        if not 0 < percent < 100:
             raise ValueError("discount_percent must be above 0 and below 100")
         if percent != percent.quantize(Decimal("0.01")):
             raise ValueError("discount_percent has more than 2 decimal places")
@@ -246,14 +254,8 @@ class ImageTokens(_Strict):
     def _multiplier(cls, value: Any) -> Decimal | None:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
-            raise ValueError("patch_multiplier must be a number, for example '1.62'")
-        try:
-            # str() first: a YAML float such as 1.62 becomes exactly Decimal("1.62").
-            multiplier = Decimal(str(value))
-        except InvalidOperation as exc:
-            raise ValueError(f"not a decimal number: {value!r}") from exc
-        if not multiplier.is_finite() or multiplier <= 0:
+        multiplier = _decimal_number(value, "patch_multiplier", "1.62")
+        if multiplier <= 0:
             raise ValueError("patch_multiplier must be above 0")
         return multiplier
 

@@ -449,6 +449,8 @@ models:
         ('{base: 85, tile: 170, patch_multiplier: "1.62"}', r"not both"),
         ('{patch_multiplier: "0"}', r"patch_multiplier must be above 0"),
         ('{patch_multiplier: "lots"}', r"not a decimal number"),
+        ("{patch_multiplier: .inf}", r"patch_multiplier must be a finite number"),
+        ("{patch_multiplier: true}", r"patch_multiplier must be a number, for example '1.62'"),
         ("{base: -1, tile: 170}", r"image_tokens\.base: .*greater than or equal to 0"),
         ("{base: 85, tile: 170, per_tile: 170}", r"image_tokens\.per_tile: "),
     ],
