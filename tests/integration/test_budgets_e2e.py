@@ -139,25 +139,29 @@ def _assert_refusal_says(
     assert spent >= 0 and held >= 0 and spent + held <= limit  # as the ledger granted: within
 
 
+async def _hard_daily_budget(ledger: ledger_pb2_grpc.CostLedgerServiceStub, limit: int) -> ledger_pb2.Budget:
+    """A hard daily budget of `limit` micro-USD on the `default` tenant."""
+    response = await ledger.SetBudget(
+        ledger_pb2.SetBudgetRequest(
+            budget=ledger_pb2.Budget(
+                scope=ledger_pb2.BudgetScope(tenant_id="default"),
+                window=ledger_pb2.BUDGET_WINDOW_DAILY,
+                enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+                limit_micros=limit,
+            ),
+            actor="test",
+        ),
+        timeout=10,
+    )
+    return response.budget
+
+
 async def _run_budget_race(mesh: BudgetMesh, tmp_path: Path) -> None:
     worst = _worst(_request(0))
     limit = worst * 50
     async with grpc.aio.insecure_channel(mesh.ledger_target) as channel:
         ledger = ledger_pb2_grpc.CostLedgerServiceStub(channel)
-        budget = (
-            await ledger.SetBudget(
-                ledger_pb2.SetBudgetRequest(
-                    budget=ledger_pb2.Budget(
-                        scope=ledger_pb2.BudgetScope(tenant_id="default"),
-                        window=ledger_pb2.BUDGET_WINDOW_DAILY,
-                        enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-                        limit_micros=limit,
-                    ),
-                    actor="test",
-                ),
-                timeout=10,
-            )
-        ).budget
+        budget = await _hard_daily_budget(ledger, limit)
 
         answered: dict[str, int] = {}
         refused: list[str] = []
@@ -277,20 +281,7 @@ async def test_a_restarted_ledgers_new_epoch_retires_the_lease_an_edge_holds(tmp
             edge_a, edge_b = (gateway_pb2_grpc.GatewayServiceStub(c) for c in channels)
             async with grpc.aio.insecure_channel(mesh.ledger_target) as channel:
                 ledger = ledger_pb2_grpc.CostLedgerServiceStub(channel)
-                budget = (
-                    await ledger.SetBudget(
-                        ledger_pb2.SetBudgetRequest(
-                            budget=ledger_pb2.Budget(
-                                scope=ledger_pb2.BudgetScope(tenant_id="default"),
-                                window=ledger_pb2.BUDGET_WINDOW_DAILY,
-                                enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-                                limit_micros=limit,
-                            ),
-                            actor="test",
-                        ),
-                        timeout=10,
-                    )
-                ).budget
+                budget = await _hard_daily_budget(ledger, limit)
                 before = sum([(await edge_a.Chat(request(), timeout=60)).cost_micros for _ in range(2)])
                 held = await _until(ledger, budget.budget_id, lambda b: b.spent_micros == before)
                 assert held.held_micros >= per_request  # A's lease has room for more requests
