@@ -20,7 +20,7 @@ from switchyard.adapters.vendors import load_translator
 from switchyard.common import answer_events, tracing
 from switchyard.common.catalog import Catalog, provider_api_key, provider_base_url
 from switchyard.common.catalog_proto import model_info
-from switchyard.common.errors import Reason, SwitchyardError, invalid
+from switchyard.common.errors import Reason, SwitchyardError, invalid, shutting_down
 from switchyard.common.logging import get_logger
 from switchyard.common.multiplex import Multiplexer, Multiplexers
 from switchyard.common.server import ServiceBinding, ServiceParts
@@ -36,9 +36,7 @@ SERVICE_NAME = provider_pb2.DESCRIPTOR.services_by_name["ProviderAdapterService"
 # flow control then holds the caller back) until one finishes.
 MAX_STREAMED_GENERATIONS: Final = 1024
 GENERATE_METHOD: Final = f"/{SERVICE_NAME}/Generate"
-_SHUTTING_DOWN: Final = SwitchyardError(
-    grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE, "the adapter is shutting down"
-)
+_SHUTTING_DOWN: Final = shutting_down("adapter")
 
 
 def _log_failure(request: provider_pb2.GenerateRequest, exc: SwitchyardError) -> None:

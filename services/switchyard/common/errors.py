@@ -20,6 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN: Final = "switchyard.v1"
 _DETAILS_KEY: Final = "grpc-status-details-bin"
+# ErrorInfo metadata `cause` of a refusal by a replica that is shutting down (`shutting_down`).
+SHUTTING_DOWN_CAUSE: Final = "shutting_down"
 
 
 class Reason(StrEnum):
@@ -139,6 +141,23 @@ def unimplemented(what: str, issue: str) -> SwitchyardError:
         f"{what} is not implemented yet",
         metadata={"issue": issue},
     )
+
+
+def shutting_down(service: str) -> SwitchyardError:
+    """`UNAVAILABLE` / `DEPENDENCY_UNAVAILABLE` for work a draining replica of `service` no
+    longer takes: the caller asks again at once (through the proxy, another replica answers)."""
+    return SwitchyardError(
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.DEPENDENCY_UNAVAILABLE,
+        f"the {service} is shutting down",
+        metadata={"cause": SHUTTING_DOWN_CAUSE},
+    )
+
+
+def is_shutting_down(error: grpc.aio.AioRpcError | SwitchyardError) -> bool:
+    """Whether `error` is a replica's `shutting_down` refusal (a peer going away, not failing)."""
+    found = from_rpc_error(error) if isinstance(error, grpc.RpcError) else error
+    return found.code is grpc.StatusCode.UNAVAILABLE and found.metadata.get("cause") == SHUTTING_DOWN_CAUSE
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> SwitchyardError:

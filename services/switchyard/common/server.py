@@ -2,7 +2,8 @@
 
 `build_server` makes a `grpc.aio` server with the standard health service, server
 reflection and the cross-cutting interceptors (tracing, then error mapping); `serve` runs
-it until SIGTERM/SIGINT and then shuts down gracefully: health flips to NOT_SERVING, new
+it until SIGTERM/SIGINT and then shuts down gracefully: long-lived streams are drained
+(`ServiceParts.drain`: they end once their work is done), health flips to NOT_SERVING, new
 calls are refused, in-flight calls get `shutdown_grace_s` to finish, and the process exits 0.
 """
 

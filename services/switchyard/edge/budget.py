@@ -5,7 +5,9 @@ costs more than our whole latency budget). So the edge keeps two things the ledg
 
 * the *budget directory*: every budget's id, scope and enforcement, pushed by the ledger on
   every change (`WatchBudgets`; while that stream is down, `ListBudgets` every few seconds in
-  the background), so the edge finds the budgets that apply to a request locally;
+  the background), so the edge finds the budgets that apply to a request locally. A ledger
+  shutting down ends the stream cleanly: the edge resubscribes after the base delay (to
+  another replica, through the proxy) and logs it at info;
 * *leases*: for each hard budget a request touches, a slice of that budget's remaining
   amount granted to this edge (`LeaseBudget`), with a version and an expiry.
 
@@ -51,7 +53,7 @@ from typing import Final, Protocol
 
 import grpc
 
-from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
+from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error, is_shutting_down
 from switchyard.common.logging import get_logger
 from switchyard.common.money import format_usd
 from switchyard.edge.routes import reconnect_delay
@@ -257,6 +259,7 @@ class LeaseBook:
 
     async def _follow(self) -> None:
         failures = 0
+        warned = False  # the loss was logged as a warning (said once per outage)
         while True:
             call = self._ledger.WatchBudgets(ledger_pb2.WatchBudgetsRequest(subscriber_id=self._holder_id))
             status = "ENDED"  # the ledger closed the stream without an error
@@ -266,20 +269,27 @@ class LeaseBook:
                         continue
                     if not self.watching and failures:
                         log.info("budget_watch_resumed", version=response.version)
-                    self.watching, failures = True, 0
+                    self.watching, failures, warned = True, 0, False
                     self._note_epoch(response.epoch)
                     if response.version != self._pushed_version:  # else a heartbeat
                         self._pushed_version = response.version
                         self._apply_directory({b.budget_id: b for b in response.budgets})
             except grpc.aio.AioRpcError as exc:
-                status = exc.code().name
+                status = "SHUTTING_DOWN" if is_shutting_down(exc) else exc.code().name
             finally:
                 call.cancel()
-            if self.watching or not failures:
-                log.warning("budget_watch_lost", status=status)
             self.watching = False
+            if status in ("ENDED", "SHUTTING_DOWN"):
+                # A ledger replica going away (it ends its streams when it drains): not a failure.
+                log.info("budget_watch_ended", status=status)
+                delay = reconnect_delay(failures)
+            else:
+                if not warned:
+                    log.warning("budget_watch_lost", status=status)
+                    warned = True
+                delay = reconnect_delay(failures + 1)
             failures += 1
-            await asyncio.sleep(reconnect_delay(failures))
+            await asyncio.sleep(delay)
 
     async def _reload_quietly(self) -> None:
         try:

@@ -16,10 +16,13 @@ a memory buffer (no I/O); a writer task then, in batches:
 3. deletes the rows the ledger acknowledged.
 
 If the ledger is unreachable, rows stay in the table and are retried with backoff; the
-edge keeps serving. What is lost if the process is killed: only the commits still in the
-memory buffer, at most one batch interval (a few milliseconds); a graceful stop writes
-and sends them first. Their budget holds are then given back by the ledger when the
-leases' `settle_by` passes, so a lost commit never leaks budget.
+edge keeps serving. A ledger shutting down answers the batch it is committing and ends the
+stream cleanly: a batch it did not answer is sent again at once on a new stream (through the
+proxy, to another replica), and that is logged at info, not as a failure. What is lost if
+the process is killed: only the commits still in the memory buffer, at most one batch
+interval (a few milliseconds); a graceful stop writes and sends them first. Their budget
+holds are then given back by the ledger when the leases' `settle_by` passes, so a lost
+commit never leaks budget.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
+import grpc
+
+from switchyard.common.errors import is_shutting_down
 from switchyard.common.logging import get_logger
 from switchyard.common.sql import Database, Migration
 from switchyard.edge.mux import STREAM_MAX_AGE_JITTER
@@ -98,6 +104,11 @@ class LedgerCommits(Protocol):
 
 
 CommitResult = Callable[[ledger_pb2.CommitRequest, ledger_pb2.CommitResponse], None]
+
+
+class CommitStreamEnded(ConnectionError):
+    """The ledger ended the commit stream without answering the batch (a replica shutting
+    down does, once the batch it was committing is answered): the batch was not committed."""
 
 
 class CommitOutbox:
@@ -174,7 +185,10 @@ class CommitOutbox:
             except Exception as exc:  # keep serving; the rows are safe in the table
                 self._failures += 1
                 delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(self._failures - 1, 10))
-                log.warning("outbox_send_failed", error=type(exc).__name__, retry_in_s=delay)
+                if _ledger_going_away(exc):  # a replica draining: not a failure of ours or its
+                    log.info("outbox_send_deferred", cause="ledger_shutting_down", retry_in_s=delay)
+                else:
+                    log.warning("outbox_send_failed", error=type(exc).__name__, retry_in_s=delay)
                 if self._closing:
                     return
                 await asyncio.sleep(delay)
@@ -239,12 +253,26 @@ class CommitOutbox:
     async def _exchange(self, request: ledger_pb2.CommitManyRequest) -> ledger_pb2.CommitManyResponse:
         """One batch and its answer over the stream, opened when needed; on any failure the
         stream is dropped (the next batch opens another) and the failure raised. A stream
-        idle or past its age is dropped before the batch: between batches nothing is on it."""
+        idle or past its age is dropped before the batch: between batches nothing is on it.
+
+        A stream the ledger had ended cleanly (a replica shutting down ends its streams) left
+        the batch uncommitted: it is sent once more, at once, on a new stream."""
         now = time.monotonic()
         if self._stream is not None and (
             now >= self._stream_retire_at or now - self._stream_used > STREAM_IDLE_S
         ):
             self._drop_stream()
+        reused = self._stream is not None
+        try:
+            return await self._exchange_once(request)
+        except CommitStreamEnded:
+            if not reused:
+                raise
+        log.info("commit_stream_ended", commits=len(request.commits))
+        return await self._exchange_once(request)
+
+    async def _exchange_once(self, request: ledger_pb2.CommitManyRequest) -> ledger_pb2.CommitManyResponse:
+        now = time.monotonic()
         stream = self._stream
         if stream is None:
             stream = self._stream = self._ledger.CommitStream()
@@ -254,14 +282,17 @@ class CommitOutbox:
         self._stream_used = now
         try:
             async with asyncio.timeout(self._timeout):
-                await stream.write(request)
+                try:
+                    await stream.write(request)
+                except asyncio.InvalidStateError:
+                    pass  # the call had already ended: reading it says how (EOF: cleanly)
                 response = await stream.read()
         except BaseException:
             self._drop_stream()
             raise
         if not isinstance(response, ledger_pb2.CommitManyResponse):  # the ledger ended the stream
             self._drop_stream()
-            raise ConnectionError("the ledger closed the commit stream")
+            raise CommitStreamEnded("the ledger ended the commit stream without answering the batch")
         return response
 
     def _drop_stream(self) -> None:
@@ -329,3 +360,11 @@ class CommitOutbox:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _ledger_going_away(exc: Exception) -> bool:
+    """Whether a send failed because the ledger replica is shutting down (it ended the stream,
+    or refused a new one as shutting down) rather than because it failed."""
+    if isinstance(exc, CommitStreamEnded):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and is_shutting_down(exc)

@@ -5,6 +5,8 @@ no weights), subscribes to `RouterService.WatchRoutes`, and swaps in each snapsh
 arrives; planning itself never waits on the network. When the router cannot be reached the
 edge keeps planning on the last snapshot it had, reconnects with backoff, and says so
 (`connected`, `stale_for_s`, and a log line when the stream is lost and when it is back).
+A router shutting down ends the stream cleanly (or refuses it as shutting down): the edge
+resubscribes after the base delay, through the proxy to another replica, and logs it at info.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Final, Protocol
 
 import grpc
 
+from switchyard.common.errors import is_shutting_down
 from switchyard.common.logging import get_logger
 from switchyard.router.plan import Planner
 from switchyard.router.table import RoutingTable
@@ -36,7 +39,8 @@ class RouteSource(Protocol):
 
 
 def reconnect_delay(failures: int) -> float:
-    """Seconds before reconnecting a lost control-plane stream after `failures` in a row."""
+    """Seconds before reconnecting a lost control-plane stream after `failures` in a row (0: a
+    stream that delivered and then ended cleanly, as a draining replica's does: the base delay)."""
     return min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2.0 ** min(failures, 8))
 
 
@@ -97,6 +101,7 @@ class RouteWatcher:
 
     async def _run(self) -> None:
         failures = 0
+        warned = False  # the loss was logged as a warning (said once per outage)
         while True:
             call = self._router.WatchRoutes(
                 router_pb2.WatchRoutesRequest(subscriber_id=self._subscriber_id, known_version=self.version)
@@ -108,7 +113,7 @@ class RouteWatcher:
                         self.connected, self._lost_at = True, None
                         if failures:
                             log.info("routes_resumed", version=response.snapshot.version)
-                    failures = 0
+                    failures, warned = 0, False
                     try:
                         self.apply(response.snapshot)
                     except Exception as exc:  # a snapshot this edge cannot read: keep the last one
@@ -116,12 +121,19 @@ class RouteWatcher:
                         status = "UNREADABLE"
                         break
             except grpc.aio.AioRpcError as exc:
-                status = exc.code().name
+                status = "SHUTTING_DOWN" if is_shutting_down(exc) else exc.code().name
             finally:
                 call.cancel()
-            failures += 1
-            if self.connected or failures == 1:
-                log.warning("routes_lost", status=status, version=self.version)
             if self.connected:
                 self.connected, self._lost_at = False, time.monotonic()
-            await asyncio.sleep(reconnect_delay(failures))
+            if status in ("ENDED", "SHUTTING_DOWN"):
+                # A router replica going away (it ends its streams when it drains): not a failure.
+                log.info("routes_stream_ended", status=status, version=self.version)
+                delay = reconnect_delay(failures)
+            else:
+                if not warned:
+                    log.warning("routes_lost", status=status, version=self.version)
+                    warned = True
+                delay = reconnect_delay(failures + 1)
+            failures += 1
+            await asyncio.sleep(delay)

@@ -12,6 +12,9 @@
 
 With `redis_url` set the feed is a Redis stream shared by the replicas (see `feed.py`),
 which warm up from its recent history when they start; otherwise it is in memory.
+
+At shutdown every `Watch` stream ends at once, cleanly, and new ones are refused
+(`common.drain`), so the routers resubscribe to another replica instead of waiting out the grace.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Final
 import grpc
 
 from switchyard.common.channels import ChannelPool
+from switchyard.common.drain import DRAINED, StreamDrain
 from switchyard.common.errors import invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.server import ServiceBinding, ServiceParts
@@ -152,6 +156,12 @@ class HealthMonitorServicer(health_pb2_grpc.HealthMonitorServiceServicer):
 
     def __init__(self, monitor: HealthMonitor) -> None:
         self._monitor = monitor
+        self._streams = StreamDrain("health monitor")
+
+    def drain(self) -> None:
+        """Shutdown begins: every Watch stream ends (after what it has queued) and new ones are
+        refused UNAVAILABLE, so routers resubscribe elsewhere at once."""
+        self._streams.drain()
 
     async def Report(
         self, request: health_pb2.ReportRequest, context: grpc.aio.ServicerContext
@@ -171,13 +181,14 @@ class HealthMonitorServicer(health_pb2_grpc.HealthMonitorServiceServicer):
     async def Watch(
         self, request: health_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.WatchResponse]:
-        """A snapshot first, then each change; a new snapshot when this watcher fell behind."""
+        """A snapshot first, then each change (a new snapshot when this watcher fell behind),
+        until the monitor shuts down."""
+        self._streams.refuse_if_draining()
         queue = self._monitor.watch()
         log.info("health_watch_subscribed", subscriber=request.subscriber_id)
         try:
             yield health_pb2.WatchResponse(snapshot=self._monitor.book.snapshot())
-            while True:
-                event = await queue.get()
+            while (event := await self._streams.next(queue)) is not DRAINED:
                 if event is None:
                     yield health_pb2.WatchResponse(snapshot=self._monitor.book.snapshot())
                     continue
@@ -225,4 +236,5 @@ def build(settings: Settings) -> ServiceParts:
         ],
         start=start,
         close=close,
+        drain=servicer.drain,
     )

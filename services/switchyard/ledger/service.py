@@ -17,6 +17,11 @@ totals. A ledger that restarts with the in-memory store rebuilds each budget's s
 its current window from the rows. Its leases' holds are gone with the old process, so the
 store's epoch is new: every lease and every pushed directory carries the epoch, and edges
 stop admitting on leases of an older one (`edge.budget`).
+
+At shutdown (`CostLedgerServicer.drain`) `WatchBudgets` streams end at once and each
+`CommitStream` once the batch it is committing is answered, cleanly, and new ones are refused;
+an edge's outbox sends an unanswered batch again on a new stream, so, commits being idempotent
+by request id, nothing is lost or charged twice.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from google.protobuf import timestamp_pb2
 
 from switchyard.common import tracing
 from switchyard.common.catalog import Catalog
+from switchyard.common.drain import DRAINED, StreamDrain
 from switchyard.common.errors import Reason, SwitchyardError, invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts, format_usd
@@ -646,6 +652,13 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self._attached = ledger
+        self._streams = StreamDrain("ledger")
+
+    def drain(self) -> None:
+        """Shutdown begins: WatchBudgets streams end (after what they have queued); each commit
+        stream answers the batch it is committing, then ends without reading another; new
+        streams are refused UNAVAILABLE. Callers resubscribe and resend elsewhere at once."""
+        self._streams.drain()
 
     def attach(self, ledger: Ledger) -> None:
         """Serve `ledger`."""
@@ -712,8 +725,11 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
     async def CommitStream(
         self, requests: AsyncIterator[ledger_pb2.CommitManyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ledger_pb2.CommitManyResponse]:
-        """CommitMany for each batch on the stream, answered in order."""
-        async for request in requests:
+        """CommitMany for each batch on the stream, answered in order. At shutdown the batch
+        being committed is answered and the stream then ends (OK) without reading another:
+        the caller sends what is still unanswered again, on a new stream."""
+        self._streams.refuse_if_draining()
+        async for request in self._streams.until_drained(requests):
             yield await self.CommitMany(request, context)
 
     async def Release(
@@ -759,15 +775,18 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
     async def WatchBudgets(
         self, request: ledger_pb2.WatchBudgetsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ledger_pb2.WatchBudgetsResponse]:
-        """The budget directory now, then again after every change."""
+        """The budget directory now, then again after every change, until the ledger shuts down."""
+        self._streams.refuse_if_draining()
         queue = self._ledger.watch_budgets()
         log.info("budgets_watched", subscriber=request.subscriber_id)
         try:
             while True:
                 try:
-                    directory = await asyncio.wait_for(queue.get(), WATCH_HEARTBEAT_S)
+                    directory = await self._streams.next(queue, timeout_s=WATCH_HEARTBEAT_S)
                 except TimeoutError:  # unchanged: said again, so no proxy takes the stream for idle
                     directory = self._ledger.directory
+                if directory is DRAINED:
+                    return
                 yield directory
         finally:
             self._ledger.unwatch_budgets(queue)
@@ -887,7 +906,8 @@ def _period(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> tup
 
 
 def build(settings: Settings) -> ServiceParts:
-    """The ledger's bindings; `start` opens SQL, the budget store and the alert center."""
+    """The ledger's bindings; `start` opens SQL, the budget store and the alert center, `drain`
+    ends its streams at shutdown."""
     parts: list[Ledger] = []
     tasks: list[asyncio.Task[None]] = []
     databases: list[Database] = []
@@ -927,7 +947,7 @@ def build(settings: Settings) -> ServiceParts:
         for database in databases:
             await database.close()
 
-    return ServiceParts([binding], close, start)
+    return ServiceParts([binding], close, start, drain=servicer.drain)
 
 
 async def _sweeper(ledger: Ledger, every_s: float) -> None:

@@ -14,6 +14,9 @@ What reaches the edges, and how fast:
 
 Versions are wall-clock milliseconds, bumped past the last one, so they increase across
 restarts and are comparable between router replicas.
+
+At shutdown every `WatchRoutes` stream ends at once, cleanly, and new ones are refused
+(`common.drain`), so the edges resubscribe to another replica instead of waiting out the grace.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import grpc
 
 from switchyard.common.catalog import Catalog, CatalogError, load_catalog
 from switchyard.common.channels import ChannelPool
-from switchyard.common.errors import invalid
+from switchyard.common.drain import DRAINED, StreamDrain
+from switchyard.common.errors import invalid, is_shutting_down
 from switchyard.common.logging import get_logger
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
@@ -216,6 +220,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     def __init__(self, state: RoutingState) -> None:
         self._state = state
+        self._streams = StreamDrain("router")
+
+    def drain(self) -> None:
+        """Shutdown begins: every WatchRoutes stream ends (after what it has queued) and new
+        ones are refused UNAVAILABLE, so edges resubscribe elsewhere at once."""
+        self._streams.drain()
 
     def _input_tokens(self, request: common_pb2.ChatRequest, given: int) -> tuple[int, int | None]:
         """The prompt tokens the caller counted, or our own count of them, and what they fill
@@ -263,12 +273,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def WatchRoutes(
         self, request: router_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.WatchRoutesResponse]:
-        """The current snapshot first, then every new one."""
+        """The current snapshot first, then every new one, until the router shuts down."""
+        self._streams.refuse_if_draining()
         queue = self._state.subscribe()
         log.info("routes_subscribed", subscriber=request.subscriber_id, known_version=request.known_version)
         try:
-            while True:
-                snapshot = await queue.get()
+            while (snapshot := await self._streams.next(queue)) is not DRAINED:
                 yield router_pb2.WatchRoutesResponse(snapshot=snapshot)
         finally:
             self._state.unsubscribe(queue)
@@ -279,25 +289,36 @@ async def follow_health(
 ) -> None:
     """Keep `state` in step with the health monitor's Watch stream, reconnecting forever.
 
-    While the monitor is unreachable the last picture it sent stays in force.
+    While the monitor is unreachable the last picture it sent stays in force. A stream the
+    monitor ended (a replica shutting down ends its streams cleanly, and refuses new ones) is
+    resumed after the base delay and logged at info: it is a replica going away, not a failure.
     """
     failures = 0
+    warned = False  # the loss was logged as a warning (said once per outage)
     while True:
+        status = "ENDED"  # the monitor closed the stream without an error
         try:
             call = stub.Watch(health_pb2.WatchRequest(subscriber_id=subscriber_id))
             async for event in call:
                 if failures:
                     log.info("health_watch_resumed")
-                failures = 0
+                failures, warned = 0, False
                 if event.WhichOneof("event") == "snapshot":
                     state.replace_health(list(event.snapshot.entries))
                 else:
                     state.update_health(list(event.update.entries))
         except grpc.aio.AioRpcError as exc:
-            failures += 1
-            if failures == 1:
-                log.warning("health_watch_lost", status=exc.code().name)
-        await asyncio.sleep(min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(failures, 8)))
+            status = "SHUTTING_DOWN" if is_shutting_down(exc) else exc.code().name
+        if status in ("ENDED", "SHUTTING_DOWN"):
+            log.info("health_watch_ended", status=status)
+            delay = RECONNECT_BASE_S * 2 ** min(failures, 8)
+        else:
+            if not warned:
+                log.warning("health_watch_lost", status=status)
+                warned = True
+            delay = RECONNECT_BASE_S * 2 ** min(failures + 1, 8)
+        failures += 1
+        await asyncio.sleep(min(RECONNECT_CAP_S, delay))
 
 
 async def follow_catalog_file(
@@ -330,7 +351,8 @@ async def follow_catalog_file(
 
 
 def build(settings: Settings) -> ServiceParts:
-    """The router's bindings; `start` subscribes to the health monitor and the catalog file."""
+    """The router's bindings; `start` subscribes to the health monitor and the catalog file,
+    `drain` ends the WatchRoutes streams at shutdown."""
     state = RoutingState(
         settings.catalog, routing_settings(settings), weight_floor=settings.router_weight_floor
     )
@@ -364,4 +386,5 @@ def build(settings: Settings) -> ServiceParts:
         ],
         start=start,
         close=close,
+        drain=servicer.drain,
     )

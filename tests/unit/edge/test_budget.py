@@ -11,8 +11,9 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.errors import Reason, SwitchyardError, shutting_down
 from switchyard.common.ports import free_port
+from switchyard.edge import budget as budget_module
 from switchyard.edge import routes
 from switchyard.edge.budget import LEASE_REQUESTS, LEASE_SECONDS, LeaseBook, applies, scope_key
 from switchyard.v1 import ledger_pb2, ledger_pb2_grpc
@@ -29,7 +30,9 @@ class FakeWatch:
     """A WatchBudgets call: yields what is pushed, fails when told to."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[ledger_pb2.WatchBudgetsResponse | None] = asyncio.Queue()
+        # A directory to yield, None to fail, or an exception to raise (StopAsyncIteration:
+        # the ledger ends the stream cleanly).
+        self.queue: asyncio.Queue[ledger_pb2.WatchBudgetsResponse | BaseException | None] = asyncio.Queue()
         self.cancelled = False
 
     def __aiter__(self) -> FakeWatch:
@@ -39,6 +42,8 @@ class FakeWatch:
         item = await self.queue.get()
         if item is None:
             raise _down()
+        if isinstance(item, BaseException):
+            raise item
         return item
 
     def cancel(self) -> bool:
@@ -288,6 +293,62 @@ async def test_a_pushed_directory_retires_leases_at_once_and_replaces_polling(
     await asyncio.sleep(0.01)
     assert book.watching
     await book.aclose()
+
+
+class RecordingLog:
+    """Stands in for the module's structlog logger."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def info(self, event: str, **fields: object) -> None:
+        self.events.append(("info", event))
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.events.append(("warning", event))
+
+
+def _shutting_down() -> grpc.aio.AioRpcError:
+    refusal = shutting_down("ledger")
+    return grpc.aio.AioRpcError(
+        refusal.code, grpc.aio.Metadata(), grpc.aio.Metadata(*refusal.trailing_metadata()), refusal.message
+    )
+
+
+@pytest.mark.parametrize("end", ["clean", "shutting_down"])
+async def test_a_ledger_going_away_is_resubscribed_after_the_base_delay_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    # A draining ledger ends the stream cleanly, and refuses new ones as shutting down: the
+    # edge resubscribes (through the proxy, to another replica) after the shortest delay.
+    log = RecordingLog()
+    monkeypatch.setattr(budget_module, "log", log)
+    monkeypatch.setattr(routes, "RECONNECT_BASE_S", 0.001)
+    asked: list[int] = []
+
+    def delay(failures: int) -> float:
+        asked.append(failures)
+        return routes.reconnect_delay(failures)
+
+    monkeypatch.setattr(budget_module, "reconnect_delay", delay)
+    ledger = FakeLedger(budget("b", 1000, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1")
+    book.start_watching()
+    await asyncio.sleep(0)
+    ledger.push(version=1)
+    await asyncio.sleep(0.01)
+    assert book.watching
+    ledger.watches[-1].queue.put_nowait(StopAsyncIteration() if end == "clean" else _shutting_down())
+    for _ in range(100):
+        if len(ledger.watches) == 2:
+            break
+        await asyncio.sleep(0.001)
+    ledger.push(version=2)
+    await asyncio.sleep(0.01)
+    assert book.watching
+    await book.aclose()
+    assert asked == [0]  # the base delay: no failure before it
+    assert log.events == [("info", "budget_watch_ended"), ("info", "budget_watch_resumed")]
 
 
 async def test_a_grant_decided_before_a_pushed_change_is_returned_unused_and_asked_again() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from switchyard.common.errors import shutting_down
 from switchyard.common.sql import Database, open_database
 from switchyard.edge import outbox as outbox_module
 from switchyard.edge.outbox import CommitOutbox
@@ -23,9 +24,25 @@ class FakeStream:
         self.ledger = ledger
         self.cancelled = False
         self.unread_at_cancel = 0
-        self._answers: asyncio.Queue[ledger_pb2.CommitManyResponse] = asyncio.Queue()
+        self._answers: asyncio.Queue[ledger_pb2.CommitManyResponse | object] = asyncio.Queue()
+        # The ledger ended this call cleanly (a replica draining): reads say EOF.
+        self.ended = False
+        self.refused = ledger.refuse_streams > 0  # a draining replica refuses new calls
+        ledger.refuse_streams -= self.refused
+
+    def end(self) -> None:
+        self.ended = True
+        self._answers.put_nowait(grpc.aio.EOF)
 
     async def write(self, request: ledger_pb2.CommitManyRequest) -> None:
+        if self.ended:
+            raise asyncio.InvalidStateError("RPC already finished.")
+        if self.refused:
+            return  # the refusal comes with the read
+        if self.ledger.end_on_next_batch:  # arrived after the ledger stopped reading: not charged
+            self.ledger.end_on_next_batch = False
+            self.end()
+            return
         if self.ledger.down or self.cancelled:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
@@ -41,6 +58,14 @@ class FakeStream:
         self._answers.put_nowait(ledger_pb2.CommitManyResponse(results=results))
 
     async def read(self) -> ledger_pb2.CommitManyResponse | object:
+        if self.refused:
+            refusal = shutting_down("ledger")
+            raise grpc.aio.AioRpcError(
+                refusal.code,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(*refusal.trailing_metadata()),
+                refusal.message,
+            )
         answer = await self._answers.get()
         if self.ledger.lose_answers:  # charged, but the answer never arrives
             self.ledger.lose_answers -= 1
@@ -59,6 +84,10 @@ class FakeLedger:
     def __init__(self) -> None:
         self.down = False
         self.lose_answers = 0
+        # A draining ledger: the next batch arrives on a stream it has stopped reading, and
+        # this many new streams are refused as shutting down.
+        self.end_on_next_batch = False
+        self.refuse_streams = 0
         self.streams: list[FakeStream] = []
         self.batches: list[int] = []
         self.charged: dict[str, int] = {}  # request id -> times charged (exactly once: 1)
@@ -239,3 +268,83 @@ async def test_a_stream_past_its_age_is_replaced_between_batches_losing_nothing(
     assert all(s.cancelled and s.unread_at_cancel == 0 for s in ledger.streams)
     assert ledger.charged == {f"req-{n}": 1 for n in range(3)}
     assert await rows(database) == 0 and outbox.sent == 3
+
+
+class RecordingLog:
+    """Stands in for the module's structlog logger."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def info(self, event: str, **fields: object) -> None:
+        self.events.append(("info", event))
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.events.append(("warning", event))
+
+
+@pytest.mark.parametrize("how", ["ended_between_batches", "ended_under_the_batch"])
+async def test_a_stream_a_draining_ledger_ended_is_replaced_at_once_and_its_batch_sent_again(
+    database: Database, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # A ledger replica shutting down answers the batch it is committing, then ends the stream:
+    # the next batch finds the call over (or arrives unread and gets EOF). It goes out again
+    # at once on a new stream -- to another replica, through the proxy -- charged once, and
+    # nothing is logged as a failure or waits out a retry.
+    log = RecordingLog()
+    monkeypatch.setattr(outbox_module, "log", log)
+    monkeypatch.setattr(outbox_module, "RETRY_BASE_S", 30.0)  # a retry would outlast the test
+    ledger = FakeLedger()
+    outbox = await CommitOutbox.open(database, ledger, "edge-1")  # type: ignore[arg-type]
+    outbox.start()
+    outbox.add(commit(0))
+    await outbox.flush(timeout_s=2)
+    if how == "ended_between_batches":
+        ledger.streams[0].end()
+    else:
+        ledger.end_on_next_batch = True
+    for n in range(1, 4):
+        outbox.add(commit(n))
+    await outbox.flush(timeout_s=2)
+    await outbox.aclose()
+    assert ledger.charged == {f"req-{n}": 1 for n in range(4)} and await rows(database) == 0
+    assert len(ledger.streams) == 2 and ledger.batches == [1, 3]
+    assert log.events == [("info", "commit_stream_ended")]
+
+
+async def test_a_ledger_refusing_as_shutting_down_is_retried_without_a_warning(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = RecordingLog()
+    monkeypatch.setattr(outbox_module, "log", log)
+    monkeypatch.setattr(outbox_module, "RETRY_BASE_S", 0.01)
+    ledger = FakeLedger()
+    ledger.refuse_streams = 1
+    outbox = await CommitOutbox.open(database, ledger, "edge-1")  # type: ignore[arg-type]
+    outbox.start()
+    for n in range(2):
+        outbox.add(commit(n))
+    await outbox.flush(timeout_s=2)
+    await outbox.aclose()
+    assert ledger.charged == {"req-0": 1, "req-1": 1} and await rows(database) == 0
+    assert log.events == [("info", "outbox_send_deferred")]
+
+
+async def test_a_fresh_stream_ended_at_once_is_not_retried_in_a_loop(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a stream that was already open gets the immediate second try: a new one that ends
+    # too means no replica takes the batch now, so the outbox backs off (rows stay).
+    log = RecordingLog()
+    monkeypatch.setattr(outbox_module, "log", log)
+    monkeypatch.setattr(outbox_module, "RETRY_BASE_S", 0.01)
+    ledger = FakeLedger()
+    ledger.end_on_next_batch = True
+    outbox = await CommitOutbox.open(database, ledger, "edge-1")  # type: ignore[arg-type]
+    outbox.start()
+    outbox.add(commit(0))
+    await outbox.flush(timeout_s=2)
+    await outbox.aclose()
+    assert ledger.charged == {"req-0": 1} and await rows(database) == 0
+    assert len(ledger.streams) == 2
+    assert log.events == [("info", "outbox_send_deferred")]

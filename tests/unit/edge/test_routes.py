@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from switchyard.common.catalog import parse_catalog
+from switchyard.common.errors import shutting_down
 from switchyard.edge import routes
 from switchyard.edge.routes import RECONNECT_BASE_S, RECONNECT_CAP_S, RouteSource, RouteWatcher
 from switchyard.router.plan import Planner
@@ -44,6 +45,14 @@ Item = router_pb2.WatchRoutesResponse | BaseException | None
 
 def _down() -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+
+def _shutting_down() -> grpc.aio.AioRpcError:
+    """A draining router's refusal of a new WatchRoutes call, as the edge receives it."""
+    refusal = shutting_down("router")
+    return grpc.aio.AioRpcError(
+        refusal.code, grpc.aio.Metadata(), grpc.aio.Metadata(*refusal.trailing_metadata()), refusal.message
+    )
 
 
 def snapshot(version: int, health: Iterable[health_pb2.ModelHealth] = ()) -> router_pb2.RoutingSnapshot:
@@ -330,17 +339,50 @@ async def test_a_cleanly_ended_stream_is_reconnected(fast_reconnect: None) -> No
         await watcher.aclose()
 
 
-async def test_a_cleanly_ended_stream_is_logged_as_lost(fast_reconnect: None, log: RecordingLog) -> None:
-    router = FakeRouter([response(1), None])
+@pytest.mark.parametrize("end", ["clean", "shutting_down"])
+async def test_a_router_going_away_is_resubscribed_after_the_base_delay_and_logged_at_info(
+    monkeypatch: pytest.MonkeyPatch, log: RecordingLog, end: str
+) -> None:
+    # A draining router ends its streams cleanly and refuses new ones as shutting down: the
+    # edge resubscribes (through the proxy, to another replica) after the shortest delay.
+    delays = record_sleeps(monkeypatch)
+    ending: Item = None if end == "clean" else _shutting_down()
+    router = FakeRouter([response(1), ending])
     watcher, _ = make(router)
     watcher.start()
     try:
         await until(lambda: len(router.calls) == 2)
+        assert router.requests[1].known_version == 1
         router.calls[1].push(response(2))
         await until(lambda: watcher.version == 2)
+        assert watcher.connected
     finally:
         await watcher.aclose()
-    assert [event for _, event, _ in log.events] == ["routes_lost", "routes_resumed"]
+    status = "ENDED" if end == "clean" else "SHUTTING_DOWN"
+    assert log.events == [
+        ("info", "routes_stream_ended", {"status": status, "version": 1}),
+        ("info", "routes_resumed", {"version": 2}),
+    ]
+    assert delays == pytest.approx([RECONNECT_BASE_S])
+
+
+async def test_a_router_gone_for_good_after_a_clean_end_is_a_loss_that_backs_off(
+    monkeypatch: pytest.MonkeyPatch, log: RecordingLog
+) -> None:
+    delays = record_sleeps(monkeypatch)
+    router = FakeRouter([response(1), None], [_shutting_down()], [_down()], [_down()])
+    watcher, _ = make(router)
+    watcher.start()
+    try:
+        await until(lambda: len(router.calls) == 5)
+    finally:
+        await watcher.aclose()
+    assert log.events == [
+        ("info", "routes_stream_ended", {"status": "ENDED", "version": 1}),
+        ("info", "routes_stream_ended", {"status": "SHUTTING_DOWN", "version": 1}),
+        ("warning", "routes_lost", {"status": "UNAVAILABLE", "version": 1}),
+    ]
+    assert delays == pytest.approx([0.2, 0.4, 1.6, 3.2])
 
 
 async def test_start_twice_runs_one_watcher_and_aclose_stops_it() -> None:

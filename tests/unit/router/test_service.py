@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from switchyard.common.catalog import Catalog, load_catalog, parse_catalog
-from switchyard.common.errors import Reason, SwitchyardError
+from switchyard.common.errors import Reason, SwitchyardError, is_shutting_down, shutting_down
 from switchyard.common.settings import Settings
 from switchyard.router import service
 from switchyard.router.plan import Planner, plan_response
@@ -658,6 +658,79 @@ async def test_follow_health_reconnects_after_the_stream_ends(monkeypatch: pytes
     assert delays == pytest.approx([0.01, 0.01])
     health = health_of(state.rebuild())
     assert (health["alpha/small"].breaker, health["beta/small"].status) == (OPEN, DOWN)
+
+
+class RecordingLog:
+    """Stands in for the module's structlog logger."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append(("info", event, fields))
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.events.append(("warning", event, fields))
+
+
+def refused_as_shutting_down() -> grpc.aio.AioRpcError:
+    refusal = shutting_down("health monitor")
+    return grpc.aio.AioRpcError(
+        refusal.code, grpc.aio.Metadata(), grpc.aio.Metadata(*refusal.trailing_metadata()), refusal.message
+    )
+
+
+async def test_follow_health_takes_a_monitor_going_away_as_no_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A draining monitor ends its stream cleanly and refuses new ones as shutting down: the
+    # router resubscribes after the base delay (backing off only if that repeats), logged at
+    # info; a monitor that is then unreachable is the loss worth a warning.
+    monkeypatch.setattr(service, "RECONNECT_BASE_S", 0.01)
+    log = RecordingLog()
+    monkeypatch.setattr(service, "log", log)
+    state = make_state()
+    delays = record_sleeps(monkeypatch)
+    stub = FakeHealthStub(
+        [
+            [snapshot_event(entry("alpha/small"))],  # ends without an error
+            refused_as_shutting_down(),
+            unavailable(),
+            [snapshot_event(entry("beta/small"))],
+        ]
+    )
+    async with running(follow_health(state, as_stub(stub), "r")):
+        await eventually(lambda: len(stub.requests) == 5)
+    assert delays == pytest.approx([0.01, 0.02, 0.08, 0.01])
+    assert log.events == [
+        ("info", "health_watch_ended", {"status": "ENDED"}),
+        ("info", "health_watch_ended", {"status": "SHUTTING_DOWN"}),
+        ("warning", "health_watch_lost", {"status": "UNAVAILABLE"}),
+        ("info", "health_watch_resumed", {}),
+        ("info", "health_watch_ended", {"status": "ENDED"}),
+    ]
+
+
+async def test_watch_routes_ends_when_the_router_drains_and_refuses_new_subscribers() -> None:
+    state = make_state()
+    servicer = RouterServicer(state)
+    stream = cast(
+        AsyncGenerator[router_pb2.WatchRoutesResponse, None],
+        servicer.WatchRoutes(router_pb2.WatchRoutesRequest(subscriber_id="edge-1"), NO_CONTEXT),
+    )
+    assert (await asyncio.wait_for(anext(stream), timeout=0.5)).snapshot == state.snapshot
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.01)
+    rebuilt = state.rebuild()  # queued before the drain: still sent
+    servicer.drain()
+    assert (await asyncio.wait_for(waiting, timeout=0.5)).snapshot == rebuilt
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(stream), timeout=0.5)
+    assert len(state._subscribers) == 0
+    late = servicer.WatchRoutes(router_pb2.WatchRoutesRequest(subscriber_id="edge-2"), NO_CONTEXT)
+    with pytest.raises(SwitchyardError) as caught:
+        await anext(cast(AsyncGenerator[router_pb2.WatchRoutesResponse, None], late))
+    assert is_shutting_down(caught.value)
 
 
 # --- Plan and Explain from a region -----------------------------------------------------------
