@@ -4,6 +4,7 @@
     switchyard serve adapter --vendor openai
     switchyard run                      # the whole mesh on this machine
     switchyard chat "hello" --stream    # a client of the edge
+    switchyard erase-end-user --tenant acme --end-user alice   # GDPR: the ledger, then the cache
     switchyard sim openai --port 0      # a vendor simulator
     switchyard envoy --upstream edge=host:50051 ...   # Envoy for these upstreams (the chart's)
     switchyard healthcheck              # exit 0 when the local service is SERVING
@@ -86,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     from switchyard.keys_cli import register as register_keys
 
     register_keys(commands)
+
+    from switchyard.erasure_cli import register as register_erasure
+
+    register_erasure(commands)
 
     from switchyard.envoy_config import register as register_envoy
     from switchyard.healthcheck import register as register_healthcheck

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +35,7 @@ from switchyard.cache.store import (
     data_bytes,
     footprint,
 )
+from switchyard.common.end_users import end_user_digest
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import configure_logging, reset_logging
 from switchyard.common.ports import free_port
@@ -72,9 +74,10 @@ class Backend:
         cost: int = 1_000,
         ttl_s: float = 60.0,
         hits: int = 0,
+        end_user_hash: str = "",
     ) -> CacheEntry:
         now = self.clock()
-        return CacheEntry(key, tenant, model, payload, cost, now, now + ttl_s, hits)
+        return CacheEntry(key, tenant, model, payload, cost, now, now + ttl_s, hits, end_user_hash)
 
     async def put(self, *entries: CacheEntry) -> list[bool]:
         return [await self.store.put(e) for e in entries]
@@ -365,6 +368,135 @@ async def test_tenants_are_counted_apart(backend: Backend) -> None:
     assert await backend.store.stats("beta") == StoreStats(0, 0)
 
 
+# --- end users (erasure), on both backends ----------------------------------------------------
+
+
+async def indexed(backend: Backend, tenant: str, end_user_hash: str) -> set[str]:
+    """The keys the store's end-user index holds for `end_user_hash` (without reading entries)."""
+    store = backend.store
+    if isinstance(store, MemoryStore):
+        return set(store.end_user_keys(tenant, end_user_hash))
+    members = await store._client.zrange(f"{store.prefix}eu:{end_user_hash}", 0, -1)
+    return {m.decode() for m in members}
+
+
+async def hashes(backend: Backend) -> dict[str, str]:
+    return {
+        "alice": await backend.store.end_user_digest("acme", "alice"),
+        "bob": await backend.store.end_user_digest("acme", "bob"),
+        "beta-alice": await backend.store.end_user_digest("beta", "alice"),
+    }
+
+
+async def test_the_end_user_hash_is_keyed_per_tenant_and_never_the_id(backend: Backend) -> None:
+    h = await hashes(backend)
+    assert len(set(h.values())) == 3  # per end user, and per tenant for the same id
+    assert all(len(v) == 64 and int(v, 16) >= 0 and "alice" not in v for v in h.values())
+    assert await backend.store.end_user_digest("acme", "alice") == h["alice"]  # stable
+    configured = MemoryStore(1_000, end_user_key=b"k" * 32)
+    assert await configured.end_user_digest("acme", "alice") == end_user_digest(b"k" * 32, "acme", "alice")
+    assert await configured.end_user_digest("acme", "alice") != h["alice"]  # a key of its own
+    with pytest.raises(ValueError, match="16 bytes"):
+        MemoryStore(1_000, end_user_key=b"short")
+
+
+async def test_an_end_users_entries_go_and_everyone_elses_stay(backend: Backend) -> None:
+    h = await hashes(backend)
+    alice = [
+        backend.entry(key(i), model=m, end_user_hash=h["alice"]) for i, m in ((1, "m/one"), (2, "m/two"))
+    ]
+    bob = backend.entry(key(3), end_user_hash=h["bob"])
+    nobody = backend.entry(key(4))
+    other_tenant = backend.entry(key(5, "beta"), tenant="beta", end_user_hash=h["beta-alice"])
+    entries = [*alice, bob, nobody, other_tenant]
+    assert await backend.put(*entries) == [True] * 5
+    got = await backend.store.get(alice[0].key)
+    assert got is not None and got.end_user_hash == h["alice"]
+    assert (await backend.store.get(nobody.key)) == dataclasses.replace(nobody, hits=1)
+
+    # Narrowed by model: only that entry of hers goes.
+    assert await backend.store.invalidate_end_user("acme", h["alice"], model="m/two") == [alice[1].key]
+    assert sorted(await backend.store.invalidate_end_user("acme", h["alice"])) == [alice[0].key]
+    assert await remaining(backend, entries) == {bob.key, nobody.key, other_tenant.key}
+    assert await indexed(backend, "acme", h["alice"]) == set()
+    assert await backend.store.stats("acme") == StoreStats(2, data_bytes(bob) + data_bytes(nobody))
+    # Idempotent: nothing left to remove.
+    assert await backend.store.invalidate_end_user("acme", h["alice"]) == []
+    # Her hash within another tenant names nothing there; the tenant must match too.
+    assert await backend.store.invalidate_end_user("acme", h["beta-alice"]) == []
+    assert await backend.store.get(other_tenant.key) is not None
+    assert await backend.store.invalidate_end_user("beta", h["bob"]) == []
+    assert await backend.store.get(bob.key) is not None
+    with pytest.raises(ValueError, match="tenant and the end user"):
+        await backend.store.invalidate_end_user("", h["alice"])
+    with pytest.raises(ValueError):
+        await backend.store.invalidate_end_user("acme", "")
+
+
+async def test_an_entry_stored_again_for_someone_else_is_theirs_only(backend: Backend) -> None:
+    h = await hashes(backend)
+    assert await backend.put(backend.entry(key(1), end_user_hash=h["alice"]))
+    # Bob asks the same question: the entry (one key per question) is now his answer.
+    assert await backend.put(backend.entry(key(1), end_user_hash=h["bob"]))
+    assert await indexed(backend, "acme", h["alice"]) == set()
+    assert await backend.store.invalidate_end_user("acme", h["alice"]) == []
+    assert await backend.store.get(key(1)) is not None
+    # And stored again with no end user, it is nobody's.
+    assert await backend.put(backend.entry(key(1)))
+    assert await indexed(backend, "acme", h["bob"]) == set()
+    assert await backend.store.invalidate_end_user("acme", h["bob"]) == []
+    assert await backend.store.get(key(1)) is not None
+
+
+async def test_an_end_user_index_holds_no_more_than_their_live_entries(
+    make_backend: Callable[[int], Backend],
+) -> None:
+    backend = make_backend(3 * FOOTPRINT)
+    h = await hashes(backend)
+    # Expired entries leave it.
+    short = [backend.entry(key(i), end_user_hash=h["alice"], ttl_s=SHORT_TTL_S) for i in range(3)]
+    assert await backend.put(*short) == [True] * 3
+    assert await indexed(backend, "acme", h["alice"]) == {e.key for e in short}
+    await backend.elapse(SHORT_TTL_S + 0.15)
+    assert await backend.put(backend.entry(key(10), end_user_hash=h["alice"], cost=1))
+    await backend.store.stats()
+    assert await indexed(backend, "acme", h["alice"]) == {key(10)}
+    # Evicted entries leave it: Bob's dearer answers push her cheap one out.
+    bob = [backend.entry(key(20 + i), end_user_hash=h["bob"], cost=10**6) for i in range(3)]
+    assert await backend.put(*bob) == [True] * 3
+    assert await backend.store.get(key(10)) is None
+    assert await indexed(backend, "acme", h["alice"]) == set()
+    assert await indexed(backend, "acme", h["bob"]) == {e.key for e in bob}
+    # Invalidated ones too, whichever filter removed them.
+    assert await backend.store.invalidate(key_pattern=bob[0].key) == 1
+    assert await indexed(backend, "acme", h["bob"]) == {bob[1].key, bob[2].key}
+    # A long run of stores by one end user keeps the index at the live entries.
+    for i in range(30):
+        assert await backend.put(backend.entry(key(100 + i), end_user_hash=h["alice"], cost=10**7))
+    await backend.store.stats()
+    assert len(await indexed(backend, "acme", h["alice"])) == 3
+
+
+async def test_an_end_users_entries_leave_l1_too(backend: Backend) -> None:
+    h = await hashes(backend)
+    l1 = LruCache(8, clock=backend.clock)
+    tiered = TieredStore(l1, backend.store)
+    hers = backend.entry(key(1), end_user_hash=h["alice"])
+    his = backend.entry(key(2), end_user_hash=h["bob"])
+    assert [await tiered.put(hers), await tiered.put(his)] == [True, True]
+    # Served from L2 once (L1 refetches), then L1 holds it with its end user.
+    l1.clear()
+    assert await tiered.get(hers.key) is not None and await tiered.get(his.key) is not None
+    held = l1.get(hers.key)
+    assert held is not None and held.end_user_hash == h["alice"]
+
+    assert await tiered.invalidate_end_user("acme", h["alice"]) == [hers.key]
+    assert l1.get(hers.key) is None and await tiered.get(hers.key) is None
+    assert l1.get(his.key) is not None
+    assert await tiered.invalidate_end_user("acme", h["alice"]) == []
+    assert await tiered.end_user_digest("acme", "alice") == h["alice"]
+
+
 # --- Redis only -----------------------------------------------------------------------------
 
 
@@ -387,6 +519,58 @@ async def test_an_entry_is_a_hash_that_redis_expires_on_time(redis_client: Redis
     assert await store.get(entry.key) is not None
     assert await redis_client.hget(f"{prefix}e:{entry.key}", "hits") == b"1"
     assert await store.used_bytes() == footprint(entry)
+
+
+async def test_an_end_users_index_is_a_sorted_set_that_outlives_their_entries(
+    redis_client: Redis, prefix: str
+) -> None:
+    store = RedisStore(redis_client, prefix=prefix, max_bytes=1_000_000)
+    digest = await store.end_user_digest("acme", "alice")
+    index = f"{prefix}eu:{digest}"
+    now = time.time()
+    short = CacheEntry(key(1), "acme", "m/a", PAYLOAD, 5, now, now + 30.0, end_user_hash=digest)
+    long = CacheEntry(key(2), "acme", "m/a", PAYLOAD, 5, now, now + 90.0, end_user_hash=digest)
+    assert await store.put(long) and await store.put(short)
+    assert await redis_client.hget(f"{prefix}e:{short.key}", "end_user") == digest.encode()
+    # Its TTL is the longest of its entries' (not shortened by a later, shorter one).
+    assert 89_000 < await redis_client.pttl(index) <= 90_000
+    assert await redis_client.zscore(index, short.key) == math.ceil(short.expires_at * 1000)
+    # No clear id anywhere in the store.
+    for name in await redis_client.keys(f"{prefix}*"):
+        assert b"alice" not in name
+        if await redis_client.type(name) == b"hash":
+            assert all(b"alice" not in v for v in (await redis_client.hgetall(name)).values())
+
+    # An entry Redis expired by itself (gone before the index noticed) is skipped, not counted.
+    await redis_client.delete(f"{prefix}e:{long.key}")
+    assert await store.invalidate_end_user("acme", digest) == [short.key]
+    assert await redis_client.exists(index) == 0
+    assert await store.stats() == StoreStats(0, 0)
+
+
+async def test_replicas_hash_end_users_alike_with_the_key_they_share_or_the_configured_one(
+    redis_url: str, prefix: str
+) -> None:
+    replicas = [
+        RedisStore(open_redis(redis_url), prefix=prefix, max_bytes=1_000_000, owns_client=True)
+        for _ in range(2)
+    ]
+    configured = RedisStore(
+        open_redis(redis_url), prefix=prefix, max_bytes=1_000_000, owns_client=True, end_user_key=b"k" * 16
+    )
+    try:
+        first = await replicas[0].end_user_digest("acme", "alice")
+        assert await replicas[1].end_user_digest("acme", "alice") == first
+        assert await configured.end_user_digest("acme", "alice") == end_user_digest(
+            b"k" * 16, "acme", "alice"
+        )
+        now = time.time()
+        entry = CacheEntry(key(1), "acme", "m/a", PAYLOAD, 5, now, now + 60, end_user_hash=first)
+        assert await replicas[0].put(entry)
+        assert await replicas[1].invalidate_end_user("acme", first) == [entry.key]
+    finally:
+        for store in (*replicas, configured):
+            await store.close()
 
 
 async def test_an_entry_is_not_served_past_its_expiry_even_if_its_ttl_was_lost(
@@ -552,6 +736,8 @@ async def test_an_unreachable_redis_is_unavailable_and_leaks_nothing(log_stream:
         lambda: store.get(secret_key),
         lambda: store.put(entry),
         lambda: store.invalidate(tenant_id="acme", key_pattern=secret_key),
+        lambda: store.invalidate_end_user("acme", "0" * 64),
+        lambda: store.end_user_digest("acme", "alice"),
         lambda: store.stats("acme"),
     ]
     try:
@@ -564,12 +750,19 @@ async def test_an_unreachable_redis_is_unavailable_and_leaks_nothing(log_stream:
             assert error.retry_after_s == 1.0
             assert secret_key not in error.message and "confidential" not in error.message
             assert error.__cause__ is None
-        assert store.backend_failures == 4
+        assert store.backend_failures == 6
     finally:
         await store.close()
     logs = log_stream.getvalue()
     assert secret_key not in logs and "confidential" not in logs
     events = [json.loads(line) for line in logs.splitlines() if line.strip()]
     failures = [e for e in events if e["event"] == "cache_store_failed"]
-    assert [e["op"] for e in failures] == ["get", "put", "invalidate", "stats"]
+    assert [e["op"] for e in failures] == [
+        "get",
+        "put",
+        "invalidate",
+        "invalidate_end_user",
+        "end_user_key",
+        "stats",
+    ]
     assert all(e["level"] == "warning" for e in failures)

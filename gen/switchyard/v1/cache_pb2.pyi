@@ -189,8 +189,14 @@ class StoreRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     model: _builtins.str
+    end_user: _builtins.str
+    """The end user whose request produced the answer (the request's `metadata.end_user`, which
+    is used when this is empty); empty: none. The cache keeps only a keyed hash of it, with
+    the entry, so the end user's entries can be removed (`InvalidateRequest.end_user`).
+    """
     @_builtins.property
     def request(self) -> _common_pb2.ChatRequest: ...
     @_builtins.property
@@ -202,10 +208,11 @@ class StoreRequest(_message.Message):
         request: _common_pb2.ChatRequest | None = ...,
         model: _builtins.str = ...,
         answer: Global___CachedAnswer | None = ...,
+        end_user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "model", b"model", "request", b"request", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "end_user", b"end_user", "model", b"model", "request", b"request", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,25 +288,35 @@ Global___StoreManyResponse: _TypeAlias = StoreManyResponse  # noqa: Y015
 
 @_typing.final
 class InvalidateRequest(_message.Message):
+    """At least one filter; an entry is removed when it matches every filter given."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     KEY_PATTERN_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     model: _builtins.str
     key_pattern: _builtins.str
     """A glob over entry keys."""
+    end_user: _builtins.str
+    """Only the entries stored for this end user's requests (`StoreRequest.end_user`), in every
+    tier (the shared store, each replica's L1 within seconds, every replica's semantic index
+    and, with Redis, the vector stream they share); an erasure (GDPR) with the ledger's `EraseEndUser`. Needs `tenant_id`: INVALID_ARGUMENT
+    naming `tenant_id` without it. Idempotent: a repeat removes 0.
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         model: _builtins.str = ...,
         key_pattern: _builtins.str = ...,
+        end_user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_pattern", b"key_pattern", "model", b"model", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user", b"end_user", "key_pattern", b"key_pattern", "model", b"model", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,6 +328,7 @@ class InvalidateResponse(_message.Message):
 
     REMOVED_FIELD_NUMBER: _builtins.int
     removed: _builtins.int
+    """Live entries removed (by this call; ones that had expired are not counted)."""
     def __init__(
         self,
         *,

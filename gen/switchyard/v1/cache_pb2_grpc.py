@@ -108,7 +108,7 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Invalidate(self, request, context):
-        """Remove entries by tenant, model or key pattern.
+        """Remove entries by tenant, model, key pattern or end user (with the tenant).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

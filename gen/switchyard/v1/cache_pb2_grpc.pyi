@@ -47,7 +47,7 @@ class CacheServiceStub:
     INVALID_ARGUMENT naming it (`stores[i]. ...`), and stores nothing.
     """
     Invalidate: _grpc.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]
-    """Remove entries by tenant, model or key pattern."""
+    """Remove entries by tenant, model, key pattern or end user (with the tenant)."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]
     """Hit rates, savings, sizes."""
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetCapabilitiesRequest, _cache_pb2.GetCapabilitiesResponse]
@@ -72,7 +72,7 @@ class CacheServiceAsyncStub(CacheServiceStub):
     INVALID_ARGUMENT naming it (`stores[i]. ...`), and stores nothing.
     """
     Invalidate: _aio.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]  # type: ignore[assignment]
-    """Remove entries by tenant, model or key pattern."""
+    """Remove entries by tenant, model, key pattern or end user (with the tenant)."""
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Hit rates, savings, sizes."""
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetCapabilitiesRequest, _cache_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
@@ -124,7 +124,7 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.InvalidateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.InvalidateResponse, _abc.Awaitable[_cache_pb2.InvalidateResponse]]:
-        """Remove entries by tenant, model or key pattern."""
+        """Remove entries by tenant, model, key pattern or end user (with the tenant)."""
 
     @_abc_1.abstractmethod
     def GetStats(

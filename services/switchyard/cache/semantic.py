@@ -14,16 +14,20 @@ Questions that differ in a literal, a word with a digit in it (an order number, 
 id, "3pm"), are never paraphrases of each other, however close their embeddings: "status of
 order 1234" must not be answered by "status of order 5678".
 
-The index lives in each cache replica's memory and follows what that replica stored; an
-entry that has since expired or been evicted is found missing in the store at lookup and
-dropped from the index then.
+The index lives in each cache replica's memory and follows what the replicas stored
+(cache/vectors.py); an entry that has since been evicted is found missing in the store at
+lookup and dropped from the index then, and one that expired also when its expiry passes (at
+the next question indexed), so the vectors of questions nobody asks again do not pile up. An
+end user's questions leave at once when they are erased (`remove_end_user`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -96,15 +100,24 @@ class SemanticMatch:
 
 
 class SemanticIndex:
-    """One usearch index per scope, of the embedded questions this replica stored."""
+    """One usearch index per scope, of the embedded questions the replicas stored."""
 
-    def __init__(self, embedder: Embedder, *, max_scopes: int = 100_000) -> None:
+    def __init__(
+        self, embedder: Embedder, *, max_scopes: int = 100_000, clock: Callable[[], float] = time.time
+    ) -> None:
         self.embedder = embedder
         self._max_scopes = max_scopes
+        self._clock = clock
         self._indexes: dict[str, object] = {}
         self._keys: dict[int, str] = {}
         self._labels: dict[str, tuple[str, int]] = {}
         self._literals: dict[int, frozenset[str]] = {}
+        # The keys of each end user's questions (by their keyed hash), and each key's end user.
+        self._by_end_user: dict[str, set[str]] = {}
+        self._end_users: dict[str, str] = {}
+        # (expires_at, label) of the questions with a known expiry; labels removed since stay
+        # until they come up (or a compaction).
+        self._expiries: list[tuple[float, int]] = []
         self._recent: dict[str, NDArray[numpy.float32]] = {}
         self._next_label = 1
 
@@ -133,12 +146,22 @@ class SemanticIndex:
         return vector
 
     def add(
-        self, scope: str, key: str, vector: NDArray[numpy.float32], literals: frozenset[str] = frozenset()
+        self,
+        scope: str,
+        key: str,
+        vector: NDArray[numpy.float32],
+        literals: frozenset[str] = frozenset(),
+        *,
+        expires_at: float = 0.0,
+        end_user_hash: str = "",
     ) -> None:
-        """Index `key`'s question (its vector and literals) under `scope`, replacing an earlier one."""
+        """Index `key`'s question (its vector and literals) under `scope`, replacing an earlier
+        one; it leaves when `expires_at` (wall seconds; 0: never) passes, or its end user
+        (`end_user_hash`, "" for none) is erased. Questions that have expired leave first."""
         from usearch.index import Index
 
         self.remove(key)
+        self.drop_expired()
         index = self._indexes.get(scope)
         if index is None:
             if len(self._indexes) >= self._max_scopes:
@@ -156,6 +179,11 @@ class SemanticIndex:
         self._keys[label] = key
         self._labels[key] = (scope, label)
         self._literals[label] = literals
+        if end_user_hash:
+            self._end_users[key] = end_user_hash
+            self._by_end_user.setdefault(end_user_hash, set()).add(key)
+        if expires_at:
+            heapq.heappush(self._expiries, (expires_at, label))
 
     def search(
         self,
@@ -186,11 +214,39 @@ class SemanticIndex:
         scope, label = found
         self._keys.pop(label, None)
         self._literals.pop(label, None)
+        end_user_hash = self._end_users.pop(key, None)
+        if end_user_hash is not None:
+            keys = self._by_end_user[end_user_hash]
+            keys.discard(key)
+            if not keys:
+                del self._by_end_user[end_user_hash]
         index = self._indexes.get(scope)
         if index is not None:
             index.remove(label)  # type: ignore[attr-defined]
             if len(index) == 0:  # type: ignore[arg-type]
                 del self._indexes[scope]
+
+    def remove_end_user(self, end_user_hash: str) -> int:
+        """Forget every question of the end user with this keyed hash; how many went."""
+        gone = list(self._by_end_user.get(end_user_hash, ()))
+        for key in gone:
+            self.remove(key)
+        return len(gone)
+
+    def drop_expired(self) -> int:
+        """Forget the questions whose expiry has passed; how many went."""
+        now = self._clock()
+        gone = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, label = heapq.heappop(self._expiries)
+            key = self._keys.get(label)
+            if key is not None:
+                self.remove(key)
+                gone += 1
+        if len(self._expiries) > 2 * len(self._keys) + 1_024:  # mostly labels removed since
+            self._expiries = [(at, label) for at, label in self._expiries if label in self._keys]
+            heapq.heapify(self._expiries)
+        return gone
 
     def remove_where(self, drop: Callable[[str], bool]) -> int:
         """Forget every key for which `drop(key)` is true; how many went."""

@@ -7,7 +7,11 @@
   or tool calls; never an error or a filtered answer), TTL by the kind of question
   (cache/ttl.py) unless the caller set one, admission and eviction by value (cache/store.py);
   its question is embedded and indexed for semantic matching;
-* `Invalidate` removes by tenant, model or key glob (at least one of them);
+* `Invalidate` removes by tenant, model or key glob (at least one of them), or the entries of
+  one end user of a tenant (an erasure): each entry keeps a keyed hash of the end user whose
+  request produced it (the offer's `end_user`, else its request's `metadata.end_user`), never
+  the id, and the store indexes entries by it; with Redis, the erasure also reaches the other
+  replicas' semantic indexes and the vector feed they share (cache/vectors.py);
 * `GetStats` counts lookups, exact and semantic hits and savings per tenant, with lookup
   latency percentiles;
 * `GetCapabilities` says what this cache does: exact matching and streaming replay always,
@@ -36,13 +40,18 @@ from switchyard.cache.keys import cache_key, key_matches
 from switchyard.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex, literals_of, question_text, scope_of
 from switchyard.cache.store import CacheEntry, CacheStore, build_store
 from switchyard.cache.ttl import classify_ttl
-from switchyard.cache.vectors import IndexedQuestion, build_vector_feed
+from switchyard.cache.vectors import (
+    IndexedQuestion,
+    RemovedQuestions,
+    VectorFeed,
+    VectorRecord,
+    build_vector_feed,
+)
 from switchyard.common import tracing
 from switchyard.common.channels import ChannelPool
-from switchyard.common.errors import Reason, SwitchyardError, invalid
+from switchyard.common.errors import Reason, SwitchyardError, invalid, shutting_down
 from switchyard.common.logging import get_logger
 from switchyard.common.multiplex import Multiplexer, Multiplexers
-from switchyard.common.redis_stream import RedisStreamFeed
 from switchyard.common.server import ServiceBinding, ServiceParts
 from switchyard.common.settings import Settings
 from switchyard.common.tasks import cancel_all
@@ -58,9 +67,7 @@ SERVICE_NAME: Final = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
 # Lookups of one stream in progress at once (a semantic one waits for its embedding).
 MAX_STREAMED_LOOKUPS: Final = 256
-_SHUTTING_DOWN: Final = SwitchyardError(
-    grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE, "the cache is shutting down"
-)
+_SHUTTING_DOWN: Final = shutting_down("cache")
 # Lookup latencies kept for the percentiles.
 LATENCY_SAMPLES: Final = 10_000
 SEMANTIC_OFF: Final = "none: semantic matching needs an embedder, and none is configured"
@@ -144,7 +151,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         semantic: SemanticIndex | None = None,
         semantic_threshold: float = DEFAULT_THRESHOLD,
         semantic_off_reason: str = SEMANTIC_OFF,
-        vectors: RedisStreamFeed[IndexedQuestion] | None = None,
+        vectors: VectorFeed | None = None,
         tenant_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         self._store = store
@@ -291,6 +298,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if len(payload) > MAX_ANSWER_BYTES:
             return cache_pb2.StoreResponse(admitted=False, reason=f"answer above {MAX_ANSWER_BYTES} bytes")
         decision = classify_ttl(request.request, overrides=self._ttl_overrides)
+        end_user = request.end_user or request.request.metadata.end_user
+        end_user_hash = await self._store.end_user_digest(request.tenant_id, end_user) if end_user else ""
         now = time.time()
         entry = CacheEntry(
             key=cache_key(request.tenant_id, request.request, request.model),
@@ -300,6 +309,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             cost_micros=answer.cost_micros,
             stored_at=now,
             expires_at=now + decision.ttl_s,
+            end_user_hash=end_user_hash,
         )
         admitted = await self._store.put(entry)
         text = question_text(request.request)
@@ -316,6 +326,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 scope_of(request.tenant_id, request.request, request.model),
                 literals_of(text),
                 vector.tobytes(),
+                expires_at=entry.expires_at,
+                end_user_hash=entry.end_user_hash,
             )
             self.index(indexed)
             if self._vectors is not None:
@@ -333,8 +345,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         log.warning("cache_embedder_failed", reason=exc.reason.value, status=exc.code.name)
 
     def index(self, question: IndexedQuestion) -> None:
-        """Add a stored question to this replica's semantic index (from Store or the feed)."""
+        """Add a stored question to this replica's semantic index (from Store or the feed),
+        unless its entry has expired."""
         if self._semantic is None:
+            return
+        if question.expires_at and question.expires_at <= time.time():
             return
         import numpy
 
@@ -342,11 +357,28 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if vector.shape != (self._semantic.embedder.dimensions,):
             log.warning("cache_vector_skipped", reason="dimensions")
             return
-        self._semantic.add(question.scope, question.key, vector, question.literals)
+        self._semantic.add(
+            question.scope,
+            question.key,
+            vector,
+            question.literals,
+            expires_at=question.expires_at,
+            end_user_hash=question.end_user_hash,
+        )
+
+    def apply(self, record: VectorRecord) -> None:
+        """Index a question of the feed, or drop the questions a tombstone names."""
+        if isinstance(record, IndexedQuestion):
+            self.index(record)
+        elif self._semantic is not None:
+            for key in record.keys:
+                self._semantic.remove(key)
+            if record.end_user_hash:
+                self._semantic.remove_end_user(record.end_user_hash)
 
     async def rebuild_index(self) -> None:
-        """Index what the replicas stored before this one started (the feed's history); later
-        `follow_vectors` picks up from where this ended."""
+        """Index what the replicas stored before this one started (the feed's history, its
+        tombstones applied); later `follow_vectors` picks up from where this ended."""
         if self._vectors is None or self._semantic is None:
             return
         try:
@@ -354,21 +386,26 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         except (RedisError, OSError) as exc:  # serve anyway: the index fills as answers are stored
             log.warning("cache_semantic_rebuild_failed", error=type(exc).__name__)
             return
-        for question in history:
-            self.index(question)
-        log.info("cache_semantic_rebuilt", questions=len(history))
+        for record in history:
+            self.apply(record)
+        log.info("cache_semantic_rebuilt", questions=len(self._semantic))
 
     async def follow_vectors(self) -> None:
-        """Index what the other replicas store, as it comes."""
+        """Index what the other replicas store, and drop what they erase, as it comes."""
         if self._vectors is None or self._semantic is None:
             return
-        async for question in self._vectors.subscribe():
-            self.index(question)
+        async for record in self._vectors.subscribe():
+            self.apply(record)
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.InvalidateResponse:
-        """Remove the entries matching every filter given (at least one)."""
+        """Remove the entries matching every filter given (at least one; an end user with the
+        tenant)."""
+        if request.end_user:
+            if not request.tenant_id:
+                raise invalid("an end user's entries are removed within a tenant: name it", "tenant_id")
+            return await self._invalidate_end_user(request)
         if not (request.tenant_id or request.model or request.key_pattern):
             raise invalid("name a tenant, a model or a key pattern to invalidate", "tenant_id")
         removed = await self._store.invalidate(
@@ -382,6 +419,41 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             )
         log.info("cache_invalidated", tenant=request.tenant_id, model=request.model, removed=removed)
         return cache_pb2.InvalidateResponse(removed=removed)
+
+    async def _invalidate_end_user(
+        self, request: cache_pb2.InvalidateRequest
+    ) -> cache_pb2.InvalidateResponse:
+        """The entries of one end user, from the store (L1 included), this replica's semantic
+        index and, with Redis, the replicas' vector feed: a tombstone every replica applies to
+        its index, then a purge of the feed's copies of the questions (cache/vectors.py).
+        Other replicas' L1 copies age out within seconds. A failure to reach the feed is
+        UNAVAILABLE once the store's part is done: erasing again finishes the rest."""
+        digest = await self._store.end_user_digest(request.tenant_id, request.end_user)
+        keys = await self._store.invalidate_end_user(
+            request.tenant_id, digest, model=request.model, key_pattern=request.key_pattern
+        )
+        # A whole end user's questions go by their hash too: expired entries' questions, and
+        # those whose entries an earlier attempt removed, are no longer in the store's index.
+        whole = not (request.model or request.key_pattern)
+        if self._semantic is not None:
+            for key in keys:
+                self._semantic.remove(key)
+            if whole:
+                self._semantic.remove_end_user(digest)
+        # Never the end user's id: the log says an end user's entries went, not whose.
+        log.info(
+            "cache_invalidated",
+            tenant=request.tenant_id,
+            model=request.model,
+            end_user=True,
+            removed=len(keys),
+        )
+        if self._vectors is not None:
+            tombstone = RemovedQuestions(tuple(keys), digest if whole else "")
+            if tombstone.keys or tombstone.end_user_hash:
+                await self._vectors.publish(tombstone)
+            await self._vectors.purge_removed()  # every tombstone's, so it also finishes a failed one
+        return cache_pb2.InvalidateResponse(removed=len(keys))
 
     async def GetStats(
         self, request: cache_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
@@ -439,8 +511,12 @@ def semantic_warm_up_failed(exc: SwitchyardError) -> None:
 def build(settings: Settings) -> ServiceParts:
     """The cache's bindings: a tiered store on Redis when `redis_url` is set, in memory otherwise;
     semantic matching with the local embedder when it is installed and not switched off."""
+    erasure_key = settings.ledger_erasure_key
     store = build_store(
-        settings.redis_url, max_bytes=settings.cache_max_bytes, l1_entries=settings.cache_l1_entries
+        settings.redis_url,
+        max_bytes=settings.cache_max_bytes,
+        l1_entries=settings.cache_l1_entries,
+        end_user_key=erasure_key.encode() if erasure_key else None,
     )
     semantic: SemanticIndex | None = None
     off = "off: SWITCHYARD_CACHE_SEMANTIC is false"
@@ -456,7 +532,8 @@ def build(settings: Settings) -> ServiceParts:
         on=semantic is not None,
         embedder=semantic.embedder.name if semantic is not None else off,
     )
-    vectors = build_vector_feed(settings.redis_url) if semantic is not None else None
+    # Even with semantic matching off here: an erasure still purges what other replicas shared.
+    vectors = build_vector_feed(settings.redis_url)
     servicer = CacheServicer(
         store,
         semantic=semantic,
@@ -478,7 +555,7 @@ def build(settings: Settings) -> ServiceParts:
                 await semantic.vector_of("warm up")
             except SwitchyardError as exc:
                 semantic_warm_up_failed(exc)
-        if vectors is not None:
+        if vectors is not None and semantic is not None:
             await servicer.rebuild_index()  # before serving: a new replica starts complete
             tasks.append(asyncio.create_task(servicer.follow_vectors(), name="cache-vectors"))
 

@@ -23,13 +23,27 @@ already expired, is refused outright. A replaced entry (same key) keeps its plac
 replacement is admitted. Among equal priorities the memory store evicts the oldest; Redis
 breaks ties by key.
 
+End users. An entry may carry the keyed hash of the end user whose request produced it
+(`end_user_hash`: the store's `end_user_digest` of the tenant and end user id, an HMAC-SHA256;
+never the id), so `invalidate_end_user` can remove that end user's
+entries (a GDPR erasure) without a scan: the memory store keeps the keys of each hash's entries
+in a dict kept in step with the entries themselves, Redis in a sorted set per hash (below).
+Entries with no end user are not indexed. The hashing key is the configured one (the
+deployment's `SWITCHYARD_LEDGER_ERASURE_KEY`), else one the store keeps: random per process
+in memory (entries live no longer than the process), in Redis for every replica sharing it.
+
 Expiry. Entries carry `expires_at` (wall seconds). Expired entries are never returned: they are
 dropped on `get`, and in bulk when space is needed and before `stats`.
 
 Redis layout (`<p>` is the prefix, `<key>` the entry key):
 
-    <p>e:<key>          hash: tenant, model, payload, cost, stored_at, expires_at, hits
+    <p>e:<key>          hash: tenant, model, payload, cost, stored_at, expires_at, hits, and
+                        end_user (the end user's hash) when there is one
                         (PEXPIREAT expires_at, so Redis removes it on time by itself)
+    <p>eu:<hash>        zset: the keys of the entries stored for one end user (hash of tenant
+                        and end user) by expiry (ms); expired members leave when the next is
+                        added, removed entries at once; PEXPIREAT its latest member's expiry
+    <p>end_user_key     the hashing key when none is configured (hex; made once, no TTL)
     <p>meta             hash: <key> -> "<footprint>:<tenant>" (what removing the entry frees)
     <p>prio             zset: <key> by GDSF priority
     <p>exp              zset: <key> by expiry (ms)
@@ -61,6 +75,7 @@ import fnmatch
 import heapq
 import itertools
 import math
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -71,6 +86,7 @@ import grpc
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from switchyard.common.end_users import end_user_digest
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
 from switchyard.common.redis_client import open_redis
@@ -113,7 +129,8 @@ class CacheEntry:
 
     `key` is opaque here (its tenant and model are also stored separately); `payload` is a
     serialized `switchyard.v1.CachedAnswer`; `cost_micros` is what generating it cost, so what
-    a hit saves; times are wall seconds; `hits` counts reads.
+    a hit saves; times are wall seconds; `hits` counts reads; `end_user_hash` is the keyed hash
+    of the end user whose request produced it (`CacheStore.end_user_digest`), "" for none.
     """
 
     key: str
@@ -124,6 +141,7 @@ class CacheEntry:
     stored_at: float
     expires_at: float
     hits: int = 0
+    end_user_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +167,18 @@ class CacheStore(Protocol):
     async def invalidate(self, *, tenant_id: str = "", model: str = "", key_pattern: str = "") -> int:
         """Remove the entries matching every given filter (`key_pattern` is an fnmatch glob over
         keys); the number of live entries removed. No filter at all raises `ValueError`."""
+        ...
+
+    async def invalidate_end_user(
+        self, tenant_id: str, end_user_hash: str, *, model: str = "", key_pattern: str = ""
+    ) -> list[str]:
+        """Remove the live entries of `tenant_id` stored with `end_user_hash` (and matching
+        `model` and `key_pattern` when given), found through the end user's index; their keys.
+        An empty tenant or hash raises `ValueError`."""
+        ...
+
+    async def end_user_digest(self, tenant_id: str, end_user: str) -> str:
+        """The keyed hash entries of `end_user` of `tenant_id` are stored with (hex)."""
         ...
 
     async def stats(self, tenant_id: str = "") -> StoreStats:
@@ -181,12 +211,26 @@ def _check_filters(tenant_id: str, model: str, key_pattern: str) -> None:
         )
 
 
-def _matches(entry: CacheEntry, tenant_id: str, model: str, key_pattern: str) -> bool:
+def _check_end_user(tenant_id: str, end_user_hash: str) -> None:
+    if not tenant_id or not end_user_hash:
+        raise ValueError("removing an end user's entries needs the tenant and the end user's hash")
+
+
+def _matches(
+    entry: CacheEntry, tenant_id: str, model: str, key_pattern: str, end_user_hash: str = ""
+) -> bool:
     return (
         (not tenant_id or entry.tenant_id == tenant_id)
         and (not model or entry.model == model)
         and (not key_pattern or fnmatch.fnmatchcase(entry.key, key_pattern))
+        and (not end_user_hash or entry.end_user_hash == end_user_hash)
     )
+
+
+def _end_user_key(configured: bytes | None) -> bytes | None:
+    if configured is not None and len(configured) < 16:
+        raise ValueError("the end user hashing key must be at least 16 bytes")
+    return configured
 
 
 def _check_max_bytes(max_bytes: int) -> None:
@@ -217,10 +261,15 @@ class MemoryStore:
     atomic on the event loop (not thread-safe).
     """
 
-    def __init__(self, max_bytes: int, clock: Clock = time.time) -> None:
+    def __init__(
+        self, max_bytes: int, clock: Clock = time.time, *, end_user_key: bytes | None = None
+    ) -> None:
         _check_max_bytes(max_bytes)
         self.max_bytes = max_bytes
         self._clock = clock
+        self._end_user_key = _end_user_key(end_user_key) or secrets.token_bytes(32)
+        # (tenant, end user hash) -> the keys of its entries held (expired ones until dropped).
+        self._by_end_user: dict[tuple[str, str], set[str]] = {}
         self._slots: dict[str, _Slot] = {}
         self._by_priority: list[tuple[float, int, str]] = []
         self._by_expiry: list[tuple[float, int, str]] = []
@@ -289,6 +338,8 @@ class MemoryStore:
         counts = self._tenants.setdefault(entry.tenant_id, [0, 0])
         counts[0] += 1
         counts[1] += size - ENTRY_OVERHEAD_BYTES
+        if entry.end_user_hash:
+            self._by_end_user.setdefault((entry.tenant_id, entry.end_user_hash), set()).add(key)
         self._maybe_compact()
         return True
 
@@ -300,6 +351,28 @@ class MemoryStore:
             self._remove(key)
         self._maybe_compact()
         return len(doomed)
+
+    async def invalidate_end_user(
+        self, tenant_id: str, end_user_hash: str, *, model: str = "", key_pattern: str = ""
+    ) -> list[str]:
+        _check_end_user(tenant_id, end_user_hash)
+        self._purge_expired(self._clock())
+        indexed = self._by_end_user.get((tenant_id, end_user_hash), set())
+        doomed = sorted(
+            k for k in indexed if _matches(self._slots[k].entry, tenant_id, model, key_pattern, end_user_hash)
+        )
+        for key in doomed:
+            self._remove(key)
+        self._maybe_compact()
+        return doomed
+
+    async def end_user_digest(self, tenant_id: str, end_user: str) -> str:
+        return end_user_digest(self._end_user_key, tenant_id, end_user)
+
+    def end_user_keys(self, tenant_id: str, end_user_hash: str) -> frozenset[str]:
+        """The keys indexed under the end user (the entries held for them, expired ones until
+        they are dropped)."""
+        return frozenset(self._by_end_user.get((tenant_id, end_user_hash), ()))
 
     async def stats(self, tenant_id: str = "") -> StoreStats:
         self._purge_expired(self._clock())
@@ -316,6 +389,7 @@ class MemoryStore:
         self._by_priority.clear()
         self._by_expiry.clear()
         self._tenants.clear()
+        self._by_end_user.clear()
         self._used = 0
 
     def _need(self, key: str, size: int) -> int:
@@ -375,6 +449,12 @@ class MemoryStore:
         counts[1] -= slot.footprint - ENTRY_OVERHEAD_BYTES
         if counts[0] == 0:
             del self._tenants[slot.entry.tenant_id]
+        if slot.entry.end_user_hash:
+            index = (slot.entry.tenant_id, slot.entry.end_user_hash)
+            keys = self._by_end_user[index]
+            keys.discard(key)
+            if not keys:
+                del self._by_end_user[index]
 
     def _maybe_compact(self) -> None:
         live = len(self._slots)
@@ -429,10 +509,16 @@ class LruCache:
     def discard(self, key: str) -> None:
         self._entries.pop(key, None)
 
-    def invalidate(self, *, tenant_id: str = "", model: str = "", key_pattern: str = "") -> int:
+    def invalidate(
+        self, *, tenant_id: str = "", model: str = "", key_pattern: str = "", end_user_hash: str = ""
+    ) -> int:
         """Drop the entries matching every given filter; how many were dropped."""
         _check_filters(tenant_id, model, key_pattern)
-        doomed = [k for k, (e, _) in self._entries.items() if _matches(e, tenant_id, model, key_pattern)]
+        doomed = [
+            k
+            for k, (e, _) in self._entries.items()
+            if _matches(e, tenant_id, model, key_pattern, end_user_hash)
+        ]
         for key in doomed:
             del self._entries[key]
         return len(doomed)
@@ -471,6 +557,23 @@ class TieredStore:
         self.l1.invalidate(tenant_id=tenant_id, model=model, key_pattern=key_pattern)
         return await self.l2.invalidate(tenant_id=tenant_id, model=model, key_pattern=key_pattern)
 
+    async def invalidate_end_user(
+        self, tenant_id: str, end_user_hash: str, *, model: str = "", key_pattern: str = ""
+    ) -> list[str]:
+        _check_end_user(tenant_id, end_user_hash)
+        self.l1.invalidate(
+            tenant_id=tenant_id, model=model, key_pattern=key_pattern, end_user_hash=end_user_hash
+        )
+        removed = await self.l2.invalidate_end_user(
+            tenant_id, end_user_hash, model=model, key_pattern=key_pattern
+        )
+        for key in removed:  # in case a read in flight put one back in L1 meanwhile
+            self.l1.discard(key)
+        return removed
+
+    async def end_user_digest(self, tenant_id: str, end_user: str) -> str:
+        return await self.l2.end_user_digest(tenant_id, end_user)
+
     async def stats(self, tenant_id: str = "") -> StoreStats:
         return await self.l2.stats(tenant_id)
 
@@ -496,6 +599,8 @@ local function footprint_of(key)
 end
 -- Removes an entry and its bookkeeping; 1 if the entry itself was still there (live).
 local function drop(key)
+  local end_user = redis.call('HGET', P .. 'e:' .. key, 'end_user')
+  if end_user then redis.call('ZREM', P .. 'eu:' .. end_user, key) end
   local live = redis.call('DEL', P .. 'e:' .. key)
   local meta = redis.call('HGET', P .. 'meta', key)
   if meta then
@@ -536,7 +641,8 @@ end
 """
 
 # ARGV[3..]: key, tenant, model, payload, cost, stored_at, expires_at, expires_ms, hits,
-# footprint, max_bytes, purge limit. Returns 1 when stored, 0 when refused.
+# footprint, max_bytes, purge limit, end user hash ('' = none). Returns 1 when stored, 0 when
+# refused.
 _PUT_SCRIPT: Final = (
     _PRELUDE
     + """
@@ -602,6 +708,15 @@ end
 local ek = P .. 'e:' .. key
 redis.call('HSET', ek, 'tenant', tenant, 'model', model, 'payload', payload, 'cost', ARGV[7],
   'stored_at', ARGV[8], 'expires_at', ARGV[9], 'hits', ARGV[11])
+local end_user = ARGV[15]
+if end_user ~= '' then
+  redis.call('HSET', ek, 'end_user', end_user)
+  local eu = P .. 'eu:' .. end_user
+  redis.call('ZREMRANGEBYSCORE', eu, '-inf', now)
+  redis.call('ZADD', eu, expires_ms, key)
+  local latest = redis.call('ZRANGE', eu, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', eu, tonumber(latest[2]))
+end
 redis.call('PEXPIREAT', ek, expires_ms)
 redis.call('HSET', P .. 'meta', key, ARGV[12] .. ':' .. tenant)
 redis.call('INCRBY', P .. 'bytes', fp)
@@ -613,8 +728,8 @@ return 1
 """
 )
 
-# ARGV[3]: key. Returns nil, or {tenant, model, payload, cost, stored_at, expires_at, hits}
-# with the hit just counted (HINCRBY) and the priority raised to match.
+# ARGV[3]: key. Returns nil, or {tenant, model, payload, cost, stored_at, expires_at, hits,
+# end user hash or ''} with the hit just counted (HINCRBY) and the priority raised to match.
 _GET_SCRIPT: Final = (
     _PRELUDE
     + """
@@ -639,27 +754,34 @@ if fp > 0 then
   local priority = priority_of(inflation, hits, tonumber(h['cost']), fp)
   redis.call('ZADD', P .. 'prio', string.format('%.17g', priority), key)
 end
-return {h['tenant'], h['model'], h['payload'], h['cost'], h['stored_at'], h['expires_at'], hits}
+return {h['tenant'], h['model'], h['payload'], h['cost'], h['stored_at'], h['expires_at'], hits,
+  h['end_user'] or ''}
 """
 )
 
-# ARGV[3..]: tenant ('' = any), model ('' = any), then keys. Removes the listed entries that
-# match; returns how many of them were live.
+# ARGV[3..]: tenant ('' = any), model ('' = any), end user hash ('' = any), then keys. Removes
+# the listed entries that match; returns the keys of those that were live. With an end user,
+# the listed keys that are no longer that end user's entries (gone, or stored since for someone
+# else) leave the end user's index.
 _REMOVE_SCRIPT: Final = (
     _PRELUDE
     + """
-local tenant, model, removed = ARGV[3], ARGV[4], 0
-for i = 5, #ARGV do
+local tenant, model, end_user, removed = ARGV[3], ARGV[4], ARGV[5], {}
+for i = 6, #ARGV do
   local key = ARGV[i]
   local ek = P .. 'e:' .. key
   local ok = true
-  if model ~= '' and redis.call('HGET', ek, 'model') ~= model then ok = false end
+  if end_user ~= '' and redis.call('HGET', ek, 'end_user') ~= end_user then
+    ok = false
+    redis.call('ZREM', P .. 'eu:' .. end_user, key)
+  end
+  if ok and model ~= '' and redis.call('HGET', ek, 'model') ~= model then ok = false end
   if ok and tenant ~= '' then
     local meta = redis.call('HGET', P .. 'meta', key)
     if not meta or string.match(meta, '^%d+:(.*)$') ~= tenant then ok = false end
   end
   if ok then
-    removed = removed + drop(key)
+    if drop(key) == 1 then removed[#removed + 1] = key end
   elseif redis.call('EXISTS', ek) == 0 and redis.call('HEXISTS', P .. 'meta', key) == 1 then
     drop(key)  -- expired: only its bookkeeping was left
   end
@@ -711,6 +833,7 @@ class RedisStore:
 
     `max_bytes` bounds the footprints counted in Redis (not Redis's own memory use; leave Redis
     room for its overhead). A client passed in stays the caller's unless `owns_client`.
+    `end_user_key` hashes end users; None: a random one kept in Redis, shared by the replicas.
     """
 
     def __init__(
@@ -720,10 +843,12 @@ class RedisStore:
         prefix: str = "switchyard:cache:",
         max_bytes: int,
         owns_client: bool = False,
+        end_user_key: bytes | None = None,
     ) -> None:
         _check_max_bytes(max_bytes)
         self.max_bytes = max_bytes
         self.prefix = prefix
+        self._end_user_key = _end_user_key(end_user_key)
         self._client = client
         self._owns_client = owns_client
         self._put_script = client.register_script(_PUT_SCRIPT)
@@ -751,10 +876,10 @@ class RedisStore:
         raw = await self._call("get", self._get_script(keys=[], args=self._args(key)))
         if raw is None:
             return None
-        if not isinstance(raw, list) or len(raw) != 7:
+        if not isinstance(raw, list) or len(raw) != 8:
             self._failed("get", RedisError("unexpected reply"))
             raise _unavailable()
-        tenant, model, payload, cost, stored_at, expires_at, hits = raw
+        tenant, model, payload, cost, stored_at, expires_at, hits, end_user_hash = raw
         return CacheEntry(
             key=key,
             tenant_id=_text(tenant),
@@ -764,6 +889,7 @@ class RedisStore:
             stored_at=float(stored_at),
             expires_at=float(expires_at),
             hits=int(hits),
+            end_user_hash=_text(end_user_hash),
         )
 
     async def put(self, entry: CacheEntry) -> bool:
@@ -783,6 +909,7 @@ class RedisStore:
             size,
             self.max_bytes,
             _PURGE_LIMIT,
+            entry.end_user_hash,
         )
         stored = await self._call("put", self._put_script(keys=[], args=args))
         return int(stored) == 1
@@ -796,14 +923,50 @@ class RedisStore:
                 key = _text(member)
                 if not key_pattern or fnmatch.fnmatchcase(key, key_pattern):
                     keys.append(key)
-            removed = 0
-            for batch in _batches(keys, _INVALIDATE_BATCH):
-                args = self._args(tenant_id, model, *batch)
-                removed += int(await self._remove_script(keys=[], args=args))
-            return removed
+            return len(await self._remove(keys, tenant_id, model, ""))
         except _REDIS_ERRORS as exc:
             self._failed("invalidate", exc)
             raise _unavailable() from None
+
+    async def invalidate_end_user(
+        self, tenant_id: str, end_user_hash: str, *, model: str = "", key_pattern: str = ""
+    ) -> list[str]:
+        _check_end_user(tenant_id, end_user_hash)
+        try:
+            keys: list[str] = []
+            async for member, _score in self._client.zscan_iter(
+                f"{self.prefix}eu:{end_user_hash}", count=_SCAN_COUNT
+            ):
+                key = _text(member)
+                if not key_pattern or fnmatch.fnmatchcase(key, key_pattern):
+                    keys.append(key)
+            return await self._remove(keys, tenant_id, model, end_user_hash)
+        except _REDIS_ERRORS as exc:
+            self._failed("invalidate_end_user", exc)
+            raise _unavailable() from None
+
+    async def _remove(self, keys: list[str], tenant_id: str, model: str, end_user_hash: str) -> list[str]:
+        """The remove script over `keys` in batches; the keys of the live entries it removed."""
+        removed: list[str] = []
+        for batch in _batches(keys, _INVALIDATE_BATCH):
+            args = self._args(tenant_id, model, end_user_hash, *batch)
+            removed.extend(_text(k) for k in await self._remove_script(keys=[], args=args))
+        return removed
+
+    async def end_user_digest(self, tenant_id: str, end_user: str) -> str:
+        key = self._end_user_key
+        if key is None:
+            key = self._end_user_key = await self._call("end_user_key", self._shared_end_user_key())
+        return end_user_digest(key, tenant_id, end_user)
+
+    async def _shared_end_user_key(self) -> bytes:
+        """The hashing key kept in Redis: made by the first replica that needs it."""
+        name = f"{self.prefix}end_user_key"
+        await self._client.set(name, secrets.token_hex(32), nx=True)
+        raw = await self._client.get(name)
+        if raw is None:  # removed between the two calls: the next call makes another
+            raise RedisError("the end user key vanished")
+        return bytes.fromhex(_text(raw))
 
     async def stats(self, tenant_id: str = "") -> StoreStats:
         raw = await self._call(
@@ -828,16 +991,22 @@ def _batches(items: list[str], size: int) -> Iterable[list[str]]:
         yield items[start : start + size]
 
 
-def build_store(redis_url: str | None, *, max_bytes: int, l1_entries: int) -> CacheStore:
+def build_store(
+    redis_url: str | None, *, max_bytes: int, l1_entries: int, end_user_key: bytes | None = None
+) -> CacheStore:
     """The store for a cache replica: L1 in front of Redis when `redis_url` is set (no L1 when
     `l1_entries` is 0), else one `MemoryStore` (an L1 in front of memory would only copy it).
+    `end_user_key` hashes end users (None: the store keeps a key of its own).
 
     The Redis client is lazy (no connection until the first call) and owned by the store.
     """
     if not redis_url:
-        return MemoryStore(max_bytes)
+        return MemoryStore(max_bytes, end_user_key=end_user_key)
     l2 = RedisStore(
-        open_redis(redis_url, client_name="switchyard-cache"), max_bytes=max_bytes, owns_client=True
+        open_redis(redis_url, client_name="switchyard-cache"),
+        max_bytes=max_bytes,
+        owns_client=True,
+        end_user_key=end_user_key,
     )
     if l1_entries <= 0:
         return l2

@@ -100,7 +100,8 @@ class Settings(BaseModel):
     # Key that signs budget alert webhooks (HMAC-SHA256); unset: alerts go unsigned.
     webhook_secret: str | None = Field(default=None, repr=False)
     # Key that hashes the end user id an erasure is audited under (HMAC-SHA256, at least 16
-    # bytes); unset: a random key the ledger's database keeps for itself.
+    # bytes); unset: a random key the ledger's database keeps for itself. The cache files its
+    # entries under the same hash of their end user (unset: a key its store keeps).
     ledger_erasure_key: str | None = Field(default=None, repr=False, min_length=16)
     # Seconds between the ledger's sweeps of expired reservations and leases.
     ledger_sweep_s: float = Field(default=1.0, gt=0)

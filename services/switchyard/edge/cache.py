@@ -107,7 +107,9 @@ class EdgeCache:
     def offer(
         self, tenant_id: str, request: common_pb2.ChatRequest, model: str, answer: cache_pb2.CachedAnswer
     ) -> None:
-        """Queue `answer` to be stored with the next batch (failures are logged, not raised)."""
+        """Queue `answer` to be stored with the next batch (failures are logged, not raised),
+        with the request's end user: the cache files the entry under a keyed hash of it, so an
+        erasure of that end user removes it."""
         if len(self._offers) >= STORE_QUEUE:
             if not self._dropping:
                 self._dropping = True
@@ -115,7 +117,13 @@ class EdgeCache:
             return
         self._dropping = False
         self._offers.append(
-            cache_pb2.StoreRequest(tenant_id=tenant_id, request=request, model=model or AUTO, answer=answer)
+            cache_pb2.StoreRequest(
+                tenant_id=tenant_id,
+                request=request,
+                model=model or AUTO,
+                answer=answer,
+                end_user=request.metadata.end_user,
+            )
         )
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write())

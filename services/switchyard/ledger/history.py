@@ -32,7 +32,6 @@ import base64
 import binascii
 import csv
 import hashlib
-import hmac
 import io
 import json
 import math
@@ -46,6 +45,7 @@ from typing import Any, Final, TypeVar, cast
 
 from google.protobuf import json_format
 
+from switchyard.common import end_users
 from switchyard.common.logging import get_logger
 from switchyard.common.money import MICROS_PER_USD
 from switchyard.common.sql import Backend, Database, DatabaseError, Migration, Row, Statements
@@ -631,17 +631,12 @@ async def _insert_audit(
     )
 
 
-def _digest(key: bytes, tenant_id: str, end_user: str) -> str:
-    message = json.dumps([tenant_id, end_user], separators=(",", ":")).encode("utf-8")
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
-
-
 async def _without_erased_end_users(
     tx: Statements, rows: list[tuple[object, ...]], key: bytes
 ) -> list[tuple[object, ...]]:
     """`rows` with the end user blanked where that user was erased at or after the request finished."""
     digests = {
-        index: _digest(key, str(row[_TENANT_AT]), str(row[_END_USER_AT]))
+        index: end_users.end_user_digest(key, str(row[_TENANT_AT]), str(row[_END_USER_AT]))
         for index, row in enumerate(rows)
         if row[_END_USER_AT]
     }
@@ -1024,7 +1019,7 @@ class LedgerStore:
         """HMAC-SHA256 of the tenant and end user id under the erasure key (hex): what an erasure
         is audited under. Whoever holds the key can show that a given user was erased; nobody
         can test guesses of ids against the audit log without it."""
-        return _digest(await self.erasure_key(), tenant_id, end_user)
+        return end_users.end_user_digest(await self.erasure_key(), tenant_id, end_user)
 
     async def erase_end_user(
         self,

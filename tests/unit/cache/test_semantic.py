@@ -77,6 +77,59 @@ def test_remove_where_forgets_the_matching_keys(embedder: Embedder) -> None:
     assert index.search("s2", vector, 0.5) is not None
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_expired_questions_leave_when_the_next_is_indexed(embedder: Embedder) -> None:
+    clock = Clock()
+    index = SemanticIndex(embedder, clock=clock)
+    vector = index.embed([QUESTION])[0]
+    index.add("s1", "acme/m/short", vector, expires_at=clock.now + 300)
+    index.add("s1", "acme/m/long", vector, expires_at=clock.now + 3_600)
+    index.add("s2", "acme/m/unknown", vector)  # no expiry known: stays until a lookup misses it
+    clock.now += 301
+    assert len(index) == 3  # nothing runs in the background
+    index.add("s3", "acme/m/new", vector, expires_at=clock.now + 60)
+    assert len(index) == 3
+    match = index.search("s1", vector, 0.5)
+    assert match is not None and match.key == "acme/m/long"
+    clock.now += 3_600
+    assert index.drop_expired() == 2  # long and new
+    assert len(index) == 1 and index.search("s2", vector, 0.5) is not None
+
+
+def test_a_question_stored_again_keeps_its_new_expiry(embedder: Embedder) -> None:
+    clock = Clock()
+    index = SemanticIndex(embedder, clock=clock)
+    vector = index.embed([QUESTION])[0]
+    index.add("s1", "acme/m/1", vector, expires_at=clock.now + 10)
+    index.add("s1", "acme/m/1", vector, expires_at=clock.now + 1_000)  # refreshed
+    clock.now += 11
+    assert index.drop_expired() == 0 and len(index) == 1
+
+
+def test_an_end_users_questions_leave_together(embedder: Embedder) -> None:
+    index = SemanticIndex(embedder)
+    vector = index.embed([QUESTION])[0]
+    index.add("s1", "acme/m/1", vector, end_user_hash="h-alice")
+    index.add("s2", "acme/m/2", vector, end_user_hash="h-alice")
+    index.add("s1", "acme/m/3", vector, end_user_hash="h-bob")
+    index.add("s1", "acme/m/4", vector)
+    # Stored again for someone else: no longer the first end user's question.
+    index.add("s2", "acme/m/2", vector, end_user_hash="h-bob")
+    assert index.remove_end_user("h-alice") == 1
+    assert index.remove_end_user("h-alice") == 0
+    assert len(index) == 3
+    index.remove("acme/m/3")
+    assert index.remove_end_user("h-bob") == 1
+    assert len(index) == 1
+
+
 def answer(text: str = "Paris.") -> cache_pb2.CachedAnswer:
     return cache_pb2.CachedAnswer(
         deltas=[common_pb2.Delta(text=text)],

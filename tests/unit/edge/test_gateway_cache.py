@@ -123,6 +123,7 @@ class InProcess:
         self.servicer = servicer
         self.down = False
         self.batches: list[int] = []
+        self.offers: list[cache_pb2.StoreRequest] = []
         self.streams = 0
         self.write_delay_s = 0.0
 
@@ -139,6 +140,7 @@ class InProcess:
     ) -> cache_pb2.StoreManyResponse:
         self._check()
         self.batches.append(len(request.stores))
+        self.offers.extend(request.stores)
         return await self.servicer.StoreMany(request, None)  # type: ignore[arg-type]
 
 
@@ -213,6 +215,28 @@ async def test_a_miss_is_stored_and_the_next_ask_is_replayed_at_no_cost() -> Non
     assert (row.model, row.scope.tenant_id, row.usage.output_tokens) == (MODEL, "acme", 3)
     stats = servicer.stats.response("acme")
     assert (stats.lookups, stats.exact_hits, stats.saved_micros) == (2, 1, 42)
+
+
+async def test_an_offer_carries_the_requests_end_user_so_an_erasure_finds_the_answer() -> None:
+    providers = Providers()
+    servicer, cache = cache_pair()
+    gateway = edge(providers, cache, [])
+    hers = question()
+    hers.metadata.end_user = "alice"
+    await answer(gateway, hers)
+    assert [offer.end_user for offer in cache.offers] == ["alice"]
+    erased = await servicer.Invalidate(
+        cache_pb2.InvalidateRequest(tenant_id="acme", end_user="alice"),
+        None,  # type: ignore[arg-type]
+    )
+    assert erased.removed == 1
+    again = await answer(gateway, hers)
+    assert again[-1].done.cache_status == common_pb2.CACHE_STATUS_MISS and providers.calls == 2
+    # A request with no end user is offered with none.
+    anonymous = question()
+    anonymous.messages[0].parts[0].text = "Capital of Spain?"
+    await answer(gateway, anonymous)
+    assert [offer.end_user for offer in cache.offers] == ["alice", "alice", ""]
 
 
 async def test_a_request_that_is_not_deterministic_never_touches_the_cache() -> None:
