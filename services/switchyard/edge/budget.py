@@ -468,10 +468,15 @@ class LeaseBook:
 
     async def _give_back_idle(self, state: _BudgetState) -> bool:
         """Return what idle leases of this budget hold, so the ledger can grant it as one piece."""
-        idle = [lease for lease in (*state.leases, *state.draining) if not lease.inflight and lease.unused]
-        for lease in idle:
-            await self._return(lease)
-        return bool(idle)
+        # Taken all at once, before the first await: a lease still admitting while an earlier
+        # one's return is on the way could take a request whose share would then go back too.
+        taken = [
+            (lease, self._take(lease))
+            for lease in (*state.leases, *state.draining)
+            if not lease.inflight and lease.unused
+        ]
+        await asyncio.gather(*(self._send_return(lease, unused) for lease, unused in taken))
+        return bool(taken)
 
     def _note_epoch(self, epoch: str) -> None:
         """Follow the budget store's epoch (module docstring): on a new one, leases of older
@@ -517,17 +522,29 @@ class LeaseBook:
             if state is not None and lease in state.draining:
                 state.draining.remove(lease)
             if lease.unused > 0:
-                self._spawn(self._return(lease))
+                self._spawn(self._send_return(lease, self._take(lease)))
 
     async def _return(self, lease: _Lease) -> None:
-        unused = lease.unused
-        lease.used = lease.granted  # nothing more can be drawn from it here
+        await self._send_return(lease, self._take(lease))
+
+    def _take(self, lease: _Lease) -> int:
+        """Stop `lease` admitting and take what it has free, to give back. What requests in
+        flight hold stays: the ledger draws their cost from its hold of the lease when their
+        commits arrive (giving it back too would let their spend pass the budget); what they
+        leave unused goes back once they settle."""
+        unused = lease.available
+        lease.used += unused  # nothing more can be drawn from it here
         lease.admitting = False
         state = self._states.get(lease.budget_id)
         if state is not None:
             for pool in (state.leases, state.draining):
                 if lease in pool:
                     pool.remove(lease)
+        return unused
+
+    async def _send_return(self, lease: _Lease, unused: int) -> None:
+        if unused <= 0:
+            return
         try:
             await self._ledger.ReturnLease(
                 ledger_pb2.ReturnLeaseRequest(lease_id=lease.lease_id, unused_micros=unused),

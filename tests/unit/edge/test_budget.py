@@ -65,6 +65,9 @@ class FakeLedger:
         self.epoch = "epoch-1"
         # Run after a grant is decided, before it is answered (a race on the way back).
         self.on_grant: Callable[[], Awaitable[None]] | None = None
+        # Run before a return is taken in (a return still on its way).
+        self.on_return: Callable[[], Awaitable[None]] | None = None
+        self.returned: dict[str, int] = {}  # lease id -> unused given back
 
     def set_limit(self, budget_id: str, limit: int) -> None:
         """Change a budget's limit (a new version); what is left moves by the difference."""
@@ -142,6 +145,9 @@ class FakeLedger:
         self, request: ledger_pb2.ReturnLeaseRequest, *, timeout: float | None = None
     ) -> ledger_pb2.ReturnLeaseResponse:
         self.calls.append("return")
+        if self.on_return is not None:
+            await self.on_return()
+        self.returned[request.lease_id] = self.returned.get(request.lease_id, 0) + request.unused_micros
         if request.lease_id not in self.leases:  # unknown here (granted before a restart)
             return ledger_pb2.ReturnLeaseResponse(returned_micros=0)
         budget_id, _ = self.leases.pop(request.lease_id)
@@ -479,6 +485,53 @@ async def test_an_idle_lease_too_small_for_a_request_is_given_back_so_the_reques
         await book.hold(SCOPE, 60)
     assert caught.value.reason is Reason.BUDGET_EXCEEDED
     await book.aclose()
+
+
+async def test_idle_leases_given_back_take_no_request_while_the_first_return_is_on_its_way() -> None:
+    # Two idle leases go back when a request finds no room. A request that still fit one of
+    # them while the other's return was on its way would have its share given back with it:
+    # the ledger then charges its commit beyond what it holds, and the budget overruns.
+    ledger = FakeLedger(budget("b", 100, tenant_id="acme"))
+    book = LeaseBook(ledger, "edge-1", monotonic=lambda: 0.0)
+    holds = [await book.hold(SCOPE, 10) for _ in range(5)]  # the 5th refills: 80 + 20
+    for _ in range(5):
+        await asyncio.sleep(0)  # the refill, in the background
+    grants = dict(ledger.leases)
+    assert ledger.left["b"] == 0 and sorted(g for _, g in grants.values()) == [20, 80]
+    for hold in holds:
+        book.settle(hold, 10)  # idle: 30 free in the first lease, 20 in the second
+    gate, returning = asyncio.Event(), asyncio.Event()
+
+    async def slow_return() -> None:
+        returning.set()
+        await gate.wait()
+
+    ledger.on_return = slow_return
+    big = asyncio.ensure_future(book.hold(SCOPE, 35))  # fits neither: both leases go back
+    await asyncio.wait_for(returning.wait(), 5)
+    small = asyncio.ensure_future(book.hold(SCOPE, 15))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gate.set()
+    settled: dict[str, int] = {}
+    for task in (big, small):
+        try:
+            hold = await task
+        except SwitchyardError as exc:
+            assert exc.reason is Reason.BUDGET_EXCEEDED
+            continue
+        book.settle(hold, hold.amount)
+        for lease_id in hold.lease_ids:
+            settled[lease_id] = settled.get(lease_id, 0) + hold.amount
+    await book.aclose()
+    # What the ledger was told back plus what was charged on each lease is what it granted.
+    for lease_id, (_, granted) in grants.items():
+        assert (
+            ledger.returned.get(lease_id, 0)
+            + 10 * sum(1 for h in holds if lease_id in h.lease_ids)
+            + settled.get(lease_id, 0)
+            <= granted
+        )
 
 
 class _LedgerServer(ledger_pb2_grpc.CostLedgerServiceServicer):
