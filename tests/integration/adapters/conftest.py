@@ -35,7 +35,7 @@ WRONG_KEY = "sk-wrong-adapter-test-key"
 # "-dead" points at a closed port.
 _PROVIDERS: dict[str, tuple[dict[str, int], dict[str, Any]]] = {
     "": ({"connect_ms": 2000, "first_byte_ms": 5000, "idle_ms": 5000}, {}),
-    "-slow": ({"connect_ms": 2000, "first_byte_ms": 300, "idle_ms": 300}, {}),
+    "-slow": ({"connect_ms": 2000, "first_byte_ms": 800, "idle_ms": 500}, {}),
     "-probe": ({"connect_ms": 2000, "first_byte_ms": 5000, "idle_ms": 5000}, {"probe": "completion"}),
     "-badkey": ({"connect_ms": 2000, "first_byte_ms": 5000, "idle_ms": 5000}, {}),
     "-dead": ({"connect_ms": 1000, "first_byte_ms": 2000, "idle_ms": 2000}, {}),
