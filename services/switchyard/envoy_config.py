@@ -132,7 +132,11 @@ CONTROL_UPSTREAMS: Final = (
         retryable=("Snapshot",),
     ),
     GrpcUpstream(
-        "switchyard.v1.CacheService", "cache", "cache", no_timeout=("LookupStream",), retryable=("Lookup",)
+        "switchyard.v1.CacheService",
+        "cache",
+        "cache",
+        no_timeout=("LookupStream", "LookupFrames"),
+        retryable=("Lookup",),
     ),
 )
 
@@ -154,7 +158,7 @@ def adapter_upstream(vendor: str) -> GrpcUpstream:
         _ADAPTER_SERVICE,
         "adapter_" + vendor,
         "adapter-" + vendor,
-        no_timeout=("Generate", "GenerateStream"),
+        no_timeout=("Generate", "GenerateStream", "GenerateFrames"),
         retryable=("Probe",),
     )
 

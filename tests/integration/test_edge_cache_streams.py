@@ -29,15 +29,15 @@ class CountedReplica(cache_pb2_grpc.CacheServiceServicer):
         self._servicer = servicer
         self.lookups = 0
 
-    async def LookupStream(
-        self, requests: AsyncIterator[cache_pb2.LookupStreamRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[cache_pb2.LookupStreamResponse]:
-        async def counted() -> AsyncIterator[cache_pb2.LookupStreamRequest]:
-            async for item in requests:
-                self.lookups += 1
-                yield item
+    async def LookupFrames(
+        self, frames: AsyncIterator[cache_pb2.LookupFramesRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cache_pb2.LookupFramesResponse]:
+        async def counted() -> AsyncIterator[cache_pb2.LookupFramesRequest]:
+            async for frame in frames:
+                self.lookups += len(frame.items)
+                yield frame
 
-        async for reply in self._servicer.LookupStream(counted(), context):
+        async for reply in self._servicer.LookupFrames(counted(), context):
             yield reply
 
 
@@ -48,8 +48,8 @@ class Balancer:
         self.replicas = list(replicas)
         self.calls: list[grpc.aio.StreamStreamCall] = []
 
-    def LookupStream(self) -> object:
-        call = self.replicas[len(self.calls) % len(self.replicas)].LookupStream()
+    def LookupFrames(self) -> object:
+        call = self.replicas[len(self.calls) % len(self.replicas)].LookupFrames()
         self.calls.append(call)
         return call
 
@@ -123,3 +123,38 @@ async def test_a_lookup_stream_past_its_age_moves_to_a_replica_added_under_load(
     assert set(pairs) == {(common_pb2.CACHE_STATUS_HIT_EXACT, common_pb2.CACHE_STATUS_MISS)}
     assert added.lookups > 0 and first.lookups + added.lookups == len(statuses)
     assert len(stub.calls) > 3 and codes == {grpc.StatusCode.OK}
+
+
+class StreamOnlyCache(cache_pb2_grpc.CacheServiceServicer):
+    """A cache build from before LookupFrames: LookupStream, a message each."""
+
+    def __init__(self, servicer: CacheServicer) -> None:
+        self._servicer = servicer
+        self.lookups = 0
+
+    async def LookupStream(
+        self, requests: AsyncIterator[cache_pb2.LookupStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cache_pb2.LookupStreamResponse]:
+        async def counted() -> AsyncIterator[cache_pb2.LookupStreamRequest]:
+            async for item in requests:
+                self.lookups += 1
+                yield item
+
+        async for reply in self._servicer.LookupStream(counted(), context):
+            yield reply
+
+
+async def test_a_cache_without_lookup_frames_gets_the_lookups_on_lookup_stream() -> None:
+    older = StreamOnlyCache(CacheServicer(MemoryStore(max_bytes=1_000_000)))
+    server, channel = await serve(older)
+    lookups = StreamedLookups(cache_pb2_grpc.CacheServiceStub(channel))  # type: ignore[arg-type]
+    try:
+        # The first lookups find no LookupFrames (UNIMPLEMENTED) and are asked again.
+        found = await asyncio.gather(*(lookups.ask(lookup(f"question {i}?"), timeout_s=5) for i in range(3)))
+        found.append(await lookups.ask(lookup("one more?"), timeout_s=5))
+    finally:
+        lookups.close()
+        await channel.close()
+        await server.stop(grace=None)
+    assert [f.status for f in found] == [common_pb2.CACHE_STATUS_MISS] * 4
+    assert not lookups.framed and older.lookups == 4

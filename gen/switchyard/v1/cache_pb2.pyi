@@ -151,6 +151,46 @@ class LookupStreamRequest(_message.Message):
 Global___LookupStreamRequest: _TypeAlias = LookupStreamRequest  # noqa: Y015
 
 @_typing.final
+class LookupFramesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___LookupStreamRequest]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___LookupStreamRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupFramesRequest: _TypeAlias = LookupFramesRequest  # noqa: Y015
+
+@_typing.final
+class LookupFramesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___LookupStreamResponse]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___LookupStreamResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupFramesResponse: _TypeAlias = LookupFramesResponse  # noqa: Y015
+
+@_typing.final
 class LookupStreamResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class CacheServiceStub:
                 request_serializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamResponse.FromString,
                 _registered_method=True)
+        self.LookupFrames = channel.stream_stream(
+                '/switchyard.v1.CacheService/LookupFrames',
+                request_serializer=switchyard_dot_v1_dot_cache__pb2.LookupFramesRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupFramesResponse.FromString,
+                _registered_method=True)
         self.Store = channel.unary_unary(
                 '/switchyard.v1.CacheService/Store',
                 request_serializer=switchyard_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
@@ -86,6 +91,15 @@ class CacheServiceServicer:
         fraction of a call): each answer carries its request's id and comes when it is ready, in
         no particular order. A lookup Lookup would refuse is answered with that error; the
         stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupFrames(self, request_iterator, context):
+        """LookupStream in frames: each message carries every lookup (or answer) its writer had
+        waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
+        held back to fill a frame.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +154,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.LookupStream,
                     request_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_cache__pb2.LookupStreamResponse.SerializeToString,
+            ),
+            'LookupFrames': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupFrames,
+                    request_deserializer=switchyard_dot_v1_dot_cache__pb2.LookupFramesRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_cache__pb2.LookupFramesResponse.SerializeToString,
             ),
             'Store': grpc.unary_unary_rpc_method_handler(
                     servicer.Store,
@@ -221,6 +240,33 @@ class CacheService:
             '/switchyard.v1.CacheService/LookupStream',
             switchyard_dot_v1_dot_cache__pb2.LookupStreamRequest.SerializeToString,
             switchyard_dot_v1_dot_cache__pb2.LookupStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupFrames(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchyard.v1.CacheService/LookupFrames',
+            switchyard_dot_v1_dot_cache__pb2.LookupFramesRequest.SerializeToString,
+            switchyard_dot_v1_dot_cache__pb2.LookupFramesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class CacheServiceStub:
     no particular order. A lookup Lookup would refuse is answered with that error; the
     stream goes on.
     """
+    LookupFrames: _grpc.StreamStreamMultiCallable[_cache_pb2.LookupFramesRequest, _cache_pb2.LookupFramesResponse]
+    """LookupStream in frames: each message carries every lookup (or answer) its writer had
+    waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
+    held back to fill a frame.
+    """
     Store: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]
     """Offer an answer for caching; admission decides."""
     StoreMany: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreManyRequest, _cache_pb2.StoreManyResponse]
@@ -63,6 +68,11 @@ class CacheServiceAsyncStub(CacheServiceStub):
     fraction of a call): each answer carries its request's id and comes when it is ready, in
     no particular order. A lookup Lookup would refuse is answered with that error; the
     stream goes on.
+    """
+    LookupFrames: _aio.StreamStreamMultiCallable[_cache_pb2.LookupFramesRequest, _cache_pb2.LookupFramesResponse]  # type: ignore[assignment]
+    """LookupStream in frames: each message carries every lookup (or answer) its writer had
+    waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
+    held back to fill a frame.
     """
     Store: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]  # type: ignore[assignment]
     """Offer an answer for caching; admission decides."""
@@ -97,6 +107,17 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         fraction of a call): each answer carries its request's id and comes when it is ready, in
         no particular order. A lookup Lookup would refuse is answered with that error; the
         stream goes on.
+        """
+
+    @_abc_1.abstractmethod
+    def LookupFrames(
+        self,
+        request_iterator: _MaybeAsyncIterator[_cache_pb2.LookupFramesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cache_pb2.LookupFramesResponse], _abc.AsyncIterator[_cache_pb2.LookupFramesResponse]]:
+        """LookupStream in frames: each message carries every lookup (or answer) its writer had
+        waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
+        held back to fill a frame.
         """
 
     @_abc_1.abstractmethod

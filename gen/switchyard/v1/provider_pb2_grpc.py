@@ -44,6 +44,11 @@ class ProviderAdapterServiceStub:
                 request_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GenerateFrames = channel.stream_stream(
+                '/switchyard.v1.ProviderAdapterService/GenerateFrames',
+                request_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateFramesRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateFramesResponse.FromString,
+                _registered_method=True)
         self.Probe = channel.unary_unary(
                 '/switchyard.v1.ProviderAdapterService/Probe',
                 request_serializer=switchyard_dot_v1_dot_provider__pb2.ProbeRequest.SerializeToString,
@@ -84,6 +89,15 @@ class ProviderAdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateFrames(self, request_iterator, context):
+        """GenerateStream in frames: each message carries every request (or answer) its writer had
+        waiting when it wrote, in order, so a busy call costs one message where it cost many.
+        Nothing is held back to fill a frame: an idle call's frames hold one item each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Probe(self, request, context):
         """The cheapest call that proves the provider answers.
         """
@@ -118,6 +132,11 @@ def add_ProviderAdapterServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'GenerateFrames': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateFrames,
+                    request_deserializer=switchyard_dot_v1_dot_provider__pb2.GenerateFramesRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_provider__pb2.GenerateFramesResponse.SerializeToString,
             ),
             'Probe': grpc.unary_unary_rpc_method_handler(
                     servicer.Probe,
@@ -189,6 +208,33 @@ class ProviderAdapterService:
             '/switchyard.v1.ProviderAdapterService/GenerateStream',
             switchyard_dot_v1_dot_provider__pb2.GenerateStreamRequest.SerializeToString,
             switchyard_dot_v1_dot_provider__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateFrames(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchyard.v1.ProviderAdapterService/GenerateFrames',
+            switchyard_dot_v1_dot_provider__pb2.GenerateFramesRequest.SerializeToString,
+            switchyard_dot_v1_dot_provider__pb2.GenerateFramesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class ProviderAdapterServiceStub:
     message holding `done`, or an `error` (the status Generate would have ended with). A
     `cancel` stops one generation (its upstream is closed), nothing else.
     """
+    GenerateFrames: _grpc.StreamStreamMultiCallable[_provider_pb2.GenerateFramesRequest, _provider_pb2.GenerateFramesResponse]
+    """GenerateStream in frames: each message carries every request (or answer) its writer had
+    waiting when it wrote, in order, so a busy call costs one message where it cost many.
+    Nothing is held back to fill a frame: an idle call's frames hold one item each.
+    """
     Probe: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ProbeRequest, _provider_pb2.ProbeResponse]
     """The cheapest call that proves the provider answers."""
     Capabilities: _grpc.UnaryUnaryMultiCallable[_provider_pb2.CapabilitiesRequest, _provider_pb2.CapabilitiesResponse]
@@ -68,6 +73,11 @@ class ProviderAdapterServiceAsyncStub(ProviderAdapterServiceStub):
     id; its events come back under that id exactly as Generate would stream them, the last
     message holding `done`, or an `error` (the status Generate would have ended with). A
     `cancel` stops one generation (its upstream is closed), nothing else.
+    """
+    GenerateFrames: _aio.StreamStreamMultiCallable[_provider_pb2.GenerateFramesRequest, _provider_pb2.GenerateFramesResponse]  # type: ignore[assignment]
+    """GenerateStream in frames: each message carries every request (or answer) its writer had
+    waiting when it wrote, in order, so a busy call costs one message where it cost many.
+    Nothing is held back to fill a frame: an idle call's frames hold one item each.
     """
     Probe: _aio.UnaryUnaryMultiCallable[_provider_pb2.ProbeRequest, _provider_pb2.ProbeResponse]  # type: ignore[assignment]
     """The cheapest call that proves the provider answers."""
@@ -101,6 +111,17 @@ class ProviderAdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         id; its events come back under that id exactly as Generate would stream them, the last
         message holding `done`, or an `error` (the status Generate would have ended with). A
         `cancel` stops one generation (its upstream is closed), nothing else.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateFrames(
+        self,
+        request_iterator: _MaybeAsyncIterator[_provider_pb2.GenerateFramesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_provider_pb2.GenerateFramesResponse], _abc.AsyncIterator[_provider_pb2.GenerateFramesResponse]]:
+        """GenerateStream in frames: each message carries every request (or answer) its writer had
+        waiting when it wrote, in order, so a busy call costs one message where it cost many.
+        Nothing is held back to fill a frame: an idle call's frames hold one item each.
         """
 
     @_abc_1.abstractmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Final
 
 import grpc
@@ -106,29 +106,38 @@ class ProviderAdapterServicer(provider_pb2_grpc.ProviderAdapterServiceServicer):
         """Generations multiplexed on one call: each `start` runs as Generate would, its
         messages sent under its id as they come; a `cancel` stops one. When the caller ends
         the call, its generations still running are stopped."""
-
-        async def on_item(
-            mux: Multiplexer[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse],
-            item: provider_pb2.GenerateStreamRequest,
-        ) -> None:
-            action = item.WhichOneof("action")
-            if action == "cancel":
-                mux.cancel(item.id)
-            elif action == "start":
-                refusal = (
-                    _SHUTTING_DOWN
-                    if mux.draining
-                    else invalid("a generation with this id is running", "id")
-                    if mux.running(item.id)
-                    else None
-                )
-                if refusal is not None:
-                    mux.send(provider_pb2.GenerateStreamResponse(id=item.id, error=refusal.to_status_proto()))
-                else:
-                    await mux.start(item.id, self._generate_one(item, mux.send))
-
-        async for reply in self._streams.serve(requests, on_item):
+        async for reply in self._streams.serve(requests, self._on_item):
             yield reply
+
+    async def GenerateFrames(
+        self,
+        frames: AsyncIterator[provider_pb2.GenerateFramesRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[provider_pb2.GenerateFramesResponse]:
+        """GenerateStream with several requests, and answers, to a message."""
+        async for answers in self._streams.serve_frames(frames, _items, self._on_item):
+            yield provider_pb2.GenerateFramesResponse(items=answers)
+
+    async def _on_item(
+        self,
+        mux: Multiplexer[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse],
+        item: provider_pb2.GenerateStreamRequest,
+    ) -> None:
+        action = item.WhichOneof("action")
+        if action == "cancel":
+            mux.cancel(item.id)
+        elif action == "start":
+            refusal = (
+                _SHUTTING_DOWN
+                if mux.draining
+                else invalid("a generation with this id is running", "id")
+                if mux.running(item.id)
+                else None
+            )
+            if refusal is not None:
+                mux.send(provider_pb2.GenerateStreamResponse(id=item.id, error=refusal.to_status_proto()))
+            else:
+                await mux.start(item.id, self._generate_one(item, mux.send))
 
     def drain(self) -> None:
         """Shutdown begins: generation streams take no new generation (each is answered
@@ -256,3 +265,7 @@ def adapter_parts(settings: Settings, vendor: str) -> ServiceParts:
     return ServiceParts(
         [ServiceBinding(name=SERVICE_NAME, register=register)], servicer.aclose, drain=servicer.drain
     )
+
+
+def _items(frame: provider_pb2.GenerateFramesRequest) -> Iterable[provider_pb2.GenerateStreamRequest]:
+    return frame.items

@@ -27,7 +27,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -176,41 +176,49 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, requests: AsyncIterator[cache_pb2.LookupStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cache_pb2.LookupStreamResponse]:
         """Lookups as they come, each answered when ready (with its id), errors included."""
-
-        async def answer(
-            mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
-            item: cache_pb2.LookupStreamRequest,
-        ) -> None:
-            started = time.time_ns()
-            try:
-                reply = cache_pb2.LookupStreamResponse(id=item.id, lookup=await self.lookup(item.lookup))
-            except SwitchyardError as exc:
-                reply = cache_pb2.LookupStreamResponse(id=item.id, error=exc.to_status_proto())
-            except Exception as exc:  # a bug: logged, answered as INTERNAL, the stream goes on
-                log.error("lookup_failed", error_type=type(exc).__name__, exc_info=exc)
-                failure = SwitchyardError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
-                reply = cache_pb2.LookupStreamResponse(id=item.id, error=failure.to_status_proto())
-            if item.traceparent:
-                tracing.record_span_in(
-                    item.traceparent,
-                    "switchyard.cache/lookup",
-                    start_time_ns=started,
-                    tracer_name="switchyard.cache",
-                    attributes={"switchyard.cache_status": common_pb2.CacheStatus.Name(reply.lookup.status)},
-                )
-            mux.send(reply)
-
-        async def on_item(
-            mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
-            item: cache_pb2.LookupStreamRequest,
-        ) -> None:
-            if mux.draining:  # the caller takes it as a miss
-                mux.send(cache_pb2.LookupStreamResponse(id=item.id, error=_SHUTTING_DOWN.to_status_proto()))
-            else:
-                await mux.start(item.id, answer(mux, item))
-
-        async for reply in self._lookup_streams.serve(requests, on_item):
+        async for reply in self._lookup_streams.serve(requests, self._on_lookup):
             yield reply
+
+    async def LookupFrames(
+        self, frames: AsyncIterator[cache_pb2.LookupFramesRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cache_pb2.LookupFramesResponse]:
+        """LookupStream with several lookups, and answers, to a message."""
+        async for answers in self._lookup_streams.serve_frames(frames, _lookup_items, self._on_lookup):
+            yield cache_pb2.LookupFramesResponse(items=answers)
+
+    async def _on_lookup(
+        self,
+        mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
+        item: cache_pb2.LookupStreamRequest,
+    ) -> None:
+        if mux.draining:  # the caller takes it as a miss
+            mux.send(cache_pb2.LookupStreamResponse(id=item.id, error=_SHUTTING_DOWN.to_status_proto()))
+        else:
+            await mux.start(item.id, self._answer_lookup(mux, item))
+
+    async def _answer_lookup(
+        self,
+        mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
+        item: cache_pb2.LookupStreamRequest,
+    ) -> None:
+        started = time.time_ns()
+        try:
+            reply = cache_pb2.LookupStreamResponse(id=item.id, lookup=await self.lookup(item.lookup))
+        except SwitchyardError as exc:
+            reply = cache_pb2.LookupStreamResponse(id=item.id, error=exc.to_status_proto())
+        except Exception as exc:  # a bug: logged, answered as INTERNAL, the stream goes on
+            log.error("lookup_failed", error_type=type(exc).__name__, exc_info=exc)
+            failure = SwitchyardError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
+            reply = cache_pb2.LookupStreamResponse(id=item.id, error=failure.to_status_proto())
+        if item.traceparent:
+            tracing.record_span_in(
+                item.traceparent,
+                "switchyard.cache/lookup",
+                start_time_ns=started,
+                tracer_name="switchyard.cache",
+                attributes={"switchyard.cache_status": common_pb2.CacheStatus.Name(reply.lookup.status)},
+            )
+        mux.send(reply)
 
     def drain(self) -> None:
         """Shutdown begins: lookup streams take no new lookup and end once theirs are answered."""
@@ -577,3 +585,7 @@ def build(settings: Settings) -> ServiceParts:
         start=start,
         drain=servicer.drain,
     )
+
+
+def _lookup_items(frame: cache_pb2.LookupFramesRequest) -> Iterable[cache_pb2.LookupStreamRequest]:
+    return frame.items

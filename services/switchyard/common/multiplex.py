@@ -6,6 +6,11 @@ own (at most `limit` at once: past it the call stops reading, so HTTP/2 flow con
 the caller back), their answers go out through `send` in the order they are ready, and when
 the caller ends the call every task still running is cancelled.
 
+Framed calls (`serve_frames`: `LookupFrames`, `GenerateFrames`) carry in each message every
+item its writer had waiting when it wrote (`FrameQueue`): a busy call then costs one message
+where it cost many, and a message on a gRPC call costs far more CPU than the items it
+carries. Nothing is held back to fill a frame, so an idle call's frames hold one item each.
+
 At shutdown a servicer drains its calls (`Multiplexers.drain`): they take no new work (what
 the servicer answers instead is its choice, `draining` tells it) and end, cleanly, as soon as
 the work they run is done, so the server's grace period is spent finishing answers rather
@@ -15,18 +20,72 @@ than waiting on calls that would never end by themselves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Generic, TypeVar
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+_Item = TypeVar("_Item", bound="_Sized")
+
+# A frame holds at most this many items and, once it holds more than one, this many bytes of
+# them (far below the 32 MiB a message may have; an item above it goes alone).
+FRAME_ITEMS: Final = 256
+FRAME_BYTES: Final = 4 * 1024 * 1024
+
+
+class _Sized(Protocol):
+    def ByteSize(self) -> int: ...
+
+
+class FrameQueue(Generic[_Item]):
+    """Messages waiting for a writer, taken a frame at a time, in order.
+
+    Sizes are read only when a second item would join a frame (a lone item goes as it is, so
+    an idle call pays nothing for framing). `max_items` 1 makes every frame one item (for a
+    call without frames). `close` ends the queue once what waits is taken.
+    """
+
+    def __init__(self, max_items: int = FRAME_ITEMS) -> None:
+        self._items: deque[_Item] = deque()
+        self._max_items = max_items
+        self._closed = False
+        self._ready = asyncio.Event()
+
+    def put(self, item: _Item) -> None:
+        """Queue `item` (never blocks)."""
+        self._items.append(item)
+        self._ready.set()
+
+    def close(self) -> None:
+        """No more items: `frame` returns None once what waits is taken."""
+        self._closed = True
+        self._ready.set()
+
+    async def frame(self) -> list[_Item] | None:
+        """The items waiting (waits for one), up to a frame's limits; None once closed and empty."""
+        items = self._items
+        while not items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        frame = [items.popleft()]
+        if items and self._max_items > 1:
+            total = frame[0].ByteSize()
+            while items and len(frame) < self._max_items:
+                total += items[0].ByteSize()
+                if total > FRAME_BYTES:
+                    break
+                frame.append(items.popleft())
+        return frame
 
 
 class Multiplexer(Generic[_Request, _Response]):
     """The running items and the outgoing answers of one multiplexed call."""
 
     def __init__(self, limit: int) -> None:
-        self._out: asyncio.Queue[_Response | None] = asyncio.Queue()
+        self._out: FrameQueue[Any] = FrameQueue()
         self._slots = asyncio.Semaphore(limit)
         self._running: dict[int, asyncio.Task[None]] = {}
         self.draining = False
@@ -36,11 +95,11 @@ class Multiplexer(Generic[_Request, _Response]):
         """Take no new work, and end the call as soon as nothing runs."""
         self.draining = True
         if not self._running:
-            self._out.put_nowait(None)
+            self._out.close()
 
     def send(self, response: _Response) -> None:
         """Queue an answer for the caller (never blocks)."""
-        self._out.put_nowait(response)
+        self._out.put(response)
 
     def running(self, key: int) -> bool:
         """Whether the item started under `key` is still running."""
@@ -62,7 +121,7 @@ class Multiplexer(Generic[_Request, _Response]):
         if self._running.get(key) is task:
             del self._running[key]
         if self.draining and not self._running:
-            self._out.put_nowait(None)
+            self._out.close()
 
     def cancel(self, key: int) -> None:
         """Cancel the item running under `key`, if any."""
@@ -71,24 +130,29 @@ class Multiplexer(Generic[_Request, _Response]):
             task.cancel()
 
     async def serve(
-        self, requests: AsyncIterator[_Request], on_item: Callable[[_Request], Awaitable[None]]
-    ) -> AsyncIterator[_Response]:
-        """Read `requests`, calling `on_item` for each (it may `start`, `cancel` or `send`),
-        and yield the answers until the caller has finished and every item is done."""
+        self,
+        frames: AsyncIterator[Any],
+        unpack: Callable[[Any], Iterable[_Request]],
+        on_item: Callable[[_Request], Awaitable[None]],
+    ) -> AsyncIterator[list[_Response]]:
+        """Read the call's messages, `unpack` each into items and call `on_item` for each item
+        (it may `start`, `cancel` or `send`); yield the answers, as frames (every answer ready
+        when the last frame was written), until the caller has finished and every item is done."""
 
         async def read() -> None:
             try:
-                async for item in requests:
-                    await on_item(item)
+                async for frame in frames:
+                    for item in unpack(frame):
+                        await on_item(item)
                 if self._running:
                     await asyncio.wait(set(self._running.values()))
             finally:
-                self._out.put_nowait(None)
+                self._out.close()
 
         reader = asyncio.create_task(read())
         try:
-            while (response := await self._out.get()) is not None:
-                yield response
+            while (answers := await self._out.frame()) is not None:
+                yield answers
         finally:
             reader.cancel()
             for task in list(self._running.values()):
@@ -108,15 +172,27 @@ class Multiplexers(Generic[_Request, _Response]):
         requests: AsyncIterator[_Request],
         on_item: Callable[[Multiplexer[_Request, _Response], _Request], Awaitable[None]],
     ) -> AsyncIterator[_Response]:
-        """Serve one call with a `Multiplexer` of its own (see `Multiplexer.serve`);
-        `on_item` gets that multiplexer with each item."""
+        """Serve one call, a message per item, with a `Multiplexer` of its own (see
+        `Multiplexer.serve`); `on_item` gets that multiplexer with each item."""
+        async for answers in self.serve_frames(requests, _alone, on_item):
+            for response in answers:
+                yield response
+
+    async def serve_frames(
+        self,
+        frames: AsyncIterator[Any],
+        unpack: Callable[[Any], Iterable[_Request]],
+        on_item: Callable[[Multiplexer[_Request, _Response], _Request], Awaitable[None]],
+    ) -> AsyncIterator[list[_Response]]:
+        """Serve one framed call: each message is `unpack`ed into items, the answers are
+        yielded as frames (see `Multiplexer.serve`)."""
         mux: Multiplexer[_Request, _Response] = Multiplexer(self._limit)
         if self.draining:
             mux.drain()
         self._live.add(mux)
         try:
-            async for response in mux.serve(requests, lambda item: on_item(mux, item)):
-                yield response
+            async for answers in mux.serve(frames, unpack, lambda item: on_item(mux, item)):
+                yield answers
         finally:
             self._live.discard(mux)
 
@@ -125,3 +201,7 @@ class Multiplexers(Generic[_Request, _Response]):
         self.draining = True
         for mux in list(self._live):
             mux.drain()
+
+
+def _alone(item: _Request) -> tuple[_Request]:
+    return (item,)

@@ -7,10 +7,12 @@ gathered for `STORE_LINGER_S` and sent together (`StoreMany`), one call where th
 been several (each call costs far more CPU than the entries it carries); at most
 `STORE_QUEUE` wait, beyond that an offer is dropped (the cache is best effort).
 
-Lookups travel as messages on one long-lived `LookupStream` call (`StreamedLookups`), retired
-by age like the edge's other multiplexed calls (`switchyard.edge.mux`): past
-`STREAM_MAX_AGE_S` the next lookup opens a fresh call, so cache replicas added by a scale-out
-get lookups from busy edges too, and the old call ends once its lookups are answered.
+Lookups travel as messages on one long-lived `LookupFrames` call (`StreamedLookups`; several
+to a message when several wait), retired by age like the edge's other multiplexed calls
+(`switchyard.edge.mux`): past `STREAM_MAX_AGE_S` the next lookup opens a fresh call, so cache
+replicas added by a scale-out get lookups from busy edges too, and the old call ends once its
+lookups are answered. A cache without `LookupFrames` (UNIMPLEMENTED: an older build) gets
+them on `LookupStream`, a message each, from then on.
 Stores go on `StoreMany` calls of their own, each free to reach any replica.
 
 A hit is replayed as the chunks a provider would have sent: a routing chunk (the model and
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Final, Protocol
 
 import grpc
@@ -48,6 +50,8 @@ STORE_QUEUE: Final = 1024
 
 class CacheCalls(Protocol):
     """What the edge calls on the cache (a `CacheServiceStub` fits)."""
+
+    def LookupFrames(self) -> BidiCall[cache_pb2.LookupFramesRequest, cache_pb2.LookupFramesResponse]: ...
 
     def LookupStream(self) -> BidiCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse]: ...
 
@@ -174,20 +178,22 @@ class EdgeCache:
 
 
 class _LookupCall:
-    """One `LookupStream` call (a `MuxCall`) and the lookups waiting on it."""
+    """One `LookupFrames` (or `LookupStream`) call (a `MuxCall`) and the lookups waiting on it."""
 
-    def __init__(
-        self,
-        call: BidiCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
-        *,
-        now: float,
-        max_age_s: float,
-    ) -> None:
+    def __init__(self, stub: CacheCalls, *, framed: bool, now: float, max_age_s: float) -> None:
         self.waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
         self.retired = False
         """Past its age: no new lookup goes on it; it ends once none waits."""
-        self.mux = MuxCall(
-            call, deliver=self._deliver, lost=self._lost, name="cache-lookups", now=now, max_age_s=max_age_s
+        self.framed = framed
+        self.mux: MuxCall[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse] = MuxCall(
+            stub.LookupFrames() if framed else stub.LookupStream(),
+            deliver=self._deliver,
+            lost=self._lost,
+            name="cache-lookups",
+            now=now,
+            max_age_s=max_age_s,
+            pack=_lookup_frame if framed else None,
+            unpack=_lookup_answers if framed else None,
         )
 
     def _deliver(self, response: cache_pb2.LookupStreamResponse) -> None:
@@ -198,9 +204,14 @@ class _LookupCall:
     def _lost(self, error: BaseException) -> None:
         """The call is over: fail what waits on it (lookups not written yet included)."""
         waiting, self.waiting = self.waiting, {}
+        unframed = self.framed and _unimplemented(error)
         for future in waiting.values():
             if not future.done():
-                future.set_exception(ConnectionError(f"lookup stream lost ({type(error).__name__})"))
+                future.set_exception(
+                    _FramesUnimplemented()
+                    if unframed
+                    else ConnectionError(f"lookup stream lost ({type(error).__name__})")
+                )
 
     def forget(self, ask_id: int) -> None:
         """The lookup under `ask_id` is over (answered or not); a retired call ends after its last."""
@@ -238,9 +249,20 @@ class StreamedLookups:
         self._call: _LookupCall | None = None
         self._retired: list[_LookupCall] = []  # retired, maybe still open: `close` ends them too
         self._next_id = 0
+        self.framed = True
+        """The cache serves LookupFrames (until it answers UNIMPLEMENTED)."""
 
     async def ask(self, lookup: cache_pb2.LookupRequest, *, timeout_s: float) -> cache_pb2.LookupResponse:
         """The answer to `lookup`; raises what the cache answered, or why no answer came."""
+        try:
+            return await self._ask(lookup, timeout_s)
+        except _FramesUnimplemented:
+            if self.framed:
+                log.info("cache_without_lookup_frames")
+                self.framed = False
+            return await self._ask(lookup, timeout_s)
+
+    async def _ask(self, lookup: cache_pb2.LookupRequest, timeout_s: float) -> cache_pb2.LookupResponse:
         self._next_id += 1
         ask_id = self._next_id
         answer: asyncio.Future[cache_pb2.LookupStreamResponse] = asyncio.get_running_loop().create_future()
@@ -249,7 +271,9 @@ class StreamedLookups:
         if call is None or not call.mux.open or now >= call.mux.retire_at:
             if call is not None and call.mux.open:
                 self._retire(call)
-            call = self._call = _LookupCall(self._stub.LookupStream(), now=now, max_age_s=self._max_age_s)
+            call = self._call = _LookupCall(
+                self._stub, framed=self.framed, now=now, max_age_s=self._max_age_s
+            )
         call.waiting[ask_id] = answer
         call.mux.send(
             cache_pb2.LookupStreamRequest(id=ask_id, lookup=lookup, traceparent=current_traceparent()), now
@@ -276,6 +300,22 @@ class StreamedLookups:
                 call.mux.fail(ConnectionError("closed"))
         self._call = None
         self._retired = []
+
+
+class _FramesUnimplemented(Exception):
+    """The cache has no LookupFrames: the lookup is asked again on LookupStream."""
+
+
+def _unimplemented(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def _lookup_frame(items: list[cache_pb2.LookupStreamRequest]) -> cache_pb2.LookupFramesRequest:
+    return cache_pb2.LookupFramesRequest(items=items)
+
+
+def _lookup_answers(frame: cache_pb2.LookupFramesResponse) -> Iterable[cache_pb2.LookupStreamResponse]:
+    return frame.items
 
 
 async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:

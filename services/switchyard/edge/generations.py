@@ -1,4 +1,4 @@
-"""Generations on long-lived `GenerateStream` calls: the adapter hop as messages, not calls.
+"""Generations on long-lived `GenerateFrames` calls: the adapter hop as messages, not calls.
 
 A call of its own costs both sides several times what a message on an open call does, and
 the adapter hop is on every request. So an edge keeps up to `STREAMS_PER_TARGET` streams
@@ -21,8 +21,11 @@ holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes th
 * The caller's deadline is the generation's: sent to the adapter, and kept here too (the
   answer is then DEADLINE_EXCEEDED, reason TIMEOUT, and the generation is cancelled).
 * Failures are raised as `SwitchyardError`s.
-* An adapter without GenerateStream (UNIMPLEMENTED: an older build) is called with
-  `Generate` instead, for this generation and every later one.
+* Each message carries every request waiting when it is written, and the adapter answers
+  likewise (`GenerateFrames`): a busy stream costs one message where it cost many.
+* An adapter without GenerateFrames (UNIMPLEMENTED: an older build) gets generations on
+  `GenerateStream`, a message each; one without that either is called with `Generate`, for
+  this generation and every later one.
 * Answers wait in the generation's queue until the caller reads them: a slow reader never
   holds up the other generations on the stream (answers are bounded by max tokens).
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 import grpc
@@ -52,6 +55,10 @@ GENERATE_METHOD: Final = "/switchyard.v1.ProviderAdapterService/Generate"
 
 class AdapterCalls(Protocol):
     """What generations call on an adapter (a `ProviderAdapterServiceStub` fits)."""
+
+    def GenerateFrames(
+        self,
+    ) -> BidiCall[provider_pb2.GenerateFramesRequest, provider_pb2.GenerateFramesResponse]: ...
 
     def GenerateStream(
         self,
@@ -75,25 +82,22 @@ _Answer = provider_pb2.GenerateStreamResponse | _Lost
 
 
 class _Stream:
-    """One GenerateStream call (a `MuxCall`) and the generations waiting on it."""
+    """One GenerateFrames (or GenerateStream) call (a `MuxCall`) and the generations waiting on it."""
 
-    def __init__(
-        self,
-        call: BidiCall[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse],
-        *,
-        now: float,
-        max_age_s: float,
-    ) -> None:
+    def __init__(self, stub: AdapterCalls, *, framed: bool, now: float, max_age_s: float) -> None:
         self.waiting: dict[int, asyncio.Queue[_Answer]] = {}
         self.retired = False
         """Past its age (or idle): no new generation goes on it; it ends once none waits."""
-        self.mux = MuxCall(
-            call,
+        self.framed = framed
+        self.mux: MuxCall[provider_pb2.GenerateStreamRequest, provider_pb2.GenerateStreamResponse] = MuxCall(
+            stub.GenerateFrames() if framed else stub.GenerateStream(),
             deliver=self._deliver,
             lost=self._lost,
             name="adapter-generations",
             now=now,
             max_age_s=max_age_s,
+            pack=_frame if framed else None,
+            unpack=_answers if framed else None,
         )
 
     def _deliver(self, response: provider_pb2.GenerateStreamResponse) -> None:
@@ -140,8 +144,10 @@ class GenerationStreams:
         self._next_id = 0
         self._max_age_s = max_age_s
         self.clock = clock
+        self.framed = True
+        """The adapter serves GenerateFrames (until it answers UNIMPLEMENTED)."""
         self.unary = False
-        """The adapter has no GenerateStream: generations call Generate instead."""
+        """The adapter has neither GenerateFrames nor GenerateStream: generations call Generate."""
 
     def generate(self, request: provider_pb2.GenerateRequest, *, timeout_s: float) -> Generation:
         """Start a generation; iterate the result for its `GenerateResponse` messages."""
@@ -155,7 +161,7 @@ class GenerationStreams:
                 return stream
             self._retire(stream)
         stream = self._streams[self._turn] = _Stream(
-            self.stub.GenerateStream(), now=now, max_age_s=self._max_age_s
+            self.stub, framed=self.framed, now=now, max_age_s=self._max_age_s
         )
         return stream
 
@@ -214,12 +220,13 @@ class Generation:
         ) = None
         self._received = False
         self._over = False
+        self._traceparent = ""
         if owner.unary:
             self._call_generate()
         else:
             # The call's own CLIENT span (Generate's channel interceptor starts one otherwise).
-            self._span, traceparent = tracing.start_client_span(GENERATE_METHOD)
-            self._stream, self._id, self._queue = owner._start(request, self._remaining(), traceparent)
+            self._span, self._traceparent = tracing.start_client_span(GENERATE_METHOD)
+            self._stream, self._id, self._queue = owner._start(request, self._remaining(), self._traceparent)
 
     def _remaining(self) -> float:
         return max(0.001, self._deadline - time.monotonic())
@@ -254,6 +261,17 @@ class Generation:
                 and isinstance(error, grpc.aio.AioRpcError)
                 and error.code() is grpc.StatusCode.UNIMPLEMENTED
             ):
+                owner = self._owner
+                if self._stream is not None and self._stream.framed:
+                    # An older adapter: the same generation again, on GenerateStream.
+                    if owner.framed:
+                        log.info("adapter_without_generate_frames", provider=self._request.provider)
+                    owner.framed = False
+                    self._forget()
+                    self._stream, self._id, self._queue = owner._start(
+                        self._request, self._remaining(), self._traceparent
+                    )
+                    return await self.__anext__()
                 if not self._owner.unary:
                     log.info("adapter_without_generate_stream", provider=self._request.provider)
                 self._owner.unary = True
@@ -329,3 +347,11 @@ class Generation:
             stream.mux.send(provider_pb2.GenerateStreamRequest(id=self._id, cancel=True), self._owner.clock())
             if stream.retired:
                 stream.settle()  # after the cancel is queued: it is written before the call ends
+
+
+def _frame(items: list[provider_pb2.GenerateStreamRequest]) -> provider_pb2.GenerateFramesRequest:
+    return provider_pb2.GenerateFramesRequest(items=items)
+
+
+def _answers(frame: provider_pb2.GenerateFramesResponse) -> Iterable[provider_pb2.GenerateStreamResponse]:
+    return frame.items

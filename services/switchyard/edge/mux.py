@@ -1,12 +1,15 @@
 """One long-lived bidirectional call carrying many requests, told apart by id.
 
-The edge's cache lookups (`LookupStream`) and generations (`GenerateStream`) both travel
+The edge's cache lookups (`LookupFrames`) and generations (`GenerateFrames`) both travel
 this way: a message on an open call costs a fraction of a call of its own. `MuxCall` owns
 the call's two tasks:
 
-* a writer puts the queued messages on the call one at a time (a caller that stops waiting
-  never interrupts a write, which would make grpc.aio cancel the whole call);
-* a reader hands every answer to `deliver` (which routes it by id).
+* a writer puts the queued requests on the call (a caller that stops waiting never
+  interrupts a write, which would make grpc.aio cancel the whole call). On a framed call
+  (`pack` given) each message carries every request waiting when it is written, within a
+  frame's limits (`switchyard.common.multiplex.FrameQueue`); otherwise one each;
+* a reader hands every answer (each item of a framed message, `unpack`) to `deliver`
+  (which routes it by id).
 
 When the call ends or fails, `lost` is called once with why, the tasks stop, and the owner
 opens another call for what comes next.
@@ -27,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Final, Generic, Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+from switchyard.common.multiplex import FrameQueue
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -59,7 +64,7 @@ class MuxCall(Generic[_Request, _Response]):
 
     def __init__(
         self,
-        call: BidiCall[_Request, _Response],
+        call: BidiCall[Any, Any],
         *,
         deliver: Callable[[_Response], None],
         lost: Callable[[BaseException], None],
@@ -67,6 +72,8 @@ class MuxCall(Generic[_Request, _Response]):
         now: float | None = None,
         max_age_s: float = STREAM_MAX_AGE_S,
         end_grace_s: float = END_GRACE_S,
+        pack: Callable[[list[_Request]], object] | None = None,
+        unpack: Callable[[Any], Iterable[_Response]] | None = None,
     ) -> None:
         self.call = call
         self.open = True
@@ -79,7 +86,9 @@ class MuxCall(Generic[_Request, _Response]):
         self._end_grace_s = end_grace_s
         self._deliver = deliver
         self._lost = lost
-        self._outgoing: asyncio.Queue[_Request | None] = asyncio.Queue()  # None: end
+        self._pack = pack
+        self._unpack = unpack
+        self._outgoing: FrameQueue[Any] = FrameQueue() if pack is not None else FrameQueue(max_items=1)
         self._tasks = (
             asyncio.create_task(self._write(), name=f"{name}-out"),
             asyncio.create_task(self._read(), name=f"{name}-in"),
@@ -88,19 +97,19 @@ class MuxCall(Generic[_Request, _Response]):
     def send(self, request: _Request, now: float | None = None) -> None:
         """Queue `request` for the writer (never blocks); `now` saves reading the clock."""
         self.used = time.monotonic() if now is None else now
-        self._outgoing.put_nowait(request)
+        self._outgoing.put(request)
 
     def end(self) -> None:
         """The owner is done with the call (nothing waits on it): write what is queued, close
         this side, and let the peer end the call (cancelled after `end_grace_s`), quietly."""
         if self.open and not self.ending:
             self.ending = True
-            self._outgoing.put_nowait(None)
+            self._outgoing.close()
 
     async def _write(self) -> None:
         try:
-            while (request := await self._outgoing.get()) is not None:
-                await self.call.write(request)
+            while (frame := await self._outgoing.frame()) is not None:
+                await self.call.write(frame[0] if self._pack is None else self._pack(frame))
             await self.call.done_writing()
         except Exception as exc:  # the call ended or failed
             self.fail(exc)
@@ -111,8 +120,13 @@ class MuxCall(Generic[_Request, _Response]):
 
     async def _read(self) -> None:
         try:
-            async for response in self.call:
-                self._deliver(response)
+            unpack = self._unpack
+            async for message in self.call:
+                if unpack is None:
+                    self._deliver(message)
+                else:
+                    for response in unpack(message):
+                        self._deliver(response)
         except Exception as exc:
             self.fail(exc)
         else:

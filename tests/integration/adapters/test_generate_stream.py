@@ -1,9 +1,10 @@
-"""Generations multiplexed on `GenerateStream`, end to end: the edge's `GenerationStreams`
+"""Generations multiplexed on `GenerateFrames`, end to end: the edge's `GenerationStreams`
 against the real adapter over gRPC, in front of the OpenAI simulator.
 
 Each generation gets its own answer, whole and in order, on a shared call; one cancelled,
-failed or timed out generation leaves the others alone; an adapter without GenerateStream is
-called with Generate; a lost stream fails its generations as an unavailable adapter would.
+failed or timed out generation leaves the others alone; an adapter without GenerateFrames is
+called on GenerateStream, one without either with Generate; a lost stream fails its
+generations as an unavailable adapter would.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ class CountingStub:
 
     def __init__(self, stub: provider_pb2_grpc.ProviderAdapterServiceStub) -> None:
         self.stub = stub
+        self.frames = 0
         self.streams = 0
         self.unary = 0
+
+    def GenerateFrames(self) -> object:
+        self.frames += 1
+        return self.stub.GenerateFrames()
 
     def GenerateStream(self) -> object:
         self.streams += 1
@@ -66,7 +72,7 @@ async def test_generations_share_one_call_and_each_gets_its_own_answer(openai_en
     for answer in answers:
         assert_well_formed(answer)
         assert text_of(answer) == ANSWER
-    assert (stub.streams, stub.unary) == (1, 0)
+    assert (stub.frames, stub.streams, stub.unary) == (1, 0, 0)
     assert (await openai_env.sim.stats())["completed"] == 6
 
 
@@ -79,7 +85,7 @@ async def test_calls_are_opened_in_turn_up_to_the_limit(openai_env: VendorEnv) -
             assert text_of(await events(generations.generate(ask(openai_env), timeout_s=10)))
     finally:
         generations.close()
-    assert stub.streams == 3
+    assert stub.frames == 3
 
 
 async def test_a_cancelled_generation_closes_its_upstream_and_spares_the_others(
@@ -178,7 +184,74 @@ async def test_an_adapter_without_generate_stream_is_called_with_generate(openai
         await server.stop(grace=None)
     assert text_of(first) == text_of(second) == ANSWER
     assert_well_formed(second)
-    assert generations.unary and (stub.streams, stub.unary) == (1, 2)
+    assert generations.unary and (stub.frames, stub.streams, stub.unary) == (1, 1, 2)
+
+
+class StreamOnlyAdapter(OlderAdapter):
+    """An adapter build from before GenerateFrames: GenerateStream, a message each."""
+
+    def GenerateStream(
+        self,
+        requests: AsyncIterator[provider_pb2.GenerateStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[provider_pb2.GenerateStreamResponse]:
+        return self._env.adapter.servicer.GenerateStream(requests, context)
+
+
+async def test_an_adapter_without_generate_frames_is_called_on_generate_stream(openai_env: VendorEnv) -> None:
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=3)
+    server, port = await serve(StreamOnlyAdapter(openai_env))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = CountingStub(provider_pb2_grpc.ProviderAdapterServiceStub(channel))
+    generations = GenerationStreams(stub, streams=1)  # type: ignore[arg-type]
+    try:
+        first = await events(generations.generate(ask(openai_env), timeout_s=10))
+        both = await asyncio.gather(
+            *(events(generations.generate(ask(openai_env), timeout_s=10)) for _ in range(2))
+        )
+    finally:
+        generations.close()
+        await channel.close()
+        await server.stop(grace=None)
+    for answer in (first, *both):
+        assert text_of(answer) == ANSWER
+        assert_well_formed(answer)
+    assert not generations.framed and not generations.unary
+    assert (stub.frames, stub.streams, stub.unary) == (1, 1, 0)
+
+
+async def test_a_frame_of_several_generations_is_answered_in_frames(openai_env: VendorEnv) -> None:
+    # Three starts in one message: each answer comes back whole under its id, and answers
+    # ready together share a message.
+    await openai_env.sim.reset()
+    await openai_env.sim.knobs(text=ANSWER, chunks=4, chunk_delay_ms=20)
+    call = openai_env.adapter.stub.GenerateFrames()
+    frame = provider_pb2.GenerateFramesRequest(
+        items=[
+            provider_pb2.GenerateStreamRequest(id=i, start=ask(openai_env), timeout_ms=10_000)
+            for i in (1, 2, 3)
+        ]
+    )
+    answers: dict[int, list[provider_pb2.GenerateResponse]] = {1: [], 2: [], 3: []}
+    shared = 0
+    try:
+        await call.write(frame)
+        async with asyncio.timeout(10):
+            while not all(a and a[-1].HasField("done") for a in answers.values()):
+                message = await call.read()
+                shared += len(message.items) > 1
+                for item in message.items:
+                    assert not item.HasField("error")
+                    answers[item.id].extend(unpack(item.events))
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+    finally:
+        call.cancel()
+    for answer in answers.values():
+        assert_well_formed(answer)
+        assert text_of(answer) == ANSWER
+    assert shared, "answers ready together travel in one message"
 
 
 async def test_a_lost_stream_fails_its_generations_as_an_unavailable_adapter(openai_env: VendorEnv) -> None:
@@ -255,17 +328,17 @@ class CountedReplica(provider_pb2_grpc.ProviderAdapterServiceServicer):
         self._servicer = servicer
         self.started = 0
 
-    async def GenerateStream(
+    async def GenerateFrames(
         self,
-        requests: AsyncIterator[provider_pb2.GenerateStreamRequest],
+        frames: AsyncIterator[provider_pb2.GenerateFramesRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[provider_pb2.GenerateStreamResponse]:
-        async def counted() -> AsyncIterator[provider_pb2.GenerateStreamRequest]:
-            async for item in requests:
-                self.started += item.HasField("start")
-                yield item
+    ) -> AsyncIterator[provider_pb2.GenerateFramesResponse]:
+        async def counted() -> AsyncIterator[provider_pb2.GenerateFramesRequest]:
+            async for frame in frames:
+                self.started += sum(item.HasField("start") for item in frame.items)
+                yield frame
 
-        async for reply in self._servicer.GenerateStream(counted(), context):
+        async for reply in self._servicer.GenerateFrames(counted(), context):
             yield reply
 
 
@@ -276,8 +349,8 @@ class Balancer:
         self.replicas = list(replicas)
         self.calls: list[grpc.aio.StreamStreamCall] = []
 
-    def GenerateStream(self) -> object:
-        call = self.replicas[len(self.calls) % len(self.replicas)].GenerateStream()
+    def GenerateFrames(self) -> object:
+        call = self.replicas[len(self.calls) % len(self.replicas)].GenerateFrames()
         self.calls.append(call)
         return call
 

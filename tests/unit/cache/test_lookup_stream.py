@@ -50,3 +50,34 @@ async def test_a_draining_cache_refuses_new_lookups_and_ends_the_stream() -> Non
     for answer in answers:
         error = from_status(answer.error)
         assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DEPENDENCY_UNAVAILABLE)
+
+
+async def test_a_frame_of_lookups_is_answered_by_id_in_frames() -> None:
+    # A refused lookup is answered with its error; the others in the frame are answered too.
+    servicer = CacheServicer(MemoryStore(max_bytes=1_000_000))
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    call = cache_pb2_grpc.CacheServiceStub(channel).LookupFrames()
+    refused = cache_pb2.LookupRequest(model="openai/gpt-4o-mini")  # no tenant
+    items = [cache_pb2.LookupStreamRequest(id=i, lookup=lookup(f"question {i}")) for i in (1, 2, 3)]
+    items.insert(1, cache_pb2.LookupStreamRequest(id=9, lookup=refused))
+    answers: dict[int, cache_pb2.LookupStreamResponse] = {}
+    try:
+        await call.write(cache_pb2.LookupFramesRequest(items=items))
+        await call.done_writing()
+        async with asyncio.timeout(5):
+            while (message := await call.read()) is not grpc.aio.EOF:
+                for answer in message.items:
+                    answers[answer.id] = answer
+        assert await call.code() is grpc.StatusCode.OK
+    finally:
+        await channel.close()
+        await server.stop(grace=None)
+    assert sorted(answers) == [1, 2, 3, 9]
+    for lookup_id in (1, 2, 3):
+        assert answers[lookup_id].lookup.status == common_pb2.CACHE_STATUS_MISS
+    error = from_status(answers[9].error)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST)

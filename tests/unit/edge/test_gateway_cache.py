@@ -25,6 +25,7 @@ from switchyard.edge.cache import EdgeCache
 from switchyard.edge.gateway import EdgeGateway
 from switchyard.edge.pipeline import Caller, ChatPipeline
 from switchyard.v1 import cache_pb2, common_pb2, ledger_pb2
+from tests.support.frames import Framed
 
 CATALOG = load_catalog()
 MODEL = "openai/gpt-4o-mini"
@@ -131,9 +132,12 @@ class InProcess:
         if self.down:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
 
-    def LookupStream(self) -> InProcessLookups:
+    def LookupFrames(self) -> Framed:
         self.streams += 1
-        return InProcessLookups(self)
+        return Framed(InProcessLookups(self), cache_pb2.LookupFramesResponse)
+
+    def LookupStream(self) -> InProcessLookups:
+        raise AssertionError("lookups go on LookupFrames")
 
     async def StoreMany(
         self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None

@@ -25,6 +25,7 @@ from switchyard.edge.cache import StreamedLookups
 from switchyard.edge.generations import Generation, GenerationStreams
 from switchyard.edge.mux import STREAM_MAX_AGE_JITTER, MuxCall
 from switchyard.v1 import cache_pb2, common_pb2, provider_pb2
+from tests.support.frames import Framed
 
 MAX_AGE_S = 10.0
 PAST_AGE_S = MAX_AGE_S * (1 + STREAM_MAX_AGE_JITTER) + 0.1  # past any stream's jittered age
@@ -106,32 +107,38 @@ class Clock:
 
 
 class FakeAdapter:
-    """An adapter stub: each GenerateStream is a `FakeCall`."""
+    """An adapter stub: each GenerateFrames call is a `FakeCall` (one item to a frame)."""
 
     def __init__(self) -> None:
         self.calls: list[FakeCall] = []
         self.hold_writes = False
 
-    def GenerateStream(self) -> FakeCall:
+    def GenerateFrames(self) -> Framed:
         call = FakeCall(hold_writes=self.hold_writes)
         self.calls.append(call)
-        return call
+        return Framed(call, provider_pb2.GenerateFramesResponse)
+
+    def GenerateStream(self) -> FakeCall:
+        raise AssertionError("generations go on GenerateFrames")
 
     def Generate(self, request: provider_pb2.GenerateRequest, *, timeout: float | None = None) -> Any:
-        raise AssertionError("generations go on GenerateStream")
+        raise AssertionError("generations go on GenerateFrames")
 
 
 class FakeCache:
-    """A cache stub: each LookupStream is a `FakeCall`."""
+    """A cache stub: each LookupFrames call is a `FakeCall` (one item to a frame)."""
 
     def __init__(self) -> None:
         self.calls: list[FakeCall] = []
         self.hold_writes = False
 
-    def LookupStream(self) -> FakeCall:
+    def LookupFrames(self) -> Framed:
         call = FakeCall(hold_writes=self.hold_writes)
         self.calls.append(call)
-        return call
+        return Framed(call, cache_pb2.LookupFramesResponse)
+
+    def LookupStream(self) -> FakeCall:
+        raise AssertionError("lookups go on LookupFrames")
 
     async def StoreMany(self, request: cache_pb2.StoreManyRequest, *, timeout: float | None = None) -> Any:
         raise AssertionError("not used here")

@@ -1,0 +1,58 @@
+"""`FrameQueue`: what a framed call's writer takes at each write."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from switchyard.common import multiplex
+from switchyard.common.multiplex import FrameQueue
+from switchyard.v1 import cache_pb2
+
+
+def item(item_id: int, text_bytes: int = 0) -> cache_pb2.LookupStreamRequest:
+    request = cache_pb2.LookupStreamRequest(id=item_id)
+    if text_bytes:
+        request.lookup.request.messages.add().parts.add(text="x" * text_bytes)
+    return request
+
+
+async def test_a_frame_takes_everything_waiting_in_order_and_waits_for_a_first_item() -> None:
+    queue: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue()
+    waiting = asyncio.ensure_future(queue.frame())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    queue.put(item(1))
+    assert [i.id for i in await waiting or []] == [1]  # nothing is held back to fill a frame
+    for item_id in (2, 3, 4):
+        queue.put(item(item_id))
+    assert [i.id for i in await queue.frame() or []] == [2, 3, 4]
+
+
+async def test_frames_are_bounded_by_count_and_bytes_and_a_big_item_goes_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(multiplex, "FRAME_BYTES", 1000)
+    queue: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue(max_items=3)
+    for item_id in range(1, 6):
+        queue.put(item(item_id))
+    queue.put(item(6, text_bytes=400))
+    queue.put(item(7, text_bytes=400))
+    queue.put(item(8, text_bytes=400))
+    queue.put(item(9, text_bytes=5000))  # above the limit on its own
+    queue.put(item(10))
+    frames = []
+    queue.close()
+    while (frame := await queue.frame()) is not None:
+        frames.append([i.id for i in frame])
+    assert frames == [[1, 2, 3], [4, 5, 6], [7, 8], [9], [10]]
+
+
+async def test_one_item_a_frame_for_a_call_without_frames_and_none_once_closed_and_empty() -> None:
+    queue: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue(max_items=1)
+    queue.put(item(1))
+    queue.put(item(2))
+    queue.close()
+    assert [[i.id for i in f] for f in (await queue.frame(), await queue.frame()) if f] == [[1], [2]]
+    assert await queue.frame() is None
