@@ -11,8 +11,11 @@ class Framed:
     def __init__(self, call: Any, answers: type[Any]) -> None:
         self.call = call
         self._answers = answers
+        self.sizes: list[int] = []
+        """The number of items of each frame written, in order."""
 
     async def write(self, frame: Any) -> None:
+        self.sizes.append(len(frame.items))
         for item in frame.items:
             await self.call.write(item)
 

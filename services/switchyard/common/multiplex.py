@@ -9,7 +9,8 @@ the caller ends the call every task still running is cancelled.
 Framed calls (`serve_frames`: `LookupFrames`, `GenerateFrames`) carry in each message every
 item its writer had waiting when it wrote (`FrameQueue`): a busy call then costs one message
 where it cost many, and a message on a gRPC call costs far more CPU than the items it
-carries. Nothing is held back to fill a frame, so an idle call's frames hold one item each.
+carries. A server's answers are never held back; a caller may hold a frame briefly for
+company (`FrameQueue`'s `hold`, which the edge uses only under concurrency).
 
 At shutdown a servicer drains its calls (`Multiplexers.drain`): they take no new work (what
 the servicer answers instead is its choice, `draining` tells it) and end, cleanly, as soon as
@@ -38,24 +39,44 @@ class _Sized(Protocol):
     def ByteSize(self) -> int: ...
 
 
+FrameHold = Callable[[], float]
+"""How long a frame may wait for company (asked again as items join it; 0: go now)."""
+
+
 class FrameQueue(Generic[_Item]):
     """Messages waiting for a writer, taken a frame at a time, in order.
 
     Sizes are read only when a second item would join a frame (a lone item goes as it is, so
     an idle call pays nothing for framing). `max_items` 1 makes every frame one item (for a
     call without frames). `close` ends the queue once what waits is taken.
+
+    `hold`, when given, lets a frame whose first item found the writer idle wait for others:
+    at most as long as `hold` first answers, and only while it keeps answering more than 0
+    (it is asked again whenever an item joins, or `nudge` says its answer may have changed).
+    Without it, nothing is held back.
     """
 
-    def __init__(self, max_items: int = FRAME_ITEMS) -> None:
+    def __init__(self, max_items: int = FRAME_ITEMS, hold: FrameHold | None = None) -> None:
         self._items: deque[_Item] = deque()
         self._max_items = max_items
+        self._hold = hold if max_items > 1 else None
+        self._holding = False
         self._closed = False
         self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        """Items waiting for the writer."""
+        return len(self._items)
 
     def put(self, item: _Item) -> None:
         """Queue `item` (never blocks)."""
         self._items.append(item)
         self._ready.set()
+
+    def nudge(self) -> None:
+        """A held frame asks its `hold` again (what it waits for may have gone elsewhere)."""
+        if self._holding:
+            self._ready.set()
 
     def close(self) -> None:
         """No more items: `frame` returns None once what waits is taken."""
@@ -65,11 +86,19 @@ class FrameQueue(Generic[_Item]):
     async def frame(self) -> list[_Item] | None:
         """The items waiting (waits for one), up to a frame's limits; None once closed and empty."""
         items = self._items
+        waited = False
         while not items:
             if self._closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
+            waited = True
+        if waited and self._hold is not None:
+            self._holding = True
+            try:
+                await self._gather(self._hold)
+            finally:
+                self._holding = False
         frame = [items.popleft()]
         if items and self._max_items > 1:
             total = frame[0].ByteSize()
@@ -79,6 +108,26 @@ class FrameQueue(Generic[_Item]):
                     break
                 frame.append(items.popleft())
         return frame
+
+    async def _gather(self, hold: FrameHold) -> None:
+        """Wait while `hold` says the frame may, up to its first answer, for more items."""
+        delay = hold()
+        if delay <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while not self._closed and len(self._items) < self._max_items:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._ready.wait()
+            except TimeoutError:
+                return
+            if hold() <= 0:
+                return
 
 
 class Multiplexer(Generic[_Request, _Response]):

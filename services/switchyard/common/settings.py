@@ -84,6 +84,10 @@ class Settings(BaseModel):
     edge_queue_timeout_s: float = Field(default=5.0, gt=0)
     # Identical in-flight requests of one tenant share one upstream call.
     edge_dedup: bool = True
+    # Under concurrency, how long the edge's cache lookups and generation starts may wait for
+    # those of requests already on their way, to share a message (switchyard.edge.mux.
+    # CompanyHold); 0: never. A lone request never waits.
+    edge_frame_linger_s: float = Field(default=0.005, ge=0, le=0.1)
     # The region this edge runs in (for example "us-east"): its outcome reports carry it, and
     # it plans on the latency measured from there. Empty: latency of every region together.
     edge_region: str = ""
@@ -168,6 +172,7 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_MAX_QUEUE": "edge_max_queue",
             "SWITCHYARD_EDGE_QUEUE_TIMEOUT_S": "edge_queue_timeout_s",
             "SWITCHYARD_EDGE_DEDUP": "edge_dedup",
+            "SWITCHYARD_EDGE_FRAME_LINGER_S": "edge_frame_linger_s",
             "SWITCHYARD_EDGE_REGION": "edge_region",
             "SWITCHYARD_EDGE_CACHE": "edge_cache",
             "SWITCHYARD_CACHE_MAX_TEMPERATURE": "cache_max_temperature",

@@ -33,6 +33,7 @@ import grpc
 from switchyard.cache.keys import AUTO, CacheDecision, cache_decision
 from switchyard.common.errors import SwitchyardError, from_status
 from switchyard.common.logging import get_logger
+from switchyard.common.multiplex import FrameHold
 from switchyard.common.tracing import current_traceparent
 from switchyard.edge.mux import STREAM_MAX_AGE_S, BidiCall, MuxCall
 from switchyard.v1 import cache_pb2, common_pb2
@@ -71,6 +72,7 @@ class EdgeCache:
         lookup_timeout_s: float,
         store_timeout_s: float,
         store_linger_s: float = STORE_LINGER_S,
+        hold: FrameHold | None = None,
     ) -> None:
         self._stub = stub
         self._max_temperature = max_temperature
@@ -78,7 +80,7 @@ class EdgeCache:
         self._store_timeout_s = store_timeout_s
         self._store_linger_s = store_linger_s
         self._down = False
-        self._lookups = StreamedLookups(stub)
+        self._lookups = StreamedLookups(stub, hold=hold)
         self._offers: list[cache_pb2.StoreRequest] = []
         self._writer: asyncio.Task[None] | None = None
         self._flush = asyncio.Event()  # set when the edge stops: send without gathering
@@ -180,7 +182,9 @@ class EdgeCache:
 class _LookupCall:
     """One `LookupFrames` (or `LookupStream`) call (a `MuxCall`) and the lookups waiting on it."""
 
-    def __init__(self, stub: CacheCalls, *, framed: bool, now: float, max_age_s: float) -> None:
+    def __init__(
+        self, stub: CacheCalls, *, framed: bool, now: float, max_age_s: float, hold: FrameHold | None
+    ) -> None:
         self.waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
         self.retired = False
         """Past its age: no new lookup goes on it; it ends once none waits."""
@@ -194,6 +198,7 @@ class _LookupCall:
             max_age_s=max_age_s,
             pack=_lookup_frame if framed else None,
             unpack=_lookup_answers if framed else None,
+            hold=hold,
         )
 
     def _deliver(self, response: cache_pb2.LookupStreamResponse) -> None:
@@ -233,7 +238,8 @@ class StreamedLookups:
     it fails and the next one opens another call. A call older than `max_age_s` (jittered,
     see `switchyard.edge.mux`) is retired: the next lookup opens a fresh call (through Envoy,
     perhaps to a cache replica added since), and the old one ends, quietly, once the lookups
-    on it are over. `clock` is the monotonic clock the age is measured on.
+    on it are over. `clock` is the monotonic clock the age is measured on; `hold` lets a
+    frame of lookups wait for company (`switchyard.edge.mux.CompanyHold`).
     """
 
     def __init__(
@@ -242,8 +248,10 @@ class StreamedLookups:
         *,
         max_age_s: float = STREAM_MAX_AGE_S,
         clock: Callable[[], float] = time.monotonic,
+        hold: FrameHold | None = None,
     ) -> None:
         self._stub = stub
+        self._hold = hold
         self._max_age_s = max_age_s
         self._clock = clock
         self._call: _LookupCall | None = None
@@ -272,7 +280,7 @@ class StreamedLookups:
             if call is not None and call.mux.open:
                 self._retire(call)
             call = self._call = _LookupCall(
-                self._stub, framed=self.framed, now=now, max_age_s=self._max_age_s
+                self._stub, framed=self.framed, now=now, max_age_s=self._max_age_s, hold=self._hold
             )
         call.waiting[ask_id] = answer
         call.mux.send(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,6 +33,7 @@ from switchyard.edge.admission import AdmissionController, rank
 from switchyard.edge.cache import AnswerRecorder, EdgeCache, replay
 from switchyard.edge.dedup import Dedup, request_key
 from switchyard.edge.keys import KeyAuthenticator, Principal, effective_tier
+from switchyard.edge.mux import Arrival, Arrivals
 from switchyard.edge.pipeline import Caller, ChatPipeline, Record
 from switchyard.edge.ratelimit import (
     MODEL_TPM,
@@ -149,8 +150,11 @@ class EdgeGateway:
         dedup: Dedup | None,
         record: Record | None = None,
         cache: EdgeCache | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.catalog = catalog
+        self.arrivals = arrivals or Arrivals()
+        """Admitted requests that may still queue a cache lookup or a generation start."""
         self.pipeline = pipeline
         self.authenticate = authenticate
         self.admission = admission
@@ -213,16 +217,22 @@ class EdgeGateway:
             max_output = (
                 request.sampling.max_output_tokens if request.sampling.HasField("max_output_tokens") else 0
             )
-            settle = await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
-            chunks = self._answer(request, caller, timeout_s, admitted)
+            arrival = self.arrivals.arrive()  # it may queue a lookup and a start: frames wait for it
+            chunks: AsyncGenerator[common_pb2.ChatChunk, None] | None = None
+            settle = None
             used = 0  # no usage: the vendor served nothing we can count
             try:
+                settle = await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
+                chunks = self._answer(request, caller, timeout_s, admitted, arrival)
                 async for chunk in chunks:
+                    arrival.started()  # answering (a hit, a joiner): it queues nothing more
                     if settle is not None and chunk.HasField("usage"):
                         used = chunk.usage.input_tokens + chunk.usage.output_tokens
                     yield chunk
             finally:
-                await chunks.aclose()
+                arrival.left()
+                if chunks is not None:
+                    await chunks.aclose()
                 if settle is not None:
                     self._in_background(settle(used))
 
@@ -243,14 +253,17 @@ class EdgeGateway:
         caller: Caller,
         timeout_s: float | None,
         admitted: Admitted,
+        arrival: Arrival,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """The answer's chunks: through the cache when it may serve or keep this request, else
-        straight from the providers (no extra layer on the token stream)."""
+        straight from the providers (no extra layer on the token stream). `arrival` is told
+        when the request passes the lookup and the generation start."""
         cache = self.cache
         decision = cache.decide(request) if cache is not None else None
         if cache is None or decision is None or not (decision.lookup or decision.store):
-            return self._provider_answer(request, caller, timeout_s, admitted.prompt)
-        return self._cached_answer(cache, decision, request, caller, timeout_s, admitted)
+            arrival.looked_up()
+            return self._provider_answer(request, caller, timeout_s, admitted.prompt, arrival)
+        return self._cached_answer(cache, decision, request, caller, timeout_s, admitted, arrival)
 
     async def _cached_answer(
         self,
@@ -260,9 +273,11 @@ class EdgeGateway:
         caller: Caller,
         timeout_s: float | None,
         admitted: Admitted,
+        arrival: Arrival,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """A cached answer when there is one, else the providers' (offered to the cache after)."""
         model = admitted.model.id if admitted.model is not None else AUTO
+        arrival.looked_up()  # the lookup is queued next, with no wait in between
         if decision.lookup:
             hit = await cache.lookup(caller.tenant_id, request, model)
             if hit is not None:
@@ -276,7 +291,7 @@ class EdgeGateway:
             if request.cache.mode == common_pb2.CACHE_MODE_REFRESH
             else common_pb2.CACHE_STATUS_MISS
         )
-        chunks = self._provider_answer(request, caller, timeout_s, admitted.prompt, status)
+        chunks = self._provider_answer(request, caller, timeout_s, admitted.prompt, arrival, status)
         recorder = AnswerRecorder()
         try:
             async for chunk in chunks:
@@ -294,17 +309,21 @@ class EdgeGateway:
         caller: Caller,
         timeout_s: float | None,
         prompt: PromptCount,
+        arrival: Arrival,
         cache_status: common_pb2.CacheStatus.ValueType = common_pb2.CACHE_STATUS_BYPASS,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
-        def source() -> AsyncIterator[common_pb2.ChatChunk]:
+        def source() -> AsyncGenerator[common_pb2.ChatChunk, None]:
             return self.pipeline.stream(
-                request, caller, timeout_s=timeout_s, prompt=prompt, cache_status=cache_status
+                request,
+                caller,
+                timeout_s=timeout_s,
+                prompt=prompt,
+                cache_status=cache_status,
+                on_start=arrival.started,
             )
 
         if self.dedup is None:
-            return self.pipeline.stream(
-                request, caller, timeout_s=timeout_s, prompt=prompt, cache_status=cache_status
-            )
+            return source()
         shared = self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
         return self._record_joiner(shared, request, caller, prompt)
 

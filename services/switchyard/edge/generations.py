@@ -22,7 +22,9 @@ holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes th
   answer is then DEADLINE_EXCEEDED, reason TIMEOUT, and the generation is cancelled).
 * Failures are raised as `SwitchyardError`s.
 * Each message carries every request waiting when it is written, and the adapter answers
-  likewise (`GenerateFrames`): a busy stream costs one message where it cost many.
+  likewise (`GenerateFrames`): a busy stream costs one message where it cost many. Under
+  concurrency a frame of starts may wait briefly for company (`hold`), and a start joins the
+  frame in the making rather than the next stream in turn.
 * An adapter without GenerateFrames (UNIMPLEMENTED: an older build) gets generations on
   `GenerateStream`, a message each; one without that either is called with `Generate`, for
   this generation and every later one.
@@ -43,6 +45,7 @@ from opentelemetry.trace import Span
 from switchyard.common import answer_events, tracing
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error, from_status
 from switchyard.common.logging import get_logger
+from switchyard.common.multiplex import FrameHold
 from switchyard.edge.mux import STREAM_MAX_AGE_S, BidiCall, MuxCall
 from switchyard.v1 import provider_pb2
 
@@ -84,7 +87,9 @@ _Answer = provider_pb2.GenerateStreamResponse | _Lost
 class _Stream:
     """One GenerateFrames (or GenerateStream) call (a `MuxCall`) and the generations waiting on it."""
 
-    def __init__(self, stub: AdapterCalls, *, framed: bool, now: float, max_age_s: float) -> None:
+    def __init__(
+        self, stub: AdapterCalls, *, framed: bool, now: float, max_age_s: float, hold: FrameHold | None
+    ) -> None:
         self.waiting: dict[int, asyncio.Queue[_Answer]] = {}
         self.retired = False
         """Past its age (or idle): no new generation goes on it; it ends once none waits."""
@@ -98,6 +103,7 @@ class _Stream:
             max_age_s=max_age_s,
             pack=_frame if framed else None,
             unpack=_answers if framed else None,
+            hold=hold,
         )
 
     def _deliver(self, response: provider_pb2.GenerateStreamResponse) -> None:
@@ -126,7 +132,9 @@ class GenerationStreams:
     """Generations to one adapter target over a few shared GenerateStream calls.
 
     `max_age_s` is how long a stream takes new generations (see the module's docstring);
-    `clock` is the monotonic clock it is measured on.
+    `clock` is the monotonic clock it is measured on. `hold` lets a frame of starts wait for
+    company (`switchyard.edge.mux.CompanyHold`); while one is in the making, the next start
+    joins it rather than going to the next stream in turn.
     """
 
     def __init__(
@@ -136,8 +144,10 @@ class GenerationStreams:
         streams: int = STREAMS_PER_TARGET,
         max_age_s: float = STREAM_MAX_AGE_S,
         clock: Callable[[], float] = time.monotonic,
+        hold: FrameHold | None = None,
     ) -> None:
         self.stub = stub
+        self._hold = hold
         self._streams: list[_Stream | None] = [None] * max(1, streams)
         self._retired: list[_Stream] = []  # retired, maybe still open: `close` ends them too
         self._turn = 0
@@ -154,14 +164,16 @@ class GenerationStreams:
         return Generation(self, request, time.monotonic() + timeout_s)
 
     def _stream(self, now: float) -> _Stream:
-        self._turn = (self._turn + 1) % len(self._streams)
         stream = self._streams[self._turn]
+        if stream is None or not stream.mux.queued:  # no frame in the making: the next in turn
+            self._turn = (self._turn + 1) % len(self._streams)
+            stream = self._streams[self._turn]
         if stream is not None and stream.mux.open:
             if now < stream.mux.retire_at and (stream.waiting or now - stream.mux.used <= STREAM_IDLE_S):
                 return stream
             self._retire(stream)
         stream = self._streams[self._turn] = _Stream(
-            self.stub, framed=self.framed, now=now, max_age_s=self._max_age_s
+            self.stub, framed=self.framed, now=now, max_age_s=self._max_age_s, hold=self._hold
         )
         return stream
 

@@ -7,7 +7,8 @@ the call's two tasks:
 * a writer puts the queued requests on the call (a caller that stops waiting never
   interrupts a write, which would make grpc.aio cancel the whole call). On a framed call
   (`pack` given) each message carries every request waiting when it is written, within a
-  frame's limits (`switchyard.common.multiplex.FrameQueue`); otherwise one each;
+  frame's limits (`switchyard.common.multiplex.FrameQueue`), held for company as `hold`
+  allows (`CompanyHold`); otherwise one each;
 * a reader hands every answer (each item of a framed message, `unpack`) to `deliver`
   (which routes it by id).
 
@@ -30,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
-from switchyard.common.multiplex import FrameQueue
+from switchyard.common.multiplex import FrameHold, FrameQueue
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -45,6 +47,95 @@ STREAM_MAX_AGE_S: Final = 30.0
 STREAM_MAX_AGE_JITTER: Final = 0.25
 # How long an ended call waits for the peer to finish it before it is cancelled.
 END_GRACE_S: Final = 5.0
+
+
+# A frame waits for company only while at least this many requests may still join it.
+FRAME_COMPANY: Final = 1
+
+
+class Arrivals:
+    """Requests at this edge that may still queue a cache lookup (`lookups`) or a generation
+    start (`starts`): admitted, and not past that step yet. Kept by the gateway, one
+    `Arrival` per request. Frames held for them (`CompanyHold`) are nudged whenever one
+    leaves a count, so a frame never waits for a request that went another way (a cache hit,
+    an error)."""
+
+    __slots__ = ("_held", "lookups", "starts")
+
+    def __init__(self) -> None:
+        self.lookups = 0
+        self.starts = 0
+        self._held: weakref.WeakSet[FrameQueue[Any]] = weakref.WeakSet()
+
+    def arrive(self) -> Arrival:
+        """A request was admitted: it counts towards both steps until it passes them."""
+        return Arrival(self)
+
+    def watch(self, queue: FrameQueue[Any]) -> None:
+        """Nudge `queue` whenever a request leaves a count (for as long as the queue lives)."""
+        self._held.add(queue)
+
+    def _left(self) -> None:
+        for queue in self._held:
+            queue.nudge()
+
+
+class Arrival:
+    """One request's place in `Arrivals`: it leaves each count once (`looked_up`,
+    `started`), and `left` (at its end, however it ends) leaves what it had not."""
+
+    __slots__ = ("_arrivals", "_lookup", "_start")
+
+    def __init__(self, arrivals: Arrivals) -> None:
+        self._arrivals = arrivals
+        self._lookup = self._start = True
+        arrivals.lookups += 1
+        arrivals.starts += 1
+
+    def looked_up(self) -> None:
+        """Its cache lookup is about to be queued, or it will not look up."""
+        if self._lookup:
+            self._lookup = False
+            self._arrivals.lookups -= 1
+            self._arrivals._left()
+
+    def started(self) -> None:
+        """Its generation start is about to be queued (or it needs none): past both steps."""
+        self.looked_up()
+        if self._start:
+            self._start = False
+            self._arrivals.starts -= 1
+            self._arrivals._left()
+
+    left = started
+
+
+class CompanyHold:
+    """The edge's `FrameHold`: under concurrency, a lookup or a generation start waits up to
+    `linger_s` for those of other requests on their way, so that they share one message.
+
+    A message on a gRPC call costs far more CPU than what it carries, and on a busy edge the
+    requests reach each step one at a time, so unheld frames would carry one item each. A
+    frame waits only while at least `FRAME_COMPANY` requests may still join it (the
+    `Arrivals` count of its `step`), and stops as soon as none may: a lone request never
+    waits, nor does one whose companions are past this step already (streams answering, say).
+    `linger_s` 0 turns holding off.
+    """
+
+    __slots__ = ("_arrivals", "_step", "linger_s")
+
+    def __init__(self, linger_s: float, arrivals: Arrivals, step: Literal["lookups", "starts"]) -> None:
+        self.linger_s = linger_s
+        self._arrivals = arrivals
+        self._step = step
+
+    def __call__(self) -> float:
+        coming: int = getattr(self._arrivals, self._step)
+        return self.linger_s if coming >= FRAME_COMPANY else 0.0
+
+    def watch(self, queue: FrameQueue[Any]) -> None:
+        """`queue` holds its frames with this: nudge it as requests pass their steps."""
+        self._arrivals.watch(queue)
 
 
 class BidiCall(Protocol[_Request_contra, _Response_co]):
@@ -74,6 +165,7 @@ class MuxCall(Generic[_Request, _Response]):
         end_grace_s: float = END_GRACE_S,
         pack: Callable[[list[_Request]], object] | None = None,
         unpack: Callable[[Any], Iterable[_Response]] | None = None,
+        hold: FrameHold | None = None,
     ) -> None:
         self.call = call
         self.open = True
@@ -88,7 +180,11 @@ class MuxCall(Generic[_Request, _Response]):
         self._lost = lost
         self._pack = pack
         self._unpack = unpack
-        self._outgoing: FrameQueue[Any] = FrameQueue() if pack is not None else FrameQueue(max_items=1)
+        self._outgoing: FrameQueue[Any] = (
+            FrameQueue(hold=hold) if pack is not None else FrameQueue(max_items=1)
+        )
+        if pack is not None and isinstance(hold, CompanyHold):
+            hold.watch(self._outgoing)
         self._tasks = (
             asyncio.create_task(self._write(), name=f"{name}-out"),
             asyncio.create_task(self._read(), name=f"{name}-in"),
@@ -98,6 +194,11 @@ class MuxCall(Generic[_Request, _Response]):
         """Queue `request` for the writer (never blocks); `now` saves reading the clock."""
         self.used = time.monotonic() if now is None else now
         self._outgoing.put(request)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the writer (a frame in the making, when held)."""
+        return len(self._outgoing)
 
     def end(self) -> None:
         """The owner is done with the call (nothing waits on it): write what is queued, close

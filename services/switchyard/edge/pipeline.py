@@ -25,6 +25,7 @@ from switchyard.common.channels import ChannelPool
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts
+from switchyard.common.multiplex import FrameHold
 from switchyard.common.settings import Settings
 from switchyard.common.timestamps import set_now
 from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
@@ -112,7 +113,8 @@ class ChatPipeline:
     With a lease book, each attempt first holds its candidate's worst-case cost against the
     budgets that apply (locally; BUDGET_EXCEEDED when they cannot cover it), and settles the
     actual cost when the answer is complete. Every request that reached a vendor is handed to
-    `record` (the commit outbox) exactly once, whatever way it ends.
+    `record` (the commit outbox) exactly once, whatever way it ends. `frame_hold` lets a frame of
+    generation starts wait for company (`switchyard.edge.mux.CompanyHold`).
     """
 
     def __init__(
@@ -125,8 +127,10 @@ class ChatPipeline:
         record: Record | None = None,
         planner: Planner | None = None,
         report: Report | None = None,
+        frame_hold: FrameHold | None = None,
     ) -> None:
         self._settings = settings
+        self._frame_hold = frame_hold
         self._catalog = catalog
         self._channels = channels
         self._budgets = budgets
@@ -207,11 +211,13 @@ class ChatPipeline:
         timeout_s: float | None,
         prompt: PromptCount | None = None,
         cache_status: common_pb2.CacheStatus.ValueType = common_pb2.CACHE_STATUS_BYPASS,
+        on_start: Callable[[], None] | None = None,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """The answer as chunks: routing, deltas, usage, done. Raises SwitchyardError.
 
         `cache_status` is what the cache made of the request (BYPASS, MISS or REFRESHED); the
-        done chunk and the ledger record carry it.
+        done chunk and the ledger record carry it. `on_start` is called just before each
+        attempt's generation start is queued.
 
         The request has been validated by the caller (`edge.gateway`). At most three attempts
         walk the plan; a retryable failure before the first token moves to the next
@@ -279,6 +285,8 @@ class ChatPipeline:
                 cache_status,
                 estimated_cost_micros=candidate.predicted_cost_micros if priced else 0,
             )
+            if on_start is not None:
+                on_start()
             call = self._generations(candidate.vendor).generate(
                 provider_pb2.GenerateRequest(
                     request=request, provider=candidate.provider, upstream_model=candidate.upstream_model
@@ -468,7 +476,7 @@ class ChatPipeline:
         generations = self._adapters.get(target)
         if generations is None:
             stub = provider_pb2_grpc.ProviderAdapterServiceStub(self._channels.get(target))
-            generations = self._adapters[target] = GenerationStreams(stub)
+            generations = self._adapters[target] = GenerationStreams(stub, hold=self._frame_hold)
         return generations
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from switchyard.edge.cache import EdgeCache
 from switchyard.edge.dedup import build_dedup
 from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
 from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
+from switchyard.edge.mux import Arrivals, CompanyHold
 from switchyard.edge.openai_http import OpenAIHttpServer, build_openai_app, start_openai_http
 from switchyard.edge.outbox import CommitOutbox
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
@@ -215,6 +216,14 @@ def build(settings: Settings) -> ServiceParts:
         interval_s=settings.health_report_interval_s,
         call_timeout_s=settings.call_timeout_s,
     )
+    admission = AdmissionController(
+        settings.edge_max_concurrent,
+        max_queue=settings.edge_max_queue,
+        queue_timeout_s=settings.edge_queue_timeout_s,
+    )
+    # Under concurrency, lookups and generation starts wait briefly to share a message.
+    arrivals = Arrivals()
+    linger_s = settings.edge_frame_linger_s
     pipeline = ChatPipeline(
         settings,
         catalog,
@@ -222,6 +231,7 @@ def build(settings: Settings) -> ServiceParts:
         budgets=budgets,
         record=record if settings.edge_budgets else None,
         report=reporter.add,
+        frame_hold=CompanyHold(linger_s, arrivals, "starts"),
     )
     routes = RouteWatcher(
         router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target)),
@@ -235,6 +245,7 @@ def build(settings: Settings) -> ServiceParts:
             max_temperature=settings.cache_max_temperature,
             lookup_timeout_s=settings.cache_lookup_timeout_s,
             store_timeout_s=settings.call_timeout_s,
+            hold=CompanyHold(linger_s, arrivals, "lookups"),
         )
         if settings.edge_cache
         else None
@@ -244,11 +255,8 @@ def build(settings: Settings) -> ServiceParts:
         pipeline,
         authenticate=authenticate,
         rate_limit=charge_rate_limits(catalog, limiter),
-        admission=AdmissionController(
-            settings.edge_max_concurrent,
-            max_queue=settings.edge_max_queue,
-            queue_timeout_s=settings.edge_queue_timeout_s,
-        ),
+        admission=admission,
+        arrivals=arrivals,
         dedup=dedup,
         record=record if settings.edge_budgets else None,
         cache=cache,

@@ -56,3 +56,91 @@ async def test_one_item_a_frame_for_a_call_without_frames_and_none_once_closed_a
     queue.close()
     assert [[i.id for i in f] for f in (await queue.frame(), await queue.frame()) if f] == [[1], [2]]
     assert await queue.frame() is None
+
+
+class Hold:
+    """A `FrameHold` that allows `delay_s` until `enough` items wait, counting its calls."""
+
+    def __init__(
+        self, queue: FrameQueue[cache_pb2.LookupStreamRequest] | None, delay_s: float, enough: int
+    ) -> None:
+        self.queue = queue
+        self.delay_s = delay_s
+        self.enough = enough
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        assert self.queue is not None
+        return 0.0 if len(self.queue) >= self.enough else self.delay_s
+
+
+def held_queue(delay_s: float, enough: int) -> tuple[FrameQueue[cache_pb2.LookupStreamRequest], Hold]:
+    hold = Hold(None, delay_s, enough)
+    queue: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue(hold=hold)
+    hold.queue = queue
+    return queue, hold
+
+
+async def test_a_held_frame_gathers_what_comes_and_goes_as_soon_as_the_hold_says_so() -> None:
+    queue, hold = held_queue(delay_s=60.0, enough=3)
+    waiting = asyncio.ensure_future(queue.frame())
+    await asyncio.sleep(0)
+    queue.put(item(1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # the first item waits for company
+    queue.put(item(2))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    queue.put(item(3))  # enough: the hold says go, long before its 60 s
+    async with asyncio.timeout(5):
+        assert [i.id for i in await waiting or []] == [1, 2, 3]
+
+
+async def test_a_held_frame_goes_when_its_time_is_up_with_what_it_has() -> None:
+    queue, _ = held_queue(delay_s=0.02, enough=10)
+    waiting = asyncio.ensure_future(queue.frame())
+    await asyncio.sleep(0)
+    queue.put(item(1))
+    queue.put(item(2))
+    async with asyncio.timeout(5):
+        assert [i.id for i in await waiting or []] == [1, 2]
+
+
+async def test_a_busy_writer_never_holds_and_nor_does_a_call_without_frames() -> None:
+    queue, hold = held_queue(delay_s=60.0, enough=10)
+    queue.put(item(1))
+    queue.put(item(2))
+    async with asyncio.timeout(5):  # items were waiting for the writer: they go at once
+        assert [i.id for i in await queue.frame() or []] == [1, 2]
+    assert hold.calls == 0
+
+    single: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue(max_items=1, hold=lambda: 60.0)
+    waiting = asyncio.ensure_future(single.frame())
+    await asyncio.sleep(0)
+    single.put(item(3))
+    async with asyncio.timeout(5):
+        assert [i.id for i in await waiting or []] == [3]
+
+
+async def test_closing_ends_a_hold_and_the_queue_then_ends() -> None:
+    queue, _ = held_queue(delay_s=60.0, enough=10)
+    waiting = asyncio.ensure_future(queue.frame())
+    await asyncio.sleep(0)
+    queue.put(item(1))
+    await asyncio.sleep(0)
+    queue.close()
+    async with asyncio.timeout(5):
+        assert [i.id for i in await waiting or []] == [1]
+        assert await queue.frame() is None
+
+
+async def test_a_hold_of_zero_sends_at_once() -> None:
+    queue, hold = held_queue(delay_s=0.0, enough=10)
+    waiting = asyncio.ensure_future(queue.frame())
+    await asyncio.sleep(0)
+    queue.put(item(1))
+    async with asyncio.timeout(5):
+        assert [i.id for i in await waiting or []] == [1]
+    assert hold.calls == 1

@@ -17,12 +17,13 @@ from switchyard.cache.service import CacheServicer
 from switchyard.cache.store import MemoryStore
 from switchyard.common.catalog import load_catalog
 from switchyard.common.channels import ChannelPool
-from switchyard.common.errors import SwitchyardError
+from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.settings import Settings
 from switchyard.edge import cache as edge_cache_module
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.cache import EdgeCache
 from switchyard.edge.gateway import EdgeGateway
+from switchyard.edge.mux import Arrivals, CompanyHold
 from switchyard.edge.pipeline import Caller, ChatPipeline
 from switchyard.v1 import cache_pb2, common_pb2, ledger_pb2
 from tests.support.frames import Framed
@@ -126,6 +127,7 @@ class InProcess:
         self.batches: list[int] = []
         self.offers: list[cache_pb2.StoreRequest] = []
         self.streams = 0
+        self.framed: list[Framed] = []
         self.write_delay_s = 0.0
 
     def _check(self) -> None:
@@ -134,7 +136,8 @@ class InProcess:
 
     def LookupFrames(self) -> Framed:
         self.streams += 1
-        return Framed(InProcessLookups(self), cache_pb2.LookupFramesResponse)
+        self.framed.append(Framed(InProcessLookups(self), cache_pb2.LookupFramesResponse))
+        return self.framed[-1]
 
     def LookupStream(self) -> InProcessLookups:
         raise AssertionError("lookups go on LookupFrames")
@@ -393,3 +396,57 @@ async def test_a_broken_lookup_stream_fails_what_waits_and_the_next_lookup_opens
     assert await edge_cache.lookup("acme", question(), MODEL) is not None
     assert cache.streams >= 2
     await edge_cache.aclose()
+
+
+async def test_on_a_busy_edge_a_lookup_waits_for_the_ones_on_their_way_and_never_for_nobody() -> None:
+    providers = Providers()
+    servicer, cache = cache_pair()
+    arrivals = Arrivals()
+    # The rate limiter's time for each request, in order; the last one it refuses.
+    delays = [0.0, 0.0, 0.05, 0.0, 0.05]
+    calls = 0
+
+    async def rate_limit(caller: Caller, model: object, tokens: int) -> None:
+        nonlocal calls
+        calls += 1
+        index = calls - 1
+        await asyncio.sleep(delays[index])
+        if index == len(delays) - 1:
+            raise SwitchyardError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED, "slow down")
+
+    gateway = EdgeGateway(
+        CATALOG,
+        providers,
+        authenticate=_caller,
+        rate_limit=rate_limit,
+        admission=AdmissionController(8, max_queue=8, queue_timeout_s=1),
+        dedup=None,
+        cache=EdgeCache(
+            cache,
+            max_temperature=0.0,
+            lookup_timeout_s=30,
+            store_timeout_s=1,
+            store_linger_s=0,
+            hold=CompanyHold(60.0, arrivals, "lookups"),
+        ),
+        arrivals=arrivals,
+    )
+
+    def asking(text: str) -> common_pb2.ChatRequest:
+        request = question()
+        request.messages[0].parts[0].text = text
+        return request
+
+    async with asyncio.timeout(10):  # a frame held for nobody would wait 60 s
+        await answer(gateway, asking("alone"))  # opens the lookup stream: one lookup, at once
+        # The second waits for the third (held 50 ms by the rate limiter) and they go together.
+        await asyncio.gather(answer(gateway, asking("one")), answer(gateway, asking("two")))
+        # Refused before its lookup: the lookup held for it goes as soon as it is refused.
+        three, four = await asyncio.gather(
+            answer(gateway, asking("three")), answer(gateway, asking("four")), return_exceptions=True
+        )
+    assert isinstance(four, SwitchyardError), four
+    assert not isinstance(three, BaseException), three
+    assert cache.framed[0].sizes == [1, 2, 1]
+    assert (arrivals.lookups, arrivals.starts) == (0, 0)
+    assert servicer.stats.response("acme").lookups == 4 and providers.calls == 4

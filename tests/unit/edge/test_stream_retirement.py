@@ -111,12 +111,14 @@ class FakeAdapter:
 
     def __init__(self) -> None:
         self.calls: list[FakeCall] = []
+        self.framed: list[Framed] = []
         self.hold_writes = False
 
     def GenerateFrames(self) -> Framed:
         call = FakeCall(hold_writes=self.hold_writes)
         self.calls.append(call)
-        return Framed(call, provider_pb2.GenerateFramesResponse)
+        self.framed.append(Framed(call, provider_pb2.GenerateFramesResponse))
+        return self.framed[-1]
 
     def GenerateStream(self) -> FakeCall:
         raise AssertionError("generations go on GenerateFrames")
