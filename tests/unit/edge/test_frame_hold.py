@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from switchyard.edge.generations import GenerationStreams
-from switchyard.edge.mux import Arrivals, CompanyHold
+from switchyard.edge.mux import Arrival, Arrivals, CompanyHold
 from tests.unit.edge.test_stream_retirement import FakeAdapter, ask, starts, until
 
 LONG_S = 60.0
@@ -43,32 +43,42 @@ def test_a_hold_lasts_while_someone_is_coming_and_zero_turns_it_off() -> None:
     assert CompanyHold(0.0, arrivals, "lookups")() == 0.0
 
 
-async def test_a_start_waits_for_one_on_its_way_and_they_share_a_stream_and_a_message() -> None:
+def held_streams(count: int) -> tuple[FakeAdapter, Arrivals, GenerationStreams]:
+    """Generation streams whose starts are held for company (60 s)."""
     adapter, arrivals = FakeAdapter(), Arrivals()
-    generations = GenerationStreams(
-        adapter,  # type: ignore[arg-type]
-        streams=2,
-        hold=CompanyHold(LONG_S, arrivals, "starts"),
-    )
+    hold = CompanyHold(LONG_S, arrivals, "starts")
+    return adapter, arrivals, GenerationStreams(adapter, streams=count, hold=hold)  # type: ignore[arg-type]
+
+
+async def lone_start(
+    adapter: FakeAdapter, arrivals: Arrivals, generations: GenerationStreams, call: int
+) -> None:
+    """A lone request's start: it goes at once, as the only one on `adapter.calls[call]`."""
+    arrivals.arrive().started()
+    generations.generate(ask(), timeout_s=30)
+    await until(lambda: len(adapter.calls) > call and len(starts(adapter.calls[call])) == 1)
+
+
+async def held_start(adapter: FakeAdapter, arrivals: Arrivals, generations: GenerationStreams) -> Arrival:
+    """A start held on the first call for a second request on its way (returned)."""
+    first, second = arrivals.arrive(), arrivals.arrive()
+    first.started()
+    before = starts(adapter.calls[0])
+    generations.generate(ask(), timeout_s=30)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert starts(adapter.calls[0]) == before  # held for the second request
+    return second
+
+
+async def test_a_start_waits_for_one_on_its_way_and_they_share_a_stream_and_a_message() -> None:
+    adapter, arrivals, generations = held_streams(2)
     try:
-        # A lone request's start goes at once (and opens the stream).
-        arrivals.arrive().started()
-        generations.generate(ask(), timeout_s=30)
-        await until(lambda: bool(adapter.calls) and starts(adapter.calls[0]) == [1])
-        # Its answer is in; the next start goes to the other stream in turn, opening it.
-        arrivals.arrive().started()
-        generations.generate(ask(), timeout_s=30)
-        await until(lambda: len(adapter.calls) == 2 and starts(adapter.calls[1]) == [2])
-        # Two requests on their way: the first start (back on the first stream) waits...
-        first, second = arrivals.arrive(), arrivals.arrive()
-        first.started()
-        generations.generate(ask(), timeout_s=30)
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert starts(adapter.calls[0]) == [1]
-        # ... for the second, which joins its frame rather than the next stream in turn.
+        await lone_start(adapter, arrivals, generations, 0)  # opens the first stream
+        await lone_start(adapter, arrivals, generations, 1)  # the next in turn: opens the second
+        second = await held_start(adapter, arrivals, generations)  # back on the first: held...
         second.started()
-        generations.generate(ask(), timeout_s=30)
+        generations.generate(ask(), timeout_s=30)  # ... until this joins it, not the next in turn
         await until(lambda: starts(adapter.calls[0]) == [1, 3, 4])
         assert len(adapter.calls) == 2 and adapter.framed[0].sizes == [1, 2]
         assert starts(adapter.calls[1]) == [2]
@@ -77,22 +87,10 @@ async def test_a_start_waits_for_one_on_its_way_and_they_share_a_stream_and_a_me
 
 
 async def test_a_held_start_goes_as_soon_as_the_request_it_waits_for_goes_another_way() -> None:
-    adapter, arrivals = FakeAdapter(), Arrivals()
-    generations = GenerationStreams(
-        adapter,  # type: ignore[arg-type]
-        streams=1,
-        hold=CompanyHold(LONG_S, arrivals, "starts"),
-    )
+    adapter, arrivals, generations = held_streams(1)
     try:
-        arrivals.arrive().started()
-        generations.generate(ask(), timeout_s=30)
-        await until(lambda: bool(adapter.calls) and starts(adapter.calls[0]) == [1])
-        first, second = arrivals.arrive(), arrivals.arrive()
-        first.started()
-        generations.generate(ask(), timeout_s=30)
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert starts(adapter.calls[0]) == [1]  # held for the second request
+        await lone_start(adapter, arrivals, generations, 0)
+        second = await held_start(adapter, arrivals, generations)
         second.left()  # a cache hit, say: it will start nothing
         await until(lambda: starts(adapter.calls[0]) == [1, 2])
         assert adapter.framed[0].sizes == [1, 1]

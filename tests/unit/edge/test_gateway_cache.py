@@ -22,7 +22,7 @@ from switchyard.common.settings import Settings
 from switchyard.edge import cache as edge_cache_module
 from switchyard.edge.admission import AdmissionController
 from switchyard.edge.cache import EdgeCache
-from switchyard.edge.gateway import EdgeGateway
+from switchyard.edge.gateway import EdgeGateway, RateLimit
 from switchyard.edge.mux import Arrivals, CompanyHold
 from switchyard.edge.pipeline import Caller, ChatPipeline
 from switchyard.v1 import cache_pb2, common_pb2, ledger_pb2
@@ -159,17 +159,29 @@ async def _no_limit(caller: Caller, model: object, tokens: int) -> None:
     return None
 
 
-def edge(providers: Providers, cache: InProcess, records: list[ledger_pb2.CommitRequest]) -> EdgeGateway:
+def edge(
+    providers: Providers,
+    cache: InProcess,
+    records: list[ledger_pb2.CommitRequest],
+    *,
+    rate_limit: RateLimit = _no_limit,
+    arrivals: Arrivals | None = None,
+) -> EdgeGateway:
+    """An edge on `cache`; with `arrivals`, its lookups are held for company (up to 60 s)."""
+    hold = CompanyHold(60.0, arrivals, "lookups") if arrivals is not None else None
     return EdgeGateway(
         CATALOG,
         providers,
         authenticate=_caller,
-        rate_limit=_no_limit,
+        rate_limit=rate_limit,
         admission=AdmissionController(4, max_queue=4, queue_timeout_s=1),
         dedup=None,
         record=records.append,
         # Offers go at once here (no gathering), so a test sees its store right after the answer.
-        cache=EdgeCache(cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1, store_linger_s=0),
+        cache=EdgeCache(
+            cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1, store_linger_s=0, hold=hold
+        ),
+        arrivals=arrivals,
     )
 
 
@@ -414,23 +426,7 @@ async def test_on_a_busy_edge_a_lookup_waits_for_the_ones_on_their_way_and_never
         if index == len(delays) - 1:
             raise SwitchyardError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED, "slow down")
 
-    gateway = EdgeGateway(
-        CATALOG,
-        providers,
-        authenticate=_caller,
-        rate_limit=rate_limit,
-        admission=AdmissionController(8, max_queue=8, queue_timeout_s=1),
-        dedup=None,
-        cache=EdgeCache(
-            cache,
-            max_temperature=0.0,
-            lookup_timeout_s=30,
-            store_timeout_s=1,
-            store_linger_s=0,
-            hold=CompanyHold(60.0, arrivals, "lookups"),
-        ),
-        arrivals=arrivals,
-    )
+    gateway = edge(providers, cache, [], rate_limit=rate_limit, arrivals=arrivals)
 
     def asking(text: str) -> common_pb2.ChatRequest:
         request = question()
