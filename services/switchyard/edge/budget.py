@@ -95,7 +95,11 @@ class LedgerLeases(Protocol):
     ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.ReturnLeaseRequest, ledger_pb2.ReturnLeaseResponse]: ...
 
     def ListBudgets(
-        self, request: ledger_pb2.ListBudgetsRequest, *, timeout: float | None = None
+        self,
+        request: ledger_pb2.ListBudgetsRequest,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
     ) -> grpc.aio.UnaryUnaryCall[ledger_pb2.ListBudgetsRequest, ledger_pb2.ListBudgetsResponse]: ...
 
     def WatchBudgets(
@@ -210,8 +214,12 @@ class LeaseBook:
         token = ""
         while True:
             try:
+                # As a lease: ride out a ledger (re)starting, or a connection the ledger just
+                # ended, within the timeout rather than fail at once.
                 page = await self._ledger.ListBudgets(
-                    ledger_pb2.ListBudgetsRequest(page_size=1000, page_token=token), timeout=self._timeout
+                    ledger_pb2.ListBudgetsRequest(page_size=1000, page_token=token),
+                    timeout=self._timeout,
+                    wait_for_ready=True,
                 )
             except grpc.aio.AioRpcError as exc:
                 raise _unavailable(from_rpc_error(exc).reason.value) from None

@@ -83,7 +83,11 @@ class FakeLedger:
         self.left = {b.budget_id: b.limit_micros for b in self.budgets.values()}
 
     async def ListBudgets(
-        self, request: ledger_pb2.ListBudgetsRequest, *, timeout: float | None = None
+        self,
+        request: ledger_pb2.ListBudgetsRequest,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
     ) -> ledger_pb2.ListBudgetsResponse:
         self.calls.append("list")
         if self.down:
