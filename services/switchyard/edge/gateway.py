@@ -221,11 +221,14 @@ class EdgeGateway:
             chunks: AsyncGenerator[common_pb2.ChatChunk, None] | None = None
             settle = None
             used = 0  # no usage: the vendor served nothing we can count
+            answering = False
             try:
                 settle = await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
                 chunks = self._answer(request, caller, timeout_s, admitted, arrival)
                 async for chunk in chunks:
-                    arrival.started()  # answering (a hit, a joiner): it queues nothing more
+                    if not answering:  # (a hit, a joiner): it queues nothing more
+                        answering = True
+                        arrival.started()
                     if settle is not None and chunk.HasField("usage"):
                         used = chunk.usage.input_tokens + chunk.usage.output_tokens
                     yield chunk

@@ -56,9 +56,9 @@ FRAME_COMPANY: Final = 1
 class Arrivals:
     """Requests at this edge that may still queue a cache lookup (`lookups`) or a generation
     start (`starts`): admitted, and not past that step yet. Kept by the gateway, one
-    `Arrival` per request. Frames held for them (`CompanyHold`) are nudged whenever one
-    leaves a count, so a frame never waits for a request that went another way (a cache hit,
-    an error)."""
+    `Arrival` per request. Frames held for them (`CompanyHold`) are nudged when a count falls
+    below `FRAME_COMPANY`, so a frame never waits for a request that went another way (a
+    cache hit, an error)."""
 
     __slots__ = ("_held", "lookups", "starts")
 
@@ -72,12 +72,14 @@ class Arrivals:
         return Arrival(self)
 
     def watch(self, queue: FrameQueue[Any]) -> None:
-        """Nudge `queue` whenever a request leaves a count (for as long as the queue lives)."""
+        """Nudge `queue` when a count falls below `FRAME_COMPANY` (for as long as it lives)."""
         self._held.add(queue)
 
-    def _left(self) -> None:
-        for queue in self._held:
-            queue.nudge()
+    def _left(self, count: int) -> None:
+        """A request left a count, which is now `count`: held frames may have to go."""
+        if count < FRAME_COMPANY:  # above it, every hold still says wait: nothing to tell
+            for queue in self._held:
+                queue.nudge()
 
 
 class Arrival:
@@ -96,16 +98,18 @@ class Arrival:
         """Its cache lookup is about to be queued, or it will not look up."""
         if self._lookup:
             self._lookup = False
-            self._arrivals.lookups -= 1
-            self._arrivals._left()
+            arrivals = self._arrivals
+            arrivals.lookups -= 1
+            arrivals._left(arrivals.lookups)
 
     def started(self) -> None:
         """Its generation start is about to be queued (or it needs none): past both steps."""
         self.looked_up()
         if self._start:
             self._start = False
-            self._arrivals.starts -= 1
-            self._arrivals._left()
+            arrivals = self._arrivals
+            arrivals.starts -= 1
+            arrivals._left(arrivals.starts)
 
     left = started
 
