@@ -23,6 +23,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
+from switchyard.cache.presence import announcement
 from switchyard.cache.store import (
     ENTRY_OVERHEAD_BYTES,
     CacheEntry,
@@ -520,6 +521,30 @@ async def test_an_entry_is_a_hash_that_redis_expires_on_time(redis_client: Redis
     assert await store.get(entry.key) is not None
     assert await redis_client.hget(f"{prefix}e:{entry.key}", "hits") == b"1"
     assert await store.used_bytes() == footprint(entry)
+
+
+async def test_an_admitted_entry_is_announced_with_its_expiry_and_a_refused_one_is_not(
+    redis_client: Redis, prefix: str
+) -> None:
+    quiet = RedisStore(redis_client, prefix=prefix, max_bytes=1_000_000)
+    now = time.time()
+    assert await quiet.put(CacheEntry(key(1), "acme", "m/a", PAYLOAD, 77, now, now + 30.0))
+    assert await redis_client.xlen(f"{prefix}present") == 0  # announce 0: nothing
+
+    store = RedisStore(redis_client, prefix=prefix, max_bytes=footprint_of_one(), announce=100)
+    entry = CacheEntry(key(2), "acme", "m/a", PAYLOAD, 77, now, now + 30.0)
+    assert await store.put(entry)
+    cheap = CacheEntry(key(3), "acme", "m/a", PAYLOAD, 0, now, now + 30.0)
+    assert not await store.put(cheap)  # worth less than what it would evict
+    announced = await redis_client.xrange(f"{prefix}present")
+    assert [fields for _id, fields in announced] == [
+        {b"b": announcement(entry.key, math.ceil(entry.expires_at * 1000))}
+    ]
+
+
+def footprint_of_one() -> int:
+    """A bound that holds one entry of `PAYLOAD` under a short key, not two."""
+    return footprint(CacheEntry(key(0), "acme", "m/a", PAYLOAD, 0, 0.0, 0.0)) + 10
 
 
 async def test_an_end_users_index_is_a_sorted_set_that_outlives_their_entries(

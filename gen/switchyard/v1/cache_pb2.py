@@ -27,47 +27,53 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchyard.v1 import common_pb2 as switchyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19switchyard/v1/cache.proto\x12\rswitchyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1aswitchyard/v1/common.proto\"\xc3\x01\n\x0c\x43\x61\x63hedAnswer\x12$\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x14.switchyard.v1.Delta\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.switchyard.v1.FinishReason\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\"^\n\rLookupRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\r\n\x05model\x18\x03 \x01(\t\"\xc2\x01\n\x0eLookupResponse\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.switchyard.v1.CacheStatus\x12+\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1b.switchyard.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x14\n\x0csaved_micros\x18\x04 \x01(\x03\x12-\n\tstored_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x13LookupStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x06lookup\x18\x02 \x01(\x0b\x32\x1c.switchyard.v1.LookupRequest\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\"H\n\x13LookupFramesRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".switchyard.v1.LookupStreamRequest\"J\n\x14LookupFramesResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.switchyard.v1.LookupStreamResponse\"t\n\x14LookupStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x06lookup\x18\x02 \x01(\x0b\x32\x1d.switchyard.v1.LookupResponse\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\x9c\x01\n\x0cStoreRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\r\n\x05model\x18\x03 \x01(\t\x12+\n\x06\x61nswer\x18\x04 \x01(\x0b\x32\x1b.switchyard.v1.CachedAnswer\x12\x10\n\x08\x65nd_user\x18\x05 \x01(\t\"F\n\rStoreResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x10StoreManyRequest\x12+\n\x06stores\x18\x01 \x03(\x0b\x32\x1b.switchyard.v1.StoreRequest\"B\n\x11StoreManyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.switchyard.v1.StoreResponse\"\\\n\x11InvalidateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bkey_pattern\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x04 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"$\n\x0fGetStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xb9\x01\n\x10GetStatsResponse\x12\x0f\n\x07lookups\x18\x01 \x01(\x04\x12\x12\n\nexact_hits\x18\x02 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x04\x12\x14\n\x0csaved_micros\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x15\n\rp50_lookup_ms\x18\x07 \x01(\x01\x12\x15\n\rp99_lookup_ms\x18\x08 \x01(\x01\"\x18\n\x16GetCapabilitiesRequest\"f\n\x17GetCapabilitiesResponse\x12\r\n\x05\x65xact\x18\x01 \x01(\x08\x12\x10\n\x08semantic\x18\x02 \x01(\x08\x12\x10\n\x08\x65mbedder\x18\x03 \x01(\t\x12\x18\n\x10streaming_replay\x18\x04 \x01(\x08\x32\xa5\x05\n\x0c\x43\x61\x63heService\x12\x45\n\x06Lookup\x12\x1c.switchyard.v1.LookupRequest\x1a\x1d.switchyard.v1.LookupResponse\x12[\n\x0cLookupStream\x12\".switchyard.v1.LookupStreamRequest\x1a#.switchyard.v1.LookupStreamResponse(\x01\x30\x01\x12[\n\x0cLookupFrames\x12\".switchyard.v1.LookupFramesRequest\x1a#.switchyard.v1.LookupFramesResponse(\x01\x30\x01\x12\x42\n\x05Store\x12\x1b.switchyard.v1.StoreRequest\x1a\x1c.switchyard.v1.StoreResponse\x12N\n\tStoreMany\x12\x1f.switchyard.v1.StoreManyRequest\x1a .switchyard.v1.StoreManyResponse\x12Q\n\nInvalidate\x12 .switchyard.v1.InvalidateRequest\x1a!.switchyard.v1.InvalidateResponse\x12K\n\x08GetStats\x12\x1e.switchyard.v1.GetStatsRequest\x1a\x1f.switchyard.v1.GetStatsResponse\x12`\n\x0fGetCapabilities\x12%.switchyard.v1.GetCapabilitiesRequest\x1a&.switchyard.v1.GetCapabilitiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19switchyard/v1/cache.proto\x12\rswitchyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1aswitchyard/v1/common.proto\"\xc3\x01\n\x0c\x43\x61\x63hedAnswer\x12$\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x14.switchyard.v1.Delta\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.switchyard.v1.FinishReason\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\"^\n\rLookupRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\r\n\x05model\x18\x03 \x01(\t\"\xc2\x01\n\x0eLookupResponse\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.switchyard.v1.CacheStatus\x12+\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1b.switchyard.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x14\n\x0csaved_micros\x18\x04 \x01(\x03\x12-\n\tstored_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x01\n\x13LookupStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x06lookup\x18\x02 \x01(\x0b\x32\x1c.switchyard.v1.LookupRequest\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\x12\x15\n\rwant_presence\x18\x04 \x01(\x08\x12@\n\x07skipped\x18\x05 \x03(\x0b\x32/.switchyard.v1.LookupStreamRequest.SkippedEntry\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"H\n\x13LookupFramesRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".switchyard.v1.LookupStreamRequest\"J\n\x14LookupFramesResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.switchyard.v1.LookupStreamResponse\"\xa2\x01\n\x14LookupStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x06lookup\x18\x02 \x01(\x0b\x32\x1d.switchyard.v1.LookupResponse\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12,\n\x08presence\x18\x04 \x01(\x0b\x32\x1a.switchyard.v1.KeyPresence\":\n\x0bKeyPresence\x12\x0c\n\x04keys\x18\x01 \x03(\x06\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x0b\n\x03off\x18\x03 \x01(\t\"\x9c\x01\n\x0cStoreRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.switchyard.v1.ChatRequest\x12\r\n\x05model\x18\x03 \x01(\t\x12+\n\x06\x61nswer\x18\x04 \x01(\x0b\x32\x1b.switchyard.v1.CachedAnswer\x12\x10\n\x08\x65nd_user\x18\x05 \x01(\t\"F\n\rStoreResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x10StoreManyRequest\x12+\n\x06stores\x18\x01 \x03(\x0b\x32\x1b.switchyard.v1.StoreRequest\"B\n\x11StoreManyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.switchyard.v1.StoreResponse\"\\\n\x11InvalidateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bkey_pattern\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x04 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"$\n\x0fGetStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xb9\x01\n\x10GetStatsResponse\x12\x0f\n\x07lookups\x18\x01 \x01(\x04\x12\x12\n\nexact_hits\x18\x02 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x04\x12\x14\n\x0csaved_micros\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x15\n\rp50_lookup_ms\x18\x07 \x01(\x01\x12\x15\n\rp99_lookup_ms\x18\x08 \x01(\x01\"\x18\n\x16GetCapabilitiesRequest\"f\n\x17GetCapabilitiesResponse\x12\r\n\x05\x65xact\x18\x01 \x01(\x08\x12\x10\n\x08semantic\x18\x02 \x01(\x08\x12\x10\n\x08\x65mbedder\x18\x03 \x01(\t\x12\x18\n\x10streaming_replay\x18\x04 \x01(\x08\x32\xa5\x05\n\x0c\x43\x61\x63heService\x12\x45\n\x06Lookup\x12\x1c.switchyard.v1.LookupRequest\x1a\x1d.switchyard.v1.LookupResponse\x12[\n\x0cLookupStream\x12\".switchyard.v1.LookupStreamRequest\x1a#.switchyard.v1.LookupStreamResponse(\x01\x30\x01\x12[\n\x0cLookupFrames\x12\".switchyard.v1.LookupFramesRequest\x1a#.switchyard.v1.LookupFramesResponse(\x01\x30\x01\x12\x42\n\x05Store\x12\x1b.switchyard.v1.StoreRequest\x1a\x1c.switchyard.v1.StoreResponse\x12N\n\tStoreMany\x12\x1f.switchyard.v1.StoreManyRequest\x1a .switchyard.v1.StoreManyResponse\x12Q\n\nInvalidate\x12 .switchyard.v1.InvalidateRequest\x1a!.switchyard.v1.InvalidateResponse\x12K\n\x08GetStats\x12\x1e.switchyard.v1.GetStatsRequest\x1a\x1f.switchyard.v1.GetStatsResponse\x12`\n\x0fGetCapabilities\x12%.switchyard.v1.GetCapabilitiesRequest\x1a&.switchyard.v1.GetCapabilitiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchyard.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LOOKUPSTREAMREQUEST_SKIPPEDENTRY']._loaded_options = None
+  _globals['_LOOKUPSTREAMREQUEST_SKIPPEDENTRY']._serialized_options = b'8\001'
   _globals['_CACHEDANSWER']._serialized_start=131
   _globals['_CACHEDANSWER']._serialized_end=326
   _globals['_LOOKUPREQUEST']._serialized_start=328
   _globals['_LOOKUPREQUEST']._serialized_end=422
   _globals['_LOOKUPRESPONSE']._serialized_start=425
   _globals['_LOOKUPRESPONSE']._serialized_end=619
-  _globals['_LOOKUPSTREAMREQUEST']._serialized_start=621
-  _globals['_LOOKUPSTREAMREQUEST']._serialized_end=721
-  _globals['_LOOKUPFRAMESREQUEST']._serialized_start=723
-  _globals['_LOOKUPFRAMESREQUEST']._serialized_end=795
-  _globals['_LOOKUPFRAMESRESPONSE']._serialized_start=797
-  _globals['_LOOKUPFRAMESRESPONSE']._serialized_end=871
-  _globals['_LOOKUPSTREAMRESPONSE']._serialized_start=873
-  _globals['_LOOKUPSTREAMRESPONSE']._serialized_end=989
-  _globals['_STOREREQUEST']._serialized_start=992
-  _globals['_STOREREQUEST']._serialized_end=1148
-  _globals['_STORERESPONSE']._serialized_start=1150
-  _globals['_STORERESPONSE']._serialized_end=1220
-  _globals['_STOREMANYREQUEST']._serialized_start=1222
-  _globals['_STOREMANYREQUEST']._serialized_end=1285
-  _globals['_STOREMANYRESPONSE']._serialized_start=1287
-  _globals['_STOREMANYRESPONSE']._serialized_end=1353
-  _globals['_INVALIDATEREQUEST']._serialized_start=1355
-  _globals['_INVALIDATEREQUEST']._serialized_end=1447
-  _globals['_INVALIDATERESPONSE']._serialized_start=1449
-  _globals['_INVALIDATERESPONSE']._serialized_end=1486
-  _globals['_GETSTATSREQUEST']._serialized_start=1488
-  _globals['_GETSTATSREQUEST']._serialized_end=1524
-  _globals['_GETSTATSRESPONSE']._serialized_start=1527
-  _globals['_GETSTATSRESPONSE']._serialized_end=1712
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1714
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1738
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1740
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1842
-  _globals['_CACHESERVICE']._serialized_start=1845
-  _globals['_CACHESERVICE']._serialized_end=2522
+  _globals['_LOOKUPSTREAMREQUEST']._serialized_start=622
+  _globals['_LOOKUPSTREAMREQUEST']._serialized_end=859
+  _globals['_LOOKUPSTREAMREQUEST_SKIPPEDENTRY']._serialized_start=813
+  _globals['_LOOKUPSTREAMREQUEST_SKIPPEDENTRY']._serialized_end=859
+  _globals['_LOOKUPFRAMESREQUEST']._serialized_start=861
+  _globals['_LOOKUPFRAMESREQUEST']._serialized_end=933
+  _globals['_LOOKUPFRAMESRESPONSE']._serialized_start=935
+  _globals['_LOOKUPFRAMESRESPONSE']._serialized_end=1009
+  _globals['_LOOKUPSTREAMRESPONSE']._serialized_start=1012
+  _globals['_LOOKUPSTREAMRESPONSE']._serialized_end=1174
+  _globals['_KEYPRESENCE']._serialized_start=1176
+  _globals['_KEYPRESENCE']._serialized_end=1234
+  _globals['_STOREREQUEST']._serialized_start=1237
+  _globals['_STOREREQUEST']._serialized_end=1393
+  _globals['_STORERESPONSE']._serialized_start=1395
+  _globals['_STORERESPONSE']._serialized_end=1465
+  _globals['_STOREMANYREQUEST']._serialized_start=1467
+  _globals['_STOREMANYREQUEST']._serialized_end=1530
+  _globals['_STOREMANYRESPONSE']._serialized_start=1532
+  _globals['_STOREMANYRESPONSE']._serialized_end=1598
+  _globals['_INVALIDATEREQUEST']._serialized_start=1600
+  _globals['_INVALIDATEREQUEST']._serialized_end=1692
+  _globals['_INVALIDATERESPONSE']._serialized_start=1694
+  _globals['_INVALIDATERESPONSE']._serialized_end=1731
+  _globals['_GETSTATSREQUEST']._serialized_start=1733
+  _globals['_GETSTATSREQUEST']._serialized_end=1769
+  _globals['_GETSTATSRESPONSE']._serialized_start=1772
+  _globals['_GETSTATSRESPONSE']._serialized_end=1957
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1959
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1983
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1985
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=2087
+  _globals['_CACHESERVICE']._serialized_start=2090
+  _globals['_CACHESERVICE']._serialized_end=2767
 # @@protoc_insertion_point(module_scope)

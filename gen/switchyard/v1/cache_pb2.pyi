@@ -126,25 +126,61 @@ Global___LookupResponse: _TypeAlias = LookupResponse  # noqa: Y015
 class LookupStreamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SkippedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     LOOKUP_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    WANT_PRESENCE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """Chosen by the caller, repeated in the answer."""
+    """Chosen by the caller, repeated in the answer. 0: not a lookup, but word from the caller
+    (`want_presence`, `skipped`), never answered.
+    """
     traceparent: _builtins.str
     """The caller's W3C traceparent: the lookup is recorded in that request's trace."""
+    want_presence: _builtins.bool
+    """(id 0) Send this call the exact keys the replica holds, then each key
+    as it is stored (`LookupStreamResponse.presence`).
+    """
     @_builtins.property
     def lookup(self) -> Global___LookupRequest: ...
+    @_builtins.property
+    def skipped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """(id 0) Lookups the caller answered MISS itself since its last report, by tenant, because
+        the presence said so: they count in GetStats as lookups that missed.
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         lookup: Global___LookupRequest | None = ...,
         traceparent: _builtins.str = ...,
+        want_presence: _builtins.bool = ...,
+        skipped: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lookup", b"lookup", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "lookup", b"lookup", "skipped", b"skipped", "traceparent", b"traceparent", "want_presence", b"want_presence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,6 +233,7 @@ class LookupStreamResponse(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     LOOKUP_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def lookup(self) -> Global___LookupResponse: ...
@@ -206,20 +243,69 @@ class LookupStreamResponse(_message.Message):
         its ErrorInfo in the details.
         """
 
+    @_builtins.property
+    def presence(self) -> Global___KeyPresence:
+        """(id 0, to a call that asked `want_presence`) The exact keys this replica can answer."""
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         lookup: Global___LookupResponse | None = ...,
         error: _status_pb2.Status | None = ...,
+        presence: Global___KeyPresence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lookup", b"lookup"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lookup", b"lookup", "presence", b"presence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "lookup", b"lookup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "lookup", b"lookup", "presence", b"presence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupStreamResponse: _TypeAlias = LookupStreamResponse  # noqa: Y015
+
+@_typing.final
+class KeyPresence(_message.Message):
+    """Which exact entries a cache replica holds, so a caller can answer a lookup sure to miss
+    itself and spare the hop. A key is named by its fingerprint: the first 8 bytes (big-endian)
+    of the BLAKE2b digest of the entry key (`switchyard.cache.presence.fingerprint`). The
+    replica sends each key it admits, and each key its peers admit to a shared store, as it
+    learns of it, so a fingerprint the caller does not know means no entry, give or take the
+    time a store takes to travel; a known one may be stale (removed or expired since), which
+    costs only a lookup.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    OFF_FIELD_NUMBER: _builtins.int
+    complete: _builtins.bool
+    """True: `keys` are every key the replica knows, in place of what the caller had; false:
+    keys stored since the last message.
+    """
+    off: _builtins.str
+    """Set when the replica cannot say a lookup will miss (semantic matching on: a paraphrase
+    may answer; too many keys; its shared store unreachable): the caller asks every lookup
+    until a complete presence comes.
+    """
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Fingerprints of entry keys."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.int] | None = ...,
+        complete: _builtins.bool = ...,
+        off: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "keys", b"keys", "off", b"off"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyPresence: _TypeAlias = KeyPresence  # noqa: Y015
 
 @_typing.final
 class StoreRequest(_message.Message):

@@ -98,8 +98,9 @@ class CacheServiceServicer:
 
     def LookupFrames(self, request_iterator, context):
         """LookupStream in frames: each message carries every lookup (or answer) its writer had
-        waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
-        held back to fill a frame.
+        waiting when it wrote, so a busy stream costs one message where it cost many. A caller
+        may also ask, on this call, for the exact keys the replica holds (`want_presence`), and
+        then skip a lookup sure to miss (`KeyPresence`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,8 +41,9 @@ class CacheServiceStub:
     """
     LookupFrames: _grpc.StreamStreamMultiCallable[_cache_pb2.LookupFramesRequest, _cache_pb2.LookupFramesResponse]
     """LookupStream in frames: each message carries every lookup (or answer) its writer had
-    waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
-    held back to fill a frame.
+    waiting when it wrote, so a busy stream costs one message where it cost many. A caller
+    may also ask, on this call, for the exact keys the replica holds (`want_presence`), and
+    then skip a lookup sure to miss (`KeyPresence`).
     """
     Store: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]
     """Offer an answer for caching; admission decides."""
@@ -71,8 +72,9 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """
     LookupFrames: _aio.StreamStreamMultiCallable[_cache_pb2.LookupFramesRequest, _cache_pb2.LookupFramesResponse]  # type: ignore[assignment]
     """LookupStream in frames: each message carries every lookup (or answer) its writer had
-    waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
-    held back to fill a frame.
+    waiting when it wrote, so a busy stream costs one message where it cost many. A caller
+    may also ask, on this call, for the exact keys the replica holds (`want_presence`), and
+    then skip a lookup sure to miss (`KeyPresence`).
     """
     Store: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]  # type: ignore[assignment]
     """Offer an answer for caching; admission decides."""
@@ -116,8 +118,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cache_pb2.LookupFramesResponse], _abc.AsyncIterator[_cache_pb2.LookupFramesResponse]]:
         """LookupStream in frames: each message carries every lookup (or answer) its writer had
-        waiting when it wrote, so a busy stream costs one message where it cost many. Nothing is
-        held back to fill a frame.
+        waiting when it wrote, so a busy stream costs one message where it cost many. A caller
+        may also ask, on this call, for the exact keys the replica holds (`want_presence`), and
+        then skip a lookup sure to miss (`KeyPresence`).
         """
 
     @_abc_1.abstractmethod

@@ -12,8 +12,13 @@
   request produced it (the offer's `end_user`, else its request's `metadata.end_user`), never
   the id, and the store indexes entries by it; with Redis, the erasure also reaches the other
   replicas' semantic indexes and the vector feed they share (cache/vectors.py);
-* `GetStats` counts lookups, exact and semantic hits and savings per tenant, with lookup
-  latency percentiles;
+* `LookupFrames` calls that ask (`want_presence`) are sent the fingerprints of the keys this
+  replica can answer, then each key as it is admitted here or, with Redis, by a peer
+  (cache/presence.py), so an edge answers a lookup sure to miss itself; it reports how many
+  it answered (`skipped`);
+* `GetStats` counts lookups (those the edges answered from the presence as misses), exact and
+  semantic hits and savings per tenant, with lookup latency percentiles (of the lookups this
+  replica answered);
 * `GetCapabilities` says what this cache does: exact matching and streaming replay always,
   semantic matching when the local embedder is installed (the `semantic` extra) and on.
 
@@ -37,8 +42,16 @@ from redis.exceptions import RedisError
 from switchyard.cache.embed import Embedder, load_local_embedder, unavailable_reason
 from switchyard.cache.embed_provider import ProviderEmbedder, parse_embedder_setting
 from switchyard.cache.keys import cache_key, key_matches
+from switchyard.cache.presence import (
+    LOADING,
+    PRESENT_STREAM_MAXLEN,
+    SEMANTIC_ON,
+    KeyPresence,
+    build_presence_feed,
+    fingerprint,
+)
 from switchyard.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex, literals_of, question_text, scope_of
-from switchyard.cache.store import CacheEntry, CacheStore, build_store
+from switchyard.cache.store import REDIS_PREFIX, CacheEntry, CacheStore, build_store
 from switchyard.cache.ttl import classify_ttl
 from switchyard.cache.vectors import (
     IndexedQuestion,
@@ -102,6 +115,10 @@ class CacheStats:
         stats.saved_micros += saved_micros
         self._latencies_ms.append(latency_ms)
 
+    def skipped(self, tenant_id: str, lookups: int) -> None:
+        """Count lookups an edge answered as misses from the presence (no latency here)."""
+        self._tenants.setdefault(tenant_id, _TenantStats()).lookups += lookups
+
     def response(self, tenant_id: str) -> cache_pb2.GetStatsResponse:
         """The counters of one tenant, or of all when `tenant_id` is empty."""
         chosen = [self._tenants[tenant_id]] if tenant_id in self._tenants else []
@@ -153,8 +170,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         semantic_off_reason: str = SEMANTIC_OFF,
         vectors: VectorFeed | None = None,
         tenant_thresholds: Mapping[str, float] | None = None,
+        presence: KeyPresence | None = None,
     ) -> None:
         self._store = store
+        self.presence = (
+            presence if presence is not None else KeyPresence(off=SEMANTIC_ON if semantic is not None else "")
+        )
+        """The keys this replica can answer, for the edges (a peer's admissions come by `PresenceFeed`)."""
         self._vectors = vectors
         self._tenant_thresholds = dict(tenant_thresholds or {})
         self._ttl_overrides = ttl_overrides
@@ -191,7 +213,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         mux: Multiplexer[cache_pb2.LookupStreamRequest, cache_pb2.LookupStreamResponse],
         item: cache_pb2.LookupStreamRequest,
     ) -> None:
-        if mux.draining:  # the caller takes it as a miss
+        if item.id == 0:  # word from the caller, not a lookup
+            if item.want_presence:
+                self.presence.follow(mux)
+            for tenant_id, lookups in item.skipped.items():
+                self.stats.skipped(tenant_id, lookups)
+        elif mux.draining:  # the caller takes it as a miss
             mux.send(cache_pb2.LookupStreamResponse(id=item.id, error=_SHUTTING_DOWN.to_status_proto()))
         else:
             await mux.start(item.id, self._answer_lookup(mux, item))
@@ -320,6 +347,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             end_user_hash=end_user_hash,
         )
         admitted = await self._store.put(entry)
+        if admitted:
+            self.presence.add(((fingerprint(entry.key), entry.expires_at),))
         text = question_text(request.request)
         if admitted and self._semantic is not None and text:
             try:
@@ -525,6 +554,7 @@ def build(settings: Settings) -> ServiceParts:
         max_bytes=settings.cache_max_bytes,
         l1_entries=settings.cache_l1_entries,
         end_user_key=erasure_key.encode() if erasure_key else None,
+        announce=PRESENT_STREAM_MAXLEN,
     )
     semantic: SemanticIndex | None = None
     off = "off: SWITCHYARD_CACHE_SEMANTIC is false"
@@ -542,6 +572,8 @@ def build(settings: Settings) -> ServiceParts:
     )
     # Even with semantic matching off here: an erasure still purges what other replicas shared.
     vectors = build_vector_feed(settings.redis_url)
+    # With semantic matching on, a paraphrase may answer: no lookup is sure to miss.
+    announcements = build_presence_feed(settings.redis_url, REDIS_PREFIX) if semantic is None else None
     servicer = CacheServicer(
         store,
         semantic=semantic,
@@ -554,6 +586,9 @@ def build(settings: Settings) -> ServiceParts:
             if tenant.semantic_threshold is not None
         },
     )
+    presence = servicer.presence
+    if announcements is not None:  # the shared store's keys: until they are read, ask every lookup
+        presence.lost(LOADING)
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:
@@ -566,11 +601,15 @@ def build(settings: Settings) -> ServiceParts:
         if vectors is not None and semantic is not None:
             await servicer.rebuild_index()  # before serving: a new replica starts complete
             tasks.append(asyncio.create_task(servicer.follow_vectors(), name="cache-vectors"))
+        if announcements is not None:  # the keys present, before serving; then the peers'
+            await announcements.start(presence)
 
     async def close() -> None:
         await cancel_all(tasks)
         if vectors is not None:
             await vectors.close()
+        if announcements is not None:
+            await announcements.close()
         await store.close()
         await channels.close()
 

@@ -51,6 +51,8 @@ Redis layout (`<p>` is the prefix, `<key>` the entry key):
     <p>tbytes           hash: tenant -> data bytes
     <p>bytes            the total footprint (counter)
     <p>L                the inflation value
+    <p>present          stream: "<expires_ms>:<key>" of each entry as it is admitted, added by
+                        the put script itself (cache/presence.py), about `announce` long
 
 `put`, `get`, removal and the stats read are Lua scripts (EVALSHA, reloaded on NOSCRIPT), each
 atomic, so replicas never see half an entry or a counter out of step with the indexes. An entry
@@ -93,6 +95,7 @@ from switchyard.common.redis_client import open_redis
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
+    "REDIS_PREFIX",
     "CacheEntry",
     "CacheStore",
     "LruCache",
@@ -118,6 +121,7 @@ _REDIS_ERRORS: Final = (RedisError, OSError)
 _PURGE_LIMIT: Final = 1_000
 _STATS_PURGE_LIMIT: Final = 10_000
 _INVALIDATE_BATCH: Final = 500
+REDIS_PREFIX: Final = "switchyard:cache:"
 _SCAN_COUNT: Final = 500
 
 _T = TypeVar("_T")
@@ -641,8 +645,8 @@ end
 """
 
 # ARGV[3..]: key, tenant, model, payload, cost, stored_at, expires_at, expires_ms, hits,
-# footprint, max_bytes, purge limit, end user hash ('' = none). Returns 1 when stored, 0 when
-# refused.
+# footprint, max_bytes, purge limit, end user hash ('' = none), the presence stream's length
+# (about; 0: no announcement). Returns 1 when stored, 0 when refused.
 _PUT_SCRIPT: Final = (
     _PRELUDE
     + """
@@ -724,6 +728,10 @@ redis.call('HINCRBY', P .. 'tbytes', tenant, fp - OVERHEAD)
 redis.call('ZADD', P .. 'idx:' .. tenant, expires_ms, key)
 redis.call('ZADD', P .. 'exp', expires_ms, key)
 redis.call('ZADD', P .. 'prio', string.format('%.17g', priority), key)
+local announce = tonumber(ARGV[16])
+if announce > 0 then
+  redis.call('XADD', P .. 'present', 'MAXLEN', '~', announce, '*', 'b', ARGV[10] .. ':' .. key)
+end
 return 1
 """
 )
@@ -834,20 +842,24 @@ class RedisStore:
     `max_bytes` bounds the footprints counted in Redis (not Redis's own memory use; leave Redis
     room for its overhead). A client passed in stays the caller's unless `owns_client`.
     `end_user_key` hashes end users; None: a random one kept in Redis, shared by the replicas.
+    `announce` > 0: each admitted entry is announced on the presence stream, kept about that
+    many entries long (cache/presence.py).
     """
 
     def __init__(
         self,
         client: Redis,
         *,
-        prefix: str = "switchyard:cache:",
+        prefix: str = REDIS_PREFIX,
         max_bytes: int,
         owns_client: bool = False,
         end_user_key: bytes | None = None,
+        announce: int = 0,
     ) -> None:
         _check_max_bytes(max_bytes)
         self.max_bytes = max_bytes
         self.prefix = prefix
+        self._announce = announce
         self._end_user_key = _end_user_key(end_user_key)
         self._client = client
         self._owns_client = owns_client
@@ -910,6 +922,7 @@ class RedisStore:
             self.max_bytes,
             _PURGE_LIMIT,
             entry.end_user_hash,
+            self._announce,
         )
         stored = await self._call("put", self._put_script(keys=[], args=args))
         return int(stored) == 1
@@ -992,11 +1005,17 @@ def _batches(items: list[str], size: int) -> Iterable[list[str]]:
 
 
 def build_store(
-    redis_url: str | None, *, max_bytes: int, l1_entries: int, end_user_key: bytes | None = None
+    redis_url: str | None,
+    *,
+    max_bytes: int,
+    l1_entries: int,
+    end_user_key: bytes | None = None,
+    announce: int = 0,
 ) -> CacheStore:
     """The store for a cache replica: L1 in front of Redis when `redis_url` is set (no L1 when
     `l1_entries` is 0), else one `MemoryStore` (an L1 in front of memory would only copy it).
-    `end_user_key` hashes end users (None: the store keeps a key of its own).
+    `end_user_key` hashes end users (None: the store keeps a key of its own); `announce` > 0
+    announces admitted entries to the other replicas (`RedisStore`).
 
     The Redis client is lazy (no connection until the first call) and owned by the store.
     """
@@ -1007,6 +1026,7 @@ def build_store(
         max_bytes=max_bytes,
         owns_client=True,
         end_user_key=end_user_key,
+        announce=announce,
     )
     if l1_entries <= 0:
         return l2

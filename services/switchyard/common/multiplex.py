@@ -139,6 +139,8 @@ class Multiplexer(Generic[_Request, _Response]):
         self._running: dict[int, asyncio.Task[None]] = {}
         self.draining = False
         """Shutting down: start no new work; the call ends once the running work is done."""
+        self.ended = False
+        """The call is over: what is sent now goes nowhere."""
 
     def drain(self) -> None:
         """Take no new work, and end the call as soon as nothing runs."""
@@ -203,6 +205,7 @@ class Multiplexer(Generic[_Request, _Response]):
             while (answers := await self._out.frame()) is not None:
                 yield answers
         finally:
+            self.ended = True
             reader.cancel()
             for task in list(self._running.values()):
                 task.cancel()

@@ -4,7 +4,8 @@ One stream entry per item (field `b`, the item's bytes), trimmed to about `maxle
 A replica that starts reads the recent history first (`history`), then follows the stream
 from where the history ended (`subscribe`), so it misses nothing in between. Readers block on
 XREAD; after a Redis error they log once per outage and retry with backoff from the last
-entry they read. Publishing while Redis is down raises UNAVAILABLE.
+entry they read (`outage`, when given, hears when reads fail and when they resume).
+Publishing while Redis is down raises UNAVAILABLE.
 
 The health monitor shares attempt outcomes this way (health/feed.py) and the cache shares the
 vectors of the questions it stores (cache/vectors.py).
@@ -51,6 +52,7 @@ class RedisStreamFeed(Generic[T]):
         encode: Callable[[T], bytes],
         decode: Callable[[bytes], T],
         name: str,
+        outage: Callable[[bool], None] | None = None,
     ) -> None:
         self._client = client
         self._stream = stream
@@ -62,6 +64,7 @@ class RedisStreamFeed(Generic[T]):
         self._start_id: bytes | str = "$"
         self._closed = False
         self._outage = False
+        self._on_outage = outage
 
     async def publish(self, item: T) -> None:
         """XADD the item as one entry."""
@@ -106,6 +109,10 @@ class RedisStreamFeed(Generic[T]):
                 items.append(item)
         return items
 
+    async def start_here(self) -> None:
+        """Later subscriptions start after the stream's newest entry, as after `history`."""
+        self._start_id = await self._newest_id()
+
     def subscribe(self) -> AsyncIterator[T]:
         """Every item after the end of `history` (or, without it, after the first read)."""
         return self._follow(self._start_id)
@@ -126,12 +133,16 @@ class RedisStreamFeed(Generic[T]):
                 if not self._outage:
                     self._outage = True
                     log.warning("stream_read_failed", feed=self._name, error=type(exc).__name__)
+                    if self._on_outage is not None:
+                        self._on_outage(True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_CAP_S)
                 continue
             if self._outage:
                 self._outage = False
                 log.info("stream_read_resumed", feed=self._name)
+                if self._on_outage is not None:
+                    self._on_outage(False)
             delay = _BACKOFF_FIRST_S
             for entry_id, fields in _read_entries(reply):
                 last_id = entry_id

@@ -131,6 +131,8 @@ class Settings(BaseModel):
     # Response cache. The edge looks up and stores cacheable requests (see cache/keys.py):
     # with no cache policy, only those with a temperature at or below this.
     edge_cache: bool = True
+    # The edge asks the cache for the keys it holds and answers a lookup sure to miss itself.
+    edge_cache_presence: bool = True
     cache_max_temperature: float = Field(default=0.0, ge=0)
     # Seconds the edge waits for a lookup before answering from the provider instead.
     cache_lookup_timeout_s: float = Field(default=0.25, gt=0)
@@ -175,6 +177,7 @@ class Settings(BaseModel):
             "SWITCHYARD_EDGE_FRAME_LINGER_S": "edge_frame_linger_s",
             "SWITCHYARD_EDGE_REGION": "edge_region",
             "SWITCHYARD_EDGE_CACHE": "edge_cache",
+            "SWITCHYARD_EDGE_CACHE_PRESENCE": "edge_cache_presence",
             "SWITCHYARD_CACHE_MAX_TEMPERATURE": "cache_max_temperature",
             "SWITCHYARD_CACHE_LOOKUP_TIMEOUT_S": "cache_lookup_timeout_s",
             "SWITCHYARD_CACHE_MAX_BYTES": "cache_max_bytes",

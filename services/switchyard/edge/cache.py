@@ -15,9 +15,13 @@ lookups are answered. A cache without `LookupFrames` (UNIMPLEMENTED: an older bu
 them on `LookupStream`, a message each, from then on.
 Stores go on `StoreMany` calls of their own, each free to reach any replica.
 
-A hit is replayed as the chunks a provider would have sent: a routing chunk (the model and
-provider that made the answer, reason "cache"), the deltas as they were streamed (tool-call
-fragments included), the usage, and a done with cache status HIT_EXACT, cost 0 and the saving.
+With `presence`, each `LookupFrames` call asks the replica it reaches for the keys it can
+answer (cache/presence.py): once they have come, the lookup of a request the edge serves
+alone whose key is not among them is answered as a miss here, sparing the hop (the cache
+counts these lookups from the reports the edge sends each `SKIP_REPORT_S`). A call past its
+age asks again, so no presence older than a call is used. A key stored moments ago may be
+missed by a lookup racing its announcement, as it would by a lookup racing the store
+itself; what this edge stored it knows as soon as the cache has answered the store.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Final, Protocol
 
 import grpc
 
-from switchyard.cache.keys import AUTO, CacheDecision, cache_decision
+from switchyard.cache.keys import AUTO, CacheDecision, cache_decision, cache_key
+from switchyard.cache.presence import fingerprint
 from switchyard.common.errors import SwitchyardError, from_status
 from switchyard.common.logging import get_logger
 from switchyard.common.multiplex import FrameHold
@@ -47,6 +52,8 @@ CACHE_REASON: Final = "cache"
 STORE_LINGER_S: Final = 0.02
 STORE_BATCH: Final = 64
 STORE_QUEUE: Final = 1024
+# Lookups answered here as misses are reported to the cache this often (when there are any).
+SKIP_REPORT_S: Final = 1.0
 
 
 class CacheCalls(Protocol):
@@ -73,6 +80,7 @@ class EdgeCache:
         store_timeout_s: float,
         store_linger_s: float = STORE_LINGER_S,
         hold: FrameHold | None = None,
+        presence: bool = False,
     ) -> None:
         self._stub = stub
         self._max_temperature = max_temperature
@@ -80,7 +88,7 @@ class EdgeCache:
         self._store_timeout_s = store_timeout_s
         self._store_linger_s = store_linger_s
         self._down = False
-        self._lookups = StreamedLookups(stub, hold=hold)
+        self._lookups = StreamedLookups(stub, hold=hold, presence=presence)
         self._offers: list[cache_pb2.StoreRequest] = []
         self._writer: asyncio.Task[None] | None = None
         self._flush = asyncio.Event()  # set when the edge stops: send without gathering
@@ -91,14 +99,22 @@ class EdgeCache:
         return cache_decision(request, self._max_temperature)
 
     async def lookup(
-        self, tenant_id: str, request: common_pb2.ChatRequest, model: str
+        self, tenant_id: str, request: common_pb2.ChatRequest, model: str, *, alone: bool = True
     ) -> cache_pb2.LookupResponse | None:
-        """The hit for `request`, or None (a miss, or the cache could not answer in time)."""
+        """The hit for `request`, or None (a miss, or the cache could not answer in time).
+
+        `alone`: the request is the only one the edge serves, so a lookup the presence says
+        will miss is answered here. Under concurrency it is asked anyway: it travels in a
+        frame with others' lookups for a fraction of a message, and the answers, coming
+        together, gather those requests into one frame of generation starts, which saves
+        more than the hop costs (measured on the bench mesh, unary at 16 concurrent: 455
+        req/s asking, 406 answering sure misses here)."""
+        lookup = cache_pb2.LookupRequest(tenant_id=tenant_id, request=request, model=model or AUTO)
+        lookups = self._lookups
+        if alone and lookups.presence and lookups.skip(lookup):
+            return None
         try:
-            response = await self._lookups.ask(
-                cache_pb2.LookupRequest(tenant_id=tenant_id, request=request, model=model or AUTO),
-                timeout_s=self._lookup_timeout_s,
-            )
+            response = await lookups.ask(lookup, timeout_s=self._lookup_timeout_s)
         except (grpc.aio.AioRpcError, TimeoutError, ConnectionError, SwitchyardError) as exc:
             self._outage("lookup", exc)
             return None
@@ -141,13 +157,17 @@ class EdgeCache:
                     await asyncio.wait_for(self._flush.wait(), self._store_linger_s)
             batch, self._offers = self._offers[:STORE_BATCH], self._offers[STORE_BATCH:]
             try:
-                await self._stub.StoreMany(
+                stored = await self._stub.StoreMany(
                     cache_pb2.StoreManyRequest(stores=batch), timeout=self._store_timeout_s
                 )
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 self._outage("store", exc)
                 continue
             self._back()
+            if self._lookups.presence:  # known here now, whether or not its announcement has come
+                self._lookups.admitted(
+                    store for store, result in zip(batch, stored.results, strict=False) if result.admitted
+                )
 
     async def aclose(self) -> None:
         """Send what waits (within the store timeout), then stop."""
@@ -183,9 +203,19 @@ class _LookupCall:
     """One `LookupFrames` (or `LookupStream`) call (a `MuxCall`) and the lookups waiting on it."""
 
     def __init__(
-        self, stub: CacheCalls, *, framed: bool, now: float, max_age_s: float, hold: FrameHold | None
+        self,
+        stub: CacheCalls,
+        *,
+        framed: bool,
+        now: float,
+        max_age_s: float,
+        hold: FrameHold | None,
+        presence: bool = False,
     ) -> None:
         self.waiting: dict[int, asyncio.Future[cache_pb2.LookupStreamResponse]] = {}
+        self.present: set[int] | None = None
+        """The fingerprints of the keys the replica holds (asked for with `presence`), once
+        they have come; None: unknown, every lookup asks."""
         self.retired = False
         """Past its age: no new lookup goes on it; it ends once none waits."""
         self.framed = framed
@@ -200,11 +230,25 @@ class _LookupCall:
             unpack=_lookup_answers if framed else None,
             hold=hold,
         )
+        if presence and framed:
+            self.mux.send(cache_pb2.LookupStreamRequest(want_presence=True), now)
 
     def _deliver(self, response: cache_pb2.LookupStreamResponse) -> None:
+        if response.id == 0:  # the presence (or an older cache refusing the word it was sent)
+            if response.HasField("presence"):
+                self._presence(response.presence)
+            return
         waiting = self.waiting.pop(response.id, None)
         if waiting is not None and not waiting.done():
             waiting.set_result(response)
+
+    def _presence(self, presence: cache_pb2.KeyPresence) -> None:
+        if presence.off:
+            self.present = None
+        elif presence.complete:
+            self.present = set(presence.keys)
+        elif self.present is not None:
+            self.present.update(presence.keys)
 
     def _lost(self, error: BaseException) -> None:
         """The call is over: fail what waits on it (lookups not written yet included)."""
@@ -239,7 +283,8 @@ class StreamedLookups:
     see `switchyard.edge.mux`) is retired: the next lookup opens a fresh call (through Envoy,
     perhaps to a cache replica added since), and the old one ends, quietly, once the lookups
     on it are over. `clock` is the monotonic clock the age is measured on; `hold` lets a
-    frame of lookups wait for company (`switchyard.edge.mux.CompanyHold`).
+    frame of lookups wait for company (`switchyard.edge.mux.CompanyHold`); `presence` asks
+    each call for the keys its replica holds, so that `skip` can answer sure misses here.
     """
 
     def __init__(
@@ -249,9 +294,15 @@ class StreamedLookups:
         max_age_s: float = STREAM_MAX_AGE_S,
         clock: Callable[[], float] = time.monotonic,
         hold: FrameHold | None = None,
+        presence: bool = False,
     ) -> None:
         self._stub = stub
         self._hold = hold
+        self.presence = presence
+        """Calls ask for the presence, and `skip` uses it."""
+        self._skipped: dict[str, int] = {}
+        """The lookups answered here as misses since the last report, by tenant."""
+        self._report: asyncio.TimerHandle | None = None
         self._max_age_s = max_age_s
         self._clock = clock
         self._call: _LookupCall | None = None
@@ -280,7 +331,12 @@ class StreamedLookups:
             if call is not None and call.mux.open:
                 self._retire(call)
             call = self._call = _LookupCall(
-                self._stub, framed=self.framed, now=now, max_age_s=self._max_age_s, hold=self._hold
+                self._stub,
+                framed=self.framed,
+                now=now,
+                max_age_s=self._max_age_s,
+                hold=self._hold,
+                presence=self.presence,
             )
         call.waiting[ask_id] = answer
         call.mux.send(
@@ -295,6 +351,46 @@ class StreamedLookups:
             raise from_status(response.error)
         return response.lookup
 
+    def skip(self, lookup: cache_pb2.LookupRequest) -> bool:
+        """Whether the presence of the current call says `lookup` would miss (then it is counted
+        for the next report, and need not be asked)."""
+        call = self._call
+        if (
+            call is None
+            or call.present is None
+            or not call.mux.open
+            or self._clock() >= call.mux.retire_at  # asking retires it: a fresh presence comes
+        ):
+            return False
+        if fingerprint(cache_key(lookup.tenant_id, lookup.request, lookup.model)) in call.present:
+            return False
+        skipped = self._skipped
+        skipped[lookup.tenant_id] = skipped.get(lookup.tenant_id, 0) + 1
+        if self._report is None:
+            self._report = asyncio.get_running_loop().call_later(SKIP_REPORT_S, self._send_report)
+        return True
+
+    def admitted(self, stores: Iterable[cache_pb2.StoreRequest]) -> None:
+        """The cache admitted `stores`: the current call's presence takes their keys at once
+        (at worst a lookup asked in vain, if the call reaches another replica)."""
+        call = self._call
+        if call is not None and call.present is not None:
+            call.present.update(fingerprint(cache_key(s.tenant_id, s.request, s.model)) for s in stores)
+
+    def _send_report(self) -> None:
+        """Tell the cache how many lookups were answered here (on the current call; if none is
+        open, at the next report)."""
+        self._report = None
+        call = self._call
+        skipped = self._skipped
+        if not skipped:
+            return
+        if call is None or not call.mux.open or call.mux.ending:
+            self._report = asyncio.get_running_loop().call_later(SKIP_REPORT_S, self._send_report)
+            return
+        call.mux.send(cache_pb2.LookupStreamRequest(skipped=skipped))
+        self._skipped = {}
+
     def _retire(self, call: _LookupCall) -> None:
         call.retire()
         self._retired = [c for c in self._retired if c.mux.open]
@@ -302,7 +398,11 @@ class StreamedLookups:
             self._retired.append(call)
 
     def close(self) -> None:
-        """End the stream, retired ones included (lookups still waiting fail)."""
+        """End the stream, retired ones included (lookups still waiting fail; skipped lookups
+        not yet reported go uncounted)."""
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
         for call in (self._call, *self._retired):
             if call is not None:
                 call.mux.fail(ConnectionError("closed"))

@@ -282,7 +282,10 @@ class EdgeGateway:
         model = admitted.model.id if admitted.model is not None else AUTO
         arrival.looked_up()  # the lookup is queued next, with no wait in between
         if decision.lookup:
-            hit = await cache.lookup(caller.tenant_id, request, model)
+            # Alone, a sure miss (by the cache's presence) is answered here; under concurrency
+            # it is asked anyway: see `EdgeCache.lookup`.
+            alone = self.admission.in_flight <= 1
+            hit = await cache.lookup(caller.tenant_id, request, model, alone=alone)
             if hit is not None:
                 async for chunk in replay(hit, request.request_id):
                     if chunk.HasField("done"):

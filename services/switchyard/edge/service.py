@@ -246,6 +246,7 @@ def build(settings: Settings) -> ServiceParts:
             lookup_timeout_s=settings.cache_lookup_timeout_s,
             store_timeout_s=settings.call_timeout_s,
             hold=CompanyHold(linger_s, arrivals, "lookups"),
+            presence=settings.edge_cache_presence,
         )
         if settings.edge_cache
         else None

@@ -92,6 +92,11 @@ class InProcessLookups:
         if self.owner.down:
             self.answers.put_nowait(None)  # the stream breaks
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        if request.id == 0:  # the edge's word: it wants the presence (the call follows it)
+            if request.want_presence:
+                self.owner.servicer.presence.follow(self)
+            return
+        self.owner.lookups += 1
         try:
             lookup = await self.owner.servicer.lookup(request.lookup)
         except SwitchyardError as exc:
@@ -102,6 +107,14 @@ class InProcessLookups:
 
     async def done_writing(self) -> None:
         self.cancel()  # the edge ended the call: nothing more comes
+
+    @property
+    def ended(self) -> bool:
+        return self.cancelled
+
+    def send(self, response: cache_pb2.LookupStreamResponse) -> None:
+        """The servicer's presence, to the edge."""
+        self.answers.put_nowait(response)
 
     def __aiter__(self) -> InProcessLookups:
         return self
@@ -129,6 +142,8 @@ class InProcess:
         self.streams = 0
         self.framed: list[Framed] = []
         self.write_delay_s = 0.0
+        self.lookups = 0
+        """Lookups that reached the cache."""
 
     def _check(self) -> None:
         if self.down:
@@ -166,8 +181,10 @@ def edge(
     *,
     rate_limit: RateLimit = _no_limit,
     arrivals: Arrivals | None = None,
+    presence: bool = False,
 ) -> EdgeGateway:
-    """An edge on `cache`; with `arrivals`, its lookups are held for company (up to 60 s)."""
+    """An edge on `cache`; with `arrivals`, its lookups are held for company (up to 60 s);
+    with `presence`, it answers sure misses itself when alone."""
     hold = CompanyHold(60.0, arrivals, "lookups") if arrivals is not None else None
     return EdgeGateway(
         CATALOG,
@@ -179,7 +196,13 @@ def edge(
         record=records.append,
         # Offers go at once here (no gathering), so a test sees its store right after the answer.
         cache=EdgeCache(
-            cache, max_temperature=0.0, lookup_timeout_s=1, store_timeout_s=1, store_linger_s=0, hold=hold
+            cache,
+            max_temperature=0.0,
+            lookup_timeout_s=1,
+            store_timeout_s=1,
+            store_linger_s=0,
+            hold=hold,
+            presence=presence,
         ),
         arrivals=arrivals,
     )
@@ -446,3 +469,30 @@ async def test_on_a_busy_edge_a_lookup_waits_for_the_ones_on_their_way_and_never
     assert cache.framed[0].sizes == [1, 2, 1]
     assert (arrivals.lookups, arrivals.starts) == (0, 0)
     assert servicer.stats.response("acme").lookups == 4 and providers.calls == 4
+
+
+async def test_a_request_alone_spares_the_lookup_of_a_sure_miss_and_concurrent_ones_ask() -> None:
+    providers = Providers()
+    servicer, cache = cache_pair()
+
+    async def rate_limit(caller: Caller, model: object, tokens: int) -> None:
+        await asyncio.sleep(0)  # as a shared limiter's round trip: others are admitted meanwhile
+
+    gateway = edge(providers, cache, [], rate_limit=rate_limit, presence=True)
+
+    def asking(text: str) -> common_pb2.ChatRequest:
+        request = question()
+        request.messages[0].parts[0].text = text
+        return request
+
+    await answer(gateway, asking("first"))  # asks: its call's presence comes before its answer
+    assert cache.lookups == 1
+    await answer(gateway, asking("second"))  # alone, and not in the cache: answered at the edge
+    assert cache.lookups == 1
+    hit = await answer(gateway, asking("first"))  # stored: asked, and a hit
+    assert hit[-1].done.cache_status == common_pb2.CACHE_STATUS_HIT_EXACT
+    assert cache.lookups == 2
+    # Two in flight at once: each lookup travels with the other, so both are asked.
+    await asyncio.gather(answer(gateway, asking("third")), answer(gateway, asking("fourth")))
+    assert cache.lookups == 4
+    assert providers.calls == 4
