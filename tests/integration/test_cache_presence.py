@@ -20,9 +20,9 @@ from switchyard.cache.presence import LOADING, SEMANTIC_ON, KeyPresence, Presenc
 from switchyard.cache.service import CacheServicer
 from switchyard.cache.store import MemoryStore, RedisStore
 from switchyard.common.redis_client import RedisOptions, open_redis
-from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
 from switchyard.edge.cache import EdgeCache
 from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from tests.support.cache_server import serve_cache
 from tests.support.redis_server import RedisServer
 
 MODEL = "openai/gpt-4o-mini"
@@ -44,14 +44,6 @@ class Replica(CacheServicer):
 
         async for reply in super().LookupFrames(counted(), context):
             yield reply
-
-
-async def serve(servicer: CacheServicer) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
 
 def ask(text: str) -> common_pb2.ChatRequest:
@@ -108,7 +100,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10
 async def test_a_miss_the_presence_vouches_for_spares_the_hop_and_still_counts() -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     replica = Replica(MemoryStore(max_bytes=1_000_000))
-    server, channel = await serve(replica)
+    server, channel = await serve_cache(replica)
     cache = edge_cache(channel)
     made = hits = 0
 
@@ -162,7 +154,7 @@ async def hit_of(cache: EdgeCache, tenant: str, request: common_pb2.ChatRequest)
 
 async def test_with_semantic_matching_on_every_lookup_is_asked() -> None:
     replica = Replica(MemoryStore(max_bytes=1_000_000), presence=KeyPresence(off=SEMANTIC_ON))
-    server, channel = await serve(replica)
+    server, channel = await serve_cache(replica)
     cache = edge_cache(channel)
     try:
         for _ in range(4):
@@ -195,7 +187,7 @@ async def test_replicas_sharing_redis_vouch_for_each_others_keys_and_ask_all_whi
     )
     feed = PresenceFeed(client(), prefix=prefix)
     await feed.start(presence)
-    server, channel = await serve(replica)
+    server, channel = await serve_cache(replica)
     cache = edge_cache(channel)
     try:
         assert not presence.off  # loaded: the key stored before is in

@@ -14,9 +14,9 @@ import grpc
 
 from switchyard.cache.service import CacheServicer
 from switchyard.cache.store import MemoryStore
-from switchyard.common.server import SERVER_OPTIONS, ErrorInterceptor
 from switchyard.edge.cache import StreamedLookups
 from switchyard.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from tests.support.cache_server import serve_cache
 
 MODEL = "openai/gpt-4o-mini"
 
@@ -54,14 +54,6 @@ class Balancer:
         return call
 
 
-async def serve(servicer: cache_pb2_grpc.CacheServiceServicer) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-
-
 def lookup(text: str) -> cache_pb2.LookupRequest:
     request = common_pb2.ChatRequest(model=MODEL)
     request.messages.add(role=common_pb2.ROLE_USER).parts.add(text=text)
@@ -90,7 +82,7 @@ async def test_a_lookup_stream_past_its_age_moves_to_a_replica_added_under_load(
         None,
     )
     first, added = CountedReplica(servicer), CountedReplica(servicer)
-    (server_a, channel_a), (server_b, channel_b) = await serve(first), await serve(added)
+    (server_a, channel_a), (server_b, channel_b) = await serve_cache(first), await serve_cache(added)
     stub = Balancer(cache_pb2_grpc.CacheServiceStub(channel_a))
     lookups = StreamedLookups(stub, max_age_s=0.1)  # type: ignore[arg-type]
     statuses: list[int] = []
@@ -146,7 +138,7 @@ class StreamOnlyCache(cache_pb2_grpc.CacheServiceServicer):
 
 async def test_a_cache_without_lookup_frames_gets_the_lookups_on_lookup_stream() -> None:
     older = StreamOnlyCache(CacheServicer(MemoryStore(max_bytes=1_000_000)))
-    server, channel = await serve(older)
+    server, channel = await serve_cache(older)
     lookups = StreamedLookups(cache_pb2_grpc.CacheServiceStub(channel))  # type: ignore[arg-type]
     try:
         # The first lookups find no LookupFrames (UNIMPLEMENTED) and are asked again.
