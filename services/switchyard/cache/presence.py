@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from switchyard.common.logging import get_logger
-from switchyard.common.redis_client import RedisOptions, open_redis
+from switchyard.common.redis_client import RedisOptions, open_redis, redis_text
 from switchyard.common.redis_stream import READ_BLOCK_MS, RedisStreamFeed
 from switchyard.common.tasks import cancel_all
 from switchyard.v1 import cache_pb2
@@ -246,7 +246,7 @@ class PresenceFeed:
         # entries come and go (a page by rank would skip one when another before it goes).
         async for member, score in self._client.zscan_iter(f"{self._prefix}exp", count=_LOAD_PAGE):
             if score > now_ms:
-                found.append((fingerprint(_text(member)), float(score) / 1000))
+                found.append((fingerprint(redis_text(member)), float(score) / 1000))
         return found
 
     def _outage(self, began: bool) -> None:
@@ -264,10 +264,6 @@ class PresenceFeed:
         """Stop following and close the client."""
         await cancel_all(self._tasks)
         await self._feed.close()
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def build_presence_feed(redis_url: str | None, prefix: str) -> PresenceFeed | None:

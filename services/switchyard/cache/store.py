@@ -91,7 +91,7 @@ from redis.exceptions import RedisError
 from switchyard.common.end_users import end_user_digest
 from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.logging import get_logger
-from switchyard.common.redis_client import open_redis
+from switchyard.common.redis_client import open_redis, redis_text
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
@@ -824,12 +824,6 @@ def _unavailable() -> SwitchyardError:
     )
 
 
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
-
-
 def _blob(value: object) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -894,14 +888,14 @@ class RedisStore:
         tenant, model, payload, cost, stored_at, expires_at, hits, end_user_hash = raw
         return CacheEntry(
             key=key,
-            tenant_id=_text(tenant),
-            model=_text(model),
+            tenant_id=redis_text(tenant),
+            model=redis_text(model),
             payload=_blob(payload),
             cost_micros=int(cost),
             stored_at=float(stored_at),
             expires_at=float(expires_at),
             hits=int(hits),
-            end_user_hash=_text(end_user_hash),
+            end_user_hash=redis_text(end_user_hash),
         )
 
     async def put(self, entry: CacheEntry) -> bool:
@@ -933,7 +927,7 @@ class RedisStore:
         try:
             keys: list[str] = []
             async for member, _score in self._client.zscan_iter(index, count=_SCAN_COUNT):
-                key = _text(member)
+                key = redis_text(member)
                 if not key_pattern or fnmatch.fnmatchcase(key, key_pattern):
                     keys.append(key)
             return len(await self._remove(keys, tenant_id, model, ""))
@@ -950,7 +944,7 @@ class RedisStore:
             async for member, _score in self._client.zscan_iter(
                 f"{self.prefix}eu:{end_user_hash}", count=_SCAN_COUNT
             ):
-                key = _text(member)
+                key = redis_text(member)
                 if not key_pattern or fnmatch.fnmatchcase(key, key_pattern):
                     keys.append(key)
             return await self._remove(keys, tenant_id, model, end_user_hash)
@@ -963,7 +957,7 @@ class RedisStore:
         removed: list[str] = []
         for batch in _batches(keys, _INVALIDATE_BATCH):
             args = self._args(tenant_id, model, end_user_hash, *batch)
-            removed.extend(_text(k) for k in await self._remove_script(keys=[], args=args))
+            removed.extend(redis_text(k) for k in await self._remove_script(keys=[], args=args))
         return removed
 
     async def end_user_digest(self, tenant_id: str, end_user: str) -> str:
@@ -979,7 +973,7 @@ class RedisStore:
         raw = await self._client.get(name)
         if raw is None:  # removed between the two calls: the next call makes another
             raise RedisError("the end user key vanished")
-        return bytes.fromhex(_text(raw))
+        return bytes.fromhex(redis_text(raw))
 
     async def stats(self, tenant_id: str = "") -> StoreStats:
         raw = await self._call(

@@ -79,3 +79,8 @@ def redis_from_settings(
     if not settings.redis_url:
         return None
     return open_redis(settings.redis_url, options=options, client_name=client_name)
+
+
+def redis_text(value: object) -> str:
+    """A Redis reply item as text (bytes decoded as UTF-8)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
