@@ -91,10 +91,15 @@ def commit(tenant: str, request_id: str) -> ledger_pb2.CommitRequest:
     return ledger_pb2.CommitRequest(record=record)
 
 
-async def spent(ledger: Ledger, budget: ledger_pb2.Budget) -> int:
+async def counter(ledger: Ledger, budget: ledger_pb2.Budget) -> tuple[int, int]:
+    """The budget's (spent, held) now."""
     now = datetime.now(UTC)
-    counter = await ledger.store.counter(budget_ref(budget, now), now_ms=int(now.timestamp() * 1000))
-    return counter.spent_micros
+    found = await ledger.store.counter(budget_ref(budget, now), now_ms=int(now.timestamp() * 1000))
+    return found.spent_micros, found.held_micros
+
+
+async def spent(ledger: Ledger, budget: ledger_pb2.Budget) -> int:
+    return (await counter(ledger, budget))[0]
 
 
 async def unsettled(ledger: Ledger) -> list[str]:
@@ -139,6 +144,68 @@ async def test_a_commit_during_a_store_outage_is_charged_once_the_store_is_back(
     assert await unsettled(service) == []
     await service.sweep()
     assert await spent(service, budget) == 210_000
+
+
+async def test_the_sweeper_draws_a_commits_cost_from_the_lease_it_named(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    """The sweeper settles a row its commit did not (here: the store failed under the commit;
+    equally, a commit still settling when the sweeper finds its row): the cost comes out of the
+    edge's lease, as the commit would have taken it. Charging the spend alone left the lease
+    holding it too, so spend plus holds passed the limit by that request until the lease ended."""
+    service, store = ledger
+    tenant, budget = await with_budget(service)
+    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+    response = await service.lease(
+        ledger_pb2.LeaseBudgetRequest(
+            holder_id="edge-a", scope=scope, requested_micros=1_000_000, min_micros=250_000
+        )
+    )
+    (lease,) = response.leases
+    assert lease.amount_micros == 1_000_000
+    assert await counter(service, budget) == (0, 1_000_000)
+
+    request = commit(tenant, "req-on-lease")
+    request.lease_ids.append(lease.lease_id)
+    store.down = True
+    (result,) = await service.commit_many([request])
+    cost = result.charged_micros
+    assert cost == 210_000
+    assert await counter(service, budget) == (0, 1_000_000)
+
+    store.down = False
+    await service.sweep()
+    assert await unsettled(service) == []
+    assert await counter(service, budget) == (cost, 1_000_000 - cost)
+    # The edge, having drawn the same cost from its lease, gives back the rest: nothing is held.
+    returned = await service.return_lease(
+        ledger_pb2.ReturnLeaseRequest(lease_id=lease.lease_id, unused_micros=1_000_000 - cost)
+    )
+    assert returned.returned_micros == 1_000_000 - cost
+    assert await counter(service, budget) == (cost, 0)
+    # The commit's retry is a duplicate and draws nothing more.
+    (again,) = await service.commit_many([request])
+    assert again.duplicate and await counter(service, budget) == (cost, 0)
+
+
+async def test_the_sweeper_frees_the_reservation_a_commit_named(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    service, store = ledger
+    tenant, budget = await with_budget(service)
+    reserved = await service.reserve(
+        ledger_pb2.ReserveRequest(
+            request_id="req-reserved", scope=ledger_pb2.BudgetScope(tenant_id=tenant), amount_micros=500_000
+        )
+    )
+    assert await counter(service, budget) == (0, 500_000)
+    request = commit(tenant, "req-reserved")
+    request.reservation_id = reserved.reservation_id
+    store.down = True
+    await service.commit_many([request])
+    store.down = False
+    await service.sweep()
+    assert await counter(service, budget) == (210_000, 0)
 
 
 async def test_a_retried_commit_completes_a_settlement_a_crash_cut_short(

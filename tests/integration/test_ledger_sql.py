@@ -30,6 +30,7 @@ from switchyard.ledger.history import (
     CSV_COLUMNS,
     MIGRATIONS,
     Erasure,
+    Holds,
     InvalidPageToken,
     LedgerStore,
     month_start_ms,
@@ -240,6 +241,26 @@ async def test_record_many_stores_each_id_once_including_duplicates_in_the_batch
     assert await store.record_many(many[:45], recorded_at_ms=200) == [True] * 45
     assert await store.record_many(many, recorded_at_ms=300) == [False] * 45 + [True] * 45
     assert await row_count(database, "tenant_id = ?", (tenant,)) == 93
+
+
+async def test_an_unsettled_row_keeps_the_holds_its_commit_named(store: LedgerStore) -> None:
+    """The sweeper settles a row from the holds its commit drew on, so the row keeps them."""
+    tenant = unique("acme")
+    leased, reserved, bare = unique("leased"), unique("reserved"), unique("bare")
+    holds = [Holds(lease_ids=("lease-1", 'lease "2"')), Holds(reservation_id="rsv-x"), Holds()]
+    batch = [(usage_record(i, tenant, finished_ms=10), 7) for i in (leased, reserved, bare)]
+    assert await store.record_many(batch, recorded_at_ms=20, holds=holds) == [True] * 3
+    with pytest.raises(ValueError, match="one per item"):
+        await store.record_many(batch, recorded_at_ms=20, holds=holds[:1])
+    rows = await store.unsettled(recorded_before_ms=21, limit=100_000)
+    found = {row.request_id: row.holds for row in rows if row.scope.tenant_id == tenant}
+    assert found == {leased: holds[0], reserved: holds[1], bare: Holds()}
+    await store.mark_settled([leased, reserved, bare], settled=True)
+    assert not [
+        row
+        for row in await store.unsettled(recorded_before_ms=21, limit=100_000)
+        if row.scope.tenant_id == tenant
+    ]
 
 
 async def test_a_batch_with_a_bad_record_stores_nothing(store: LedgerStore, database: Database) -> None:

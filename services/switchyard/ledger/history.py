@@ -56,6 +56,7 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_PAGE_SIZE",
     "Erasure",
+    "Holds",
     "MAX_PAGE_SIZE",
     "MIGRATIONS",
     "InvalidPageToken",
@@ -232,6 +233,15 @@ MIGRATIONS: Final = (
             "ALTER TABLE ledger_usage ADD COLUMN estimated_cost_micros BIGINT NOT NULL DEFAULT 0",
         ),
     ),
+    Migration(
+        9,
+        "ledger_usage_holds",
+        sql=(
+            # The budget holds the commit drew its cost from (`Holds`, JSON; '': none), so that
+            # the sweeper, settling a row its commit did not, draws from them as the commit would.
+            "ALTER TABLE ledger_usage ADD COLUMN holds TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 _LIVE: Final = "deleted_at_ms IS NULL"
 _ERASURE_KEY_NAME: Final = "erasure"
@@ -268,10 +278,11 @@ _USAGE_COLUMNS: Final = (
     # Stored as 0; set to 1 once the request's budget counters are charged (`mark_settled`).
     "settled",
     "estimated_cost_micros",
+    "holds",
 )
 _USAGE_ROW_PLACEHOLDERS: Final = "(" + ", ".join("?" for _ in _USAGE_COLUMNS) + ")"
 # Rows per multi-row INSERT in record_many: their variables stay under SQLite's oldest limit
-# (999), so the statement works on any build (26 columns: 38 rows).
+# (999), so the statement works on any build (27 columns: 37 rows).
 _INSERT_ROWS_PER_STATEMENT: Final = 999 // len(_USAGE_COLUMNS)
 _TENANT_AT: Final = _USAGE_COLUMNS.index("tenant_id")
 _END_USER_AT: Final = _USAGE_COLUMNS.index("end_user")
@@ -324,6 +335,34 @@ CSV_COLUMNS: Final = (
 
 
 @dataclass(frozen=True, slots=True)
+class Holds:
+    """The budget holds a commit draws its cost from: a reservation, an edge's leases."""
+
+    reservation_id: str = ""
+    lease_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, commit: ledger_pb2.CommitRequest) -> Holds:
+        return cls(commit.reservation_id, tuple(commit.lease_ids))
+
+    def encode(self) -> str:
+        """As the row keeps them: '' for none."""
+        if not self.reservation_id and not self.lease_ids:
+            return ""
+        return json.dumps({"reservation_id": self.reservation_id, "lease_ids": list(self.lease_ids)})
+
+    @classmethod
+    def decode(cls, text: str) -> Holds:
+        if not text:
+            return cls()
+        found = json.loads(text)
+        return cls(str(found.get("reservation_id", "")), tuple(str(i) for i in found.get("lease_ids", ())))
+
+
+NO_HOLDS: Final = Holds()
+
+
+@dataclass(frozen=True, slots=True)
 class UnsettledRow:
     """A stored request whose budget counters are still to be charged."""
 
@@ -331,6 +370,7 @@ class UnsettledRow:
     scope: ledger_pb2.BudgetScope
     cost_micros: int
     finished_at_ms: int
+    holds: Holds = NO_HOLDS
 
 
 class InvalidPageToken(ValueError):
@@ -441,7 +481,7 @@ def _token_str(position: dict[str, Any], name: str) -> str:
 
 
 def _usage_row(
-    record: ledger_pb2.UsageRecord, charged_micros: int, recorded_at_ms: int
+    record: ledger_pb2.UsageRecord, charged_micros: int, recorded_at_ms: int, holds: Holds
 ) -> tuple[object, ...]:
     if not record.request_id:
         raise ValueError("a usage record needs a request id")
@@ -476,6 +516,7 @@ def _usage_row(
         recorded_at_ms,
         0,
         record.estimated_cost_micros,
+        holds.encode(),
     )
 
 
@@ -735,15 +776,27 @@ class LedgerStore:
         return stored
 
     async def record_many(
-        self, items: Sequence[tuple[ledger_pb2.UsageRecord, int]], *, recorded_at_ms: int
+        self,
+        items: Sequence[tuple[ledger_pb2.UsageRecord, int]],
+        *,
+        recorded_at_ms: int,
+        holds: Sequence[Holds] | None = None,
     ) -> list[bool]:
         """Store several rows in one transaction; per item, in order, True when stored now.
+
+        `holds`, one per item when given, are the budget holds each commit draws its cost
+        from, kept for the sweeper (`unsettled`).
 
         An item whose request id is already stored, or appeared earlier in `items`, is False.
         A row of an erased end user whose request finished at or before the (latest) erasure is
         stored without its end user, as the erasure left that user's other rows.
         """
-        rows = [_usage_row(record, charged, recorded_at_ms) for record, charged in items]
+        if holds is not None and len(holds) != len(items):
+            raise ValueError("holds, when given, are one per item")
+        rows = [
+            _usage_row(record, charged, recorded_at_ms, holds[index] if holds is not None else NO_HOLDS)
+            for index, (record, charged) in enumerate(items)
+        ]
         first_index: dict[str, int] = {}
         for index, row in enumerate(rows):
             first_index.setdefault(str(row[0]), index)
@@ -802,7 +855,7 @@ class LedgerStore:
         to be charged, oldest first."""
         rows = await self.database.fetch_all(
             "SELECT request_id, tenant_id, end_user, api_key_id, scope_model, scope_provider, cost_micros,"
-            " finished_at_ms FROM ledger_usage WHERE settled = 0 AND recorded_at_ms < ?"
+            " finished_at_ms, holds FROM ledger_usage WHERE settled = 0 AND recorded_at_ms < ?"
             " ORDER BY recorded_at_ms LIMIT ?",
             (recorded_before_ms, limit),
         )
@@ -818,6 +871,7 @@ class LedgerStore:
                 ),
                 cost_micros=int(row["cost_micros"]),
                 finished_at_ms=int(row["finished_at_ms"]),
+                holds=Holds.decode(str(row["holds"])),
             )
             for row in rows
         ]

@@ -56,7 +56,7 @@ from switchyard.ledger.budgets import (
     BudgetStoreUnavailable,
     build_budget_store,
 )
-from switchyard.ledger.history import LedgerStore
+from switchyard.ledger.history import Holds, LedgerStore
 from switchyard.ledger.pricing import charge_micros, estimate_cost
 from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
 
@@ -475,7 +475,9 @@ class Ledger:
             if record.request_id not in seen:
                 seen.add(record.request_id)
                 running[key] += _tokens(record)
-        inserted = await self.history.record_many(charged, recorded_at_ms=_ms(now))
+        inserted = await self.history.record_many(
+            charged, recorded_at_ms=_ms(now), holds=[Holds.of(commit) for commit in commits]
+        )
         # A duplicate answers with what its first commit charged. If its first commit stopped
         # between the row and the counters (a crash), the retry settles it now, with its leases.
         earlier = await self.history.charged(
@@ -560,7 +562,8 @@ class Ledger:
     async def settle_unsettled(self, *, limit: int = 500) -> int:
         """Charge the budget counters of stored requests whose settlement failed or was cut
         short (in the window each request finished in); how many were settled now. Rows younger
-        than `UNSETTLED_AFTER_S` are left to the commit that is storing them."""
+        than `UNSETTLED_AFTER_S` are left to the commit that is storing them; an older one may
+        still be settling, and whichever settles first charges it, from the same holds."""
         now = _now()
         rows = await self.history.unsettled(
             recorded_before_ms=_ms(now) - int(UNSETTLED_AFTER_S * 1000), limit=limit
@@ -573,6 +576,10 @@ class Ledger:
                 row.scope,
                 row.cost_micros,
                 now,
+                # Drawn from the holds its commit named, as the commit would have: charging the
+                # spend alone would leave the lease holding it too (spend + holds past the limit).
+                reservation_id=row.holds.reservation_id,
+                lease_ids=row.holds.lease_ids,
                 window_at=datetime.fromtimestamp(row.finished_at_ms / 1000, UTC),
             )
         ]
