@@ -366,6 +366,32 @@ async def test_two_windows_of_one_budget_are_independent(store: BudgetStore) -> 
     assert await counter(store, b) == Counter(0, 0)
 
 
+async def test_a_request_is_charged_in_the_window_its_hold_was_taken_in(store: BudgetStore) -> None:
+    """Admitted before midnight on the day's lease (or reservation), finished after it: the day
+    that admitted it is charged, so the new day's counter, leased whole by other edges, never
+    passes its limit. A budget no named hold covers is charged in the window it was given in."""
+    day1, day2 = (
+        ref("t:daily", window="2026-12-04", limit=1000),
+        ref("t:daily", window="2026-12-05", limit=1000),
+    )
+    user1, user2 = (
+        ref("u:daily", window="2026-12-04", limit=1000),
+        ref("u:daily", window="2026-12-05", limit=1000),
+    )
+    assert (await store.lease("l1", day1, 400, min_micros=0, ttl_ms=TTL, now_ms=NOW)).granted_micros == 400
+    assert (await store.lease("l2", day2, 1000, min_micros=0, ttl_ms=TTL, now_ms=NOW)).granted_micros == 1000
+    await store.settle("req-1", 150, [day2, user2], lease_ids=["l1"], now_ms=NOW)
+    assert await counter(store, day1) == Counter(150, 250)
+    assert await counter(store, day2) == Counter(0, 1000)
+    assert await counter(store, user2) == Counter(150, 0)
+    assert await counter(store, user1) == Counter(0, 0)
+
+    assert (await store.reserve("r1", [day1], 200, ttl_ms=TTL, now_ms=NOW)).ok
+    await store.settle("req-2", 120, [day2], reservation_id="r1", now_ms=NOW)
+    assert await counter(store, day1) == Counter(270, 250)
+    assert await counter(store, day2) == Counter(0, 1000)
+
+
 async def test_set_spent_overwrites_spent_and_keeps_held(store: BudgetStore) -> None:
     budget = ref(limit=1000)
     await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW)

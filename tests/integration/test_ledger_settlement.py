@@ -188,6 +188,57 @@ async def test_the_sweeper_draws_a_commits_cost_from_the_lease_it_named(
     assert again.duplicate and await counter(service, budget) == (cost, 0)
 
 
+async def test_a_lease_admits_until_its_window_ends_and_what_it_admitted_is_charged_there(
+    ledger: tuple[Ledger, FlakyStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten seconds before midnight an edge is leased part of the day's budget: the lease says it
+    admits until midnight (not for its usual 30 s). A request it admitted finishes after
+    midnight: the day that admitted it is charged, so the new day, leased whole to other edges,
+    never has more spent and held than its limit."""
+    service, _ = ledger
+    clock = [datetime(2026, 12, 4, 23, 59, 50, tzinfo=UTC)]
+    monkeypatch.setattr(ledger_service, "_now", lambda: clock[0])
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    budget = await service.set_budget(
+        ledger_pb2.Budget(
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+            window=ledger_pb2.BUDGET_WINDOW_DAILY,
+            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+            limit_micros=1_000_000,
+        ),
+        "ops@example.com",
+    )
+    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+
+    async def lease() -> ledger_pb2.BudgetLease:
+        response = await service.lease(
+            ledger_pb2.LeaseBudgetRequest(
+                holder_id="edge", scope=scope, requested_micros=500_000, min_micros=1
+            )
+        )
+        (granted,) = response.leases
+        return granted
+
+    before = await lease()
+    midnight = datetime(2026, 12, 5, tzinfo=UTC)
+    assert before.amount_micros == 500_000
+    assert before.expires_at.ToDatetime(UTC) == midnight
+    assert before.settle_by.ToDatetime(UTC) > midnight  # its commits still have their time
+
+    clock[0] = midnight + timedelta(seconds=5)
+    day_one, day_two = budget_ref(budget, midnight - timedelta(seconds=1)), budget_ref(budget, clock[0])
+    after = await lease()
+    assert after.amount_micros == 500_000  # half of the new day (LEASE_SHARE)
+    request = commit(tenant, "req-across-midnight")
+    request.lease_ids.append(before.lease_id)
+    (result,) = await service.commit_many([request])
+    now_ms = int(clock[0].timestamp() * 1000)
+    one = await service.store.counter(day_one, now_ms=now_ms)
+    two = await service.store.counter(day_two, now_ms=now_ms)
+    assert (one.spent_micros, one.held_micros) == (result.charged_micros, 500_000 - result.charged_micros)
+    assert (two.spent_micros, two.held_micros) == (0, 500_000)
+
+
 async def test_the_sweeper_frees_the_reservation_a_commit_named(
     ledger: tuple[Ledger, FlakyStore],
 ) -> None:

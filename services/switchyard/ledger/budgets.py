@@ -349,9 +349,13 @@ class BudgetStore(ABC):
         """Charge a finished request, exactly once by `request_id`.
 
         `spent += actual_micros` on every budget in `budgets` (the budgets that apply to the
-        request now, held or not). The named reservation is removed and its whole remainder
-        freed, even when `actual_micros` exceeds it. Each named lease is drawn down by
-        `min(actual, its remaining)` (its counter's `held` by the same) and ends at 0.
+        request now, held or not), in the window of the ref, except where a named hold holds
+        that budget in another window: the request was admitted against that window's counter,
+        and that counter is charged (a request that ran across midnight counts where its hold
+        was taken, so neither window passes its limit). The named reservation is removed and
+        its whole remainder freed, even when `actual_micros` exceeds it. Each named lease is
+        drawn down by `min(actual, its remaining)` (its counter's `held` by the same) and ends
+        at 0.
         Unknown, expired or other-kind hold ids are ignored (expired ones are freed, as
         `expire()` would); the spend is recorded all the same. A request id already settled
         changes nothing and returns `duplicate=True`.
@@ -635,8 +639,17 @@ class MemoryBudgetStore(BudgetStore):
         done = self._settled.get(request_id)
         if done is not None and done.drop_at > now_ms:
             return Settlement(True, done.charged)
+        named = [(reservation_id, RESERVATION), *((lease_id, LEASE) for lease_id in lease_ids)]
+        held_windows = {
+            key[0]: key
+            for hold_id, kind in named
+            if (hold := self._holds.get(hold_id)) is not None and hold.kind == kind
+            for key in hold.counters
+        }
         for ref in budgets:
-            self._touch(ref, now_ms).spent += actual
+            held = held_windows.get(ref.budget_id)
+            counter = self._live_counter(held, now_ms) if held is not None and held != ref.key else None
+            (counter or self._touch(ref, now_ms)).spent += actual
         if reservation_id:
             reservation = self._holds.get(reservation_id)
             if reservation is not None and reservation.kind == RESERVATION:

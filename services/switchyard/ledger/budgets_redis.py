@@ -228,22 +228,39 @@ return {1, grant, exp, spent, held + grant, ep}
 
 # KEYS: r:ID, then per budget c:S and i:S.
 # ARGV: prefix, now, actual, settled ttl, n, per budget its counter ttl, reservation id ('' none),
-#       m, then m lease ids.
-# Returns {duplicate (0/1), charged}.
+#       m, then m lease ids, then per budget the start of its counters' suffixes (`<len>:<id>:`).
+# Returns {duplicate (0/1), charged}. Mirrors `MemoryBudgetStore._settle`.
 _SETTLE: Final = (
     _PRELUDE
     + """
 local done = redis.call('GET', KEYS[1])
 if done then return {1, tonumber(done)} end
 local actual, n = tonumber(ARGV[3]), tonumber(ARGV[5])
+local rid = ARGV[6 + n]
+local m = tonumber(ARGV[7 + n])
+-- The counters the named holds hold (their windows), to charge a budget where it was held.
+local held = {}
+local function note_held(hid, kind)
+  local h = redis.call('HMGET', prefix .. 'h:' .. hid, 'k', 'cs')
+  if h[1] ~= kind then return end
+  for _, sfx in ipairs(cjson.decode(h[2])) do held[#held + 1] = sfx end
+end
+if rid ~= '' then note_held(rid, 'r') end
+for j = 1, m do note_held(ARGV[7 + n + j], 'l') end
 for i = 1, n do
-  local ck = KEYS[2 * i]
-  touch(ck, KEYS[1 + 2 * i], ARGV[5 + i])
+  local ck, ik = KEYS[2 * i], KEYS[1 + 2 * i]
+  local budget = ARGV[7 + n + m + i]
+  for _, sfx in ipairs(held) do
+    if string.sub(sfx, 1, #budget) == budget then
+      local other = prefix .. 'c:' .. sfx
+      if other ~= ck and redis.call('EXISTS', other) == 1 then ck, ik = other, nil end
+      break
+    end
+  end
+  if ik then touch(ck, ik, ARGV[5 + i]) end
   redis.call('HINCRBY', ck, 'spent', fmt(actual))
 end
-local rid = ARGV[6 + n]
 if rid ~= '' and redis.call('HGET', prefix .. 'h:' .. rid, 'k') == 'r' then free_hold(rid) end
-local m = tonumber(ARGV[7 + n])
 for j = 1, m do
   local lid = ARGV[7 + n + j]
   local h = redis.call('HMGET', prefix .. 'h:' .. lid, 'k', 'rem', 'exp', 'cs')
@@ -507,6 +524,7 @@ class RedisBudgetStore(BudgetStore):
             reservation_id,
             len(lease_ids),
             *lease_ids,
+            *(counter_suffix(ref.budget_id, "") for ref in budgets),
         ]
         duplicate, charged = _ints(await self._run(self._settle_script, keys, args), at_least=2)
         return Settlement(bool(duplicate), charged)

@@ -228,7 +228,10 @@ class Ledger:
     async def reconcile(self, budgets: Sequence[ledger_pb2.Budget] | None = None) -> None:
         """Give each budget's (default: every budget's) counter its spend in the current window
         from the rows, where the counter has none: a fresh in-memory store, a Redis that lost its
-        data, or a budget just made (it covers its whole window, as it will after a restart)."""
+        data, or a budget just made (it covers its whole window, as it will after a restart).
+        Rows count in the window their request finished in; a live store charges a request
+        that ran across a window's end to the window its hold was taken in (`settle`), so a
+        rebuilt counter may differ from the live one by such requests."""
         now = _now()
         for budget in await self._all_budgets() if budgets is None else budgets:
             ref = budget_ref(budget, now)
@@ -362,6 +365,10 @@ class Ledger:
             if wanted_ids and budget.budget_id not in wanted_ids:
                 continue
             ref = budget_ref(budget, now)
+            # A lease admits only within the window it holds against: the next window's spend
+            # is leased from the next window's counter. (What it admitted before the end is
+            # charged to this window however late it finishes: the store charges a hold's.)
+            window_end_ms = _ms(window_bounds(budget.window, now)[2])
             lease_id = f"lease-{uuid.uuid4().hex}"
             grant = await self.store.lease(
                 lease_id,
@@ -378,7 +385,7 @@ class Ledger:
                     budget_id=budget.budget_id,
                     amount_micros=grant.granted_micros,
                     version=budget.version,
-                    expires_at=_timestamp(now_ms + self._lease_ttl_ms),
+                    expires_at=_timestamp(min(now_ms + self._lease_ttl_ms, window_end_ms)),
                     settle_by=_timestamp(now_ms + self._settle_ms),
                     enforcement=budget.enforcement,
                     limit_micros=budget.limit_micros,
