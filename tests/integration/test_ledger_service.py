@@ -79,6 +79,8 @@ def ledger_env(state_dir: Path, *, database_url: str = "", redis_url: str = "") 
         "SWITCHYARD_LOG_LEVEL": "INFO",
         "SWITCHYARD_SHUTDOWN_GRACE_S": "2",
         "SWITCHYARD_LEDGER_SWEEP_S": str(SWEEP_S),
+        # Expiry at once after start (the grace is tested in test_ledger_settlement.py).
+        "SWITCHYARD_LEDGER_EXPIRE_AFTER_START_S": "0",
         "SWITCHYARD_WEBHOOK_SECRET": SECRET,
         "SWITCHYARD_LEDGER_ERASURE_KEY": ERASURE_KEY,
         "SWITCHYARD_LEASE_TTL_S": "10",

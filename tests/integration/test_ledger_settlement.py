@@ -239,6 +239,40 @@ async def test_a_lease_admits_until_its_window_ends_and_what_it_admitted_is_char
     assert (two.spent_micros, two.held_micros) == (0, 500_000)
 
 
+async def test_a_ledger_just_started_frees_no_expired_hold_until_its_grace_is_over(
+    ledger: tuple[Ledger, FlakyStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edges send the commits a ledger could not take while it was down once it is back; each
+    draws its cost from its lease's hold. A ledger that has just started leaves expired holds
+    alone for a while (here one started an hour's grace ago has not), so those commits still
+    find them; past the grace the sweeper frees them as always."""
+    service, store = ledger
+    tenant, budget = await with_budget(service)
+    await service.reserve(
+        ledger_pb2.ReserveRequest(
+            request_id="req-held",
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+            amount_micros=500_000,
+            ttl_seconds=1,
+        )
+    )
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    monkeypatch.setattr(ledger_service, "_now", lambda: later)
+    restarted = Ledger(
+        service.catalog,
+        service.history,
+        store,
+        service.alerts,
+        lease_ttl_s=30,
+        settle_after_s=300,
+        expire_after_start_s=3600,
+    )
+    assert await restarted.sweep() == 0
+    assert await counter(service, budget) == (0, 500_000)
+    assert await service.sweep() == 1  # no grace: expired, freed
+    assert await counter(service, budget) == (0, 0)
+
+
 async def test_the_sweeper_frees_the_reservation_a_commit_named(
     ledger: tuple[Ledger, FlakyStore],
 ) -> None:

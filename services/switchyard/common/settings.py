@@ -109,6 +109,10 @@ class Settings(BaseModel):
     ledger_erasure_key: str | None = Field(default=None, repr=False, min_length=16)
     # Seconds between the ledger's sweeps of expired reservations and leases.
     ledger_sweep_s: float = Field(default=1.0, gt=0)
+    # Seconds a ledger that has just started frees no expired hold: edges send the commits it
+    # could not take while it was down within their outbox's retry cap (30 s), and each draws
+    # its cost from its lease's hold.
+    ledger_expire_after_start_s: float = Field(default=60.0, ge=0)
     # Health monitor: a (provider, model) breaker opens after this many failures in a row, or
     # when the error rate over the window passes the threshold (with at least min_samples).
     health_failure_threshold: int = Field(default=5, gt=0)
@@ -193,6 +197,7 @@ class Settings(BaseModel):
             "SWITCHYARD_WEBHOOK_SECRET": "webhook_secret",
             "SWITCHYARD_LEDGER_ERASURE_KEY": "ledger_erasure_key",
             "SWITCHYARD_LEDGER_SWEEP_S": "ledger_sweep_s",
+            "SWITCHYARD_LEDGER_EXPIRE_AFTER_START_S": "ledger_expire_after_start_s",
             "SWITCHYARD_HEALTH_FAILURE_THRESHOLD": "health_failure_threshold",
             "SWITCHYARD_HEALTH_ERROR_RATE_THRESHOLD": "health_error_rate_threshold",
             "SWITCHYARD_HEALTH_WINDOW_S": "health_window_s",

@@ -151,10 +151,14 @@ class Ledger:
         *,
         lease_ttl_s: float,
         settle_after_s: float,
+        expire_after_start_s: float = 0.0,
     ) -> None:
         self.catalog = catalog
         self.history = history
         self.store = store
+        # Expired holds stay until then: commits held back while this ledger was down still
+        # draw their cost from them (`ledger_expire_after_start_s`).
+        self._expire_from = time.monotonic() + expire_after_start_s
         self.alerts = alerts
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._settle_ms = int((lease_ttl_s + settle_after_s + SETTLE_GRACE_S) * 1000)
@@ -595,14 +599,17 @@ class Ledger:
         return len(done)
 
     async def sweep(self) -> int:
-        """Free reservations and leases whose time is up, and charge the counters of requests
-        whose settlement failed earlier."""
+        """Charge the counters of requests whose settlement failed earlier, then free
+        reservations and leases whose time is up (not in the first `expire_after_start_s` after
+        start). In that order: a stored request draws its cost from the holds its commit named,
+        which freeing them first would have handed to other edges."""
         await self.refresh_budgets()  # changes made through other replicas reach this one's edges
-        freed = await self.store.expire(now_ms=_ms(_now()))
         repaired = await self.settle_unsettled()
         if repaired:
             log.info("settlements_repaired", count=repaired)
-        return freed
+        if time.monotonic() < self._expire_from:
+            return 0
+        return await self.store.expire(now_ms=_ms(_now()))
 
 
 def _effective(record: ledger_pb2.UsageRecord) -> ledger_pb2.UsageRecord:
@@ -945,6 +952,7 @@ def build(settings: Settings) -> ServiceParts:
             alerts,
             lease_ttl_s=settings.lease_ttl_s,
             settle_after_s=settings.generate_timeout_s,
+            expire_after_start_s=settings.ledger_expire_after_start_s,
         )
         await ledger.refresh_budgets()
         await ledger.reconcile()
