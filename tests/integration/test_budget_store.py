@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from fractions import Fraction
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from switchyard.common.ports import free_port
@@ -24,6 +25,7 @@ from switchyard.ledger.budgets import (
     BudgetStore,
     BudgetStoreUnavailable,
     Counter,
+    CountersLost,
     HoldConflict,
     MemoryBudgetStore,
     build_budget_store,
@@ -62,7 +64,26 @@ def store(request: pytest.FixtureRequest) -> Iterator[BudgetStore]:
         yield MemoryBudgetStore()
         return
     client: Redis = request.getfixturevalue("redis_client")
-    yield RedisBudgetStore(client, prefix=f"test:{uuid.uuid4().hex}:budget:")
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    rebuilt(request.getfixturevalue("redis_url"), prefix)
+    yield RedisBudgetStore(client, prefix=prefix)
+
+
+def rebuilt(redis_url: str, prefix: str, epoch: str = "e0") -> None:
+    """Mark the store under `prefix` as a ledger leaves it after rebuilding its counters in
+    `epoch` (a fresh store holds nothing until then: see the rebuild tests); synchronous, for
+    the synchronous fixture."""
+    with SyncRedis.from_url(redis_url) as sync:
+        sync.set(prefix + "e", epoch, px=DAY)
+        sync.set(prefix + "ready", epoch, px=DAY)
+
+
+async def rebuild(store: BudgetStore) -> str:
+    """What the ledger does with a fresh store before it serves: claim, (nothing to add), mark."""
+    epoch = await store.claim_rebuild()
+    assert epoch is not None
+    await store.mark_rebuilt(epoch)
+    return epoch
 
 
 async def counter(store: BudgetStore, budget: BudgetRef, now_ms: int = NOW) -> Counter:
@@ -510,6 +531,8 @@ async def test_leases_carry_the_epoch_which_stays_while_the_store_keeps_its_hold
 async def test_a_new_memory_store_is_a_new_epoch() -> None:
     # A ledger restarted on the in-memory store lost its leases' holds: its epoch says so.
     assert await MemoryBudgetStore().epoch() != await MemoryBudgetStore().epoch()
+    # ...and the ledger rebuilds it before serving, so it never asks for a rebuild while it runs.
+    assert await MemoryBudgetStore().claim_rebuild() is None
 
 
 # --- Redis only -----------------------------------------------------------------------------
@@ -524,15 +547,37 @@ async def test_the_redis_epoch_is_shared_and_changes_only_when_redis_lost_its_da
     second = RedisBudgetStore(open_redis(redis_url), prefix=prefix, owns_client=True)
     try:
         budget = ref(limit=1000)
+        # A fresh store holds nothing until a ledger has rebuilt its counters, and only one
+        # caller at a time is given that rebuild.
+        with pytest.raises(CountersLost) as caught:
+            await first.lease("l0", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+        assert caught.value.rebuild and caught.value.epoch == await first.epoch()
+        with pytest.raises(CountersLost) as caught:
+            await second.reserve("r0", [budget], 10, ttl_ms=TTL, now_ms=NOW)
+        assert not caught.value.rebuild
+        assert await second.claim_rebuild() is None  # the first is at it
+        await first.mark_rebuilt(await first.epoch())
+        assert await first.claim_rebuild() is None  # rebuilt
         granted = await first.lease("l1", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
         assert granted.granted_micros == 1000
         assert await second.epoch() == granted.epoch == await first.epoch()
-        # Redis loses its data (here: this store's keys): the lease's hold is gone with it.
+
+        # Redis loses its data (here: this store's keys): the lease's hold and the spend are
+        # gone with it, so nothing is held until the spend is back from the ledger's rows.
+        await first.settle("req-1", 700, [budget], lease_ids=["l1"], now_ms=NOW)
         await redis_client.delete(*[key async for key in redis_client.scan_iter(match=prefix + "*")])
+        with pytest.raises(CountersLost) as caught:
+            await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+        lost = caught.value
+        assert lost.rebuild and lost.epoch != granted.epoch
+        await second.add_spent(budget, 700, now_ms=NOW)
+        await second.mark_rebuilt("an epoch since replaced")  # marks nothing
+        with pytest.raises(CountersLost):
+            await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
+        await second.mark_rebuilt(lost.epoch)
         regranted = await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
-        assert regranted.granted_micros == 1000  # the whole budget again: hence the new epoch
-        assert regranted.epoch != granted.epoch
-        assert await first.epoch() == regranted.epoch
+        assert regranted.granted_micros == 300  # what the rows left, not the whole budget
+        assert regranted.epoch == lost.epoch == await first.epoch()
     finally:
         await second.aclose()
 
@@ -543,6 +588,7 @@ async def test_stores_on_separate_connections_share_one_budget(redis_url: str) -
         RedisBudgetStore(open_redis(redis_url), prefix=prefix, owns_client=True) for _ in range(2)
     ]
     try:
+        await rebuild(stores[0])
         await _race(stores)
     finally:
         for store in stores:
@@ -552,6 +598,7 @@ async def test_stores_on_separate_connections_share_one_budget(redis_url: str) -
 async def test_every_key_carries_a_ttl(redis_client: Redis) -> None:
     prefix = f"test:{uuid.uuid4().hex}:budget:"
     store = RedisBudgetStore(redis_client, prefix=prefix)
+    await rebuild(store)
     budget, late = ref(expires_in_ms=40 * DAY), ref("tenant:late", expires_in_ms=-DAY)
     await store.reserve("r1", [budget], 10, ttl_ms=TTL, now_ms=NOW)
     await store.lease("l1", late, 10, min_micros=0, ttl_ms=TTL, now_ms=NOW)
@@ -568,12 +615,15 @@ async def test_every_key_carries_a_ttl(redis_client: Redis) -> None:
     assert 39 * DAY < ttls[prefix + "r:req-1"] <= 40 * DAY
     assert SETTLED_RETENTION_MS - 60_000 < ttls[prefix + "r:req-2"] <= SETTLED_RETENTION_MS
     assert ttls[prefix + "h:l1"] > TTL
-    # The epoch outlives every lease granted in it.
+    # The epoch outlives every lease granted in it, and its rebuilt mark lives as long.
     assert ttls[prefix + "e"] >= ttls[prefix + "h:l1"] - 1000
+    assert abs(ttls[prefix + "ready"] - ttls[prefix + "e"]) < 1000
+    assert prefix + "rebuild" not in ttls
 
 
 async def test_the_scripts_are_reloaded_after_a_script_flush(redis_client: Redis) -> None:
     store = RedisBudgetStore(redis_client, prefix=f"test:{uuid.uuid4().hex}:budget:")
+    await rebuild(store)
     budget = ref(limit=100)
     assert (await store.reserve("r1", [budget], 60, ttl_ms=TTL, now_ms=NOW)).ok
     await redis_client.script_flush()
@@ -608,6 +658,7 @@ async def test_build_budget_store_picks_the_backend(redis_url: str) -> None:
     shared = build_budget_store(redis_url, prefix=f"test:{uuid.uuid4().hex}:budget:")
     try:
         assert isinstance(shared, RedisBudgetStore)
+        await rebuild(shared)
         assert (await shared.reserve("r1", [ref()], 5, ttl_ms=TTL, now_ms=NOW)).ok
     finally:
         await shared.aclose()

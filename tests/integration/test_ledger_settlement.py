@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from switchyard.common.catalog import load_catalog, parse_catalog
+from switchyard.common.redis_client import open_redis
 from switchyard.common.sql import open_database
 from switchyard.ledger import service as ledger_service
 from switchyard.ledger.alerts import AlertCenter
 from switchyard.ledger.budgets import BudgetRef, BudgetStoreUnavailable, MemoryBudgetStore, Settlement
+from switchyard.ledger.budgets_redis import RedisBudgetStore
 from switchyard.ledger.history import LedgerStore
 from switchyard.ledger.service import Ledger, budget_ref
 from switchyard.v1 import common_pb2, ledger_pb2
@@ -365,3 +367,51 @@ async def test_a_commit_is_priced_when_its_request_finished_not_when_it_arrived(
     # A retry of the old request, later still, answers with what it was charged.
     (retry,) = await service.commit_many([commits[0]])
     assert retry.duplicate and retry.charged_micros == old
+
+
+async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before_it_grants(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Redis loses its data while the ledger runs: the spend of the day is gone from the counter.
+    Nothing is leased from the empty counter; the spend comes back from the rows first (at the
+    next sweep, or at the first lease if that comes sooner), so the budget is not granted twice."""
+    database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    client = open_redis(redis_url)
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    alerts = await AlertCenter.open(database, secret=None)
+    service = Ledger(
+        load_catalog(None),
+        await LedgerStore.open(database),
+        RedisBudgetStore(client, prefix=prefix),
+        alerts,
+        lease_ttl_s=30,
+        settle_after_s=300,
+    )
+    try:
+        await service.refresh_budgets()  # as the ledger starts: the fresh store is rebuilt
+        tenant, budget = await with_budget(service)  # 100 USD a day
+        results = await service.commit_many([commit(tenant, f"req-{i}") for i in range(2)])
+        spent_before = sum(r.charged_micros for r in results)
+        assert await counter(service, budget) == (spent_before, 0)
+
+        for lost_at_sweep in (True, False):
+            await client.delete(*[key async for key in client.scan_iter(match=prefix + "*")])
+            if lost_at_sweep:
+                await service.sweep()
+                assert await counter(service, budget) == (spent_before, 0)
+            response = await service.lease(
+                ledger_pb2.LeaseBudgetRequest(
+                    holder_id="edge",
+                    scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+                    requested_micros=100_000_000,
+                    min_micros=1,
+                )
+            )
+            (lease,) = response.leases
+            # Half of what the rows left, never half of the whole budget.
+            assert lease.amount_micros == (100_000_000 - spent_before) // 2
+            assert await counter(service, budget) == (spent_before, lease.amount_micros)
+    finally:
+        await alerts.aclose()
+        await client.aclose()
+        await database.close()

@@ -44,6 +44,12 @@ memory backend draws a random one at each process start, the Redis backend keeps
 current epoch and says so; an edge holding leases of an older epoch admits nothing more on them,
 since the holds that backed them are gone and the budget may be granted again in full.
 
+Rebuild. A store that lost its data lost its counters' spend too. Until the ledger has rebuilt
+them from its rows (`claim_rebuild`, then `add_spent` per counter, then `mark_rebuilt`),
+`reserve` and `lease` hold nothing and raise `CountersLost`: granting from an empty counter
+could pass a limit by everything spent before the loss. The memory backend is rebuilt by the
+ledger before it serves (its process is its lifetime), so it never raises it.
+
 Failure. Budgets are money: the Redis backend never falls back to local counters. It raises
 `BudgetStoreUnavailable`, and the caller refuses or retries (every call but `return_lease` is
 safe to retry, even after a timeout whose script may have run).
@@ -188,6 +194,16 @@ class BudgetStoreUnavailable(Exception):
 
     Every operation except `return_lease` is idempotent, so retrying is safe.
     """
+
+
+class CountersLost(BudgetStoreUnavailable):
+    """The store lost its data (a new epoch) and its counters are not rebuilt yet: nothing was
+    held. `rebuild` says whether this caller claimed the rebuild (see `claim_rebuild`)."""
+
+    def __init__(self, epoch: str, *, rebuild: bool) -> None:
+        super().__init__("the budget store lost its data and is being rebuilt")
+        self.epoch = epoch
+        self.rebuild = rebuild
 
 
 class HoldConflict(ValueError):
@@ -410,6 +426,21 @@ class BudgetStore(ABC):
         """The store's epoch now: it changes only when the store lost its holds (module docstring)."""
         return await self._epoch()
 
+    async def claim_rebuild(self) -> str | None:
+        """The epoch whose counters the caller must now rebuild (it alone, for a while), or
+        None when they are rebuilt or another caller is rebuilding them."""
+        return await self._claim_rebuild()
+
+    async def mark_rebuilt(self, epoch: str) -> None:
+        """The counters of `epoch` are rebuilt: `reserve` and `lease` hold again."""
+        _check_id("epoch", epoch)
+        await self._mark_rebuilt(epoch)
+
+    async def add_spent(self, budget: BudgetRef, micros: int, *, now_ms: int | None = None) -> None:
+        """Add to the committed spend (a rebuild after the store lost its data); `held` is kept."""
+        _check_micros("micros", micros)
+        await self._add_spent(budget, micros, wall_clock_ms() if now_ms is None else now_ms)
+
     async def set_spent(self, budget: BudgetRef, spent_micros: int, *, now_ms: int | None = None) -> None:
         """Overwrite the committed spend (reconciliation from SQL at ledger start); `held` is kept.
 
@@ -464,6 +495,15 @@ class BudgetStore(ABC):
 
     @abstractmethod
     async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None: ...
+
+    @abstractmethod
+    async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None: ...
+
+    @abstractmethod
+    async def _claim_rebuild(self) -> str | None: ...
+
+    @abstractmethod
+    async def _mark_rebuilt(self, epoch: str) -> None: ...
 
     @abstractmethod
     async def _forget(self, budget_ids: tuple[str, ...]) -> int: ...
@@ -697,6 +737,15 @@ class MemoryBudgetStore(BudgetStore):
 
     async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None:
         self._touch(budget, now_ms).spent = spent
+
+    async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None:
+        self._touch(budget, now_ms).spent += micros
+
+    async def _claim_rebuild(self) -> str | None:
+        return None  # rebuilt by the ledger before it serves, and never loses data while it runs
+
+    async def _mark_rebuilt(self, epoch: str) -> None:
+        return None
 
     async def _forget(self, budget_ids: tuple[str, ...]) -> int:
         forgotten = set(budget_ids)

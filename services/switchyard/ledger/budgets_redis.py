@@ -18,7 +18,10 @@ id>:<window key>`, unambiguous whatever the ids contain):
 - `r:ID`  the amount charged for a settled request id; kept per `settled_ttl_ms`;
 - `e`     the store's epoch: created with `SET NX` by the first script that needs it, so a
           new one appears only when Redis lost its data; kept as long as any lease granted in
-          it (and a day after the last read), so it never lapses under a live lease.
+          it (and a day after the last read), so it never lapses under a live lease;
+- `ready` the epoch whose counters the ledger has rebuilt from its rows (same lifetime as `e`):
+          `reserve` and `lease` hold nothing in any other epoch (`CountersLost`);
+- `rebuild` the epoch a ledger replica is rebuilding (claimed with `SET NX`, 30 s).
 
 The scripts reach holds and counters they discover (through `x`, `i:S` and `cs`) by building
 their names from the prefix, so under Redis Cluster the prefix must carry a hash tag
@@ -50,6 +53,7 @@ from switchyard.ledger.budgets import (
     BudgetStore,
     BudgetStoreUnavailable,
     Counter,
+    CountersLost,
     Grant,
     HoldConflict,
     HoldOutcome,
@@ -125,8 +129,18 @@ end
 local function epoch(candidate, ttl)
   local ek = prefix .. 'e'
   redis.call('SET', ek, candidate, 'NX')
-  if redis.call('PTTL', ek) < ttl then redis.call('PEXPIRE', ek, ttl) end
+  if redis.call('PTTL', ek) < ttl then
+    redis.call('PEXPIRE', ek, ttl)
+    if redis.call('EXISTS', prefix .. 'ready') == 1 then redis.call('PEXPIRE', prefix .. 'ready', ttl) end
+  end
   return redis.call('GET', ek)
+end
+-- Whether the counters of epoch `ep` were rebuilt from the ledger's rows.
+local function rebuilt(ep) return redis.call('GET', prefix .. 'ready') == ep end
+-- Claim the rebuild of epoch `ep` for this caller: 1 if no one else holds it.
+local function claim(ep)
+  if redis.call('SET', prefix .. 'rebuild', ep, 'NX', 'PX', 30000) then return 1 end
+  return 0
 end
 local function add_hold(hk, hid, kind, amount, exp, hold_ttl, sfxs)
   redis.call('HSET', hk, 'k', kind, 'rem', fmt(amount), 'exp', fmt(exp), 'g', fmt(amount),
@@ -138,15 +152,19 @@ end
 )
 
 # KEYS: hold, x, then per budget its c:S and i:S.
-# ARGV: prefix, now, hold id, amount, ttl, hold key ttl, n, then per budget: suffix, limit, hard, counter ttl.
+# ARGV: prefix, now, hold id, amount, ttl, hold key ttl, n, then per budget: suffix, limit, hard, counter ttl,
+# then a new epoch (used if there is none).
 # Returns {1, expires} (held), {2, expires} (the live reservation of that id), {0, index, spent, held}
-# (refused by the index-th budget), {-1} (the id names a lease).
+# (refused by the index-th budget), {-1} (the id names a lease), {-2, claimed, epoch} (the
+# counters are not rebuilt in this epoch: nothing held).
 _RESERVE: Final = (
     _PRELUDE
     + """
 local hid, amount, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local hold_ttl, n = ARGV[6], tonumber(ARGV[7])
 local function barg(i, j) return ARGV[7 + (i - 1) * 4 + j] end
+local ep = epoch(ARGV[8 + 4 * n], tonumber(hold_ttl))
+if not rebuilt(ep) then return {-2, claim(ep), ep} end
 for i = 1, n do expire_counter(barg(i, 1)) end
 local h = redis.call('HMGET', KEYS[1], 'k', 'exp')
 if h[1] then
@@ -179,7 +197,9 @@ return {1, exp}
 # ARGV: prefix, now, lease id, wanted, min, ttl, hold key ttl, suffix, limit, hard, counter ttl,
 #       share numerator, share denominator (0: no share), a new epoch (used if there is none).
 # Returns {status, granted, expires, spent, held, epoch}: status 1 granted, 2 the live lease of
-# that id, 0 nothing granted; {-1} when the id names a reservation. Mirrors `lease_grant`.
+# that id, 0 nothing granted, -2 nothing granted as the counters are not rebuilt in this epoch
+# (granted: 1 if this call claimed the rebuild); {-1} when the id names a reservation.
+# Mirrors `lease_grant`.
 _LEASE: Final = (
     _PRELUDE
     + """
@@ -193,6 +213,7 @@ local h = redis.call('HMGET', KEYS[1], 'k', 'exp', 'g')
 if h[1] and h[1] ~= 'l' then return {-1} end
 -- The epoch outlives every lease granted in it: the hold's record outlives the hold.
 local ep = epoch(ARGV[14], tonumber(hold_ttl))
+if not rebuilt(ep) then return {-2, claim(ep), 0, 0, 0, ep} end
 if h[1] then
   if tonumber(h[2]) > now then
     local c = redis.call('HMGET', ck, 'spent', 'held')
@@ -336,6 +357,40 @@ return epoch(ARGV[3], tonumber(ARGV[4]))
 """
 )
 
+# KEYS: e. ARGV: prefix, now, a new epoch (used if there is none), ttl.
+# Returns {claimed, epoch}: claimed 1 when this caller is to rebuild the epoch's counters.
+_CLAIM_REBUILD: Final = (
+    _PRELUDE
+    + """
+local ep = epoch(ARGV[3], tonumber(ARGV[4]))
+if rebuilt(ep) then return {0, ep} end
+return {claim(ep), ep}
+"""
+)
+
+# KEYS: e, ready, rebuild. ARGV: prefix, now, epoch. Returns 1 if marked (the epoch is current).
+_MARK_REBUILT: Final = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
+local left = redis.call('PTTL', KEYS[1])
+if left < 1 then left = 1 end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', left)
+redis.call('DEL', KEYS[3])
+return 1
+"""
+)
+
+# KEYS: c:S, i:S. ARGV: prefix, now, micros, counter ttl.
+_ADD_SPENT: Final = (
+    _PRELUDE
+    + """
+touch(KEYS[1], KEYS[2], ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[3])
+return 1
+"""
+)
+
 # KEYS: c:S, i:S. ARGV: prefix, now, spent, counter ttl.
 _SET_SPENT: Final = (
     _PRELUDE
@@ -406,6 +461,9 @@ class RedisBudgetStore(BudgetStore):
         self._counter_script = client.register_script(_COUNTER)
         self._set_spent_script = client.register_script(_SET_SPENT)
         self._epoch_script = client.register_script(_EPOCH)
+        self._claim_script = client.register_script(_CLAIM_REBUILD)
+        self._mark_script = client.register_script(_MARK_REBUILT)
+        self._add_spent_script = client.register_script(_ADD_SPENT)
 
     @property
     def prefix(self) -> str:
@@ -449,7 +507,12 @@ class RedisBudgetStore(BudgetStore):
                 1 if ref.hard else 0,
                 counter_ttl_ms(ref, now_ms),
             ]
-        reply = _ints(await self._run(self._reserve_script, keys, args), at_least=1)
+        keys.append(self._prefix + "e")
+        args.append(uuid.uuid4().hex)
+        raw = await self._run(self._reserve_script, keys, args)
+        if isinstance(raw, list) and len(raw) == 3 and raw[0] == -2:
+            raise CountersLost(_text(raw[2]), rebuild=raw[1] == 1)
+        reply = _ints(raw, at_least=1)
         status = reply[0]
         if status == -1:
             raise HoldConflict("the hold id names a live lease")
@@ -497,6 +560,8 @@ class RedisBudgetStore(BudgetStore):
             raise BudgetStoreUnavailable("unexpected reply from a budget script")
         if reply[0] == -1:
             raise HoldConflict("the lease id names a live reservation")
+        if reply[0] == -2:
+            raise CountersLost(_text(reply[5]), rebuild=reply[1] == 1)
         _, granted, expires_at, spent, held = _ints(reply[:5], at_least=5)
         return Grant(lease_id, granted, expires_at, Counter(spent, held), _text(reply[5]))
 
@@ -552,6 +617,27 @@ class RedisBudgetStore(BudgetStore):
         )
         spent, held = _ints(reply, at_least=2)
         return Counter(spent, held)
+
+    async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None:
+        await self._run(
+            self._add_spent_script,
+            self._counter_keys(budget),
+            [self._prefix, now_ms, micros, counter_ttl_ms(budget, now_ms)],
+        )
+
+    async def _claim_rebuild(self) -> str | None:
+        reply = await self._run(
+            self._claim_script,
+            [self._prefix + "e"],
+            [self._prefix, wall_clock_ms(), uuid.uuid4().hex, MIN_KEY_TTL_MS],
+        )
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise BudgetStoreUnavailable("unexpected reply from a budget script")
+        return _text(reply[1]) if reply[0] == 1 else None
+
+    async def _mark_rebuilt(self, epoch: str) -> None:
+        keys = [self._prefix + "e", self._prefix + "ready", self._prefix + "rebuild"]
+        await self._run(self._mark_script, keys, [self._prefix, wall_clock_ms(), epoch])
 
     async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None:
         await self._run(

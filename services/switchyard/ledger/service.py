@@ -27,12 +27,13 @@ by request id, nothing is lost or charged twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -54,6 +55,7 @@ from switchyard.ledger.budgets import (
     BudgetRef,
     BudgetStore,
     BudgetStoreUnavailable,
+    CountersLost,
     build_budget_store,
 )
 from switchyard.ledger.history import Holds, LedgerStore
@@ -61,6 +63,7 @@ from switchyard.ledger.pricing import charge_micros, estimate_cost
 from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 # A stored row still unsettled after this long was not settled by its commit.
 UNSETTLED_AFTER_S: Final = 2.0
@@ -180,6 +183,8 @@ class Ledger:
         self._budgets_at = time.monotonic()
         try:
             epoch = await self.store.epoch()
+            if epoch != self._directory.epoch:
+                await self.rebuild_if_lost()  # before any lease of the new epoch
         except BudgetStoreUnavailable:
             epoch = self._directory.epoch  # kept until the store answers again
         if (
@@ -248,6 +253,52 @@ class Ledger:
             )
             if spent:
                 await self.store.set_spent(ref, spent)
+
+    async def rebuild_if_lost(self) -> bool:
+        """Rebuild the counters if the budget store lost its data (a new epoch whose counters
+        nobody rebuilt yet) and no other replica is at it; True if this call rebuilt them."""
+        epoch = await self.store.claim_rebuild()
+        if epoch is None:
+            return False
+        await self._rebuild(epoch)
+        return True
+
+    async def _rebuild(self, epoch: str) -> None:
+        """Give every budget's counter in the current window the spend of its rows, then let the
+        store hold again. Erring towards counting twice, never not at all: each counter gains
+        what the rows hold beyond the spend it had before they were read, so a request settled
+        meanwhile, or settled later from a row already read, may count twice (until the window
+        ends), while none is missed."""
+        now = _now()
+        for budget in self._budgets:
+            ref = budget_ref(budget, now)
+            before = (await self.store.counter(ref, now_ms=_ms(now))).spent_micros
+            _, start, end = window_bounds(budget.window, now)
+            rows = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
+            if rows > before:
+                await self.store.add_spent(ref, rows - before)
+        await self.store.mark_rebuilt(epoch)
+        log.info("budget_counters_rebuilt", budgets=len(self._budgets))
+
+    async def _with_store(self, work: Callable[[], Awaitable[_T]]) -> _T:
+        """`work` on the budget store, once more after rebuilding the counters it lost (when this
+        call claimed that); a store that cannot answer, or is being rebuilt by another replica,
+        is UNAVAILABLE / DEPENDENCY_UNAVAILABLE (the caller retries)."""
+        try:
+            try:
+                return await work()
+            except CountersLost as lost:
+                if not lost.rebuild:
+                    raise
+                await self._rebuild(lost.epoch)
+                return await work()
+        except BudgetStoreUnavailable as exc:
+            raise SwitchyardError(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.DEPENDENCY_UNAVAILABLE,
+                str(exc) if isinstance(exc, CountersLost) else "the budget store is unavailable",
+                metadata={"dependency": "budget_store"},
+            ) from None
 
     async def describe(self, budget: ledger_pb2.Budget) -> ledger_pb2.Budget:
         """`budget` with its current window's spend, holds and start filled in."""
@@ -326,8 +377,10 @@ class Ledger:
         now = _now()
         refs = [budget_ref(b, now) for b in await self.budgets_for(request.scope)]
         hold_id = f"rsv-{request.request_id}" if request.request_id else f"rsv-{uuid.uuid4().hex}"
-        outcome = await self.store.reserve(
-            hold_id, refs, request.amount_micros, ttl_ms=ttl_s * 1000, now_ms=_ms(now)
+        outcome = await self._with_store(
+            lambda: self.store.reserve(
+                hold_id, refs, request.amount_micros, ttl_ms=ttl_s * 1000, now_ms=_ms(now)
+            )
         )
         if not outcome.ok:
             refused = outcome.refused
@@ -347,7 +400,7 @@ class Ledger:
         hold_id = request.reservation_id or (f"rsv-{request.request_id}" if request.request_id else "")
         if not hold_id:
             raise invalid("reservation_id or request_id is required", "reservation_id")
-        released = await self.store.release(hold_id, now_ms=_ms(_now()))
+        released = await self._with_store(lambda: self.store.release(hold_id, now_ms=_ms(_now())))
         return ledger_pb2.ReleaseResponse(released=released)
 
     async def lease(self, request: ledger_pb2.LeaseBudgetRequest) -> ledger_pb2.LeaseBudgetResponse:
@@ -374,14 +427,17 @@ class Ledger:
             # charged to this window however late it finishes: the store charges a hold's.)
             window_end_ms = _ms(window_bounds(budget.window, now)[2])
             lease_id = f"lease-{uuid.uuid4().hex}"
-            grant = await self.store.lease(
-                lease_id,
-                ref,
-                request.requested_micros,
-                min_micros=max(1, request.min_micros),
-                ttl_ms=self._settle_ms,
-                now_ms=now_ms,
-                max_share=LEASE_SHARE,
+            grant = await self._with_store(
+                functools.partial(
+                    self.store.lease,
+                    lease_id,
+                    ref,
+                    request.requested_micros,
+                    min_micros=max(1, request.min_micros),
+                    ttl_ms=self._settle_ms,
+                    now_ms=now_ms,
+                    max_share=LEASE_SHARE,
+                )
             )
             response.leases.append(
                 ledger_pb2.BudgetLease(
@@ -409,7 +465,9 @@ class Ledger:
         if not request.lease_id:
             raise invalid("lease_id is required", "lease_id")
         _check_amount(request.unused_micros, "unused_micros")
-        returned = await self.store.return_lease(request.lease_id, request.unused_micros, now_ms=_ms(_now()))
+        returned = await self._with_store(
+            lambda: self.store.return_lease(request.lease_id, request.unused_micros, now_ms=_ms(_now()))
+        )
         return ledger_pb2.ReturnLeaseResponse(returned_micros=returned)
 
     # --- commits ---------------------------------------------------------------------------
@@ -956,6 +1014,7 @@ def build(settings: Settings) -> ServiceParts:
         )
         await ledger.refresh_budgets()
         await ledger.reconcile()
+        await ledger.rebuild_if_lost()
         await alerts.start()
         parts.append(ledger)
         servicer.attach(ledger)
