@@ -31,7 +31,7 @@ from switchyard.common.timestamps import set_now
 from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
 from switchyard.edge.generations import GenerationStreams
 from switchyard.edge.reporter import outcome as attempt_outcome
-from switchyard.ledger.pricing import charge_micros, estimate_cost
+from switchyard.ledger.pricing import charge_micros, estimate_cost, output_cap
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.router.plan import Planner
 from switchyard.router.table import RoutingTable
@@ -370,8 +370,13 @@ class ChatPipeline:
                 if not outcome.finished:
                     # Ended early (the caller left, or the stream broke after text was sent):
                     # charge what the vendor will bill as far as we can tell, estimated.
+                    # Never past the output the hold covered (text may run over 4 chars a token).
+                    output = -(-sent_chars // 4)
+                    model = self._catalog.model(candidate.model)
+                    if model is not None:
+                        output = min(output, output_cap(request, model))
                     partial = common_pb2.Usage(
-                        input_tokens=counted.tokens, output_tokens=-(-sent_chars // 4), estimated=True
+                        input_tokens=counted.tokens, output_tokens=output, estimated=True
                     )
                     status = Reason.STREAM_INTERRUPTED.value if attempt.error else "CANCELLED"
                     self._finish(

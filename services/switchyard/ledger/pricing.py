@@ -158,6 +158,14 @@ class CostEstimate:
     approximate: bool
 
 
+def output_cap(request: common_pb2.ChatRequest, model: Model) -> int:
+    """The most output tokens `request` may be billed on `model`: its `max_output_tokens` (0
+    counts as unset), never above the model's own cap."""
+    sampling = request.sampling
+    requested = sampling.max_output_tokens if sampling.HasField("max_output_tokens") else 0
+    return min(requested, model.max_output_tokens) if requested > 0 else model.max_output_tokens
+
+
 def estimate_cost(
     request: common_pb2.ChatRequest,
     model: Model,
@@ -181,9 +189,7 @@ def estimate_cost(
     # The room left for output is what the prompt leaves of the context window, where images a
     # model bills at a multiple fill only their standard size.
     window = prompt.window_tokens
-    sampling = request.sampling
-    requested = sampling.max_output_tokens if sampling.HasField("max_output_tokens") else 0
-    limit = min(requested, model.max_output_tokens) if requested > 0 else model.max_output_tokens
+    limit = output_cap(request, model)
     max_output = max(0, min(limit, model.context_window - window))
     reasoning = Capability.REASONING in model.capabilities
     expected_output = min(

@@ -55,6 +55,8 @@ def catalog_text(sim_url: str, dead_port: int) -> str:
                 {"id": "down/m", "provider": "down", "fallbacks": ["up/m"], **model},
                 # Dearer than down/m, so the plan's predicted costs of the two differ.
                 {"id": "up/m", "provider": "up", **model, "prices": {"input": "3", "output": "5"}},
+                # A model that may write 2 tokens at most (the simulator writes on regardless).
+                {"id": "up/terse", "provider": "up", **model, "max_output_tokens": 2},
             ],
         }
     ).decode()
@@ -69,10 +71,10 @@ class Edge:
 
 
 @asynccontextmanager
-async def edge() -> AsyncIterator[Edge]:
+async def edge(text: str = ANSWER) -> AsyncIterator[Edge]:
     """A pipeline reporting into a list, its adapter a real gRPC server before the simulator."""
     knobs = FaultKnobs(
-        text=ANSWER,
+        text=text,
         chunks=4,
         first_byte_delay_ms=20,
         chunk_delay_ms=5,
@@ -228,3 +230,22 @@ def test_the_edges_volume_discount_starts_afresh_when_the_month_turns() -> None:
     pipeline._month -= 1
     assert pipeline._cost("acme", "up/m", usage) == 2_000
     assert pipeline._cost("other", "up/m", usage) == 2_000
+
+
+async def test_an_answer_cut_short_is_charged_no_more_output_than_its_hold_covered() -> None:
+    """A stream cancelled after its first text is charged an estimate of what was sent (4
+    characters a token), never more output tokens than the model allows: its budget hold
+    covered that much and no more."""
+    async with edge() as running:
+        request = ask("up/terse")
+        chunks = running.pipeline.stream(request, Caller("t"), timeout_s=15)
+        sent = ""
+        async for chunk in chunks:
+            sent += chunk.delta.text
+            if len(sent) > 8:
+                break
+        await chunks.aclose()
+        (commit,) = running.committed
+        usage = commit.record.usage
+        assert -(-len(sent) // 4) > 2  # the estimate alone would pass the cap
+        assert (usage.estimated, usage.output_tokens, commit.record.status) == (True, 2, "CANCELLED")
