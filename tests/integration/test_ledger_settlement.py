@@ -415,3 +415,45 @@ async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before
         await alerts.aclose()
         await client.aclose()
         await database.close()
+
+
+TIERED_CATALOG = """\
+providers:
+  openai: {vendor: openai, base_url: https://api.openai.com/v1}
+models:
+  - id: openai/tiered
+    provider: openai
+    upstream_model: tiered
+    context_window: 128000
+    max_output_tokens: 16384
+    prices:
+      input: "1"
+      output: "2"
+      volume_tiers: [{above_monthly_tokens: 1500000, discount_percent: "50"}]
+"""
+
+
+async def test_a_late_commit_is_priced_with_the_volume_of_the_month_it_finished_in(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    """Past 1.5M tokens a month the tenant pays half. Commits of last month arriving now are priced
+    with last month's volume (as the edges that served them then priced them); a request of this
+    month starts this month's volume afresh and pays in full."""
+    service, _ = ledger
+    service.catalog = parse_catalog(TIERED_CATALOG)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    last_month = (now.replace(day=1) - timedelta(days=1)).replace(hour=12)
+
+    def finished(request_id: str, at: datetime) -> ledger_pb2.CommitRequest:
+        request = commit(tenant, request_id)
+        request.record.model = "openai/tiered"
+        request.record.finished_at.FromDatetime(at)
+        return request
+
+    last = [(await service.commit_many([finished(f"req-last-{i}", last_month)]))[0] for i in range(3)]
+    (current,) = await service.commit_many([finished("req-now", now)])
+    # 1M input at $1 + 100k output at $2 = $1.2 each (1.1M tokens); the third starts past 1.5M
+    # tokens of last month: half price. This month's first request pays in full.
+    assert [r.charged_micros for r in last] == [1_200_000, 1_200_000, 600_000]
+    assert (current.charged_micros, current.month_tokens) == (1_200_000, 1_100_000)

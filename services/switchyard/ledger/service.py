@@ -529,17 +529,19 @@ class Ledger:
         for index, commit in enumerate(commits):
             _check_record(commit.record, f"commits[{index}].record")
         now = _now()
-        month_key = window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, now)[0]
-        # (tenant, model) -> the month's tokens before this batch, then as the batch goes on.
-        start: dict[tuple[str, str], int] = {}
-        running: dict[tuple[str, str], int] = {}
+        # (tenant, model, month) -> the month's tokens before this batch, then as the batch goes
+        # on; the month the request finished in, whose prices and volume it is charged at.
+        start: dict[tuple[str, str, str], int] = {}
+        running: dict[tuple[str, str, str], int] = {}
         seen: set[str] = set()
         charged: list[tuple[ledger_pb2.UsageRecord, int]] = []
         for commit in commits:
             record = _effective(commit.record)
-            key = (record.scope.tenant_id, record.model)
+            key = _volume_key(record, now)
             if key not in start:
-                start[key] = running[key] = await self._month_tokens(*key, now)
+                start[key] = running[key] = await self._month_tokens(
+                    key[0], key[1], min(_finished_at(record, now), now)
+                )
             charged.append((record, self.charge(record, running[key])))
             if record.request_id not in seen:
                 seen.add(record.request_id)
@@ -557,7 +559,7 @@ class Ledger:
         results: list[ledger_pb2.CommitResponse] = []
         settled: list[str] = []
         for commit, (record, computed), fresh in zip(commits, charged, inserted, strict=True):
-            key = (record.scope.tenant_id, record.model)
+            key = _volume_key(record, now)
             amount, done = (computed, False) if fresh else earlier.get(record.request_id, (computed, True))
             if fresh:
                 stored[key] += _tokens(record)
@@ -571,8 +573,8 @@ class Ledger:
                     request_id=record.request_id,
                 )
             )
-        for (tenant_id, model), tokens in stored.items():
-            self._add_volume(tenant_id, model, month_key, tokens - start[(tenant_id, model)])
+        for (tenant_id, model, month_key), tokens in stored.items():
+            self._add_volume(tenant_id, model, month_key, tokens - start[(tenant_id, model, month_key)])
         # Rows whose settlement failed stay unsettled: the sweeper charges them once the store
         # answers (and a ledger that restarts rebuilds counters from settled rows only).
         if settled:
@@ -680,6 +682,13 @@ def _effective(record: ledger_pb2.UsageRecord) -> ledger_pb2.UsageRecord:
     out.CopyFrom(record)
     out.scope.CopyFrom(scope)
     return out
+
+
+def _volume_key(record: ledger_pb2.UsageRecord, now: datetime) -> tuple[str, str, str]:
+    """(tenant, model, month key): the monthly volume a finished request is priced with, that of
+    the month it finished in (never a later one than now)."""
+    month = window_bounds(ledger_pb2.BUDGET_WINDOW_MONTHLY, min(_finished_at(record, now), now))[0]
+    return (record.scope.tenant_id, record.model, month)
 
 
 def _finished_at(record: ledger_pb2.UsageRecord, default: datetime) -> datetime:
