@@ -117,7 +117,7 @@ async def test_a_soft_budget_holds_beyond_its_limit_without_refusing(store: Budg
 
 async def test_reserve_is_all_or_nothing_across_budgets(store: BudgetStore) -> None:
     tenant, user = ref("tenant:acme", limit=1000), ref("user:bob", limit=100)
-    await store.set_spent(user, 30, now_ms=NOW)
+    await store.add_spent(user, 30, now_ms=NOW)
     refused = await store.reserve("r1", [tenant, user], 200, ttl_ms=TTL, now_ms=NOW)
     assert not refused.ok and refused.refused == user
     assert (refused.spent_micros, refused.held_micros, refused.requested_micros) == (30, 0, 200)
@@ -196,7 +196,7 @@ async def test_settle_charges_every_budget_given_and_ignores_unknown_holds(store
 
 async def test_a_lease_grants_what_is_left_when_less_than_wanted(store: BudgetStore) -> None:
     budget = ref(limit=1000)
-    await store.set_spent(budget, 900, now_ms=NOW)
+    await store.add_spent(budget, 900, now_ms=NOW)
     grant = await store.lease("l1", budget, 500, min_micros=10, ttl_ms=TTL, now_ms=NOW)
     assert grant.lease_id == "l1" and grant.granted_micros == 100
     assert grant.expires_at_ms == NOW + TTL and grant.counter == Counter(900, 100)
@@ -262,7 +262,7 @@ async def test_the_share_never_refuses_the_last_request_and_grants_whole_request
 
 async def test_a_soft_lease_grants_what_is_wanted(store: BudgetStore) -> None:
     soft = ref(limit=100, hard=False)
-    await store.set_spent(soft, 500, now_ms=NOW)
+    await store.add_spent(soft, 500, now_ms=NOW)
     grant = await store.lease("l1", soft, 300, min_micros=10, ttl_ms=TTL, now_ms=NOW)
     assert grant.granted_micros == 300 and grant.counter == Counter(500, 300)
 
@@ -383,7 +383,7 @@ async def test_two_windows_of_one_budget_are_independent(store: BudgetStore) -> 
     assert await counter(store, december) == Counter(0, 100)
     # Ids that would collide if keys were naively joined stay apart.
     a, b = ref("x:y", window="z", limit=5), ref("x", window="y:z", limit=5)
-    await store.set_spent(a, 5, now_ms=NOW)
+    await store.add_spent(a, 5, now_ms=NOW)
     assert await counter(store, b) == Counter(0, 0)
 
 
@@ -413,14 +413,14 @@ async def test_a_request_is_charged_in_the_window_its_hold_was_taken_in(store: B
     assert await counter(store, day2) == Counter(0, 1000)
 
 
-async def test_set_spent_overwrites_spent_and_keeps_held(store: BudgetStore) -> None:
+async def test_add_spent_adds_to_spent_and_keeps_held(store: BudgetStore) -> None:
     budget = ref(limit=1000)
     await store.reserve("r1", [budget], 300, ttl_ms=TTL, now_ms=NOW)
-    await store.set_spent(budget, 650, now_ms=NOW)
+    await store.settle("req-1", 50, [budget], now_ms=NOW)
+    await store.add_spent(budget, 600, now_ms=NOW)
     assert await counter(store, budget) == Counter(650, 300)
     assert not (await store.reserve("r2", [budget], 51, ttl_ms=TTL, now_ms=NOW)).ok
-    await store.set_spent(budget, 0, now_ms=NOW)
-    assert await counter(store, budget) == Counter(0, 300)
+    assert (await store.reserve("r3", [budget], 50, ttl_ms=TTL, now_ms=NOW)).ok
 
 
 async def test_forget_drops_every_window_of_a_budget_and_nothing_else(store: BudgetStore) -> None:
@@ -429,7 +429,7 @@ async def test_forget_drops_every_window_of_a_budget_and_nothing_else(store: Bud
     windows = [ref(odd, window=w, limit=100) for w in ("2026-11", "2026-12", "2026-12-01")]
     others = [ref("user:*[a]?\\xy", limit=100), ref("user:", limit=100), ref("user:b", limit=100)]
     for budget in [*windows, *others]:
-        await store.set_spent(budget, 40, now_ms=NOW)
+        await store.add_spent(budget, 40, now_ms=NOW)
     assert (await store.reserve("r1", [windows[0], others[0]], 10, ttl_ms=TTL, now_ms=NOW)).ok
     assert await store.forget([odd, odd, "never-seen"]) == len(windows)
     for budget in windows:

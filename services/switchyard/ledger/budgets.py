@@ -437,17 +437,12 @@ class BudgetStore(ABC):
         await self._mark_rebuilt(epoch)
 
     async def add_spent(self, budget: BudgetRef, micros: int, *, now_ms: int | None = None) -> None:
-        """Add to the committed spend (a rebuild after the store lost its data); `held` is kept."""
-        _check_micros("micros", micros)
-        await self._add_spent(budget, micros, wall_clock_ms() if now_ms is None else now_ms)
-
-    async def set_spent(self, budget: BudgetRef, spent_micros: int, *, now_ms: int | None = None) -> None:
-        """Overwrite the committed spend (reconciliation from SQL at ledger start); `held` is kept.
+        """Add to the committed spend (rebuilding it from the ledger's rows); `held` is kept.
 
         `now_ms` (default: the wall clock) only decides how long the counter is kept.
         """
-        _check_micros("spent_micros", spent_micros)
-        await self._set_spent(budget, spent_micros, wall_clock_ms() if now_ms is None else now_ms)
+        _check_micros("micros", micros)
+        await self._add_spent(budget, micros, wall_clock_ms() if now_ms is None else now_ms)
 
     @abstractmethod
     async def aclose(self) -> None:
@@ -492,9 +487,6 @@ class BudgetStore(ABC):
 
     @abstractmethod
     async def _counter(self, budget: BudgetRef, now_ms: int) -> Counter: ...
-
-    @abstractmethod
-    async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None: ...
 
     @abstractmethod
     async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None: ...
@@ -734,9 +726,6 @@ class MemoryBudgetStore(BudgetStore):
     async def _counter(self, budget: BudgetRef, now_ms: int) -> Counter:
         self._expire_counter(budget.key, now_ms)
         return self._snapshot(budget.key, now_ms)
-
-    async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None:
-        self._touch(budget, now_ms).spent = spent
 
     async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None:
         self._touch(budget, now_ms).spent += micros

@@ -391,16 +391,6 @@ return 1
 """
 )
 
-# KEYS: c:S, i:S. ARGV: prefix, now, spent, counter ttl.
-_SET_SPENT: Final = (
-    _PRELUDE
-    + """
-touch(KEYS[1], KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[1], 'spent', ARGV[3])
-return 1
-"""
-)
-
 
 def counter_suffix(budget_id: str, window_key: str) -> str:
     """The part of a counter's key after `c:` / `i:`; the length prefix keeps it unambiguous."""
@@ -459,7 +449,6 @@ class RedisBudgetStore(BudgetStore):
         self._return_script = client.register_script(_RETURN_LEASE)
         self._expire_script = client.register_script(_EXPIRE)
         self._counter_script = client.register_script(_COUNTER)
-        self._set_spent_script = client.register_script(_SET_SPENT)
         self._epoch_script = client.register_script(_EPOCH)
         self._claim_script = client.register_script(_CLAIM_REBUILD)
         self._mark_script = client.register_script(_MARK_REBUILT)
@@ -638,13 +627,6 @@ class RedisBudgetStore(BudgetStore):
     async def _mark_rebuilt(self, epoch: str) -> None:
         keys = [self._prefix + "e", self._prefix + "ready", self._prefix + "rebuild"]
         await self._run(self._mark_script, keys, [self._prefix, wall_clock_ms(), epoch])
-
-    async def _set_spent(self, budget: BudgetRef, spent: int, now_ms: int) -> None:
-        await self._run(
-            self._set_spent_script,
-            self._counter_keys(budget),
-            [self._prefix, now_ms, spent, counter_ttl_ms(budget, now_ms)],
-        )
 
     async def _epoch(self) -> str:
         # Read every sweep: a running ledger keeps it alive even while no lease is granted.

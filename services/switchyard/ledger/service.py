@@ -252,7 +252,8 @@ class Ledger:
                 budget.scope, start_ms=_ms(start), end_ms=_ms(end), settled_only=True
             )
             if spent:
-                await self.store.set_spent(ref, spent)
+                # Added, not set: a commit settled meanwhile (by another replica) keeps its part.
+                await self.store.add_spent(ref, spent)
 
     async def rebuild_if_lost(self) -> bool:
         """Rebuild the counters if the budget store lost its data (a new epoch whose counters
