@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -457,3 +458,34 @@ async def test_a_late_commit_is_priced_with_the_volume_of_the_month_it_finished_
     # tokens of last month: half price. This month's first request pays in full.
     assert [r.charged_micros for r in last] == [1_200_000, 1_200_000, 600_000]
     assert (current.charged_micros, current.month_tokens) == (1_200_000, 1_100_000)
+
+
+async def test_an_alert_the_commit_could_not_fire_is_fired_when_the_sweeper_settles_it(
+    ledger: tuple[Ledger, FlakyStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit's counters were charged, then its alerts failed (the database refused): the
+    row stays unsettled, and the sweeper's retry, a duplicate for the counters, still fires
+    the 80% alert the spend reached, once."""
+    service, _ = ledger
+    tenant, budget = await with_budget(service)  # $100
+    observe = service.alerts.observe
+    failures = iter([True])
+
+    async def flaky_observe(*args: Any, **kwargs: Any) -> list[int]:
+        if next(failures, False):
+            raise OSError("injected")
+        return await observe(*args, **kwargs)
+
+    monkeypatch.setattr(service.alerts, "observe", flaky_observe)
+    big = commit(tenant, "req-big")
+    big.record.usage.input_tokens = 550_000_000  # $82.5 at $0.15 per 1M
+    big.record.usage.output_tokens = 0
+    await service.commit_many([big])
+    assert await unsettled(service) == ["req-big"]
+    assert await spent(service, budget) == 82_500_000
+    await service.sweep()
+    await service.sweep()
+    assert await unsettled(service) == []
+    assert await spent(service, budget) == 82_500_000
+    alerts, _ = await service.alerts.list_alerts(tenant_id=tenant)
+    assert [a.threshold_percent for a in alerts] == [80]

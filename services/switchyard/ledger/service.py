@@ -612,7 +612,7 @@ class Ledger:
         budgets = await self.budgets_for(scope)
         refs = [budget_ref(b, window_at or now) for b in budgets]
         try:
-            settlement = await self.store.settle(
+            await self.store.settle(
                 request_id,
                 amount,
                 refs,
@@ -620,12 +620,13 @@ class Ledger:
                 lease_ids=list(lease_ids),
                 now_ms=_ms(now),
             )
-            if not settlement.duplicate:
-                for budget, ref in zip(budgets, refs, strict=True):
-                    counter = await self.store.counter(ref, now_ms=_ms(now))
-                    await self.alerts.observe(
-                        budget, window_key=ref.window_key, spent_micros=counter.spent_micros, now_ms=_ms(now)
-                    )
+            # A duplicate's too: this may be the sweeper retrying a settle that stopped before
+            # its alerts were observed. Each threshold fires once per window however often seen.
+            for budget, ref in zip(budgets, refs, strict=True):
+                counter = await self.store.counter(ref, now_ms=_ms(now))
+                await self.alerts.observe(
+                    budget, window_key=ref.window_key, spent_micros=counter.spent_micros, now_ms=_ms(now)
+                )
         except Exception as exc:
             log.error("budget_settle_failed", request_id=request_id, error=type(exc).__name__)
             return False
