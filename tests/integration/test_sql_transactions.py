@@ -97,3 +97,14 @@ async def test_an_exception_in_the_body_rolls_back_and_an_empty_transaction_is_h
             raise RuntimeError("before any statement")
     await database.execute(f"INSERT INTO {table} (id, n) VALUES (?, ?)", ("r", 1))
     assert await ids(database) == ["r"]
+
+
+async def test_a_committed_transaction_is_flushed_to_disk_before_commit_returns(database: Database) -> None:
+    """Rows are money here: a commit must survive a power loss, not only a crash. SQLite in WAL
+    mode does so only with synchronous=FULL (PostgreSQL's default synchronous_commit is on)."""
+    if database.backend is Backend.SQLITE:
+        (row,) = await database.fetch_all("PRAGMA synchronous")
+        assert list(dict(row).values()) == [2]  # FULL
+    else:
+        (row,) = await database.fetch_all("SHOW synchronous_commit")
+        assert list(dict(row).values()) == ["on"]

@@ -334,7 +334,10 @@ def _sqlite_connect(path: str) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     if path != ":memory:":
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a committed transaction survives a power loss too, not only a crash (NORMAL
+        # can lose the last ones). The ledger's rows and the outbox's commits are money; both
+        # write in batches off the request path, and an fsync costs ~0.2 ms here.
+        conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
