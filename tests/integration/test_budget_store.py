@@ -28,6 +28,7 @@ from switchyard.ledger.budgets import (
     CountersLost,
     HoldConflict,
     MemoryBudgetStore,
+    RebuildClaim,
     build_budget_store,
 )
 from switchyard.ledger.budgets_redis import RedisBudgetStore
@@ -80,10 +81,10 @@ def rebuilt(redis_url: str, prefix: str, epoch: str = "e0") -> None:
 
 async def rebuild(store: BudgetStore) -> str:
     """What the ledger does with a fresh store before it serves: claim, (nothing to add), mark."""
-    epoch = await store.claim_rebuild()
-    assert epoch is not None
-    await store.mark_rebuilt(epoch)
-    return epoch
+    claim = await store.claim_rebuild()
+    assert claim is not None
+    await store.mark_rebuilt(claim)
+    return claim.epoch
 
 
 async def counter(store: BudgetStore, budget: BudgetRef, now_ms: int = NOW) -> Counter:
@@ -362,6 +363,26 @@ async def test_an_expired_hold_is_freed_lazily_by_the_next_reserve_or_lease(stor
     assert await counter(store, budget, NOW + 2000 + TTL) == Counter(40, 0)
 
 
+async def test_a_commit_draws_down_an_expired_lease_and_a_new_caller_keeps_expired_holds(
+    store: BudgetStore,
+) -> None:
+    budget = ref(limit=1000)
+    await store.lease("l1", budget, 600, min_micros=1, ttl_ms=1000, now_ms=NOW)
+    # A caller that has just started frees no expired hold until its grace is over...
+    store.keep_expired_holds(until_ms=NOW + 10_000)
+    assert await store.expire(now_ms=NOW + 5000) == 0
+    assert (await store.reserve("r1", [budget], 400, ttl_ms=TTL, now_ms=NOW + 5000)).ok
+    assert not (await store.reserve("r2", [budget], 1, ttl_ms=TTL, now_ms=NOW + 5000)).ok
+    # ...and a late commit on the expired lease draws it down, as a live one.
+    await store.settle("req-1", 250, [budget], lease_ids=["l1"], now_ms=NOW + 5000)
+    assert await counter(store, budget, NOW + 5000) == Counter(250, 750)
+    await store.settle("req-2", 100, [budget], lease_ids=["l1"], now_ms=NOW + 6000)
+    assert await counter(store, budget, NOW + 6000) == Counter(350, 650)
+    # Past the grace, what is left of it is freed (lazily here).
+    assert await counter(store, budget, NOW + 10_000) == Counter(350, 400)
+    assert await store.expire(now_ms=NOW + 10_000) == 0
+
+
 async def test_a_reservation_id_can_be_reused_once_its_hold_expired(store: BudgetStore) -> None:
     budget = ref(limit=1000)
     await store.reserve("r1", [budget], 300, ttl_ms=1000, now_ms=NOW)
@@ -548,15 +569,16 @@ async def test_the_redis_epoch_is_shared_and_changes_only_when_redis_lost_its_da
     try:
         budget = ref(limit=1000)
         # A fresh store holds nothing until a ledger has rebuilt its counters, and only one
-        # caller at a time is given that rebuild.
+        # caller at a time holds the claim on that rebuild.
         with pytest.raises(CountersLost) as caught:
             await first.lease("l0", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
-        assert caught.value.rebuild and caught.value.epoch == await first.epoch()
-        with pytest.raises(CountersLost) as caught:
+        assert caught.value.epoch == await first.epoch()
+        claim = await first.claim_rebuild()
+        assert claim is not None and claim.epoch == caught.value.epoch
+        with pytest.raises(CountersLost):
             await second.reserve("r0", [budget], 10, ttl_ms=TTL, now_ms=NOW)
-        assert not caught.value.rebuild
         assert await second.claim_rebuild() is None  # the first is at it
-        await first.mark_rebuilt(await first.epoch())
+        await first.mark_rebuilt(claim)
         assert await first.claim_rebuild() is None  # rebuilt
         granted = await first.lease("l1", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
         assert granted.granted_micros == 1000
@@ -569,17 +591,51 @@ async def test_the_redis_epoch_is_shared_and_changes_only_when_redis_lost_its_da
         with pytest.raises(CountersLost) as caught:
             await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
         lost = caught.value
-        assert lost.rebuild and lost.epoch != granted.epoch
+        assert lost.epoch != granted.epoch
+        claim = await second.claim_rebuild()
+        assert claim is not None and claim.epoch == lost.epoch
         await second.add_spent(budget, 700, now_ms=NOW)
-        await second.mark_rebuilt("an epoch since replaced")  # marks nothing
+        await second.mark_rebuilt(RebuildClaim("an epoch since replaced", claim.token))  # marks nothing
         with pytest.raises(CountersLost):
             await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
-        await second.mark_rebuilt(lost.epoch)
+        await second.mark_rebuilt(claim)
         regranted = await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
         assert regranted.granted_micros == 300  # what the rows left, not the whole budget
         assert regranted.epoch == lost.epoch == await first.epoch()
     finally:
         await second.aclose()
+
+
+async def test_a_rebuild_claim_is_the_claimers_until_it_ends_and_one_of_an_old_epoch_is_void(
+    redis_client: Redis,
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    store = RedisBudgetStore(redis_client, prefix=prefix)
+    claim = await store.claim_rebuild()
+    assert claim is not None
+    assert await store.renew_rebuild(claim)
+    assert 29_000 < await redis_client.pttl(prefix + "rebuild") <= 30_000
+    # Only the claimer's own token renews or releases it.
+    stranger = RebuildClaim(claim.epoch, "someone else")
+    assert not await store.renew_rebuild(stranger)
+    await store.release_rebuild(stranger)
+    assert await store.claim_rebuild() is None
+    # Released (its rebuild failed): another caller may claim at once, not in 30 s.
+    await store.release_rebuild(claim)
+    assert not await store.renew_rebuild(claim)
+    again = await store.claim_rebuild()
+    assert again is not None and again.token != claim.token
+    # A stranger marking the epoch rebuilt leaves the claimer's claim alone; the claimer's ends it.
+    await store.mark_rebuilt(stranger)
+    assert await store.renew_rebuild(again)
+    await store.mark_rebuilt(again)
+    assert not await store.renew_rebuild(again)
+    assert await store.claim_rebuild() is None
+    # A claim left from an epoch since lost does not hold back the rebuild of the new one.
+    await redis_client.delete(prefix + "e", prefix + "ready")
+    await redis_client.set(prefix + "rebuild", "an-old-epoch some-token", px=30_000)
+    fresh = await store.claim_rebuild()
+    assert fresh is not None and fresh.epoch != claim.epoch
 
 
 async def test_stores_on_separate_connections_share_one_budget(redis_url: str) -> None:

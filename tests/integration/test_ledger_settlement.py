@@ -7,6 +7,7 @@ outage looks like to the ledger: the call raises). Money is checked against the 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -246,20 +247,26 @@ async def test_a_ledger_just_started_frees_no_expired_hold_until_its_grace_is_ov
     ledger: tuple[Ledger, FlakyStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Edges send the commits a ledger could not take while it was down once it is back; each
-    draws its cost from its lease's hold. A ledger that has just started leaves expired holds
-    alone for a while (here one started an hour's grace ago has not), so those commits still
-    find them; past the grace the sweeper frees them as always."""
+    draws its cost from its lease's hold, though the lease's settle-by has passed meanwhile. A
+    ledger that has just started leaves expired holds alone for a while (here an hour): its
+    sweeper does not free them, nor does a hold taken meanwhile (lazily), and a late commit
+    still draws its lease down; past the grace the sweeper frees what is left."""
     service, store = ledger
+    at = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    monkeypatch.setattr(ledger_service, "_now", lambda: at)
     tenant, budget = await with_budget(service)
-    await service.reserve(
-        ledger_pb2.ReserveRequest(
-            request_id="req-held",
-            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
-            amount_micros=500_000,
-            ttl_seconds=1,
-        )
+    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+    granted = await service.lease(
+        ledger_pb2.LeaseBudgetRequest(holder_id="edge-1", scope=scope, requested_micros=500_000, min_micros=1)
     )
-    later = datetime.now(UTC) + timedelta(seconds=5)
+    (lease,) = granted.leases
+
+    async def counter_at(moment: datetime) -> tuple[int, int]:
+        found = await store.counter(budget_ref(budget, moment), now_ms=int(moment.timestamp() * 1000))
+        return found.spent_micros, found.held_micros
+
+    # The ledger was down past the lease's settle-by; a new one starts.
+    later = lease.settle_by.ToDatetime(UTC) + timedelta(seconds=5)
     monkeypatch.setattr(ledger_service, "_now", lambda: later)
     restarted = Ledger(
         service.catalog,
@@ -271,9 +278,17 @@ async def test_a_ledger_just_started_frees_no_expired_hold_until_its_grace_is_ov
         expire_after_start_s=3600,
     )
     assert await restarted.sweep() == 0
-    assert await counter(service, budget) == (0, 500_000)
-    assert await service.sweep() == 1  # no grace: expired, freed
-    assert await counter(service, budget) == (0, 0)
+    await restarted.reserve(ledger_pb2.ReserveRequest(request_id="req-new", scope=scope, amount_micros=1))
+    assert await counter_at(later) == (0, 500_001)
+    late = commit(tenant, "req-late")
+    late.lease_ids.append(lease.lease_id)
+    (result,) = await restarted.commit_many([late])
+    assert await counter_at(later) == (result.charged_micros, 500_001 - result.charged_micros)
+
+    past = later + timedelta(hours=1, seconds=1)
+    monkeypatch.setattr(ledger_service, "_now", lambda: past)
+    assert await restarted.sweep() == 2  # the lease's rest, and the reservation (its 60 s are up)
+    assert await counter_at(past) == (result.charged_micros, 0)
 
 
 async def test_the_sweeper_frees_the_reservation_a_commit_named(
@@ -412,6 +427,72 @@ async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before
             # Half of what the rows left, never half of the whole budget.
             assert lease.amount_micros == (100_000_000 - spent_before) // 2
             assert await counter(service, budget) == (spent_before, lease.amount_micros)
+    finally:
+        await alerts.aclose()
+        await client.aclose()
+        await database.close()
+
+
+async def test_a_rebuild_outlives_a_caller_that_gave_up_and_one_that_failed_is_retried_at_once(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebuild runs on its own: a lease that gave up waiting (its deadline passed) leaves it
+    running to the end. One that failed gives up its claim, and the next sweep rebuilds, though
+    the epoch it sees is no longer new."""
+    database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    client = open_redis(redis_url)
+    prefix = f"test:{uuid.uuid4().hex}:budget:"
+    alerts = await AlertCenter.open(database, secret=None)
+    service = Ledger(
+        load_catalog(None),
+        await LedgerStore.open(database),
+        RedisBudgetStore(client, prefix=prefix),
+        alerts,
+        lease_ttl_s=30,
+        settle_after_s=300,
+    )
+    history_spent = service.history.spent
+    gate = asyncio.Event()
+    failures = [RuntimeError("the database went away")]
+
+    async def slow_or_failing_spent(*args: Any, **kwargs: Any) -> int:
+        await gate.wait()
+        if failures:
+            raise failures.pop()
+        return await history_spent(*args, **kwargs)
+
+    try:
+        gate.set()
+        failures.clear()
+        await service.refresh_budgets()
+        tenant, budget = await with_budget(service)
+        (result,) = await service.commit_many([commit(tenant, "req-1")])
+        scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+        request = ledger_pb2.LeaseBudgetRequest(
+            holder_id="edge", scope=scope, requested_micros=10, min_micros=1
+        )
+        monkeypatch.setattr(service.history, "spent", slow_or_failing_spent)
+
+        # Lost; the first lease to meet it starts the rebuild, then gives up.
+        gate.clear()
+        await client.delete(*[key async for key in client.scan_iter(match=prefix + "*")])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(service.lease(request), 0.2)
+        gate.set()
+        assert await service.rebuild_if_lost()  # joins the rebuild still running
+        assert await counter(service, budget) == (result.charged_micros, 0)
+        assert (await service.lease(request)).leases[0].amount_micros == 10
+
+        # Lost again; this rebuild fails at the database...
+        failures.append(RuntimeError("the database went away"))
+        await client.delete(*[key async for key in client.scan_iter(match=prefix + "*")])
+        with pytest.raises(RuntimeError):
+            await service.sweep()
+        assert await client.get(prefix + "rebuild") is None  # its claim given up
+        # ...and the next sweep rebuilds, the new epoch already known.
+        await service.sweep()
+        assert await counter(service, budget) == (result.charged_micros, 0)
+        assert (await service.lease(request)).leases[0].amount_micros == 10
     finally:
         await alerts.aclose()
         await client.aclose()

@@ -34,7 +34,9 @@ nobody settles it).
 
 Expiry. A hold whose expiry passed is freed by `expire()` (call it periodically), and lazily,
 at most `LAZY_EXPIRY_PER_COUNTER` per counter, at the start of `reserve`, `lease` and
-`counter`, so a crashed holder never blocks a budget. Stored state expires too: counters at
+`counter`, so a crashed holder never blocks a budget; a caller that has just started keeps
+them a while (`keep_expired_holds`), and until a lease is freed, commits naming it still draw
+it down. Stored state expires too: counters at
 their `expires_at_ms` (at least `MIN_KEY_TTL_MS` after their last write), settled request ids
 as above, so nothing accumulates forever.
 
@@ -45,7 +47,8 @@ current epoch and says so; an edge holding leases of an older epoch admits nothi
 since the holds that backed them are gone and the budget may be granted again in full.
 
 Rebuild. A store that lost its data lost its counters' spend too. Until the ledger has rebuilt
-them from its rows (`claim_rebuild`, then `add_spent` per counter, then `mark_rebuilt`),
+them from its rows (`claim_rebuild`, then `add_spent` per counter, renewing the claim as it
+goes, then `mark_rebuilt`),
 `reserve` and `lease` hold nothing and raise `CountersLost`: granting from an empty counter
 could pass a limit by everything spent before the loss. The memory backend is rebuilt by the
 ledger before it serves (its process is its lifetime), so it never raises it.
@@ -71,15 +74,18 @@ __all__ = [
     "MAX_MICROS",
     "MAX_SHARE_DENOMINATOR",
     "MIN_KEY_TTL_MS",
+    "REBUILD_CLAIM_MS",
     "SETTLED_RETENTION_MS",
     "BudgetRef",
     "BudgetStore",
     "BudgetStoreUnavailable",
     "Counter",
+    "CountersLost",
     "Grant",
     "HoldConflict",
     "HoldOutcome",
     "MemoryBudgetStore",
+    "RebuildClaim",
     "Settlement",
     "build_budget_store",
     "counter_ttl_ms",
@@ -102,6 +108,8 @@ LAZY_EXPIRY_PER_COUNTER: Final = 100
 # max_share is applied as available * numerator // denominator; below this it stays exact in Lua.
 MAX_SHARE_DENOMINATOR: Final = 2**24
 DEFAULT_PREFIX: Final = "sy:budget:"
+REBUILD_CLAIM_MS: Final = 30_000
+"""A claim on a rebuild lapses this long after it was made or last renewed."""
 
 Kind = Literal["reservation", "lease"]
 RESERVATION: Final = "reservation"
@@ -198,12 +206,20 @@ class BudgetStoreUnavailable(Exception):
 
 class CountersLost(BudgetStoreUnavailable):
     """The store lost its data (a new epoch) and its counters are not rebuilt yet: nothing was
-    held. `rebuild` says whether this caller claimed the rebuild (see `claim_rebuild`)."""
+    held (see `claim_rebuild`)."""
 
-    def __init__(self, epoch: str, *, rebuild: bool) -> None:
+    def __init__(self, epoch: str) -> None:
         super().__init__("the budget store lost its data and is being rebuilt")
         self.epoch = epoch
-        self.rebuild = rebuild
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildClaim:
+    """One caller's claim on rebuilding the counters of `epoch`; `token` tells it from another
+    caller's claim on the same epoch (one made after this one lapsed)."""
+
+    epoch: str
+    token: str
 
 
 class HoldConflict(ValueError):
@@ -372,9 +388,11 @@ class BudgetStore(ABC):
         its whole remainder freed, even when `actual_micros` exceeds it. Each named lease is
         drawn down by `min(actual, its remaining)` (its counter's `held` by the same) and ends
         at 0.
-        Unknown, expired or other-kind hold ids are ignored (expired ones are freed, as
-        `expire()` would); the spend is recorded all the same. A request id already settled
-        changes nothing and returns `duplicate=True`.
+        A named lease past its expiry is drawn down all the same (what it admitted before then
+        is still settling): only `expire()`, or the lazy expiry of `reserve`, `lease` and
+        `counter`, frees what is left of it. Unknown or other-kind hold ids are ignored; the
+        spend is recorded all the same. A request id already settled changes nothing and
+        returns `duplicate=True`.
         """
         _check_id("request_id", request_id)
         _check_micros("actual_micros", actual_micros)
@@ -406,10 +424,27 @@ class BudgetStore(ABC):
         """Free up to `limit` holds whose expiry is at or before `now_ms`, oldest first; returns how many.
 
         Also drops stored state past its own expiry (memory backend; Redis does that itself).
+        Frees nothing while expired holds are kept (`keep_expired_holds`).
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        if now_ms < self._keep_expired_until_ms:
+            return 0
         return await self._expire(now_ms, limit)
+
+    _keep_expired_until_ms: int = 0
+
+    def keep_expired_holds(self, *, until_ms: int) -> None:
+        """Free no hold past its expiry, neither by `expire()` nor lazily, while the caller's
+        `now_ms` is before `until_ms`: this store's caller has just started, and commits held
+        back while it was down still draw their cost from the holds they name. (Per store
+        object, so per ledger process: a replica that stayed up frees them as usual.)"""
+        self._keep_expired_until_ms = until_ms
+
+    def _expired_by(self, now_ms: int) -> int:
+        """Holds expiring at or before this are freed lazily at `now_ms`: `now_ms` itself, or -1
+        (none) while expired holds are kept."""
+        return now_ms if now_ms >= self._keep_expired_until_ms else -1
 
     async def forget(self, budget_ids: Sequence[str]) -> int:
         """Drop the counters of `budget_ids` in every window (the budgets were deleted); returns
@@ -426,15 +461,26 @@ class BudgetStore(ABC):
         """The store's epoch now: it changes only when the store lost its holds (module docstring)."""
         return await self._epoch()
 
-    async def claim_rebuild(self) -> str | None:
-        """The epoch whose counters the caller must now rebuild (it alone, for a while), or
-        None when they are rebuilt or another caller is rebuilding them."""
+    async def claim_rebuild(self) -> RebuildClaim | None:
+        """A claim on rebuilding the current epoch's counters, the caller's alone for
+        `REBUILD_CLAIM_MS` unless renewed, or None when they are rebuilt or another caller holds
+        the claim. A claim left over from an older epoch does not count."""
         return await self._claim_rebuild()
 
-    async def mark_rebuilt(self, epoch: str) -> None:
-        """The counters of `epoch` are rebuilt: `reserve` and `lease` hold again."""
-        _check_id("epoch", epoch)
-        await self._mark_rebuilt(epoch)
+    async def renew_rebuild(self, claim: RebuildClaim) -> bool:
+        """Keep the claim another `REBUILD_CLAIM_MS`; False when it is no longer the caller's
+        (it lapsed, and another caller may be rebuilding)."""
+        return await self._rebuild_claim(claim, REBUILD_CLAIM_MS)
+
+    async def release_rebuild(self, claim: RebuildClaim) -> None:
+        """Give up the claim (the rebuild failed), so another caller may rebuild at once."""
+        await self._rebuild_claim(claim, 0)
+
+    async def mark_rebuilt(self, claim: RebuildClaim) -> None:
+        """The counters of the claim's epoch are rebuilt: `reserve` and `lease` hold again (if
+        that epoch is still current), and the claim ends."""
+        _check_id("epoch", claim.epoch)
+        await self._mark_rebuilt(claim)
 
     async def add_spent(self, budget: BudgetRef, micros: int, *, now_ms: int | None = None) -> None:
         """Add to the committed spend (rebuilding it from the ledger's rows); `held` is kept.
@@ -492,10 +538,13 @@ class BudgetStore(ABC):
     async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None: ...
 
     @abstractmethod
-    async def _claim_rebuild(self) -> str | None: ...
+    async def _claim_rebuild(self) -> RebuildClaim | None: ...
 
     @abstractmethod
-    async def _mark_rebuilt(self, epoch: str) -> None: ...
+    async def _rebuild_claim(self, claim: RebuildClaim, keep_ms: int) -> bool: ...
+
+    @abstractmethod
+    async def _mark_rebuilt(self, claim: RebuildClaim) -> None: ...
 
     @abstractmethod
     async def _forget(self, budget_ids: tuple[str, ...]) -> int: ...
@@ -589,7 +638,8 @@ class MemoryBudgetStore(BudgetStore):
         counter = self._live_counter(key, now_ms)
         if counter is None:
             return
-        due = sorted((exp, hid) for hid, exp in counter.holds.items() if exp <= now_ms)
+        upto = self._expired_by(now_ms)
+        due = sorted((exp, hid) for hid, exp in counter.holds.items() if exp <= upto)
         for _, hold_id in due[:LAZY_EXPIRY_PER_COUNTER]:
             if not self._free(hold_id):
                 counter.holds.pop(hold_id, None)
@@ -688,11 +738,7 @@ class MemoryBudgetStore(BudgetStore):
                 self._free(reservation_id)
         for lease_id in lease_ids:
             lease = self._holds.get(lease_id)
-            if lease is None or lease.kind != LEASE:
-                continue
-            if lease.expires_at <= now_ms:
-                self._free(lease_id)
-            else:
+            if lease is not None and lease.kind == LEASE:
                 self._shrink(lease_id, lease, min(actual, lease.remaining))
         self._settled[request_id] = _MemSettled(actual, now_ms + settled_ttl_ms(budgets, now_ms))
         return Settlement(False, actual)
@@ -730,10 +776,13 @@ class MemoryBudgetStore(BudgetStore):
     async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None:
         self._touch(budget, now_ms).spent += micros
 
-    async def _claim_rebuild(self) -> str | None:
+    async def _claim_rebuild(self) -> RebuildClaim | None:
         return None  # rebuilt by the ledger before it serves, and never loses data while it runs
 
-    async def _mark_rebuilt(self, epoch: str) -> None:
+    async def _rebuild_claim(self, claim: RebuildClaim, keep_ms: int) -> bool:
+        return False  # never claimed
+
+    async def _mark_rebuilt(self, claim: RebuildClaim) -> None:
         return None
 
     async def _forget(self, budget_ids: tuple[str, ...]) -> int:

@@ -21,7 +21,8 @@ id>:<window key>`, unambiguous whatever the ids contain):
           it (and a day after the last read), so it never lapses under a live lease;
 - `ready` the epoch whose counters the ledger has rebuilt from its rows (same lifetime as `e`):
           `reserve` and `lease` hold nothing in any other epoch (`CountersLost`);
-- `rebuild` the epoch a ledger replica is rebuilding (claimed with `SET NX`, 30 s).
+- `rebuild` `<epoch> <token>`: the claim of the ledger replica rebuilding that epoch's counters
+          (`REBUILD_CLAIM_MS`, renewed as it goes; a claim on an older epoch counts for nothing).
 
 The scripts reach holds and counters they discover (through `x`, `i:S` and `cs`) by building
 their names from the prefix, so under Redis Cluster the prefix must carry a hash tag
@@ -49,6 +50,7 @@ from switchyard.ledger.budgets import (
     DEFAULT_PREFIX,
     LAZY_EXPIRY_PER_COUNTER,
     MIN_KEY_TTL_MS,
+    REBUILD_CLAIM_MS,
     BudgetRef,
     BudgetStore,
     BudgetStoreUnavailable,
@@ -57,6 +59,7 @@ from switchyard.ledger.budgets import (
     Grant,
     HoldConflict,
     HoldOutcome,
+    RebuildClaim,
     Settlement,
     counter_ttl_ms,
     hold_ttl_ms,
@@ -110,10 +113,11 @@ local function shrink(hid, rem, cs, by)
   end
   redis.call('HSET', prefix .. 'h:' .. hid, 'rem', fmt(rem - by))
 end
--- Free up to LAZY holds on one counter whose expiry passed.
-local function expire_counter(sfx)
+-- Free up to LAZY holds on one counter whose expiry is at or before `upto` (-1: none).
+local function expire_counter(sfx, upto)
+  if upto < 0 then return end
   local ik = prefix .. 'i:' .. sfx
-  local due = redis.call('ZRANGEBYSCORE', ik, '-inf', fmt(now), 'LIMIT', 0, LAZY)
+  local due = redis.call('ZRANGEBYSCORE', ik, '-inf', fmt(upto), 'LIMIT', 0, LAZY)
   for _, hid in ipairs(due) do
     if free_hold(hid) == 0 then redis.call('ZREM', ik, hid) end
   end
@@ -137,11 +141,6 @@ local function epoch(candidate, ttl)
 end
 -- Whether the counters of epoch `ep` were rebuilt from the ledger's rows.
 local function rebuilt(ep) return redis.call('GET', prefix .. 'ready') == ep end
--- Claim the rebuild of epoch `ep` for this caller: 1 if no one else holds it.
-local function claim(ep)
-  if redis.call('SET', prefix .. 'rebuild', ep, 'NX', 'PX', 30000) then return 1 end
-  return 0
-end
 local function add_hold(hk, hid, kind, amount, exp, hold_ttl, sfxs)
   redis.call('HSET', hk, 'k', kind, 'rem', fmt(amount), 'exp', fmt(exp), 'g', fmt(amount),
     'cs', cjson.encode(sfxs))
@@ -153,10 +152,10 @@ end
 
 # KEYS: hold, x, then per budget its c:S and i:S.
 # ARGV: prefix, now, hold id, amount, ttl, hold key ttl, n, then per budget: suffix, limit, hard, counter ttl,
-# then a new epoch (used if there is none).
+# then a new epoch (used if there is none), then the lazy expiry's cutoff (-1: none).
 # Returns {1, expires} (held), {2, expires} (the live reservation of that id), {0, index, spent, held}
-# (refused by the index-th budget), {-1} (the id names a lease), {-2, claimed, epoch} (the
-# counters are not rebuilt in this epoch: nothing held).
+# (refused by the index-th budget), {-1} (the id names a lease), {-2, epoch} (the counters are
+# not rebuilt in this epoch: nothing held).
 _RESERVE: Final = (
     _PRELUDE
     + """
@@ -164,8 +163,8 @@ local hid, amount, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local hold_ttl, n = ARGV[6], tonumber(ARGV[7])
 local function barg(i, j) return ARGV[7 + (i - 1) * 4 + j] end
 local ep = epoch(ARGV[8 + 4 * n], tonumber(hold_ttl))
-if not rebuilt(ep) then return {-2, claim(ep), ep} end
-for i = 1, n do expire_counter(barg(i, 1)) end
+if not rebuilt(ep) then return {-2, ep} end
+for i = 1, n do expire_counter(barg(i, 1), tonumber(ARGV[9 + 4 * n])) end
 local h = redis.call('HMGET', KEYS[1], 'k', 'exp')
 if h[1] then
   if h[1] ~= 'r' then return {-1} end
@@ -195,10 +194,11 @@ return {1, exp}
 
 # KEYS: hold, x, c:S, i:S, e.
 # ARGV: prefix, now, lease id, wanted, min, ttl, hold key ttl, suffix, limit, hard, counter ttl,
-#       share numerator, share denominator (0: no share), a new epoch (used if there is none).
+#       share numerator, share denominator (0: no share), a new epoch (used if there is none),
+#       the lazy expiry's cutoff (-1: none).
 # Returns {status, granted, expires, spent, held, epoch}: status 1 granted, 2 the live lease of
-# that id, 0 nothing granted, -2 nothing granted as the counters are not rebuilt in this epoch
-# (granted: 1 if this call claimed the rebuild); {-1} when the id names a reservation.
+# that id, 0 nothing granted, -2 nothing granted as the counters are not rebuilt in this epoch;
+# {-1} when the id names a reservation.
 # Mirrors `lease_grant`.
 _LEASE: Final = (
     _PRELUDE
@@ -208,12 +208,12 @@ local ttl, hold_ttl = tonumber(ARGV[6]), ARGV[7]
 local sfx, limit, hard, cttl = ARGV[8], tonumber(ARGV[9]), ARGV[10], ARGV[11]
 local snum, sden = tonumber(ARGV[12]), tonumber(ARGV[13])
 local ck, ik = KEYS[3], KEYS[4]
-expire_counter(sfx)
+expire_counter(sfx, tonumber(ARGV[15]))
 local h = redis.call('HMGET', KEYS[1], 'k', 'exp', 'g')
 if h[1] and h[1] ~= 'l' then return {-1} end
 -- The epoch outlives every lease granted in it: the hold's record outlives the hold.
 local ep = epoch(ARGV[14], tonumber(hold_ttl))
-if not rebuilt(ep) then return {-2, claim(ep), 0, 0, 0, ep} end
+if not rebuilt(ep) then return {-2, 0, 0, 0, 0, ep} end
 if h[1] then
   if tonumber(h[2]) > now then
     local c = redis.call('HMGET', ck, 'spent', 'held')
@@ -284,14 +284,10 @@ end
 if rid ~= '' and redis.call('HGET', prefix .. 'h:' .. rid, 'k') == 'r' then free_hold(rid) end
 for j = 1, m do
   local lid = ARGV[7 + n + j]
-  local h = redis.call('HMGET', prefix .. 'h:' .. lid, 'k', 'rem', 'exp', 'cs')
+  local h = redis.call('HMGET', prefix .. 'h:' .. lid, 'k', 'rem', 'cs')
   if h[1] == 'l' then
-    if tonumber(h[3]) <= now then
-      free_hold(lid)
-    else
-      local rem = tonumber(h[2])
-      shrink(lid, rem, h[4], math.min(actual, rem))
-    end
+    local rem = tonumber(h[2])
+    shrink(lid, rem, h[3], math.min(actual, rem))
   end
 end
 redis.call('SET', KEYS[1], fmt(actual), 'PX', ARGV[4])
@@ -339,11 +335,11 @@ return freed
 """
 )
 
-# KEYS: c:S, i:S. ARGV: prefix, now, suffix. Returns {spent, held}.
+# KEYS: c:S, i:S. ARGV: prefix, now, suffix, the lazy expiry's cutoff (-1: none). Returns {spent, held}.
 _COUNTER: Final = (
     _PRELUDE
     + """
-expire_counter(ARGV[3])
+expire_counter(ARGV[3], tonumber(ARGV[4]))
 local c = redis.call('HMGET', KEYS[1], 'spent', 'held')
 return {num(c[1]), num(c[2])}
 """
@@ -357,26 +353,39 @@ return epoch(ARGV[3], tonumber(ARGV[4]))
 """
 )
 
-# KEYS: e. ARGV: prefix, now, a new epoch (used if there is none), ttl.
-# Returns {claimed, epoch}: claimed 1 when this caller is to rebuild the epoch's counters.
+# KEYS: e, rebuild. ARGV: prefix, now, a new epoch (used if there is none), ttl, token, claim ms.
+# Returns {claimed, epoch}: claimed 1 when this caller is to rebuild the epoch's counters (the
+# `rebuild` key then holds `<epoch> <token>`); a claim on an older epoch is overwritten.
 _CLAIM_REBUILD: Final = (
     _PRELUDE
     + """
 local ep = epoch(ARGV[3], tonumber(ARGV[4]))
 if rebuilt(ep) then return {0, ep} end
-return {claim(ep), ep}
+local held = redis.call('GET', KEYS[2])
+if held and string.sub(held, 1, #ep + 1) == ep .. ' ' then return {0, ep} end
+redis.call('SET', KEYS[2], ep .. ' ' .. ARGV[5], 'PX', ARGV[6])
+return {1, ep}
 """
 )
 
-# KEYS: e, ready, rebuild. ARGV: prefix, now, epoch. Returns 1 if marked (the epoch is current).
+# KEYS: rebuild. ARGV: the claim (`<epoch> <token>`), ms to keep it (0: release it).
+# Returns 1 if the claim was the caller's.
+_REBUILD_CLAIM: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS: e, ready, rebuild. ARGV: prefix, now, epoch, the claim (`<epoch> <token>`).
+# Returns 1 if marked (the epoch is current); the claim ends if it was the caller's.
 _MARK_REBUILT: Final = (
     _PRELUDE
     + """
+if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
 local left = redis.call('PTTL', KEYS[1])
 if left < 1 then left = 1 end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', left)
-redis.call('DEL', KEYS[3])
 return 1
 """
 )
@@ -418,6 +427,11 @@ def _int(raw: object) -> int:
     return raw
 
 
+def _claim_value(claim: RebuildClaim) -> str:
+    """What the `rebuild` key holds while `claim` is its caller's."""
+    return f"{claim.epoch} {claim.token}"
+
+
 def _ints(raw: object, *, at_least: int) -> list[int]:
     if not isinstance(raw, list) or len(raw) < at_least:
         raise BudgetStoreUnavailable("unexpected reply from a budget script")
@@ -452,6 +466,7 @@ class RedisBudgetStore(BudgetStore):
         self._epoch_script = client.register_script(_EPOCH)
         self._claim_script = client.register_script(_CLAIM_REBUILD)
         self._mark_script = client.register_script(_MARK_REBUILT)
+        self._rebuild_claim_script = client.register_script(_REBUILD_CLAIM)
         self._add_spent_script = client.register_script(_ADD_SPENT)
 
     @property
@@ -497,10 +512,10 @@ class RedisBudgetStore(BudgetStore):
                 counter_ttl_ms(ref, now_ms),
             ]
         keys.append(self._prefix + "e")
-        args.append(uuid.uuid4().hex)
+        args += [uuid.uuid4().hex, self._expired_by(now_ms)]
         raw = await self._run(self._reserve_script, keys, args)
-        if isinstance(raw, list) and len(raw) == 3 and raw[0] == -2:
-            raise CountersLost(_text(raw[2]), rebuild=raw[1] == 1)
+        if isinstance(raw, list) and len(raw) == 2 and raw[0] == -2:
+            raise CountersLost(_text(raw[1]))
         reply = _ints(raw, at_least=1)
         status = reply[0]
         if status == -1:
@@ -543,6 +558,7 @@ class RedisBudgetStore(BudgetStore):
             0 if max_share is None else max_share.numerator,
             0 if max_share is None else max_share.denominator,
             uuid.uuid4().hex,
+            self._expired_by(now_ms),
         ]
         reply = await self._run(self._lease_script, keys, args)
         if not isinstance(reply, list) or len(reply) not in (1, 6):
@@ -550,7 +566,7 @@ class RedisBudgetStore(BudgetStore):
         if reply[0] == -1:
             raise HoldConflict("the lease id names a live reservation")
         if reply[0] == -2:
-            raise CountersLost(_text(reply[5]), rebuild=reply[1] == 1)
+            raise CountersLost(_text(reply[5]))
         _, granted, expires_at, spent, held = _ints(reply[:5], at_least=5)
         return Grant(lease_id, granted, expires_at, Counter(spent, held), _text(reply[5]))
 
@@ -602,7 +618,9 @@ class RedisBudgetStore(BudgetStore):
     async def _counter(self, budget: BudgetRef, now_ms: int) -> Counter:
         suffix = counter_suffix(budget.budget_id, budget.window_key)
         reply = await self._run(
-            self._counter_script, self._counter_keys(budget), [self._prefix, now_ms, suffix]
+            self._counter_script,
+            self._counter_keys(budget),
+            [self._prefix, now_ms, suffix, self._expired_by(now_ms)],
         )
         spent, held = _ints(reply, at_least=2)
         return Counter(spent, held)
@@ -614,19 +632,27 @@ class RedisBudgetStore(BudgetStore):
             [self._prefix, now_ms, micros, counter_ttl_ms(budget, now_ms)],
         )
 
-    async def _claim_rebuild(self) -> str | None:
+    async def _claim_rebuild(self) -> RebuildClaim | None:
+        token = uuid.uuid4().hex
         reply = await self._run(
             self._claim_script,
-            [self._prefix + "e"],
-            [self._prefix, wall_clock_ms(), uuid.uuid4().hex, MIN_KEY_TTL_MS],
+            [self._prefix + "e", self._prefix + "rebuild"],
+            [self._prefix, wall_clock_ms(), uuid.uuid4().hex, MIN_KEY_TTL_MS, token, REBUILD_CLAIM_MS],
         )
         if not isinstance(reply, list) or len(reply) != 2:
             raise BudgetStoreUnavailable("unexpected reply from a budget script")
-        return _text(reply[1]) if reply[0] == 1 else None
+        return RebuildClaim(_text(reply[1]), token) if reply[0] == 1 else None
 
-    async def _mark_rebuilt(self, epoch: str) -> None:
+    async def _rebuild_claim(self, claim: RebuildClaim, keep_ms: int) -> bool:
+        reply = await self._run(
+            self._rebuild_claim_script, [self._prefix + "rebuild"], [_claim_value(claim), keep_ms]
+        )
+        return _int(reply) == 1
+
+    async def _mark_rebuilt(self, claim: RebuildClaim) -> None:
         keys = [self._prefix + "e", self._prefix + "ready", self._prefix + "rebuild"]
-        await self._run(self._mark_script, keys, [self._prefix, wall_clock_ms(), epoch])
+        args: list[str | int] = [self._prefix, wall_clock_ms(), claim.epoch, _claim_value(claim)]
+        await self._run(self._mark_script, keys, args)
 
     async def _epoch(self) -> str:
         # Read every sweep: a running ledger keeps it alive even while no lease is granted.

@@ -27,6 +27,7 @@ by request id, nothing is lost or charged twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
@@ -56,6 +57,7 @@ from switchyard.ledger.budgets import (
     BudgetStore,
     BudgetStoreUnavailable,
     CountersLost,
+    RebuildClaim,
     build_budget_store,
 )
 from switchyard.ledger.history import Holds, LedgerStore
@@ -81,6 +83,8 @@ COUNTER_RETENTION: Final = timedelta(days=7)
 LEASE_SHARE: Final = Fraction(1, 2)
 # Extra time, past a lease's admission window and the longest request, for its commits to arrive.
 SETTLE_GRACE_S: Final = 60.0
+# A rebuild of the budget counters renews its claim this often (it lapses after 30 s).
+REBUILD_RENEW_S: Final = 5.0
 # Cache statuses whose answer cost nothing upstream.
 _FREE_STATUSES: Final = frozenset(
     {
@@ -159,9 +163,10 @@ class Ledger:
         self.catalog = catalog
         self.history = history
         self.store = store
-        # Expired holds stay until then: commits held back while this ledger was down still
-        # draw their cost from them (`ledger_expire_after_start_s`).
-        self._expire_from = time.monotonic() + expire_after_start_s
+        if expire_after_start_s > 0:
+            # Expired holds stay until then: commits held back while this ledger was down still
+            # draw their cost from them (`ledger_expire_after_start_s`).
+            store.keep_expired_holds(until_ms=_ms(_now()) + int(expire_after_start_s * 1000))
         self.alerts = alerts
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._settle_ms = int((lease_ttl_s + settle_after_s + SETTLE_GRACE_S) * 1000)
@@ -170,8 +175,17 @@ class Ledger:
         # The directory pushed to edges (WatchBudgets): its version and the subscribers' queues.
         self._directory = ledger_pb2.WatchBudgetsResponse()
         self._watchers: set[asyncio.Queue[ledger_pb2.WatchBudgetsResponse]] = set()
+        self._rebuilding: asyncio.Task[bool] | None = None
         # (tenant, model, month key) -> (tokens, monotonic time they were read from SQL).
         self._volumes: dict[tuple[str, str, str], tuple[int, float]] = {}
+
+    async def aclose(self) -> None:
+        """Stop a rebuild under way (its claim given up, another replica takes it over), then
+        close the alert center and the budget store."""
+        if self._rebuilding is not None and not self._rebuilding.done():
+            await cancel_all([self._rebuilding])
+        await self.alerts.aclose()
+        await self.store.aclose()
 
     # --- budgets ---------------------------------------------------------------------------
 
@@ -183,8 +197,9 @@ class Ledger:
         self._budgets_at = time.monotonic()
         try:
             epoch = await self.store.epoch()
-            if epoch != self._directory.epoch:
-                await self.rebuild_if_lost()  # before any lease of the new epoch
+            # Every time, not only when the epoch changed: a replica whose rebuild failed, or
+            # lapsed, must not leave the counters lost until the next loss.
+            await self.rebuild_if_lost()
         except BudgetStoreUnavailable:
             epoch = self._directory.epoch  # kept until the store answers again
         if (
@@ -257,41 +272,62 @@ class Ledger:
 
     async def rebuild_if_lost(self) -> bool:
         """Rebuild the counters if the budget store lost its data (a new epoch whose counters
-        nobody rebuilt yet) and no other replica is at it; True if this call rebuilt them."""
-        epoch = await self.store.claim_rebuild()
-        if epoch is None:
-            return False
-        await self._rebuild(epoch)
-        return True
+        nobody rebuilt yet) and no other replica is at it; True if this call rebuilt them.
 
-    async def _rebuild(self, epoch: str) -> None:
+        The rebuild runs as a task of its own, one at a time in this process, that callers
+        join: a caller that gives up (a lease whose deadline passed) leaves it running."""
+        task = self._rebuilding
+        if task is None or task.done():
+            task = self._rebuilding = asyncio.create_task(self._claim_and_rebuild(), name="budget-rebuild")
+            task.add_done_callback(_log_rebuild_failure)
+        return await asyncio.shield(task)
+
+    async def _claim_and_rebuild(self) -> bool:
+        claim = await self.store.claim_rebuild()
+        if claim is None:
+            return False
+        try:
+            return await self._rebuild(claim)
+        except BaseException:
+            # Another replica (or this one's next sweep) may rebuild at once, not in 30 s.
+            with contextlib.suppress(BudgetStoreUnavailable):
+                await self.store.release_rebuild(claim)
+            raise
+
+    async def _rebuild(self, claim: RebuildClaim) -> bool:
         """Give every budget's counter in the current window the spend of its rows, then let the
-        store hold again. Erring towards counting twice, never not at all: each counter gains
-        what the rows hold beyond the spend it had before they were read, so a request settled
-        meanwhile, or settled later from a row already read, may count twice (until the window
-        ends), while none is missed."""
-        now = _now()
+        store hold again; False if the claim lapsed on the way (another replica may be at it).
+        Erring towards counting twice, never not at all: each counter gains what the rows hold
+        beyond the spend it had before they were read, so a request settled meanwhile, or
+        settled later from a row already read, may count twice (until the window ends), while
+        none is missed."""
+        renewed = time.monotonic()
         for budget in self._budgets:
+            if time.monotonic() - renewed > REBUILD_RENEW_S:
+                if not await self.store.renew_rebuild(claim):
+                    log.warning("budget_rebuild_claim_lost")
+                    return False
+                renewed = time.monotonic()
+            now = _now()
             ref = budget_ref(budget, now)
             before = (await self.store.counter(ref, now_ms=_ms(now))).spent_micros
             _, start, end = window_bounds(budget.window, now)
             rows = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
             if rows > before:
                 await self.store.add_spent(ref, rows - before)
-        await self.store.mark_rebuilt(epoch)
+        await self.store.mark_rebuilt(claim)
         log.info("budget_counters_rebuilt", budgets=len(self._budgets))
+        return True
 
     async def _with_store(self, work: Callable[[], Awaitable[_T]]) -> _T:
-        """`work` on the budget store, once more after rebuilding the counters it lost (when this
-        call claimed that); a store that cannot answer, or is being rebuilt by another replica,
-        is UNAVAILABLE / DEPENDENCY_UNAVAILABLE (the caller retries)."""
+        """`work` on the budget store, once more after rebuilding the counters it lost (unless
+        another replica claimed that); a store that cannot answer, or is being rebuilt by another
+        replica, is UNAVAILABLE / DEPENDENCY_UNAVAILABLE (the caller retries)."""
         try:
             try:
                 return await work()
-            except CountersLost as lost:
-                if not lost.rebuild:
-                    raise
-                await self._rebuild(lost.epoch)
+            except CountersLost:
+                await self.rebuild_if_lost()  # else another replica is at it: the retry says
                 return await work()
         except BudgetStoreUnavailable as exc:
             raise SwitchyardError(
@@ -669,8 +705,6 @@ class Ledger:
         repaired = await self.settle_unsettled()
         if repaired:
             log.info("settlements_repaired", count=repaired)
-        if time.monotonic() < self._expire_from:
-            return 0
         return await self.store.expire(now_ms=_ms(_now()))
 
 
@@ -1034,12 +1068,17 @@ def build(settings: Settings) -> ServiceParts:
     async def close() -> None:
         await cancel_all(tasks)
         for ledger in parts:
-            await ledger.alerts.aclose()
-            await ledger.store.aclose()
+            await ledger.aclose()
         for database in databases:
             await database.close()
 
     return ServiceParts([binding], close, start, drain=servicer.drain)
+
+
+def _log_rebuild_failure(task: asyncio.Task[bool]) -> None:
+    """Say why a rebuild failed (its callers may have given up on it); the next sweep retries."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("budget_rebuild_failed", error=type(exc).__name__)
 
 
 async def _sweeper(ledger: Ledger, every_s: float) -> None:
