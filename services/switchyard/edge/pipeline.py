@@ -31,7 +31,7 @@ from switchyard.common.timestamps import set_now
 from switchyard.edge.budget import NO_HOLD, BudgetHold, LeaseBook
 from switchyard.edge.generations import GenerationStreams
 from switchyard.edge.reporter import outcome as attempt_outcome
-from switchyard.ledger.pricing import charge_micros, estimate_cost, output_cap
+from switchyard.ledger.pricing import charge_micros, estimate_cost, worst_output_tokens
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.router.plan import Planner
 from switchyard.router.table import RoutingTable
@@ -374,7 +374,7 @@ class ChatPipeline:
                     output = -(-sent_chars // 4)
                     model = self._catalog.model(candidate.model)
                     if model is not None:
-                        output = min(output, output_cap(request, model))
+                        output = min(output, worst_output_tokens(request, model, counted))
                     partial = common_pb2.Usage(
                         input_tokens=counted.tokens, output_tokens=output, estimated=True
                     )

@@ -166,6 +166,19 @@ def output_cap(request: common_pb2.ChatRequest, model: Model) -> int:
     return min(requested, model.max_output_tokens) if requested > 0 else model.max_output_tokens
 
 
+def worst_output_tokens(request: common_pb2.ChatRequest, model: Model, prompt: PromptCount) -> int:
+    """The most output tokens the worst case of `request` on `model` covers: its output cap,
+    within the room the prompt leaves of the context window counting only its measured part (a
+    guessed part may turn out smaller than guessed, leaving more room)."""
+    measured = max(0, prompt.window_tokens - _guessed_tokens(prompt))
+    return max(0, min(output_cap(request, model), model.context_window - measured))
+
+
+def _guessed_tokens(prompt: PromptCount) -> int:
+    """How many of the prompt's tokens are a guess rather than a count."""
+    return prompt.approximate_tokens or (prompt.tokens if prompt.approximate else 0)
+
+
 def estimate_cost(
     request: common_pb2.ChatRequest,
     model: Model,
@@ -195,10 +208,10 @@ def estimate_cost(
     expected_output = min(
         max_output, EXPECTED_REASONING_OUTPUT_TOKENS if reasoning else EXPECTED_OUTPUT_TOKENS
     )
-    guessed = prompt.approximate_tokens or (input_tokens if prompt.approximate else 0)
+    guessed = _guessed_tokens(prompt)
     worst_input = input_tokens + math.ceil(guessed * WORST_CASE_MARGIN) + prompt.headroom_tokens
     finished_by = _utc(at) + timedelta(seconds=max(0.0, horizon_s) + FINISH_GRACE_S)
-    worst_output = max(0, min(limit, model.context_window - max(0, window - guessed)))
+    worst_output = worst_output_tokens(request, model, prompt)
     return CostEstimate(
         model=model.id,
         input_tokens=input_tokens,

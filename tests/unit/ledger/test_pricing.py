@@ -27,6 +27,7 @@ from switchyard.ledger.pricing import (
     estimate_cost,
     prices_at,
     prices_between,
+    worst_output_tokens,
 )
 from switchyard.ledger.tokens import PromptCount, count_prompt_tokens
 from switchyard.v1 import common_pb2
@@ -247,6 +248,24 @@ def test_estimate_from_a_counted_prompt(mini: Model) -> None:
     assert estimate.expected_cost_micros == 2_024
     assert estimate.worst_case_cost_micros == 9_000
     assert (estimate.encoding, estimate.approximate) == ("o200k_base", False)
+
+
+def test_the_worst_output_is_the_cap_within_the_room_the_measured_prompt_leaves(mini: Model) -> None:
+    """What a worst-case hold covers of output, and so the most an answer cut short is charged."""
+    window = mini.context_window
+    counted = PromptCount(tokens=window - 100, encoding="o200k_base", approximate=False)
+    assert worst_output_tokens(request(), mini, counted) == 100  # the window, not the model's cap
+    assert worst_output_tokens(request(40), mini, counted) == 40
+    short = PromptCount(tokens=10, encoding="o200k_base", approximate=False)
+    assert worst_output_tokens(request(), mini, short) == mini.max_output_tokens
+    # A guessed part may be smaller than guessed: the room counts only the measured part.
+    guessed = PromptCount(window - 100, "o200k_base", approximate=False, approximate_tokens=50)
+    assert worst_output_tokens(request(), mini, guessed) == 150
+    full = PromptCount(tokens=window + 5, encoding="o200k_base", approximate=False)
+    assert worst_output_tokens(request(), mini, full) == 0
+    # The estimate's worst case is priced with that many output tokens.
+    estimate = estimate_cost(request(), mini, at=BEFORE, prompt=counted)
+    assert estimate.worst_case_cost_micros == (window - 100) * 1 + 100 * 4
 
 
 def test_the_expected_cost_takes_the_tier_reached_and_the_worst_case_no_discount(mini: Model) -> None:
