@@ -383,6 +383,28 @@ async def test_a_commit_draws_down_an_expired_lease_and_a_new_caller_keeps_expir
     assert await store.expire(now_ms=NOW + 10_000) == 0
 
 
+async def test_when_the_named_holds_hold_a_budget_in_two_windows_the_first_named_decides(
+    store: BudgetStore,
+) -> None:
+    november, december = ref(window="2026-11"), ref(window="2026-12")
+    await store.reserve("r1", [november], 10, ttl_ms=TTL, now_ms=NOW)
+    await store.lease("l1", december, 100, min_micros=1, ttl_ms=TTL, now_ms=NOW)
+    await store.lease("l2", november, 100, min_micros=1, ttl_ms=TTL, now_ms=NOW)
+    first = await store.settle("req-1", 5, [december], reservation_id="r1", lease_ids=["l1"], now_ms=NOW)
+    assert first.windows == {december.budget_id: "2026-11"}
+    assert await counter(store, november) == Counter(5, 100)
+    assert await counter(store, december) == Counter(0, 95)
+    second = await store.settle("req-2", 7, [december], lease_ids=["l2", "l1"], now_ms=NOW)
+    assert second.windows == {december.budget_id: "2026-11"}
+    assert await counter(store, november) == Counter(12, 93)
+    assert await counter(store, december) == Counter(0, 88)
+    # Held in its own window, or not held at all: charged there.
+    other = ref("tenant:other", window="2026-12")
+    third = await store.settle("req-3", 1, [december, other], lease_ids=["l1"], now_ms=NOW)
+    assert third.windows == {december.budget_id: "2026-12", other.budget_id: "2026-12"}
+    assert (await store.settle("req-3", 1, [december], now_ms=NOW)).windows == {}  # a duplicate
+
+
 async def test_a_reservation_id_can_be_reused_once_its_hold_expired(store: BudgetStore) -> None:
     budget = ref(limit=1000)
     await store.reserve("r1", [budget], 300, ttl_ms=1000, now_ms=NOW)

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from switchyard.common.catalog import load_catalog, parse_catalog
+from switchyard.common.errors import SwitchyardError
 from switchyard.common.redis_client import open_redis
 from switchyard.common.sql import open_database
 from switchyard.ledger import service as ledger_service
 from switchyard.ledger.alerts import AlertCenter
-from switchyard.ledger.budgets import BudgetRef, BudgetStoreUnavailable, MemoryBudgetStore, Settlement
+from switchyard.ledger.budgets import BudgetRef, BudgetStoreUnavailable, Grant, MemoryBudgetStore, Settlement
 from switchyard.ledger.budgets_redis import RedisBudgetStore
 from switchyard.ledger.history import LedgerStore
 from switchyard.ledger.service import Ledger, budget_ref
@@ -36,6 +39,33 @@ class FlakyStore(MemoryBudgetStore):
     def __init__(self) -> None:
         super().__init__()
         self.down = False
+        # Awaited before each lease, with how many came before it (to fail or stall one).
+        self.before_lease: Callable[[int], Awaitable[None]] | None = None
+        self.leases = 0
+
+    async def lease(
+        self,
+        lease_id: str,
+        budget: BudgetRef,
+        wanted_micros: int,
+        *,
+        min_micros: int,
+        ttl_ms: int,
+        now_ms: int,
+        max_share: Fraction | None = None,
+    ) -> Grant:
+        self.leases += 1
+        if self.before_lease is not None:
+            await self.before_lease(self.leases - 1)
+        return await super().lease(
+            lease_id,
+            budget,
+            wanted_micros,
+            min_micros=min_micros,
+            ttl_ms=ttl_ms,
+            now_ms=now_ms,
+            max_share=max_share,
+        )
 
     async def settle(
         self,
@@ -142,12 +172,17 @@ async def test_a_commit_during_a_store_outage_is_charged_once_the_store_is_back(
     assert await spent(service, budget) == 0
     assert await unsettled(service) == ["req-outage"]
 
+    # An edge whose clock runs two days ahead: its request finished no later than now.
+    ahead = commit(tenant, "req-ahead")
+    ahead.record.finished_at.FromDatetime(datetime.now(UTC) + timedelta(days=2))
+    await service.commit_many([ahead])
+
     store.down = False
     await service.sweep()
-    assert await spent(service, budget) == 210_000
+    assert await spent(service, budget) == 2 * 210_000
     assert await unsettled(service) == []
     await service.sweep()
-    assert await spent(service, budget) == 210_000
+    assert await spent(service, budget) == 2 * 210_000
 
 
 async def test_the_sweeper_draws_a_commits_cost_from_the_lease_it_named(
@@ -242,6 +277,15 @@ async def test_a_lease_admits_until_its_window_ends_and_what_it_admitted_is_char
     assert (one.spent_micros, one.held_micros) == (result.charged_micros, 500_000 - result.charged_micros)
     assert (two.spent_micros, two.held_micros) == (0, 500_000)
 
+    # A dear one admitted on the same lease takes the day it was charged to past 80%: the alert
+    # is that day's, where the spend is, not the new day's.
+    dear = commit(tenant, "req-dear")
+    dear.record.usage.input_tokens = 4_000_000  # 600,000 + 60,000 micro-USD
+    dear.lease_ids.append(before.lease_id)
+    await service.commit_many([dear])
+    alerts, _ = await service.alerts.list_alerts(tenant)
+    assert [(a.window_key, a.threshold_percent) for a in alerts] == [(day_one.window_key, 80)]
+
 
 async def test_a_ledger_just_started_frees_no_expired_hold_until_its_grace_is_over(
     ledger: tuple[Ledger, FlakyStore], monkeypatch: pytest.MonkeyPatch
@@ -289,6 +333,57 @@ async def test_a_ledger_just_started_frees_no_expired_hold_until_its_grace_is_ov
     monkeypatch.setattr(ledger_service, "_now", lambda: past)
     assert await restarted.sweep() == 2  # the lease's rest, and the reservation (its 60 s are up)
     assert await counter_at(past) == (result.charged_micros, 0)
+
+
+async def test_a_lease_that_fails_or_is_given_up_part_way_returns_what_it_had_granted(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    """Two hard budgets apply; the store fails on the second, or the edge stops waiting while it
+    is asked: the first budget's slice, which the edge never learns of, is freed at once."""
+    service, store = ledger
+    tenant, daily = await with_budget(service)
+    monthly = await service.set_budget(
+        ledger_pb2.Budget(
+            budget_id=f"{tenant}:monthly",
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+            window=ledger_pb2.BUDGET_WINDOW_MONTHLY,
+            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+            limit_micros=100_000_000,
+        ),
+        "ops@example.com",
+    )
+    request = ledger_pb2.LeaseBudgetRequest(
+        holder_id="edge", scope=ledger_pb2.BudgetScope(tenant_id=tenant), requested_micros=1_000, min_micros=1
+    )
+    stalled = asyncio.Event()
+
+    async def fail_the_second(before: int) -> None:
+        if before % 2 == 1:
+            raise BudgetStoreUnavailable("injected outage")
+
+    async def stall_the_second(before: int) -> None:
+        if before % 2 == 1:
+            stalled.set()
+            await asyncio.Event().wait()
+
+    store.before_lease = fail_the_second
+    with pytest.raises(SwitchyardError) as caught:
+        await service.lease(request)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert store.leases == 2
+    assert [await counter(service, b) for b in (daily, monthly)] == [(0, 0), (0, 0)]
+
+    store.before_lease = stall_the_second
+    waiting = asyncio.create_task(service.lease(request))
+    await stalled.wait()
+    assert sorted([await counter(service, b) for b in (daily, monthly)]) == [(0, 0), (0, 1_000)]
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert [await counter(service, b) for b in (daily, monthly)] == [(0, 0), (0, 0)]
+
+    store.before_lease = None
+    assert [lease.amount_micros for lease in (await service.lease(request)).leases] == [1_000, 1_000]
 
 
 async def test_the_sweeper_frees_the_reservation_a_commit_named(

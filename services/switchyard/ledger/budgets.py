@@ -190,11 +190,14 @@ class Settlement:
     """What `settle` did: `duplicate` when the request id was already settled (nothing changed).
 
     `charged_micros` is what was recorded for the request id: this call's actual cost, or
-    the first call's on a duplicate.
+    the first call's on a duplicate. `windows` maps each budget id charged to the window key
+    it was charged in (a named hold's window where that differs from the ref's); empty on a
+    duplicate.
     """
 
     duplicate: bool
     charged_micros: int
+    windows: dict[str, str] = field(default_factory=dict)
 
 
 class BudgetStoreUnavailable(Exception):
@@ -722,16 +725,20 @@ class MemoryBudgetStore(BudgetStore):
         if done is not None and done.drop_at > now_ms:
             return Settlement(True, done.charged)
         named = [(reservation_id, RESERVATION), *((lease_id, LEASE) for lease_id in lease_ids)]
-        held_windows = {
-            key[0]: key
-            for hold_id, kind in named
-            if (hold := self._holds.get(hold_id)) is not None and hold.kind == kind
-            for key in hold.counters
-        }
+        # The first named hold on a budget decides its window (as in the Redis script).
+        held_windows: dict[str, tuple[str, str]] = {}
+        for hold_id, kind in named:
+            if (hold := self._holds.get(hold_id)) is not None and hold.kind == kind:
+                for key in hold.counters:
+                    held_windows.setdefault(key[0], key)
+        windows: dict[str, str] = {}
         for ref in budgets:
-            held = held_windows.get(ref.budget_id)
-            counter = self._live_counter(held, now_ms) if held is not None and held != ref.key else None
-            (counter or self._touch(ref, now_ms)).spent += actual
+            key = held_windows.get(ref.budget_id, ref.key)
+            counter = self._live_counter(key, now_ms) if key != ref.key else None
+            if counter is None:
+                counter, key = self._touch(ref, now_ms), ref.key
+            counter.spent += actual
+            windows[ref.budget_id] = key[1]
         if reservation_id:
             reservation = self._holds.get(reservation_id)
             if reservation is not None and reservation.kind == RESERVATION:
@@ -741,7 +748,7 @@ class MemoryBudgetStore(BudgetStore):
             if lease is not None and lease.kind == LEASE:
                 self._shrink(lease_id, lease, min(actual, lease.remaining))
         self._settled[request_id] = _MemSettled(actual, now_ms + settled_ttl_ms(budgets, now_ms))
-        return Settlement(False, actual)
+        return Settlement(False, actual, windows)
 
     async def _release(self, hold_id: str, now_ms: int) -> bool:
         hold = self._holds.get(hold_id)

@@ -250,7 +250,9 @@ return {1, grant, exp, spent, held + grant, ep}
 # KEYS: r:ID, then per budget c:S and i:S.
 # ARGV: prefix, now, actual, settled ttl, n, per budget its counter ttl, reservation id ('' none),
 #       m, then m lease ids, then per budget the start of its counters' suffixes (`<len>:<id>:`).
-# Returns {duplicate (0/1), charged}. Mirrors `MemoryBudgetStore._settle`.
+# Returns {duplicate (0/1), charged}, then (not on a duplicate) per budget the window key it was
+# charged in where that is a named hold's, not its own ('' for its own).
+# Mirrors `MemoryBudgetStore._settle`.
 _SETTLE: Final = (
     _PRELUDE
     + """
@@ -268,13 +270,18 @@ local function note_held(hid, kind)
 end
 if rid ~= '' then note_held(rid, 'r') end
 for j = 1, m do note_held(ARGV[7 + n + j], 'l') end
+local windows = {}
 for i = 1, n do
   local ck, ik = KEYS[2 * i], KEYS[1 + 2 * i]
   local budget = ARGV[7 + n + m + i]
+  windows[i] = ''
   for _, sfx in ipairs(held) do
     if string.sub(sfx, 1, #budget) == budget then
       local other = prefix .. 'c:' .. sfx
-      if other ~= ck and redis.call('EXISTS', other) == 1 then ck, ik = other, nil end
+      if other ~= ck and redis.call('EXISTS', other) == 1 then
+        ck, ik = other, nil
+        windows[i] = string.sub(sfx, #budget + 1)
+      end
       break
     end
   end
@@ -291,7 +298,7 @@ for j = 1, m do
   end
 end
 redis.call('SET', KEYS[1], fmt(actual), 'PX', ARGV[4])
-return {0, actual}
+return {0, actual, unpack(windows)}
 """
 )
 
@@ -596,8 +603,17 @@ class RedisBudgetStore(BudgetStore):
             *lease_ids,
             *(counter_suffix(ref.budget_id, "") for ref in budgets),
         ]
-        duplicate, charged = _ints(await self._run(self._settle_script, keys, args), at_least=2)
-        return Settlement(bool(duplicate), charged)
+        reply = await self._run(self._settle_script, keys, args)
+        if not isinstance(reply, list) or len(reply) not in (2, 2 + len(budgets)):
+            raise BudgetStoreUnavailable("unexpected reply from a budget script")
+        duplicate, charged = _ints(reply[:2], at_least=2)
+        if duplicate:
+            return Settlement(True, charged)
+        windows = {
+            ref.budget_id: (_text(window) if window else ref.window_key)
+            for ref, window in zip(budgets, reply[2:], strict=True)
+        }
+        return Settlement(False, charged, windows)
 
     async def _release(self, hold_id: str, now_ms: int) -> bool:
         reply = await self._run(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 import uuid
@@ -447,55 +448,76 @@ class Ledger:
         _check_amount(request.requested_micros, "requested_micros")
         _check_amount(request.min_micros, "min_micros")
         now = _now()
-        now_ms = _ms(now)
         budgets = await self.budgets_for(request.scope)
         response = ledger_pb2.LeaseBudgetResponse(
             budget_ids=[b.budget_id for b in budgets], epoch=self._directory.epoch
         )
         wanted_ids = set(request.budget_ids)
-        for budget in budgets:
-            if budget.enforcement != ledger_pb2.BUDGET_ENFORCEMENT_HARD:
-                continue
-            if wanted_ids and budget.budget_id not in wanted_ids:
-                continue
-            ref = budget_ref(budget, now)
-            # A lease admits only within the window it holds against: the next window's spend
-            # is leased from the next window's counter. (What it admitted before the end is
-            # charged to this window however late it finishes: the store charges a hold's.)
-            window_end_ms = _ms(window_bounds(budget.window, now)[2])
-            lease_id = f"lease-{uuid.uuid4().hex}"
-            grant = await self._with_store(
-                functools.partial(
-                    self.store.lease,
-                    lease_id,
-                    ref,
-                    request.requested_micros,
-                    min_micros=max(1, request.min_micros),
-                    ttl_ms=self._settle_ms,
-                    now_ms=now_ms,
-                    max_share=LEASE_SHARE,
-                )
-            )
-            response.leases.append(
-                ledger_pb2.BudgetLease(
-                    lease_id=lease_id if grant.granted_micros > 0 else "",
-                    budget_id=budget.budget_id,
-                    amount_micros=grant.granted_micros,
-                    version=budget.version,
-                    expires_at=_timestamp(min(now_ms + self._lease_ttl_ms, window_end_ms)),
-                    settle_by=_timestamp(now_ms + self._settle_ms),
-                    enforcement=budget.enforcement,
-                    limit_micros=budget.limit_micros,
-                    spent_micros=grant.counter.spent_micros,
-                    held_micros=grant.counter.held_micros,
-                    epoch=grant.epoch,
-                )
-            )
-            if grant.epoch != response.epoch:
-                # The store lost its holds since the last sweep: say so to the edges at once.
-                response.epoch = grant.epoch
-                self._publish(self._directory.budgets, grant.epoch)
+        try:
+            for budget in budgets:
+                if budget.enforcement == ledger_pb2.BUDGET_ENFORCEMENT_HARD and (
+                    not wanted_ids or budget.budget_id in wanted_ids
+                ):
+                    await self._lease_one(budget, request, response, now)
+        except BaseException:
+            # The edge gets none of them (a later budget failed, or it gave up waiting): what
+            # was granted goes back now rather than sit unused until it expires.
+            granted = [lease.lease_id for lease in response.leases if lease.lease_id]
+            await asyncio.shield(self._release_all(granted, _ms(now)))
+            raise
         return response
+
+    async def _release_all(self, hold_ids: Sequence[str], now_ms: int) -> None:
+        for hold_id in hold_ids:
+            with contextlib.suppress(BudgetStoreUnavailable):
+                await self.store.release(hold_id, now_ms=now_ms)
+
+    async def _lease_one(
+        self,
+        budget: ledger_pb2.Budget,
+        request: ledger_pb2.LeaseBudgetRequest,
+        response: ledger_pb2.LeaseBudgetResponse,
+        now: datetime,
+    ) -> None:
+        """Lease a slice of one hard budget into `response`."""
+        now_ms = _ms(now)
+        ref = budget_ref(budget, now)
+        # A lease admits only within the window it holds against: the next window's spend
+        # is leased from the next window's counter. (What it admitted before the end is
+        # charged to this window however late it finishes: the store charges a hold's.)
+        window_end_ms = _ms(window_bounds(budget.window, now)[2])
+        lease_id = f"lease-{uuid.uuid4().hex}"
+        grant = await self._with_store(
+            functools.partial(
+                self.store.lease,
+                lease_id,
+                ref,
+                request.requested_micros,
+                min_micros=max(1, request.min_micros),
+                ttl_ms=self._settle_ms,
+                now_ms=now_ms,
+                max_share=LEASE_SHARE,
+            )
+        )
+        response.leases.append(
+            ledger_pb2.BudgetLease(
+                lease_id=lease_id if grant.granted_micros > 0 else "",
+                budget_id=budget.budget_id,
+                amount_micros=grant.granted_micros,
+                version=budget.version,
+                expires_at=_timestamp(min(now_ms + self._lease_ttl_ms, window_end_ms)),
+                settle_by=_timestamp(now_ms + self._settle_ms),
+                enforcement=budget.enforcement,
+                limit_micros=budget.limit_micros,
+                spent_micros=grant.counter.spent_micros,
+                held_micros=grant.counter.held_micros,
+                epoch=grant.epoch,
+            )
+        )
+        if grant.epoch != response.epoch:
+            # The store lost its holds since the last sweep: say so to the edges at once.
+            response.epoch = grant.epoch
+            self._publish(self._directory.budgets, grant.epoch)
 
     async def return_lease(self, request: ledger_pb2.ReturnLeaseRequest) -> ledger_pb2.ReturnLeaseResponse:
         """Take back what an edge did not use of a lease."""
@@ -648,7 +670,7 @@ class Ledger:
         budgets = await self.budgets_for(scope)
         refs = [budget_ref(b, window_at or now) for b in budgets]
         try:
-            await self.store.settle(
+            settled = await self.store.settle(
                 request_id,
                 amount,
                 refs,
@@ -658,7 +680,10 @@ class Ledger:
             )
             # A duplicate's too: this may be the sweeper retrying a settle that stopped before
             # its alerts were observed. Each threshold fires once per window however often seen.
-            for budget, ref in zip(budgets, refs, strict=True):
+            # In the window each budget was charged in (a hold's, for a request across midnight).
+            for budget, held in zip(budgets, refs, strict=True):
+                window = settled.windows.get(held.budget_id, held.window_key)
+                ref = dataclasses.replace(held, window_key=window)
                 counter = await self.store.counter(ref, now_ms=_ms(now))
                 await self.alerts.observe(
                     budget, window_key=ref.window_key, spent_micros=counter.spent_micros, now_ms=_ms(now)
@@ -689,7 +714,7 @@ class Ledger:
                 # spend alone would leave the lease holding it too (spend + holds past the limit).
                 reservation_id=row.holds.reservation_id,
                 lease_ids=row.holds.lease_ids,
-                window_at=datetime.fromtimestamp(row.finished_at_ms / 1000, UTC),
+                window_at=min(datetime.fromtimestamp(row.finished_at_ms / 1000, UTC), now),
             )
         ]
         if done:
