@@ -35,6 +35,8 @@ import pytest
 from aiohttp import web
 
 from switchyard.common.errors import Reason, SwitchyardError, from_rpc_error
+from switchyard.common.sql import open_database
+from switchyard.edge.outbox import CommitOutbox
 from switchyard.ledger.alerts import ALERT_ID_HEADER, SIGNATURE_HEADER, verify
 from switchyard.v1 import common_pb2, gateway_pb2, ledger_pb2, ledger_pb2_grpc
 from tests.support.postgres import PostgresUnavailable, fresh_postgres_database, skip_or_fail
@@ -313,6 +315,38 @@ async def test_a_commit_is_charged_once_at_the_catalog_price(ledger: LedgerProce
 
     totals = await usage(stub, tenant)
     assert (totals.requests, totals.cost_micros) == (4, charged + 450 + 300 + 2)
+
+
+async def test_a_commit_the_ledger_cannot_store_is_refused_alone_and_set_aside_by_the_outbox(
+    ledger: LedgerProcess, tmp_path: Path
+) -> None:
+    """A record with a NUL in a stored string (PostgreSQL text cannot hold one) is refused
+    INVALID_ARGUMENT before anything is written. An edge's outbox that sends it in a batch sends
+    the batch again one commit at a time: the others are recorded and charged, the refused one
+    is kept aside in its table and never sent again."""
+    tenant = new_tenant()
+    poisoned = usage_record(tenant, input_tokens=1000, end_user="bob\x00")
+    caught = await rpc_error(ledger.stub.Commit(ledger_pb2.CommitRequest(record=poisoned), timeout=10))
+    assert (caught.code, caught.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST)
+    assert caught.metadata["field"] == "record.scope.end_user"
+    assert "bob" not in caught.message
+
+    database = await open_database(f"sqlite:///{tmp_path / 'edge.db'}")
+    outbox = await CommitOutbox.open(database, ledger.stub, "edge-1", call_timeout_s=5.0)
+    good = [usage_record(tenant, input_tokens=1000) for _ in range(4)]  # 150 micro-USD each
+    try:
+        for record in (*good[:2], poisoned, *good[2:]):
+            outbox.add(ledger_pb2.CommitRequest(record=record))
+        outbox.start()
+        await outbox.flush(timeout_s=10)
+        totals = await usage(ledger.stub, tenant)
+        assert (totals.requests, totals.cost_micros) == (4, 4 * 150)
+        assert (outbox.sent, outbox.refused) == (4, 1)
+        left = await database.fetch_all("SELECT request_id, attempts FROM commit_outbox")
+        assert [(row["request_id"], row["attempts"]) for row in left] == [(poisoned.request_id, -1)]
+    finally:
+        await outbox.aclose()
+        await database.close()
 
 
 # --- 2. reservations --------------------------------------------------------------------------

@@ -133,6 +133,19 @@ def invalid(message: str, field: str, **metadata: str) -> SwitchyardError:
     )
 
 
+MAX_ID_CHARS: Final = 256
+"""The longest identifier a caller may give (a request id, an end user, a budget scope's ids)."""
+
+
+def check_text(value: str, field: str, *, max_chars: int = MAX_ID_CHARS) -> None:
+    """INVALID_ARGUMENT unless `value` is at most `max_chars` characters and holds no NUL (which
+    PostgreSQL text cannot store: one would fail every row written with it). Never quotes it."""
+    if len(value) > max_chars:
+        raise invalid(f"{field} is longer than {max_chars} characters", field)
+    if "\x00" in value:
+        raise invalid(f"{field} must not contain NUL characters", field)
+
+
 def unimplemented(what: str, issue: str) -> SwitchyardError:
     """`UNIMPLEMENTED` for a method that a later issue builds."""
     return SwitchyardError(

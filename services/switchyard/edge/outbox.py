@@ -15,6 +15,11 @@ a memory buffer (no I/O); a writer task then, in batches:
    a scale-out get a share of busy edges' commits too;
 3. deletes the rows the ledger acknowledged.
 
+A batch the ledger refuses as invalid (INVALID_ARGUMENT; the edge validates what it commits, so
+this takes a bug or a version skew) is sent again one commit at a time, and a commit refused
+alone is set aside in the table (`attempts` = -1, logged with its request id) instead of
+holding back every commit behind it.
+
 If the ledger is unreachable, rows stay in the table and are retried with backoff; the
 edge keeps serving. A ledger shutting down answers the batch it is committing and ends the
 stream cleanly: a batch it did not answer is sent again at once on a new stream (through the
@@ -83,6 +88,8 @@ ORPHAN_AFTER_S: Final = 60.0
 STREAM_IDLE_S: Final = 60.0
 # ... and one older than this (jittered) too, so a ledger replica added since gets a share.
 STREAM_MAX_AGE_S: Final = 30.0
+# `attempts` of a row the ledger refused as invalid: kept for an operator, never resent.
+REFUSED: Final = -1
 RETRY_BASE_S: Final = 0.5
 RETRY_CAP_S: Final = 30.0
 
@@ -147,6 +154,8 @@ class CommitOutbox:
         self._stream_max_age_s = stream_max_age_s
         self.sent = 0
         """Commits the ledger acknowledged (for stats and tests)."""
+        self.refused = 0
+        """Commits the ledger refused as invalid, set aside in the table."""
 
     @classmethod
     async def open(
@@ -242,7 +251,19 @@ class CommitOutbox:
             raise
 
     async def _send(self, batch: Sequence[ledger_pb2.CommitRequest]) -> None:
-        response = await self._exchange(ledger_pb2.CommitManyRequest(commits=batch))
+        try:
+            response = await self._exchange(ledger_pb2.CommitManyRequest(commits=batch))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # One commit the ledger refuses must not hold back the rest for ever: each is sent
+            # on its own, and one refused alone is set aside (kept in the table, never resent).
+            if len(batch) == 1:
+                await self._set_aside(batch[0].record.request_id)
+                return
+            for commit in batch:
+                await self._send([commit])
+            return
         done = [c.record.request_id for c in batch]
         await self._forget(done)
         self.sent += len(batch)
@@ -305,7 +326,7 @@ class CommitOutbox:
         cutoff = _now_ms() - self._orphan_after_ms
         rows = await self._db.fetch_all(
             "SELECT request_id, payload FROM commit_outbox"
-            " WHERE holder_id = ? OR created_at_ms < ? ORDER BY created_at_ms LIMIT ?",
+            " WHERE (holder_id = ? OR created_at_ms < ?) AND attempts >= 0 ORDER BY created_at_ms LIMIT ?",
             (self._holder, cutoff, BATCH_SIZE),
         )
         pending = {c.record.request_id for c in (*self._buffer, *self._unsent)}
@@ -319,6 +340,15 @@ class CommitOutbox:
             if len(rows) == BATCH_SIZE:
                 self._next_sweep = 0.0
 
+    async def _set_aside(self, request_id: str) -> None:
+        """Keep a commit the ledger refused as invalid in the table for an operator, out of
+        every sweep (`attempts` -1): sending it again would be refused again."""
+        log.error("outbox_commit_refused", request_id=request_id)
+        await self._db.execute(
+            "UPDATE commit_outbox SET attempts = ? WHERE request_id = ?", (REFUSED, request_id)
+        )
+        self.refused += 1
+
     async def _forget(self, request_ids: Sequence[str]) -> None:
         await self._db.executemany(
             "DELETE FROM commit_outbox WHERE request_id = ?", [(r,) for r in request_ids]
@@ -330,7 +360,8 @@ class CommitOutbox:
         while time.monotonic() < deadline:
             if not self._buffer:
                 left = await self._db.fetch_one(
-                    "SELECT COUNT(*) AS n FROM commit_outbox WHERE holder_id = ?", (self._holder,)
+                    "SELECT COUNT(*) AS n FROM commit_outbox WHERE holder_id = ? AND attempts >= 0",
+                    (self._holder,),
                 )
                 if left is None or int(left["n"]) == 0:
                     return

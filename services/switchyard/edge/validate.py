@@ -14,7 +14,7 @@ import grpc
 import orjson
 
 from switchyard.common.catalog import Model
-from switchyard.common.errors import Reason, SwitchyardError, invalid
+from switchyard.common.errors import Reason, SwitchyardError, check_text, invalid
 from switchyard.v1 import common_pb2
 
 MAX_MESSAGES: Final = 1_000
@@ -22,8 +22,18 @@ MAX_TEXT_CHARS: Final = 2_000_000
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
+MAX_TAG_CHARS: Final = 512
+
+
 def validate_chat_request(request: common_pb2.ChatRequest) -> None:
     """Raise INVALID_ARGUMENT naming the first bad field of `request`."""
+    # What is stored with the request's ledger row and traces: bounded, and no NUL.
+    check_text(request.request_id, "request_id")
+    check_text(request.metadata.end_user, "metadata.end_user")
+    check_text(request.metadata.conversation_id, "metadata.conversation_id")
+    for key, value in request.metadata.tags.items():
+        check_text(key, "metadata.tags", max_chars=MAX_TAG_CHARS)
+        check_text(value, "metadata.tags", max_chars=MAX_TAG_CHARS)
     if not request.messages:
         raise invalid("a chat request needs at least one message", "messages")
     if len(request.messages) > MAX_MESSAGES:

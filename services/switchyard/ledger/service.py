@@ -43,7 +43,7 @@ from google.protobuf import timestamp_pb2
 from switchyard.common import tracing
 from switchyard.common.catalog import Catalog
 from switchyard.common.drain import DRAINED, StreamDrain
-from switchyard.common.errors import Reason, SwitchyardError, invalid
+from switchyard.common.errors import Reason, SwitchyardError, check_text, invalid
 from switchyard.common.logging import get_logger
 from switchyard.common.money import TokenCounts, format_usd
 from switchyard.common.server import ServiceBinding, ServiceParts
@@ -409,6 +409,8 @@ class Ledger:
         _check_amount(request.amount_micros, "amount_micros")
         if not request.scope.tenant_id:
             raise invalid("scope.tenant_id is required", "scope.tenant_id")
+        check_text(request.request_id, "request_id")
+        _check_scope(request.scope, "scope")
         ttl_s = request.ttl_seconds or DEFAULT_RESERVATION_TTL_S
         if ttl_s > MAX_RESERVATION_TTL_S:
             raise invalid(f"ttl_seconds must be at most {MAX_RESERVATION_TTL_S}", "ttl_seconds")
@@ -767,8 +769,17 @@ def _check_record(record: ledger_pb2.UsageRecord, field: str) -> None:
         raise invalid("request_id is required: commits are exactly once by it", f"{field}.request_id")
     if not record.scope.tenant_id:
         raise invalid("scope.tenant_id is required", f"{field}.scope.tenant_id")
+    # Stored in SQL: bounded and without NUL, or the whole batch's transaction would fail.
+    for name in ("request_id", "model", "provider", "status"):
+        check_text(getattr(record, name), f"{field}.{name}")
+    _check_scope(record.scope, f"{field}.scope")
     _check_amount(record.cost_micros, f"{field}.cost_micros")
     _check_amount(record.cache_saved_micros, f"{field}.cache_saved_micros")
+
+
+def _check_scope(scope: ledger_pb2.BudgetScope, field: str) -> None:
+    for name in ("tenant_id", "end_user", "api_key_id", "model", "provider"):
+        check_text(getattr(scope, name), f"{field}.{name}")
 
 
 def _check_amount(micros: int, field: str) -> None:

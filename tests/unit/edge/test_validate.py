@@ -56,6 +56,12 @@ def _image_without_source(r: common_pb2.ChatRequest) -> None:
             lambda r: r.messages.add(role=common_pb2.ROLE_TOOL, parts=[common_pb2.ContentPart(text="x")]),
             "messages[2].tool_call_id",
         ),
+        # Stored with the request's ledger row: no NUL (PostgreSQL text cannot hold one), bounded.
+        (lambda r: setattr(r, "request_id", "req\x00"), "request_id"),
+        (lambda r: setattr(r, "request_id", "r" * 257), "request_id"),
+        (lambda r: setattr(r.metadata, "end_user", "bob\x00"), "metadata.end_user"),
+        (lambda r: setattr(r.metadata, "conversation_id", "c" * 257), "metadata.conversation_id"),
+        (lambda r: r.metadata.tags.update({"team": "a\x00"}), "metadata.tags"),
         (lambda r: setattr(r.sampling, "top_p", 0.0), "sampling.top_p"),
         (lambda r: setattr(r.sampling, "max_output_tokens", 0), "sampling.max_output_tokens"),
         (lambda r: r.sampling.stop_sequences.extend(["a", "b", "c", "d", "e"]), "sampling.stop_sequences"),
