@@ -386,6 +386,59 @@ async def test_a_lease_that_fails_or_is_given_up_part_way_returns_what_it_had_gr
     assert [lease.amount_micros for lease in (await service.lease(request)).leases] == [1_000, 1_000]
 
 
+async def test_a_hard_budget_used_up_short_of_its_limit_fires_its_100_percent_alert(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    """Nothing is admitted past a hard limit, so its spend stops short of it: the 100 % alert
+    fires when the budget refuses a request its spend leaves no room for (through Reserve, or a
+    lease that grants nothing), not when holds that will end are what is in the way."""
+    service, _ = ledger
+
+    async def used_up_tenant() -> str:
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        await service.set_budget(
+            ledger_pb2.Budget(
+                scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+                window=ledger_pb2.BUDGET_WINDOW_DAILY,
+                enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+                limit_micros=1_000_000,
+            ),
+            "ops@example.com",
+        )
+        await service.commit_many([commit(tenant, f"{tenant}-{i}") for i in range(4)])  # 840,000
+        return tenant
+
+    async def thresholds(tenant: str) -> list[int]:
+        alerts, _ = await service.alerts.list_alerts(tenant)
+        return sorted(a.threshold_percent for a in alerts)
+
+    def reserve(tenant: str, amount: int) -> Awaitable[ledger_pb2.ReserveResponse]:
+        scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+        return service.reserve(ledger_pb2.ReserveRequest(scope=scope, amount_micros=amount))
+
+    by_reserve = await used_up_tenant()
+    assert await thresholds(by_reserve) == [80]
+    await reserve(by_reserve, 150_000)
+    with pytest.raises(SwitchyardError):
+        await reserve(by_reserve, 100_000)  # 840,000 + 100,000 fit once the hold ends
+    assert await thresholds(by_reserve) == [80]
+    with pytest.raises(SwitchyardError):
+        await reserve(by_reserve, 200_000)  # 840,000 + 200,000 never fit
+    assert await thresholds(by_reserve) == [80, 100]
+
+    by_lease = await used_up_tenant()
+    response = await service.lease(
+        ledger_pb2.LeaseBudgetRequest(
+            holder_id="edge",
+            scope=ledger_pb2.BudgetScope(tenant_id=by_lease),
+            requested_micros=500_000,
+            min_micros=200_000,
+        )
+    )
+    assert [lease.amount_micros for lease in response.leases] == [0]
+    assert await thresholds(by_lease) == [80, 100]
+
+
 async def test_the_sweeper_frees_the_reservation_a_commit_named(
     ledger: tuple[Ledger, FlakyStore],
 ) -> None:

@@ -415,7 +415,8 @@ class Ledger:
         if ttl_s > MAX_RESERVATION_TTL_S:
             raise invalid(f"ttl_seconds must be at most {MAX_RESERVATION_TTL_S}", "ttl_seconds")
         now = _now()
-        refs = [budget_ref(b, now) for b in await self.budgets_for(request.scope)]
+        budgets = await self.budgets_for(request.scope)
+        refs = [budget_ref(b, now) for b in budgets]
         hold_id = f"rsv-{request.request_id}" if request.request_id else f"rsv-{uuid.uuid4().hex}"
         outcome = await self._with_store(
             lambda: self.store.reserve(
@@ -424,6 +425,9 @@ class Ledger:
         )
         if not outcome.ok:
             refused = outcome.refused
+            if refused is not None:
+                budget = next(b for b in budgets if b.budget_id == refused.budget_id)
+                await self._note_refusal(budget, refused, outcome.spent_micros, request.amount_micros, now)
             raise budget_exceeded(
                 refused.budget_id if refused else "",
                 limit=refused.limit_micros if refused else 0,
@@ -434,6 +438,21 @@ class Ledger:
         return ledger_pb2.ReserveResponse(
             reservation_id=hold_id, expires_at=_timestamp(outcome.expires_at_ms)
         )
+
+    async def _note_refusal(
+        self, budget: ledger_pb2.Budget, ref: BudgetRef, spent: int, requested: int, now: datetime
+    ) -> None:
+        """A hard budget refused `requested`: if its spend alone leaves no room for it (holds
+        that would end could not make any), it is used up, and its 100 % alert fires. Never
+        fails the refusal."""
+        if spent + requested <= ref.limit_micros:
+            return
+        try:
+            await self.alerts.observe(
+                budget, window_key=ref.window_key, spent_micros=spent, now_ms=_ms(now), exhausted=True
+            )
+        except Exception as exc:
+            log.warning("budget_alert_failed", budget_id=budget.budget_id, error=type(exc).__name__)
 
     async def release(self, request: ledger_pb2.ReleaseRequest) -> ledger_pb2.ReleaseResponse:
         """Free a reservation whose request failed."""
@@ -516,6 +535,8 @@ class Ledger:
                 epoch=grant.epoch,
             )
         )
+        if grant.granted_micros == 0:
+            await self._note_refusal(budget, ref, grant.counter.spent_micros, max(1, request.min_micros), now)
         if grant.epoch != response.epoch:
             # The store lost its holds since the last sweep: say so to the edges at once.
             response.epoch = grant.epoch
