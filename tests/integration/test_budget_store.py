@@ -146,6 +146,15 @@ async def test_the_same_reservation_id_never_holds_twice(store: BudgetStore) -> 
     assert await counter(store, budget) == Counter(0, 400)
     with pytest.raises(HoldConflict):
         await store.lease("r1", budget, 10, min_micros=0, ttl_ms=TTL, now_ms=NOW)
+    # A retry must ask for what it asked before: another amount, or other budgets, is refused
+    # (else a smaller first hold would cover a larger request).
+    other = ref("tenant:other", limit=1000)
+    for amount, budgets in ((900, [budget]), (300, [other]), (300, [budget, other])):
+        with pytest.raises(HoldConflict):
+            await store.reserve("r1", budgets, amount, ttl_ms=TTL, now_ms=NOW + 5)
+    # The same budgets in another window (a retry across midnight) are the same budgets.
+    assert (await store.reserve("r1", [ref(window="2026-12")], 300, ttl_ms=TTL, now_ms=NOW + 5)).ok
+    assert await counter(store, budget) == Counter(0, 400)
 
 
 # --- settlement -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from switchyard.common.catalog import load_catalog, parse_catalog
-from switchyard.common.errors import SwitchyardError
+from switchyard.common.errors import Reason, SwitchyardError
 from switchyard.common.redis_client import open_redis
 from switchyard.common.sql import open_database
 from switchyard.ledger import service as ledger_service
@@ -389,54 +389,92 @@ async def test_a_lease_that_fails_or_is_given_up_part_way_returns_what_it_had_gr
 async def test_a_hard_budget_used_up_short_of_its_limit_fires_its_100_percent_alert(
     ledger: tuple[Ledger, FlakyStore],
 ) -> None:
-    """Nothing is admitted past a hard limit, so its spend stops short of it: the 100 % alert
-    fires when the budget refuses a request its spend leaves no room for (through Reserve, or a
-    lease that grants nothing), not when holds that will end are what is in the way."""
+    """Nothing is admitted past a hard limit, so its spend stops short of it: past 90 %, the
+    100 % alert fires when the budget refuses a request its spend leaves no room for (through
+    Reserve, or a lease that grants nothing); not when holds that will end are what is in the
+    way, nor below 90 % (the request was large, the budget is not used up)."""
     service, _ = ledger
 
-    async def used_up_tenant() -> str:
+    async def tenant_with_spend(commits: int) -> str:
         tenant = f"t-{uuid.uuid4().hex[:8]}"
         await service.set_budget(
             ledger_pb2.Budget(
                 scope=ledger_pb2.BudgetScope(tenant_id=tenant),
                 window=ledger_pb2.BUDGET_WINDOW_DAILY,
                 enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-                limit_micros=1_000_000,
+                limit_micros=1_100_000,
             ),
             "ops@example.com",
         )
-        await service.commit_many([commit(tenant, f"{tenant}-{i}") for i in range(4)])  # 840,000
+        await service.commit_many([commit(tenant, f"{tenant}-{i}") for i in range(commits)])  # 210,000 each
         return tenant
 
     async def thresholds(tenant: str) -> list[int]:
         alerts, _ = await service.alerts.list_alerts(tenant)
         return sorted(a.threshold_percent for a in alerts)
 
-    def reserve(tenant: str, amount: int) -> Awaitable[ledger_pb2.ReserveResponse]:
+    async def refused(tenant: str, amount: int) -> None:
         scope = ledger_pb2.BudgetScope(tenant_id=tenant)
-        return service.reserve(ledger_pb2.ReserveRequest(scope=scope, amount_micros=amount))
+        with pytest.raises(SwitchyardError) as caught:
+            await service.reserve(ledger_pb2.ReserveRequest(scope=scope, amount_micros=amount))
+        assert caught.value.reason is Reason.BUDGET_EXCEEDED
 
-    by_reserve = await used_up_tenant()
-    assert await thresholds(by_reserve) == [80]
-    await reserve(by_reserve, 150_000)
-    with pytest.raises(SwitchyardError):
-        await reserve(by_reserve, 100_000)  # 840,000 + 100,000 fit once the hold ends
-    assert await thresholds(by_reserve) == [80]
-    with pytest.raises(SwitchyardError):
-        await reserve(by_reserve, 200_000)  # 840,000 + 200,000 never fit
-    assert await thresholds(by_reserve) == [80, 100]
+    at_76 = await tenant_with_spend(4)  # 840,000
+    await refused(at_76, 300_000)
+    assert await thresholds(at_76) == []
 
-    by_lease = await used_up_tenant()
+    by_reserve = await tenant_with_spend(5)  # 1,050,000: 95 %
+    assert await thresholds(by_reserve) == [80, 90]
+    scope = ledger_pb2.BudgetScope(tenant_id=by_reserve)
+    await service.reserve(ledger_pb2.ReserveRequest(scope=scope, amount_micros=30_000))
+    await refused(by_reserve, 40_000)  # 1,050,000 + 40,000 fit once the hold ends
+    assert await thresholds(by_reserve) == [80, 90]
+    await refused(by_reserve, 100_000)  # 1,050,000 + 100,000 never fit
+    assert await thresholds(by_reserve) == [80, 90, 100]
+
+    by_lease = await tenant_with_spend(5)
     response = await service.lease(
         ledger_pb2.LeaseBudgetRequest(
             holder_id="edge",
             scope=ledger_pb2.BudgetScope(tenant_id=by_lease),
             requested_micros=500_000,
-            min_micros=200_000,
+            min_micros=100_000,
         )
     )
     assert [lease.amount_micros for lease in response.leases] == [0]
-    assert await thresholds(by_lease) == [80, 100]
+    assert await thresholds(by_lease) == [80, 90, 100]
+
+
+async def test_a_reserve_retried_with_another_amount_or_after_its_commit_is_refused(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    service, _ = ledger
+    tenant, budget = await with_budget(service)
+    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+
+    def reserve(amount: int, request_id: str = "req-r") -> Awaitable[ledger_pb2.ReserveResponse]:
+        return service.reserve(
+            ledger_pb2.ReserveRequest(request_id=request_id, scope=scope, amount_micros=amount)
+        )
+
+    first = await reserve(100_000)
+    assert (await reserve(100_000)).reservation_id == first.reservation_id
+    with pytest.raises(SwitchyardError) as caught:
+        await reserve(900_000)
+    assert (caught.value.code, caught.value.metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id",
+    )
+    assert await counter(service, budget) == (0, 100_000)
+
+    request = commit(tenant, "req-r")
+    request.reservation_id = first.reservation_id
+    (result,) = await service.commit_many([request])
+    assert await counter(service, budget) == (result.charged_micros, 0)
+    with pytest.raises(SwitchyardError) as caught:
+        await reserve(100_000)  # a late retry of the Reserve: nothing to hold for any more
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert await counter(service, budget) == (result.charged_micros, 0)
 
 
 async def test_the_sweeper_frees_the_reservation_a_commit_named(

@@ -2,8 +2,8 @@
 
 Firing. After a commit the ledger calls `AlertCenter.observe(budget, window_key=..., spent_micros=...)`.
 Each threshold of `THRESHOLDS` (80, 90, 100 % of the limit, integer math) that the spend has
-reached (100 % also when a hard budget refuses a request its spend leaves no room for) is
-recorded with `INSERT ... ON CONFLICT DO NOTHING` on the unique key
+reached (100 % also when a hard budget past 90 % refuses a request its spend leaves no room
+for) is recorded with `INSERT ... ON CONFLICT DO NOTHING` on the unique key
 (budget_id, window_key, threshold_percent): whichever ledger replica inserts the row fired the
 alert, every other one sees the conflict, so each alert fires exactly once in the mesh. A new
 window (the next day or month) has a new key and fires again. An in-memory note of what fired
@@ -64,6 +64,8 @@ __all__ = [
 log = get_logger(__name__)
 
 THRESHOLDS: Final = (80, 90, 100)
+# A hard budget refusing a request its spend leaves no room for, past this share, is used up.
+EXHAUSTED_FROM_PERCENT: Final = 90
 SIGNATURE_HEADER: Final = "Switchyard-Signature"
 ALERT_ID_HEADER: Final = "Switchyard-Alert-Id"
 EVENT_TYPE: Final = "budget.threshold"
@@ -308,8 +310,9 @@ class AlertCenter:
         """Fire the thresholds `spent_micros` has reached in `window_key` that have not fired yet.
 
         `exhausted`: a hard budget refused a request because its spend leaves less than the
-        request needs. It stops short of its limit (nothing is admitted past it), so that fires
-        100 % too: the budget is used up for requests of that size.
+        request needs. It stops short of its limit (nothing is admitted past it), so once past
+        90 % that fires 100 % too: the budget is used up. (Below 90 % a refusal says the
+        request was large, not that the budget is used up.)
         Returns the thresholds this call fired (ascending); a threshold another replica fired
         first is not among them. A budget without a positive limit has no percentages and
         fires nothing. Costs no SQL when every reached threshold is known to have fired.
@@ -319,7 +322,8 @@ class AlertCenter:
         limit = budget.limit_micros
         if limit <= 0:
             return []
-        reached = [t for t in THRESHOLDS if spent_micros * 100 >= limit * t or (exhausted and t == 100)]
+        used_up = exhausted and spent_micros * 100 >= limit * EXHAUSTED_FROM_PERCENT
+        reached = [t for t in THRESHOLDS if spent_micros * 100 >= limit * t or (used_up and t == 100)]
         if not reached:
             return []
         known = self._known(budget.budget_id, window_key)

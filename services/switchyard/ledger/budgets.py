@@ -75,6 +75,7 @@ __all__ = [
     "MAX_SHARE_DENOMINATOR",
     "MIN_KEY_TTL_MS",
     "REBUILD_CLAIM_MS",
+    "RESERVATION_MISMATCH",
     "SETTLED_RETENTION_MS",
     "BudgetRef",
     "BudgetStore",
@@ -110,6 +111,8 @@ MAX_SHARE_DENOMINATOR: Final = 2**24
 DEFAULT_PREFIX: Final = "sy:budget:"
 REBUILD_CLAIM_MS: Final = 30_000
 """A claim on a rebuild lapses this long after it was made or last renewed."""
+
+RESERVATION_MISMATCH: Final = "the hold id names a live reservation of another amount or other budgets"
 
 Kind = Literal["reservation", "lease"]
 RESERVATION: Final = "reservation"
@@ -339,7 +342,8 @@ class BudgetStore(ABC):
         The hold expires at `now_ms + ttl_ms`. Asking again with the id of a live reservation
         returns that reservation's outcome and holds nothing more.
 
-        Raises `HoldConflict` when `hold_id` names a live lease.
+        Raises `HoldConflict` when `hold_id` names a live lease, or a live reservation of
+        another amount or on other budgets (a retry must ask for what it asked before).
         """
         _check_id("hold_id", hold_id)
         _check_micros("amount_micros", amount_micros)
@@ -666,6 +670,9 @@ class MemoryBudgetStore(BudgetStore):
             if existing.kind != RESERVATION:
                 raise HoldConflict("the hold id names a live lease")
             if existing.expires_at > now_ms:
+                held_budgets = {key[0] for key in existing.counters}
+                if existing.granted != amount or held_budgets != {ref.budget_id for ref in budgets}:
+                    raise HoldConflict(RESERVATION_MISMATCH)
                 return HoldOutcome(True, hold_id, existing.expires_at)
             self._free(hold_id)
         for ref in budgets:

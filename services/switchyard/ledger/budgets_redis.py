@@ -51,6 +51,7 @@ from switchyard.ledger.budgets import (
     LAZY_EXPIRY_PER_COUNTER,
     MIN_KEY_TTL_MS,
     REBUILD_CLAIM_MS,
+    RESERVATION_MISMATCH,
     BudgetRef,
     BudgetStore,
     BudgetStoreUnavailable,
@@ -139,6 +140,11 @@ local function epoch(candidate, ttl)
   end
   return redis.call('GET', ek)
 end
+-- The budget part (`<len>:<id>:`) of a counter's suffix.
+local function budget_of(sfx)
+  local len = string.match(sfx, '^(%d+):')
+  return string.sub(sfx, 1, #len + tonumber(len) + 2)
+end
 -- Whether the counters of epoch `ep` were rebuilt from the ledger's rows.
 local function rebuilt(ep) return redis.call('GET', prefix .. 'ready') == ep end
 local function add_hold(hk, hid, kind, amount, exp, hold_ttl, sfxs)
@@ -155,7 +161,8 @@ end
 # then a new epoch (used if there is none), then the lazy expiry's cutoff (-1: none).
 # Returns {1, expires} (held), {2, expires} (the live reservation of that id), {0, index, spent, held}
 # (refused by the index-th budget), {-1} (the id names a lease), {-2, epoch} (the counters are
-# not rebuilt in this epoch: nothing held).
+# not rebuilt in this epoch: nothing held), {-3} (the id names a live reservation of another
+# amount or other budgets).
 _RESERVE: Final = (
     _PRELUDE
     + """
@@ -165,10 +172,22 @@ local function barg(i, j) return ARGV[7 + (i - 1) * 4 + j] end
 local ep = epoch(ARGV[8 + 4 * n], tonumber(hold_ttl))
 if not rebuilt(ep) then return {-2, ep} end
 for i = 1, n do expire_counter(barg(i, 1), tonumber(ARGV[9 + 4 * n])) end
-local h = redis.call('HMGET', KEYS[1], 'k', 'exp')
+local h = redis.call('HMGET', KEYS[1], 'k', 'exp', 'g', 'cs')
 if h[1] then
   if h[1] ~= 'r' then return {-1} end
-  if tonumber(h[2]) > now then return {2, tonumber(h[2])} end
+  if tonumber(h[2]) > now then
+    -- A retry must ask for what it asked before: the same amount on the same budgets.
+    if tonumber(h[3]) ~= amount then return {-3} end
+    local had, count = {}, 0
+    for _, sfx in ipairs(cjson.decode(h[4])) do
+      if not had[budget_of(sfx)] then had[budget_of(sfx)], count = true, count + 1 end
+    end
+    if count ~= n then return {-3} end
+    for i = 1, n do
+      if not had[budget_of(barg(i, 1))] then return {-3} end
+    end
+    return {2, tonumber(h[2])}
+  end
   free_hold(hid)
 end
 for i = 1, n do
@@ -527,6 +546,8 @@ class RedisBudgetStore(BudgetStore):
         status = reply[0]
         if status == -1:
             raise HoldConflict("the hold id names a live lease")
+        if status == -3:
+            raise HoldConflict(RESERVATION_MISMATCH)
         if status in (1, 2):
             return HoldOutcome(True, hold_id, reply[1])
         _, index, spent, held = _ints(reply, at_least=4)

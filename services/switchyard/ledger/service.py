@@ -58,6 +58,7 @@ from switchyard.ledger.budgets import (
     BudgetStore,
     BudgetStoreUnavailable,
     CountersLost,
+    HoldConflict,
     RebuildClaim,
     build_budget_store,
 )
@@ -418,11 +419,27 @@ class Ledger:
         budgets = await self.budgets_for(request.scope)
         refs = [budget_ref(b, now) for b in budgets]
         hold_id = f"rsv-{request.request_id}" if request.request_id else f"rsv-{uuid.uuid4().hex}"
-        outcome = await self._with_store(
-            lambda: self.store.reserve(
-                hold_id, refs, request.amount_micros, ttl_ms=ttl_s * 1000, now_ms=_ms(now)
+        if request.request_id and await self.history.charged([request.request_id]):
+            # A late retry of a Reserve whose request was committed: holding again would hold
+            # for nothing until the reservation expired (a retried commit charges nothing more).
+            raise SwitchyardError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.INVALID_REQUEST,
+                "this request id was already committed: there is nothing left to reserve for",
+                metadata={"field": "request_id"},
             )
-        )
+        try:
+            outcome = await self._with_store(
+                lambda: self.store.reserve(
+                    hold_id, refs, request.amount_micros, ttl_ms=ttl_s * 1000, now_ms=_ms(now)
+                )
+            )
+        except HoldConflict:
+            raise invalid(
+                "a live reservation of this request id holds another amount or other budgets:"
+                " a retry must ask for what it asked before",
+                "request_id",
+            ) from None
         if not outcome.ok:
             refused = outcome.refused
             if refused is not None:
