@@ -477,6 +477,41 @@ async def test_a_reserve_retried_with_another_amount_or_after_its_commit_is_refu
     assert await counter(service, budget) == (result.charged_micros, 0)
 
 
+async def test_a_budget_whose_scope_changes_counts_the_new_scopes_spend(
+    ledger: tuple[Ledger, FlakyStore],
+) -> None:
+    """A budget on one end user widened to the whole tenant holds the tenant's spend of the
+    window, not the end user's (as a ledger restarted on the rows would count it)."""
+    service, _ = ledger
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    budget = await service.set_budget(
+        ledger_pb2.Budget(
+            budget_id=f"{tenant}:bob",
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant, end_user="bob"),
+            window=ledger_pb2.BUDGET_WINDOW_DAILY,
+            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
+            limit_micros=1_000_000,
+        ),
+        "ops@example.com",
+    )
+    commits = [commit(tenant, f"{tenant}-{i}") for i in range(3)]  # 210,000 each
+    commits[0].record.scope.end_user = "bob"
+    await service.commit_many(commits)
+    assert await counter(service, budget) == (210_000, 0)
+
+    widened = ledger_pb2.Budget()
+    widened.CopyFrom(budget)
+    widened.scope.end_user = ""
+    widened = await service.set_budget(widened, "ops@example.com")
+    assert await counter(service, widened) == (3 * 210_000, 0)
+    # A change that keeps the scope keeps the counter, and what it holds.
+    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
+    await service.reserve(ledger_pb2.ReserveRequest(scope=scope, amount_micros=50_000))
+    widened.limit_micros = 2_000_000
+    await service.set_budget(widened, "ops@example.com")
+    assert await counter(service, widened) == (3 * 210_000, 50_000)
+
+
 async def test_the_sweeper_frees_the_reservation_a_commit_named(
     ledger: tuple[Ledger, FlakyStore],
 ) -> None:

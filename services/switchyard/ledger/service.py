@@ -365,12 +365,17 @@ class Ledger:
             raise invalid("webhook_url must be an http(s) URL", "budget.webhook_url")
         if not actor:
             raise invalid("actor is required: budget changes are audited", "actor")
+        previous = await self.history.get_budget(budget.budget_id) if budget.budget_id else None
         try:
             stored = await self.history.put_budget(budget, actor=actor, now_ms=_ms(_now()))
         except ValueError as exc:
             # The store's own checks (the id's length and spaces): caller errors, not bugs.
             # Its messages name the rule, never the caller's values.
             raise invalid(str(exc), "budget.budget_id") from None
+        if previous is not None and previous.scope != stored.scope:
+            # Its counters counted other requests: they start again from the new scope's rows
+            # (edges drop the leases of the changed budget as soon as they see its version).
+            await self.forget_counters([stored.budget_id])
         # Before this replica charges it (others reload their budgets within a few seconds).
         await self.reconcile([stored])
         await self.refresh_budgets()
