@@ -249,7 +249,10 @@ async def export_rows(
     pieces = [
         piece.csv_chunk
         async for piece in stub.ExportUsage(
-            ledger_pb2.ExportUsageRequest(tenant_id=tenant, end_user=end_user), timeout=10
+            ledger_pb2.ExportUsageRequest(
+                tenant_id=tenant, end_user=end_user, actor="dpo@example.com" if end_user else ""
+            ),
+            timeout=10,
         )
     ]
     return list(csv.DictReader(io.StringIO(b"".join(pieces).decode("utf-8"))))
@@ -1012,6 +1015,18 @@ async def test_export_erase_and_estimate_accuracy(ledger: LedgerProcess) -> None
     # Another tenant's end user of the same name keeps their rows.
     assert (await usage(stub, other_tenant.scope.tenant_id)).requests == 1
     audit = await stub.ListBudgetAudit(ledger_pb2.ListBudgetAuditRequest(tenant_id=tenant), timeout=10)
+    # Each export of her rows was audited (who, which period), naming a digest, never her id.
+    exports = [e for e in audit.entries if e.action == "export_end_user"]
+    assert len(exports) == 2 and all(
+        e.actor == "dpo@example.com" and "alice" not in e.detail for e in exports
+    )
+    keyed_id = hmac.new(
+        ERASURE_KEY.encode(), json.dumps([tenant, "alice"]).replace(" ", "").encode(), "sha256"
+    )
+    assert json.loads(exports[0].detail)["end_user_hmac_sha256"] == keyed_id.hexdigest()
+    unnamed = ledger_pb2.ExportUsageRequest(tenant_id=tenant, end_user="alice")
+    refused = await rpc_error(anext(aiter(stub.ExportUsage(unnamed, timeout=10))))
+    assert (refused.code, refused.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "actor")
     (entry,) = [e for e in audit.entries if e.action == "erase_end_user"]
     assert entry.actor == "dpo@example.com" and "alice" not in entry.detail
     keyed = hmac.new(ERASURE_KEY.encode(), json.dumps([tenant, "alice"]).replace(" ", "").encode(), "sha256")

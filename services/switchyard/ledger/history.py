@@ -1172,6 +1172,33 @@ class LedgerStore:
         )
         return erasure
 
+    async def audit_end_user_export(
+        self, tenant_id: str, end_user: str, *, actor: str, start_ms: int, end_ms: int, now_ms: int
+    ) -> None:
+        """Write the audit entry of an export of one end user's rows (personal data leaving):
+        who, when, which period, and the keyed digest of the id, never the id."""
+        detail = json.dumps(
+            {
+                "tenant_id": tenant_id,
+                "end_user_hmac_sha256": await self.end_user_digest(tenant_id, end_user),
+                "start_ms": start_ms,
+                "end_ms": end_ms,
+            },
+            sort_keys=True,
+        )
+        async with self.database.transaction() as tx:
+            await _insert_audit(
+                tx,
+                budget_id="",
+                tenant_id=tenant_id,
+                actor=actor,
+                at_ms=now_ms,
+                action="export_end_user",
+                old=None,
+                new=None,
+                detail=detail,
+            )
+
     async def estimate_accuracy(
         self, model: str = "", *, limit_per_model: int = 10_000
     ) -> list[ledger_pb2.ModelEstimateAccuracy]:

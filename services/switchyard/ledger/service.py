@@ -1012,10 +1012,22 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
     async def ExportUsage(
         self, request: ledger_pb2.ExportUsageRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ledger_pb2.ExportUsageResponse]:
-        """A period's rows as CSV, in pieces."""
+        """A period's rows as CSV, in pieces; one end user's export is audited first."""
         if not request.tenant_id:
             raise invalid("tenant_id is required", "tenant_id")
         start_ms, end_ms = _period(request.start_time, request.end_time)
+        if request.end_user:
+            if not request.actor:
+                raise invalid("actor is required: an end user's export is audited", "actor")
+            check_text(request.actor, "actor")
+            await self._ledger.history.audit_end_user_export(
+                request.tenant_id,
+                request.end_user,
+                actor=request.actor,
+                start_ms=start_ms,
+                end_ms=end_ms,
+                now_ms=_ms(_now()),
+            )
         async for piece in self._ledger.history.export_csv(
             request.tenant_id, start_ms=start_ms, end_ms=end_ms, end_user=request.end_user
         ):
