@@ -785,10 +785,31 @@ async def test_bad_input_is_invalid_argument_naming_the_field(ledger: LedgerProc
         assert (error.code, error.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field_path), (
             error
         )
-    error = await rpc_error(
-        stub.GetUsage(gateway_pb2.GetUsageRequest(tenant_id=tenant, page_token="junk"), timeout=10)
-    )
-    assert (error.code, error.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    far = usage_record(tenant, input_tokens=10)
+    far.finished_at.seconds = 253_402_300_800  # the year 10000
+    negative = usage_record(tenant, input_tokens=10, estimated_cost_micros=-1)
+    backwards = gateway_pb2.GetUsageRequest(tenant_id=tenant)
+    backwards.start_time.GetCurrentTime()
+    backwards.end_time.FromSeconds(backwards.start_time.seconds - 3600)
+    for call, field_path in (
+        (stub.Commit(ledger_pb2.CommitRequest(record=far), timeout=10), "record.finished_at"),
+        (stub.Commit(ledger_pb2.CommitRequest(record=negative), timeout=10), "record.estimated_cost_micros"),
+        (
+            stub.GetUsage(gateway_pb2.GetUsageRequest(tenant_id=tenant, page_token="junk"), timeout=10),
+            "page_token",
+        ),
+        (stub.GetUsage(backwards, timeout=10), "end_time"),
+        (stub.GetUsage(gateway_pb2.GetUsageRequest(tenant_id=tenant, group_by=[99]), timeout=10), "group_by"),
+        (stub.ListBudgetAudit(ledger_pb2.ListBudgetAuditRequest(page_size=-1), timeout=10), "page_size"),
+        (stub.ListAlerts(ledger_pb2.ListAlertsRequest(page_size=-1), timeout=10), "page_size"),
+        # Release frees reservations only: a lease is its edge's to give back.
+        (stub.Release(ledger_pb2.ReleaseRequest(reservation_id="lease-1"), timeout=10), "reservation_id"),
+    ):
+        error = await rpc_error(call)
+        assert (error.code, error.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field_path), (
+            error
+        )
+    assert (await usage(stub, tenant)).requests == 0
 
 
 async def test_budget_changes_are_audited_with_old_and_new(ledger: LedgerProcess) -> None:

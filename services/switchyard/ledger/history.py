@@ -437,9 +437,17 @@ def _page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+class FieldError(ValueError):
+    """A request's field is wrong; `field` names it (the message never quotes its value)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _check_window(start_ms: int, end_ms: int) -> None:
     if end_ms < start_ms:
-        raise ValueError("the end of the time window is before its start")
+        raise FieldError("the end of the time window is before its start", "end_time")
 
 
 def _fingerprint(*parts: object) -> str:
@@ -927,7 +935,7 @@ class LedgerStore:
         for value in request.group_by:
             dimension = _DIMENSIONS.get(value)
             if dimension is None:
-                raise ValueError("group_by names an unknown usage dimension")
+                raise FieldError("group_by names an unknown usage dimension", "group_by")
             if dimension not in dimensions:
                 dimensions.append(dimension)
         page_size = _page_size(request.page_size)

@@ -481,6 +481,9 @@ class Ledger:
         hold_id = request.reservation_id or (f"rsv-{request.request_id}" if request.request_id else "")
         if not hold_id:
             raise invalid("reservation_id or request_id is required", "reservation_id")
+        if not hold_id.startswith("rsv-"):
+            # A lease is the edge's: ReturnLease gives back what is left of it.
+            raise invalid("reservation_id names no reservation", "reservation_id")
         released = await self._with_store(lambda: self.store.release(hold_id, now_ms=_ms(_now())))
         return ledger_pb2.ReleaseResponse(released=released)
 
@@ -818,6 +821,12 @@ def _check_record(record: ledger_pb2.UsageRecord, field: str) -> None:
     _check_scope(record.scope, f"{field}.scope")
     _check_amount(record.cost_micros, f"{field}.cost_micros")
     _check_amount(record.cache_saved_micros, f"{field}.cache_saved_micros")
+    _check_amount(record.estimated_cost_micros, f"{field}.estimated_cost_micros")
+    if record.HasField("finished_at"):
+        try:
+            record.finished_at.ToDatetime(UTC)
+        except (ValueError, OverflowError):
+            raise invalid("finished_at is out of range", f"{field}.finished_at") from None
 
 
 def _check_scope(scope: ledger_pb2.BudgetScope, field: str) -> None:
@@ -1005,7 +1014,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
                 request.tenant_id, page_size=request.page_size or 100, page_token=request.page_token
             )
         except ValueError as exc:
-            raise invalid(str(exc), "page_token") from None
+            raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
         described = [await self._ledger.describe(b) for b in budgets]
         return ledger_pb2.ListBudgetsResponse(budgets=described, next_page_token=token)
 
@@ -1064,12 +1073,14 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         self, request: ledger_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.ListAlertsResponse:
         """Threshold alerts and their deliveries."""
+        if request.page_size < 0:
+            raise invalid("page_size must not be negative", "page_size")
         try:
             alerts, token = await self._ledger.alerts.list_alerts(
                 request.tenant_id, page_size=request.page_size or 100, page_token=request.page_token
             )
         except ValueError as exc:
-            raise invalid(str(exc), "page_token") from None
+            raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
         return ledger_pb2.ListAlertsResponse(alerts=alerts, next_page_token=token)
 
     async def GetEstimateAccuracy(
@@ -1083,6 +1094,8 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
         self, request: ledger_pb2.ListBudgetAuditRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.ListBudgetAuditResponse:
         """The budget audit log."""
+        if request.page_size < 0:
+            raise invalid("page_size must not be negative", "page_size")
         try:
             entries, token = await self._ledger.history.list_audit(
                 budget_id=request.budget_id,
@@ -1091,7 +1104,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
                 page_token=request.page_token,
             )
         except ValueError as exc:
-            raise invalid(str(exc), "page_token") from None
+            raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
         return ledger_pb2.ListBudgetAuditResponse(entries=entries, next_page_token=token)
 
 
@@ -1104,7 +1117,7 @@ async def usage_report(
     try:
         return await history.usage(request, now_ms=_ms(_now()))
     except ValueError as exc:
-        raise invalid(str(exc), "page_token") from None
+        raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
 
 
 def _period(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> tuple[int, int]:
