@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from switchyard.common.catalog import load_catalog, parse_catalog
 from switchyard.common.errors import Reason, SwitchyardError
@@ -606,12 +608,9 @@ async def test_a_commit_is_priced_when_its_request_finished_not_when_it_arrived(
     assert retry.duplicate and retry.charged_micros == old
 
 
-async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before_it_grants(
-    tmp_path: Path, redis_url: str
-) -> None:
-    """Redis loses its data while the ledger runs: the spend of the day is gone from the counter.
-    Nothing is leased from the empty counter; the spend comes back from the rows first (at the
-    next sweep, or at the first lease if that comes sooner), so the budget is not granted twice."""
+@asynccontextmanager
+async def ledger_on_redis(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Ledger, Redis, str]]:
+    """A ledger on SQLite and a Redis budget store of its own prefix: (ledger, client, prefix)."""
     database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
     client = open_redis(redis_url)
     prefix = f"test:{uuid.uuid4().hex}:budget:"
@@ -625,6 +624,20 @@ async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before
         settle_after_s=300,
     )
     try:
+        yield service, client, prefix
+    finally:
+        await alerts.aclose()
+        await client.aclose()
+        await database.close()
+
+
+async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before_it_grants(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Redis loses its data while the ledger runs: the spend of the day is gone from the counter.
+    Nothing is leased from the empty counter; the spend comes back from the rows first (at the
+    next sweep, or at the first lease if that comes sooner), so the budget is not granted twice."""
+    async with ledger_on_redis(tmp_path, redis_url) as (service, client, prefix):
         await service.refresh_budgets()  # as the ledger starts: the fresh store is rebuilt
         tenant, budget = await with_budget(service)  # 100 USD a day
         results = await service.commit_many([commit(tenant, f"req-{i}") for i in range(2)])
@@ -648,10 +661,6 @@ async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before
             # Half of what the rows left, never half of the whole budget.
             assert lease.amount_micros == (100_000_000 - spent_before) // 2
             assert await counter(service, budget) == (spent_before, lease.amount_micros)
-    finally:
-        await alerts.aclose()
-        await client.aclose()
-        await database.close()
 
 
 async def test_a_rebuild_outlives_a_caller_that_gave_up_and_one_that_failed_is_retried_at_once(
@@ -660,31 +669,18 @@ async def test_a_rebuild_outlives_a_caller_that_gave_up_and_one_that_failed_is_r
     """The rebuild runs on its own: a lease that gave up waiting (its deadline passed) leaves it
     running to the end. One that failed gives up its claim, and the next sweep rebuilds, though
     the epoch it sees is no longer new."""
-    database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
-    client = open_redis(redis_url)
-    prefix = f"test:{uuid.uuid4().hex}:budget:"
-    alerts = await AlertCenter.open(database, secret=None)
-    service = Ledger(
-        load_catalog(None),
-        await LedgerStore.open(database),
-        RedisBudgetStore(client, prefix=prefix),
-        alerts,
-        lease_ttl_s=30,
-        settle_after_s=300,
-    )
-    history_spent = service.history.spent
-    gate = asyncio.Event()
-    failures = [RuntimeError("the database went away")]
-
-    async def slow_or_failing_spent(*args: Any, **kwargs: Any) -> int:
-        await gate.wait()
-        if failures:
-            raise failures.pop()
-        return await history_spent(*args, **kwargs)
-
-    try:
+    async with ledger_on_redis(tmp_path, redis_url) as (service, client, prefix):
+        history_spent = service.history.spent
+        gate = asyncio.Event()
         gate.set()
-        failures.clear()
+        failures: list[Exception] = []
+
+        async def slow_or_failing_spent(*args: Any, **kwargs: Any) -> int:
+            await gate.wait()
+            if failures:
+                raise failures.pop()
+            return await history_spent(*args, **kwargs)
+
         await service.refresh_budgets()
         tenant, budget = await with_budget(service)
         (result,) = await service.commit_many([commit(tenant, "req-1")])
@@ -714,10 +710,6 @@ async def test_a_rebuild_outlives_a_caller_that_gave_up_and_one_that_failed_is_r
         await service.sweep()
         assert await counter(service, budget) == (result.charged_micros, 0)
         assert (await service.lease(request)).leases[0].amount_micros == 10
-    finally:
-        await alerts.aclose()
-        await client.aclose()
-        await database.close()
 
 
 TIERED_CATALOG = """\

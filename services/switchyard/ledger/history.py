@@ -684,6 +684,24 @@ async def _insert_audit(
     )
 
 
+async def _audit_end_user(
+    tx: Statements, action: str, tenant_id: str, digest: str, *, actor: str, now_ms: int, **facts: int
+) -> None:
+    """An audit entry about one end user, naming the keyed digest of their id, never the id."""
+    detail = json.dumps({"tenant_id": tenant_id, "end_user_hmac_sha256": digest, **facts}, sort_keys=True)
+    await _insert_audit(
+        tx,
+        budget_id="",
+        tenant_id=tenant_id,
+        actor=actor,
+        at_ms=now_ms,
+        action=action,
+        old=None,
+        new=None,
+        detail=detail,
+    )
+
+
 async def _without_erased_end_users(
     tx: Statements, rows: list[tuple[object, ...]], key: bytes
 ) -> list[tuple[object, ...]]:
@@ -1148,27 +1166,17 @@ class LedgerStore:
                 marks = ", ".join("?" * len(entries))
                 await tx.execute(f"DELETE FROM ledger_budget_audit WHERE id IN ({marks})", entries)
             erasure = Erasure(rows, budget_ids, len(audit_ids), alerts)
-            detail = json.dumps(
-                {
-                    "tenant_id": tenant_id,
-                    "end_user_hmac_sha256": digest,
-                    "rows_anonymised": rows,
-                    "budgets_deleted": len(budget_ids),
-                    "audit_entries_deleted": len(audit_ids),
-                    "alerts_deleted": alerts,
-                },
-                sort_keys=True,
-            )
-            await _insert_audit(
+            await _audit_end_user(
                 tx,
-                budget_id="",
-                tenant_id=tenant_id,
+                "erase_end_user",
+                tenant_id,
+                digest,
                 actor=actor,
-                at_ms=now_ms,
-                action="erase_end_user",
-                old=None,
-                new=None,
-                detail=detail,
+                now_ms=now_ms,
+                rows_anonymised=rows,
+                budgets_deleted=len(budget_ids),
+                audit_entries_deleted=len(audit_ids),
+                alerts_deleted=alerts,
             )
         log.info(
             "end_user_erased",
@@ -1185,26 +1193,17 @@ class LedgerStore:
     ) -> None:
         """Write the audit entry of an export of one end user's rows (personal data leaving):
         who, when, which period, and the keyed digest of the id, never the id."""
-        detail = json.dumps(
-            {
-                "tenant_id": tenant_id,
-                "end_user_hmac_sha256": await self.end_user_digest(tenant_id, end_user),
-                "start_ms": start_ms,
-                "end_ms": end_ms,
-            },
-            sort_keys=True,
-        )
+        digest = await self.end_user_digest(tenant_id, end_user)
         async with self.database.transaction() as tx:
-            await _insert_audit(
+            await _audit_end_user(
                 tx,
-                budget_id="",
-                tenant_id=tenant_id,
+                "export_end_user",
+                tenant_id,
+                digest,
                 actor=actor,
-                at_ms=now_ms,
-                action="export_end_user",
-                old=None,
-                new=None,
-                detail=detail,
+                now_ms=now_ms,
+                start_ms=start_ms,
+                end_ms=end_ms,
             )
 
     async def estimate_accuracy(
