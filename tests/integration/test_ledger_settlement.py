@@ -143,15 +143,24 @@ async def unsettled(ledger: Ledger) -> list[str]:
     return [row.request_id for row in rows]
 
 
-async def with_budget(ledger: Ledger) -> tuple[str, ledger_pb2.Budget]:
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
+async def with_budget(
+    ledger: Ledger,
+    *,
+    tenant: str = "",
+    limit_micros: int = 100_000_000,
+    window: ledger_pb2.BudgetWindow.ValueType = ledger_pb2.BUDGET_WINDOW_DAILY,
+    end_user: str = "",
+) -> tuple[str, ledger_pb2.Budget]:
+    """A hard budget (of a new tenant unless named), id `<tenant>:<daily|monthly>[:<end user>]`."""
+    tenant = tenant or f"t-{uuid.uuid4().hex[:8]}"
+    name = "daily" if window == ledger_pb2.BUDGET_WINDOW_DAILY else "monthly"
     budget = await ledger.set_budget(
         ledger_pb2.Budget(
-            budget_id=f"{tenant}:daily",
-            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
-            window=ledger_pb2.BUDGET_WINDOW_DAILY,
+            budget_id=":".join(filter(None, (tenant, name, end_user))),
+            scope=ledger_pb2.BudgetScope(tenant_id=tenant, end_user=end_user),
+            window=window,
             enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-            limit_micros=100_000_000,
+            limit_micros=limit_micros,
         ),
         "ops@example.com",
     )
@@ -239,16 +248,7 @@ async def test_a_lease_admits_until_its_window_ends_and_what_it_admitted_is_char
     service, _ = ledger
     clock = [datetime(2026, 12, 4, 23, 59, 50, tzinfo=UTC)]
     monkeypatch.setattr(ledger_service, "_now", lambda: clock[0])
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    budget = await service.set_budget(
-        ledger_pb2.Budget(
-            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
-            window=ledger_pb2.BUDGET_WINDOW_DAILY,
-            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-            limit_micros=1_000_000,
-        ),
-        "ops@example.com",
-    )
+    tenant, budget = await with_budget(service, limit_micros=1_000_000)
     scope = ledger_pb2.BudgetScope(tenant_id=tenant)
 
     async def lease() -> ledger_pb2.BudgetLease:
@@ -344,16 +344,7 @@ async def test_a_lease_that_fails_or_is_given_up_part_way_returns_what_it_had_gr
     is asked: the first budget's slice, which the edge never learns of, is freed at once."""
     service, store = ledger
     tenant, daily = await with_budget(service)
-    monthly = await service.set_budget(
-        ledger_pb2.Budget(
-            budget_id=f"{tenant}:monthly",
-            scope=ledger_pb2.BudgetScope(tenant_id=tenant),
-            window=ledger_pb2.BUDGET_WINDOW_MONTHLY,
-            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-            limit_micros=100_000_000,
-        ),
-        "ops@example.com",
-    )
+    _, monthly = await with_budget(service, tenant=tenant, window=ledger_pb2.BUDGET_WINDOW_MONTHLY)
     request = ledger_pb2.LeaseBudgetRequest(
         holder_id="edge", scope=ledger_pb2.BudgetScope(tenant_id=tenant), requested_micros=1_000, min_micros=1
     )
@@ -398,16 +389,7 @@ async def test_a_hard_budget_used_up_short_of_its_limit_fires_its_100_percent_al
     service, _ = ledger
 
     async def tenant_with_spend(commits: int) -> str:
-        tenant = f"t-{uuid.uuid4().hex[:8]}"
-        await service.set_budget(
-            ledger_pb2.Budget(
-                scope=ledger_pb2.BudgetScope(tenant_id=tenant),
-                window=ledger_pb2.BUDGET_WINDOW_DAILY,
-                enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-                limit_micros=1_100_000,
-            ),
-            "ops@example.com",
-        )
+        tenant, _ = await with_budget(service, limit_micros=1_100_000)
         await service.commit_many([commit(tenant, f"{tenant}-{i}") for i in range(commits)])  # 210,000 each
         return tenant
 
@@ -485,17 +467,7 @@ async def test_a_budget_whose_scope_changes_counts_the_new_scopes_spend(
     """A budget on one end user widened to the whole tenant holds the tenant's spend of the
     window, not the end user's (as a ledger restarted on the rows would count it)."""
     service, _ = ledger
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    budget = await service.set_budget(
-        ledger_pb2.Budget(
-            budget_id=f"{tenant}:bob",
-            scope=ledger_pb2.BudgetScope(tenant_id=tenant, end_user="bob"),
-            window=ledger_pb2.BUDGET_WINDOW_DAILY,
-            enforcement=ledger_pb2.BUDGET_ENFORCEMENT_HARD,
-            limit_micros=1_000_000,
-        ),
-        "ops@example.com",
-    )
+    tenant, budget = await with_budget(service, limit_micros=1_000_000, end_user="bob")
     commits = [commit(tenant, f"{tenant}-{i}") for i in range(3)]  # 210,000 each
     commits[0].record.scope.end_user = "bob"
     await service.commit_many(commits)
