@@ -155,6 +155,12 @@ async def test_the_same_reservation_id_never_holds_twice(store: BudgetStore) -> 
     # The same budgets in another window (a retry across midnight) are the same budgets.
     assert (await store.reserve("r1", [ref(window="2026-12")], 300, ttl_ms=TTL, now_ms=NOW + 5)).ok
     assert await counter(store, budget) == Counter(0, 400)
+    # Ids of more bytes than characters are told apart as well.
+    first_, second_ = ref("éé:x", limit=1000), ref("éé:y", limit=1000)
+    assert (await store.reserve("r3", [first_], 10, ttl_ms=TTL, now_ms=NOW)).ok
+    assert (await store.reserve("r3", [first_], 10, ttl_ms=TTL, now_ms=NOW)).ok
+    with pytest.raises(HoldConflict):
+        await store.reserve("r3", [second_], 10, ttl_ms=TTL, now_ms=NOW)
 
 
 # --- settlement -----------------------------------------------------------------------------
@@ -626,7 +632,7 @@ async def test_the_redis_epoch_is_shared_and_changes_only_when_redis_lost_its_da
         claim = await second.claim_rebuild()
         assert claim is not None and claim.epoch == lost.epoch
         await second.add_spent(budget, 700, now_ms=NOW)
-        await second.mark_rebuilt(RebuildClaim("an epoch since replaced", claim.token))  # marks nothing
+        assert not await second.mark_rebuilt(RebuildClaim("an epoch since replaced", claim.token))
         with pytest.raises(CountersLost):
             await second.lease("l2", budget, 1000, min_micros=10, ttl_ms=TTL, now_ms=NOW)
         await second.mark_rebuilt(claim)
@@ -656,10 +662,13 @@ async def test_a_rebuild_claim_is_the_claimers_until_it_ends_and_one_of_an_old_e
     assert not await store.renew_rebuild(claim)
     again = await store.claim_rebuild()
     assert again is not None and again.token != claim.token
-    # A stranger marking the epoch rebuilt leaves the claimer's claim alone; the claimer's ends it.
-    await store.mark_rebuilt(stranger)
+    # A stranger (one whose claim lapsed) marks nothing and leaves the claim alone; the
+    # claimer's mark ends it.
+    assert not await store.mark_rebuilt(stranger)
+    assert await redis_client.get(prefix + "ready") is None
     assert await store.renew_rebuild(again)
-    await store.mark_rebuilt(again)
+    assert await store.mark_rebuilt(again)
+    assert await redis_client.get(prefix + "ready") == again.epoch.encode()
     assert not await store.renew_rebuild(again)
     assert await store.claim_rebuild() is None
     # A claim left from an epoch since lost does not hold back the rebuild of the new one.

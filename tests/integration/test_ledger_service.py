@@ -744,6 +744,9 @@ async def test_bad_input_is_invalid_argument_naming_the_field(ledger: LedgerProc
         ),
         (budget(tenant, 1_000, webhook_url="ftp://example.com/x"), "ops@example.com", "budget.webhook_url"),
         (budget(tenant, 1_000, suffix="has space"), "ops@example.com", "budget.budget_id"),
+        # PostgreSQL text cannot hold a NUL: refused before anything is read or written.
+        (budget(tenant, 1_000, suffix="nul\x00"), "ops@example.com", "budget.budget_id"),
+        (budget(tenant, 1_000, model="m\x00"), "ops@example.com", "budget.scope.model"),
     ):
         error = await rpc_error(stub.SetBudget(set_request(wanted, actor), timeout=10))
         assert (error.code, error.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field_path), (

@@ -43,6 +43,7 @@ class FlakyStore(MemoryBudgetStore):
         self.down = False
         # Awaited before each lease, with how many came before it (to fail or stall one).
         self.before_lease: Callable[[int], Awaitable[None]] | None = None
+        self.after_lease: Callable[[int], Awaitable[None]] | None = None
         self.leases = 0
 
     async def lease(
@@ -59,7 +60,7 @@ class FlakyStore(MemoryBudgetStore):
         self.leases += 1
         if self.before_lease is not None:
             await self.before_lease(self.leases - 1)
-        return await super().lease(
+        granted = await super().lease(
             lease_id,
             budget,
             wanted_micros,
@@ -68,6 +69,9 @@ class FlakyStore(MemoryBudgetStore):
             now_ms=now_ms,
             max_share=max_share,
         )
+        if self.after_lease is not None:  # granted, the answer not back yet
+            await self.after_lease(self.leases - 1)
+        return granted
 
     async def settle(
         self,
@@ -375,7 +379,18 @@ async def test_a_lease_that_fails_or_is_given_up_part_way_returns_what_it_had_gr
         await waiting
     assert [await counter(service, b) for b in (daily, monthly)] == [(0, 0), (0, 0)]
 
+    # The edge stops waiting while the store's answer to the first is on its way back.
     store.before_lease = None
+    stalled.clear()
+    store.after_lease = stall_the_second
+    waiting = asyncio.create_task(service.lease(request))
+    await stalled.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert [await counter(service, b) for b in (daily, monthly)] == [(0, 0), (0, 0)]
+
+    store.after_lease = None
     assert [lease.amount_micros for lease in (await service.lease(request)).leases] == [1_000, 1_000]
 
 
@@ -471,19 +486,28 @@ async def test_a_budget_whose_scope_changes_counts_the_new_scopes_spend(
     commits = [commit(tenant, f"{tenant}-{i}") for i in range(3)]  # 210,000 each
     commits[0].record.scope.end_user = "bob"
     await service.commit_many(commits)
-    assert await counter(service, budget) == (210_000, 0)
+    bobs = ledger_pb2.BudgetScope(tenant_id=tenant, end_user="bob")
+    await service.reserve(ledger_pb2.ReserveRequest(scope=bobs, amount_micros=300_000))
+    assert await counter(service, budget) == (210_000, 300_000)
 
     widened = ledger_pb2.Budget()
     widened.CopyFrom(budget)
     widened.scope.end_user = ""
     widened = await service.set_budget(widened, "ops@example.com")
-    assert await counter(service, widened) == (3 * 210_000, 0)
-    # A change that keeps the scope keeps the counter, and what it holds.
-    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
-    await service.reserve(ledger_pb2.ReserveRequest(scope=scope, amount_micros=50_000))
-    widened.limit_micros = 2_000_000
-    await service.set_budget(widened, "ops@example.com")
-    assert await counter(service, widened) == (3 * 210_000, 50_000)
+    # Bob's hold stays held: what it admits commits under the new scope too.
+    assert await counter(service, widened) == (3 * 210_000, 300_000)
+    anns = ledger_pb2.BudgetScope(tenant_id=tenant, end_user="ann")
+    with pytest.raises(SwitchyardError):
+        await service.reserve(ledger_pb2.ReserveRequest(scope=anns, amount_micros=100_000))
+    # Narrowed back to bob: his spend alone again, the hold still held.
+    await service.set_budget(budget, "ops@example.com")
+    assert await counter(service, budget) == (210_000, 300_000)
+    # A change that keeps the scope keeps the counter, spend (here more than the rows: a
+    # commit charged without a row would show) and holds alike.
+    await service.store.add_spent(budget_ref(budget, datetime.now(UTC)), 5)
+    budget.limit_micros = 2_000_000
+    await service.set_budget(budget, "ops@example.com")
+    assert await counter(service, budget) == (210_005, 300_000)
 
 
 async def test_the_sweeper_frees_the_reservation_a_commit_named(
@@ -619,7 +643,8 @@ async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before
         for lost_at_sweep in (True, False):
             await client.delete(*[key async for key in client.scan_iter(match=prefix + "*")])
             if lost_at_sweep:
-                await service.sweep()
+                await service.sweep()  # starts the rebuild in the background...
+                await service.rebuild_if_lost()  # ...which this joins
                 assert await counter(service, budget) == (spent_before, 0)
             response = await service.lease(
                 ledger_pb2.LeaseBudgetRequest(
@@ -672,14 +697,21 @@ async def test_a_rebuild_outlives_a_caller_that_gave_up_and_one_that_failed_is_r
         assert await counter(service, budget) == (result.charged_micros, 0)
         assert (await service.lease(request)).leases[0].amount_micros == 10
 
-        # Lost again; this rebuild fails at the database...
+        # Lost again; this rebuild fails at the database (the sweep goes on: it settles and
+        # expires as ever)...
         failures.append(RuntimeError("the database went away"))
         await client.delete(*[key async for key in client.scan_iter(match=prefix + "*")])
+        gate.clear()
+        await service.sweep()
+        assert await client.get(prefix + "rebuild") is not None  # claimed, under way
+        gate.set()
         with pytest.raises(RuntimeError):
-            await service.sweep()
+            await service.rebuild_if_lost()  # joins the one under way, which fails
         assert await client.get(prefix + "rebuild") is None  # its claim given up
+        assert await counter(service, budget) == (0, 0)
         # ...and the next sweep rebuilds, the new epoch already known.
         await service.sweep()
+        await service.rebuild_if_lost()
         assert await counter(service, budget) == (result.charged_micros, 0)
         assert (await service.lease(request)).leases[0].amount_micros == 10
 

@@ -483,18 +483,20 @@ class BudgetStore(ABC):
         """Give up the claim (the rebuild failed), so another caller may rebuild at once."""
         await self._rebuild_claim(claim, 0)
 
-    async def mark_rebuilt(self, claim: RebuildClaim) -> None:
-        """The counters of the claim's epoch are rebuilt: `reserve` and `lease` hold again (if
-        that epoch is still current), and the claim ends."""
+    async def mark_rebuilt(self, claim: RebuildClaim) -> bool:
+        """The counters of the claim's epoch are rebuilt: `reserve` and `lease` hold again, and
+        the claim ends. False (nothing marked) unless the claim is still the caller's and its
+        epoch still current."""
         _check_id("epoch", claim.epoch)
-        await self._mark_rebuilt(claim)
+        return await self._mark_rebuilt(claim)
 
     async def add_spent(self, budget: BudgetRef, micros: int, *, now_ms: int | None = None) -> None:
         """Add to the committed spend (rebuilding it from the ledger's rows); `held` is kept.
+        A negative amount takes off (never below 0).
 
         `now_ms` (default: the wall clock) only decides how long the counter is kept.
         """
-        _check_micros("micros", micros)
+        _check_micros("micros", abs(micros))
         await self._add_spent(budget, micros, wall_clock_ms() if now_ms is None else now_ms)
 
     @abstractmethod
@@ -551,7 +553,7 @@ class BudgetStore(ABC):
     async def _rebuild_claim(self, claim: RebuildClaim, keep_ms: int) -> bool: ...
 
     @abstractmethod
-    async def _mark_rebuilt(self, claim: RebuildClaim) -> None: ...
+    async def _mark_rebuilt(self, claim: RebuildClaim) -> bool: ...
 
     @abstractmethod
     async def _forget(self, budget_ids: tuple[str, ...]) -> int: ...
@@ -788,7 +790,8 @@ class MemoryBudgetStore(BudgetStore):
         return self._snapshot(budget.key, now_ms)
 
     async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None:
-        self._touch(budget, now_ms).spent += micros
+        counter = self._touch(budget, now_ms)
+        counter.spent = max(0, counter.spent + micros)
 
     async def _claim_rebuild(self) -> RebuildClaim | None:
         return None  # rebuilt by the ledger before it serves, and never loses data while it runs
@@ -796,8 +799,8 @@ class MemoryBudgetStore(BudgetStore):
     async def _rebuild_claim(self, claim: RebuildClaim, keep_ms: int) -> bool:
         return False  # never claimed
 
-    async def _mark_rebuilt(self, claim: RebuildClaim) -> None:
-        return None
+    async def _mark_rebuilt(self, claim: RebuildClaim) -> bool:
+        return False  # never claimed
 
     async def _forget(self, budget_ids: tuple[str, ...]) -> int:
         forgotten = set(budget_ids)

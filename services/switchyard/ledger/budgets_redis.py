@@ -140,11 +140,6 @@ local function epoch(candidate, ttl)
   end
   return redis.call('GET', ek)
 end
--- The budget part (`<len>:<id>:`) of a counter's suffix.
-local function budget_of(sfx)
-  local len = string.match(sfx, '^(%d+):')
-  return string.sub(sfx, 1, #len + tonumber(len) + 2)
-end
 -- Whether the counters of epoch `ep` were rebuilt from the ledger's rows.
 local function rebuilt(ep) return redis.call('GET', prefix .. 'ready') == ep end
 local function add_hold(hk, hid, kind, amount, exp, hold_ttl, sfxs)
@@ -158,7 +153,8 @@ end
 
 # KEYS: hold, x, then per budget its c:S and i:S.
 # ARGV: prefix, now, hold id, amount, ttl, hold key ttl, n, then per budget: suffix, limit, hard, counter ttl,
-# then a new epoch (used if there is none), then the lazy expiry's cutoff (-1: none).
+# then a new epoch (used if there is none), the lazy expiry's cutoff (-1: none), then per budget
+# the start of its counters' suffixes (`<len>:<id>:`).
 # Returns {1, expires} (held), {2, expires} (the live reservation of that id), {0, index, spent, held}
 # (refused by the index-th budget), {-1} (the id names a lease), {-2, epoch} (the counters are
 # not rebuilt in this epoch: nothing held), {-3} (the id names a live reservation of another
@@ -176,15 +172,17 @@ local h = redis.call('HMGET', KEYS[1], 'k', 'exp', 'g', 'cs')
 if h[1] then
   if h[1] ~= 'r' then return {-1} end
   if tonumber(h[2]) > now then
-    -- A retry must ask for what it asked before: the same amount on the same budgets.
+    -- A retry must ask for what it asked before: the same amount on the same budgets (in any
+    -- window). Each budget is held on one counter, so n counters each matching a budget match.
     if tonumber(h[3]) ~= amount then return {-3} end
-    local had, count = {}, 0
-    for _, sfx in ipairs(cjson.decode(h[4])) do
-      if not had[budget_of(sfx)] then had[budget_of(sfx)], count = true, count + 1 end
-    end
-    if count ~= n then return {-3} end
+    local held = cjson.decode(h[4])
+    if #held ~= n then return {-3} end
     for i = 1, n do
-      if not had[budget_of(barg(i, 1))] then return {-3} end
+      local budget, found = ARGV[9 + 4 * n + i], false
+      for _, sfx in ipairs(held) do
+        if string.sub(sfx, 1, #budget) == budget then found = true break end
+      end
+      if not found then return {-3} end
     end
     return {2, tonumber(h[2])}
   end
@@ -403,11 +401,12 @@ return 1
 """
 
 # KEYS: e, ready, rebuild. ARGV: prefix, now, epoch, the claim (`<epoch> <token>`).
-# Returns 1 if marked (the epoch is current); the claim ends if it was the caller's.
+# Returns 1 if marked: the claim was still the caller's (it ends) and its epoch is current.
 _MARK_REBUILT: Final = (
     _PRELUDE
     + """
-if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return 0 end
+redis.call('DEL', KEYS[3])
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
 local left = redis.call('PTTL', KEYS[1])
 if left < 1 then left = 1 end
@@ -416,12 +415,12 @@ return 1
 """
 )
 
-# KEYS: c:S, i:S. ARGV: prefix, now, micros, counter ttl.
+# KEYS: c:S, i:S. ARGV: prefix, now, micros (negative: taken off, never below 0), counter ttl.
 _ADD_SPENT: Final = (
     _PRELUDE
     + """
 touch(KEYS[1], KEYS[2], ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'spent', ARGV[3])
+if redis.call('HINCRBY', KEYS[1], 'spent', ARGV[3]) < 0 then redis.call('HSET', KEYS[1], 'spent', '0') end
 return 1
 """
 )
@@ -539,6 +538,7 @@ class RedisBudgetStore(BudgetStore):
             ]
         keys.append(self._prefix + "e")
         args += [uuid.uuid4().hex, self._expired_by(now_ms)]
+        args += [counter_suffix(ref.budget_id, "") for ref in budgets]
         raw = await self._run(self._reserve_script, keys, args)
         if isinstance(raw, list) and len(raw) == 2 and raw[0] == -2:
             raise CountersLost(_text(raw[1]))
@@ -686,10 +686,10 @@ class RedisBudgetStore(BudgetStore):
         )
         return _int(reply) == 1
 
-    async def _mark_rebuilt(self, claim: RebuildClaim) -> None:
+    async def _mark_rebuilt(self, claim: RebuildClaim) -> bool:
         keys = [self._prefix + "e", self._prefix + "ready", self._prefix + "rebuild"]
         args: list[str | int] = [self._prefix, wall_clock_ms(), claim.epoch, _claim_value(claim)]
-        await self._run(self._mark_script, keys, args)
+        return _int(await self._run(self._mark_script, keys, args)) == 1
 
     async def _epoch(self) -> str:
         # Read every sweep: a running ledger keeps it alive even while no lease is granted.

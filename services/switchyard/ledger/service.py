@@ -85,6 +85,7 @@ COUNTER_RETENTION: Final = timedelta(days=7)
 LEASE_SHARE: Final = Fraction(1, 2)
 # Extra time, past a lease's admission window and the longest request, for its commits to arrive.
 SETTLE_GRACE_S: Final = 60.0
+MAX_URL_CHARS: Final = 2048
 # A rebuild of the budget counters renews its claim this often (it lapses after 30 s).
 REBUILD_RENEW_S: Final = 5.0
 # Cache statuses whose answer cost nothing upstream.
@@ -178,6 +179,8 @@ class Ledger:
         self._directory = ledger_pb2.WatchBudgetsResponse()
         self._watchers: set[asyncio.Queue[ledger_pb2.WatchBudgetsResponse]] = set()
         self._rebuilding: asyncio.Task[bool] | None = None
+        # Budgets whose scope changed, to recount from the rows (by id; retried each sweep).
+        self._recount_pending: dict[str, ledger_pb2.Budget] = {}
         # (tenant, model, month key) -> (tokens, monotonic time they were read from SQL).
         self._volumes: dict[tuple[str, str, str], tuple[int, float]] = {}
 
@@ -199,11 +202,12 @@ class Ledger:
         self._budgets_at = time.monotonic()
         try:
             epoch = await self.store.epoch()
-            # Every time, not only when the epoch changed: a replica whose rebuild failed, or
-            # lapsed, must not leave the counters lost until the next loss.
-            await self.rebuild_if_lost()
         except BudgetStoreUnavailable:
             epoch = self._directory.epoch  # kept until the store answers again
+        # Every time, not only when the epoch changed: a replica whose rebuild failed, or
+        # lapsed, must not leave the counters lost until the next loss. In the background:
+        # commits reloading their budgets must not wait for it.
+        self._rebuild_task()
         if (
             [(b.budget_id, b.version) for b in budgets]
             == [(b.budget_id, b.version) for b in self._directory.budgets]
@@ -278,11 +282,15 @@ class Ledger:
 
         The rebuild runs as a task of its own, one at a time in this process, that callers
         join: a caller that gives up (a lease whose deadline passed) leaves it running."""
+        return await asyncio.shield(self._rebuild_task())
+
+    def _rebuild_task(self) -> asyncio.Task[bool]:
+        """The rebuild under way in this process, or a new one (which claims it, if needed)."""
         task = self._rebuilding
         if task is None or task.done():
             task = self._rebuilding = asyncio.create_task(self._claim_and_rebuild(), name="budget-rebuild")
             task.add_done_callback(_log_rebuild_failure)
-        return await asyncio.shield(task)
+        return task
 
     async def _claim_and_rebuild(self) -> bool:
         claim = await self.store.claim_rebuild()
@@ -310,16 +318,37 @@ class Ledger:
                     log.warning("budget_rebuild_claim_lost")
                     return False
                 renewed = time.monotonic()
-            now = _now()
-            ref = budget_ref(budget, now)
-            before = (await self.store.counter(ref, now_ms=_ms(now))).spent_micros
-            _, start, end = window_bounds(budget.window, now)
-            rows = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
-            if rows > before:
-                await self.store.add_spent(ref, rows - before)
-        await self.store.mark_rebuilt(claim)
+            await self._recount(budget, lower=False)
+        if not await self.store.mark_rebuilt(claim):
+            log.warning("budget_rebuild_claim_lost")
+            return False
         log.info("budget_counters_rebuilt", budgets=len(self._budgets))
         return True
+
+    async def _recount(self, budget: ledger_pb2.Budget, *, lower: bool) -> None:
+        """Give the budget's counter in the current window the spend of its rows: it gains what
+        the rows hold beyond the spend it had before they were read (a request settled meanwhile
+        may count twice, none is missed); with `lower`, it also loses what it had beyond them.
+        What its live holds hold stays."""
+        now = _now()
+        ref = budget_ref(budget, now)
+        before = (await self.store.counter(ref, now_ms=_ms(now))).spent_micros
+        _, start, end = window_bounds(budget.window, now)
+        rows = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
+        if rows > before or (lower and rows < before):
+            await self.store.add_spent(ref, rows - before)
+
+    async def _recount_changed(self) -> None:
+        """Recount the budgets whose scope changed (`_recount`); one the store could not take
+        stays for the next sweep."""
+        for budget_id, budget in list(self._recount_pending.items()):
+            try:
+                await self._recount(budget, lower=True)
+            except BudgetStoreUnavailable:
+                log.warning("budget_recount_deferred", budget_id=budget_id)
+                continue
+            if self._recount_pending.get(budget_id) is budget:
+                del self._recount_pending[budget_id]
 
     async def _with_store(self, work: Callable[[], Awaitable[_T]]) -> _T:
         """`work` on the budget store, once more after rebuilding the counters it lost (unless
@@ -329,7 +358,10 @@ class Ledger:
             try:
                 return await work()
             except CountersLost:
-                await self.rebuild_if_lost()  # else another replica is at it: the retry says
+                # Rebuilt by this replica, or by another meanwhile: the retry says. (A rebuild
+                # that failed says nothing more than that retry will: UNAVAILABLE.)
+                with contextlib.suppress(Exception):
+                    await self.rebuild_if_lost()
                 return await work()
         except BudgetStoreUnavailable as exc:
             raise SwitchyardError(
@@ -365,6 +397,9 @@ class Ledger:
             raise invalid("webhook_url must be an http(s) URL", "budget.webhook_url")
         if not actor:
             raise invalid("actor is required: budget changes are audited", "actor")
+        check_text(budget.budget_id, "budget.budget_id")
+        _check_scope(budget.scope, "budget.scope")
+        check_text(budget.webhook_url, "budget.webhook_url", max_chars=MAX_URL_CHARS)
         previous = await self.history.get_budget(budget.budget_id) if budget.budget_id else None
         try:
             stored = await self.history.put_budget(budget, actor=actor, now_ms=_ms(_now()))
@@ -373,11 +408,13 @@ class Ledger:
             # Its messages name the rule, never the caller's values.
             raise invalid(str(exc), "budget.budget_id") from None
         if previous is not None and previous.scope != stored.scope:
-            # Its counters counted other requests: they start again from the new scope's rows
-            # (edges drop the leases of the changed budget as soon as they see its version).
-            await self.forget_counters([stored.budget_id])
-        # Before this replica charges it (others reload their budgets within a few seconds).
-        await self.reconcile([stored])
+            # Its counter counted other requests: its spend becomes the new scope's rows, while
+            # its holds stay (what they admitted commits under the new scope too, or ends).
+            self._recount_pending[stored.budget_id] = stored
+            await self._recount_changed()
+        else:
+            # Before this replica charges it (others reload their budgets within a few seconds).
+            await self.reconcile([stored])
         await self.refresh_budgets()
         return await self.describe(stored)
 
@@ -499,17 +536,20 @@ class Ledger:
             budget_ids=[b.budget_id for b in budgets], epoch=self._directory.epoch
         )
         wanted_ids = set(request.budget_ids)
+        asked: list[str] = []  # every lease id asked of the store, granted or in flight
         try:
             for budget in budgets:
                 if budget.enforcement == ledger_pb2.BUDGET_ENFORCEMENT_HARD and (
                     not wanted_ids or budget.budget_id in wanted_ids
                 ):
-                    await self._lease_one(budget, request, response, now)
+                    lease_id = f"lease-{uuid.uuid4().hex}"
+                    asked.append(lease_id)
+                    await self._lease_one(lease_id, budget, request, response, now)
         except BaseException:
-            # The edge gets none of them (a later budget failed, or it gave up waiting): what
-            # was granted goes back now rather than sit unused until it expires.
-            granted = [lease.lease_id for lease in response.leases if lease.lease_id]
-            await asyncio.shield(self._release_all(granted, _ms(now)))
+            # The edge gets none of them (a later budget failed, or it gave up waiting, maybe
+            # while the store was granting): what was granted goes back now rather than sit
+            # unused until it expires. (Releasing an id never granted frees nothing.)
+            await asyncio.shield(self._release_all(asked, _ms(now)))
             raise
         return response
 
@@ -520,19 +560,19 @@ class Ledger:
 
     async def _lease_one(
         self,
+        lease_id: str,
         budget: ledger_pb2.Budget,
         request: ledger_pb2.LeaseBudgetRequest,
         response: ledger_pb2.LeaseBudgetResponse,
         now: datetime,
     ) -> None:
-        """Lease a slice of one hard budget into `response`."""
+        """Lease a slice of one hard budget into `response`, as `lease_id`."""
         now_ms = _ms(now)
         ref = budget_ref(budget, now)
         # A lease admits only within the window it holds against: the next window's spend
         # is leased from the next window's counter. (What it admitted before the end is
         # charged to this window however late it finishes: the store charges a hold's.)
         window_end_ms = _ms(window_bounds(budget.window, now)[2])
-        lease_id = f"lease-{uuid.uuid4().hex}"
         grant = await self._with_store(
             functools.partial(
                 self.store.lease,
@@ -775,6 +815,7 @@ class Ledger:
         start). In that order: a stored request draws its cost from the holds its commit named,
         which freeing them first would have handed to other edges."""
         await self.refresh_budgets()  # changes made through other replicas reach this one's edges
+        await self._recount_changed()
         repaired = await self.settle_unsettled()
         if repaired:
             log.info("settlements_repaired", count=repaired)
@@ -1162,8 +1203,9 @@ def build(settings: Settings) -> ServiceParts:
             expire_after_start_s=settings.ledger_expire_after_start_s,
         )
         await ledger.refresh_budgets()
-        await ledger.reconcile()
+        # Rebuilt first, if Redis lost its data: a reconcile meanwhile would add the rows twice.
         await ledger.rebuild_if_lost()
+        await ledger.reconcile()
         await alerts.start()
         parts.append(ledger)
         servicer.attach(ledger)
