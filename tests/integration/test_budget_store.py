@@ -155,6 +155,11 @@ async def test_the_same_reservation_id_never_holds_twice(store: BudgetStore) -> 
     # The same budgets in another window (a retry across midnight) are the same budgets.
     assert (await store.reserve("r1", [ref(window="2026-12")], 300, ttl_ms=TTL, now_ms=NOW + 5)).ok
     assert await counter(store, budget) == Counter(0, 400)
+    # A hold on one budget in two windows is not a hold on that budget once.
+    november, december = ref("tenant:w", window="2026-11"), ref("tenant:w", window="2026-12")
+    assert (await store.reserve("r4", [november, december], 10, ttl_ms=TTL, now_ms=NOW)).ok
+    with pytest.raises(HoldConflict):
+        await store.reserve("r4", [november], 10, ttl_ms=TTL, now_ms=NOW)
     # Ids of more bytes than characters are told apart as well.
     first_, second_ = ref("éé:x", limit=1000), ref("éé:y", limit=1000)
     assert (await store.reserve("r3", [first_], 10, ttl_ms=TTL, now_ms=NOW)).ok

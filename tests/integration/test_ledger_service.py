@@ -747,6 +747,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(ledger: LedgerProc
         # PostgreSQL text cannot hold a NUL: refused before anything is read or written.
         (budget(tenant, 1_000, suffix="nul\x00"), "ops@example.com", "budget.budget_id"),
         (budget(tenant, 1_000, model="m\x00"), "ops@example.com", "budget.scope.model"),
+        (budget(tenant, 1_000), "ops\x00", "actor"),
     ):
         error = await rpc_error(stub.SetBudget(set_request(wanted, actor), timeout=10))
         assert (error.code, error.metadata.get("field")) == (grpc.StatusCode.INVALID_ARGUMENT, field_path), (
@@ -805,6 +806,12 @@ async def test_bad_input_is_invalid_argument_naming_the_field(ledger: LedgerProc
         (stub.GetUsage(gateway_pb2.GetUsageRequest(tenant_id=tenant, group_by=[99]), timeout=10), "group_by"),
         (stub.ListBudgetAudit(ledger_pb2.ListBudgetAuditRequest(page_size=-1), timeout=10), "page_size"),
         (stub.ListAlerts(ledger_pb2.ListAlertsRequest(page_size=-1), timeout=10), "page_size"),
+        (
+            stub.DeleteBudget(
+                ledger_pb2.DeleteBudgetRequest(budget_id="b\x00", actor="ops@example.com"), timeout=10
+            ),
+            "budget_id",
+        ),
         # Release frees reservations only: a lease is its edge's to give back.
         (stub.Release(ledger_pb2.ReleaseRequest(reservation_id="lease-1"), timeout=10), "reservation_id"),
     ):

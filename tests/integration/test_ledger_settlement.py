@@ -476,11 +476,13 @@ async def test_a_reserve_retried_with_another_amount_or_after_its_commit_is_refu
     assert await counter(service, budget) == (result.charged_micros, 0)
 
 
-async def test_a_budget_whose_scope_changes_counts_the_new_scopes_spend(
+async def test_a_budget_s_scope_cannot_change_and_one_made_again_counts_its_new_scope(
     ledger: tuple[Ledger, FlakyStore],
 ) -> None:
-    """A budget on one end user widened to the whole tenant holds the tenant's spend of the
-    window, not the end user's (as a ledger restarted on the rows would count it)."""
+    """A live budget's counter counts the requests of its scope; a changed scope would have it
+    count some twice or miss some while edges and replicas learn of the change one by one. So
+    the change is refused, and a budget deleted and made again on the wider scope counts that
+    scope's spend of the window from the rows."""
     service, _ = ledger
     tenant, budget = await with_budget(service, limit_micros=1_000_000, end_user="bob")
     commits = [commit(tenant, f"{tenant}-{i}") for i in range(3)]  # 210,000 each
@@ -493,21 +495,20 @@ async def test_a_budget_whose_scope_changes_counts_the_new_scopes_spend(
     widened = ledger_pb2.Budget()
     widened.CopyFrom(budget)
     widened.scope.end_user = ""
-    widened = await service.set_budget(widened, "ops@example.com")
-    # Bob's hold stays held: what it admits commits under the new scope too.
-    assert await counter(service, widened) == (3 * 210_000, 300_000)
-    anns = ledger_pb2.BudgetScope(tenant_id=tenant, end_user="ann")
-    with pytest.raises(SwitchyardError):
-        await service.reserve(ledger_pb2.ReserveRequest(scope=anns, amount_micros=100_000))
-    # Narrowed back to bob: his spend alone again, the hold still held.
-    await service.set_budget(budget, "ops@example.com")
-    assert await counter(service, budget) == (210_000, 300_000)
-    # A change that keeps the scope keeps the counter, spend (here more than the rows: a
-    # commit charged without a row would show) and holds alike.
-    await service.store.add_spent(budget_ref(budget, datetime.now(UTC)), 5)
+    with pytest.raises(SwitchyardError) as caught:
+        await service.set_budget(widened, "ops@example.com")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.metadata["field"] == "budget.scope"
+    stored = await service.history.get_budget(budget.budget_id)
+    assert stored is not None and (stored.scope, stored.version) == (budget.scope, 1)  # unchanged
+    # Other changes keep the counter, its spend and its holds.
     budget.limit_micros = 2_000_000
-    await service.set_budget(budget, "ops@example.com")
-    assert await counter(service, budget) == (210_005, 300_000)
+    budget = await service.set_budget(budget, "ops@example.com")
+    assert await counter(service, budget) == (210_000, 300_000)
+
+    await service.delete_budget(budget.budget_id, "ops@example.com")
+    remade = await service.set_budget(widened, "ops@example.com")
+    assert await counter(service, remade) == (3 * 210_000, 0)
 
 
 async def test_the_sweeper_frees_the_reservation_a_commit_named(

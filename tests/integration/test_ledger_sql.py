@@ -30,6 +30,7 @@ from switchyard.ledger.history import (
     CSV_COLUMNS,
     MIGRATIONS,
     Erasure,
+    FieldError,
     Holds,
     InvalidPageToken,
     LedgerStore,
@@ -999,12 +1000,15 @@ async def test_erasing_an_end_user_anonymises_rows_deletes_budgets_audit_alerts_
         actor="admin@acme",
         now_ms=1_000,
     )
-    # A budget once scoped to the person and since moved to someone else stays; the audit
-    # entries that named the person go.
+    # A budget once scoped to the person, deleted and made again for someone else, stays; the
+    # audit entries that named the person go. (A live budget's scope cannot change.)
     moved = await store.put_budget(
         budget(tenant, budget_id=unique("moved"), end_user=person), actor="admin@acme", now_ms=1_000
     )
     moved.scope.end_user = "someone-new"
+    with pytest.raises(FieldError):
+        await store.put_budget(moved, actor="admin@acme", now_ms=1_100)
+    await store.delete_budget(moved.budget_id, actor="admin@acme", now_ms=1_150)
     moved = await store.put_budget(moved, actor="admin@acme", now_ms=1_200)
     kept = [
         await store.put_budget(budget(tenant), actor="admin@acme", now_ms=1_000),
@@ -1039,6 +1043,7 @@ async def test_erasing_an_end_user_anonymises_rows_deletes_budgets_audit_alerts_
         ("erase_end_user", ""),
         ("create", kept[1].budget_id),
         ("create", kept[0].budget_id),
+        ("create", moved.budget_id),  # made again for someone else: it names no one erased
     ]
     entry = entries[0]
     assert (entry.action, entry.budget_id, entry.actor) == ("erase_end_user", "", "admin@acme")
@@ -1067,7 +1072,7 @@ async def test_erasing_an_end_user_anonymises_rows_deletes_budgets_audit_alerts_
     # Erasing again finds nothing, and is audited too; an empty id would erase every anonymous row.
     again = await store.erase_end_user(tenant, person, actor="admin@acme", now_ms=8_000)
     assert again == Erasure(rows=0, budget_ids=(), audit_entries=0, alerts=0)
-    assert len((await store.list_audit(tenant_id=tenant))[0]) == 4
+    assert len((await store.list_audit(tenant_id=tenant))[0]) == 5
     with pytest.raises(ValueError):
         await store.erase_end_user(tenant, "", actor="admin@acme", now_ms=8_000)
 

@@ -180,7 +180,8 @@ class CostLedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetBudget(self, request, context):
-        """Create or change a budget; written to the audit log.
+        """Create or change a budget; written to the audit log. A live budget's scope cannot change
+        (INVALID_ARGUMENT naming budget.scope): delete it and make a new one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

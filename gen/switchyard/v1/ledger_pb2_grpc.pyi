@@ -49,7 +49,9 @@ class CostLedgerServiceStub:
     GetUsage: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetUsageRequest, _gateway_pb2.GetUsageResponse]
     """Totals and breakdowns of spend."""
     SetBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetRequest, _ledger_pb2.SetBudgetResponse]
-    """Create or change a budget; written to the audit log."""
+    """Create or change a budget; written to the audit log. A live budget's scope cannot change
+    (INVALID_ARGUMENT naming budget.scope): delete it and make a new one.
+    """
     ListBudgets: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetsRequest, _ledger_pb2.ListBudgetsResponse]
     DeleteBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.DeleteBudgetRequest, _ledger_pb2.DeleteBudgetResponse]
     """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
@@ -102,7 +104,9 @@ class CostLedgerServiceAsyncStub(CostLedgerServiceStub):
     GetUsage: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetUsageRequest, _gateway_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Totals and breakdowns of spend."""
     SetBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetRequest, _ledger_pb2.SetBudgetResponse]  # type: ignore[assignment]
-    """Create or change a budget; written to the audit log."""
+    """Create or change a budget; written to the audit log. A live budget's scope cannot change
+    (INVALID_ARGUMENT naming budget.scope): delete it and make a new one.
+    """
     ListBudgets: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListBudgetsRequest, _ledger_pb2.ListBudgetsResponse]  # type: ignore[assignment]
     DeleteBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.DeleteBudgetRequest, _ledger_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
     """Delete a budget (audited): it no longer applies, its counters go, its alerts and audit
@@ -200,7 +204,9 @@ class CostLedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.SetBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.SetBudgetResponse, _abc.Awaitable[_ledger_pb2.SetBudgetResponse]]:
-        """Create or change a budget; written to the audit log."""
+        """Create or change a budget; written to the audit log. A live budget's scope cannot change
+        (INVALID_ARGUMENT naming budget.scope): delete it and make a new one.
+        """
 
     @_abc_1.abstractmethod
     def ListBudgets(

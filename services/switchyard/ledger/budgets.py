@@ -333,6 +333,10 @@ class BudgetStore(ABC):
     the backend's `_reserve`, `_lease`, ... with budgets de-duplicated.
     """
 
+    shared: bool = False
+    """Whether the counters outlive the process (shared by ledger replicas): a ledger starting
+    on a store that is not fills every counter from its rows."""
+
     async def reserve(
         self, hold_id: str, budgets: Sequence[BudgetRef], amount_micros: int, *, ttl_ms: int, now_ms: int
     ) -> HoldOutcome:
@@ -492,11 +496,10 @@ class BudgetStore(ABC):
 
     async def add_spent(self, budget: BudgetRef, micros: int, *, now_ms: int | None = None) -> None:
         """Add to the committed spend (rebuilding it from the ledger's rows); `held` is kept.
-        A negative amount takes off (never below 0).
 
         `now_ms` (default: the wall clock) only decides how long the counter is kept.
         """
-        _check_micros("micros", abs(micros))
+        _check_micros("micros", micros)
         await self._add_spent(budget, micros, wall_clock_ms() if now_ms is None else now_ms)
 
     @abstractmethod
@@ -672,8 +675,13 @@ class MemoryBudgetStore(BudgetStore):
             if existing.kind != RESERVATION:
                 raise HoldConflict("the hold id names a live lease")
             if existing.expires_at > now_ms:
-                held_budgets = {key[0] for key in existing.counters}
-                if existing.granted != amount or held_budgets != {ref.budget_id for ref in budgets}:
+                # As the Redis script: as many counters as budgets, each budget on one of them.
+                held = {key[0] for key in existing.counters}
+                if (
+                    existing.granted != amount
+                    or len(existing.counters) != len(budgets)
+                    or any(ref.budget_id not in held for ref in budgets)
+                ):
                     raise HoldConflict(RESERVATION_MISMATCH)
                 return HoldOutcome(True, hold_id, existing.expires_at)
             self._free(hold_id)
@@ -790,8 +798,7 @@ class MemoryBudgetStore(BudgetStore):
         return self._snapshot(budget.key, now_ms)
 
     async def _add_spent(self, budget: BudgetRef, micros: int, now_ms: int) -> None:
-        counter = self._touch(budget, now_ms)
-        counter.spent = max(0, counter.spent + micros)
+        self._touch(budget, now_ms).spent += micros
 
     async def _claim_rebuild(self) -> RebuildClaim | None:
         return None  # rebuilt by the ledger before it serves, and never loses data while it runs

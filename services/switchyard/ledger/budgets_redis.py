@@ -415,12 +415,12 @@ return 1
 """
 )
 
-# KEYS: c:S, i:S. ARGV: prefix, now, micros (negative: taken off, never below 0), counter ttl.
+# KEYS: c:S, i:S. ARGV: prefix, now, micros, counter ttl.
 _ADD_SPENT: Final = (
     _PRELUDE
     + """
 touch(KEYS[1], KEYS[2], ARGV[4])
-if redis.call('HINCRBY', KEYS[1], 'spent', ARGV[3]) < 0 then redis.call('HSET', KEYS[1], 'spent', '0') end
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[3])
 return 1
 """
 )
@@ -474,6 +474,8 @@ class RedisBudgetStore(BudgetStore):
 
     A client passed in stays the caller's unless `owns_client` (then `aclose()` closes it).
     """
+
+    shared = True
 
     def __init__(self, client: Redis, *, prefix: str = DEFAULT_PREFIX, owns_client: bool = False) -> None:
         if not prefix:

@@ -1254,7 +1254,8 @@ class LedgerStore:
 
         An empty id gets a generated one ("<tenant>:<window>:<8 hex>"). The read-only fields
         (spent, held, version, window start) of the input are ignored. The change and its audit
-        entry (old and new budget) commit together.
+        entry (old and new budget) commit together. A live budget's scope cannot change
+        (`FieldError`); one deleted may be made again with any.
         """
         _check_budget(budget)
         for _ in range(_PUT_BUDGET_ATTEMPTS):
@@ -1296,6 +1297,12 @@ class LedgerStore:
                     version = int(row["version"])
                     old = None if row["deleted_at_ms"] is not None else _budget_from_row(row)
                     new = _stored_budget(budget, budget_id, version + 1)
+                    if old is not None and old.scope != new.scope:
+                        # Its counters count the requests of its scope: changed, they would count
+                        # some twice or miss some (edges and replicas learn of it one by one).
+                        raise FieldError(
+                            "a budget's scope cannot change: delete it and make a new one", "budget.scope"
+                        )
                     changed = await tx.execute(
                         "UPDATE ledger_budgets SET tenant_id = ?, end_user = ?, api_key_id = ?,"
                         " model = ?, provider = ?, budget_window = ?, enforcement = ?, limit_micros = ?,"

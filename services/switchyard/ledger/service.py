@@ -179,8 +179,6 @@ class Ledger:
         self._directory = ledger_pb2.WatchBudgetsResponse()
         self._watchers: set[asyncio.Queue[ledger_pb2.WatchBudgetsResponse]] = set()
         self._rebuilding: asyncio.Task[bool] | None = None
-        # Budgets whose scope changed, to recount from the rows (by id; retried each sweep).
-        self._recount_pending: dict[str, ledger_pb2.Budget] = {}
         # (tenant, model, month key) -> (tokens, monotonic time they were read from SQL).
         self._volumes: dict[tuple[str, str, str], tuple[int, float]] = {}
 
@@ -318,37 +316,18 @@ class Ledger:
                     log.warning("budget_rebuild_claim_lost")
                     return False
                 renewed = time.monotonic()
-            await self._recount(budget, lower=False)
+            now = _now()
+            ref = budget_ref(budget, now)
+            before = (await self.store.counter(ref, now_ms=_ms(now))).spent_micros
+            _, start, end = window_bounds(budget.window, now)
+            rows = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
+            if rows > before:
+                await self.store.add_spent(ref, rows - before)
         if not await self.store.mark_rebuilt(claim):
             log.warning("budget_rebuild_claim_lost")
             return False
         log.info("budget_counters_rebuilt", budgets=len(self._budgets))
         return True
-
-    async def _recount(self, budget: ledger_pb2.Budget, *, lower: bool) -> None:
-        """Give the budget's counter in the current window the spend of its rows: it gains what
-        the rows hold beyond the spend it had before they were read (a request settled meanwhile
-        may count twice, none is missed); with `lower`, it also loses what it had beyond them.
-        What its live holds hold stays."""
-        now = _now()
-        ref = budget_ref(budget, now)
-        before = (await self.store.counter(ref, now_ms=_ms(now))).spent_micros
-        _, start, end = window_bounds(budget.window, now)
-        rows = await self.history.spent(budget.scope, start_ms=_ms(start), end_ms=_ms(end))
-        if rows > before or (lower and rows < before):
-            await self.store.add_spent(ref, rows - before)
-
-    async def _recount_changed(self) -> None:
-        """Recount the budgets whose scope changed (`_recount`); one the store could not take
-        stays for the next sweep."""
-        for budget_id, budget in list(self._recount_pending.items()):
-            try:
-                await self._recount(budget, lower=True)
-            except BudgetStoreUnavailable:
-                log.warning("budget_recount_deferred", budget_id=budget_id)
-                continue
-            if self._recount_pending.get(budget_id) is budget:
-                del self._recount_pending[budget_id]
 
     async def _with_store(self, work: Callable[[], Awaitable[_T]]) -> _T:
         """`work` on the budget store, once more after rebuilding the counters it lost (unless
@@ -397,24 +376,18 @@ class Ledger:
             raise invalid("webhook_url must be an http(s) URL", "budget.webhook_url")
         if not actor:
             raise invalid("actor is required: budget changes are audited", "actor")
+        check_text(actor, "actor")
         check_text(budget.budget_id, "budget.budget_id")
         _check_scope(budget.scope, "budget.scope")
         check_text(budget.webhook_url, "budget.webhook_url", max_chars=MAX_URL_CHARS)
-        previous = await self.history.get_budget(budget.budget_id) if budget.budget_id else None
         try:
             stored = await self.history.put_budget(budget, actor=actor, now_ms=_ms(_now()))
         except ValueError as exc:
-            # The store's own checks (the id's length and spaces): caller errors, not bugs.
-            # Its messages name the rule, never the caller's values.
-            raise invalid(str(exc), "budget.budget_id") from None
-        if previous is not None and previous.scope != stored.scope:
-            # Its counter counted other requests: its spend becomes the new scope's rows, while
-            # its holds stay (what they admitted commits under the new scope too, or ends).
-            self._recount_pending[stored.budget_id] = stored
-            await self._recount_changed()
-        else:
-            # Before this replica charges it (others reload their budgets within a few seconds).
-            await self.reconcile([stored])
+            # The store's own checks (the id's length and spaces, a scope that may not change):
+            # caller errors, not bugs. Its messages name the rule, never the caller's values.
+            raise invalid(str(exc), getattr(exc, "field", "budget.budget_id")) from None
+        # Before this replica charges it (others reload their budgets within a few seconds).
+        await self.reconcile([stored])
         await self.refresh_budgets()
         return await self.describe(stored)
 
@@ -424,6 +397,8 @@ class Ledger:
             raise invalid("budget_id is required", "budget_id")
         if not actor:
             raise invalid("actor is required: budget changes are audited", "actor")
+        check_text(budget_id, "budget_id")
+        check_text(actor, "actor")
         deleted = await self.history.delete_budget(budget_id, actor=actor, now_ms=_ms(_now()))
         if deleted is None:
             raise SwitchyardError(
@@ -815,7 +790,6 @@ class Ledger:
         start). In that order: a stored request draws its cost from the holds its commit named,
         which freeing them first would have handed to other edges."""
         await self.refresh_budgets()  # changes made through other replicas reach this one's edges
-        await self._recount_changed()
         repaired = await self.settle_unsettled()
         if repaired:
             log.info("settlements_repaired", count=repaired)
@@ -1092,6 +1066,9 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
             raise invalid("tenant_id and end_user are required", "end_user")
         if not request.actor:
             raise invalid("actor is required: erasures are audited", "actor")
+        check_text(request.tenant_id, "tenant_id")
+        check_text(request.end_user, "end_user")
+        check_text(request.actor, "actor")
         ledger = self._ledger
         erased = await ledger.history.erase_end_user(
             request.tenant_id,
@@ -1203,9 +1180,11 @@ def build(settings: Settings) -> ServiceParts:
             expire_after_start_s=settings.ledger_expire_after_start_s,
         )
         await ledger.refresh_budgets()
-        # Rebuilt first, if Redis lost its data: a reconcile meanwhile would add the rows twice.
-        await ledger.rebuild_if_lost()
-        await ledger.reconcile()
+        if store.shared:
+            # Its counters outlive this process; if Redis lost them, they are rebuilt.
+            await ledger.rebuild_if_lost()
+        else:
+            await ledger.reconcile()  # a new process: every counter from the rows
         await alerts.start()
         parts.append(ledger)
         servicer.attach(ledger)
