@@ -568,10 +568,6 @@ def _check_budget(budget: ledger_pb2.Budget) -> None:
         raise ValueError("a budget's limit must not be negative")
     if len(budget.budget_id) > _MAX_BUDGET_ID_LENGTH or any(ch.isspace() for ch in budget.budget_id):
         raise ValueError(f"a budget id is at most {_MAX_BUDGET_ID_LENGTH} characters without spaces")
-    scope = budget.scope
-    texts = (budget.budget_id, budget.webhook_url, scope.tenant_id, scope.end_user, scope.api_key_id)
-    if any("\x00" in text for text in (*texts, scope.model, scope.provider)):
-        raise ValueError("a budget's id, scope and webhook URL must not contain NUL characters")
 
 
 def _new_budget_id(budget: ledger_pb2.Budget) -> str:

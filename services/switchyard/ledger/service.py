@@ -385,7 +385,7 @@ class Ledger:
         except ValueError as exc:
             # The store's own checks (the id's length and spaces, a scope that may not change):
             # caller errors, not bugs. Its messages name the rule, never the caller's values.
-            raise invalid(str(exc), getattr(exc, "field", "budget.budget_id")) from None
+            raise _invalid_from(exc, "budget.budget_id") from None
         # Before this replica charges it (others reload their budgets within a few seconds).
         await self.reconcile([stored])
         await self.refresh_budgets()
@@ -844,6 +844,12 @@ def _check_record(record: ledger_pb2.UsageRecord, field: str) -> None:
             raise invalid("finished_at is out of range", f"{field}.finished_at") from None
 
 
+def _invalid_from(exc: ValueError, field: str) -> SwitchyardError:
+    """A store's refusal of a request (its message names the rule, never the caller's values) as
+    INVALID_ARGUMENT naming the field it names (`history.FieldError`), else `field`."""
+    return invalid(str(exc), getattr(exc, "field", field))
+
+
 def _check_scope(scope: ledger_pb2.BudgetScope, field: str) -> None:
     for name in ("tenant_id", "end_user", "api_key_id", "model", "provider"):
         check_text(getattr(scope, name), f"{field}.{name}")
@@ -1029,7 +1035,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
                 request.tenant_id, page_size=request.page_size or 100, page_token=request.page_token
             )
         except ValueError as exc:
-            raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
+            raise _invalid_from(exc, "page_token") from None
         described = [await self._ledger.describe(b) for b in budgets]
         return ledger_pb2.ListBudgetsResponse(budgets=described, next_page_token=token)
 
@@ -1098,7 +1104,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
                 request.tenant_id, page_size=request.page_size or 100, page_token=request.page_token
             )
         except ValueError as exc:
-            raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
+            raise _invalid_from(exc, "page_token") from None
         return ledger_pb2.ListAlertsResponse(alerts=alerts, next_page_token=token)
 
     async def GetEstimateAccuracy(
@@ -1122,7 +1128,7 @@ class CostLedgerServicer(ledger_pb2_grpc.CostLedgerServiceServicer):
                 page_token=request.page_token,
             )
         except ValueError as exc:
-            raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
+            raise _invalid_from(exc, "page_token") from None
         return ledger_pb2.ListBudgetAuditResponse(entries=entries, next_page_token=token)
 
 
@@ -1135,7 +1141,7 @@ async def usage_report(
     try:
         return await history.usage(request, now_ms=_ms(_now()))
     except ValueError as exc:
-        raise invalid(str(exc), getattr(exc, "field", "page_token")) from None
+        raise _invalid_from(exc, "page_token") from None
 
 
 def _period(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> tuple[int, int]:
