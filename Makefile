@@ -75,9 +75,10 @@ $(LITELLM_STAMP): bench/litellm/requirements.txt
 
 bench-litellm: $(LITELLM_STAMP) ## install the LiteLLM proxy the benchmark compares against (its own venv)
 
-bench: $(STAMP) $(LITELLM_STAMP) ## run the benchmarks (with LiteLLM beside) and the scale curves; write bench/results/
+bench: $(STAMP) $(LITELLM_STAMP) ## run the benchmarks (with LiteLLM beside), the scale curves and the feature costs; write bench/results/
 	$(PY) -m bench --litellm on
 	$(PY) -m bench.scale
+	$(PY) -m bench.features
 
 bench-plan: $(STAMP) ## planner speed for 10, 100 and 1,000 models (exit 1 when a target is missed)
 	$(PY) -m bench.plan

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -337,21 +337,27 @@ async def set_bench_budget(ledger_target: str) -> None:
         )
 
 
-async def start_mesh(log: Any, otlp_endpoint: str) -> Mesh:
+async def start_mesh(log: Any, otlp_endpoint: str | None, env: Mapping[str, str] | None = None) -> Mesh:
     """Start the local mesh with simulated vendors on free ports and Envoy in front (as `switchyard
     run` does), with every feature on: tracing at `TRACE_SAMPLE_RATIO` to `otlp_endpoint` and a
     hard budget on the tenant (see `set_bench_budget`); logs to `log`.
 
-    The children inherit this process's CPU affinity.
+    `otlp_endpoint` None turns tracing off (in the services and in Envoy); `env` is added to
+    every child's environment (`SWITCHYARD_EDGE_CACHE=false`, say). The children inherit this
+    process's CPU affinity.
     """
     environ = {
         k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("OTEL_")
     }
     # Envoy's config is rendered from these too: it samples at the same ratio.
-    tracing = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
-        "OTEL_TRACES_SAMPLER_ARG": str(TRACE_SAMPLE_RATIO),
-    }
+    tracing = (
+        {}
+        if otlp_endpoint is None
+        else {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+            "OTEL_TRACES_SAMPLER_ARG": str(TRACE_SAMPLE_RATIO),
+        }
+    )
     environ.update(tracing)
     catalog_path = _bench_catalog()
     envoy_dir = Path(tempfile.mkdtemp(prefix="switchyard-bench-envoy-"))
@@ -374,6 +380,7 @@ async def start_mesh(log: Any, otlp_endpoint: str) -> Mesh:
         # of CPU for a short question on this class of machine) is a cost the tenant chooses;
         # `python -m bench.cache` measures it on its own.
         "SWITCHYARD_CACHE_SEMANTIC": "false",
+        **(env or {}),
     }
     children = tuple(dataclasses.replace(c, env={**c.env, **extra}) for c in plan.children)
     plan = dataclasses.replace(plan, children=children)

@@ -308,7 +308,7 @@ def _knobs(knobs: dict[str, Any]) -> str:
     )
 
 
-def _by_value(item: tuple[str, float]) -> float:
+def by_value(item: tuple[str, float]) -> float:
     return -item[1]
 
 
@@ -316,7 +316,7 @@ def _cores(cores: Sequence[int]) -> str:
     return ", ".join(str(c) for c in cores)
 
 
-def _row(*cells: str) -> str:
+def row(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
@@ -354,7 +354,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Through the edge vs direct",
         "",
-        _row(
+        row(
             "Figure",
             "Edge / direct",
             "Added by the edge",
@@ -371,7 +371,7 @@ def markdown(report: dict[str, Any]) -> str:
             for q in ("p50", "p99"):
                 key = f"{prefix}_c{c}_{q}"
                 lines.append(
-                    _row(
+                    row(
                         f"{name} {q}, c={c}" + (" (saturation)" if mode == "unary" and c == top else ""),
                         f"{fig[key + '_ratio']:.2f}×",
                         f"{added[key + '_added_ms']:+.2f} ms",
@@ -383,7 +383,7 @@ def markdown(report: dict[str, Any]) -> str:
     sat_direct, sat_edge = _pair(phases, "unary", top)
     stream_c = _levels(phases, "stream")[-1]
     lines += [
-        _row(
+        row(
             f"Requests/s at saturation (unary, c={top})",
             f"{fig['saturation_rps_ratio']:.2f}×",
             "",
@@ -401,7 +401,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
     lines += ["", "## Through Envoy vs direct", ""]
     lines += [
-        _row("Figure", "Through Envoy / direct", "Added", "Direct", "Through Envoy", "Calls"),
+        row("Figure", "Through Envoy / direct", "Added", "Direct", "Through Envoy", "Calls"),
         "|---|---:|---:|---:|---:|---:|",
     ]
     for path, path_name in ENVOY_PATHS:
@@ -411,7 +411,7 @@ def markdown(report: dict[str, Any]) -> str:
                 for q in ("p50", "p99"):
                     key = f"{path}_{prefix}_c{c}_{q}"
                     lines.append(
-                        _row(
+                        row(
                             f"{path_name}: {name.lower()} {q}, c={c}",
                             f"{fig[key + '_ratio']:.2f}×",
                             f"{added[key + '_added_ms']:+.2f} ms",
@@ -421,7 +421,7 @@ def markdown(report: dict[str, Any]) -> str:
                         )
                     )
         lines.append(
-            _row(
+            row(
                 f"{path_name}: requests/s at saturation (unary, c={top})",
                 f"{fig[path + '_saturation_rps_ratio']:.2f}×",
                 "",
@@ -431,7 +431,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
         )
         lines.append(
-            _row(
+            row(
                 f"{path_name}: CPU s per 1,000 unary requests, gateway processes with Envoy, c={top}",
                 "",
                 "",
@@ -447,7 +447,7 @@ def markdown(report: dict[str, Any]) -> str:
             "database, telemetry off, a master key) with as many workers as the mesh has cores, on those "
             "cores; the OpenAI wire format by the same aiohttp client as the direct path.",
             "",
-            _row(
+            row(
                 "Figure",
                 "Added by LiteLLM",
                 "Added by the edge",
@@ -464,7 +464,7 @@ def markdown(report: dict[str, Any]) -> str:
                     key = f"{prefix}_c{c}_{q}"
                     versus = fig.get(f"litellm_{key}_added_vs_edge")
                     lines.append(
-                        _row(
+                        row(
                             f"{name} {q}, c={c}",
                             f"{added['litellm_' + key + '_added_ms']:+.2f} ms",
                             f"{added[key + '_added_ms']:+.2f} ms",
@@ -474,7 +474,7 @@ def markdown(report: dict[str, Any]) -> str:
                         )
                     )
         lines += [
-            _row(
+            row(
                 f"Requests/s at saturation (unary, c={top}): edge / LiteLLM",
                 f"{fig['litellm_saturation_rps']:,.0f}/s",
                 f"{fig['saturation_rps_edge']:,.0f}/s",
@@ -482,7 +482,7 @@ def markdown(report: dict[str, Any]) -> str:
                 "",
                 "",
             ),
-            _row(
+            row(
                 f"CPU s per 1,000 unary requests, c={top}: LiteLLM / the mesh",
                 f"{fig['litellm_cpu_s_per_1k_unary']:.3f}",
                 f"{fig['cpu_s_per_1k_unary_gateway']:.3f}",
@@ -497,43 +497,43 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| Figure | Value |",
         "|---|---:|",
-        _row(
+        row(
             f"CPU s per 1,000 unary requests, gateway processes (all but the simulator), c={top}",
             f"{fig['cpu_s_per_1k_unary_gateway']:.3f}",
         ),
-        _row(
+        row(
             f"… by process (through the edge, c={top})",
             ", ".join(
                 f"{name} {value:.3f}"
-                for name, value in sorted(report["cpu_s_per_1k_unary_edge_by_process"].items(), key=_by_value)
+                for name, value in sorted(report["cpu_s_per_1k_unary_edge_by_process"].items(), key=by_value)
             ),
         ),
-        _row(
+        row(
             "CPU s per 1,000 unary requests, simulator: direct / through the edge",
             f"{fig['cpu_s_per_1k_unary_sim_direct']:.3f} / {fig['cpu_s_per_1k_unary_sim_edge']:.3f}",
         ),
-        _row(
+        row(
             "CPU s per 1,000 unary requests, load-generator client: direct / through the edge",
             f"{fig['cpu_s_per_1k_unary_client_direct']:.3f} / {fig['cpu_s_per_1k_unary_client_edge']:.3f}",
         ),
-        _row(
+        row(
             "Load generator busy at saturation (share of its core): direct / through the edge",
             f"{sat_direct.client_busy:.0%} / {sat_edge.client_busy:.0%}",
         ),
-        _row(
+        row(
             f"CPU s per 1,000 streams (20 chunks), gateway processes, c={stream_c}",
             f"{fig['cpu_s_per_1k_streams_gateway']:.3f}",
         ),
-        _row(
+        row(
             "Resident memory (VmRSS) after the run, gateway processes total",
             f"{fig['rss_mib_gateway_total']:.0f} MiB",
         ),
-        _row(
+        row(
             "Resident memory per process (MiB)",
             ", ".join(f"{name} {mib:.0f}" for name, mib in report["rss_mib"].items()),
         ),
         _idle_row(report),
-        _row(
+        row(
             "Noise: busiest phase for processes outside this run (share of one core); most stolen",
             f"{noisiest.other_busy:.0%} ({noisiest.path} {noisiest.mode} c={noisiest.concurrency}); "
             f"{max(p.steal_busy for p in phases):.0%}",
@@ -551,7 +551,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "| Figure | Value | Owner |",
             "|---|---|---|",
-            *(_row(u["figure"], u["value"], u["issues"]) for u in report["unmeasured"]),
+            *(row(u["figure"], u["value"], u["issues"]) for u in report["unmeasured"]),
             "",
         ]
     failed = [p for p in phases if p.errors]
@@ -569,22 +569,30 @@ def _idle_row(report: dict[str, Any]) -> str:
     idle, fig = report["idle_streams"], report["figures"]
     name = f"Resident memory with {idle['asked']:,} open idle streams (edge, gRPC), gateway processes"
     if not idle["open"]:
-        return _row(name, f"none stayed open ({idle['errors'] or 'no error reported'})")
+        return row(name, f"none stayed open ({idle['errors'] or 'no error reported'})")
     per = fig.get("rss_kib_per_idle_stream")
     value = f"{fig['rss_mib_gateway_idle_streams']:.0f} MiB"
     value += f" ({idle['open']:,} open; +{per:.0f} KiB per stream)" if per else f" ({idle['open']:,} open)"
     if idle["errors"]:
         value += f"; {idle['errors']}"
-    return _row(name, value)
+    return row(name, value)
 
 
 def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write latest.{json,md} and a timestamped copy of each under `out`; return the latest pair."""
+    return write_named(report, markdown(report), out, "bench", latest="latest")
+
+
+def write_named(
+    result: dict[str, Any], text: str, out: Path, name: str, *, latest: str | None = None
+) -> tuple[Path, Path]:
+    """Write `result` as JSON and `text` as markdown under `out`, as `<latest>.{json,md}` (default
+    `<name>-latest`) and a copy named `<name>-<date of its label>`; return the latest pair."""
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(report)
-    payload = json.dumps(report, indent=2) + "\n"
-    stamp = report["label"]["date"].replace(":", "").replace("-", "")
-    for name in ("latest", f"bench-{stamp}"):
-        (out / f"{name}.json").write_text(payload)
-        (out / f"{name}.md").write_text(text)
-    return out / "latest.json", out / "latest.md"
+    payload = json.dumps(result, indent=2) + "\n"
+    stamp = result["label"]["date"].replace(":", "").replace("-", "")
+    latest = latest or f"{name}-latest"
+    for base in (latest, f"{name}-{stamp}"):
+        (out / f"{base}.json").write_text(payload)
+        (out / f"{base}.md").write_text(text)
+    return out / f"{latest}.json", out / f"{latest}.md"

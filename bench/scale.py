@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -93,13 +92,7 @@ def _row_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write scale-latest.{json,md} and a timestamped copy of each under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    text, payload = markdown(result), json.dumps(result, indent=2) + "\n"
-    stamp = result["label"]["date"].replace(":", "").replace("-", "")
-    for name in ("scale-latest", f"scale-{stamp}"):
-        (out / f"{name}.json").write_text(payload)
-        (out / f"{name}.md").write_text(text)
-    return out / "scale-latest.json", out / "scale-latest.md"
+    return report.write_named(result, markdown(result), out, "scale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.__main__ import STREAM_CONCURRENCY, UNARY_CONCURRENCY
 
@@ -155,3 +156,36 @@ def test_scale_curves_write_one_labelled_report(tmp_path: Path) -> None:
     text = (tmp_path / "scale-latest.md").read_text()
     assert text.startswith("# Switchyard scale curves")
     assert "## Local planning" in text and "## Cache lookups" in text and "## Ledger reserve+commit" in text
+
+
+def test_bench_features_smoke_writes_a_row_per_configuration(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.features", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "features-latest.json").read_text())
+    assert (tmp_path / "features-latest.md").read_text().startswith("# Switchyard feature costs")
+    assert result["smoke"] is True
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["every feature on", "all four off"]
+    for row in rows.values():
+        assert row["errors"] == 0
+        assert row["saturation_rps"] > 0 and row["saturation_gateway_cpu_ms"] > 0
+        assert all(calls > 0 for calls in row["calls"].values())
+    # The switches took: with the cache and budgets off, those services did (next to) no work
+    # per request; with them on, every request made them work.
+    on, off = rows["every feature on"], rows["all four off"]
+
+    def served(row: dict[str, Any]) -> float:
+        by_process = row["saturation_cpu_ms_by_process"]
+        return float(by_process.get("cache", 0.0) + by_process.get("ledger", 0.0))
+
+    assert served(on) > 0
+    assert served(off) < served(on) / 2
+    assert off["tracing"] is False and on["tracing"] is True
