@@ -52,7 +52,7 @@ lint: $(STAMP) ## ruff over the code and tests
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 
-types: $(STAMP) ## mypy (strict) over services/
+types: $(STAMP) ## mypy (strict) over services/ and bench/
 	$(VENV)/bin/mypy
 
 test: $(STAMP) tools lint types gen-check ## lint, types, gen check, then every test (unit and integration)

@@ -292,13 +292,14 @@ def _bench_catalog() -> Path:
     return path
 
 
-class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
     """Where the mesh's spans go: an OTLP/gRPC trace service that counts them and keeps nothing."""
 
     def __init__(self) -> None:
         self.spans = 0
         self._server = grpc.aio.server()
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        # The OTLP package's generated gRPC module carries no types.
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     @property
