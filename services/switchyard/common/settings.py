@@ -85,8 +85,8 @@ class Settings(BaseModel):
     # Identical in-flight requests of one tenant share one upstream call.
     edge_dedup: bool = True
     # Under concurrency, how long the edge's cache lookups and generation starts may wait for
-    # those of requests already on their way, to share a message (switchyard.edge.mux.
-    # CompanyHold); 0: never. A lone request never waits.
+    # those of requests already on their way, or on a busy edge for the next arrivals, to share
+    # a message (switchyard.edge.mux.CompanyHold); 0: never. A lone request never waits.
     edge_frame_linger_s: float = Field(default=0.005, ge=0, le=0.1)
     # The region this edge runs in (for example "us-east"): its outcome reports carry it, and
     # it plans on the latency measured from there. Empty: latency of every region together.

@@ -29,6 +29,7 @@ routine, never reported to `lost`.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import weakref
@@ -51,24 +52,41 @@ END_GRACE_S: Final = 5.0
 
 # A frame waits for company only while at least this many requests may still join it.
 FRAME_COMPANY: Final = 1
+# ... or, on a busy edge, for this many mean gaps between arrivals (`CompanyHold.busy_gaps`).
+BUSY_GAPS: Final = 2.0
+
+
+# The weight of the newest gap in the running mean of the time between arrivals.
+GAP_WEIGHT: Final = 0.2
 
 
 class Arrivals:
     """Requests at this edge that may still queue a cache lookup (`lookups`) or a generation
-    start (`starts`): admitted, and not past that step yet. Kept by the gateway, one
-    `Arrival` per request. Frames held for them (`CompanyHold`) are nudged when a count falls
-    below `FRAME_COMPANY`, so a frame never waits for a request that went another way (a
-    cache hit, an error)."""
+    start (`starts`): admitted, and not past that step yet; and all those admitted and not
+    ended (`in_flight`), with the mean time between arrivals (`gap_s`, a running mean; infinite
+    until two have come). Kept by the gateway, one `Arrival` per request. Frames held for them
+    (`CompanyHold`) are nudged when a count falls below `FRAME_COMPANY`, so a frame never
+    waits for a request that went another way (a cache hit, an error)."""
 
-    __slots__ = ("_held", "lookups", "starts")
+    __slots__ = ("_clock", "_held", "_last", "gap_s", "in_flight", "lookups", "starts")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.lookups = 0
         self.starts = 0
+        self.in_flight = 0
+        self.gap_s = math.inf
+        self._clock = clock
+        self._last: float | None = None
         self._held: weakref.WeakSet[FrameQueue[Any]] = weakref.WeakSet()
 
     def arrive(self) -> Arrival:
-        """A request was admitted: it counts towards both steps until it passes them."""
+        """A request was admitted: it counts towards both steps until it passes them, and is
+        in flight until it leaves."""
+        now = self._clock()
+        if self._last is not None:
+            gap = now - self._last
+            self.gap_s = gap if math.isinf(self.gap_s) else self.gap_s + (gap - self.gap_s) * GAP_WEIGHT
+        self._last = now
         return Arrival(self)
 
     def watch(self, queue: FrameQueue[Any]) -> None:
@@ -84,15 +102,17 @@ class Arrivals:
 
 class Arrival:
     """One request's place in `Arrivals`: it leaves each count once (`looked_up`,
-    `started`), and `left` (at its end, however it ends) leaves what it had not."""
+    `started`), and `left` (at its end, however it ends) leaves what it had not, and the
+    requests in flight."""
 
-    __slots__ = ("_arrivals", "_lookup", "_start")
+    __slots__ = ("_arrivals", "_flying", "_lookup", "_start")
 
     def __init__(self, arrivals: Arrivals) -> None:
         self._arrivals = arrivals
-        self._lookup = self._start = True
+        self._lookup = self._start = self._flying = True
         arrivals.lookups += 1
         arrivals.starts += 1
+        arrivals.in_flight += 1
 
     def looked_up(self) -> None:
         """Its cache lookup is about to be queued, or it will not look up."""
@@ -111,31 +131,59 @@ class Arrival:
             arrivals.starts -= 1
             arrivals._left(arrivals.starts)
 
-    left = started
+    def left(self) -> None:
+        """The request ended, however it ended: it leaves every count it is still in."""
+        self.started()
+        if self._flying:
+            self._flying = False
+            self._arrivals.in_flight -= 1
 
 
 class CompanyHold:
     """The edge's `FrameHold`: under concurrency, a lookup or a generation start waits up to
-    `linger_s` for those of other requests on their way, so that they share one message.
+    `linger_s` for those of other requests, so that they share one message.
 
     A message on a gRPC call costs far more CPU than what it carries, and on a busy edge the
     requests reach each step one at a time, so unheld frames would carry one item each. A
-    frame waits only while at least `FRAME_COMPANY` requests may still join it (the
-    `Arrivals` count of its `step`), and stops as soon as none may: a lone request never
-    waits, nor does one whose companions are past this step already (streams answering, say).
-    `linger_s` 0 turns holding off.
+    frame waits:
+
+    * while at least `FRAME_COMPANY` requests admitted already may still join it (the
+      `Arrivals` count of its `step`), for up to `linger_s`;
+    * else, with `busy_gaps` above 0, when requests arrive more often than every `linger_s`
+      (the mean gap) and others are in flight, for `busy_gaps` mean gaps (at most `linger_s`):
+      the next request is then likely to come in that time. A request that runs straight
+      from admission to this step (no lookup, no wait) never finds another admitted one on
+      its way, so on a busy edge serving answers the cache may not hold its frames would
+      otherwise carry one item each (measured on the bench mesh, unary at 64 concurrent with
+      the cache off: 1.03 starts per message without, 2.2 with `busy_gaps` 2).
+
+    A lone request never waits (nothing else in flight), nor does one on an edge whose
+    requests come further apart than `linger_s`. `linger_s` 0 turns holding off.
     """
 
-    __slots__ = ("_arrivals", "_step", "linger_s")
+    __slots__ = ("_arrivals", "_step", "busy_gaps", "linger_s")
 
-    def __init__(self, linger_s: float, arrivals: Arrivals, step: Literal["lookups", "starts"]) -> None:
+    def __init__(
+        self,
+        linger_s: float,
+        arrivals: Arrivals,
+        step: Literal["lookups", "starts"],
+        *,
+        busy_gaps: float = 0.0,
+    ) -> None:
         self.linger_s = linger_s
+        self.busy_gaps = busy_gaps
         self._arrivals = arrivals
         self._step = step
 
     def __call__(self) -> float:
-        coming: int = getattr(self._arrivals, self._step)
-        return self.linger_s if coming >= FRAME_COMPANY else 0.0
+        arrivals = self._arrivals
+        coming: int = getattr(arrivals, self._step)
+        if coming >= FRAME_COMPANY:
+            return self.linger_s
+        if self.busy_gaps > 0 and arrivals.in_flight > 1 and arrivals.gap_s < self.linger_s:
+            return min(self.linger_s, self.busy_gaps * arrivals.gap_s)
+        return 0.0
 
     def watch(self, queue: FrameQueue[Any]) -> None:
         """`queue` holds its frames with this: nudge it as requests pass their steps."""

@@ -23,7 +23,7 @@ from switchyard.edge.cache import EdgeCache
 from switchyard.edge.dedup import build_dedup
 from switchyard.edge.gateway import Authenticate, EdgeGateway, charge_rate_limits, key_authentication
 from switchyard.edge.keys import KeyAuthenticator, KeyStore, ensure_dev_key
-from switchyard.edge.mux import Arrivals, CompanyHold
+from switchyard.edge.mux import BUSY_GAPS, Arrivals, CompanyHold
 from switchyard.edge.openai_http import OpenAIHttpServer, build_openai_app, start_openai_http
 from switchyard.edge.outbox import CommitOutbox
 from switchyard.edge.pipeline import Caller, ChatPipeline, collect
@@ -221,7 +221,8 @@ def build(settings: Settings) -> ServiceParts:
         max_queue=settings.edge_max_queue,
         queue_timeout_s=settings.edge_queue_timeout_s,
     )
-    # Under concurrency, lookups and generation starts wait briefly to share a message.
+    # Under concurrency, lookups and generation starts wait briefly to share a message: for
+    # requests on their way, or on a busy edge for the next arrivals (`CompanyHold`).
     arrivals = Arrivals()
     linger_s = settings.edge_frame_linger_s
     pipeline = ChatPipeline(
@@ -231,7 +232,7 @@ def build(settings: Settings) -> ServiceParts:
         budgets=budgets,
         record=record if settings.edge_budgets else None,
         report=reporter.add,
-        frame_hold=CompanyHold(linger_s, arrivals, "starts"),
+        frame_hold=CompanyHold(linger_s, arrivals, "starts", busy_gaps=BUSY_GAPS),
     )
     routes = RouteWatcher(
         router_pb2_grpc.RouterServiceStub(channels.get(settings.router_target)),
@@ -245,7 +246,7 @@ def build(settings: Settings) -> ServiceParts:
             max_temperature=settings.cache_max_temperature,
             lookup_timeout_s=settings.cache_lookup_timeout_s,
             store_timeout_s=settings.call_timeout_s,
-            hold=CompanyHold(linger_s, arrivals, "lookups"),
+            hold=CompanyHold(linger_s, arrivals, "lookups", busy_gaps=BUSY_GAPS),
             presence=settings.edge_cache_presence,
         )
         if settings.edge_cache
