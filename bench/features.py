@@ -217,6 +217,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"is {SATURATION} concurrent calls. CPU per request counts every gateway process (all but "
         "the simulator).",
         "- Auth, rate limits and routing are on in every row (local checks at the edge).",
+        "- Costs do not add up: a feature changes how requests gather into shared messages and "
+        "wake-ups at saturation (a cache lookup gathers the generation starts behind it, say), so "
+        "turning one off can move the other processes' cost either way. Read the rows, not sums.",
         "",
         report.row(
             "Configuration",
