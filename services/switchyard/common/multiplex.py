@@ -39,8 +39,9 @@ class _Sized(Protocol):
     def ByteSize(self) -> int: ...
 
 
-FrameHold = Callable[[], float]
-"""How long a frame may wait for company (asked again as items join it; 0: go now)."""
+FrameHold = Callable[[int], float]
+"""How long a frame of so many items may wait for company (asked again as items join it, with
+their number; 0: go now)."""
 
 
 class FrameQueue(Generic[_Item]):
@@ -111,7 +112,7 @@ class FrameQueue(Generic[_Item]):
 
     async def _gather(self, hold: FrameHold) -> None:
         """Wait while `hold` says the frame may, up to its first answer, for more items."""
-        delay = hold()
+        delay = hold(len(self._items))
         if delay <= 0:
             return
         loop = asyncio.get_running_loop()
@@ -126,7 +127,7 @@ class FrameQueue(Generic[_Item]):
                     await self._ready.wait()
             except TimeoutError:
                 return
-            if hold() <= 0:
+            if hold(len(self._items)) <= 0:
                 return
 
 

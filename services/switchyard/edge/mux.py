@@ -150,12 +150,13 @@ class CompanyHold:
     * while at least `FRAME_COMPANY` requests admitted already may still join it (the
       `Arrivals` count of its `step`), for up to `linger_s`;
     * else, with `busy_gaps` above 0, when requests arrive more often than every `linger_s`
-      (the mean gap) and others are in flight, for `busy_gaps` mean gaps (at most `linger_s`):
-      the next request is then likely to come in that time. A request that runs straight
-      from admission to this step (no lookup, no wait) never finds another admitted one on
-      its way, so on a busy edge serving answers the cache may not hold its frames would
-      otherwise carry one item each (measured on the bench mesh, unary at 64 concurrent with
-      the cache off: 1.03 starts per message without, 2.2 with `busy_gaps` 2).
+      (the mean gap) and others are in flight, for `busy_gaps` mean gaps (at most `linger_s`)
+      or until one more item joins it, whichever comes first (the next request is likely to
+      come in that time; waiting on for more would leave a lightly loaded edge idle). A
+      request that runs straight from admission to this step (no lookup, no wait) never finds
+      another admitted one on its way, so on a busy edge serving answers the cache may not
+      hold, frames would otherwise carry one item each (measured on the bench mesh, unary at
+      64 concurrent with the cache off: 1.03 starts per message without, 1.7 with).
 
     A lone request never waits (nothing else in flight), nor does one on an edge whose
     requests come further apart than `linger_s`. `linger_s` 0 turns holding off.
@@ -176,12 +177,12 @@ class CompanyHold:
         self._arrivals = arrivals
         self._step = step
 
-    def __call__(self) -> float:
+    def __call__(self, gathered: int = 1) -> float:
         arrivals = self._arrivals
         coming: int = getattr(arrivals, self._step)
         if coming >= FRAME_COMPANY:
             return self.linger_s
-        if self.busy_gaps > 0 and arrivals.in_flight > 1 and arrivals.gap_s < self.linger_s:
+        if self.busy_gaps > 0 and gathered < 2 and arrivals.in_flight > 1 and arrivals.gap_s < self.linger_s:
             return min(self.linger_s, self.busy_gaps * arrivals.gap_s)
         return 0.0
 

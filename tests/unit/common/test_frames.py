@@ -69,10 +69,11 @@ class Hold:
         self.enough = enough
         self.calls = 0
 
-    def __call__(self) -> float:
+    def __call__(self, gathered: int) -> float:
         self.calls += 1
         assert self.queue is not None
-        return 0.0 if len(self.queue) >= self.enough else self.delay_s
+        assert gathered == len(self.queue)  # told how many the frame holds
+        return 0.0 if gathered >= self.enough else self.delay_s
 
 
 def held_queue(delay_s: float, enough: int) -> tuple[FrameQueue[cache_pb2.LookupStreamRequest], Hold]:
@@ -116,7 +117,7 @@ async def test_a_busy_writer_never_holds_and_nor_does_a_call_without_frames() ->
         assert [i.id for i in await queue.frame() or []] == [1, 2]
     assert hold.calls == 0
 
-    single: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue(max_items=1, hold=lambda: 60.0)
+    single: FrameQueue[cache_pb2.LookupStreamRequest] = FrameQueue(max_items=1, hold=lambda _: 60.0)
     waiting = asyncio.ensure_future(single.frame())
     await asyncio.sleep(0)
     single.put(item(3))

@@ -40,6 +40,7 @@ def test_a_hold_lasts_while_someone_is_coming_and_zero_turns_it_off() -> None:
     assert hold() == 0.0
     arrival = arrivals.arrive()
     assert hold() == 0.005
+    assert hold(3) == 0.005  # however many it holds, while one is on its way
     arrival.looked_up()
     assert hold() == 0.0
     arrivals.arrive()
@@ -76,7 +77,7 @@ def test_arrivals_keep_the_requests_in_flight_and_the_mean_gap_between_them() ->
     assert (arrivals.in_flight, arrivals.lookups, arrivals.starts) == (0, 0, 0)
 
 
-def test_a_busy_edge_holds_a_frame_for_the_arrivals_it_expects_and_a_lone_or_quiet_one_never() -> None:
+def test_a_busy_edge_holds_a_frame_for_the_next_arrival_and_a_lone_or_quiet_one_never() -> None:
     clock = Ticks()
     arrivals = Arrivals(clock)
     hold = CompanyHold(0.005, arrivals, "starts", busy_gaps=2.0)
@@ -86,6 +87,7 @@ def test_a_busy_edge_holds_a_frame_for_the_arrivals_it_expects_and_a_lone_or_qui
     arrivals.arrive().started()  # one every millisecond: the next is likely within 2 ms
     assert arrivals.in_flight == 2
     assert hold() == pytest.approx(0.002)
+    assert hold(2) == 0.0  # one more joined: the frame goes rather than wait on
     assert CompanyHold(0.005, arrivals, "starts")() == 0.0  # busy_gaps 0: only those on their way
     assert CompanyHold(0.0015, arrivals, "starts", busy_gaps=2.0)() == 0.0015  # at most linger_s
     answering.left()
