@@ -22,14 +22,11 @@ STREAM_CONCURRENCY = (1, 32)  # the time-to-first-token targets are set at 1 and
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny counts (~10 s), to check the harness works"
-    )
-    parser.add_argument(
-        "--duration-s", type=float, default=None, help="measured seconds per phase (default 8; smoke 0.4)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results)"
+    report.run_arguments(
+        parser,
+        smoke="tiny counts (~10 s), to check the harness works",
+        duration="measured seconds per phase (default 8; smoke 0.4)",
+        out=DEFAULT_OUT,
     )
     parser.add_argument(
         "--litellm",

@@ -270,17 +270,14 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Measure the configurations and write their report; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m bench.features", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--smoke", action="store_true", help="two configurations, tiny counts (checks the harness)"
-    )
-    parser.add_argument(
-        "--duration-s", type=float, default=None, help="measured seconds per phase (default 5)"
+    report.run_arguments(
+        parser,
+        smoke="two configurations, tiny counts (checks the harness)",
+        duration="measured seconds per phase (default 5; smoke 0.4)",
+        out=DEFAULT_OUT,
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="times over every configuration (default 2; smoke 1)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results)"
     )
     args = parser.parse_args(argv)
     duration_s = args.duration_s if args.duration_s is not None else (0.4 if args.smoke else 5.0)

@@ -8,6 +8,7 @@ UNMEASURED with the issue that owns it, never estimated.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -576,6 +577,14 @@ def _idle_row(report: dict[str, Any]) -> str:
     if idle["errors"]:
         value += f"; {idle['errors']}"
     return row(name, value)
+
+
+def run_arguments(parser: argparse.ArgumentParser, *, smoke: str, duration: str, out: Path) -> None:
+    """Add the options every mesh benchmark takes: `--smoke` (its help `smoke`), `--duration-s`
+    (its help `duration`) and `--out` (default `out`)."""
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--duration-s", type=float, default=None, help=duration)
+    parser.add_argument("--out", type=Path, default=out, help="output directory (default bench/results)")
 
 
 def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
