@@ -117,6 +117,18 @@ async def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         await database.close()
 
 
+def lease_for(
+    tenant: str, requested_micros: int, min_micros: int = 1, holder_id: str = "edge"
+) -> ledger_pb2.LeaseBudgetRequest:
+    """A lease request on `tenant`'s budgets."""
+    return ledger_pb2.LeaseBudgetRequest(
+        holder_id=holder_id,
+        scope=ledger_pb2.BudgetScope(tenant_id=tenant),
+        requested_micros=requested_micros,
+        min_micros=min_micros,
+    )
+
+
 def commit(tenant: str, request_id: str) -> ledger_pb2.CommitRequest:
     record = ledger_pb2.UsageRecord(
         request_id=request_id,
@@ -209,12 +221,7 @@ async def test_the_sweeper_draws_a_commits_cost_from_the_lease_it_named(
     holding it too, so spend plus holds passed the limit by that request until the lease ended."""
     service, store = ledger
     tenant, budget = await with_budget(service)
-    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
-    response = await service.lease(
-        ledger_pb2.LeaseBudgetRequest(
-            holder_id="edge-a", scope=scope, requested_micros=1_000_000, min_micros=250_000
-        )
-    )
+    response = await service.lease(lease_for(tenant, 1_000_000, 250_000, holder_id="edge-a"))
     (lease,) = response.leases
     assert lease.amount_micros == 1_000_000
     assert await counter(service, budget) == (0, 1_000_000)
@@ -253,14 +260,9 @@ async def test_a_lease_admits_until_its_window_ends_and_what_it_admitted_is_char
     clock = [datetime(2026, 12, 4, 23, 59, 50, tzinfo=UTC)]
     monkeypatch.setattr(ledger_service, "_now", lambda: clock[0])
     tenant, budget = await with_budget(service, limit_micros=1_000_000)
-    scope = ledger_pb2.BudgetScope(tenant_id=tenant)
 
     async def lease() -> ledger_pb2.BudgetLease:
-        response = await service.lease(
-            ledger_pb2.LeaseBudgetRequest(
-                holder_id="edge", scope=scope, requested_micros=500_000, min_micros=1
-            )
-        )
+        response = await service.lease(lease_for(tenant, 500_000))
         (granted,) = response.leases
         return granted
 
@@ -349,9 +351,7 @@ async def test_a_lease_that_fails_or_is_given_up_part_way_returns_what_it_had_gr
     service, store = ledger
     tenant, daily = await with_budget(service)
     _, monthly = await with_budget(service, tenant=tenant, window=ledger_pb2.BUDGET_WINDOW_MONTHLY)
-    request = ledger_pb2.LeaseBudgetRequest(
-        holder_id="edge", scope=ledger_pb2.BudgetScope(tenant_id=tenant), requested_micros=1_000, min_micros=1
-    )
+    request = lease_for(tenant, 1_000)
     stalled = asyncio.Event()
 
     async def fail_the_second(before: int) -> None:
@@ -432,14 +432,7 @@ async def test_a_hard_budget_used_up_short_of_its_limit_fires_its_100_percent_al
     assert await thresholds(by_reserve) == [80, 90, 100]
 
     by_lease = await tenant_with_spend(5)
-    response = await service.lease(
-        ledger_pb2.LeaseBudgetRequest(
-            holder_id="edge",
-            scope=ledger_pb2.BudgetScope(tenant_id=by_lease),
-            requested_micros=500_000,
-            min_micros=100_000,
-        )
-    )
+    response = await service.lease(lease_for(by_lease, 500_000, 100_000))
     assert [lease.amount_micros for lease in response.leases] == [0]
     assert await thresholds(by_lease) == [80, 90, 100]
 
@@ -647,14 +640,7 @@ async def test_a_budget_store_that_lost_its_data_is_rebuilt_from_the_rows_before
                 await service.sweep()  # starts the rebuild in the background...
                 await service.rebuild_if_lost()  # ...which this joins
                 assert await counter(service, budget) == (spent_before, 0)
-            response = await service.lease(
-                ledger_pb2.LeaseBudgetRequest(
-                    holder_id="edge",
-                    scope=ledger_pb2.BudgetScope(tenant_id=tenant),
-                    requested_micros=100_000_000,
-                    min_micros=1,
-                )
-            )
+            response = await service.lease(lease_for(tenant, 100_000_000))
             (lease,) = response.leases
             # Half of what the rows left, never half of the whole budget.
             assert lease.amount_micros == (100_000_000 - spent_before) // 2
@@ -682,10 +668,7 @@ async def test_a_rebuild_outlives_a_caller_that_gave_up_and_one_that_failed_is_r
         await service.refresh_budgets()
         tenant, budget = await with_budget(service)
         (result,) = await service.commit_many([commit(tenant, "req-1")])
-        scope = ledger_pb2.BudgetScope(tenant_id=tenant)
-        request = ledger_pb2.LeaseBudgetRequest(
-            holder_id="edge", scope=scope, requested_micros=10, min_micros=1
-        )
+        request = lease_for(tenant, 10)
         monkeypatch.setattr(service.history, "spent", slow_or_failing_spent)
 
         # Lost; the first lease to meet it starts the rebuild, then gives up.
