@@ -19,7 +19,8 @@ holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes th
   the adapters out reaches busy edges too. Ending a retired stream fails nothing; a retired
   stream that fails before then fails what waits on it, as any stream does.
 * The caller's deadline is the generation's: sent to the adapter, and kept here too (the
-  answer is then DEADLINE_EXCEEDED, reason TIMEOUT, and the generation is cancelled).
+  answer is then DEADLINE_EXCEEDED, reason TIMEOUT, and the generation is cancelled) by one
+  timer per generation, set when it first waits: answers cost no timer each.
 * Failures are raised as `SwitchyardError`s.
 * Each message carries every request waiting when it is written, and the adapter answers
   likewise (`GenerateFrames`): a busy stream costs one message where it cost many. Under
@@ -28,7 +29,7 @@ holding `done` or an `error`; `cancel()` sends a `cancel` (the adapter closes th
 * An adapter without GenerateFrames (UNIMPLEMENTED: an older build) gets generations on
   `GenerateStream`, a message each; one without that either is called with `Generate`, for
   this generation and every later one.
-* Answers wait in the generation's queue until the caller reads them: a slow reader never
+* Answers wait in the generation's inbox until the caller reads them: a slow reader never
   holds up the other generations on the stream (answers are bounded by max tokens).
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
@@ -81,7 +83,41 @@ class _Lost:
         self.error = error
 
 
-_Answer = provider_pb2.GenerateStreamResponse | _Lost
+class _Expired:
+    """What a generation's inbox gets when its deadline passes."""
+
+    __slots__ = ()
+
+
+_EXPIRED: Final = _Expired()
+
+_Answer = provider_pb2.GenerateStreamResponse | _Lost | _Expired
+
+
+class _Inbox:
+    """A generation's answers, in order, for its one reader (lighter than an `asyncio.Queue`:
+    every answer of every generation passes through one)."""
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[_Answer] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: _Answer) -> None:
+        self.items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> _Answer:
+        while not self.items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self.items.popleft()
 
 
 class _Stream:
@@ -90,7 +126,7 @@ class _Stream:
     def __init__(
         self, stub: AdapterCalls, *, framed: bool, now: float, max_age_s: float, hold: FrameHold | None
     ) -> None:
-        self.waiting: dict[int, asyncio.Queue[_Answer]] = {}
+        self.waiting: dict[int, _Inbox] = {}
         self.retired = False
         """Past its age (or idle): no new generation goes on it; it ends once none waits."""
         self.framed = framed
@@ -109,13 +145,13 @@ class _Stream:
     def _deliver(self, response: provider_pb2.GenerateStreamResponse) -> None:
         waiting = self.waiting.get(response.id)
         if waiting is not None:
-            waiting.put_nowait(response)
+            waiting.put(response)
 
     def _lost(self, error: BaseException) -> None:
         """Every generation waiting on the call gets `error`."""
         waiting, self.waiting = self.waiting, {}
-        for queue in waiting.values():
-            queue.put_nowait(_Lost(error))
+        for inbox in waiting.values():
+            inbox.put(_Lost(error))
 
     def retire(self) -> None:
         """Take no new generation; end the call once none waits (at once if none does)."""
@@ -186,12 +222,11 @@ class GenerationStreams:
 
     def _start(
         self, request: provider_pb2.GenerateRequest, timeout_s: float, traceparent: str
-    ) -> tuple[_Stream, int, asyncio.Queue[_Answer]]:
+    ) -> tuple[_Stream, int, _Inbox]:
         self._next_id += 1
         now = self.clock()
         stream = self._stream(now)
-        queue: asyncio.Queue[_Answer] = asyncio.Queue()
-        stream.waiting[self._next_id] = queue
+        inbox = stream.waiting[self._next_id] = _Inbox()
         stream.mux.send(
             provider_pb2.GenerateStreamRequest(
                 id=self._next_id,
@@ -201,7 +236,7 @@ class GenerationStreams:
             ),
             now,
         )
-        return stream, self._next_id, queue
+        return stream, self._next_id, inbox
 
     def close(self) -> None:
         """End every stream, retired ones included (generations still waiting fail)."""
@@ -226,7 +261,8 @@ class Generation:
         self._span: Span | None = None
         self._stream: _Stream | None = None
         self._id = 0
-        self._queue: asyncio.Queue[_Answer] | None = None
+        self._inbox: _Inbox | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._call: (
             grpc.aio.UnaryStreamCall[provider_pb2.GenerateRequest, provider_pb2.GenerateResponse] | None
         ) = None
@@ -238,12 +274,13 @@ class Generation:
         else:
             # The call's own CLIENT span (Generate's channel interceptor starts one otherwise).
             self._span, self._traceparent = tracing.start_client_span(GENERATE_METHOD)
-            self._stream, self._id, self._queue = owner._start(request, self._remaining(), self._traceparent)
+            self._stream, self._id, self._inbox = owner._start(request, self._remaining(), self._traceparent)
 
     def _remaining(self) -> float:
         return max(0.001, self._deadline - time.monotonic())
 
     def _call_generate(self) -> None:
+        self._stop_timer()  # the call keeps the deadline itself
         self._call = self._owner.stub.Generate(self._request, timeout=self._remaining())
 
     def __aiter__(self) -> Generation:
@@ -254,11 +291,14 @@ class Generation:
             raise StopAsyncIteration
         if self._call is not None:
             return await self._next_from_call()
-        assert self._queue is not None
-        try:
-            async with asyncio.timeout(self._deadline - time.monotonic()):
-                answer = await self._queue.get()
-        except TimeoutError:
+        inbox = self._inbox
+        assert inbox is not None
+        if not inbox.items and self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(
+                self._deadline - time.monotonic(), self._expire
+            )
+        answer = await inbox.get()
+        if answer is _EXPIRED:
             self.cancel()
             raise SwitchyardError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -280,7 +320,7 @@ class Generation:
                         log.info("adapter_without_generate_frames", provider=self._request.provider)
                     owner.framed = False
                     self._forget()
-                    self._stream, self._id, self._queue = owner._start(
+                    self._stream, self._id, self._inbox = owner._start(
                         self._request, self._remaining(), self._traceparent
                     )
                     return await self.__anext__()
@@ -303,6 +343,7 @@ class Generation:
                     metadata={"provider": self._request.provider, "cause": cause},
                 )
             )
+        assert not isinstance(answer, _Expired)
         self._received = True
         if answer.HasField("error"):
             self._forget()
@@ -325,6 +366,17 @@ class Generation:
         self._received = True
         return message
 
+    def _expire(self) -> None:
+        """The deadline passed: the reader gets that after the answers that came before it."""
+        self._expiry = None
+        if self._inbox is not None and not self._over:
+            self._inbox.put(_EXPIRED)
+
+    def _stop_timer(self) -> None:
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None:
+            expiry.cancel()
+
     def _forget(self) -> None:
         stream = self._stream
         if stream is not None:
@@ -339,6 +391,7 @@ class Generation:
     def _finish(self, code: grpc.StatusCode, details: str | None = None) -> None:
         """The generation is over: end its span with `code`."""
         self._over = True
+        self._stop_timer()
         self._end_span(code, details)
 
     def _end_span(self, code: grpc.StatusCode, details: str | None = None) -> None:
