@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Final, Protocol
 
 import grpc
@@ -426,7 +426,9 @@ def _lookup_answers(frame: cache_pb2.LookupFramesResponse) -> Iterable[cache_pb2
     return frame.items
 
 
-async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterator[common_pb2.ChatChunk]:
+async def replay(
+    hit: cache_pb2.LookupResponse, request_id: str
+) -> AsyncGenerator[common_pb2.ChatChunk, None]:
     """The chunks of a cached answer, as a provider's answer would arrive."""
     answer = hit.answer
     yield common_pb2.ChatChunk(
@@ -450,25 +452,30 @@ async def replay(hit: cache_pb2.LookupResponse, request_id: str) -> AsyncIterato
 
 
 class AnswerRecorder:
-    """Collects a streamed answer's chunks into a `CachedAnswer` (deltas kept as streamed)."""
+    """Collects a streamed answer's chunks into a `CachedAnswer` (deltas kept as streamed);
+    with `keep_deltas` False, only its routing, usage and done (what a request's bookkeeping
+    needs when the answer is not kept)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_deltas: bool = True) -> None:
+        self.keep_deltas = keep_deltas
         self.deltas: list[common_pb2.Delta] = []
         self.routing: common_pb2.RoutingInfo | None = None
         self.usage: common_pb2.Usage | None = None
         self.done: common_pb2.Done | None = None
 
-    def see(self, chunk: common_pb2.ChatChunk) -> None:
-        """Note one chunk."""
+    def see(self, chunk: common_pb2.ChatChunk) -> str | None:
+        """Note one chunk; returns its kind (`ChatChunk.event`'s field name)."""
         kind = chunk.WhichOneof("event")
         if kind == "delta":
-            self.deltas.append(chunk.delta)
+            if self.keep_deltas:
+                self.deltas.append(chunk.delta)
         elif kind == "routing":
             self.routing = chunk.routing
         elif kind == "usage":
             self.usage = chunk.usage
         elif kind == "done":
             self.done = chunk.done
+        return kind
 
     def answer(self) -> cache_pb2.CachedAnswer | None:
         """The whole answer, or None when it did not finish (no done, or a shared copy)."""

@@ -23,7 +23,6 @@ from typing import Any, Final
 
 import grpc
 
-from switchyard.cache.keys import CacheDecision
 from switchyard.common import tracing
 from switchyard.common.catalog import Catalog, Model
 from switchyard.common.errors import Reason, SwitchyardError
@@ -197,18 +196,31 @@ class EdgeGateway:
                 )
         return model
 
-    async def stream(
+    def stream(
         self, request: common_pb2.ChatRequest, authorization: str | None, *, timeout_s: float | None
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """The answer to `request` as chunks, after authentication and admission."""
-        caller = await self.authenticate(authorization)
-        async for chunk in self.stream_as(request, caller, timeout_s=timeout_s):
-            yield chunk
+        return self._chat(request, None, authorization, timeout_s)
 
-    async def stream_as(
+    def stream_as(
         self, request: common_pb2.ChatRequest, caller: Caller, *, timeout_s: float | None
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
         """`stream` for an already authenticated caller (the OpenAI HTTP front uses this)."""
+        return self._chat(request, caller, None, timeout_s)
+
+    async def _chat(
+        self,
+        request: common_pb2.ChatRequest,
+        caller: Caller | None,
+        authorization: str | None,
+        timeout_s: float | None,
+    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """The whole request, and the one pass over its chunks on their way out: every chunk of
+        every answer passes here, so the request's bookkeeping (the rate limits' actual tokens,
+        a free answer's ledger row, the cache's copy) is done in this one loop rather than in
+        a generator layer each."""
+        if caller is None:
+            caller = await self.authenticate(authorization)
         admitted = self.check(request, caller)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
@@ -220,24 +232,37 @@ class EdgeGateway:
             arrival = self.arrivals.arrive()  # it may queue a lookup and a start: frames wait for it
             chunks: AsyncGenerator[common_pb2.ChatChunk, None] | None = None
             settle = None
-            used = 0  # no usage: the vendor served nothing we can count
-            answering = False
+            seen = AnswerRecorder(keep_deltas=False)
             try:
                 settle = await self._rate_limit(caller, admitted.model, admitted.prompt.tokens + max_output)
-                chunks = self._answer(request, caller, timeout_s, admitted, arrival)
+                hit, status, store_as = await self._look_up(request, caller, admitted, arrival)
+                if hit is not None:
+                    chunks = replay(hit, request.request_id)
+                else:
+                    if store_as is not None:
+                        seen = AnswerRecorder()  # its deltas too: the answer is offered to the cache
+                    chunks = self._provider_answer(
+                        request, caller, timeout_s, admitted.prompt, arrival, status
+                    )
+                answering = False
                 async for chunk in chunks:
                     if not answering:  # (a hit, a joiner): it queues nothing more
                         answering = True
                         arrival.started()
-                    if settle is not None and chunk.HasField("usage"):
-                        used = chunk.usage.input_tokens + chunk.usage.output_tokens
+                    if seen.see(chunk) == "done":
+                        self._record_answered(request, caller, admitted.prompt, hit, seen)
                     yield chunk
+                if store_as is not None and self.cache is not None:
+                    answer = seen.answer()
+                    if answer is not None:
+                        self.cache.offer(caller.tenant_id, request, store_as, answer)
             finally:
                 arrival.left()
                 if chunks is not None:
                     await chunks.aclose()
                 if settle is not None:
-                    self._in_background(settle(used))
+                    usage = seen.usage  # none: the vendor served nothing we can count
+                    self._in_background(settle(usage.input_tokens + usage.output_tokens if usage else 0))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` off the caller's path (its failure is logged, never raised)."""
@@ -250,64 +275,33 @@ class EdgeGateway:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background_step_failed", error=type(task.exception()).__name__)
 
-    def _answer(
-        self,
-        request: common_pb2.ChatRequest,
-        caller: Caller,
-        timeout_s: float | None,
-        admitted: Admitted,
-        arrival: Arrival,
-    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
-        """The answer's chunks: through the cache when it may serve or keep this request, else
-        straight from the providers (no extra layer on the token stream). `arrival` is told
-        when the request passes the lookup and the generation start."""
+    async def _look_up(
+        self, request: common_pb2.ChatRequest, caller: Caller, admitted: Admitted, arrival: Arrival
+    ) -> tuple[cache_pb2.LookupResponse | None, common_pb2.CacheStatus.ValueType, str | None]:
+        """(the cached answer to serve, what the cache made of the request, the model to offer
+        the providers' answer under): a hit when the cache may serve this request and has one;
+        BYPASS when the cache has no part in it, else MISS (REFRESHED when asked to refresh);
+        the model (or `auto`) when the cache may keep the answer, else None. `arrival` is told
+        the request has passed its lookup."""
         cache = self.cache
         decision = cache.decide(request) if cache is not None else None
+        arrival.looked_up()  # the lookup, if any, is queued next, with no wait in between
         if cache is None or decision is None or not (decision.lookup or decision.store):
-            arrival.looked_up()
-            return self._provider_answer(request, caller, timeout_s, admitted.prompt, arrival)
-        return self._cached_answer(cache, decision, request, caller, timeout_s, admitted, arrival)
-
-    async def _cached_answer(
-        self,
-        cache: EdgeCache,
-        decision: CacheDecision,
-        request: common_pb2.ChatRequest,
-        caller: Caller,
-        timeout_s: float | None,
-        admitted: Admitted,
-        arrival: Arrival,
-    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
-        """A cached answer when there is one, else the providers' (offered to the cache after)."""
+            return None, common_pb2.CACHE_STATUS_BYPASS, None
         model = admitted.model.id if admitted.model is not None else AUTO
-        arrival.looked_up()  # the lookup is queued next, with no wait in between
         if decision.lookup:
             # Alone, a sure miss (by the cache's presence) is answered here; under concurrency
             # it is asked anyway: see `EdgeCache.lookup`.
             alone = self.admission.in_flight <= 1
             hit = await cache.lookup(caller.tenant_id, request, model, alone=alone)
             if hit is not None:
-                async for chunk in replay(hit, request.request_id):
-                    if chunk.HasField("done"):
-                        self._record_free(request, caller, admitted.prompt, hit.answer, chunk.done)
-                    yield chunk
-                return
+                return hit, hit.status, None
         status = (
             common_pb2.CACHE_STATUS_REFRESHED
             if request.cache.mode == common_pb2.CACHE_MODE_REFRESH
             else common_pb2.CACHE_STATUS_MISS
         )
-        chunks = self._provider_answer(request, caller, timeout_s, admitted.prompt, arrival, status)
-        recorder = AnswerRecorder()
-        try:
-            async for chunk in chunks:
-                recorder.see(chunk)
-                yield chunk
-        finally:
-            await chunks.aclose()
-        answer = recorder.answer()
-        if answer is not None and decision.store:
-            cache.offer(caller.tenant_id, request, model, answer)
+        return None, status, model if decision.store else None
 
     def _provider_answer(
         self,
@@ -316,8 +310,10 @@ class EdgeGateway:
         timeout_s: float | None,
         prompt: PromptCount,
         arrival: Arrival,
-        cache_status: common_pb2.CacheStatus.ValueType = common_pb2.CACHE_STATUS_BYPASS,
+        cache_status: common_pb2.CacheStatus.ValueType,
     ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
+        """The providers' answer (shared with identical requests in flight when dedup is on)."""
+
         def source() -> AsyncGenerator[common_pb2.ChatChunk, None]:
             return self.pipeline.stream(
                 request,
@@ -330,57 +326,32 @@ class EdgeGateway:
 
         if self.dedup is None:
             return source()
-        shared = self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
-        return self._record_joiner(shared, request, caller, prompt)
+        return self.dedup.stream(request_key(caller.tenant_id, request), request.request_id, source)
 
-    async def _record_joiner(
-        self,
-        chunks: AsyncGenerator[common_pb2.ChatChunk, None],
-        request: common_pb2.ChatRequest,
-        caller: Caller,
-        prompt: PromptCount,
-    ) -> AsyncGenerator[common_pb2.ChatChunk, None]:
-        """Pass the chunks through; a request that joined another's flight gets its own ledger
-        row (cost 0, the shared cost as its saving): the upstream cost is recorded once, on
-        the request that made the call."""
-        routing: common_pb2.RoutingInfo | None = None
-        usage: common_pb2.Usage | None = None
-        try:
-            async for chunk in chunks:
-                kind = chunk.WhichOneof("event")
-                if kind == "routing":
-                    routing = chunk.routing
-                elif kind == "usage":
-                    usage = chunk.usage
-                elif kind == "done" and chunk.done.cache_status == common_pb2.CACHE_STATUS_DEDUPLICATED:
-                    self._record_shared(request, caller, prompt, routing, usage, chunk.done)
-                yield chunk
-        finally:
-            await chunks.aclose()
-
-    def _record_shared(
+    def _record_answered(
         self,
         request: common_pb2.ChatRequest,
         caller: Caller,
         prompt: PromptCount,
-        routing: common_pb2.RoutingInfo | None,
-        usage: common_pb2.Usage | None,
-        done: common_pb2.Done,
+        hit: cache_pb2.LookupResponse | None,
+        seen: AnswerRecorder,
     ) -> None:
-        model = routing.model if routing is not None else ""
-        provider = routing.provider if routing is not None else ""
-        self._record_without_cost(request, caller, prompt, model, provider, usage, done)
-
-    def _record_free(
-        self,
-        request: common_pb2.ChatRequest,
-        caller: Caller,
-        prompt: PromptCount,
-        answer: cache_pb2.CachedAnswer,
-        done: common_pb2.Done,
-    ) -> None:
-        """A cache hit's ledger row: cost 0, the saving, the model that made the answer."""
-        self._record_without_cost(request, caller, prompt, answer.model, answer.provider, answer.usage, done)
+        """At the answer's `done`: the ledger row of an answer nobody paid a provider for. A
+        cache hit's names the model that made the answer; a request that joined another's
+        flight (cache status DEDUPLICATED) gets its own, the shared cost as its saving: the
+        upstream cost is recorded once, on the request that made the call (by the pipeline)."""
+        done = seen.done
+        assert done is not None
+        if hit is not None:
+            answer = hit.answer
+            self._record_without_cost(
+                request, caller, prompt, answer.model, answer.provider, answer.usage, done
+            )
+        elif done.cache_status == common_pb2.CACHE_STATUS_DEDUPLICATED:
+            routing = seen.routing
+            model = routing.model if routing is not None else ""
+            provider = routing.provider if routing is not None else ""
+            self._record_without_cost(request, caller, prompt, model, provider, seen.usage, done)
 
     def _record_without_cost(
         self,
