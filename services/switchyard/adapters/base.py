@@ -44,6 +44,7 @@ from google.protobuf import timestamp_pb2
 
 from switchyard.common.catalog import Provider
 from switchyard.common.errors import Reason, SwitchyardError, invalid
+from switchyard.common.idle import IdleDeadline
 from switchyard.v1 import common_pb2, provider_pb2
 
 # Error bodies are only read for their code and type; a vendor never needs more than this.
@@ -1048,6 +1049,7 @@ class ProviderClient:
         body: bytes | None = None
         events: list[SseEvent] = []
         ready: list[provider_pb2.GenerateResponse] = []
+        idle: IdleDeadline | None = None
         try:
             try:
                 async with asyncio.timeout(self._first_byte_s):
@@ -1083,12 +1085,13 @@ class ProviderClient:
                 for event in events:
                     ready.extend(decoder.on_event(event))
                 idle_s = self._idle_s
+                idle = IdleDeadline(idle_s)  # one timer for every read, not one each
                 while reading and not decoder.finished and body_stream is not None:
                     if ready:
                         yield ready
                         ready = []
                     try:
-                        async with asyncio.timeout(idle_s):
+                        with idle:
                             chunk = await anext(body_stream)
                         events = parser.feed(chunk)
                     except StopAsyncIteration:
@@ -1124,6 +1127,8 @@ class ProviderClient:
             if reading and body_stream is not None:
                 await _drain(body_stream)
         finally:
+            if idle is not None:
+                idle.close()
             # Runs on success, on error and when the caller goes away: closing the response
             # of an unfinished body closes its connection, so the vendor stops generating.
             if response is not None:
